@@ -1,0 +1,127 @@
+//! GPT-2: learned absolute positions, `Conv1D` weights stored `[in, out]`,
+//! GELU (tanh form), pre-LN, lm_head tied to the token embedding.
+
+use anyhow::{bail, Result};
+use serde::Deserialize;
+use tch::{Kind, Tensor};
+
+use super::layers::{attention, attention_mask, merge_heads, positions_from_mask, split_heads, LayerNorm};
+use super::weights::WeightLoader;
+use super::Network;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Gpt2Config {
+    pub vocab_size: i64,
+    pub n_embd: i64,
+    pub n_layer: i64,
+    pub n_head: i64,
+    pub n_positions: i64,
+    #[serde(default)]
+    pub n_inner: Option<i64>,
+    #[serde(default = "eps")]
+    pub layer_norm_epsilon: f64,
+    #[serde(default = "gelu_new")]
+    pub activation_function: String,
+    #[serde(default = "yes")]
+    pub scale_attn_weights: bool,
+    #[serde(default)]
+    pub scale_attn_by_inverse_layer_idx: bool,
+}
+
+fn eps() -> f64 {
+    1e-5
+}
+fn gelu_new() -> String {
+    "gelu_new".into()
+}
+fn yes() -> bool {
+    true
+}
+
+/// GPT-2's `Conv1D`: `y = x W + b` with `W` stored `[in, out]`.
+struct Conv1D {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv1D {
+    fn load(w: &mut WeightLoader, name: &str, fan_in: i64, fan_out: i64) -> Result<Self> {
+        let weight = w.param(&format!("{name}.weight"), &[fan_in, fan_out])?;
+        let bias = w.param(&format!("{name}.bias"), &[fan_out])?;
+        Ok(Self { weight, bias })
+    }
+    fn forward(&self, x: &Tensor) -> Tensor {
+        x.matmul(&self.weight) + &self.bias
+    }
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    c_attn: Conv1D,
+    attn_proj: Conv1D,
+    ln_2: LayerNorm,
+    c_fc: Conv1D,
+    mlp_proj: Conv1D,
+}
+
+pub struct Gpt2 {
+    cfg: Gpt2Config,
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+}
+
+impl Gpt2 {
+    /// Tensors are requested in transformers' `named_parameters()` order.
+    pub fn load(cfg: Gpt2Config, w: &mut WeightLoader) -> Result<Self> {
+        if !matches!(cfg.activation_function.as_str(), "gelu_new" | "gelu_pytorch_tanh") {
+            bail!("GPT-2 activation {:?} is not supported (gelu_new)", cfg.activation_function);
+        }
+        if cfg.scale_attn_by_inverse_layer_idx {
+            bail!("GPT-2 with scale_attn_by_inverse_layer_idx is not supported");
+        }
+        let h = cfg.n_embd;
+        let inner = cfg.n_inner.unwrap_or(4 * h);
+        let eps = cfg.layer_norm_epsilon;
+        let wte = w.param("transformer.wte.weight", &[cfg.vocab_size, h])?;
+        let wpe = w.param("transformer.wpe.weight", &[cfg.n_positions, h])?;
+        let mut blocks = Vec::new();
+        for i in 0..cfg.n_layer {
+            let b = format!("transformer.h.{i}");
+            blocks.push(Block {
+                ln_1: LayerNorm::load(w, &format!("{b}.ln_1"), h, eps)?,
+                c_attn: Conv1D::load(w, &format!("{b}.attn.c_attn"), h, 3 * h)?,
+                attn_proj: Conv1D::load(w, &format!("{b}.attn.c_proj"), h, h)?,
+                ln_2: LayerNorm::load(w, &format!("{b}.ln_2"), h, eps)?,
+                c_fc: Conv1D::load(w, &format!("{b}.mlp.c_fc"), h, inner)?,
+                mlp_proj: Conv1D::load(w, &format!("{b}.mlp.c_proj"), inner, h)?,
+            });
+        }
+        let ln_f = LayerNorm::load(w, "transformer.ln_f", h, eps)?;
+        Ok(Self { cfg, wte, wpe, blocks, ln_f })
+    }
+
+    fn block(&self, b: &Block, x: Tensor, mask: &Tensor) -> Tensor {
+        let heads = self.cfg.n_head;
+        let hd = self.cfg.n_embd / heads;
+        let qkv = b.c_attn.forward(&b.ln_1.forward(&x)).split(self.cfg.n_embd, -1);
+        let (q, k, v) = (split_heads(&qkv[0], heads, hd), split_heads(&qkv[1], heads, hd), split_heads(&qkv[2], heads, hd));
+        let scale = if self.cfg.scale_attn_weights { (hd as f64).powf(-0.5) } else { 1.0 };
+        let x = &x + b.attn_proj.forward(&merge_heads(&attention(&q, &k, &v, mask, scale)));
+        let m = b.mlp_proj.forward(&b.c_fc.forward(&b.ln_2.forward(&x)).gelu("tanh"));
+        x + m
+    }
+}
+
+impl Network for Gpt2 {
+    fn forward(&self, ids: &Tensor, mask: &Tensor) -> Tensor {
+        let pos = positions_from_mask(mask);
+        let mut x = Tensor::embedding(&self.wte, ids, -1, false, false) + Tensor::embedding(&self.wpe, &pos, -1, false, false);
+        let attn = attention_mask(mask, None);
+        for b in &self.blocks {
+            x = self.block(b, x, &attn);
+        }
+        self.ln_f.forward(&x).matmul(&self.wte.tr()).to_kind(Kind::Float)
+    }
+}

@@ -1,0 +1,140 @@
+//! Hugging Face causal language models on libtorch, forward pass only.
+//!
+//! A model is an HF directory (`config.json`, safetensors weights,
+//! `tokenizer.json`).  Each architecture lives in its own file and implements
+//! [`Network`]; [`LanguageModel`] bundles it with its parameters (in canonical
+//! order), its tokenizer and where it came from.
+
+pub mod export;
+pub mod gpt2;
+pub mod layers;
+pub mod llama;
+pub mod opt;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::tokenize::TextTokenizer;
+pub use weights::{Param, ParamList};
+
+/// One architecture's forward pass.
+pub trait Network: Send {
+    /// Logits `[batch, seq, vocab]` in f32 for left-padded `ids` with `mask` (1 = token, 0 = padding).
+    fn forward(&self, ids: &Tensor, mask: &Tensor) -> Tensor;
+}
+
+/// Parameter dtype of a job.  Norm statistics and softmax run in f32 whatever this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Dtype {
+    pub fn kind(self) -> Kind {
+        match self {
+            Dtype::F32 => Kind::Float,
+            Dtype::Bf16 => Kind::BFloat16,
+            Dtype::F16 => Kind::Half,
+        }
+    }
+    pub fn bytes(self) -> i64 {
+        match self {
+            Dtype::F32 => 4,
+            _ => 2,
+        }
+    }
+}
+
+impl FromStr for Dtype {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "float32" => Ok(Dtype::F32),
+            "bf16" | "bfloat16" => Ok(Dtype::Bf16),
+            "f16" | "float16" => Ok(Dtype::F16),
+            _ => bail!("unsupported dtype {s:?}: use f32, bf16 or f16"),
+        }
+    }
+}
+
+/// `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(Device::Cuda(n)),
+            _ => bail!("unknown device {s:?}: use cpu, cuda or cuda:N"),
+        },
+    }
+}
+
+#[derive(Deserialize)]
+struct ModelType {
+    model_type: Option<String>,
+}
+
+/// A loaded model: network, trainable parameters in canonical order, tokenizer.
+pub struct LanguageModel {
+    pub net: Box<dyn Network>,
+    pub params: ParamList,
+    pub tokenizer: TextTokenizer,
+    pub dir: PathBuf,
+    pub dtype: Dtype,
+    pub device: Device,
+    pub model_type: String,
+}
+
+impl LanguageModel {
+    /// Load an HF directory at `dtype` on `device`.
+    pub fn load(dir: &Path, dtype: Dtype, device: Device) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!("model directory {} does not exist", dir.display());
+        }
+        if let Device::Cuda(n) = device {
+            if !tch::Cuda::is_available() || n >= tch::Cuda::device_count() as usize {
+                bail!("device cuda:{n} is not available (CUDA devices seen: {})", tch::Cuda::device_count());
+            }
+        }
+        let config_path = dir.join("config.json");
+        let config_text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("missing model config {}", config_path.display()))?;
+        let model_type = serde_json::from_str::<ModelType>(&config_text)
+            .with_context(|| format!("{} is not valid JSON", config_path.display()))?
+            .model_type
+            .with_context(|| format!("{} has no model_type", config_path.display()))?;
+        let tokenizer = TextTokenizer::load(dir)?;
+        let ckpt = weights::Checkpoint::open(dir)?;
+        let mut w = weights::WeightLoader::new(&ckpt, dtype.kind(), device);
+        let parse_err = || format!("{} does not describe a valid {model_type} model", config_path.display());
+        let _guard = tch::no_grad_guard();
+        let net: Box<dyn Network> = match model_type.as_str() {
+            "opt" => Box::new(opt::Opt::load(serde_json::from_str(&config_text).with_context(parse_err)?, &mut w)?),
+            "gpt2" => Box::new(gpt2::Gpt2::load(serde_json::from_str(&config_text).with_context(parse_err)?, &mut w)?),
+            "llama" | "mistral" | "qwen2" => {
+                Box::new(llama::Llama::load(serde_json::from_str(&config_text).with_context(parse_err)?, &mut w)?)
+            }
+            other => bail!(
+                "model_type {other:?} in {} is not supported (opt, gpt2, llama, mistral, qwen2)",
+                config_path.display()
+            ),
+        };
+        let params = w.finish()?;
+        Ok(Self { net, params, tokenizer, dir: dir.to_path_buf(), dtype, device, model_type })
+    }
+
+    /// Logits `[batch, seq, vocab]` (f32) without autograd.
+    pub fn logits(&self, ids: &Tensor, mask: &Tensor) -> Tensor {
+        let _guard = tch::no_grad_guard();
+        self.net.forward(&ids.to_device(self.device), &mask.to_device(self.device))
+    }
+}

@@ -1,0 +1,226 @@
+//! Reading Hugging Face safetensors checkpoints into an ordered parameter list.
+//!
+//! Files are memory-mapped and each tensor is copied once into a libtorch tensor
+//! of the job's dtype and device, with autograd off: MeZO never needs gradients.
+//! Models ask for their tensors in transformers' `named_parameters()` order, so
+//! the resulting [`ParamList`] *is* the canonical order the MeZO step relies on.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use memmap2::Mmap;
+use safetensors::{Dtype as StDtype, SafeTensors};
+use tch::{Device, Kind, Tensor};
+
+/// One trainable tensor under its Hugging Face name.
+pub struct Param {
+    pub name: String,
+    pub tensor: Tensor,
+    /// Weight decay applies (not to biases and norm weights, as in the reference).
+    pub decays: bool,
+}
+
+/// Parameters in canonical order (tied weights appear once).
+#[derive(Default)]
+pub struct ParamList(pub Vec<Param>);
+
+impl ParamList {
+    pub fn iter(&self) -> impl Iterator<Item = &Param> {
+        self.0.iter()
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    pub fn numel(&self) -> i64 {
+        self.0.iter().map(|p| p.tensor.numel() as i64).sum()
+    }
+    /// Size in elements of the largest tensor: the one temporary a MeZO step needs.
+    pub fn largest_numel(&self) -> i64 {
+        self.0.iter().map(|p| p.tensor.numel() as i64).max().unwrap_or(0)
+    }
+}
+
+/// True for names transformers' MeZO trainer exempts from weight decay.
+pub fn is_decay_exempt(name: &str) -> bool {
+    name.contains("bias") || name.contains("layer_norm") || name.contains("layernorm") || name.contains("norm.")
+        || name.contains(".ln_")
+}
+
+struct ShardFile {
+    path: PathBuf,
+    map: Mmap,
+}
+
+/// An opened checkpoint: one `model.safetensors` or shards named by `model.safetensors.index.json`.
+pub struct Checkpoint {
+    dir: PathBuf,
+    shards: Vec<ShardFile>,
+    /// tensor name → shard index
+    index: HashMap<String, usize>,
+}
+
+#[derive(serde::Deserialize)]
+struct ShardIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if single.is_file() {
+            vec![single]
+        } else if index_path.is_file() {
+            let text = std::fs::read_to_string(&index_path)
+                .with_context(|| format!("reading {}", index_path.display()))?;
+            let idx: ShardIndex = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a valid shard index", index_path.display()))?;
+            let mut names: Vec<String> = idx.weight_map.values().cloned().collect();
+            names.sort();
+            names.dedup();
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else {
+            bail!(
+                "no weights in {}: expected model.safetensors or model.safetensors.index.json \
+                 (PyTorch .bin checkpoints are not read; convert them to safetensors)",
+                dir.display()
+            );
+        };
+        let mut shards = Vec::new();
+        let mut index = HashMap::new();
+        for path in files {
+            let file = File::open(&path).with_context(|| format!("missing weight file {}", path.display()))?;
+            // SAFETY: the map is read-only; a checkpoint changed underneath a running job is
+            // outside what any loader can defend against.
+            let map = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
+            let st = SafeTensors::deserialize(&map)
+                .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+            for name in st.names() {
+                index.insert(name.to_string(), shards.len());
+            }
+            drop(st);
+            shards.push(ShardFile { path, map });
+        }
+        Ok(Self { dir: dir.to_path_buf(), shards, index })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.index.keys()
+    }
+
+    /// Copy one stored tensor into a fresh libtorch tensor (CPU, stored dtype).
+    fn read(&self, name: &str) -> Result<Tensor> {
+        let shard = &self.shards[self.index[name]];
+        let st = SafeTensors::deserialize(&shard.map)?;
+        let view = st.tensor(name)?;
+        let kind = match view.dtype() {
+            StDtype::F32 => Kind::Float,
+            StDtype::F16 => Kind::Half,
+            StDtype::BF16 => Kind::BFloat16,
+            StDtype::F64 => Kind::Double,
+            other => bail!(
+                "tensor {name} in {} has dtype {other:?}; only F32, F16, BF16 and F64 weights are supported",
+                shard.path.display()
+            ),
+        };
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        Ok(Tensor::f_from_data_size(view.data(), &shape, kind)?)
+    }
+}
+
+/// Hands tensors to a model under construction, recording the canonical order.
+pub struct WeightLoader<'a> {
+    ckpt: &'a Checkpoint,
+    kind: Kind,
+    device: Device,
+    params: Vec<Param>,
+    used: HashSet<String>,
+}
+
+impl<'a> WeightLoader<'a> {
+    pub fn new(ckpt: &'a Checkpoint, kind: Kind, device: Device) -> Self {
+        Self { ckpt, kind, device, params: Vec::new(), used: HashSet::new() }
+    }
+
+    /// The stored name for a canonical HF name, tolerating the usual drift:
+    /// a dropped or added `model.`/`transformer.` prefix and legacy `gamma`/`beta`.
+    fn resolve(&self, name: &str) -> Option<String> {
+        let mut candidates = vec![name.to_string()];
+        for prefix in ["model.", "transformer.", "decoder."] {
+            if let Some(rest) = name.strip_prefix(prefix) {
+                candidates.push(rest.to_string());
+            }
+            candidates.push(format!("{prefix}{name}"));
+        }
+        let legacy: Vec<String> = candidates
+            .iter()
+            .filter_map(|c| {
+                c.strip_suffix(".weight")
+                    .map(|s| format!("{s}.gamma"))
+                    .or_else(|| c.strip_suffix(".bias").map(|s| format!("{s}.beta")))
+            })
+            .collect();
+        candidates.extend(legacy);
+        candidates.into_iter().find(|c| self.ckpt.contains(c))
+    }
+
+    /// Whether the checkpoint stores this tensor (under any tolerated spelling).
+    pub fn has(&self, name: &str) -> bool {
+        self.resolve(name).is_some()
+    }
+
+    /// Load `name` with the expected shape as a trainable parameter.
+    pub fn param(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        let stored = self.resolve(name).with_context(|| {
+            format!("tensor {name} is missing from the checkpoint in {}", self.ckpt.dir().display())
+        })?;
+        let _guard = tch::no_grad_guard();
+        let raw = self.ckpt.read(&stored)?;
+        if raw.size() != shape {
+            bail!(
+                "tensor {name} in {} has shape {:?}, expected {:?} from config.json",
+                self.ckpt.dir().display(),
+                raw.size(),
+                shape
+            );
+        }
+        let t = raw.to_device(self.device).to_kind(self.kind).set_requires_grad(false);
+        self.used.insert(stored);
+        self.params.push(Param { name: name.to_string(), tensor: t.shallow_clone(), decays: !is_decay_exempt(name) });
+        Ok(t)
+    }
+
+    /// Tensors the checkpoint holds that no parameter claimed, ignoring known buffers.
+    pub fn unused(&self) -> Vec<String> {
+        let ignore = ["attn.bias", "attn.masked_bias", "rotary_emb.inv_freq", "position_ids", "lm_head.weight"];
+        let mut v: Vec<String> = self
+            .ckpt
+            .names()
+            .filter(|n| !self.used.contains(*n) && !ignore.iter().any(|i| n.ends_with(i)))
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub fn finish(self) -> Result<ParamList> {
+        let unused = self.unused();
+        if !unused.is_empty() {
+            tracing::warn!("checkpoint tensors not used by the model: {}", unused.join(", "));
+        }
+        Ok(ParamList(self.params))
+    }
+}

@@ -1,0 +1,65 @@
+//! Text ↔ token ids with the model's own `tokenizer.json`, and left-padded batches.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
+use tch::Tensor;
+use tokenizers::Tokenizer;
+
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    /// Id used for padding slots; they are masked, so any valid id works.
+    pub pad_id: i64,
+}
+
+impl TextTokenizer {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            anyhow::bail!("missing tokenizer file {}", path.display());
+        }
+        let inner = Tokenizer::from_file(&path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let pad_id = ["<pad>", "<|endoftext|>", "</s>", "<unk>"]
+            .iter()
+            .find_map(|t| inner.token_to_id(t))
+            .unwrap_or(0) as i64;
+        Ok(Self { inner, pad_id })
+    }
+
+    pub fn from_tokenizer(inner: Tokenizer, pad_id: i64) -> Self {
+        Self { inner, pad_id }
+    }
+
+    /// Token ids; `special` adds what the model's post-processor adds (BOS for OPT, LLaMA).
+    pub fn encode(&self, text: &str, special: bool) -> Result<Vec<i64>> {
+        let enc = self.inner.encode(text, special).map_err(|e| anyhow!("tokenizing {text:?}: {e}"))?;
+        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+    }
+
+    pub fn decode(&self, ids: &[i64]) -> String {
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        self.inner.decode(&ids, false).unwrap_or_default()
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.inner.save(path, false).map_err(|e| anyhow!("{}: {e}", path.display())).context("writing tokenizer")
+    }
+}
+
+/// Left-pad sequences into `(ids, mask)` tensors `[batch, longest]`.
+pub fn pad_left(seqs: &[Vec<i64>], pad_id: i64) -> (Tensor, Tensor) {
+    let longest = seqs.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(seqs.len() * longest);
+    let mut mask = Vec::with_capacity(seqs.len() * longest);
+    for s in seqs {
+        let pad = longest - s.len();
+        ids.extend(std::iter::repeat(pad_id).take(pad).chain(s.iter().copied()));
+        mask.extend(std::iter::repeat(0i64).take(pad).chain(std::iter::repeat(1).take(s.len())));
+    }
+    let shape = [seqs.len() as i64, longest as i64];
+    (Tensor::from_slice(&ids).view(shape), Tensor::from_slice(&mask).view(shape))
+}

@@ -1,0 +1,139 @@
+//! Logits of every supported architecture against transformers' own, on the
+//! committed fixtures written by `tests/fixtures/generate.py`.
+
+use std::path::PathBuf;
+
+use mezod::model::{Dtype, LanguageModel};
+use mezod::tokenize::pad_left;
+use serde::Deserialize;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Deserialize)]
+struct Case {
+    text: Option<String>,
+    ids: Vec<Vec<i64>>,
+    attention_mask: Vec<Vec<i64>>,
+    logits: Vec<Vec<Vec<f32>>>,
+}
+
+#[derive(Deserialize)]
+struct Reference {
+    param_order: Vec<String>,
+    cases: Vec<Case>,
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn reference(name: &str) -> Reference {
+    let text = std::fs::read_to_string(fixture(name).join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Max |logits − transformers'| over real (unpadded) positions of every case.
+fn max_logit_error(name: &str) -> f64 {
+    let r = reference(name);
+    let model = LanguageModel::load(&fixture(name), Dtype::F32, Device::Cpu).unwrap();
+    let order: Vec<&str> = model.params.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(order, r.param_order, "{name}: parameter order differs from transformers' named_parameters()");
+    let mut worst = 0f64;
+    for case in &r.cases {
+        if let Some(text) = &case.text {
+            let ids = model.tokenizer.encode(text, true).unwrap();
+            assert_eq!(ids, case.ids[0], "{name}: token ids for {text:?} differ from transformers'");
+            let (ids_t, mask_t) = pad_left(&[ids], model.tokenizer.pad_id);
+            assert_eq!(Vec::<i64>::try_from(mask_t.flatten(0, -1)).unwrap(), case.attention_mask[0]);
+            let _ = ids_t;
+        }
+        let flat_ids: Vec<i64> = case.ids.concat();
+        let flat_mask: Vec<i64> = case.attention_mask.concat();
+        let (b, t) = (case.ids.len() as i64, case.ids[0].len() as i64);
+        let ids = Tensor::from_slice(&flat_ids).view([b, t]);
+        let mask = Tensor::from_slice(&flat_mask).view([b, t]);
+        let got = model.logits(&ids, &mask);
+        let want_flat: Vec<f32> = case.logits.iter().flatten().flatten().copied().collect();
+        let want = Tensor::from_slice(&want_flat).view([b, t, -1]);
+        assert_eq!(got.size(), want.size(), "{name}: logits shape");
+        let err = ((got - want).abs() * mask.unsqueeze(-1).to_kind(Kind::Float)).max().double_value(&[]);
+        worst = worst.max(err);
+    }
+    println!("{name}: max |logits - transformers| = {worst:.3e}");
+    worst
+}
+
+macro_rules! parity {
+    ($test:ident, $name:expr) => {
+        #[test]
+        fn $test() {
+            let err = max_logit_error($name);
+            assert!(err <= 1e-4, "{}: logits differ from transformers' by {err:e}", $name);
+        }
+    };
+}
+
+parity!(opt_pre_layer_norm, "opt");
+parity!(opt_post_layer_norm_with_projections, "opt-postln");
+parity!(gpt2, "gpt2");
+parity!(llama_gqa_explicit_head_dim, "llama");
+parity!(llama3_rope_scaling_tied, "llama3");
+parity!(mistral_sliding_window, "mistral");
+parity!(qwen2_qkv_bias_tied, "qwen2");
+
+#[test]
+fn logits_are_far_from_flat() {
+    // Guards the fixtures themselves: near-uniform logits would make parity meaningless.
+    for name in ["opt", "gpt2", "llama", "qwen2"] {
+        let r = reference(name);
+        let row = &r.cases[0].logits[0][1];
+        let (lo, hi) = row.iter().fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+        assert!(hi - lo > 2.0, "{name}: logits span only {}", hi - lo);
+    }
+}
+
+#[test]
+fn bf16_and_f16_stay_close_to_f32() {
+    let dir = fixture("llama");
+    let r = reference("llama");
+    let case = &r.cases[1];
+    let ids = Tensor::from_slice(&case.ids[0]).view([1, -1]);
+    let mask = Tensor::from_slice(&case.attention_mask[0]).view([1, -1]);
+    let full = LanguageModel::load(&dir, Dtype::F32, Device::Cpu).unwrap().logits(&ids, &mask);
+    for dtype in [Dtype::Bf16, Dtype::F16] {
+        let m = LanguageModel::load(&dir, dtype, Device::Cpu).unwrap();
+        assert_eq!(m.params.iter().next().unwrap().tensor.kind(), dtype.kind());
+        let err = (m.logits(&ids, &mask) - &full).abs().max().double_value(&[]);
+        let span = full.abs().max().double_value(&[]);
+        assert!(err < 0.05 * span, "{dtype:?}: error {err} against a logit span of {span}");
+    }
+}
+
+#[test]
+fn clear_errors_name_the_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = |dir: &std::path::Path| LanguageModel::load(dir, Dtype::F32, Device::Cpu).err().unwrap().to_string();
+    // Missing directory.
+    assert!(err(&tmp.path().join("nope")).contains("does not exist"));
+    // Missing config.
+    assert!(err(tmp.path()).contains("config.json"));
+    // Unknown model type.
+    for f in ["tokenizer.json", "model.safetensors"] {
+        std::fs::copy(fixture("opt").join(f), tmp.path().join(f)).unwrap();
+    }
+    std::fs::write(tmp.path().join("config.json"), r#"{"model_type": "bloom"}"#).unwrap();
+    let e = err(tmp.path());
+    assert!(e.contains("bloom") && e.contains("not supported"), "{e}");
+    // Shape mismatch: config says a wider model than the weights hold.
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("opt").join("config.json")).unwrap()).unwrap();
+    cfg["hidden_size"] = 64.into();
+    cfg["word_embed_proj_dim"] = 64.into();
+    std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+    let e = format!("{:#}", LanguageModel::load(tmp.path(), Dtype::F32, Device::Cpu).err().unwrap());
+    assert!(e.contains("model.decoder.embed_tokens.weight") && e.contains("expected [320, 64]"), "{e}");
+    // Missing weights file.
+    std::fs::remove_file(tmp.path().join("model.safetensors")).unwrap();
+    assert!(err(tmp.path()).contains("model.safetensors"));
+    // Unsupported dtype string.
+    assert!("f8".parse::<Dtype>().unwrap_err().to_string().contains("unsupported dtype"));
+}
