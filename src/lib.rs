@@ -5,3 +5,5 @@
 pub mod model;
 pub mod tokenize;
 pub mod mezo;
+pub mod data;
+pub mod spec;

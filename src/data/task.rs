@@ -1,0 +1,297 @@
+//! Turning examples into a loss (for MeZO) and a metric (for evaluation).
+//!
+//! * `causal_lm`: mean next-token cross-entropy over the real tokens of the batch.
+//! * `classification` / `multiple_choice`: one sequence per candidate answer;
+//!   score = mean log-probability of the answer tokens; loss = cross-entropy
+//!   over the candidates' scores; metric = accuracy of the argmax (as the MeZO paper).
+//!
+//! Sequences are left-padded with attention masks.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context, Result};
+use tch::{Kind, Tensor};
+
+use super::{fill_template, Example};
+use crate::model::LanguageModel;
+use crate::spec::{JobSpec, TaskKind};
+use crate::tokenize::pad_left;
+
+/// Where a prompt comes from.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    Template(String),
+    /// COPA: the premise joined to the candidates with "because" or "so".
+    Copa,
+}
+
+#[derive(Debug, Clone)]
+pub enum Candidates {
+    /// Classification: one answer word per class; label values map to classes.
+    Words { words: Vec<String>, class_of: BTreeMap<String, usize> },
+    /// Multiple choice: the answers are fields of the example; the label is an index.
+    Fields(Vec<String>),
+}
+
+#[derive(Debug, Clone)]
+pub enum Task {
+    CausalLm { field: String, max_length: usize },
+    Choice { prompt: Prompt, candidates: Candidates, label_field: String, max_length: usize },
+}
+
+/// An evaluation on a set of examples.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Evaluation {
+    /// Accuracy for choice tasks, mean loss for causal LM.
+    pub metric: f64,
+    pub loss: f64,
+}
+
+/// One choice example, tokenized: (context ⧺ answer ids, answer length) per candidate.
+struct ChoiceItem {
+    seqs: Vec<(Vec<i64>, usize)>,
+    gold: usize,
+}
+
+fn words(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+impl Task {
+    pub fn from_spec(spec: &JobSpec) -> Result<Self> {
+        let t = &spec.task;
+        let max_length = t.max_length;
+        let label_field = t.label_field.clone();
+        Ok(match t.kind {
+            TaskKind::CausalLm => Task::CausalLm { field: spec.data.text_field.clone(), max_length },
+            TaskKind::Classification => {
+                let (template, default_words) = match t.template.as_deref() {
+                    Some("sst2") | None => (
+                        format!("{{{}}} It was", spec.data.text_field),
+                        Some(words(&[("0", "terrible"), ("1", "great"), ("negative", "terrible"), ("positive", "great")])),
+                    ),
+                    Some("rte") => (
+                        "{premise}\nDoes this mean that \"{hypothesis}\" is true? Yes or No?\n".to_string(),
+                        Some(words(&[("0", "Yes"), ("1", "No"), ("entailment", "Yes"), ("not_entailment", "No")])),
+                    ),
+                    Some("boolq") => (
+                        "{passage} {question}?".to_string(),
+                        Some(words(&[("1", "Yes"), ("0", "No"), ("true", "Yes"), ("false", "No"), ("True", "Yes"), ("False", "No")])),
+                    ),
+                    Some(custom) => (custom.to_string(), None),
+                };
+                let label_words = t.label_words.clone().or(default_words).context(
+                    "task.label_words is required with a custom template (label value → answer word)",
+                )?;
+                let mut words: Vec<String> = Vec::new();
+                let mut class_of = BTreeMap::new();
+                for (label, word) in &label_words {
+                    let idx = words.iter().position(|w| w == word).unwrap_or_else(|| {
+                        words.push(word.clone());
+                        words.len() - 1
+                    });
+                    class_of.insert(label.clone(), idx);
+                }
+                if words.len() < 2 {
+                    bail!("task.label_words must give at least two different answer words");
+                }
+                Task::Choice { prompt: Prompt::Template(template), candidates: Candidates::Words { words, class_of }, label_field, max_length }
+            }
+            TaskKind::MultipleChoice => {
+                let (prompt, fields) = match t.template.as_deref() {
+                    Some("copa") => (
+                        Prompt::Copa,
+                        if t.choices.is_empty() { vec!["choice1".into(), "choice2".into()] } else { t.choices.clone() },
+                    ),
+                    Some(custom) => (Prompt::Template(custom.to_string()), t.choices.clone()),
+                    None => bail!("task.template is required for multiple_choice (a prompt or \"copa\")"),
+                };
+                if fields.len() < 2 {
+                    bail!("task.choices must name at least two fields");
+                }
+                Task::Choice { prompt, candidates: Candidates::Fields(fields), label_field, max_length }
+            }
+        })
+    }
+
+    /// Metric name as reported in metrics and results.
+    pub fn metric_name(&self) -> &'static str {
+        match self {
+            Task::CausalLm { .. } => "loss",
+            Task::Choice { .. } => "accuracy",
+        }
+    }
+
+    pub fn higher_is_better(&self) -> bool {
+        matches!(self, Task::Choice { .. })
+    }
+
+    /// Check every example up front so a bad row fails the job before training, naming the row.
+    pub fn check(&self, model: &LanguageModel, examples: &[Example], split: &str) -> Result<()> {
+        for (i, ex) in examples.iter().enumerate() {
+            let res = match self {
+                Task::CausalLm { field, .. } => {
+                    ex.get(field).map(|_| ()).with_context(|| format!("no field {field:?} (fields: {})", keys(ex)))
+                }
+                Task::Choice { .. } => self.encode_choice(model, ex).map(|_| ()),
+            };
+            res.with_context(|| format!("{split} example {}", i + 1))?;
+        }
+        Ok(())
+    }
+
+    fn context_text(&self, ex: &Example) -> Result<String> {
+        match self {
+            Task::Choice { prompt: Prompt::Template(t), .. } => fill_template(t, ex),
+            Task::Choice { prompt: Prompt::Copa, .. } => {
+                let premise = get(ex, "premise")?.trim_end_matches(['.', ' ']);
+                let joiner = if get(ex, "question")? == "cause" { "because" } else { "so" };
+                Ok(format!("{premise} {joiner}"))
+            }
+            Task::CausalLm { .. } => unreachable!(),
+        }
+    }
+
+    fn encode_choice(&self, model: &LanguageModel, ex: &Example) -> Result<ChoiceItem> {
+        let Task::Choice { candidates, label_field, max_length, prompt } = self else { unreachable!() };
+        let context = model.tokenizer.encode(&self.context_text(ex)?, true)?;
+        let label = get(ex, label_field)?;
+        let (answers, gold): (Vec<String>, usize) = match candidates {
+            Candidates::Words { words, class_of } => {
+                let gold = *class_of.get(label.trim()).with_context(|| {
+                    format!("label {label:?} has no answer word (known: {})", class_of.keys().cloned().collect::<Vec<_>>().join(", "))
+                })?;
+                (words.iter().map(|w| format!(" {w}")).collect(), gold)
+            }
+            Candidates::Fields(fields) => {
+                let answers = fields
+                    .iter()
+                    .map(|f| {
+                        let a = get(ex, f)?;
+                        Ok(if matches!(prompt, Prompt::Copa) { format!(" {}", lower_first(a)) } else { format!(" {a}") })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let gold: usize = label.trim().parse().with_context(|| format!("label {label:?} is not a choice index"))?;
+                if gold >= answers.len() {
+                    bail!("label {gold} is out of range for {} choices", answers.len());
+                }
+                (answers, gold)
+            }
+        };
+        let mut seqs = Vec::new();
+        for a in answers {
+            let ans = model.tokenizer.encode(&a, false)?;
+            if ans.is_empty() || ans.len() >= *max_length {
+                bail!("answer {a:?} tokenizes to {} tokens", ans.len());
+            }
+            let mut ids = context.clone();
+            ids.extend(&ans);
+            let keep = ids.len().min(*max_length);
+            seqs.push((ids[ids.len() - keep..].to_vec(), ans.len()));
+        }
+        Ok(ChoiceItem { seqs, gold })
+    }
+
+    /// Candidate scores `[items, candidates]`: mean log-prob of each answer's tokens.
+    fn choice_scores(&self, model: &LanguageModel, items: &[ChoiceItem]) -> Tensor {
+        let n_cand = items[0].seqs.len() as i64;
+        let seqs: Vec<Vec<i64>> = items.iter().flat_map(|it| it.seqs.iter().map(|s| s.0.clone())).collect();
+        let ans_len: Vec<i64> = items.iter().flat_map(|it| it.seqs.iter().map(|s| s.1 as i64)).collect();
+        let longest_answer = *ans_len.iter().max().unwrap();
+        let (ids, mask) = pad_left(&seqs, model.tokenizer.pad_id);
+        let logits = model.logits(&ids, &mask);
+        let t = ids.size()[1];
+        // Only the positions that predict answer tokens (the last ones, padding is on the left).
+        let lp = logits.narrow(1, t - 1 - longest_answer, longest_answer).log_softmax(-1, Kind::Float);
+        let targets = ids.narrow(1, t - longest_answer, longest_answer).to_device(lp.device());
+        let tok_lp = lp.gather(-1, &targets.unsqueeze(-1), false).squeeze_dim(-1);
+        let lens = Tensor::from_slice(&ans_len).to_device(lp.device());
+        let pos = Tensor::arange(longest_answer, (Kind::Int64, lp.device())).unsqueeze(0);
+        let in_answer = pos.ge_tensor(&(longest_answer - lens.unsqueeze(1))).to_kind(Kind::Float);
+        let scores = (tok_lp * &in_answer).sum_dim_intlist(1, false, Kind::Float) / lens.to_kind(Kind::Float);
+        scores.view([items.len() as i64, n_cand])
+    }
+
+    /// Loss of a batch (the MeZO objective) — a plain f64.
+    pub fn loss(&self, model: &LanguageModel, batch: &[&Example]) -> Result<f64> {
+        let _guard = tch::no_grad_guard();
+        Ok(self.batch_loss_and_correct(model, batch)?.0)
+    }
+
+    /// (mean loss, number correct) of one batch.
+    fn batch_loss_and_correct(&self, model: &LanguageModel, batch: &[&Example]) -> Result<(f64, usize)> {
+        match self {
+            Task::CausalLm { field, max_length } => {
+                let seqs = batch
+                    .iter()
+                    .map(|ex| {
+                        let mut ids = model.tokenizer.encode(get(ex, field)?, true)?;
+                        ids.truncate(*max_length);
+                        Ok(ids)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok((causal_lm_loss(model, &seqs)?, 0))
+            }
+            Task::Choice { .. } => {
+                let items = batch.iter().map(|ex| self.encode_choice(model, ex)).collect::<Result<Vec<_>>>()?;
+                let scores = self.choice_scores(model, &items);
+                let gold = Tensor::from_slice(&items.iter().map(|i| i.gold as i64).collect::<Vec<_>>()).to_device(scores.device());
+                let loss = scores.log_softmax(-1, Kind::Float).gather(1, &gold.unsqueeze(1), false).mean(Kind::Float).neg();
+                let correct = scores.argmax(1, false).eq_tensor(&gold).sum(Kind::Int64).int64_value(&[]) as usize;
+                Ok((loss.double_value(&[]), correct))
+            }
+        }
+    }
+
+    /// Metric and loss over `examples`, in batches of `batch_size`.
+    pub fn evaluate(&self, model: &LanguageModel, examples: &[Example], batch_size: usize) -> Result<Evaluation> {
+        let _guard = tch::no_grad_guard();
+        let (mut loss_sum, mut correct, mut n) = (0.0, 0usize, 0usize);
+        for chunk in examples.chunks(batch_size.max(1)) {
+            let batch: Vec<&Example> = chunk.iter().collect();
+            let (loss, c) = self.batch_loss_and_correct(model, &batch)?;
+            loss_sum += loss * chunk.len() as f64;
+            correct += c;
+            n += chunk.len();
+        }
+        let loss = loss_sum / n.max(1) as f64;
+        let metric = if self.higher_is_better() { correct as f64 / n.max(1) as f64 } else { loss };
+        Ok(Evaluation { metric, loss })
+    }
+}
+
+/// Mean next-token cross-entropy over the real tokens of left-padded sequences.
+pub fn causal_lm_loss(model: &LanguageModel, seqs: &[Vec<i64>]) -> Result<f64> {
+    if seqs.iter().all(|s| s.len() < 2) {
+        bail!("every text in the batch is shorter than two tokens: nothing to predict");
+    }
+    let (ids, mask) = pad_left(seqs, model.tokenizer.pad_id);
+    let logits = model.logits(&ids, &mask);
+    let t = ids.size()[1];
+    let dev = logits.device();
+    let targets = ids.narrow(1, 1, t - 1).to_device(dev);
+    let m = (mask.narrow(1, 1, t - 1) * mask.narrow(1, 0, t - 1)).to_device(dev);
+    let targets = targets.masked_fill(&m.eq(0), -100);
+    let v = logits.size()[2];
+    let loss = logits
+        .narrow(1, 0, t - 1)
+        .reshape([-1, v])
+        .cross_entropy_loss::<Tensor>(&targets.reshape([-1]), None, tch::Reduction::Mean, -100, 0.0);
+    Ok(loss.double_value(&[]))
+}
+
+fn get<'a>(ex: &'a Example, field: &str) -> Result<&'a str> {
+    ex.get(field).map(String::as_str).with_context(|| format!("no field {field:?} (fields: {})", keys(ex)))
+}
+
+fn keys(ex: &Example) -> String {
+    ex.keys().cloned().collect::<Vec<_>>().join(", ")
+}
+
+fn lower_first(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_lowercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
