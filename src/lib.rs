@@ -7,3 +7,4 @@ pub mod tokenize;
 pub mod mezo;
 pub mod data;
 pub mod spec;
+pub mod run;

@@ -1,1 +1,158 @@
-fn main(){}
+//! The `mezod` command line.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+
+use mezod::model::{parse_device, Dtype, LanguageModel};
+use mezod::run::{default_out_dir, run, Outcome, RunOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "mezod",
+    version,
+    about = "Fine-tune language models with MeZO: gradients from forward passes only, at inference memory",
+    long_about = "Fine-tune Hugging Face language models with MeZO (Malladi et al., 2023): each step \
+estimates the gradient from two forward passes along a random direction regenerated from a seed, so \
+training needs the memory of inference. Every step's seed and projected gradient are logged, so an \
+interrupted run resumes bit-identically.\n\nStart with `mezod forward --model DIR --text \"...\"` to \
+check that a checkpoint loads, then `mezod run job.yaml`."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a job in the foreground; run the same command again to resume it.
+    ///
+    /// Writes into the output directory: spec.yaml (frozen), metrics.jsonl, the
+    /// seed log, snapshots, result.json, loss.svg and model/ (the fine-tuned
+    /// weights as a Hugging Face directory). Ctrl-C or SIGTERM finish the current
+    /// step and exit; a second signal exits at once. Either way, rerunning resumes
+    /// exactly.
+    Run {
+        /// The job file (YAML; see the README for every field).
+        job: PathBuf,
+        /// Output directory [default: runs/<job file stem>].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Resume even if this machine's determinism fingerprint differs from the run's
+        /// (the result is then no longer bit-identical to an uninterrupted run).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Load a model and print token ids, the mean next-token loss and the top next tokens.
+    Forward {
+        /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// Text to tokenize (special tokens added as the tokenizer does).
+        #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+        text: Option<String>,
+        /// Token ids, comma-separated, used as given.
+        #[arg(long, value_delimiter = ',')]
+        ids: Option<Vec<i64>>,
+        #[arg(long, default_value = "f32")]
+        dtype: Dtype,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// How many next-token candidates to show.
+        #[arg(long, default_value_t = 5)]
+        top: i64,
+        /// Print one JSON object: ids, loss, logits [sequence, vocab], top.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MEZOD_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match dispatch(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Run { job, out, force } => {
+            let out = out.unwrap_or_else(|| default_out_dir(&job));
+            let opts = RunOptions { force, progress: std::io::stderr().is_terminal() };
+            match run(&job, &out, &opts)? {
+                Outcome::Completed(r) => {
+                    let show = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a (no dev set)".into());
+                    println!("done: {} steps in {:.1}s ({:.2} steps/s)", r.steps, r.wall_time_s, r.steps_per_s);
+                    println!("dev {}: zero-shot {}, best {} (step {}), final {}", r.metric, show(r.zero_shot), show(r.best), r.best_step, show(r.final_metric));
+                    println!("fine-tuned model: {}", out.join("model").display());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Outcome::Interrupted { step, signal } => {
+                    eprintln!(
+                        "stopped by signal {signal} after {step} steps; everything is saved. Resume with: mezod run {} --out {}",
+                        job.display(),
+                        out.display()
+                    );
+                    Ok(ExitCode::from((128 + signal) as u8))
+                }
+            }
+        }
+        Command::Forward { model, text, ids, dtype, device, top, json } => forward(model, text, ids, dtype, &device, top, json),
+    }
+}
+
+fn forward(dir: PathBuf, text: Option<String>, ids: Option<Vec<i64>>, dtype: Dtype, device: &str, top: i64, json: bool) -> Result<ExitCode> {
+    let model = LanguageModel::load(&dir, dtype, parse_device(device)?)?;
+    let ids = match (text, ids) {
+        (Some(t), _) => model.tokenizer.encode(&t, true)?,
+        (None, Some(ids)) => ids,
+        _ => bail!("give --text or --ids"),
+    };
+    if ids.is_empty() {
+        bail!("no tokens to run");
+    }
+    let loss = if ids.len() > 1 { Some(mezod::data::task::causal_lm_loss(&model, std::slice::from_ref(&ids))?) } else { None };
+    let (t_ids, mask) = mezod::tokenize::pad_left(std::slice::from_ref(&ids), model.tokenizer.pad_id);
+    let logits = model.logits(&t_ids, &mask).squeeze_dim(0).to_device(tch::Device::Cpu);
+    let last = logits.get(ids.len() as i64 - 1).log_softmax(-1, tch::Kind::Float);
+    let (vals, idx) = last.topk(top.min(last.size()[0]), -1, true, true);
+    let top_list: Vec<(i64, String, f64)> = (0..vals.size()[0])
+        .map(|i| {
+            let id = idx.int64_value(&[i]);
+            (id, model.tokenizer.decode(&[id]), vals.double_value(&[i]).exp())
+        })
+        .collect();
+    if json {
+        let rows: Vec<Vec<f32>> = Vec::<Vec<f32>>::try_from(&logits)?;
+        let obj = serde_json::json!({
+            "ids": ids,
+            "loss": loss,
+            "logits": rows,
+            "top": top_list.iter().map(|(id, s, p)| serde_json::json!({"id": id, "token": s, "prob": p})).collect::<Vec<_>>(),
+        });
+        println!("{obj}");
+    } else {
+        println!("ids: {ids:?}");
+        match loss {
+            Some(l) => println!("mean next-token cross-entropy: {l:.4} (perplexity {:.2})", l.exp()),
+            None => println!("mean next-token cross-entropy: n/a (one token)"),
+        }
+        println!("top next tokens:");
+        for (id, s, p) in top_list {
+            println!("  {id:>8}  {p:>7.4}  {s:?}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,93 @@
+//! Writing weights: safetensors files that transformers reads (`format: pt`)
+//! and whole HF model directories.  Files are written beside their final
+//! name, fsynced, then renamed: a crash never leaves a half-written file.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use safetensors::{Dtype as StDtype, View};
+use tch::{Device, Kind, Tensor};
+
+use super::LanguageModel;
+
+/// A libtorch tensor seen through safetensors' `View`; bytes are copied to
+/// the CPU one tensor at a time, only while that tensor is written.
+struct TensorView<'a> {
+    tensor: &'a Tensor,
+    shape: Vec<usize>,
+    dtype: StDtype,
+}
+
+impl<'a> TensorView<'a> {
+    fn new(tensor: &'a Tensor) -> Result<Self> {
+        let dtype = match tensor.kind() {
+            Kind::Float => StDtype::F32,
+            Kind::BFloat16 => StDtype::BF16,
+            Kind::Half => StDtype::F16,
+            Kind::Double => StDtype::F64,
+            k => bail!("cannot store a {k:?} tensor"),
+        };
+        Ok(Self { tensor, shape: tensor.size().iter().map(|&d| d as usize).collect(), dtype })
+    }
+}
+
+impl View for TensorView<'_> {
+    fn dtype(&self) -> StDtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        let t = self.tensor.to_device(Device::Cpu).contiguous();
+        let mut buf = vec![0u8; self.data_len()];
+        t.copy_data_u8(&mut buf, t.numel());
+        Cow::Owned(buf)
+    }
+    fn data_len(&self) -> usize {
+        self.tensor.numel() * self.tensor.kind().elt_size_in_bytes()
+    }
+}
+
+/// Write named tensors to `path` atomically, with `format: pt` and `extra` metadata.
+pub fn write_safetensors(path: &Path, tensors: &[(String, &Tensor)], extra: &[(&str, String)]) -> Result<()> {
+    let views = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), TensorView::new(t)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut meta: HashMap<String, String> = extra.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    meta.insert("format".into(), "pt".into());
+    let tmp = path.with_extension("safetensors.partial");
+    safetensors::serialize_to_file(views, Some(meta), &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    File::open(&tmp)?.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// Save `model` as a Hugging Face directory: weights, config and tokenizer files.
+pub fn export_hf(model: &LanguageModel, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let tensors: Vec<(String, &Tensor)> = model.params.iter().map(|p| (p.name.clone(), &p.tensor)).collect();
+    write_safetensors(&out.join("model.safetensors"), &tensors, &[])?;
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.dir.join("config.json"))?)?;
+    let dtype = match model.dtype {
+        super::Dtype::F32 => "float32",
+        super::Dtype::Bf16 => "bfloat16",
+        super::Dtype::F16 => "float16",
+    };
+    config["torch_dtype"] = dtype.into();
+    config["dtype"] = dtype.into();
+    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"] {
+        let src = model.dir.join(f);
+        if src.is_file() {
+            std::fs::copy(&src, out.join(f)).with_context(|| format!("copying {}", src.display()))?;
+        }
+    }
+    Ok(())
+}

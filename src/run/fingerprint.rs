@@ -1,0 +1,27 @@
+//! What must match for a resume to be bit-identical: the same device kind and
+//! GPU model (CUDA's randn depends on the multiprocessor count), the same
+//! libtorch, dtype and thread count.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    pub device: String,
+    pub gpu: Option<String>,
+    pub torch: String,
+    pub dtype: String,
+    pub threads: i32,
+}
+
+impl Fingerprint {
+    pub fn current(device: &str, dtype: crate::model::Dtype, threads: i32) -> Self {
+        let gpu = device.starts_with("cuda").then(|| format!("{} CUDA device(s)", tch::Cuda::device_count()));
+        Self {
+            device: if device.starts_with("cuda") { "cuda".into() } else { "cpu".into() },
+            gpu,
+            torch: env!("MEZOD_TORCH_VERSION").to_string(),
+            dtype: format!("{dtype:?}").to_lowercase(),
+            threads,
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! `mezod run`: one job in the foreground, resumable bit-identically.
+//!
+//! The output directory is the job's whole state: the frozen spec, the seed
+//! log (sled), snapshots, `metrics.jsonl`, and at the end `result.json`,
+//! `loss.svg` and `model/`.  Running the same command again resumes: base
+//! weights → newest valid snapshot → replay of the logged steps after it →
+//! continue.  Steps are pure functions of (seed, step), so a lost log tail
+//! costs only recomputation.
+
+pub mod fingerprint;
+pub mod metrics;
+pub mod plot;
+pub mod seedlog;
+pub mod snapshot;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::data::task::{Evaluation, Task};
+use crate::data::{load_splits, Example};
+use crate::mezo::{batch_indices, mezo_step, step_seed, Gradient, StepConfig};
+use crate::model::{export::export_hf, parse_device, LanguageModel};
+use crate::spec::JobSpec;
+use fingerprint::Fingerprint;
+use metrics::{EvalLine, MetricsFile};
+use seedlog::{SeedLog, StepRecord};
+
+/// Options of a foreground run beyond the job file.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Resume even though the determinism fingerprint differs (no longer bit-identical).
+    pub force: bool,
+    /// Show a progress bar (a terminal); otherwise log lines.
+    pub progress: bool,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub enum Outcome {
+    Completed(RunResult),
+    /// Stopped by a signal at a step boundary; rerunning resumes.
+    Interrupted { step: u64, signal: i32 },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    pub metric: String,
+    pub zero_shot: Option<f64>,
+    pub best: Option<f64>,
+    pub best_step: u64,
+    pub final_metric: Option<f64>,
+    pub steps: u64,
+    pub resumed_from: u64,
+    pub replayed_steps: u64,
+    pub wall_time_s: f64,
+    pub steps_per_s: f64,
+    pub peak_memory_bytes: u64,
+    pub trainable_parameters: i64,
+    pub fingerprint: Fingerprint,
+}
+
+/// Default output directory of a job file: `runs/<file stem>`.
+pub fn default_out_dir(spec_path: &Path) -> PathBuf {
+    let stem = spec_path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "job".into());
+    PathBuf::from("runs").join(stem)
+}
+
+/// Peak resident memory of this process (VmHWM), bytes.
+pub fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// Everything one job needs while it trains.
+struct Job {
+    spec: JobSpec,
+    out: PathBuf,
+    model: LanguageModel,
+    task: Task,
+    train: Vec<Example>,
+    dev: Vec<Example>,
+    log: SeedLog,
+    metrics: MetricsFile,
+}
+
+impl Job {
+    fn step_config(&self, step: u64) -> StepConfig {
+        let m = &self.spec.mezo;
+        StepConfig { eps: m.eps, lr: m.lr_schedule.lr(m.lr, step, m.steps), weight_decay: m.weight_decay }
+    }
+
+    fn batch(&self, step: u64) -> Vec<&Example> {
+        let idx = batch_indices(self.spec.data_seed(), step, self.spec.mezo.batch_size, self.train.len());
+        idx.iter().map(|&i| &self.train[i]).collect()
+    }
+
+    /// One live MeZO step: measure, update, log durably.
+    fn train_step(&mut self, step: u64) -> Result<StepRecord> {
+        let seed = step_seed(self.spec.mezo.seed, step);
+        let cfg = self.step_config(step);
+        let batch = self.batch(step);
+        let (model, task) = (&self.model, &self.task);
+        let mut loss = || task.loss(model, &batch);
+        let out = mezo_step(&model.params, seed, &cfg, Gradient::Measure(&mut loss))
+            .with_context(|| format!("step {step}"))?;
+        let rec = StepRecord {
+            step,
+            seed,
+            projected_grad: out.projected_grad,
+            loss_plus: out.loss_plus,
+            loss_minus: out.loss_minus,
+            lr: cfg.lr,
+        };
+        self.log.append(&rec)?;
+        let batch_idx = batch_indices(self.spec.data_seed(), step, self.spec.mezo.batch_size, self.train.len());
+        self.metrics.step(&rec, &batch_idx)?;
+        Ok(rec)
+    }
+
+    /// Re-apply logged steps to the weights, without any forward pass.
+    fn replay(&self, records: &[StepRecord]) -> Result<()> {
+        for rec in records {
+            let cfg = StepConfig { lr: rec.lr, ..self.step_config(rec.step) };
+            mezo_step(&self.model.params, rec.seed, &cfg, Gradient::Logged(rec.projected_grad))?;
+        }
+        Ok(())
+    }
+
+    fn evaluate(&mut self, step: u64) -> Result<Option<Evaluation>> {
+        if self.dev.is_empty() {
+            return Ok(None);
+        }
+        let bs = self.spec.mezo.eval_batch_size.unwrap_or(self.spec.mezo.batch_size);
+        let e = self.task.evaluate(&self.model, &self.dev, bs).with_context(|| format!("evaluating at step {step}"))?;
+        self.metrics.eval(&EvalLine { step, metric: self.task.metric_name().into(), value: e.metric, loss: e.loss })?;
+        tracing::info!("step {step}: dev {} {:.4} (loss {:.4})", self.task.metric_name(), e.metric, e.loss);
+        Ok(Some(e))
+    }
+}
+
+/// Check the frozen spec and fingerprint of an existing run directory, or freeze them.
+fn claim_out_dir(out: &Path, spec: &JobSpec, fp: &Fingerprint, force: bool) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating output directory {}", out.display()))?;
+    let frozen = out.join("spec.yaml");
+    if frozen.is_file() {
+        let old = JobSpec::parse(&std::fs::read_to_string(&frozen)?, out)
+            .with_context(|| format!("reading the frozen spec {}", frozen.display()))?;
+        if &old != spec {
+            bail!(
+                "{} holds a run of a different job spec; to start afresh choose another --out or delete that directory",
+                out.display()
+            );
+        }
+    } else {
+        std::fs::write(&frozen, spec.to_yaml())?;
+    }
+    let fp_path = out.join("fingerprint.json");
+    if fp_path.is_file() {
+        let old: Fingerprint = serde_json::from_str(&std::fs::read_to_string(&fp_path)?)?;
+        if &old != fp {
+            if !force {
+                bail!(
+                    "this run was started with determinism fingerprint {old:?} but this machine has {fp:?}; \
+                     resuming would not be bit-identical. Pass --force to resume anyway."
+                );
+            }
+            tracing::warn!("RESUMING WITH A DIFFERENT FINGERPRINT ({old:?} → {fp:?}): weights will NOT be bit-identical to an uninterrupted run");
+        }
+    } else {
+        std::fs::write(&fp_path, serde_json::to_string_pretty(fp)?)?;
+    }
+    Ok(())
+}
+
+/// Run (or resume) the job in `spec_path`, writing into `out`.
+pub fn run(spec_path: &Path, out: &Path, opts: &RunOptions) -> Result<Outcome> {
+    let started = Instant::now();
+    let spec = JobSpec::load(spec_path)?;
+    let threads = spec.model.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(1));
+    tch::set_num_threads(threads);
+    let fp = Fingerprint::current(&spec.model.device, spec.model.dtype, threads);
+    claim_out_dir(out, &spec, &fp, opts.force)?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let signal_no = Arc::new(std::sync::atomic::AtomicI32::new(0));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second signal ends the process at once; resume stays exact.
+        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&stop))?;
+        signal_hook::flag::register(sig, Arc::clone(&stop))?;
+        let n = Arc::clone(&signal_no);
+        // SAFETY: the handler only stores into an atomic.
+        unsafe { signal_hook::low_level::register(sig, move || n.store(sig, Ordering::SeqCst)) }?;
+    }
+
+    let device = parse_device(&spec.model.device)?;
+    let model = LanguageModel::load(&spec.model.path, spec.model.dtype, device)
+        .with_context(|| format!("loading model {}", spec.model.path.display()))?;
+    let splits = load_splits(&spec.data)?;
+    let task = Task::from_spec(&spec)?;
+    task.check(&model, &splits.train, "training")?;
+    task.check(&model, &splits.dev, "dev")?;
+    tracing::info!(
+        "{} ({} trainable parameters, {:?} on {}), {} train / {} dev examples",
+        spec.model.path.display(), model.params.numel(), spec.model.dtype, spec.model.device, splits.train.len(), splits.dev.len()
+    );
+    let log = SeedLog::open(&out.join("seedlog"))?;
+    let mut records = log.contiguous()?;
+    records.truncate(spec.mezo.steps as usize);
+    let done = records.len() as u64;
+    log.truncate_from(done)?;
+    let metrics = MetricsFile::open(&out.join("metrics.jsonl"), done)?;
+    let mut job = Job { spec, out: out.to_path_buf(), model, task, train: splits.train, dev: splits.dev, log, metrics };
+
+    // Resume: newest valid snapshot, then replay the rest of the log.
+    let snap_dir = out.join("snapshots");
+    let from = snapshot::restore_latest(&snap_dir, done, &job.model.params)?.unwrap_or(0);
+    let replay_start = Instant::now();
+    job.replay(&records[from as usize..])?;
+    if done > 0 {
+        tracing::info!(
+            "resumed at step {done}: snapshot of step {from}, {} steps replayed in {:.2}s",
+            done - from, replay_start.elapsed().as_secs_f64()
+        );
+    }
+
+    if done == 0 && !job.metrics.has_eval(0) {
+        job.evaluate(0)?; // the zero-shot baseline
+    }
+    let total = job.spec.mezo.steps;
+    let bar = opts.progress.then(|| progress_bar(total, done));
+    let train_start = Instant::now();
+    let log_every = (total / 20).max(1);
+    for step in done..total {
+        if stop.load(Ordering::SeqCst) {
+            return interrupted(&job, step, &snap_dir, signal_no.load(Ordering::SeqCst), bar);
+        }
+        let rec = job.train_step(step)?;
+        let n = step + 1;
+        if let Some(b) = &bar {
+            b.set_position(n);
+            b.set_message(format!("{:.4}", rec.loss_plus));
+        } else if n % log_every == 0 || n == total {
+            tracing::info!("step {n}/{total}: loss {:.4}, projected grad {:+.4e}", rec.loss_plus, rec.projected_grad);
+        }
+        if job.spec.mezo.eval_every > 0 && n % job.spec.mezo.eval_every == 0 && n < total {
+            job.evaluate(n)?;
+        }
+        if job.spec.mezo.snapshot_every > 0 && n % job.spec.mezo.snapshot_every == 0 && n < total {
+            snapshot::save(&snap_dir, n, &job.model.params, 2)?;
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let trained = total - done;
+    let train_secs = train_start.elapsed().as_secs_f64();
+    finish(job, done, from, trained, train_secs, started, fp).map(Outcome::Completed)
+}
+
+fn progress_bar(total: u64, done: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total).with_position(done);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps  {per_sec}  loss {msg}  ETA {eta}")
+            .expect("a valid template"),
+    );
+    bar
+}
+
+fn interrupted(job: &Job, step: u64, snap_dir: &Path, signal: i32, bar: Option<indicatif::ProgressBar>) -> Result<Outcome> {
+    if let Some(b) = bar {
+        b.abandon();
+    }
+    snapshot::save(snap_dir, step, &job.model.params, 2)?;
+    Ok(Outcome::Interrupted { step, signal })
+}
+
+/// Final evaluation, best weights, export, result and picture.
+fn finish(mut job: Job, done: u64, from: u64, trained: u64, train_secs: f64, started: Instant, fp: Fingerprint) -> Result<RunResult> {
+    let total = job.spec.mezo.steps;
+    if !job.metrics.has_eval(total) {
+        job.evaluate(total)?;
+    }
+    let evals = job.metrics.evals();
+    let higher = job.task.higher_is_better();
+    let best = evals.iter().fold(None::<&EvalLine>, |b, e| match b {
+        Some(b) if (higher && e.value <= b.value) || (!higher && e.value >= b.value) => Some(b),
+        _ => Some(e),
+    });
+    let best_step = best.map(|b| b.step).unwrap_or(total);
+    let model_dir = job.out.join("model");
+    if best_step != total {
+        // The best weights are not kept in memory: rebuild them from the log.
+        tracing::info!("exporting the best weights (step {best_step}) rebuilt from the seed log");
+        let records = job.log.contiguous()?;
+        job.model = LanguageModel::load(&job.spec.model.path, job.spec.model.dtype, job.model.device)?;
+        let from = snapshot::restore_latest(&job.out.join("snapshots"), best_step, &job.model.params)?.unwrap_or(0);
+        job.replay(&records[from as usize..best_step as usize])?;
+    }
+    export_hf(&job.model, &model_dir)?;
+    let train_points: Vec<(u64, f64)> = job.metrics.steps().iter().map(|r| (r.step, r.loss_plus)).collect();
+    let eval_points: Vec<(u64, f64)> = evals.iter().map(|e| (e.step, e.loss)).collect();
+    std::fs::write(job.out.join("loss.svg"), plot::loss_curve_svg(&train_points, &eval_points, "loss"))?;
+    let result = RunResult {
+        metric: job.task.metric_name().into(),
+        zero_shot: evals.iter().find(|e| e.step == 0).map(|e| e.value),
+        best: best.map(|b| b.value),
+        best_step,
+        final_metric: evals.iter().rev().find(|e| e.step == total).map(|e| e.value),
+        steps: total,
+        resumed_from: done,
+        replayed_steps: done - from,
+        wall_time_s: started.elapsed().as_secs_f64(),
+        steps_per_s: if train_secs > 0.0 { trained as f64 / train_secs } else { 0.0 },
+        peak_memory_bytes: peak_rss_bytes(),
+        trainable_parameters: job.model.params.numel(),
+        fingerprint: fp,
+    };
+    let tmp = job.out.join("result.json.partial");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&result)?)?;
+    std::fs::rename(&tmp, job.out.join("result.json"))?;
+    Ok(result)
+}
