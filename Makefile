@@ -1,0 +1,42 @@
+# mezod — `make demo` and `make test` do all setup themselves on a fresh machine.
+
+VENV      := .venv
+PYTHON    := $(CURDIR)/$(VENV)/bin/python
+MEZOD     := target/release/mezod
+# tch links the PyTorch wheel installed in the venv (same libtorch for build and run).
+export LIBTORCH_USE_PYTORCH := 1
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export MEZOD_PYTHON := $(PYTHON)
+
+.PHONY: all setup build test demo fixtures clean
+
+all: build
+
+# PyTorch 2.11.0 (about 4.5 GB with its CUDA libraries) and the test-side Python packages.
+$(VENV)/.ready: requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+setup: $(VENV)/.ready
+
+build: setup
+	cargo build --release
+
+# The whole test suite (unit, model parity, reference parity, resume with real kill -9).
+test: build
+	cargo test --release -- --test-threads=2
+
+# Runs the example jobs end to end on the committed tiny models.
+demo: build
+	$(MEZOD) run examples/classification.yaml --out runs/demo-classification
+	$(MEZOD) run examples/causal-lm.yaml --out runs/demo-causal-lm
+	@echo "outputs (metrics.jsonl, result.json, loss.svg, model/) are in runs/"
+
+# Regenerate the tiny checkpoints and transformers' reference logits.
+fixtures: setup
+	$(PYTHON) tests/fixtures/generate.py
+
+clean:
+	cargo clean
+	rm -rf runs
