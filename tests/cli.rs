@@ -1,0 +1,138 @@
+//! The command line end to end: `forward --json`, exported models loading in
+//! transformers, classification and multiple-choice jobs, bad job files.
+
+mod common;
+use common::*;
+
+#[test]
+fn forward_json_matches_transformers_logits_and_ids() {
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("qwen2").join("reference.json")).unwrap()).unwrap();
+    let case = &r["cases"][1];
+    let text = case["text"].as_str().unwrap();
+    let out = check(mezod().args(["forward", "--json", "--text", text, "--model"]).arg(fixture("qwen2")).output().unwrap(), "forward");
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["ids"], case["ids"][0]);
+    assert!(got["loss"].as_f64().unwrap() > 0.0);
+    let (want, have) = (case["logits"][0].as_array().unwrap(), got["logits"].as_array().unwrap());
+    assert_eq!(want.len(), have.len());
+    let mut worst = 0f64;
+    for (w, h) in want.iter().zip(have) {
+        for (a, b) in w.as_array().unwrap().iter().zip(h.as_array().unwrap()) {
+            worst = worst.max((a.as_f64().unwrap() - b.as_f64().unwrap()).abs());
+        }
+    }
+    assert!(worst <= 1e-4, "forward --json logits differ by {worst}");
+    // --ids gives the same as the text's ids; the plain output names the loss.
+    let ids: Vec<String> = case["ids"][0].as_array().unwrap().iter().map(|v| v.to_string()).collect();
+    let out = check(mezod().args(["forward", "--ids", &ids.join(","), "--model"]).arg(fixture("qwen2")).output().unwrap(), "forward");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("mean next-token cross-entropy"));
+}
+
+#[test]
+fn exported_model_loads_in_transformers_with_the_same_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = causal_job(tmp.path(), "gpt2", "steps: 5, batch_size: 2, lr: 1.0e-2, seed: 2");
+    let run = tmp.path().join("run");
+    check(mezod().arg("run").arg(&job).arg("--out").arg(&run).output().unwrap(), "run");
+    let model = run.join("model");
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(model.join(f).is_file(), "model/ lacks {f}");
+    }
+    let out = check(mezod().args(["forward", "--json", "--ids", "5,17,42,99,7", "--model"]).arg(&model).output().unwrap(), "forward");
+    let ours: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let script = r#"
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+from safetensors import safe_open
+d = sys.argv[1]
+assert safe_open(d + "/model.safetensors", "pt").metadata()["format"] == "pt"
+m = AutoModelForCausalLM.from_pretrained(d).eval()
+with torch.no_grad():
+    print(json.dumps(m(torch.tensor([[5, 17, 42, 99, 7]])).logits[0].tolist()))
+"#;
+    let out = check(python().arg("-c").arg(script).arg(&model).output().unwrap(), "transformers load");
+    let theirs: Vec<Vec<f64>> = serde_json::from_slice(&out.stdout).unwrap();
+    let mut worst = 0f64;
+    for (row, t) in ours["logits"].as_array().unwrap().iter().zip(&theirs) {
+        for (a, b) in row.as_array().unwrap().iter().zip(t) {
+            worst = worst.max((a.as_f64().unwrap() - b).abs());
+        }
+    }
+    assert!(worst <= 1e-4, "exported model: logits differ by {worst}");
+    // And the export really is the fine-tuned model, not the base.
+    assert_ne!(sha256(&model.join("model.safetensors")), sha256(&fixture("gpt2").join("model.safetensors")));
+}
+
+#[test]
+fn classification_job_reports_zero_shot_best_and_final_accuracy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let job = root().join("examples/classification.yaml");
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("steps: 300", "steps: 20")
+        .replace("eval_every: 100", "eval_every: 10")
+        .replace("../tests/fixtures/opt", &fixture("opt").display().to_string())
+        .replace("data/reviews.jsonl", &root().join("examples/data/reviews.jsonl").display().to_string());
+    let job_copy = tmp.path().join("classification.yaml");
+    std::fs::write(&job_copy, text).unwrap();
+    check(mezod().arg("run").arg(&job_copy).arg("--out").arg(&run).output().unwrap(), "classification run");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap()).unwrap();
+    assert_eq!(r["metric"], "accuracy");
+    for k in ["zero_shot", "best", "final_metric"] {
+        let v = r[k].as_f64().unwrap_or_else(|| panic!("result.json lacks {k}"));
+        assert!((0.0..=1.0).contains(&v));
+    }
+    let evals: Vec<u64> = read_jsonl(&run.join("metrics.jsonl")).iter().filter(|l| l["kind"] == "eval").map(|l| l["step"].as_u64().unwrap()).collect();
+    assert_eq!(evals, vec![0, 10, 20]);
+    let svg = std::fs::read_to_string(run.join("loss.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("polyline"));
+}
+
+#[test]
+fn copa_multiple_choice_runs_and_scores_candidates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("copa.jsonl");
+    let rows = [
+        r#"{"premise": "The man broke his toe.", "choice1": "He dropped a hammer on his foot.", "choice2": "He got a hole in his sock.", "question": "cause", "label": 0}"#,
+        r#"{"premise": "I tipped the bottle.", "choice1": "The liquid in the bottle froze.", "choice2": "The liquid in the bottle poured out.", "question": "effect", "label": 1}"#,
+        r#"{"premise": "The film was dull.", "choice1": "I fell asleep.", "choice2": "I cheered loudly.", "question": "effect", "label": 0}"#,
+        r#"{"premise": "The cast was great.", "choice1": "The actors were skilled.", "choice2": "The seats were red.", "question": "cause", "label": 0}"#,
+    ];
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let job = tmp.path().join("copa.yaml");
+    std::fs::write(
+        &job,
+        format!(
+            "model: {{path: {}}}\ntask: {{kind: multiple_choice, template: copa}}\n\
+             data: {{train: {}, dev: {}}}\nmezo: {{steps: 4, batch_size: 2, lr: 1.0e-3, seed: 1}}\n",
+            fixture("llama3").display(), data.display(), data.display()
+        ),
+    )
+    .unwrap();
+    let run = tmp.path().join("run");
+    check(mezod().arg("run").arg(&job).arg("--out").arg(&run).output().unwrap(), "copa run");
+    let steps: Vec<f64> = read_jsonl(&run.join("metrics.jsonl")).iter().filter(|l| l["kind"] == "step").map(|l| l["loss_plus"].as_f64().unwrap()).collect();
+    assert_eq!(steps.len(), 4);
+    // Cross-entropy over two candidates: positive, and near ln 2 for an untrained model.
+    assert!(steps.iter().all(|&l| l > 0.0 && l < 5.0), "{steps:?}");
+}
+
+#[test]
+fn bad_job_files_fail_with_plain_reasons() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [
+        ("model: {path: m}\ntask: {kind: causal_lm}\ndata: {train: t.jsonl}\nmezo: {steps: 1, lr: 1, lerning_rate: 2}\n", "unknown field `lerning_rate`"),
+        ("model: {path: m}\ntask: {kind: causal_lm}\ndata: {train: t.jsonl}\nmezo: {steps: 1, lr: 1}\n", "does not exist"),
+        ("model: [\n", "line"),
+    ];
+    for (i, (text, expect)) in cases.iter().enumerate() {
+        let job = tmp.path().join(format!("bad{i}.yaml"));
+        std::fs::write(&job, text).unwrap();
+        let out = mezod().arg("run").arg(&job).arg("--out").arg(tmp.path().join(format!("run{i}"))).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(stderr.contains(expect), "case {i}: expected {expect:?} in {stderr}");
+    }
+}
