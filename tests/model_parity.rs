@@ -137,3 +137,53 @@ fn clear_errors_name_the_problem() {
     // Unsupported dtype string.
     assert!("f8".parse::<Dtype>().unwrap_err().to_string().contains("unsupported dtype"));
 }
+
+/// Copy a fixture's config and tokenizer into `dir`, with weights written by `write`.
+fn rewritten(name: &str, dir: &std::path::Path, write: impl Fn(&[(String, Tensor)], &std::path::Path)) {
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(fixture(name).join(f), dir.join(f)).unwrap();
+    }
+    let tensors = Tensor::read_safetensors(fixture(name).join("model.safetensors")).unwrap();
+    write(&tensors, dir);
+}
+
+fn same_logits(a: &std::path::Path, b: &std::path::Path) -> f64 {
+    let ids = Tensor::from_slice(&[1i64, 40, 50, 60, 70, 80]).view([1, -1]);
+    let mask = ids.ones_like();
+    let la = LanguageModel::load(a, Dtype::F32, Device::Cpu).unwrap().logits(&ids, &mask);
+    let lb = LanguageModel::load(b, Dtype::F32, Device::Cpu).unwrap().logits(&ids, &mask);
+    (la - lb).abs().max().double_value(&[])
+}
+
+#[test]
+fn sharded_checkpoints_load_through_their_index() {
+    let tmp = tempfile::tempdir().unwrap();
+    rewritten("llama", tmp.path(), |tensors, dir| {
+        let mut weight_map = serde_json::Map::new();
+        for (i, half) in tensors.chunks(tensors.len() / 2 + 1).enumerate() {
+            let file = format!("model-{:05}-of-00002.safetensors", i + 1);
+            let refs: Vec<(String, &Tensor)> = half.iter().map(|(n, t)| (n.clone(), t)).collect();
+            mezod::model::export::write_safetensors(&dir.join(&file), &refs, &[]).unwrap();
+            for (n, _) in half {
+                weight_map.insert(n.clone(), file.clone().into());
+            }
+        }
+        let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    });
+    assert!(!tmp.path().join("model.safetensors").exists());
+    assert_eq!(same_logits(&fixture("llama"), tmp.path()), 0.0);
+}
+
+#[test]
+fn names_without_the_transformer_prefix_load_too() {
+    // Original GPT-2 checkpoints store `h.0.attn.c_attn.weight`, not `transformer.h.0…`.
+    let tmp = tempfile::tempdir().unwrap();
+    rewritten("gpt2", tmp.path(), |tensors, dir| {
+        let renamed: Vec<(String, &Tensor)> =
+            tensors.iter().map(|(n, t)| (n.trim_start_matches("transformer.").to_string(), t)).collect();
+        assert!(renamed.iter().all(|(n, _)| !n.starts_with("transformer.")));
+        mezod::model::export::write_safetensors(&dir.join("model.safetensors"), &renamed, &[]).unwrap();
+    });
+    assert_eq!(same_logits(&fixture("gpt2"), tmp.path()), 0.0);
+}

@@ -117,3 +117,47 @@ pub fn fill_template(template: &str, ex: &Example) -> Result<String> {
     out.push_str(rest);
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jsonl_and_csv_rows_become_string_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = dir.path().join("a.jsonl");
+        std::fs::write(&j, "{\"text\": \"fine\", \"label\": 1}\n\n{\"text\": \"bad\", \"label\": 0}\n").unwrap();
+        let rows = load_examples(&j).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0]["label"], "1");
+        let c = dir.path().join("a.csv");
+        std::fs::write(&c, "category,text\nfresh,\"good, warm\"\nrotten,dull\n").unwrap();
+        let rows = load_examples(&c).unwrap();
+        assert_eq!(rows[0]["text"], "good, warm");
+        assert_eq!(rows[1]["category"], "rotten");
+        std::fs::write(&j, "{\"text\": \"fine\"}\nnot json\n").unwrap();
+        let e = load_examples(&j).unwrap_err().to_string();
+        assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn split_is_seeded_and_disjoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = dir.path().join("a.jsonl");
+        std::fs::write(&j, (0..50).map(|i| format!("{{\"text\": \"row {i}\"}}\n")).collect::<String>()).unwrap();
+        let spec: crate::spec::DataSpec = serde_yaml::from_str(&format!("train: {}", j.display())).unwrap();
+        let a = load_splits(&spec).unwrap();
+        let b = load_splits(&spec).unwrap();
+        assert_eq!((a.train.len(), a.dev.len()), (45, 5));
+        assert_eq!(a.dev, b.dev);
+        assert!(a.dev.iter().all(|d| !a.train.contains(d)));
+    }
+
+    #[test]
+    fn templates_fill_fields_and_name_missing_ones() {
+        let ex: Example = [("premise".to_string(), "It rained".to_string())].into();
+        assert_eq!(fill_template("{premise}, so", &ex).unwrap(), "It rained, so");
+        let e = fill_template("{hypothesis}", &ex).unwrap_err().to_string();
+        assert!(e.contains("hypothesis") && e.contains("premise"), "{e}");
+    }
+}
