@@ -76,6 +76,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("MEZOD_LOG").unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match dispatch(Cli::parse()) {
         Ok(code) => code,
