@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use tch::Tensor;
 use tokenizers::Tokenizer;
 
@@ -26,10 +26,6 @@ impl TextTokenizer {
         Ok(Self { inner, pad_id })
     }
 
-    pub fn from_tokenizer(inner: Tokenizer, pad_id: i64) -> Self {
-        Self { inner, pad_id }
-    }
-
     /// Token ids; `special` adds what the model's post-processor adds (BOS for OPT, LLaMA).
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<i64>> {
         let enc = self.inner.encode(text, special).map_err(|e| anyhow!("tokenizing {text:?}: {e}"))?;
@@ -41,13 +37,6 @@ impl TextTokenizer {
         self.inner.decode(&ids, false).unwrap_or_default()
     }
 
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
-    }
-
-    pub fn save(&self, path: &Path) -> Result<()> {
-        self.inner.save(path, false).map_err(|e| anyhow!("{}: {e}", path.display())).context("writing tokenizer")
-    }
 }
 
 /// Left-pad sequences into `(ids, mask)` tensors `[batch, longest]`.

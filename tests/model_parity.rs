@@ -42,9 +42,8 @@ fn max_logit_error(name: &str) -> f64 {
         if let Some(text) = &case.text {
             let ids = model.tokenizer.encode(text, true).unwrap();
             assert_eq!(ids, case.ids[0], "{name}: token ids for {text:?} differ from transformers'");
-            let (ids_t, mask_t) = pad_left(&[ids], model.tokenizer.pad_id);
+            let (_, mask_t) = pad_left(&[ids], model.tokenizer.pad_id);
             assert_eq!(Vec::<i64>::try_from(mask_t.flatten(0, -1)).unwrap(), case.attention_mask[0]);
-            let _ = ids_t;
         }
         let flat_ids: Vec<i64> = case.ids.concat();
         let flat_mask: Vec<i64> = case.attention_mask.concat();

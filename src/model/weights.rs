@@ -39,10 +39,6 @@ impl ParamList {
     pub fn numel(&self) -> i64 {
         self.0.iter().map(|p| p.tensor.numel() as i64).sum()
     }
-    /// Size in elements of the largest tensor: the one temporary a MeZO step needs.
-    pub fn largest_numel(&self) -> i64 {
-        self.0.iter().map(|p| p.tensor.numel() as i64).max().unwrap_or(0)
-    }
 }
 
 /// True for names transformers' MeZO trainer exempts from weight decay.

@@ -99,16 +99,16 @@ impl Job {
         StepConfig { eps: m.eps, lr: m.lr_schedule.lr(m.lr, step, m.steps), weight_decay: m.weight_decay }
     }
 
-    fn batch(&self, step: u64) -> Vec<&Example> {
-        let idx = batch_indices(self.spec.data_seed(), step, self.spec.mezo.batch_size, self.train.len());
-        idx.iter().map(|&i| &self.train[i]).collect()
+    fn batch_indices(&self, step: u64) -> Vec<usize> {
+        batch_indices(self.spec.data_seed(), step, self.spec.mezo.batch_size, self.train.len())
     }
 
     /// One live MeZO step: measure, update, log durably.
     fn train_step(&mut self, step: u64) -> Result<StepRecord> {
         let seed = step_seed(self.spec.mezo.seed, step);
         let cfg = self.step_config(step);
-        let batch = self.batch(step);
+        let batch_idx = self.batch_indices(step);
+        let batch: Vec<&Example> = batch_idx.iter().map(|&i| &self.train[i]).collect();
         let (model, task) = (&self.model, &self.task);
         let mut loss = || task.loss(model, &batch);
         let out = mezo_step(&model.params, seed, &cfg, Gradient::Measure(&mut loss))
@@ -122,7 +122,6 @@ impl Job {
             lr: cfg.lr,
         };
         self.log.append(&rec)?;
-        let batch_idx = batch_indices(self.spec.data_seed(), step, self.spec.mezo.batch_size, self.train.len());
         self.metrics.step(&rec, &batch_idx)?;
         Ok(rec)
     }
