@@ -2,9 +2,9 @@
 //!
 //! See ARCHITECTURE.md for the map of modules and their invariants.
 
-pub mod model;
-pub mod tokenize;
-pub mod mezo;
 pub mod data;
-pub mod spec;
+pub mod mezo;
+pub mod model;
 pub mod run;
+pub mod spec;
+pub mod tokenize;

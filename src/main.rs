@@ -73,7 +73,8 @@ enum Command {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MEZOD_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("MEZOD_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
@@ -91,12 +92,28 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run { job, out, force } => {
             let out = out.unwrap_or_else(|| default_out_dir(&job));
-            let opts = RunOptions { force, progress: std::io::stderr().is_terminal() };
+            let opts = RunOptions {
+                force,
+                progress: std::io::stderr().is_terminal(),
+            };
             match run(&job, &out, &opts)? {
                 Outcome::Completed(r) => {
-                    let show = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a (no dev set)".into());
-                    println!("done: {} steps in {:.1}s ({:.2} steps/s)", r.steps, r.wall_time_s, r.steps_per_s);
-                    println!("dev {}: zero-shot {}, best {} (step {}), final {}", r.metric, show(r.zero_shot), show(r.best), r.best_step, show(r.final_metric));
+                    let show = |v: Option<f64>| {
+                        v.map(|v| format!("{v:.4}"))
+                            .unwrap_or_else(|| "n/a (no dev set)".into())
+                    };
+                    println!(
+                        "done: {} steps in {:.1}s ({:.2} steps/s)",
+                        r.steps, r.wall_time_s, r.steps_per_s
+                    );
+                    println!(
+                        "dev {}: zero-shot {}, best {} (step {}), final {}",
+                        r.metric,
+                        show(r.zero_shot),
+                        show(r.best),
+                        r.best_step,
+                        show(r.final_metric)
+                    );
                     println!("fine-tuned model: {}", out.join("model").display());
                     Ok(ExitCode::SUCCESS)
                 }
@@ -110,11 +127,27 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Command::Forward { model, text, ids, dtype, device, top, json } => forward(model, text, ids, dtype, &device, top, json),
+        Command::Forward {
+            model,
+            text,
+            ids,
+            dtype,
+            device,
+            top,
+            json,
+        } => forward(model, text, ids, dtype, &device, top, json),
     }
 }
 
-fn forward(dir: PathBuf, text: Option<String>, ids: Option<Vec<i64>>, dtype: Dtype, device: &str, top: i64, json: bool) -> Result<ExitCode> {
+fn forward(
+    dir: PathBuf,
+    text: Option<String>,
+    ids: Option<Vec<i64>>,
+    dtype: Dtype,
+    device: &str,
+    top: i64,
+    json: bool,
+) -> Result<ExitCode> {
     let model = LanguageModel::load(&dir, dtype, parse_device(device)?)?;
     let ids = match (text, ids) {
         (Some(t), _) => model.tokenizer.encode(&t, true)?,
@@ -124,15 +157,32 @@ fn forward(dir: PathBuf, text: Option<String>, ids: Option<Vec<i64>>, dtype: Dty
     if ids.is_empty() {
         bail!("no tokens to run");
     }
-    let loss = if ids.len() > 1 { Some(mezod::data::task::causal_lm_loss(&model, std::slice::from_ref(&ids))?) } else { None };
-    let (t_ids, mask) = mezod::tokenize::pad_left(std::slice::from_ref(&ids), model.tokenizer.pad_id);
-    let logits = model.logits(&t_ids, &mask).squeeze_dim(0).to_device(tch::Device::Cpu);
-    let last = logits.get(ids.len() as i64 - 1).log_softmax(-1, tch::Kind::Float);
+    let loss = if ids.len() > 1 {
+        Some(mezod::data::task::causal_lm_loss(
+            &model,
+            std::slice::from_ref(&ids),
+        )?)
+    } else {
+        None
+    };
+    let (t_ids, mask) =
+        mezod::tokenize::pad_left(std::slice::from_ref(&ids), model.tokenizer.pad_id);
+    let logits = model
+        .logits(&t_ids, &mask)
+        .squeeze_dim(0)
+        .to_device(tch::Device::Cpu);
+    let last = logits
+        .get(ids.len() as i64 - 1)
+        .log_softmax(-1, tch::Kind::Float);
     let (vals, idx) = last.topk(top.min(last.size()[0]), -1, true, true);
     let top_list: Vec<(i64, String, f64)> = (0..vals.size()[0])
         .map(|i| {
             let id = idx.int64_value(&[i]);
-            (id, model.tokenizer.decode(&[id]), vals.double_value(&[i]).exp())
+            (
+                id,
+                model.tokenizer.decode(&[id]),
+                vals.double_value(&[i]).exp(),
+            )
         })
         .collect();
     if json {
@@ -147,7 +197,10 @@ fn forward(dir: PathBuf, text: Option<String>, ids: Option<Vec<i64>>, dtype: Dty
     } else {
         println!("ids: {ids:?}");
         match loss {
-            Some(l) => println!("mean next-token cross-entropy: {l:.4} (perplexity {:.2})", l.exp()),
+            Some(l) => println!(
+                "mean next-token cross-entropy: {l:.4} (perplexity {:.2})",
+                l.exp()
+            ),
             None => println!("mean next-token cross-entropy: n/a (one token)"),
         }
         println!("top next tokens:");

@@ -141,7 +141,8 @@ fn snapshot_every() -> u64 {
 impl JobSpec {
     /// Parse YAML text; relative paths are taken from `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Self> {
-        let mut spec: JobSpec = serde_yaml::from_str(text).map_err(|e| anyhow::anyhow!("invalid job file: {e}"))?;
+        let mut spec: JobSpec =
+            serde_yaml::from_str(text).map_err(|e| anyhow::anyhow!("invalid job file: {e}"))?;
         let abs = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -157,7 +158,8 @@ impl JobSpec {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading job file {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading job file {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::parse(&text, base).with_context(|| format!("in {}", path.display()))
     }
@@ -181,7 +183,8 @@ impl JobSpec {
         }
         self.model.dtype.kind();
         crate::model::parse_device(&self.model.device)?;
-        if self.task.kind == TaskKind::MultipleChoice && self.task.choices.is_empty()
+        if self.task.kind == TaskKind::MultipleChoice
+            && self.task.choices.is_empty()
             && self.task.template.as_deref() != Some("copa")
         {
             bail!("task.choices must name the fields holding the candidate answers");
@@ -212,21 +215,31 @@ mod tests {
         assert_eq!(s.model.device, "cpu");
         assert_eq!(s.mezo.snapshot_every, 100);
         assert_eq!(s.data_seed(), 7);
-        assert_eq!(JobSpec::parse(&s.to_yaml(), Path::new("/elsewhere")).unwrap(), s);
+        assert_eq!(
+            JobSpec::parse(&s.to_yaml(), Path::new("/elsewhere")).unwrap(),
+            s
+        );
     }
 
     #[test]
     fn unknown_field_names_line_and_column() {
         let bad = MINIMAL.replace("seed: 7", "seed: 7, learning_rate: 3");
-        let e = JobSpec::parse(&bad, Path::new("/")).unwrap_err().to_string();
-        assert!(e.contains("learning_rate") && e.contains("line 4 column"), "{e}");
+        let e = JobSpec::parse(&bad, Path::new("/"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("learning_rate") && e.contains("line 4 column"),
+            "{e}"
+        );
     }
 
     #[test]
     fn bad_values_are_explained() {
-        let e = JobSpec::parse(&MINIMAL.replace("eps: 1.0e-3", "eps: 0"), Path::new("/")).unwrap_err();
+        let e =
+            JobSpec::parse(&MINIMAL.replace("eps: 1.0e-3", "eps: 0"), Path::new("/")).unwrap_err();
         assert!(e.to_string().contains("mezo.eps"));
-        let e = JobSpec::parse(&MINIMAL.replace("dtype: f32", "dtype: f8"), Path::new("/")).unwrap_err();
+        let e = JobSpec::parse(&MINIMAL.replace("dtype: f32", "dtype: f8"), Path::new("/"))
+            .unwrap_err();
         assert!(e.to_string().contains("dtype"), "{e}");
         let e = JobSpec::parse("model: [", Path::new("/")).unwrap_err();
         assert!(e.to_string().contains("line 1"), "{e}");

@@ -28,7 +28,10 @@ impl TextTokenizer {
 
     /// Token ids; `special` adds what the model's post-processor adds (BOS for OPT, LLaMA).
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<i64>> {
-        let enc = self.inner.encode(text, special).map_err(|e| anyhow!("tokenizing {text:?}: {e}"))?;
+        let enc = self
+            .inner
+            .encode(text, special)
+            .map_err(|e| anyhow!("tokenizing {text:?}: {e}"))?;
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
     }
 
@@ -36,7 +39,6 @@ impl TextTokenizer {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
         self.inner.decode(&ids, false).unwrap_or_default()
     }
-
 }
 
 /// Left-pad sequences into `(ids, mask)` tensors `[batch, longest]`.
@@ -47,8 +49,15 @@ pub fn pad_left(seqs: &[Vec<i64>], pad_id: i64) -> (Tensor, Tensor) {
     for s in seqs {
         let pad = longest - s.len();
         ids.extend(std::iter::repeat(pad_id).take(pad).chain(s.iter().copied()));
-        mask.extend(std::iter::repeat(0i64).take(pad).chain(std::iter::repeat(1).take(s.len())));
+        mask.extend(
+            std::iter::repeat(0i64)
+                .take(pad)
+                .chain(std::iter::repeat(1).take(s.len())),
+        );
     }
     let shape = [seqs.len() as i64, longest as i64];
-    (Tensor::from_slice(&ids).view(shape), Tensor::from_slice(&mask).view(shape))
+    (
+        Tensor::from_slice(&ids).view(shape),
+        Tensor::from_slice(&mask).view(shape),
+    )
 }

@@ -6,15 +6,27 @@ use common::*;
 
 #[test]
 fn forward_json_matches_transformers_logits_and_ids() {
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("qwen2").join("reference.json")).unwrap()).unwrap();
+    let r: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("qwen2").join("reference.json")).unwrap(),
+    )
+    .unwrap();
     let case = &r["cases"][1];
     let text = case["text"].as_str().unwrap();
-    let out = check(mezod().args(["forward", "--json", "--text", text, "--model"]).arg(fixture("qwen2")).output().unwrap(), "forward");
+    let out = check(
+        mezod()
+            .args(["forward", "--json", "--text", text, "--model"])
+            .arg(fixture("qwen2"))
+            .output()
+            .unwrap(),
+        "forward",
+    );
     let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(got["ids"], case["ids"][0]);
     assert!(got["loss"].as_f64().unwrap() > 0.0);
-    let (want, have) = (case["logits"][0].as_array().unwrap(), got["logits"].as_array().unwrap());
+    let (want, have) = (
+        case["logits"][0].as_array().unwrap(),
+        got["logits"].as_array().unwrap(),
+    );
     assert_eq!(want.len(), have.len());
     let mut worst = 0f64;
     for (w, h) in want.iter().zip(have) {
@@ -24,22 +36,54 @@ fn forward_json_matches_transformers_logits_and_ids() {
     }
     assert!(worst <= 1e-4, "forward --json logits differ by {worst}");
     // --ids gives the same as the text's ids; the plain output names the loss.
-    let ids: Vec<String> = case["ids"][0].as_array().unwrap().iter().map(|v| v.to_string()).collect();
-    let out = check(mezod().args(["forward", "--ids", &ids.join(","), "--model"]).arg(fixture("qwen2")).output().unwrap(), "forward");
+    let ids: Vec<String> = case["ids"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    let out = check(
+        mezod()
+            .args(["forward", "--ids", &ids.join(","), "--model"])
+            .arg(fixture("qwen2"))
+            .output()
+            .unwrap(),
+        "forward",
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("mean next-token cross-entropy"));
 }
 
 #[test]
 fn exported_model_loads_in_transformers_with_the_same_logits() {
     let tmp = tempfile::tempdir().unwrap();
-    let job = causal_job(tmp.path(), "gpt2", "steps: 5, batch_size: 2, lr: 1.0e-2, seed: 2");
+    let job = causal_job(
+        tmp.path(),
+        "gpt2",
+        "steps: 5, batch_size: 2, lr: 1.0e-2, seed: 2",
+    );
     let run = tmp.path().join("run");
-    check(mezod().arg("run").arg(&job).arg("--out").arg(&run).output().unwrap(), "run");
+    check(
+        mezod()
+            .arg("run")
+            .arg(&job)
+            .arg("--out")
+            .arg(&run)
+            .output()
+            .unwrap(),
+        "run",
+    );
     let model = run.join("model");
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(model.join(f).is_file(), "model/ lacks {f}");
     }
-    let out = check(mezod().args(["forward", "--json", "--ids", "5,17,42,99,7", "--model"]).arg(&model).output().unwrap(), "forward");
+    let out = check(
+        mezod()
+            .args(["forward", "--json", "--ids", "5,17,42,99,7", "--model"])
+            .arg(&model)
+            .output()
+            .unwrap(),
+        "forward",
+    );
     let ours: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let script = r#"
 import json, sys, torch
@@ -51,7 +95,10 @@ m = AutoModelForCausalLM.from_pretrained(d).eval()
 with torch.no_grad():
     print(json.dumps(m(torch.tensor([[5, 17, 42, 99, 7]])).logits[0].tolist()))
 "#;
-    let out = check(python().arg("-c").arg(script).arg(&model).output().unwrap(), "transformers load");
+    let out = check(
+        python().arg("-c").arg(script).arg(&model).output().unwrap(),
+        "transformers load",
+    );
     let theirs: Vec<Vec<f64>> = serde_json::from_slice(&out.stdout).unwrap();
     let mut worst = 0f64;
     for (row, t) in ours["logits"].as_array().unwrap().iter().zip(&theirs) {
@@ -61,7 +108,10 @@ with torch.no_grad():
     }
     assert!(worst <= 1e-4, "exported model: logits differ by {worst}");
     // And the export really is the fine-tuned model, not the base.
-    assert_ne!(sha256(&model.join("model.safetensors")), sha256(&fixture("gpt2").join("model.safetensors")));
+    assert_ne!(
+        sha256(&model.join("model.safetensors")),
+        sha256(&fixture("gpt2").join("model.safetensors"))
+    );
 }
 
 #[test]
@@ -73,18 +123,43 @@ fn classification_job_reports_zero_shot_best_and_final_accuracy() {
         .unwrap()
         .replace("steps: 300", "steps: 20")
         .replace("eval_every: 100", "eval_every: 10")
-        .replace("../tests/fixtures/opt", &fixture("opt").display().to_string())
-        .replace("data/reviews.jsonl", &root().join("examples/data/reviews.jsonl").display().to_string());
+        .replace(
+            "../tests/fixtures/opt",
+            &fixture("opt").display().to_string(),
+        )
+        .replace(
+            "data/reviews.jsonl",
+            &root()
+                .join("examples/data/reviews.jsonl")
+                .display()
+                .to_string(),
+        );
     let job_copy = tmp.path().join("classification.yaml");
     std::fs::write(&job_copy, text).unwrap();
-    check(mezod().arg("run").arg(&job_copy).arg("--out").arg(&run).output().unwrap(), "classification run");
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap()).unwrap();
+    check(
+        mezod()
+            .arg("run")
+            .arg(&job_copy)
+            .arg("--out")
+            .arg(&run)
+            .output()
+            .unwrap(),
+        "classification run",
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap()).unwrap();
     assert_eq!(r["metric"], "accuracy");
     for k in ["zero_shot", "best", "final_metric"] {
-        let v = r[k].as_f64().unwrap_or_else(|| panic!("result.json lacks {k}"));
+        let v = r[k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("result.json lacks {k}"));
         assert!((0.0..=1.0).contains(&v));
     }
-    let evals: Vec<u64> = read_jsonl(&run.join("metrics.jsonl")).iter().filter(|l| l["kind"] == "eval").map(|l| l["step"].as_u64().unwrap()).collect();
+    let evals: Vec<u64> = read_jsonl(&run.join("metrics.jsonl"))
+        .iter()
+        .filter(|l| l["kind"] == "eval")
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
     assert_eq!(evals, vec![0, 10, 20]);
     let svg = std::fs::read_to_string(run.join("loss.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("polyline"));
@@ -112,8 +187,21 @@ fn copa_multiple_choice_runs_and_scores_candidates() {
     )
     .unwrap();
     let run = tmp.path().join("run");
-    check(mezod().arg("run").arg(&job).arg("--out").arg(&run).output().unwrap(), "copa run");
-    let steps: Vec<f64> = read_jsonl(&run.join("metrics.jsonl")).iter().filter(|l| l["kind"] == "step").map(|l| l["loss_plus"].as_f64().unwrap()).collect();
+    check(
+        mezod()
+            .arg("run")
+            .arg(&job)
+            .arg("--out")
+            .arg(&run)
+            .output()
+            .unwrap(),
+        "copa run",
+    );
+    let steps: Vec<f64> = read_jsonl(&run.join("metrics.jsonl"))
+        .iter()
+        .filter(|l| l["kind"] == "step")
+        .map(|l| l["loss_plus"].as_f64().unwrap())
+        .collect();
     assert_eq!(steps.len(), 4);
     // Cross-entropy over two candidates: positive, and near ln 2 for an untrained model.
     assert!(steps.iter().all(|&l| l > 0.0 && l < 5.0), "{steps:?}");
@@ -130,9 +218,18 @@ fn bad_job_files_fail_with_plain_reasons() {
     for (i, (text, expect)) in cases.iter().enumerate() {
         let job = tmp.path().join(format!("bad{i}.yaml"));
         std::fs::write(&job, text).unwrap();
-        let out = mezod().arg("run").arg(&job).arg("--out").arg(tmp.path().join(format!("run{i}"))).output().unwrap();
+        let out = mezod()
+            .arg("run")
+            .arg(&job)
+            .arg("--out")
+            .arg(tmp.path().join(format!("run{i}")))
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success());
-        assert!(stderr.contains(expect), "case {i}: expected {expect:?} in {stderr}");
+        assert!(
+            stderr.contains(expect),
+            "case {i}: expected {expect:?} in {stderr}"
+        );
     }
 }

@@ -23,7 +23,9 @@ struct Reference {
 }
 
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn reference(name: &str) -> Reference {
@@ -36,14 +38,23 @@ fn max_logit_error(name: &str) -> f64 {
     let r = reference(name);
     let model = LanguageModel::load(&fixture(name), Dtype::F32, Device::Cpu).unwrap();
     let order: Vec<&str> = model.params.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(order, r.param_order, "{name}: parameter order differs from transformers' named_parameters()");
+    assert_eq!(
+        order, r.param_order,
+        "{name}: parameter order differs from transformers' named_parameters()"
+    );
     let mut worst = 0f64;
     for case in &r.cases {
         if let Some(text) = &case.text {
             let ids = model.tokenizer.encode(text, true).unwrap();
-            assert_eq!(ids, case.ids[0], "{name}: token ids for {text:?} differ from transformers'");
+            assert_eq!(
+                ids, case.ids[0],
+                "{name}: token ids for {text:?} differ from transformers'"
+            );
             let (_, mask_t) = pad_left(&[ids], model.tokenizer.pad_id);
-            assert_eq!(Vec::<i64>::try_from(mask_t.flatten(0, -1)).unwrap(), case.attention_mask[0]);
+            assert_eq!(
+                Vec::<i64>::try_from(mask_t.flatten(0, -1)).unwrap(),
+                case.attention_mask[0]
+            );
         }
         let flat_ids: Vec<i64> = case.ids.concat();
         let flat_mask: Vec<i64> = case.attention_mask.concat();
@@ -54,7 +65,9 @@ fn max_logit_error(name: &str) -> f64 {
         let want_flat: Vec<f32> = case.logits.iter().flatten().flatten().copied().collect();
         let want = Tensor::from_slice(&want_flat).view([b, t, -1]);
         assert_eq!(got.size(), want.size(), "{name}: logits shape");
-        let err = ((got - want).abs() * mask.unsqueeze(-1).to_kind(Kind::Float)).max().double_value(&[]);
+        let err = ((got - want).abs() * mask.unsqueeze(-1).to_kind(Kind::Float))
+            .max()
+            .double_value(&[]);
         worst = worst.max(err);
     }
     println!("{name}: max |logits - transformers| = {worst:.3e}");
@@ -66,7 +79,11 @@ macro_rules! parity {
         #[test]
         fn $test() {
             let err = max_logit_error($name);
-            assert!(err <= 1e-4, "{}: logits differ from transformers' by {err:e}", $name);
+            assert!(
+                err <= 1e-4,
+                "{}: logits differ from transformers' by {err:e}",
+                $name
+            );
         }
     };
 }
@@ -85,7 +102,9 @@ fn logits_are_far_from_flat() {
     for name in ["opt", "gpt2", "llama", "qwen2"] {
         let r = reference(name);
         let row = &r.cases[0].logits[0][1];
-        let (lo, hi) = row.iter().fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+        let (lo, hi) = row
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
         assert!(hi - lo > 2.0, "{name}: logits span only {}", hi - lo);
     }
 }
@@ -97,20 +116,33 @@ fn bf16_and_f16_stay_close_to_f32() {
     let case = &r.cases[1];
     let ids = Tensor::from_slice(&case.ids[0]).view([1, -1]);
     let mask = Tensor::from_slice(&case.attention_mask[0]).view([1, -1]);
-    let full = LanguageModel::load(&dir, Dtype::F32, Device::Cpu).unwrap().logits(&ids, &mask);
+    let full = LanguageModel::load(&dir, Dtype::F32, Device::Cpu)
+        .unwrap()
+        .logits(&ids, &mask);
     for dtype in [Dtype::Bf16, Dtype::F16] {
         let m = LanguageModel::load(&dir, dtype, Device::Cpu).unwrap();
         assert_eq!(m.params.iter().next().unwrap().tensor.kind(), dtype.kind());
-        let err = (m.logits(&ids, &mask) - &full).abs().max().double_value(&[]);
+        let err = (m.logits(&ids, &mask) - &full)
+            .abs()
+            .max()
+            .double_value(&[]);
         let span = full.abs().max().double_value(&[]);
-        assert!(err < 0.05 * span, "{dtype:?}: error {err} against a logit span of {span}");
+        assert!(
+            err < 0.05 * span,
+            "{dtype:?}: error {err} against a logit span of {span}"
+        );
     }
 }
 
 #[test]
 fn clear_errors_name_the_problem() {
     let tmp = tempfile::tempdir().unwrap();
-    let err = |dir: &std::path::Path| LanguageModel::load(dir, Dtype::F32, Device::Cpu).err().unwrap().to_string();
+    let err = |dir: &std::path::Path| {
+        LanguageModel::load(dir, Dtype::F32, Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string()
+    };
     // Missing directory.
     assert!(err(&tmp.path().join("nope")).contains("does not exist"));
     // Missing config.
@@ -124,21 +156,38 @@ fn clear_errors_name_the_problem() {
     assert!(e.contains("bloom") && e.contains("not supported"), "{e}");
     // Shape mismatch: config says a wider model than the weights hold.
     let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("opt").join("config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixture("opt").join("config.json")).unwrap())
+            .unwrap();
     cfg["hidden_size"] = 64.into();
     cfg["word_embed_proj_dim"] = 64.into();
     std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
-    let e = format!("{:#}", LanguageModel::load(tmp.path(), Dtype::F32, Device::Cpu).err().unwrap());
-    assert!(e.contains("model.decoder.embed_tokens.weight") && e.contains("expected [320, 64]"), "{e}");
+    let e = format!(
+        "{:#}",
+        LanguageModel::load(tmp.path(), Dtype::F32, Device::Cpu)
+            .err()
+            .unwrap()
+    );
+    assert!(
+        e.contains("model.decoder.embed_tokens.weight") && e.contains("expected [320, 64]"),
+        "{e}"
+    );
     // Missing weights file.
     std::fs::remove_file(tmp.path().join("model.safetensors")).unwrap();
     assert!(err(tmp.path()).contains("model.safetensors"));
     // Unsupported dtype string.
-    assert!("f8".parse::<Dtype>().unwrap_err().to_string().contains("unsupported dtype"));
+    assert!("f8"
+        .parse::<Dtype>()
+        .unwrap_err()
+        .to_string()
+        .contains("unsupported dtype"));
 }
 
 /// Copy a fixture's config and tokenizer into `dir`, with weights written by `write`.
-fn rewritten(name: &str, dir: &std::path::Path, write: impl Fn(&[(String, Tensor)], &std::path::Path)) {
+fn rewritten(
+    name: &str,
+    dir: &std::path::Path,
+    write: impl Fn(&[(String, Tensor)], &std::path::Path),
+) {
     for f in ["config.json", "tokenizer.json"] {
         std::fs::copy(fixture(name).join(f), dir.join(f)).unwrap();
     }
@@ -149,8 +198,12 @@ fn rewritten(name: &str, dir: &std::path::Path, write: impl Fn(&[(String, Tensor
 fn same_logits(a: &std::path::Path, b: &std::path::Path) -> f64 {
     let ids = Tensor::from_slice(&[1i64, 40, 50, 60, 70, 80]).view([1, -1]);
     let mask = ids.ones_like();
-    let la = LanguageModel::load(a, Dtype::F32, Device::Cpu).unwrap().logits(&ids, &mask);
-    let lb = LanguageModel::load(b, Dtype::F32, Device::Cpu).unwrap().logits(&ids, &mask);
+    let la = LanguageModel::load(a, Dtype::F32, Device::Cpu)
+        .unwrap()
+        .logits(&ids, &mask);
+    let lb = LanguageModel::load(b, Dtype::F32, Device::Cpu)
+        .unwrap()
+        .logits(&ids, &mask);
     (la - lb).abs().max().double_value(&[])
 }
 
@@ -179,10 +232,13 @@ fn names_without_the_transformer_prefix_load_too() {
     // Original GPT-2 checkpoints store `h.0.attn.c_attn.weight`, not `transformer.h.0…`.
     let tmp = tempfile::tempdir().unwrap();
     rewritten("gpt2", tmp.path(), |tensors, dir| {
-        let renamed: Vec<(String, &Tensor)> =
-            tensors.iter().map(|(n, t)| (n.trim_start_matches("transformer.").to_string(), t)).collect();
+        let renamed: Vec<(String, &Tensor)> = tensors
+            .iter()
+            .map(|(n, t)| (n.trim_start_matches("transformer.").to_string(), t))
+            .collect();
         assert!(renamed.iter().all(|(n, _)| !n.starts_with("transformer.")));
-        mezod::model::export::write_safetensors(&dir.join("model.safetensors"), &renamed, &[]).unwrap();
+        mezod::model::export::write_safetensors(&dir.join("model.safetensors"), &renamed, &[])
+            .unwrap();
     });
     assert_eq!(same_logits(&fixture("gpt2"), tmp.path()), 0.0);
 }

@@ -13,12 +13,30 @@ fn load_all(path: &std::path::Path) -> Vec<(String, Tensor)> {
 
 fn parity(model: &str) {
     let tmp = tempfile::tempdir().unwrap();
-    let job = causal_job(tmp.path(), model, "steps: 20, batch_size: 2, lr: 1.0e-4, eps: 1.0e-2, seed: 11");
+    let job = causal_job(
+        tmp.path(),
+        model,
+        "steps: 20, batch_size: 2, lr: 1.0e-4, eps: 1.0e-2, seed: 11",
+    );
     let run_dir = tmp.path().join("run");
-    check(mezod().arg("run").arg(&job).arg("--out").arg(&run_dir).output().unwrap(), "mezod run");
+    check(
+        mezod()
+            .arg("run")
+            .arg(&job)
+            .arg("--out")
+            .arg(&run_dir)
+            .output()
+            .unwrap(),
+        "mezod run",
+    );
     let ref_dir = tmp.path().join("ref");
     check(
-        python().arg(root().join("tests/reference/mezo_reference.py")).arg(&run_dir).arg(&ref_dir).output().unwrap(),
+        python()
+            .arg(root().join("tests/reference/mezo_reference.py"))
+            .arg(&run_dir)
+            .arg(&ref_dir)
+            .output()
+            .unwrap(),
         "reference MeZO",
     );
 
@@ -27,11 +45,13 @@ fn parity(model: &str) {
         .filter(|l| l["kind"] == "step")
         .map(|l| l["projected_grad"].as_f64().unwrap())
         .collect();
-    let theirs: Vec<f64> = serde_json::from_str::<Vec<serde_json::Value>>(&std::fs::read_to_string(ref_dir.join("grads.json")).unwrap())
-        .unwrap()
-        .iter()
-        .map(|g| g["projected_grad"].as_f64().unwrap())
-        .collect();
+    let theirs: Vec<f64> = serde_json::from_str::<Vec<serde_json::Value>>(
+        &std::fs::read_to_string(ref_dir.join("grads.json")).unwrap(),
+    )
+    .unwrap()
+    .iter()
+    .map(|g| g["projected_grad"].as_f64().unwrap())
+    .collect();
     assert_eq!(ours.len(), 20);
     assert_eq!(theirs.len(), 20);
     // Relative to the gradient's own scale: a loss of ~6 in f32 is resolved to
@@ -43,20 +63,35 @@ fn parity(model: &str) {
     for (step, (a, b)) in ours.iter().zip(&theirs).enumerate() {
         let rel = (a - b).abs() / b.abs().max(rms);
         worst_g = worst_g.max(rel);
-        assert!(rel <= 1e-4, "{model} step {step}: projected grad {a} vs reference {b} (relative {rel:e})");
+        assert!(
+            rel <= 1e-4,
+            "{model} step {step}: projected grad {a} vs reference {b} (relative {rel:e})"
+        );
     }
 
-    let base: std::collections::HashMap<String, Tensor> = load_all(&fixture(model).join("model.safetensors")).into_iter().collect();
-    let theirs: std::collections::HashMap<String, Tensor> = load_all(&ref_dir.join("weights.safetensors")).into_iter().collect();
+    let base: std::collections::HashMap<String, Tensor> =
+        load_all(&fixture(model).join("model.safetensors"))
+            .into_iter()
+            .collect();
+    let theirs: std::collections::HashMap<String, Tensor> =
+        load_all(&ref_dir.join("weights.safetensors"))
+            .into_iter()
+            .collect();
     let ours = load_all(&run_dir.join("model/model.safetensors"));
     assert_eq!(ours.len(), theirs.len(), "{model}: same parameters");
     let (mut worst_w, mut moved) = (0f64, 0f64);
     for (name, w) in &ours {
-        let r = theirs.get(name).unwrap_or_else(|| panic!("reference lacks {name}")).to_device(Device::Cpu);
+        let r = theirs
+            .get(name)
+            .unwrap_or_else(|| panic!("reference lacks {name}"))
+            .to_device(Device::Cpu);
         let scale = r.abs().max().double_value(&[]).max(1e-12);
         let rel = (w - &r).abs().max().double_value(&[]) / scale;
         worst_w = worst_w.max(rel);
-        assert!(rel <= 1e-5, "{model}: {name} differs from the reference by {rel:e} (relative)");
+        assert!(
+            rel <= 1e-5,
+            "{model}: {name} differs from the reference by {rel:e} (relative)"
+        );
         if let Some(b) = base.get(name) {
             moved = moved.max((w - b).abs().max().double_value(&[]) / scale);
         }

@@ -11,11 +11,21 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 
 fn step_lines(run: &Path) -> usize {
-    std::fs::read_to_string(run.join("metrics.jsonl")).map(|t| t.matches("\"kind\":\"step\"").count()).unwrap_or(0)
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .map(|t| t.matches("\"kind\":\"step\"").count())
+        .unwrap_or(0)
 }
 
 fn spawn_run(job: &Path, out: &Path) -> Child {
-    mezod().arg("run").arg(job).arg("--out").arg(out).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+    mezod()
+        .arg("run")
+        .arg(job)
+        .arg("--out")
+        .arg(out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 /// Wait until the run has logged at least `steps` steps (or has ended).
@@ -37,7 +47,13 @@ fn step_records(run: &Path) -> Vec<(u64, u64, f64)> {
     read_jsonl(&run.join("metrics.jsonl"))
         .iter()
         .filter(|l| l["kind"] == "step")
-        .map(|l| (l["step"].as_u64().unwrap(), l["seed"].as_u64().unwrap(), l["projected_grad"].as_f64().unwrap()))
+        .map(|l| {
+            (
+                l["step"].as_u64().unwrap(),
+                l["seed"].as_u64().unwrap(),
+                l["projected_grad"].as_f64().unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -49,7 +65,9 @@ fn job(dir: &Path, dtype: &str) -> std::path::PathBuf {
         "llama",
         &format!("steps: {STEPS}, batch_size: 4, lr: 2.0e-3, eps: 1.0e-3, seed: 5, eval_every: 60, snapshot_every: 25"),
     );
-    let text = std::fs::read_to_string(&p).unwrap().replace("dtype: f32", &format!("dtype: {dtype}"));
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("dtype: f32", &format!("dtype: {dtype}"));
     std::fs::write(&p, text).unwrap();
     p
 }
@@ -59,7 +77,16 @@ fn kill_9_at_random_steps_resumes_bit_identically() {
     let tmp = tempfile::tempdir().unwrap();
     let job = job(tmp.path(), "f32");
     let solo = tmp.path().join("solo");
-    check(mezod().arg("run").arg(&job).arg("--out").arg(&solo).output().unwrap(), "uninterrupted run");
+    check(
+        mezod()
+            .arg("run")
+            .arg(&job)
+            .arg("--out")
+            .arg(&solo)
+            .output()
+            .unwrap(),
+        "uninterrupted run",
+    );
     let want = sha256(&solo.join("model/model.safetensors"));
 
     let run = tmp.path().join("killed");
@@ -76,11 +103,29 @@ fn kill_9_at_random_steps_resumes_bit_identically() {
         child.wait().unwrap();
     }
     assert_eq!(kills.len(), 3, "each kill must land mid-run");
-    check(mezod().arg("run").arg(&job).arg("--out").arg(&run).output().unwrap(), "resumed run");
+    check(
+        mezod()
+            .arg("run")
+            .arg(&job)
+            .arg("--out")
+            .arg(&run)
+            .output()
+            .unwrap(),
+        "resumed run",
+    );
     println!("killed with -9 after steps {kills:?}");
-    assert_eq!(sha256(&run.join("model/model.safetensors")), want, "weights after kill -9 at {kills:?} differ");
-    assert_eq!(step_records(&run), step_records(&solo), "metrics.jsonl must hold every step exactly once, equal");
-    let result: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap()).unwrap();
+    assert_eq!(
+        sha256(&run.join("model/model.safetensors")),
+        want,
+        "weights after kill -9 at {kills:?} differ"
+    );
+    assert_eq!(
+        step_records(&run),
+        step_records(&solo),
+        "metrics.jsonl must hold every step exactly once, equal"
+    );
+    let result: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap()).unwrap();
     assert!(result["resumed_from"].as_u64().unwrap() >= kills[2] as u64);
 }
 
@@ -89,7 +134,16 @@ fn sigterm_stops_at_a_step_boundary_and_bf16_resumes_bit_identically() {
     let tmp = tempfile::tempdir().unwrap();
     let job = job(tmp.path(), "bf16");
     let solo = tmp.path().join("solo");
-    check(mezod().arg("run").arg(&job).arg("--out").arg(&solo).output().unwrap(), "uninterrupted run");
+    check(
+        mezod()
+            .arg("run")
+            .arg(&job)
+            .arg("--out")
+            .arg(&solo)
+            .output()
+            .unwrap(),
+        "uninterrupted run",
+    );
     let want = sha256(&solo.join("model/model.safetensors"));
 
     let run = tmp.path().join("stopped");
@@ -102,21 +156,65 @@ fn sigterm_stops_at_a_step_boundary_and_bf16_resumes_bit_identically() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{stderr}");
     assert!(stderr.contains("Resume with: mezod run"), "{stderr}");
-    assert!(stopped_in < Duration::from_secs(10), "took {stopped_in:?} to stop");
-    assert!(!run.join("model").exists(), "an interrupted run exports nothing");
-    check(mezod().arg("run").arg(&job).arg("--out").arg(&run).output().unwrap(), "resumed run");
-    assert_eq!(sha256(&run.join("model/model.safetensors")), want, "bf16 weights after SIGTERM + resume differ");
+    assert!(
+        stopped_in < Duration::from_secs(10),
+        "took {stopped_in:?} to stop"
+    );
+    assert!(
+        !run.join("model").exists(),
+        "an interrupted run exports nothing"
+    );
+    check(
+        mezod()
+            .arg("run")
+            .arg(&job)
+            .arg("--out")
+            .arg(&run)
+            .output()
+            .unwrap(),
+        "resumed run",
+    );
+    assert_eq!(
+        sha256(&run.join("model/model.safetensors")),
+        want,
+        "bf16 weights after SIGTERM + resume differ"
+    );
 }
 
 #[test]
 fn a_changed_spec_is_refused_and_the_run_left_alone() {
     let tmp = tempfile::tempdir().unwrap();
-    let job = causal_job(tmp.path(), "opt", "steps: 3, batch_size: 2, lr: 1.0e-3, seed: 1");
+    let job = causal_job(
+        tmp.path(),
+        "opt",
+        "steps: 3, batch_size: 2, lr: 1.0e-3, seed: 1",
+    );
     let run = tmp.path().join("run");
-    check(mezod().arg("run").arg(&job).arg("--out").arg(&run).output().unwrap(), "first run");
+    check(
+        mezod()
+            .arg("run")
+            .arg(&job)
+            .arg("--out")
+            .arg(&run)
+            .output()
+            .unwrap(),
+        "first run",
+    );
     let before = sha256(&run.join("model/model.safetensors"));
-    std::fs::write(&job, std::fs::read_to_string(&job).unwrap().replace("seed: 1", "seed: 2")).unwrap();
-    let out = mezod().arg("run").arg(&job).arg("--out").arg(&run).output().unwrap();
+    std::fs::write(
+        &job,
+        std::fs::read_to_string(&job)
+            .unwrap()
+            .replace("seed: 1", "seed: 2"),
+    )
+    .unwrap();
+    let out = mezod()
+        .arg("run")
+        .arg(&job)
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("different job spec"));
     assert_eq!(sha256(&run.join("model/model.safetensors")), before);
@@ -125,18 +223,38 @@ fn a_changed_spec_is_refused_and_the_run_left_alone() {
 #[test]
 fn divergence_fails_naming_the_step_and_never_saves_nan_weights() {
     let tmp = tempfile::tempdir().unwrap();
-    let job = causal_job(tmp.path(), "opt", "steps: 200, batch_size: 2, lr: 1.0e+9, eps: 1.0e-3, seed: 3, snapshot_every: 1");
+    let job = causal_job(
+        tmp.path(),
+        "opt",
+        "steps: 200, batch_size: 2, lr: 1.0e+9, eps: 1.0e-3, seed: 3, snapshot_every: 1",
+    );
     let run = tmp.path().join("run");
-    let out = mezod().arg("run").arg(&job).arg("--out").arg(&run).output().unwrap();
+    let out = mezod()
+        .arg("run")
+        .arg(&job)
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a diverging run must fail");
-    assert!(stderr.contains("non-finite loss") && stderr.contains("step "), "{stderr}");
+    assert!(
+        stderr.contains("non-finite loss") && stderr.contains("step "),
+        "{stderr}"
+    );
     assert!(!run.join("model").exists());
-    for snap in std::fs::read_dir(run.join("snapshots")).into_iter().flatten() {
+    for snap in std::fs::read_dir(run.join("snapshots"))
+        .into_iter()
+        .flatten()
+    {
         let path = snap.unwrap().path();
         if path.extension().is_some_and(|e| e == "safetensors") {
             for (name, t) in tch::Tensor::read_safetensors(&path).unwrap() {
-                assert!(t.isfinite().all().int64_value(&[]) == 1, "{name} in {} is not finite", path.display());
+                assert!(
+                    t.isfinite().all().int64_value(&[]) == 1,
+                    "{name} in {} is not finite",
+                    path.display()
+                );
             }
         }
     }

@@ -24,7 +24,10 @@ pub fn load_examples(path: &Path) -> Result<Vec<Example>> {
     } else if name.ends_with(".jsonl") || name.ends_with(".json") {
         read_jsonl(path)
     } else {
-        bail!("{}: unknown data format (use .jsonl, .csv or .tsv)", path.display())
+        bail!(
+            "{}: unknown data format (use .jsonl, .csv or .tsv)",
+            path.display()
+        )
     }?;
     if rows.is_empty() {
         bail!("{} holds no examples", path.display());
@@ -33,7 +36,8 @@ pub fn load_examples(path: &Path) -> Result<Vec<Example>> {
 }
 
 fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut rows = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -41,12 +45,19 @@ fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
         }
         let value: serde_json::Value = serde_json::from_str(line)
             .with_context(|| format!("{} line {}: not valid JSON", path.display(), i + 1))?;
-        let obj = value
-            .as_object()
-            .with_context(|| format!("{} line {}: expected a JSON object", path.display(), i + 1))?;
+        let obj = value.as_object().with_context(|| {
+            format!("{} line {}: expected a JSON object", path.display(), i + 1)
+        })?;
         let row = obj
             .iter()
-            .map(|(k, v)| (k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| v.to_string()),
+                )
+            })
             .collect();
         rows.push(row);
     }
@@ -62,7 +73,13 @@ fn read_csv(path: &Path, delimiter: u8) -> Result<Vec<Example>> {
     let mut rows = Vec::new();
     for (i, rec) in reader.records().enumerate() {
         let rec = rec.with_context(|| format!("{} row {}", path.display(), i + 2))?;
-        rows.push(headers.iter().zip(rec.iter()).map(|(h, v)| (h.to_string(), v.to_string())).collect());
+        rows.push(
+            headers
+                .iter()
+                .zip(rec.iter())
+                .map(|(h, v)| (h.to_string(), v.to_string()))
+                .collect(),
+        );
     }
     Ok(rows)
 }
@@ -102,7 +119,9 @@ pub fn fill_template(template: &str, ex: &Example) -> Result<String> {
     let mut out = String::new();
     let mut rest = template;
     while let Some(start) = rest.find('{') {
-        let Some(len) = rest[start..].find('}') else { break };
+        let Some(len) = rest[start..].find('}') else {
+            break;
+        };
         let field = &rest[start + 1..start + len];
         out.push_str(&rest[..start]);
         match ex.get(field) {
@@ -126,7 +145,11 @@ mod tests {
     fn jsonl_and_csv_rows_become_string_fields() {
         let dir = tempfile::tempdir().unwrap();
         let j = dir.path().join("a.jsonl");
-        std::fs::write(&j, "{\"text\": \"fine\", \"label\": 1}\n\n{\"text\": \"bad\", \"label\": 0}\n").unwrap();
+        std::fs::write(
+            &j,
+            "{\"text\": \"fine\", \"label\": 1}\n\n{\"text\": \"bad\", \"label\": 0}\n",
+        )
+        .unwrap();
         let rows = load_examples(&j).unwrap();
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0]["label"], "1");
@@ -144,8 +167,15 @@ mod tests {
     fn split_is_seeded_and_disjoint() {
         let dir = tempfile::tempdir().unwrap();
         let j = dir.path().join("a.jsonl");
-        std::fs::write(&j, (0..50).map(|i| format!("{{\"text\": \"row {i}\"}}\n")).collect::<String>()).unwrap();
-        let spec: crate::spec::DataSpec = serde_yaml::from_str(&format!("train: {}", j.display())).unwrap();
+        std::fs::write(
+            &j,
+            (0..50)
+                .map(|i| format!("{{\"text\": \"row {i}\"}}\n"))
+                .collect::<String>(),
+        )
+        .unwrap();
+        let spec: crate::spec::DataSpec =
+            serde_yaml::from_str(&format!("train: {}", j.display())).unwrap();
         let a = load_splits(&spec).unwrap();
         let b = load_splits(&spec).unwrap();
         assert_eq!((a.train.len(), a.dev.len()), (45, 5));
@@ -156,7 +186,10 @@ mod tests {
     #[test]
     fn templates_fill_fields_and_name_missing_ones() {
         let ex: Example = [("premise".to_string(), "It rained".to_string())].into();
-        assert_eq!(fill_template("{premise}, so", &ex).unwrap(), "It rained, so");
+        assert_eq!(
+            fill_template("{premise}, so", &ex).unwrap(),
+            "It rained, so"
+        );
         let e = fill_template("{hypothesis}", &ex).unwrap_err().to_string();
         assert!(e.contains("hypothesis") && e.contains("premise"), "{e}");
     }

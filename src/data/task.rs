@@ -28,15 +28,26 @@ pub enum Prompt {
 #[derive(Debug, Clone)]
 pub enum Candidates {
     /// Classification: one answer word per class; label values map to classes.
-    Words { words: Vec<String>, class_of: BTreeMap<String, usize> },
+    Words {
+        words: Vec<String>,
+        class_of: BTreeMap<String, usize>,
+    },
     /// Multiple choice: the answers are fields of the example; the label is an index.
     Fields(Vec<String>),
 }
 
 #[derive(Debug, Clone)]
 pub enum Task {
-    CausalLm { field: String, max_length: usize },
-    Choice { prompt: Prompt, candidates: Candidates, label_field: String, max_length: usize },
+    CausalLm {
+        field: String,
+        max_length: usize,
+    },
+    Choice {
+        prompt: Prompt,
+        candidates: Candidates,
+        label_field: String,
+        max_length: usize,
+    },
 }
 
 /// An evaluation on a set of examples.
@@ -54,7 +65,10 @@ struct ChoiceItem {
 }
 
 fn words(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 impl Task {
@@ -63,20 +77,41 @@ impl Task {
         let max_length = t.max_length;
         let label_field = t.label_field.clone();
         Ok(match t.kind {
-            TaskKind::CausalLm => Task::CausalLm { field: spec.data.text_field.clone(), max_length },
+            TaskKind::CausalLm => Task::CausalLm {
+                field: spec.data.text_field.clone(),
+                max_length,
+            },
             TaskKind::Classification => {
                 let (template, default_words) = match t.template.as_deref() {
                     Some("sst2") | None => (
                         format!("{{{}}} It was", spec.data.text_field),
-                        Some(words(&[("0", "terrible"), ("1", "great"), ("negative", "terrible"), ("positive", "great")])),
+                        Some(words(&[
+                            ("0", "terrible"),
+                            ("1", "great"),
+                            ("negative", "terrible"),
+                            ("positive", "great"),
+                        ])),
                     ),
                     Some("rte") => (
-                        "{premise}\nDoes this mean that \"{hypothesis}\" is true? Yes or No?\n".to_string(),
-                        Some(words(&[("0", "Yes"), ("1", "No"), ("entailment", "Yes"), ("not_entailment", "No")])),
+                        "{premise}\nDoes this mean that \"{hypothesis}\" is true? Yes or No?\n"
+                            .to_string(),
+                        Some(words(&[
+                            ("0", "Yes"),
+                            ("1", "No"),
+                            ("entailment", "Yes"),
+                            ("not_entailment", "No"),
+                        ])),
                     ),
                     Some("boolq") => (
                         "{passage} {question}?".to_string(),
-                        Some(words(&[("1", "Yes"), ("0", "No"), ("true", "Yes"), ("false", "No"), ("True", "Yes"), ("False", "No")])),
+                        Some(words(&[
+                            ("1", "Yes"),
+                            ("0", "No"),
+                            ("true", "Yes"),
+                            ("false", "No"),
+                            ("True", "Yes"),
+                            ("False", "No"),
+                        ])),
                     ),
                     Some(custom) => (custom.to_string(), None),
                 };
@@ -95,21 +130,37 @@ impl Task {
                 if words.len() < 2 {
                     bail!("task.label_words must give at least two different answer words");
                 }
-                Task::Choice { prompt: Prompt::Template(template), candidates: Candidates::Words { words, class_of }, label_field, max_length }
+                Task::Choice {
+                    prompt: Prompt::Template(template),
+                    candidates: Candidates::Words { words, class_of },
+                    label_field,
+                    max_length,
+                }
             }
             TaskKind::MultipleChoice => {
                 let (prompt, fields) = match t.template.as_deref() {
                     Some("copa") => (
                         Prompt::Copa,
-                        if t.choices.is_empty() { vec!["choice1".into(), "choice2".into()] } else { t.choices.clone() },
+                        if t.choices.is_empty() {
+                            vec!["choice1".into(), "choice2".into()]
+                        } else {
+                            t.choices.clone()
+                        },
                     ),
                     Some(custom) => (Prompt::Template(custom.to_string()), t.choices.clone()),
-                    None => bail!("task.template is required for multiple_choice (a prompt or \"copa\")"),
+                    None => bail!(
+                        "task.template is required for multiple_choice (a prompt or \"copa\")"
+                    ),
                 };
                 if fields.len() < 2 {
                     bail!("task.choices must name at least two fields");
                 }
-                Task::Choice { prompt, candidates: Candidates::Fields(fields), label_field, max_length }
+                Task::Choice {
+                    prompt,
+                    candidates: Candidates::Fields(fields),
+                    label_field,
+                    max_length,
+                }
             }
         })
     }
@@ -130,9 +181,10 @@ impl Task {
     pub fn check(&self, model: &LanguageModel, examples: &[Example], split: &str) -> Result<()> {
         for (i, ex) in examples.iter().enumerate() {
             let res = match self {
-                Task::CausalLm { field, .. } => {
-                    ex.get(field).map(|_| ()).with_context(|| format!("no field {field:?} (fields: {})", keys(ex)))
-                }
+                Task::CausalLm { field, .. } => ex
+                    .get(field)
+                    .map(|_| ())
+                    .with_context(|| format!("no field {field:?} (fields: {})", keys(ex))),
                 Task::Choice { .. } => self.encode_choice(model, ex).map(|_| ()),
             };
             res.with_context(|| format!("{split} example {}", i + 1))?;
@@ -142,10 +194,20 @@ impl Task {
 
     fn context_text(&self, ex: &Example) -> Result<String> {
         match self {
-            Task::Choice { prompt: Prompt::Template(t), .. } => fill_template(t, ex),
-            Task::Choice { prompt: Prompt::Copa, .. } => {
+            Task::Choice {
+                prompt: Prompt::Template(t),
+                ..
+            } => fill_template(t, ex),
+            Task::Choice {
+                prompt: Prompt::Copa,
+                ..
+            } => {
                 let premise = get(ex, "premise")?.trim_end_matches(['.', ' ']);
-                let joiner = if get(ex, "question")? == "cause" { "because" } else { "so" };
+                let joiner = if get(ex, "question")? == "cause" {
+                    "because"
+                } else {
+                    "so"
+                };
                 Ok(format!("{premise} {joiner}"))
             }
             Task::CausalLm { .. } => unreachable!(),
@@ -153,13 +215,24 @@ impl Task {
     }
 
     fn encode_choice(&self, model: &LanguageModel, ex: &Example) -> Result<ChoiceItem> {
-        let Task::Choice { candidates, label_field, max_length, prompt } = self else { unreachable!() };
+        let Task::Choice {
+            candidates,
+            label_field,
+            max_length,
+            prompt,
+        } = self
+        else {
+            unreachable!()
+        };
         let context = model.tokenizer.encode(&self.context_text(ex)?, true)?;
         let label = get(ex, label_field)?;
         let (answers, gold): (Vec<String>, usize) = match candidates {
             Candidates::Words { words, class_of } => {
                 let gold = *class_of.get(label.trim()).with_context(|| {
-                    format!("label {label:?} has no answer word (known: {})", class_of.keys().cloned().collect::<Vec<_>>().join(", "))
+                    format!(
+                        "label {label:?} has no answer word (known: {})",
+                        class_of.keys().cloned().collect::<Vec<_>>().join(", ")
+                    )
                 })?;
                 (words.iter().map(|w| format!(" {w}")).collect(), gold)
             }
@@ -168,10 +241,17 @@ impl Task {
                     .iter()
                     .map(|f| {
                         let a = get(ex, f)?;
-                        Ok(if matches!(prompt, Prompt::Copa) { format!(" {}", lower_first(a)) } else { format!(" {a}") })
+                        Ok(if matches!(prompt, Prompt::Copa) {
+                            format!(" {}", lower_first(a))
+                        } else {
+                            format!(" {a}")
+                        })
                     })
                     .collect::<Result<Vec<_>>>()?;
-                let gold: usize = label.trim().parse().with_context(|| format!("label {label:?} is not a choice index"))?;
+                let gold: usize = label
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("label {label:?} is not a choice index"))?;
                 if gold >= answers.len() {
                     bail!("label {gold} is out of range for {} choices", answers.len());
                 }
@@ -195,20 +275,33 @@ impl Task {
     /// Candidate scores `[items, candidates]`: mean log-prob of each answer's tokens.
     fn choice_scores(&self, model: &LanguageModel, items: &[ChoiceItem]) -> Tensor {
         let n_cand = items[0].seqs.len() as i64;
-        let seqs: Vec<Vec<i64>> = items.iter().flat_map(|it| it.seqs.iter().map(|s| s.0.clone())).collect();
-        let ans_len: Vec<i64> = items.iter().flat_map(|it| it.seqs.iter().map(|s| s.1 as i64)).collect();
+        let seqs: Vec<Vec<i64>> = items
+            .iter()
+            .flat_map(|it| it.seqs.iter().map(|s| s.0.clone()))
+            .collect();
+        let ans_len: Vec<i64> = items
+            .iter()
+            .flat_map(|it| it.seqs.iter().map(|s| s.1 as i64))
+            .collect();
         let longest_answer = *ans_len.iter().max().unwrap();
         let (ids, mask) = pad_left(&seqs, model.tokenizer.pad_id);
         let logits = model.logits(&ids, &mask);
         let t = ids.size()[1];
         // Only the positions that predict answer tokens (the last ones, padding is on the left).
-        let lp = logits.narrow(1, t - 1 - longest_answer, longest_answer).log_softmax(-1, Kind::Float);
-        let targets = ids.narrow(1, t - longest_answer, longest_answer).to_device(lp.device());
+        let lp = logits
+            .narrow(1, t - 1 - longest_answer, longest_answer)
+            .log_softmax(-1, Kind::Float);
+        let targets = ids
+            .narrow(1, t - longest_answer, longest_answer)
+            .to_device(lp.device());
         let tok_lp = lp.gather(-1, &targets.unsqueeze(-1), false).squeeze_dim(-1);
         let lens = Tensor::from_slice(&ans_len).to_device(lp.device());
         let pos = Tensor::arange(longest_answer, (Kind::Int64, lp.device())).unsqueeze(0);
-        let in_answer = pos.ge_tensor(&(longest_answer - lens.unsqueeze(1))).to_kind(Kind::Float);
-        let scores = (tok_lp * &in_answer).sum_dim_intlist(1, false, Kind::Float) / lens.to_kind(Kind::Float);
+        let in_answer = pos
+            .ge_tensor(&(longest_answer - lens.unsqueeze(1)))
+            .to_kind(Kind::Float);
+        let scores = (tok_lp * &in_answer).sum_dim_intlist(1, false, Kind::Float)
+            / lens.to_kind(Kind::Float);
         scores.view([items.len() as i64, n_cand])
     }
 
@@ -219,7 +312,11 @@ impl Task {
     }
 
     /// (mean loss, number correct) of one batch.
-    fn batch_loss_and_correct(&self, model: &LanguageModel, batch: &[&Example]) -> Result<(f64, usize)> {
+    fn batch_loss_and_correct(
+        &self,
+        model: &LanguageModel,
+        batch: &[&Example],
+    ) -> Result<(f64, usize)> {
         match self {
             Task::CausalLm { field, max_length } => {
                 let seqs = batch
@@ -233,18 +330,36 @@ impl Task {
                 Ok((causal_lm_loss(model, &seqs)?, 0))
             }
             Task::Choice { .. } => {
-                let items = batch.iter().map(|ex| self.encode_choice(model, ex)).collect::<Result<Vec<_>>>()?;
+                let items = batch
+                    .iter()
+                    .map(|ex| self.encode_choice(model, ex))
+                    .collect::<Result<Vec<_>>>()?;
                 let scores = self.choice_scores(model, &items);
-                let gold = Tensor::from_slice(&items.iter().map(|i| i.gold as i64).collect::<Vec<_>>()).to_device(scores.device());
-                let loss = scores.log_softmax(-1, Kind::Float).gather(1, &gold.unsqueeze(1), false).mean(Kind::Float).neg();
-                let correct = scores.argmax(1, false).eq_tensor(&gold).sum(Kind::Int64).int64_value(&[]) as usize;
+                let gold =
+                    Tensor::from_slice(&items.iter().map(|i| i.gold as i64).collect::<Vec<_>>())
+                        .to_device(scores.device());
+                let loss = scores
+                    .log_softmax(-1, Kind::Float)
+                    .gather(1, &gold.unsqueeze(1), false)
+                    .mean(Kind::Float)
+                    .neg();
+                let correct = scores
+                    .argmax(1, false)
+                    .eq_tensor(&gold)
+                    .sum(Kind::Int64)
+                    .int64_value(&[]) as usize;
                 Ok((loss.double_value(&[]), correct))
             }
         }
     }
 
     /// Metric and loss over `examples`, in batches of `batch_size`.
-    pub fn evaluate(&self, model: &LanguageModel, examples: &[Example], batch_size: usize) -> Result<Evaluation> {
+    pub fn evaluate(
+        &self,
+        model: &LanguageModel,
+        examples: &[Example],
+        batch_size: usize,
+    ) -> Result<Evaluation> {
         let _guard = tch::no_grad_guard();
         let (mut loss_sum, mut correct, mut n) = (0.0, 0usize, 0usize);
         for chunk in examples.chunks(batch_size.max(1)) {
@@ -255,7 +370,11 @@ impl Task {
             n += chunk.len();
         }
         let loss = loss_sum / n.max(1) as f64;
-        let metric = if self.higher_is_better() { correct as f64 / n.max(1) as f64 } else { loss };
+        let metric = if self.higher_is_better() {
+            correct as f64 / n.max(1) as f64
+        } else {
+            loss
+        };
         Ok(Evaluation { metric, loss })
     }
 }
@@ -276,12 +395,20 @@ pub fn causal_lm_loss(model: &LanguageModel, seqs: &[Vec<i64>]) -> Result<f64> {
     let loss = logits
         .narrow(1, 0, t - 1)
         .reshape([-1, v])
-        .cross_entropy_loss::<Tensor>(&targets.reshape([-1]), None, tch::Reduction::Mean, -100, 0.0);
+        .cross_entropy_loss::<Tensor>(
+            &targets.reshape([-1]),
+            None,
+            tch::Reduction::Mean,
+            -100,
+            0.0,
+        );
     Ok(loss.double_value(&[]))
 }
 
 fn get<'a>(ex: &'a Example, field: &str) -> Result<&'a str> {
-    ex.get(field).map(String::as_str).with_context(|| format!("no field {field:?} (fields: {})", keys(ex)))
+    ex.get(field)
+        .map(String::as_str)
+        .with_context(|| format!("no field {field:?} (fields: {})", keys(ex)))
 }
 
 fn keys(ex: &Example) -> String {

@@ -78,8 +78,12 @@ mod tests {
         assert_eq!(seen, (0..n).collect::<Vec<_>>());
         assert_eq!(batch_indices(1, 37, 3, n), batch_indices(1, 37, 3, n));
         assert_ne!(
-            (0..5).map(|t| batch_indices(1, t, 2, n)).collect::<Vec<_>>(),
-            (0..5).map(|t| batch_indices(2, t, 2, n)).collect::<Vec<_>>()
+            (0..5)
+                .map(|t| batch_indices(1, t, 2, n))
+                .collect::<Vec<_>>(),
+            (0..5)
+                .map(|t| batch_indices(2, t, 2, n))
+                .collect::<Vec<_>>()
         );
     }
 

@@ -72,7 +72,12 @@ fn restore_and_update(params: &ParamList, seed: u64, cfg: &StepConfig, g: f64) {
 ///
 /// A non-finite loss restores θ (as closely as the dtype allows) and fails the
 /// step; nothing non-finite is ever added to the weights.
-pub fn mezo_step(params: &ParamList, seed: u64, cfg: &StepConfig, gradient: Gradient) -> Result<StepOutcome> {
+pub fn mezo_step(
+    params: &ParamList,
+    seed: u64,
+    cfg: &StepConfig,
+    gradient: Gradient,
+) -> Result<StepOutcome> {
     let _guard = tch::no_grad_guard();
     perturb(params, seed, cfg.eps);
     let (loss_plus, loss_minus, g) = match gradient {
@@ -84,8 +89,15 @@ pub fn mezo_step(params: &ParamList, seed: u64, cfg: &StepConfig, gradient: Grad
                 (Ok(p), Ok(m)) if p.is_finite() && m.is_finite() => (p, m),
                 (p, m) => {
                     restore_and_update(params, seed, cfg, 0.0);
-                    let show = |r: Result<f64>| r.map(|v| v.to_string()).unwrap_or_else(|e| format!("error: {e:#}"));
-                    bail!("non-finite loss (loss+ = {}, loss- = {}); weights left as they were", show(p), show(m));
+                    let show = |r: Result<f64>| {
+                        r.map(|v| v.to_string())
+                            .unwrap_or_else(|e| format!("error: {e:#}"))
+                    };
+                    bail!(
+                        "non-finite loss (loss+ = {}, loss- = {}); weights left as they were",
+                        show(p),
+                        show(m)
+                    );
                 }
             };
             (plus, minus, (plus - minus) / (2.0 * cfg.eps))
@@ -96,7 +108,11 @@ pub fn mezo_step(params: &ParamList, seed: u64, cfg: &StepConfig, gradient: Grad
         }
     };
     restore_and_update(params, seed, cfg, g);
-    Ok(StepOutcome { projected_grad: g, loss_plus, loss_minus })
+    Ok(StepOutcome {
+        projected_grad: g,
+        loss_plus,
+        loss_minus,
+    })
 }
 
 #[cfg(test)]
@@ -111,17 +127,35 @@ mod tests {
     fn params(kind: Kind) -> ParamList {
         tch::manual_seed(123);
         ParamList(vec![
-            Param { name: "layers.0.fc.weight".into(), tensor: Tensor::randn([8, 16], (kind, Device::Cpu)), decays: true },
-            Param { name: "layers.0.fc.bias".into(), tensor: Tensor::randn([8], (kind, Device::Cpu)), decays: false },
+            Param {
+                name: "layers.0.fc.weight".into(),
+                tensor: Tensor::randn([8, 16], (kind, Device::Cpu)),
+                decays: true,
+            },
+            Param {
+                name: "layers.0.fc.bias".into(),
+                tensor: Tensor::randn([8], (kind, Device::Cpu)),
+                decays: false,
+            },
         ])
     }
 
     fn copy(p: &ParamList) -> ParamList {
-        ParamList(p.iter().map(|q| Param { name: q.name.clone(), tensor: q.tensor.copy(), decays: q.decays }).collect())
+        ParamList(
+            p.iter()
+                .map(|q| Param {
+                    name: q.name.clone(),
+                    tensor: q.tensor.copy(),
+                    decays: q.decays,
+                })
+                .collect(),
+        )
     }
 
     fn same(a: &ParamList, b: &ParamList) -> bool {
-        a.iter().zip(b.iter()).all(|(x, y)| x.tensor.equal(&y.tensor))
+        a.iter()
+            .zip(b.iter())
+            .all(|(x, y)| x.tensor.equal(&y.tensor))
     }
 
     #[test]
@@ -130,18 +164,37 @@ mod tests {
         for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
             let live = params(kind);
             let replayed = copy(&live);
-            let cfg = StepConfig { eps: 1e-3, lr: 1e-2, weight_decay: 0.1 };
+            let cfg = StepConfig {
+                eps: 1e-3,
+                lr: 1e-2,
+                weight_decay: 0.1,
+            };
             let mut grads = Vec::new();
             for seed in [1u64, 99, 12345] {
                 let w = live.0[0].tensor.shallow_clone();
-                let mut loss = || Ok(w.to_kind(Kind::Float).pow_tensor_scalar(2).sum(Kind::Float).double_value(&[]));
-                grads.push(mezo_step(&live, seed, &cfg, Gradient::Measure(&mut loss)).unwrap().projected_grad);
+                let mut loss = || {
+                    Ok(w.to_kind(Kind::Float)
+                        .pow_tensor_scalar(2)
+                        .sum(Kind::Float)
+                        .double_value(&[]))
+                };
+                grads.push(
+                    mezo_step(&live, seed, &cfg, Gradient::Measure(&mut loss))
+                        .unwrap()
+                        .projected_grad,
+                );
             }
             for (seed, g) in [1u64, 99, 12345].into_iter().zip(grads) {
                 mezo_step(&replayed, seed, &cfg, Gradient::Logged(g)).unwrap();
             }
-            assert!(same(&live, &replayed), "{kind:?}: replay drifted from live training");
-            assert!(!same(&live, &params(kind)), "{kind:?}: the steps changed nothing");
+            assert!(
+                same(&live, &replayed),
+                "{kind:?}: replay drifted from live training"
+            );
+            assert!(
+                !same(&live, &params(kind)),
+                "{kind:?}: the steps changed nothing"
+            );
         }
     }
 
@@ -151,7 +204,11 @@ mod tests {
         // p_new = p - lr*(g*z + wd*p) for decayed tensors, p - lr*g*z for exempt ones.
         let p = params(Kind::Double);
         let before = copy(&p);
-        let cfg = StepConfig { eps: 1e-3, lr: 0.1, weight_decay: 0.5 };
+        let cfg = StepConfig {
+            eps: 1e-3,
+            lr: 0.1,
+            weight_decay: 0.5,
+        };
         mezo_step(&p, 7, &cfg, Gradient::Logged(2.0)).unwrap();
         tch::manual_seed(7);
         for (new, old) in p.iter().zip(before.iter()) {
@@ -174,7 +231,13 @@ mod tests {
         tch::manual_seed(42);
         for (new, old) in p.iter().zip(before.iter()) {
             let z = Tensor::randn(old.tensor.size(), (Kind::Double, Device::Cpu));
-            assert!((&new.tensor - &old.tensor - z).abs().max().double_value(&[]) < 1e-12);
+            assert!(
+                (&new.tensor - &old.tensor - z)
+                    .abs()
+                    .max()
+                    .double_value(&[])
+                    < 1e-12
+            );
         }
     }
 
@@ -183,7 +246,11 @@ mod tests {
         let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
         let p = params(Kind::Double);
         let before = copy(&p);
-        let cfg = StepConfig { eps: 1e-3, lr: 0.1, weight_decay: 0.0 };
+        let cfg = StepConfig {
+            eps: 1e-3,
+            lr: 0.1,
+            weight_decay: 0.0,
+        };
         let mut loss = || Ok(f64::NAN);
         let err = mezo_step(&p, 3, &cfg, Gradient::Measure(&mut loss)).unwrap_err();
         assert!(err.to_string().contains("non-finite"));

@@ -30,7 +30,11 @@ impl<'a> TensorView<'a> {
             Kind::Double => StDtype::F64,
             k => bail!("cannot store a {k:?} tensor"),
         };
-        Ok(Self { tensor, shape: tensor.size().iter().map(|&d| d as usize).collect(), dtype })
+        Ok(Self {
+            tensor,
+            shape: tensor.size().iter().map(|&d| d as usize).collect(),
+            dtype,
+        })
     }
 }
 
@@ -53,17 +57,26 @@ impl View for TensorView<'_> {
 }
 
 /// Write named tensors to `path` atomically, with `format: pt` and `extra` metadata.
-pub fn write_safetensors(path: &Path, tensors: &[(String, &Tensor)], extra: &[(&str, String)]) -> Result<()> {
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, &Tensor)],
+    extra: &[(&str, String)],
+) -> Result<()> {
     let views = tensors
         .iter()
         .map(|(n, t)| Ok((n.clone(), TensorView::new(t)?)))
         .collect::<Result<Vec<_>>>()?;
-    let mut meta: HashMap<String, String> = extra.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    let mut meta: HashMap<String, String> = extra
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
     meta.insert("format".into(), "pt".into());
     let tmp = path.with_extension("safetensors.partial");
     safetensors::serialize_to_file(views, Some(meta), &tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
-    File::open(&tmp)?.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+    File::open(&tmp)?
+        .sync_all()
+        .with_context(|| format!("syncing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
     Ok(())
 }
@@ -71,7 +84,11 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, &Tensor)], extra: &[(&
 /// Save `model` as a Hugging Face directory: weights, config and tokenizer files.
 pub fn export_hf(model: &LanguageModel, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let tensors: Vec<(String, &Tensor)> = model.params.iter().map(|p| (p.name.clone(), &p.tensor)).collect();
+    let tensors: Vec<(String, &Tensor)> = model
+        .params
+        .iter()
+        .map(|p| (p.name.clone(), &p.tensor))
+        .collect();
     write_safetensors(&out.join("model.safetensors"), &tensors, &[])?;
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(model.dir.join("config.json"))?)?;
@@ -82,11 +99,20 @@ pub fn export_hf(model: &LanguageModel, out: &Path) -> Result<()> {
     };
     config["torch_dtype"] = dtype.into();
     config["dtype"] = dtype.into();
-    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&config)?)?;
-    for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"] {
+    std::fs::write(
+        out.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ] {
         let src = model.dir.join(f);
         if src.is_file() {
-            std::fs::copy(&src, out.join(f)).with_context(|| format!("copying {}", src.display()))?;
+            std::fs::copy(&src, out.join(f))
+                .with_context(|| format!("copying {}", src.display()))?;
         }
     }
     Ok(())

@@ -5,7 +5,9 @@ use anyhow::{bail, Result};
 use serde::Deserialize;
 use tch::{Kind, Tensor};
 
-use super::layers::{attention, attention_mask, merge_heads, positions_from_mask, split_heads, LayerNorm};
+use super::layers::{
+    attention, attention_mask, merge_heads, positions_from_mask, split_heads, LayerNorm,
+};
 use super::weights::WeightLoader;
 use super::Network;
 
@@ -75,8 +77,14 @@ pub struct Gpt2 {
 impl Gpt2 {
     /// Tensors are requested in transformers' `named_parameters()` order.
     pub fn load(cfg: Gpt2Config, w: &mut WeightLoader) -> Result<Self> {
-        if !matches!(cfg.activation_function.as_str(), "gelu_new" | "gelu_pytorch_tanh") {
-            bail!("GPT-2 activation {:?} is not supported (gelu_new)", cfg.activation_function);
+        if !matches!(
+            cfg.activation_function.as_str(),
+            "gelu_new" | "gelu_pytorch_tanh"
+        ) {
+            bail!(
+                "GPT-2 activation {:?} is not supported (gelu_new)",
+                cfg.activation_function
+            );
         }
         if cfg.scale_attn_by_inverse_layer_idx {
             bail!("GPT-2 with scale_attn_by_inverse_layer_idx is not supported");
@@ -99,17 +107,38 @@ impl Gpt2 {
             });
         }
         let ln_f = LayerNorm::load(w, "transformer.ln_f", h, eps)?;
-        Ok(Self { cfg, wte, wpe, blocks, ln_f })
+        Ok(Self {
+            cfg,
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+        })
     }
 
     fn block(&self, b: &Block, x: Tensor, mask: &Tensor) -> Tensor {
         let heads = self.cfg.n_head;
         let hd = self.cfg.n_embd / heads;
-        let qkv = b.c_attn.forward(&b.ln_1.forward(&x)).split(self.cfg.n_embd, -1);
-        let (q, k, v) = (split_heads(&qkv[0], heads, hd), split_heads(&qkv[1], heads, hd), split_heads(&qkv[2], heads, hd));
-        let scale = if self.cfg.scale_attn_weights { (hd as f64).powf(-0.5) } else { 1.0 };
-        let x = &x + b.attn_proj.forward(&merge_heads(&attention(&q, &k, &v, mask, scale)));
-        let m = b.mlp_proj.forward(&b.c_fc.forward(&b.ln_2.forward(&x)).gelu("tanh"));
+        let qkv = b
+            .c_attn
+            .forward(&b.ln_1.forward(&x))
+            .split(self.cfg.n_embd, -1);
+        let (q, k, v) = (
+            split_heads(&qkv[0], heads, hd),
+            split_heads(&qkv[1], heads, hd),
+            split_heads(&qkv[2], heads, hd),
+        );
+        let scale = if self.cfg.scale_attn_weights {
+            (hd as f64).powf(-0.5)
+        } else {
+            1.0
+        };
+        let x = &x
+            + b.attn_proj
+                .forward(&merge_heads(&attention(&q, &k, &v, mask, scale)));
+        let m = b
+            .mlp_proj
+            .forward(&b.c_fc.forward(&b.ln_2.forward(&x)).gelu("tanh"));
         x + m
     }
 }
@@ -117,11 +146,15 @@ impl Gpt2 {
 impl Network for Gpt2 {
     fn forward(&self, ids: &Tensor, mask: &Tensor) -> Tensor {
         let pos = positions_from_mask(mask);
-        let mut x = Tensor::embedding(&self.wte, ids, -1, false, false) + Tensor::embedding(&self.wpe, &pos, -1, false, false);
+        let mut x = Tensor::embedding(&self.wte, ids, -1, false, false)
+            + Tensor::embedding(&self.wpe, &pos, -1, false, false);
         let attn = attention_mask(mask, None);
         for b in &self.blocks {
             x = self.block(b, x, &attn);
         }
-        self.ln_f.forward(&x).matmul(&self.wte.tr()).to_kind(Kind::Float)
+        self.ln_f
+            .forward(&x)
+            .matmul(&self.wte.tr())
+            .to_kind(Kind::Float)
     }
 }

@@ -16,9 +16,19 @@ pub struct Linear {
 
 impl Linear {
     /// Load `{name}.weight` `[fan_out, fan_in]` and, when `bias`, `{name}.bias`.
-    pub fn load(w: &mut WeightLoader, name: &str, fan_in: i64, fan_out: i64, bias: bool) -> Result<Self> {
+    pub fn load(
+        w: &mut WeightLoader,
+        name: &str,
+        fan_in: i64,
+        fan_out: i64,
+        bias: bool,
+    ) -> Result<Self> {
         let weight = w.param(&format!("{name}.weight"), &[fan_out, fan_in])?;
-        let bias = if bias { Some(w.param(&format!("{name}.bias"), &[fan_out])?) } else { None };
+        let bias = if bias {
+            Some(w.param(&format!("{name}.bias"), &[fan_out])?)
+        } else {
+            None
+        };
         Ok(Self { weight, bias })
     }
 
@@ -55,7 +65,10 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn load(w: &mut WeightLoader, name: &str, n: i64, eps: f64) -> Result<Self> {
-        Ok(Self { weight: w.param(&format!("{name}.weight"), &[n])?, eps })
+        Ok(Self {
+            weight: w.param(&format!("{name}.weight"), &[n])?,
+            eps,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {

@@ -8,7 +8,9 @@ use serde::Deserialize;
 use serde_json::Value;
 use tch::{Kind, Tensor};
 
-use super::layers::{attention, attention_mask, merge_heads, positions_from_mask, split_heads, Linear, RmsNorm};
+use super::layers::{
+    attention, attention_mask, merge_heads, positions_from_mask, split_heads, Linear, RmsNorm,
+};
 use super::weights::WeightLoader;
 use super::Network;
 
@@ -56,7 +58,8 @@ fn silu() -> String {
 
 impl LlamaConfig {
     fn head_dim(&self) -> i64 {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
     fn kv_heads(&self) -> i64 {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
@@ -71,17 +74,24 @@ impl LlamaConfig {
     fn sliding_window(&self) -> Result<Option<i64>> {
         match self.model_type.as_str() {
             "mistral" => Ok(self.sliding_window),
-            "qwen2" if self.use_sliding_window => bail!("Qwen2 with use_sliding_window is not supported"),
+            "qwen2" if self.use_sliding_window => {
+                bail!("Qwen2 with use_sliding_window is not supported")
+            }
             _ => Ok(None),
         }
     }
     /// Inverse RoPE frequencies as transformers computes them (default or llama3).
     fn inv_freq(&self) -> Result<Tensor> {
-        let params = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref()).filter(|v| !v.is_null());
+        let params = self
+            .rope_parameters
+            .as_ref()
+            .or(self.rope_scaling.as_ref())
+            .filter(|v| !v.is_null());
         let get = |k: &str| params.and_then(|p| p.get(k)).and_then(Value::as_f64);
         let theta = get("rope_theta").or(self.rope_theta).unwrap_or(10000.0);
         let dim = self.head_dim();
-        let idx = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, tch::Device::Cpu)).to_kind(Kind::Float);
+        let idx = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, tch::Device::Cpu))
+            .to_kind(Kind::Float);
         let inv = (Tensor::from(theta as f32).pow(&(idx / dim as f64))).reciprocal();
         let rope_type = params
             .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
@@ -90,7 +100,9 @@ impl LlamaConfig {
         match rope_type {
             "default" => Ok(inv),
             "llama3" => {
-                let need = |k: &str| get(k).ok_or_else(|| anyhow::anyhow!("llama3 rope scaling lacks {k}"));
+                let need = |k: &str| {
+                    get(k).ok_or_else(|| anyhow::anyhow!("llama3 rope scaling lacks {k}"))
+                };
                 let factor = need("factor")?;
                 let low = need("low_freq_factor")?;
                 let high = need("high_freq_factor")?;
@@ -136,7 +148,12 @@ impl Llama {
         if cfg.hidden_act != "silu" {
             bail!("activation {:?} is not supported (silu)", cfg.hidden_act);
         }
-        let (h, hd, nh, nkv) = (cfg.hidden_size, cfg.head_dim(), cfg.num_attention_heads, cfg.kv_heads());
+        let (h, hd, nh, nkv) = (
+            cfg.hidden_size,
+            cfg.head_dim(),
+            cfg.num_attention_heads,
+            cfg.kv_heads(),
+        );
         let (qkv_bias, mlp_bias) = (cfg.qkv_bias(), cfg.mlp_bias);
         let eps = cfg.rms_norm_eps;
         let embed = w.param("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
@@ -147,20 +164,56 @@ impl Llama {
                 q: Linear::load(w, &format!("{l}.self_attn.q_proj"), h, nh * hd, qkv_bias)?,
                 k: Linear::load(w, &format!("{l}.self_attn.k_proj"), h, nkv * hd, qkv_bias)?,
                 v: Linear::load(w, &format!("{l}.self_attn.v_proj"), h, nkv * hd, qkv_bias)?,
-                o: Linear::load(w, &format!("{l}.self_attn.o_proj"), nh * hd, h, cfg.attention_bias.unwrap_or(false))?,
-                gate: Linear::load(w, &format!("{l}.mlp.gate_proj"), h, cfg.intermediate_size, mlp_bias)?,
-                up: Linear::load(w, &format!("{l}.mlp.up_proj"), h, cfg.intermediate_size, mlp_bias)?,
-                down: Linear::load(w, &format!("{l}.mlp.down_proj"), cfg.intermediate_size, h, mlp_bias)?,
+                o: Linear::load(
+                    w,
+                    &format!("{l}.self_attn.o_proj"),
+                    nh * hd,
+                    h,
+                    cfg.attention_bias.unwrap_or(false),
+                )?,
+                gate: Linear::load(
+                    w,
+                    &format!("{l}.mlp.gate_proj"),
+                    h,
+                    cfg.intermediate_size,
+                    mlp_bias,
+                )?,
+                up: Linear::load(
+                    w,
+                    &format!("{l}.mlp.up_proj"),
+                    h,
+                    cfg.intermediate_size,
+                    mlp_bias,
+                )?,
+                down: Linear::load(
+                    w,
+                    &format!("{l}.mlp.down_proj"),
+                    cfg.intermediate_size,
+                    h,
+                    mlp_bias,
+                )?,
                 input_norm: RmsNorm::load(w, &format!("{l}.input_layernorm"), h, eps)?,
                 post_norm: RmsNorm::load(w, &format!("{l}.post_attention_layernorm"), h, eps)?,
             });
         }
         let norm = RmsNorm::load(w, "model.norm", h, eps)?;
         // Small models tie lm_head to the embedding; some tied checkpoints omit it, some store a copy.
-        let lm_head = if cfg.tied() || !w.has("lm_head.weight") { embed.shallow_clone() } else { w.param("lm_head.weight", &[cfg.vocab_size, h])? };
+        let lm_head = if cfg.tied() || !w.has("lm_head.weight") {
+            embed.shallow_clone()
+        } else {
+            w.param("lm_head.weight", &[cfg.vocab_size, h])?
+        };
         let inv_freq = cfg.inv_freq()?.to_device(embed.device());
         let sliding_window = cfg.sliding_window()?;
-        Ok(Self { cfg, embed, layers, norm, lm_head, inv_freq, sliding_window })
+        Ok(Self {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            sliding_window,
+        })
     }
 
     /// cos/sin `[b, 1, t, head_dim]` computed in f32, then cast to the model dtype.
@@ -171,7 +224,11 @@ impl Llama {
     }
 
     fn layer(&self, l: &Layer, x: Tensor, mask: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-        let (hd, nh, nkv) = (self.cfg.head_dim(), self.cfg.num_attention_heads, self.cfg.kv_heads());
+        let (hd, nh, nkv) = (
+            self.cfg.head_dim(),
+            self.cfg.num_attention_heads,
+            self.cfg.kv_heads(),
+        );
         let hs = l.input_norm.forward(&x);
         let q = apply_rope(&split_heads(&l.q.forward(&hs), nh, hd), cos, sin);
         let k = apply_rope(&split_heads(&l.k.forward(&hs), nkv, hd), cos, sin);
@@ -179,7 +236,9 @@ impl Llama {
         let a = attention(&q, &k, &v, mask, (hd as f64).powf(-0.5));
         let x = &x + l.o.forward(&merge_heads(&a));
         let hs = l.post_norm.forward(&x);
-        let m = l.down.forward(&(l.gate.forward(&hs).silu() * l.up.forward(&hs)));
+        let m = l
+            .down
+            .forward(&(l.gate.forward(&hs).silu() * l.up.forward(&hs)));
         x + m
     }
 }
@@ -202,6 +261,9 @@ impl Network for Llama {
         for l in &self.layers {
             x = self.layer(l, x, &attn, &cos, &sin);
         }
-        self.norm.forward(&x).matmul(&self.lm_head.tr()).to_kind(Kind::Float)
+        self.norm
+            .forward(&x)
+            .matmul(&self.lm_head.tr())
+            .to_kind(Kind::Float)
     }
 }

@@ -102,7 +102,10 @@ impl LanguageModel {
         }
         if let Device::Cuda(n) = device {
             if !tch::Cuda::is_available() || n >= tch::Cuda::device_count() as usize {
-                bail!("device cuda:{n} is not available (CUDA devices seen: {})", tch::Cuda::device_count());
+                bail!(
+                    "device cuda:{n} is not available (CUDA devices seen: {})",
+                    tch::Cuda::device_count()
+                );
             }
         }
         let config_path = dir.join("config.json");
@@ -115,26 +118,47 @@ impl LanguageModel {
         let tokenizer = TextTokenizer::load(dir)?;
         let ckpt = weights::Checkpoint::open(dir)?;
         let mut w = weights::WeightLoader::new(&ckpt, dtype.kind(), device);
-        let parse_err = || format!("{} does not describe a valid {model_type} model", config_path.display());
+        let parse_err = || {
+            format!(
+                "{} does not describe a valid {model_type} model",
+                config_path.display()
+            )
+        };
         let _guard = tch::no_grad_guard();
         let net: Box<dyn Network> = match model_type.as_str() {
-            "opt" => Box::new(opt::Opt::load(serde_json::from_str(&config_text).with_context(parse_err)?, &mut w)?),
-            "gpt2" => Box::new(gpt2::Gpt2::load(serde_json::from_str(&config_text).with_context(parse_err)?, &mut w)?),
-            "llama" | "mistral" | "qwen2" => {
-                Box::new(llama::Llama::load(serde_json::from_str(&config_text).with_context(parse_err)?, &mut w)?)
-            }
+            "opt" => Box::new(opt::Opt::load(
+                serde_json::from_str(&config_text).with_context(parse_err)?,
+                &mut w,
+            )?),
+            "gpt2" => Box::new(gpt2::Gpt2::load(
+                serde_json::from_str(&config_text).with_context(parse_err)?,
+                &mut w,
+            )?),
+            "llama" | "mistral" | "qwen2" => Box::new(llama::Llama::load(
+                serde_json::from_str(&config_text).with_context(parse_err)?,
+                &mut w,
+            )?),
             other => bail!(
                 "model_type {other:?} in {} is not supported (opt, gpt2, llama, mistral, qwen2)",
                 config_path.display()
             ),
         };
         let params = w.finish()?;
-        Ok(Self { net, params, tokenizer, dir: dir.to_path_buf(), dtype, device, model_type })
+        Ok(Self {
+            net,
+            params,
+            tokenizer,
+            dir: dir.to_path_buf(),
+            dtype,
+            device,
+            model_type,
+        })
     }
 
     /// Logits `[batch, seq, vocab]` (f32) without autograd.
     pub fn logits(&self, ids: &Tensor, mask: &Tensor) -> Tensor {
         let _guard = tch::no_grad_guard();
-        self.net.forward(&ids.to_device(self.device), &mask.to_device(self.device))
+        self.net
+            .forward(&ids.to_device(self.device), &mask.to_device(self.device))
     }
 }

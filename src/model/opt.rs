@@ -67,8 +67,10 @@ impl Opt {
         let proj = cfg.word_embed_proj_dim.unwrap_or(h);
         let p = "model.decoder";
         let embed_tokens = w.param(&format!("{p}.embed_tokens.weight"), &[cfg.vocab_size, proj])?;
-        let embed_positions =
-            w.param(&format!("{p}.embed_positions.weight"), &[cfg.max_position_embeddings + POSITION_OFFSET, h])?;
+        let embed_positions = w.param(
+            &format!("{p}.embed_positions.weight"),
+            &[cfg.max_position_embeddings + POSITION_OFFSET, h],
+        )?;
         let (project_out, project_in) = if proj != h {
             (
                 Some(w.param(&format!("{p}.project_out.weight"), &[proj, h])?),
@@ -78,7 +80,12 @@ impl Opt {
             (None, None)
         };
         let final_norm = if cfg.do_layer_norm_before && !cfg._remove_final_layer_norm {
-            Some(LayerNorm::load(w, &format!("{p}.final_layer_norm"), h, 1e-5)?)
+            Some(LayerNorm::load(
+                w,
+                &format!("{p}.final_layer_norm"),
+                h,
+                1e-5,
+            )?)
         } else {
             None
         };
@@ -94,12 +101,32 @@ impl Opt {
             let fc1 = Linear::load(w, &format!("{l}.fc1"), h, cfg.ffn_dim, bias)?;
             let fc2 = Linear::load(w, &format!("{l}.fc2"), cfg.ffn_dim, h, bias)?;
             let mlp_norm = LayerNorm::load(w, &format!("{l}.final_layer_norm"), h, 1e-5)?;
-            layers.push(Layer { q, k, v, out, attn_norm, fc1, fc2, mlp_norm });
+            layers.push(Layer {
+                q,
+                k,
+                v,
+                out,
+                attn_norm,
+                fc1,
+                fc2,
+                mlp_norm,
+            });
         }
         if cfg.activation_function != "relu" {
-            anyhow::bail!("OPT activation {:?} is not supported (only relu)", cfg.activation_function);
+            anyhow::bail!(
+                "OPT activation {:?} is not supported (only relu)",
+                cfg.activation_function
+            );
         }
-        Ok(Self { cfg, embed_tokens, embed_positions, project_in, project_out, final_norm, layers })
+        Ok(Self {
+            cfg,
+            embed_tokens,
+            embed_positions,
+            project_in,
+            project_out,
+            final_norm,
+            layers,
+        })
     }
 
     fn layer(&self, l: &Layer, x: Tensor, mask: &Tensor) -> Tensor {
@@ -107,18 +134,28 @@ impl Opt {
         let hd = self.cfg.hidden_size / heads;
         let pre = self.cfg.do_layer_norm_before;
         let residual = &x;
-        let hs = if pre { l.attn_norm.forward(&x) } else { x.shallow_clone() };
+        let hs = if pre {
+            l.attn_norm.forward(&x)
+        } else {
+            x.shallow_clone()
+        };
         // transformers scales q before the product and then uses scale 1.
         let q = split_heads(&(l.q.forward(&hs) * (hd as f64).powf(-0.5)), heads, hd);
         let k = split_heads(&l.k.forward(&hs), heads, hd);
         let v = split_heads(&l.v.forward(&hs), heads, hd);
-        let a = l.out.forward(&merge_heads(&attention(&q, &k, &v, mask, 1.0)));
+        let a = l
+            .out
+            .forward(&merge_heads(&attention(&q, &k, &v, mask, 1.0)));
         let mut x = residual + a;
         if !pre {
             x = l.attn_norm.forward(&x);
         }
         let residual = &x;
-        let hs = if pre { l.mlp_norm.forward(&x) } else { x.shallow_clone() };
+        let hs = if pre {
+            l.mlp_norm.forward(&x)
+        } else {
+            x.shallow_clone()
+        };
         let m = l.fc2.forward(&l.fc1.forward(&hs).relu());
         let mut x = residual + m;
         if !pre {

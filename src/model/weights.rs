@@ -43,7 +43,10 @@ impl ParamList {
 
 /// True for names transformers' MeZO trainer exempts from weight decay.
 pub fn is_decay_exempt(name: &str) -> bool {
-    name.contains("bias") || name.contains("layer_norm") || name.contains("layernorm") || name.contains("norm.")
+    name.contains("bias")
+        || name.contains("layer_norm")
+        || name.contains("layernorm")
+        || name.contains("norm.")
         || name.contains(".ln_")
 }
 
@@ -90,10 +93,12 @@ impl Checkpoint {
         let mut shards = Vec::new();
         let mut index = HashMap::new();
         for path in files {
-            let file = File::open(&path).with_context(|| format!("missing weight file {}", path.display()))?;
+            let file = File::open(&path)
+                .with_context(|| format!("missing weight file {}", path.display()))?;
             // SAFETY: the map is read-only; a checkpoint changed underneath a running job is
             // outside what any loader can defend against.
-            let map = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
+            let map = unsafe { Mmap::map(&file) }
+                .with_context(|| format!("mapping {}", path.display()))?;
             let st = SafeTensors::deserialize(&map)
                 .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
             for name in st.names() {
@@ -102,7 +107,11 @@ impl Checkpoint {
             drop(st);
             shards.push(ShardFile { path, map });
         }
-        Ok(Self { dir: dir.to_path_buf(), shards, index })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            shards,
+            index,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -148,7 +157,13 @@ pub struct WeightLoader<'a> {
 
 impl<'a> WeightLoader<'a> {
     pub fn new(ckpt: &'a Checkpoint, kind: Kind, device: Device) -> Self {
-        Self { ckpt, kind, device, params: Vec::new(), used: HashSet::new() }
+        Self {
+            ckpt,
+            kind,
+            device,
+            params: Vec::new(),
+            used: HashSet::new(),
+        }
     }
 
     /// The stored name for a canonical HF name, tolerating the usual drift:
@@ -181,7 +196,10 @@ impl<'a> WeightLoader<'a> {
     /// Load `name` with the expected shape as a trainable parameter.
     pub fn param(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
         let stored = self.resolve(name).with_context(|| {
-            format!("tensor {name} is missing from the checkpoint in {}", self.ckpt.dir().display())
+            format!(
+                "tensor {name} is missing from the checkpoint in {}",
+                self.ckpt.dir().display()
+            )
         })?;
         let _guard = tch::no_grad_guard();
         let raw = self.ckpt.read(&stored)?;
@@ -193,15 +211,28 @@ impl<'a> WeightLoader<'a> {
                 shape
             );
         }
-        let t = raw.to_device(self.device).to_kind(self.kind).set_requires_grad(false);
+        let t = raw
+            .to_device(self.device)
+            .to_kind(self.kind)
+            .set_requires_grad(false);
         self.used.insert(stored);
-        self.params.push(Param { name: name.to_string(), tensor: t.shallow_clone(), decays: !is_decay_exempt(name) });
+        self.params.push(Param {
+            name: name.to_string(),
+            tensor: t.shallow_clone(),
+            decays: !is_decay_exempt(name),
+        });
         Ok(t)
     }
 
     /// Tensors the checkpoint holds that no parameter claimed, ignoring known buffers.
     pub fn unused(&self) -> Vec<String> {
-        let ignore = ["attn.bias", "attn.masked_bias", "rotary_emb.inv_freq", "position_ids", "lm_head.weight"];
+        let ignore = [
+            "attn.bias",
+            "attn.masked_bias",
+            "rotary_emb.inv_freq",
+            "position_ids",
+            "lm_head.weight",
+        ];
         let mut v: Vec<String> = self
             .ckpt
             .names()
@@ -215,7 +246,10 @@ impl<'a> WeightLoader<'a> {
     pub fn finish(self) -> Result<ParamList> {
         let unused = self.unused();
         if !unused.is_empty() {
-            tracing::warn!("checkpoint tensors not used by the model: {}", unused.join(", "));
+            tracing::warn!(
+                "checkpoint tensors not used by the model: {}",
+                unused.join(", ")
+            );
         }
         Ok(ParamList(self.params))
     }

@@ -15,9 +15,15 @@ pub struct Fingerprint {
 
 impl Fingerprint {
     pub fn current(device: &str, dtype: crate::model::Dtype, threads: i32) -> Self {
-        let gpu = device.starts_with("cuda").then(|| format!("{} CUDA device(s)", tch::Cuda::device_count()));
+        let gpu = device
+            .starts_with("cuda")
+            .then(|| format!("{} CUDA device(s)", tch::Cuda::device_count()));
         Self {
-            device: if device.starts_with("cuda") { "cuda".into() } else { "cpu".into() },
+            device: if device.starts_with("cuda") {
+                "cuda".into()
+            } else {
+                "cpu".into()
+            },
             gpu,
             torch: env!("MEZOD_TORCH_VERSION").to_string(),
             dtype: format!("{dtype:?}").to_lowercase(),

@@ -61,10 +61,20 @@ impl MetricsFile {
                 let line = line?;
                 match serde_json::from_str::<Line>(&line) {
                     Ok(Line::Step { rec }) if rec.step < resume_step => {
-                        steps.push(StepRecord { step: rec.step, seed: rec.seed, projected_grad: rec.projected_grad, loss_plus: rec.loss_plus, loss_minus: rec.loss_minus, lr: rec.lr });
+                        steps.push(StepRecord {
+                            step: rec.step,
+                            seed: rec.seed,
+                            projected_grad: rec.projected_grad,
+                            loss_plus: rec.loss_plus,
+                            loss_minus: rec.loss_minus,
+                            lr: rec.lr,
+                        });
                         kept.push(line);
                     }
-                    Ok(Line::Eval { eval }) if eval.step <= resume_step && !evals.iter().any(|e: &EvalLine| e.step == eval.step) => {
+                    Ok(Line::Eval { eval })
+                        if eval.step <= resume_step
+                            && !evals.iter().any(|e: &EvalLine| e.step == eval.step) =>
+                    {
                         evals.push(eval);
                         kept.push(line);
                     }
@@ -73,14 +83,26 @@ impl MetricsFile {
             }
         }
         let tmp = path.with_extension("jsonl.partial");
-        std::fs::write(&tmp, kept.iter().map(|l| format!("{l}\n")).collect::<String>())?;
+        std::fs::write(
+            &tmp,
+            kept.iter().map(|l| format!("{l}\n")).collect::<String>(),
+        )?;
         std::fs::rename(&tmp, path)?;
-        let file = OpenOptions::new().append(true).open(path).with_context(|| format!("opening {}", path.display()))?;
-        Ok(Self { path: path.to_path_buf(), file, steps, evals })
+        let file = OpenOptions::new()
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            steps,
+            evals,
+        })
     }
 
     fn write(&mut self, line: &Line) -> Result<()> {
-        writeln!(self.file, "{}", serde_json::to_string(line)?).with_context(|| format!("writing {}", self.path.display()))
+        writeln!(self.file, "{}", serde_json::to_string(line)?)
+            .with_context(|| format!("writing {}", self.path.display()))
     }
 
     pub fn step(&mut self, rec: &StepRecord, batch: &[usize]) -> Result<()> {

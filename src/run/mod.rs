@@ -44,7 +44,10 @@ pub struct RunOptions {
 pub enum Outcome {
     Completed(RunResult),
     /// Stopped by a signal at a step boundary; rerunning resumes.
-    Interrupted { step: u64, signal: i32 },
+    Interrupted {
+        step: u64,
+        signal: i32,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -66,7 +69,10 @@ pub struct RunResult {
 
 /// Default output directory of a job file: `runs/<file stem>`.
 pub fn default_out_dir(spec_path: &Path) -> PathBuf {
-    let stem = spec_path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "job".into());
+    let stem = spec_path
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "job".into());
     PathBuf::from("runs").join(stem)
 }
 
@@ -96,11 +102,20 @@ struct Job {
 impl Job {
     fn step_config(&self, step: u64) -> StepConfig {
         let m = &self.spec.mezo;
-        StepConfig { eps: m.eps, lr: m.lr_schedule.lr(m.lr, step, m.steps), weight_decay: m.weight_decay }
+        StepConfig {
+            eps: m.eps,
+            lr: m.lr_schedule.lr(m.lr, step, m.steps),
+            weight_decay: m.weight_decay,
+        }
     }
 
     fn batch_indices(&self, step: u64) -> Vec<usize> {
-        batch_indices(self.spec.data_seed(), step, self.spec.mezo.batch_size, self.train.len())
+        batch_indices(
+            self.spec.data_seed(),
+            step,
+            self.spec.mezo.batch_size,
+            self.train.len(),
+        )
     }
 
     /// One live MeZO step: measure, update, log durably.
@@ -129,8 +144,16 @@ impl Job {
     /// Re-apply logged steps to the weights, without any forward pass.
     fn replay(&self, records: &[StepRecord]) -> Result<()> {
         for rec in records {
-            let cfg = StepConfig { lr: rec.lr, ..self.step_config(rec.step) };
-            mezo_step(&self.model.params, rec.seed, &cfg, Gradient::Logged(rec.projected_grad))?;
+            let cfg = StepConfig {
+                lr: rec.lr,
+                ..self.step_config(rec.step)
+            };
+            mezo_step(
+                &self.model.params,
+                rec.seed,
+                &cfg,
+                Gradient::Logged(rec.projected_grad),
+            )?;
         }
         Ok(())
     }
@@ -139,17 +162,35 @@ impl Job {
         if self.dev.is_empty() {
             return Ok(None);
         }
-        let bs = self.spec.mezo.eval_batch_size.unwrap_or(self.spec.mezo.batch_size);
-        let e = self.task.evaluate(&self.model, &self.dev, bs).with_context(|| format!("evaluating at step {step}"))?;
-        self.metrics.eval(&EvalLine { step, metric: self.task.metric_name().into(), value: e.metric, loss: e.loss })?;
-        tracing::info!("step {step}: dev {} {:.4} (loss {:.4})", self.task.metric_name(), e.metric, e.loss);
+        let bs = self
+            .spec
+            .mezo
+            .eval_batch_size
+            .unwrap_or(self.spec.mezo.batch_size);
+        let e = self
+            .task
+            .evaluate(&self.model, &self.dev, bs)
+            .with_context(|| format!("evaluating at step {step}"))?;
+        self.metrics.eval(&EvalLine {
+            step,
+            metric: self.task.metric_name().into(),
+            value: e.metric,
+            loss: e.loss,
+        })?;
+        tracing::info!(
+            "step {step}: dev {} {:.4} (loss {:.4})",
+            self.task.metric_name(),
+            e.metric,
+            e.loss
+        );
         Ok(Some(e))
     }
 }
 
 /// Check the frozen spec and fingerprint of an existing run directory, or freeze them.
 fn claim_out_dir(out: &Path, spec: &JobSpec, fp: &Fingerprint, force: bool) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("creating output directory {}", out.display()))?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("creating output directory {}", out.display()))?;
     let frozen = out.join("spec.yaml");
     if frozen.is_file() {
         let old = JobSpec::parse(&std::fs::read_to_string(&frozen)?, out)
@@ -185,7 +226,11 @@ fn claim_out_dir(out: &Path, spec: &JobSpec, fp: &Fingerprint, force: bool) -> R
 pub fn run(spec_path: &Path, out: &Path, opts: &RunOptions) -> Result<Outcome> {
     let started = Instant::now();
     let spec = JobSpec::load(spec_path)?;
-    let threads = spec.model.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(1));
+    let threads = spec.model.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as i32)
+            .unwrap_or(1)
+    });
     tch::set_num_threads(threads);
     let fp = Fingerprint::current(&spec.model.device, spec.model.dtype, threads);
     claim_out_dir(out, &spec, &fp, opts.force)?;
@@ -210,7 +255,12 @@ pub fn run(spec_path: &Path, out: &Path, opts: &RunOptions) -> Result<Outcome> {
     task.check(&model, &splits.dev, "dev")?;
     tracing::info!(
         "{} ({} trainable parameters, {:?} on {}), {} train / {} dev examples",
-        spec.model.path.display(), model.params.numel(), spec.model.dtype, spec.model.device, splits.train.len(), splits.dev.len()
+        spec.model.path.display(),
+        model.params.numel(),
+        spec.model.dtype,
+        spec.model.device,
+        splits.train.len(),
+        splits.dev.len()
     );
     let log = SeedLog::open(&out.join("seedlog"))?;
     let mut records = log.contiguous()?;
@@ -218,7 +268,16 @@ pub fn run(spec_path: &Path, out: &Path, opts: &RunOptions) -> Result<Outcome> {
     let done = records.len() as u64;
     log.truncate_from(done)?;
     let metrics = MetricsFile::open(&out.join("metrics.jsonl"), done)?;
-    let mut job = Job { spec, out: out.to_path_buf(), model, task, train: splits.train, dev: splits.dev, log, metrics };
+    let mut job = Job {
+        spec,
+        out: out.to_path_buf(),
+        model,
+        task,
+        train: splits.train,
+        dev: splits.dev,
+        log,
+        metrics,
+    };
 
     // Resume: newest valid snapshot, then replay the rest of the log.
     let snap_dir = out.join("snapshots");
@@ -228,7 +287,8 @@ pub fn run(spec_path: &Path, out: &Path, opts: &RunOptions) -> Result<Outcome> {
     if done > 0 {
         tracing::info!(
             "resumed at step {done}: snapshot of step {from}, {} steps replayed in {:.2}s",
-            done - from, replay_start.elapsed().as_secs_f64()
+            done - from,
+            replay_start.elapsed().as_secs_f64()
         );
     }
 
@@ -249,7 +309,11 @@ pub fn run(spec_path: &Path, out: &Path, opts: &RunOptions) -> Result<Outcome> {
             b.set_position(n);
             b.set_message(format!("{:.4}", rec.loss_plus));
         } else if n % log_every == 0 || n == total {
-            tracing::info!("step {n}/{total}: loss {:.4}, projected grad {:+.4e}", rec.loss_plus, rec.projected_grad);
+            tracing::info!(
+                "step {n}/{total}: loss {:.4}, projected grad {:+.4e}",
+                rec.loss_plus,
+                rec.projected_grad
+            );
         }
         if job.spec.mezo.eval_every > 0 && n % job.spec.mezo.eval_every == 0 && n < total {
             job.evaluate(n)?;
@@ -269,13 +333,21 @@ pub fn run(spec_path: &Path, out: &Path, opts: &RunOptions) -> Result<Outcome> {
 fn progress_bar(total: u64, done: u64) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(total).with_position(done);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps  {per_sec}  loss {msg}  ETA {eta}")
-            .expect("a valid template"),
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} steps  {per_sec}  loss {msg}  ETA {eta}",
+        )
+        .expect("a valid template"),
     );
     bar
 }
 
-fn interrupted(job: &Job, step: u64, snap_dir: &Path, signal: i32, bar: Option<indicatif::ProgressBar>) -> Result<Outcome> {
+fn interrupted(
+    job: &Job,
+    step: u64,
+    snap_dir: &Path,
+    signal: i32,
+    bar: Option<indicatif::ProgressBar>,
+) -> Result<Outcome> {
     if let Some(b) = bar {
         b.abandon();
     }
@@ -284,7 +356,15 @@ fn interrupted(job: &Job, step: u64, snap_dir: &Path, signal: i32, bar: Option<i
 }
 
 /// Final evaluation, best weights, export, result and picture.
-fn finish(mut job: Job, done: u64, from: u64, trained: u64, train_secs: f64, started: Instant, fp: Fingerprint) -> Result<RunResult> {
+fn finish(
+    mut job: Job,
+    done: u64,
+    from: u64,
+    trained: u64,
+    train_secs: f64,
+    started: Instant,
+    fp: Fingerprint,
+) -> Result<RunResult> {
     let total = job.spec.mezo.steps;
     if !job.metrics.has_eval(total) {
         job.evaluate(total)?;
@@ -301,25 +381,44 @@ fn finish(mut job: Job, done: u64, from: u64, trained: u64, train_secs: f64, sta
         // The best weights are not kept in memory: rebuild them from the log.
         tracing::info!("exporting the best weights (step {best_step}) rebuilt from the seed log");
         let records = job.log.contiguous()?;
-        job.model = LanguageModel::load(&job.spec.model.path, job.spec.model.dtype, job.model.device)?;
-        let from = snapshot::restore_latest(&job.out.join("snapshots"), best_step, &job.model.params)?.unwrap_or(0);
+        job.model =
+            LanguageModel::load(&job.spec.model.path, job.spec.model.dtype, job.model.device)?;
+        let from =
+            snapshot::restore_latest(&job.out.join("snapshots"), best_step, &job.model.params)?
+                .unwrap_or(0);
         job.replay(&records[from as usize..best_step as usize])?;
     }
     export_hf(&job.model, &model_dir)?;
-    let train_points: Vec<(u64, f64)> = job.metrics.steps().iter().map(|r| (r.step, r.loss_plus)).collect();
+    let train_points: Vec<(u64, f64)> = job
+        .metrics
+        .steps()
+        .iter()
+        .map(|r| (r.step, r.loss_plus))
+        .collect();
     let eval_points: Vec<(u64, f64)> = evals.iter().map(|e| (e.step, e.loss)).collect();
-    std::fs::write(job.out.join("loss.svg"), plot::loss_curve_svg(&train_points, &eval_points, "loss"))?;
+    std::fs::write(
+        job.out.join("loss.svg"),
+        plot::loss_curve_svg(&train_points, &eval_points, "loss"),
+    )?;
     let result = RunResult {
         metric: job.task.metric_name().into(),
         zero_shot: evals.iter().find(|e| e.step == 0).map(|e| e.value),
         best: best.map(|b| b.value),
         best_step,
-        final_metric: evals.iter().rev().find(|e| e.step == total).map(|e| e.value),
+        final_metric: evals
+            .iter()
+            .rev()
+            .find(|e| e.step == total)
+            .map(|e| e.value),
         steps: total,
         resumed_from: done,
         replayed_steps: done - from,
         wall_time_s: started.elapsed().as_secs_f64(),
-        steps_per_s: if train_secs > 0.0 { trained as f64 / train_secs } else { 0.0 },
+        steps_per_s: if train_secs > 0.0 {
+            trained as f64 / train_secs
+        } else {
+            0.0
+        },
         peak_memory_bytes: peak_rss_bytes(),
         trainable_parameters: job.model.params.numel(),
         fingerprint: fp,

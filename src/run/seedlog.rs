@@ -70,7 +70,8 @@ impl SeedLog {
 
     /// Append one step and flush it to disk.
     pub fn append(&self, rec: &StepRecord) -> Result<()> {
-        self.db.insert(rec.step.to_be_bytes(), rec.to_bytes().to_vec())?;
+        self.db
+            .insert(rec.step.to_be_bytes(), rec.to_bytes().to_vec())?;
         self.db.flush().context("flushing the seed log")?;
         Ok(())
     }
@@ -80,8 +81,12 @@ impl SeedLog {
         let mut out = Vec::new();
         for item in self.db.iter() {
             let (k, v) = item?;
-            let Ok(key) = <[u8; 8]>::try_from(k.as_ref()) else { break };
-            let Some(rec) = StepRecord::from_bytes(&v) else { break };
+            let Ok(key) = <[u8; 8]>::try_from(k.as_ref()) else {
+                break;
+            };
+            let Some(rec) = StepRecord::from_bytes(&v) else {
+                break;
+            };
             if u64::from_be_bytes(key) != out.len() as u64 || rec.step != out.len() as u64 {
                 break;
             }
@@ -106,7 +111,14 @@ mod tests {
     use super::*;
 
     fn rec(step: u64) -> StepRecord {
-        StepRecord { step, seed: step * 3 + 1, projected_grad: step as f64 * 0.5, loss_plus: 1.0, loss_minus: 2.0, lr: 1e-3 }
+        StepRecord {
+            step,
+            seed: step * 3 + 1,
+            projected_grad: step as f64 * 0.5,
+            loss_plus: 1.0,
+            loss_minus: 2.0,
+            lr: 1e-3,
+        }
     }
 
     #[test]
@@ -119,7 +131,10 @@ mod tests {
             }
         }
         let log = SeedLog::open(dir.path()).unwrap();
-        assert_eq!(log.contiguous().unwrap(), (0..4).map(rec).collect::<Vec<_>>());
+        assert_eq!(
+            log.contiguous().unwrap(),
+            (0..4).map(rec).collect::<Vec<_>>()
+        );
         log.truncate_from(4).unwrap();
         log.append(&rec(4)).unwrap();
         assert_eq!(log.contiguous().unwrap().len(), 5);

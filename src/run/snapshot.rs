@@ -12,7 +12,8 @@ use crate::model::export::write_safetensors;
 use crate::model::ParamList;
 
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut h = Sha256::new();
     std::io::copy(&mut file, &mut h)?;
     Ok(format!("{:x}", h.finalize()))
@@ -26,7 +27,8 @@ fn snapshot_path(dir: &Path, step: u64) -> PathBuf {
 pub fn save(dir: &Path, step: u64, params: &ParamList, keep: usize) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let path = snapshot_path(dir, step);
-    let tensors: Vec<(String, &Tensor)> = params.iter().map(|p| (p.name.clone(), &p.tensor)).collect();
+    let tensors: Vec<(String, &Tensor)> =
+        params.iter().map(|p| (p.name.clone(), &p.tensor)).collect();
     write_safetensors(&path, &tensors, &[("step", step.to_string())])?;
     let hash = sha256_file(&path)?;
     let side = path.with_extension("sha256");
@@ -42,10 +44,15 @@ pub fn save(dir: &Path, step: u64, params: &ParamList, keep: usize) -> Result<()
 /// Steps that have a snapshot file, ascending.
 pub fn list(dir: &Path) -> Result<Vec<u64>> {
     let mut steps = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(steps) };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(steps);
+    };
     for e in entries {
         let name = e?.file_name().to_string_lossy().to_string();
-        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.strip_suffix(".safetensors")) {
+        if let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.strip_suffix(".safetensors"))
+        {
             if let Ok(s) = step.parse() {
                 steps.push(s);
             }
@@ -61,7 +68,10 @@ pub fn restore_latest(dir: &Path, max_step: u64, params: &ParamList) -> Result<O
         let path = snapshot_path(dir, step);
         let expected = std::fs::read_to_string(path.with_extension("sha256")).unwrap_or_default();
         if sha256_file(&path)? != expected.trim() {
-            tracing::warn!("snapshot {} fails its hash check; ignoring it", path.display());
+            tracing::warn!(
+                "snapshot {} fails its hash check; ignoring it",
+                path.display()
+            );
             continue;
         }
         load_into(&path, params)?;
@@ -75,11 +85,19 @@ fn load_into(path: &Path, params: &ParamList) -> Result<()> {
     let st = safetensors::SafeTensors::deserialize(&bytes)?;
     let _guard = tch::no_grad_guard();
     for p in params.iter() {
-        let view = st.tensor(&p.name).with_context(|| format!("snapshot {} lacks {}", path.display(), p.name))?;
+        let view = st
+            .tensor(&p.name)
+            .with_context(|| format!("snapshot {} lacks {}", path.display(), p.name))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         let t = Tensor::f_from_data_size(view.data(), &shape, p.tensor.kind())?;
         if t.size() != p.tensor.size() {
-            bail!("snapshot {} has {} with shape {:?}, expected {:?}", path.display(), p.name, t.size(), p.tensor.size());
+            bail!(
+                "snapshot {} has {} with shape {:?}, expected {:?}",
+                path.display(),
+                p.name,
+                t.size(),
+                p.tensor.size()
+            );
         }
         p.tensor.shallow_clone().copy_(&t);
     }

@@ -20,9 +20,12 @@ pub fn mezod() -> Command {
 
 /// The Python with torch and transformers (the Makefile's venv).
 pub fn python() -> Command {
-    let py = std::env::var("MEZOD_PYTHON").map(PathBuf::from).unwrap_or_else(|_| root().join(".venv/bin/python"));
+    let py = std::env::var("MEZOD_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join(".venv/bin/python"));
     let mut c = Command::new(py);
-    c.env("HF_HUB_OFFLINE", "1").env("TRANSFORMERS_VERBOSITY", "error");
+    c.env("HF_HUB_OFFLINE", "1")
+        .env("TRANSFORMERS_VERBOSITY", "error");
     c
 }
 
@@ -56,5 +59,9 @@ pub fn sha256(path: &Path) -> String {
 }
 
 pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
