@@ -2,7 +2,10 @@
 //!
 //! See ARCHITECTURE.md for the map of modules and their invariants.
 
+pub mod daemon;
 pub mod data;
+pub mod estimate;
+pub mod gpu;
 pub mod mezo;
 pub mod model;
 pub mod run;

@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand};
 use mezod::model::{parse_device, Dtype, LanguageModel};
 use mezod::run::{default_out_dir, run, Outcome, RunOptions};
 
+mod client;
+
 #[derive(Parser)]
 #[command(
     name = "mezod",
@@ -19,7 +21,9 @@ use mezod::run::{default_out_dir, run, Outcome, RunOptions};
 estimates the gradient from two forward passes along a random direction regenerated from a seed, so \
 training needs the memory of inference. Every step's seed and projected gradient are logged, so an \
 interrupted run resumes bit-identically.\n\nStart with `mezod forward --model DIR --text \"...\"` to \
-check that a checkpoint loads, then `mezod run job.yaml`."
+check that a checkpoint loads, then `mezod run job.yaml`. On a shared server, run `mezod daemon` (or \
+the systemd unit) and hand it jobs with `mezod submit job.yaml`; follow them with `mezod status` and \
+`mezod logs ID --follow`."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -45,6 +49,85 @@ enum Command {
         /// (the result is then no longer bit-identical to an uninterrupted run).
         #[arg(long)]
         force: bool,
+    },
+    /// Serve a spool folder of job files: admit by free GPU memory, one worker per job.
+    ///
+    /// Jobs dropped into <spool>/new/ (see `mezod submit`) are validated, queued,
+    /// admitted when their estimated memory fits (NVML; CPU mode without it) and
+    /// run in worker processes. Every step is durable: after a crash, a kill or
+    /// a reboot, jobs resume bit-identically. SIGTERM/SIGINT stop workers at a
+    /// step boundary and exit 0 (a second signal stops at once); SIGHUP reloads
+    /// the config and rescans. Folders default to systemd's StateDirectory/
+    /// RuntimeDirectory, else ./var/.
+    Daemon {
+        /// Daemon config (YAML: folders, GPUs, margin, slots, retries; see the README).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Spool folder (new/, tmp/, cur/, rejected/).
+        #[arg(long)]
+        spool: Option<PathBuf>,
+        /// State folder (job database, one folder per job with its run and log).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Runtime folder (the control socket mezod.sock).
+        #[arg(long)]
+        runtime: Option<PathBuf>,
+    },
+    /// Hand a job file to the daemon; prints the job id.
+    ///
+    /// The file is checked here first, relative paths are pinned with a
+    /// `workdir:` line, and it is renamed atomically into the daemon's spool.
+    Submit {
+        job: PathBuf,
+        /// The daemon's spool folder [default: asked from the daemon].
+        #[arg(long)]
+        spool: Option<PathBuf>,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Seconds to wait for the daemon to accept or reject it.
+        #[arg(long, default_value_t = 30.0)]
+        wait: f64,
+    },
+    /// Show the queue, or one job: state, step, speed, loss, memory, ETA, and why it waits.
+    Status {
+        id: Option<u64>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Cancel a job (its owner or root): a running one stops at its next step.
+    Cancel {
+        id: u64,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Print a job's log (its owner or root).
+    Logs {
+        id: u64,
+        /// Keep printing until the job ends.
+        #[arg(long, short)]
+        follow: bool,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Internal: one job's worker process, started by the daemon.
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        job: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        replay: PathBuf,
+        #[arg(long)]
+        threads: i32,
+        #[arg(long)]
+        snapshot_every: u64,
+        #[arg(long)]
+        estimate: u64,
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Load a model and print token ids, the mean next-token loss and the top next tokens.
     Forward {
@@ -95,6 +178,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let opts = RunOptions {
                 force,
                 progress: std::io::stderr().is_terminal(),
+                ..Default::default()
             };
             match run(&job, &out, &opts)? {
                 Outcome::Completed(r) => {
@@ -127,6 +211,46 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
+        Command::Daemon {
+            config,
+            spool,
+            state,
+            runtime,
+        } => {
+            mezod::daemon::server::run_daemon(mezod::daemon::server::DaemonOptions {
+                config,
+                spool,
+                state,
+                runtime,
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Submit {
+            job,
+            spool,
+            socket,
+            wait,
+        } => client::submit(&job, spool, socket, wait),
+        Command::Status { id, json, socket } => client::status(id, json, socket),
+        Command::Cancel { id, socket } => client::cancel(id, socket),
+        Command::Logs { id, follow, socket } => client::logs(id, follow, socket),
+        Command::Worker {
+            job,
+            out,
+            replay,
+            threads,
+            snapshot_every,
+            estimate,
+            device,
+        } => mezod::daemon::worker::worker_main(mezod::daemon::worker::WorkerArgs {
+            job,
+            out,
+            replay,
+            threads,
+            snapshot_every,
+            estimate,
+            device,
+        }),
         Command::Forward {
             model,
             text,

@@ -13,6 +13,15 @@ use crate::model::Dtype;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
+    /// Folder that relative paths are taken from (default: the job file's own
+    /// folder).  `mezod submit` fills it in, because a job dropped into the
+    /// spool no longer sits beside its data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<PathBuf>,
+    /// Daemon queue priority: higher runs first; equal priorities run in
+    /// submission order.  Ignored by `mezod run`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: i32,
     pub model: ModelSpec,
     pub task: TaskSpec,
     pub data: DataSpec,
@@ -108,9 +117,10 @@ pub struct MezoSpec {
     pub eval_every: u64,
     #[serde(default)]
     pub eval_batch_size: Option<usize>,
-    /// Snapshot the trainable weights every N steps (bounds replay on resume).
-    #[serde(default = "snapshot_every")]
-    pub snapshot_every: u64,
+    /// Snapshot the trainable weights every N steps (bounds replay on resume);
+    /// default 100, or the daemon's `snapshot_every`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_every: Option<u64>,
 }
 
 fn cpu() -> String {
@@ -134,24 +144,44 @@ fn batch_size() -> usize {
 fn eps() -> f64 {
     1e-3
 }
-fn snapshot_every() -> u64 {
-    100
+fn is_zero(v: &i32) -> bool {
+    *v == 0
 }
 
 impl JobSpec {
-    /// Parse YAML text; relative paths are taken from `base`.
+    /// Parse YAML text; relative paths are taken from `workdir`, else from `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Self> {
+        Self::parse_with_base(text, Some(base))
+    }
+
+    /// Parse YAML text; with no `base`, a relative path is an error unless the
+    /// spec names its `workdir` (a spooled job has no meaningful folder of its own).
+    pub fn parse_with_base(text: &str, base: Option<&Path>) -> Result<Self> {
         let mut spec: JobSpec =
             serde_yaml::from_str(text).map_err(|e| anyhow::anyhow!("invalid job file: {e}"))?;
-        let abs = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
+        if let Some(w) = &spec.workdir {
+            if w.is_relative() {
+                bail!("workdir must be an absolute path, not {}", w.display());
             }
+        }
+        let base = spec.workdir.clone().or_else(|| base.map(Path::to_path_buf));
+        let abs = |p: &mut PathBuf, field: &str| -> Result<()> {
+            if p.is_relative() {
+                match &base {
+                    Some(b) => *p = b.join(&*p),
+                    None => bail!(
+                        "{field} is a relative path ({}) in a job without `workdir`: use absolute \
+                         paths, add `workdir: /the/folder`, or submit with `mezod submit`, which adds it",
+                        p.display()
+                    ),
+                }
+            }
+            Ok(())
         };
-        abs(&mut spec.model.path);
-        abs(&mut spec.data.train);
+        abs(&mut spec.model.path, "model.path")?;
+        abs(&mut spec.data.train, "data.train")?;
         if let Some(d) = spec.data.dev.as_mut() {
-            abs(d);
+            abs(d, "data.dev")?;
         }
         spec.validate()?;
         Ok(spec)
@@ -213,12 +243,25 @@ mod tests {
         let s = JobSpec::parse(MINIMAL, Path::new("/jobs")).unwrap();
         assert_eq!(s.model.path, PathBuf::from("/jobs/m"));
         assert_eq!(s.model.device, "cpu");
-        assert_eq!(s.mezo.snapshot_every, 100);
+        assert_eq!(s.mezo.snapshot_every, None);
+        assert_eq!(s.priority, 0);
         assert_eq!(s.data_seed(), 7);
         assert_eq!(
             JobSpec::parse(&s.to_yaml(), Path::new("/elsewhere")).unwrap(),
             s
         );
+    }
+
+    #[test]
+    fn workdir_anchors_relative_paths_and_spooled_jobs_need_one() {
+        let s = JobSpec::parse(&format!("workdir: /data\n{MINIMAL}"), Path::new("/jobs")).unwrap();
+        assert_eq!(s.data.train, PathBuf::from("/data/train.jsonl"));
+        let e = JobSpec::parse_with_base(MINIMAL, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.path") && e.contains("workdir"), "{e}");
+        let e = JobSpec::parse(&format!("workdir: rel\n{MINIMAL}"), Path::new("/")).unwrap_err();
+        assert!(e.to_string().contains("absolute"), "{e}");
     }
 
     #[test]

@@ -126,6 +126,20 @@ impl Checkpoint {
         self.index.keys()
     }
 
+    /// Name and shape of every stored tensor, read from the headers only
+    /// (what admission control needs to size a job without loading it).
+    pub fn shapes(&self) -> Result<Vec<(String, Vec<usize>)>> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let st = SafeTensors::deserialize(&shard.map)?;
+            for (name, view) in st.tensors() {
+                out.push((name, view.shape().to_vec()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// Copy one stored tensor into a fresh libtorch tensor (CPU, stored dtype).
     fn read(&self, name: &str) -> Result<Tensor> {
         let shard = &self.shards[self.index[name]];

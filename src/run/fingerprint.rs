@@ -15,9 +15,10 @@ pub struct Fingerprint {
 
 impl Fingerprint {
     pub fn current(device: &str, dtype: crate::model::Dtype, threads: i32) -> Self {
-        let gpu = device
-            .starts_with("cuda")
-            .then(|| format!("{} CUDA device(s)", tch::Cuda::device_count()));
+        let gpu = device.starts_with("cuda").then(|| {
+            crate::gpu::model_name()
+                .unwrap_or_else(|| format!("{} CUDA device(s)", tch::Cuda::device_count()))
+        });
         Self {
             device: if device.starts_with("cuda") {
                 "cuda".into()

@@ -28,15 +28,27 @@ use crate::model::{export::export_hf, parse_device, LanguageModel};
 use crate::spec::JobSpec;
 use fingerprint::Fingerprint;
 use metrics::{EvalLine, MetricsFile};
-use seedlog::{SeedLog, StepRecord};
+use seedlog::{SeedLog, StepLog, StepRecord};
 
-/// Options of a foreground run beyond the job file.
+/// Snapshot interval when neither the job nor the daemon sets one.
+pub const DEFAULT_SNAPSHOT_EVERY: u64 = 100;
+
+/// Options of a run beyond the job file.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     /// Resume even though the determinism fingerprint differs (no longer bit-identical).
     pub force: bool,
     /// Show a progress bar (a terminal); otherwise log lines.
     pub progress: bool,
+    /// CPU threads when the job does not set `model.threads` (default: all cores).
+    pub threads: Option<i32>,
+    /// Device to use instead of the job's (the daemon assigns GPUs: `cuda:0` of
+    /// the one it made visible).
+    pub device: Option<String>,
+    /// Snapshot interval when the job does not set `mezo.snapshot_every`.
+    pub snapshot_every: Option<u64>,
+    /// The admission estimate of this job's peak memory, recorded in result.json.
+    pub memory_estimate: Option<u64>,
 }
 
 /// How a run ended.
@@ -62,7 +74,12 @@ pub struct RunResult {
     pub replayed_steps: u64,
     pub wall_time_s: f64,
     pub steps_per_s: f64,
+    /// Measured peak: GPU memory by NVML for this process on a GPU, VmHWM on CPU.
     pub peak_memory_bytes: u64,
+    /// `nvml` or `vmhwm`.
+    pub peak_memory_source: String,
+    /// What admission control estimated for this job (daemon runs).
+    pub memory_estimate_bytes: Option<u64>,
     pub trainable_parameters: i64,
     pub fingerprint: Fingerprint,
 }
@@ -87,6 +104,17 @@ pub fn peak_rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
+/// This process's peak memory on its device: NVML's figure for this process on
+/// a GPU (the caching allocator keeps the peak reserved), VmHWM on CPU.
+fn measured_peak(device: &str) -> (u64, String) {
+    if device.starts_with("cuda") {
+        if let Some(bytes) = crate::gpu::process_memory(std::process::id()) {
+            return (bytes, "nvml".into());
+        }
+    }
+    (peak_rss_bytes(), "vmhwm".into())
+}
+
 /// Everything one job needs while it trains.
 struct Job {
     spec: JobSpec,
@@ -95,8 +123,10 @@ struct Job {
     task: Task,
     train: Vec<Example>,
     dev: Vec<Example>,
-    log: SeedLog,
+    log: Box<dyn StepLog>,
     metrics: MetricsFile,
+    device: String,
+    memory_estimate: Option<u64>,
 }
 
 impl Job {
@@ -222,17 +252,32 @@ fn claim_out_dir(out: &Path, spec: &JobSpec, fp: &Fingerprint, force: bool) -> R
     Ok(())
 }
 
-/// Run (or resume) the job in `spec_path`, writing into `out`.
+/// Run (or resume) the job in `spec_path`, writing into `out`, with the seed
+/// log in `out/seedlog` (sled).
 pub fn run(spec_path: &Path, out: &Path, opts: &RunOptions) -> Result<Outcome> {
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("creating output directory {}", out.display()))?;
+    let log = SeedLog::open(&out.join("seedlog"))?;
+    run_with_log(spec_path, out, opts, Box::new(log))
+}
+
+/// Run (or resume) the job with step records going to `log`.
+pub fn run_with_log(
+    spec_path: &Path,
+    out: &Path,
+    opts: &RunOptions,
+    mut log: Box<dyn StepLog>,
+) -> Result<Outcome> {
     let started = Instant::now();
     let spec = JobSpec::load(spec_path)?;
-    let threads = spec.model.threads.unwrap_or_else(|| {
+    let threads = spec.model.threads.or(opts.threads).unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get() as i32)
             .unwrap_or(1)
     });
     tch::set_num_threads(threads);
-    let fp = Fingerprint::current(&spec.model.device, spec.model.dtype, threads);
+    let device_name = opts.device.clone().unwrap_or(spec.model.device.clone());
+    let fp = Fingerprint::current(&device_name, spec.model.dtype, threads);
     claim_out_dir(out, &spec, &fp, opts.force)?;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -246,7 +291,7 @@ pub fn run(spec_path: &Path, out: &Path, opts: &RunOptions) -> Result<Outcome> {
         unsafe { signal_hook::low_level::register(sig, move || n.store(sig, Ordering::SeqCst)) }?;
     }
 
-    let device = parse_device(&spec.model.device)?;
+    let device = parse_device(&device_name)?;
     let model = LanguageModel::load(&spec.model.path, spec.model.dtype, device)
         .with_context(|| format!("loading model {}", spec.model.path.display()))?;
     let splits = load_splits(&spec.data)?;
@@ -258,11 +303,10 @@ pub fn run(spec_path: &Path, out: &Path, opts: &RunOptions) -> Result<Outcome> {
         spec.model.path.display(),
         model.params.numel(),
         spec.model.dtype,
-        spec.model.device,
+        device_name,
         splits.train.len(),
         splits.dev.len()
     );
-    let log = SeedLog::open(&out.join("seedlog"))?;
     let mut records = log.contiguous()?;
     records.truncate(spec.mezo.steps as usize);
     let done = records.len() as u64;
@@ -277,6 +321,8 @@ pub fn run(spec_path: &Path, out: &Path, opts: &RunOptions) -> Result<Outcome> {
         dev: splits.dev,
         log,
         metrics,
+        device: device_name,
+        memory_estimate: opts.memory_estimate,
     };
 
     // Resume: newest valid snapshot, then replay the rest of the log.
@@ -299,6 +345,12 @@ pub fn run(spec_path: &Path, out: &Path, opts: &RunOptions) -> Result<Outcome> {
     let bar = opts.progress.then(|| progress_bar(total, done));
     let train_start = Instant::now();
     let log_every = (total / 20).max(1);
+    let snapshot_every = job
+        .spec
+        .mezo
+        .snapshot_every
+        .or(opts.snapshot_every)
+        .unwrap_or(DEFAULT_SNAPSHOT_EVERY);
     for step in done..total {
         if stop.load(Ordering::SeqCst) {
             return interrupted(&job, step, &snap_dir, signal_no.load(Ordering::SeqCst), bar);
@@ -318,7 +370,7 @@ pub fn run(spec_path: &Path, out: &Path, opts: &RunOptions) -> Result<Outcome> {
         if job.spec.mezo.eval_every > 0 && n % job.spec.mezo.eval_every == 0 && n < total {
             job.evaluate(n)?;
         }
-        if job.spec.mezo.snapshot_every > 0 && n % job.spec.mezo.snapshot_every == 0 && n < total {
+        if snapshot_every > 0 && n % snapshot_every == 0 && n < total {
             snapshot::save(&snap_dir, n, &job.model.params, 2)?;
         }
     }
@@ -400,6 +452,7 @@ fn finish(
         job.out.join("loss.svg"),
         plot::loss_curve_svg(&train_points, &eval_points, "loss"),
     )?;
+    let (peak_memory_bytes, peak_memory_source) = measured_peak(&job.device);
     let result = RunResult {
         metric: job.task.metric_name().into(),
         zero_shot: evals.iter().find(|e| e.step == 0).map(|e| e.value),
@@ -419,7 +472,9 @@ fn finish(
         } else {
             0.0
         },
-        peak_memory_bytes: peak_rss_bytes(),
+        peak_memory_bytes,
+        peak_memory_source,
+        memory_estimate_bytes: job.memory_estimate,
         trainable_parameters: job.model.params.numel(),
         fingerprint: fp,
     };

@@ -23,10 +23,10 @@ pub struct StepRecord {
 
 /// Fixed little-endian layout: exact f64 bits (a text round trip could move the
 /// last bit of a projected gradient, and replay would drift).
-const RECORD_BYTES: usize = 48;
+pub const RECORD_BYTES: usize = 48;
 
 impl StepRecord {
-    fn to_bytes(&self) -> [u8; RECORD_BYTES] {
+    pub fn to_bytes(&self) -> [u8; RECORD_BYTES] {
         let mut b = [0u8; RECORD_BYTES];
         let fields = [
             self.step,
@@ -42,7 +42,7 @@ impl StepRecord {
         b
     }
 
-    fn from_bytes(b: &[u8]) -> Option<Self> {
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
         if b.len() != RECORD_BYTES {
             return None;
         }
@@ -58,28 +58,64 @@ impl StepRecord {
     }
 }
 
+/// Where a run's step records go.  `mezod run` keeps them in its own sled
+/// database; a daemon worker streams them to the daemon, which owns the sled
+/// database (sled allows one process per database).
+pub trait StepLog {
+    /// The records of steps 0, 1, 2, … up to the first gap.
+    fn contiguous(&self) -> Result<Vec<StepRecord>>;
+    /// Record one step durably (or hand it to whoever makes it durable).
+    fn append(&mut self, rec: &StepRecord) -> Result<()>;
+    /// Drop every record from `step` on (what lies beyond a gap is recomputed).
+    fn truncate_from(&mut self, step: u64) -> Result<()>;
+}
+
+/// A seed log in a sled tree: a run's own database, or one tree per job in
+/// the daemon's database.
 pub struct SeedLog {
-    db: sled::Db,
+    tree: sled::Tree,
+    /// Keeps a run's own database open for as long as the log lives.
+    _db: Option<sled::Db>,
 }
 
 impl SeedLog {
     pub fn open(dir: &Path) -> Result<Self> {
         let db = sled::open(dir).with_context(|| format!("opening seed log {}", dir.display()))?;
-        Ok(Self { db })
+        Ok(Self {
+            tree: (*db).clone(),
+            _db: Some(db),
+        })
+    }
+
+    /// The log held in one tree of a larger database.
+    pub fn in_tree(tree: sled::Tree) -> Self {
+        Self { tree, _db: None }
     }
 
     /// Append one step and flush it to disk.
     pub fn append(&self, rec: &StepRecord) -> Result<()> {
-        self.db
+        self.tree
             .insert(rec.step.to_be_bytes(), rec.to_bytes().to_vec())?;
-        self.db.flush().context("flushing the seed log")?;
+        self.tree.flush().context("flushing the seed log")?;
+        Ok(())
+    }
+
+    /// Insert without flushing (the daemon flushes once per batch of records).
+    pub fn insert(&self, rec: &StepRecord) -> Result<()> {
+        self.tree
+            .insert(rec.step.to_be_bytes(), rec.to_bytes().to_vec())?;
+        Ok(())
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.tree.flush().context("flushing the seed log")?;
         Ok(())
     }
 
     /// The records of steps 0, 1, 2, … up to the first gap or unreadable record.
     pub fn contiguous(&self) -> Result<Vec<StepRecord>> {
         let mut out = Vec::new();
-        for item in self.db.iter() {
+        for item in self.tree.iter() {
             let (k, v) = item?;
             let Ok(key) = <[u8; 8]>::try_from(k.as_ref()) else {
                 break;
@@ -97,12 +133,24 @@ impl SeedLog {
 
     /// Drop every record from `step` on (what lies beyond a gap is recomputed).
     pub fn truncate_from(&self, step: u64) -> Result<()> {
-        for item in self.db.range(step.to_be_bytes()..) {
+        for item in self.tree.range(step.to_be_bytes()..) {
             let (k, _) = item?;
-            self.db.remove(k)?;
+            self.tree.remove(k)?;
         }
-        self.db.flush()?;
+        self.tree.flush()?;
         Ok(())
+    }
+}
+
+impl StepLog for SeedLog {
+    fn contiguous(&self) -> Result<Vec<StepRecord>> {
+        SeedLog::contiguous(self)
+    }
+    fn append(&mut self, rec: &StepRecord) -> Result<()> {
+        SeedLog::append(self, rec)
+    }
+    fn truncate_from(&mut self, step: u64) -> Result<()> {
+        SeedLog::truncate_from(self, step)
     }
 }
 

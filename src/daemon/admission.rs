@@ -1,0 +1,501 @@
+//! Admission control: which queued job starts now, where, and why the others wait.
+//!
+//! Every GPU (and the CPU) is a *pool* with free memory, as NVML (or
+//! `MemAvailable`) reports it, and a number of job slots.  A job is admitted to
+//! a pool when its estimate plus the safety margin fits in
+//!
+//! ```text
+//! free now − Σ reservations of our jobs in that pool
+//! reservation(job) = max(0, estimate − memory the job's process holds now)
+//! ```
+//!
+//! so a job that has started but not yet allocated still counts in full, and a
+//! job that has settled counts only through the free memory it took.
+//!
+//! **Order and backfill.** Jobs are considered by priority (higher first),
+//! then submission order.  The first job of a kind (GPU or CPU) that does not
+//! fit becomes the *head*: it is given a target pool, the one that would have
+//! the most room if all of our jobs there finished.  A later, smaller job may
+//! still start (backfill), but in the head's target pool only if the head would
+//! still fit there once the jobs running now finish, with every backfilled job
+//! still running.  So backfill never delays the head and big jobs do not
+//! starve.  A job larger than any pool's total memory fails at once.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::estimate::gib;
+use crate::gpu::GpuInfo;
+
+/// Where a job runs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Pool {
+    Cpu,
+    /// A GPU by UUID.
+    Gpu(String),
+}
+
+/// What the machine looks like now.
+pub trait Probe {
+    /// The GPUs and their memory, or why there are none to use.
+    fn gpus(&mut self) -> Result<Vec<GpuInfo>, String>;
+    /// (MemAvailable, MemTotal) in bytes.
+    fn cpu_memory(&mut self) -> (u64, u64);
+    /// Memory a process of ours holds now: GPU memory for GPU jobs, RSS for CPU jobs.
+    fn process_memory(&mut self, pid: u32, pool: &Pool) -> u64;
+}
+
+/// The real machine: NVML and /proc.
+pub struct SystemProbe;
+
+impl Probe for SystemProbe {
+    fn gpus(&mut self) -> Result<Vec<GpuInfo>, String> {
+        crate::gpu::list()
+    }
+
+    fn cpu_memory(&mut self) -> (u64, u64) {
+        let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .map_or(0, |kb| kb * 1024)
+        };
+        (field("MemAvailable:"), field("MemTotal:"))
+    }
+
+    fn process_memory(&mut self, pid: u32, pool: &Pool) -> u64 {
+        match pool {
+            Pool::Gpu(uuid) => crate::gpu::list()
+                .unwrap_or_default()
+                .iter()
+                .filter(|g| &g.uuid == uuid)
+                .flat_map(|g| g.processes.iter())
+                .filter(|(p, _)| *p == pid)
+                .map(|(_, b)| b)
+                .sum(),
+            Pool::Cpu => {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                    .map_or(0, |kb| kb * 1024)
+            }
+        }
+    }
+}
+
+/// A scripted machine for tests: GPUs, memory held by other users and by our
+/// processes are whatever the test says.
+#[derive(Debug, Clone, Default)]
+pub struct ScriptedProbe {
+    pub gpus: Vec<GpuInfo>,
+    pub cpu_available: u64,
+    pub cpu_total: u64,
+    pub usage: HashMap<u32, u64>,
+}
+
+impl Probe for ScriptedProbe {
+    fn gpus(&mut self) -> Result<Vec<GpuInfo>, String> {
+        if self.gpus.is_empty() {
+            Err("no GPUs in this script".into())
+        } else {
+            Ok(self.gpus.clone())
+        }
+    }
+    fn cpu_memory(&mut self) -> (u64, u64) {
+        (self.cpu_available, self.cpu_total)
+    }
+    fn process_memory(&mut self, pid: u32, _pool: &Pool) -> u64 {
+        self.usage.get(&pid).copied().unwrap_or(0)
+    }
+}
+
+/// A queued job as admission sees it.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub id: u64,
+    pub priority: i32,
+    pub estimate: u64,
+    pub wants_gpu: bool,
+}
+
+/// A job of ours that holds (or is about to hold) memory in a pool.
+#[derive(Debug, Clone)]
+pub struct Placed {
+    pub pool: Pool,
+    pub estimate: u64,
+    /// What its process holds now.
+    pub usage: u64,
+}
+
+/// The pools and limits to plan against.
+#[derive(Debug, Clone)]
+pub struct Resources {
+    /// Usable GPUs (already filtered by the config); empty without NVML.
+    pub gpus: Vec<GpuInfo>,
+    /// Why there are no GPUs, when there are none.
+    pub no_gpu_reason: Option<String>,
+    pub cpu_available: u64,
+    pub cpu_total: u64,
+    pub cpu_slots: usize,
+    pub jobs_per_gpu: usize,
+    pub margin: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Admit {
+        id: u64,
+        pool: Pool,
+    },
+    Wait {
+        id: u64,
+        reason: String,
+    },
+    /// The job can never fit here; fail it.
+    Never {
+        id: u64,
+        reason: String,
+    },
+}
+
+/// One pool's state while planning.
+#[derive(Debug)]
+struct PoolState {
+    pool: Pool,
+    label: String,
+    total: u64,
+    /// Room for new jobs now: free − reservations − margin.
+    room: i128,
+    /// Room if all our jobs now running here finished.
+    room_if_ours_finish: i128,
+    slots: usize,
+}
+
+fn pools(res: &Resources, placed: &[Placed]) -> Vec<PoolState> {
+    let mut out: Vec<PoolState> = res
+        .gpus
+        .iter()
+        .map(|g| PoolState {
+            pool: Pool::Gpu(g.uuid.clone()),
+            label: format!("GPU {} ({})", g.index, g.name),
+            total: g.total_bytes,
+            room: g.free_bytes as i128 - res.margin as i128,
+            room_if_ours_finish: g.free_bytes as i128 - res.margin as i128,
+            slots: res.jobs_per_gpu,
+        })
+        .collect();
+    out.push(PoolState {
+        pool: Pool::Cpu,
+        label: "CPU".into(),
+        total: res.cpu_total,
+        room: res.cpu_available as i128 - res.margin as i128,
+        room_if_ours_finish: res.cpu_available as i128 - res.margin as i128,
+        slots: res.cpu_slots,
+    });
+    for p in placed {
+        if let Some(s) = out.iter_mut().find(|s| s.pool == p.pool) {
+            s.room -= p.estimate.saturating_sub(p.usage) as i128;
+            s.room_if_ours_finish += p.usage as i128;
+            s.slots = s.slots.saturating_sub(1);
+        }
+    }
+    out
+}
+
+/// The head of a kind: the first job that had to wait, and the pool kept for it.
+struct Head {
+    id: u64,
+    estimate: u64,
+    pool: usize,
+    /// Room the head will have in its pool once the jobs running now finish.
+    protected_room: i128,
+}
+
+/// Decide for every queued job: start it (where), let it wait (why), or fail it.
+pub fn plan(queue: &[Candidate], placed: &[Placed], res: &Resources) -> Vec<Decision> {
+    let mut order: Vec<&Candidate> = queue.iter().collect();
+    order.sort_by_key(|c| (std::cmp::Reverse(c.priority), c.id));
+    let mut pools = pools(res, placed);
+    let mut heads: [Option<Head>; 2] = [None, None]; // [cpu, gpu]
+    let mut out = Vec::new();
+    for c in order {
+        let kind: Vec<usize> = (0..pools.len())
+            .filter(|&i| matches!(pools[i].pool, Pool::Gpu(_)) == c.wants_gpu)
+            .collect();
+        let need = c.estimate as i128;
+        if kind.is_empty() {
+            out.push(Decision::Never {
+                id: c.id,
+                reason: format!(
+                    "this job asks for a GPU but the daemon has none to use ({})",
+                    res.no_gpu_reason.as_deref().unwrap_or("no GPUs selected")
+                ),
+            });
+            continue;
+        }
+        let biggest = kind.iter().map(|&i| pools[i].total).max().unwrap_or(0);
+        if c.estimate + res.margin > biggest {
+            out.push(Decision::Never {
+                id: c.id,
+                reason: format!(
+                    "this job needs about {} (plus a {} safety margin) but the largest {} has {} in all; \
+                     use a smaller batch, max_length or dtype",
+                    gib(c.estimate),
+                    gib(res.margin),
+                    if c.wants_gpu { "GPU" } else { "machine" },
+                    gib(biggest)
+                ),
+            });
+            continue;
+        }
+        let head = &mut heads[c.wants_gpu as usize];
+        // Among the pools with room and a free slot, the one with the most room;
+        // the head's pool only if the head keeps its room.
+        let fits = |i: usize, head: &Option<Head>| {
+            let p = &pools[i];
+            p.slots > 0
+                && p.room >= need
+                && head
+                    .as_ref()
+                    .is_none_or(|h| h.pool != i || h.protected_room - need >= h.estimate as i128)
+        };
+        if let Some(&i) = kind
+            .iter()
+            .filter(|&&i| fits(i, head))
+            .max_by_key(|&&i| pools[i].room)
+        {
+            pools[i].room -= need;
+            pools[i].slots -= 1;
+            if let Some(h) = head.as_mut().filter(|h| h.pool == i) {
+                h.protected_room -= need;
+            }
+            out.push(Decision::Admit {
+                id: c.id,
+                pool: pools[i].pool.clone(),
+            });
+            continue;
+        }
+        let best = *kind
+            .iter()
+            .max_by_key(|&&i| (pools[i].room, pools[i].slots))
+            .expect("kind is not empty");
+        let reason = match head {
+            Some(h) => format!(
+                "waiting behind job {} (first in line; {} stays reserved for it); {}",
+                h.id,
+                pools[h.pool].label,
+                why_not(&pools[best], need)
+            ),
+            None => why_not(&pools[best], need),
+        };
+        if head.is_none() {
+            let target = *kind
+                .iter()
+                .max_by_key(|&&i| pools[i].room_if_ours_finish)
+                .expect("kind is not empty");
+            *head = Some(Head {
+                id: c.id,
+                estimate: c.estimate,
+                pool: target,
+                protected_room: pools[target].room_if_ours_finish,
+            });
+        }
+        out.push(Decision::Wait { id: c.id, reason });
+    }
+    out
+}
+
+fn why_not(p: &PoolState, need: i128) -> String {
+    if p.slots == 0 {
+        format!("all job slots of {} are busy", p.label)
+    } else {
+        format!(
+            "needs {} but {} has {} free after reservations and margin",
+            gib(need as u64),
+            p.label,
+            gib(p.room.max(0) as u64)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn gpu(index: u32, total_gib: u64, free_gib: u64) -> GpuInfo {
+        GpuInfo {
+            index,
+            uuid: format!("GPU-{index}"),
+            name: "Test GPU".into(),
+            total_bytes: total_gib * GIB,
+            free_bytes: free_gib * GIB,
+            processes: vec![],
+        }
+    }
+
+    fn res(gpus: Vec<GpuInfo>) -> Resources {
+        Resources {
+            gpus,
+            no_gpu_reason: None,
+            cpu_available: 16 * GIB,
+            cpu_total: 24 * GIB,
+            cpu_slots: 1,
+            jobs_per_gpu: 4,
+            margin: GIB,
+        }
+    }
+
+    fn job(id: u64, gib_: u64) -> Candidate {
+        Candidate {
+            id,
+            priority: 0,
+            estimate: gib_ * GIB,
+            wants_gpu: true,
+        }
+    }
+
+    fn admitted(d: &[Decision]) -> Vec<(u64, Pool)> {
+        d.iter()
+            .filter_map(|d| match d {
+                Decision::Admit { id, pool } => Some((*id, pool.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn jobs_spread_over_gpus_by_room() {
+        let d = plan(
+            &[job(1, 30), job(2, 30), job(3, 30)],
+            &[],
+            &res(vec![gpu(0, 80, 80), gpu(1, 80, 80)]),
+        );
+        let a = admitted(&d);
+        assert_eq!(a.len(), 3);
+        assert_ne!(a[0].1, a[1].1, "the second job goes to the emptier GPU");
+    }
+
+    #[test]
+    fn memory_held_by_other_users_is_respected() {
+        // GPU 0 has 80 GB but another user holds 70.
+        let d = plan(
+            &[job(1, 20)],
+            &[],
+            &res(vec![gpu(0, 80, 10), gpu(1, 40, 30)]),
+        );
+        assert_eq!(admitted(&d), vec![(1, Pool::Gpu("GPU-1".into()))]);
+        let d = plan(&[job(2, 20)], &[], &res(vec![gpu(0, 80, 10)]));
+        match &d[0] {
+            Decision::Wait { reason, .. } => assert!(reason.contains("9.00 GiB free"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unsettled_jobs_keep_their_reservation() {
+        // Job A was admitted with 30 GB but has allocated only 5 so far:
+        // NVML free still shows 75, yet only 75 − 25 − 1 = 49 may be handed out.
+        let placed = [Placed {
+            pool: Pool::Gpu("GPU-0".into()),
+            estimate: 30 * GIB,
+            usage: 5 * GIB,
+        }];
+        let d = plan(&[job(2, 50)], &placed, &res(vec![gpu(0, 80, 75)]));
+        assert!(matches!(d[0], Decision::Wait { .. }), "{d:?}");
+        let d = plan(&[job(2, 48)], &placed, &res(vec![gpu(0, 80, 75)]));
+        assert_eq!(admitted(&d).len(), 1);
+    }
+
+    #[test]
+    fn a_big_job_is_not_starved_by_small_ones() {
+        // One GPU, a small job of ours running with 30 GB; a big job needs 60.
+        let placed = [Placed {
+            pool: Pool::Gpu("GPU-0".into()),
+            estimate: 30 * GIB,
+            usage: 30 * GIB,
+        }];
+        let r = res(vec![gpu(0, 80, 50)]);
+        // Small job 3 would fit now (49 GB room) but would leave the big job
+        // 79 − 25 = 54 < 60 once job A finishes: it must wait.
+        let d = plan(&[job(2, 60), job(3, 25)], &placed, &r);
+        assert!(admitted(&d).is_empty(), "{d:?}");
+        match &d[1] {
+            Decision::Wait { reason, .. } => assert!(reason.contains("behind job 2"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        // A tiny job leaves the big one its room (79 − 10 ≥ 60): backfilled.
+        let d = plan(&[job(2, 60), job(4, 10)], &placed, &r);
+        assert_eq!(admitted(&d), vec![(4, Pool::Gpu("GPU-0".into()))]);
+        // Two tiny ones do not, together: only the first backfills.
+        let d = plan(&[job(2, 60), job(4, 10), job(5, 10)], &placed, &r);
+        assert_eq!(admitted(&d).len(), 1);
+    }
+
+    #[test]
+    fn priority_goes_first_then_submission_order() {
+        let mut hi = job(9, 50);
+        hi.priority = 5;
+        let d = plan(&[job(1, 50), hi], &[], &res(vec![gpu(0, 80, 80)]));
+        assert_eq!(admitted(&d), vec![(9, Pool::Gpu("GPU-0".into()))]);
+    }
+
+    #[test]
+    fn impossible_jobs_fail_at_once_with_sizes() {
+        let d = plan(&[job(1, 100)], &[], &res(vec![gpu(0, 80, 80)]));
+        match &d[0] {
+            Decision::Never { reason, .. } => {
+                assert!(
+                    reason.contains("100.00 GiB") && reason.contains("80.00 GiB"),
+                    "{reason}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut r = res(vec![]);
+        r.no_gpu_reason = Some("NVML unavailable: driver not loaded".into());
+        let d = plan(&[job(2, 1)], &[], &r);
+        assert!(matches!(&d[0], Decision::Never { reason, .. } if reason.contains("NVML")));
+    }
+
+    #[test]
+    fn cpu_jobs_use_cpu_slots_and_memory() {
+        let cpu = |id, g| Candidate {
+            wants_gpu: false,
+            ..job(id, g)
+        };
+        let mut r = res(vec![]);
+        r.cpu_slots = 2;
+        let d = plan(&[cpu(1, 4), cpu(2, 4), cpu(3, 4)], &[], &r);
+        assert_eq!(admitted(&d).len(), 2);
+        match &d[2] {
+            Decision::Wait { reason, .. } => assert!(reason.contains("slots"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        // Memory, not slots, limits here: 16 − 1 margin = 15 GB.
+        let d = plan(&[cpu(1, 10), cpu(2, 10)], &[], &r);
+        assert_eq!(admitted(&d).len(), 1);
+    }
+
+    #[test]
+    fn the_scripted_probe_reports_what_the_test_says() {
+        let mut p = ScriptedProbe {
+            gpus: vec![gpu(0, 80, 12)],
+            usage: HashMap::from([(42, 7 * GIB)]),
+            ..Default::default()
+        };
+        assert_eq!(p.gpus().unwrap()[0].free_bytes, 12 * GIB);
+        assert_eq!(p.process_memory(42, &Pool::Gpu("GPU-0".into())), 7 * GIB);
+        assert_eq!(p.process_memory(43, &Pool::Cpu), 0);
+        let mut sys = SystemProbe;
+        let (avail, total) = sys.cpu_memory();
+        assert!(avail > 0 && total >= avail);
+        assert!(sys.process_memory(std::process::id(), &Pool::Cpu) > 0);
+    }
+}

@@ -1,0 +1,226 @@
+//! The daemon's configuration file (YAML; every field optional).
+//!
+//! ```yaml
+//! spool: /var/lib/mezod/spool      # new/ tmp/ cur/ rejected/ live here
+//! state: /var/lib/mezod            # sled database and one folder per job
+//! runtime: /run/mezod              # the control socket
+//! gpus: all                        # or a list of indices / UUIDs
+//! memory_margin_mib: 1024          # kept free on every GPU (and in RAM)
+//! jobs_per_gpu: 1
+//! cpu_slots: 1                     # concurrent CPU jobs
+//! cpu_threads_per_job: null        # default: cores / cpu_slots
+//! rescan_interval_s: 10            # spool rescan besides inotify
+//! watch: auto                      # auto | inotify | poll
+//! snapshot_every: 100              # for jobs that do not set it
+//! retry_limit: 3                   # worker crashes retried before `failed`
+//! retry_backoff_s: 2               # doubled on each retry
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    pub spool: Option<PathBuf>,
+    pub state: Option<PathBuf>,
+    pub runtime: Option<PathBuf>,
+    pub gpus: GpuSelection,
+    pub memory_margin_mib: u64,
+    pub jobs_per_gpu: usize,
+    pub cpu_slots: usize,
+    pub cpu_threads_per_job: Option<i32>,
+    pub rescan_interval_s: f64,
+    pub watch: WatchMode,
+    pub snapshot_every: u64,
+    pub retry_limit: u32,
+    pub retry_backoff_s: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum GpuSelection {
+    /// `all`
+    All(AllGpus),
+    /// Indices (as NVML numbers them) or UUIDs.
+    Listed(Vec<GpuId>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllGpus {
+    All,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum GpuId {
+    Index(u32),
+    Uuid(String),
+}
+
+impl GpuSelection {
+    pub fn allows(&self, index: u32, uuid: &str) -> bool {
+        match self {
+            GpuSelection::All(_) => true,
+            GpuSelection::Listed(ids) => ids.iter().any(|id| match id {
+                GpuId::Index(i) => *i == index,
+                GpuId::Uuid(u) => u == uuid,
+            }),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WatchMode {
+    /// inotify, falling back to polling where it cannot be set up.
+    Auto,
+    Inotify,
+    /// Polling (network filesystems, where inotify sees no remote changes).
+    Poll,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            spool: None,
+            state: None,
+            runtime: None,
+            gpus: GpuSelection::All(AllGpus::All),
+            memory_margin_mib: 1024,
+            jobs_per_gpu: 1,
+            cpu_slots: 1,
+            cpu_threads_per_job: None,
+            rescan_interval_s: 10.0,
+            watch: WatchMode::Auto,
+            snapshot_every: 100,
+            retry_limit: 3,
+            retry_backoff_s: 2.0,
+        }
+    }
+}
+
+/// Where the daemon keeps things, resolved once at start.
+#[derive(Debug, Clone)]
+pub struct Dirs {
+    pub spool: PathBuf,
+    pub state: PathBuf,
+    pub runtime: PathBuf,
+}
+
+impl Dirs {
+    pub fn socket(&self) -> PathBuf {
+        self.runtime.join("mezod.sock")
+    }
+    pub fn jobs(&self) -> PathBuf {
+        self.state.join("jobs")
+    }
+    pub fn job(&self, id: u64) -> PathBuf {
+        self.jobs().join(id.to_string())
+    }
+    pub fn db(&self) -> PathBuf {
+        self.state.join("db")
+    }
+}
+
+impl DaemonConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading daemon config {}", path.display()))?;
+        let cfg: Self = serde_yaml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("invalid daemon config {}: {e}", path.display()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.jobs_per_gpu == 0 {
+            bail!("jobs_per_gpu must be at least 1");
+        }
+        if !(self.rescan_interval_s > 0.0) {
+            bail!("rescan_interval_s must be positive");
+        }
+        if !(self.retry_backoff_s >= 0.0) {
+            bail!("retry_backoff_s must not be negative");
+        }
+        Ok(())
+    }
+
+    pub fn margin_bytes(&self) -> u64 {
+        self.memory_margin_mib << 20
+    }
+
+    pub fn rescan_interval(&self) -> Duration {
+        Duration::from_secs_f64(self.rescan_interval_s)
+    }
+
+    /// Threads for a CPU job that does not set its own.
+    pub fn cpu_threads(&self) -> i32 {
+        self.cpu_threads_per_job.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / self.cpu_slots.max(1)).max(1) as i32
+        })
+    }
+
+    /// Command-line paths win over the file; then systemd's directories
+    /// (`StateDirectory=`, `RuntimeDirectory=`); then `./var/`.
+    pub fn dirs(
+        &self,
+        spool: Option<PathBuf>,
+        state: Option<PathBuf>,
+        runtime: Option<PathBuf>,
+    ) -> Dirs {
+        let env_dir = |name: &str| {
+            std::env::var_os(name)
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+        };
+        let state = state
+            .or(self.state.clone())
+            .or_else(|| env_dir("STATE_DIRECTORY"))
+            .unwrap_or_else(|| PathBuf::from("var/state"));
+        let spool = spool
+            .or(self.spool.clone())
+            .or_else(|| env_dir("STATE_DIRECTORY").map(|d| d.join("spool")))
+            .unwrap_or_else(|| PathBuf::from("var/spool"));
+        let runtime = runtime
+            .or(self.runtime.clone())
+            .or_else(|| env_dir("RUNTIME_DIRECTORY"))
+            .unwrap_or_else(|| PathBuf::from("var/run"));
+        let abs = |p: PathBuf| {
+            if p.is_absolute() {
+                p
+            } else {
+                std::env::current_dir().map(|c| c.join(&p)).unwrap_or(p)
+            }
+        };
+        Dirs {
+            spool: abs(spool),
+            state: abs(state),
+            runtime: abs(runtime),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_a_full_file_parse() {
+        let cfg: DaemonConfig = serde_yaml::from_str("{}").unwrap();
+        assert_eq!(cfg, DaemonConfig::default());
+        let cfg: DaemonConfig =
+            serde_yaml::from_str("gpus: [0, GPU-abc]\ncpu_slots: 2\nwatch: poll\nretry_limit: 1\n")
+                .unwrap();
+        assert!(cfg.gpus.allows(0, "GPU-x") && cfg.gpus.allows(3, "GPU-abc"));
+        assert!(!cfg.gpus.allows(1, "GPU-def"));
+        assert_eq!(cfg.watch, WatchMode::Poll);
+        let e = serde_yaml::from_str::<DaemonConfig>("cpu_slot: 2\n").unwrap_err();
+        assert!(e.to_string().contains("cpu_slot"), "{e}");
+    }
+}

@@ -1,0 +1,25 @@
+//! `mezod daemon`: takes job files from a spool folder, admits them by free
+//! memory, runs each in its own worker process, and keeps every step durable
+//! so that nothing is lost to a crash, a kill or a reboot.
+//!
+//! One thread owns all state (the *main loop* in [`server`]); the spool
+//! watcher, the signal handler, the control socket and one reader per worker
+//! only send it [`server::Event`]s.  Module map:
+//!
+//! * [`config`]: the daemon's YAML config and its folders;
+//! * [`spool`]: `new/ → cur/ | rejected/`, exactly once;
+//! * [`jobs`]: the job table in sled;
+//! * [`admission`]: which job starts where (pure, tested with a scripted probe);
+//! * [`worker`]: the worker process and its step-record pipe;
+//! * [`control`]: the Unix-socket protocol of `status`, `cancel`, `logs`, `submit`;
+//! * [`notify`]: systemd's READY / STATUS / WATCHDOG;
+//! * [`server`]: the main loop that ties them together.
+
+pub mod admission;
+pub mod config;
+pub mod control;
+pub mod jobs;
+pub mod notify;
+pub mod server;
+pub mod spool;
+pub mod worker;

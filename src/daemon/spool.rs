@@ -1,0 +1,254 @@
+//! The spool folder, Maildir-style: submitters write into `tmp/` and
+//! `rename()` into `new/`; the daemon takes each file in `new/` and moves it to
+//! exactly one place: `cur/<id>-<name>` once its job record is durable, or
+//! `rejected/<name>` with a `<name>.error` sidecar that says why.
+//!
+//! A crash between recording a job and moving its file must not start the
+//! job twice: the record is written together with a *claim* (file name →
+//! job id, plus the file's inode) and the claim is removed only after the
+//! move, so a file found in `new/` with a claim is only moved on.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+/// Largest job file the daemon reads.
+pub const MAX_JOB_FILE_BYTES: u64 = 1 << 20;
+
+#[derive(Debug)]
+pub struct Spool {
+    root: PathBuf,
+}
+
+/// A job file read from `new/`.
+#[derive(Debug)]
+pub struct Dropped {
+    pub name: String,
+    pub text: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub inode: u64,
+}
+
+/// Dotfiles and editor leftovers are not jobs (yet): they stay where they are.
+pub fn is_ignored(name: &str) -> bool {
+    name.starts_with('.')
+        || name.starts_with('#')
+        || name.ends_with('~')
+        || name.ends_with(".swp")
+        || name.ends_with(".swx")
+        || name.ends_with(".tmp")
+        || name.ends_with(".part")
+}
+
+impl Spool {
+    /// Create the folders; refuse a spool that other users could write into
+    /// unless this daemon runs as root (then every job runs as its file's owner).
+    pub fn open(root: &Path, as_root: bool) -> Result<Self> {
+        let spool = Self {
+            root: root.to_path_buf(),
+        };
+        for dir in ["new", "tmp", "cur", "rejected"] {
+            let d = root.join(dir);
+            std::fs::create_dir_all(&d)
+                .with_context(|| format!("creating spool folder {}", d.display()))?;
+            if as_root && (dir == "new" || dir == "tmp") {
+                // Anyone may drop a job; the sticky bit keeps users off each other's files.
+                std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o1733))?;
+            }
+        }
+        if !as_root {
+            for dir in [root.to_path_buf(), spool.new_dir(), spool.tmp_dir()] {
+                let mode = std::fs::metadata(&dir)?.permissions().mode();
+                if mode & 0o022 != 0 {
+                    bail!(
+                        "spool folder {} is writable by other users (mode {:o}); a daemon that is not \
+                         root would run their jobs as itself. Run `chmod go-w {}` or run the daemon as root.",
+                        dir.display(),
+                        mode & 0o7777,
+                        dir.display()
+                    );
+                }
+            }
+        }
+        Ok(spool)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn new_dir(&self) -> PathBuf {
+        self.root.join("new")
+    }
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    /// Names in `new/` that may be jobs, in name order.
+    pub fn list(&self) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        for e in std::fs::read_dir(self.new_dir())? {
+            let name = e?.file_name().to_string_lossy().to_string();
+            if !is_ignored(&name) {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Inode of `new/<name>` without following links (None when gone).
+    pub fn inode(&self, name: &str) -> Option<u64> {
+        std::fs::symlink_metadata(self.new_dir().join(name))
+            .ok()
+            .map(|m| m.ino())
+    }
+
+    /// Read `new/<name>`: a regular file (never through a symlink) of at most 1 MiB.
+    /// `Err` holds the plain reason to reject it.
+    pub fn read(&self, name: &str) -> std::result::Result<Dropped, String> {
+        let path = self.new_dir().join(name);
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| format!("cannot stat it: {e}"))?;
+        if !meta.file_type().is_file() {
+            return Err(
+                "it is not a regular file (symlinks, folders and devices are refused)".into(),
+            );
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+            .map_err(|e| format!("cannot open it: {e}"))?;
+        let meta = file.metadata().map_err(|e| e.to_string())?;
+        if !meta.file_type().is_file() {
+            return Err("it is not a regular file".into());
+        }
+        if meta.len() > MAX_JOB_FILE_BYTES {
+            return Err(format!(
+                "it is {} bytes; job files are at most {} bytes (data belongs in data.train, not in the job file)",
+                meta.len(),
+                MAX_JOB_FILE_BYTES
+            ));
+        }
+        let mut bytes = Vec::new();
+        (&mut file)
+            .take(MAX_JOB_FILE_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("cannot read it: {e}"))?;
+        let text = String::from_utf8(bytes).map_err(|_| "it is not UTF-8 text".to_string())?;
+        Ok(Dropped {
+            name: name.to_string(),
+            text,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            inode: meta.ino(),
+        })
+    }
+
+    /// Move `new/<name>` to `rejected/` with a sidecar saying why.  The
+    /// sidecar comes first: a crash in between only rejects the file again.
+    pub fn reject(&self, name: &str, why: &str) -> Result<PathBuf> {
+        let dir = self.root.join("rejected");
+        let mut target = dir.join(name);
+        let mut n = 1;
+        while target.exists() || target.symlink_metadata().is_ok() {
+            target = dir.join(format!("{name}.{n}"));
+            n += 1;
+        }
+        let error = PathBuf::from(format!("{}.error", target.display()));
+        let tmp = PathBuf::from(format!("{}.error.part", target.display()));
+        std::fs::write(&tmp, format!("{name} was rejected: {why}\n"))?;
+        std::fs::rename(&tmp, &error)?;
+        std::fs::rename(self.new_dir().join(name), &target)?;
+        Ok(error)
+    }
+
+    /// Move an accepted file out of `new/`, keeping it for reference.
+    pub fn archive(&self, name: &str, id: u64) -> Result<()> {
+        let from = self.new_dir().join(name);
+        if from.symlink_metadata().is_ok() {
+            std::fs::rename(&from, self.root.join("cur").join(format!("{id}-{name}")))?;
+        }
+        Ok(())
+    }
+
+    /// The reason a file was rejected, if it was (for `mezod submit`).
+    pub fn rejection(&self, name: &str) -> Option<String> {
+        std::fs::read_to_string(self.root.join("rejected").join(format!("{name}.error"))).ok()
+    }
+}
+
+/// Write `text` into the spool atomically under a fresh name: `tmp/` then
+/// `rename()` into `new/`.  Returns the name.
+pub fn drop_job(spool_root: &Path, stem: &str, text: &str) -> Result<String> {
+    let unique = format!(
+        "{stem}-{}-{}.yaml",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+        std::process::id()
+    );
+    let tmp = spool_root.join("tmp").join(&unique);
+    {
+        use std::io::Write;
+        let mut f = File::create(&tmp).with_context(|| {
+            format!(
+                "writing into the spool {} (is this the daemon's spool, and may you write to it?)",
+                tmp.display()
+            )
+        })?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, spool_root.join("new").join(&unique))?;
+    Ok(unique)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_end_in_exactly_one_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), false).unwrap();
+        let name = drop_job(dir.path(), "a", "model: {}\n").unwrap();
+        std::fs::write(spool.new_dir().join(".hidden"), "x").unwrap();
+        std::fs::write(spool.new_dir().join("big.yaml"), vec![b'#'; 2 << 20]).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", spool.new_dir().join("link.yaml")).unwrap();
+        assert_eq!(
+            spool.list().unwrap(),
+            vec![name.clone(), "big.yaml".into(), "link.yaml".into()]
+        );
+        assert!(spool.read("big.yaml").unwrap_err().contains("at most"));
+        assert!(spool.read("link.yaml").unwrap_err().contains("regular"));
+        let d = spool.read(&name).unwrap();
+        assert_eq!(d.text, "model: {}\n");
+        spool.reject("link.yaml", "not a file").unwrap();
+        // A second rejection of the same name gets its own slot.
+        std::fs::write(spool.new_dir().join("link.yaml"), "x").unwrap();
+        spool.reject("link.yaml", "again").unwrap();
+        assert!(spool.rejection("link.yaml").unwrap().contains("not a file"));
+        assert!(spool.rejection("link.yaml.1").unwrap().contains("again"));
+        spool.archive(&name, 7).unwrap();
+        assert!(dir.path().join("cur").join(format!("7-{name}")).is_file());
+        assert_eq!(spool.list().unwrap(), vec!["big.yaml".to_string()]);
+    }
+
+    #[test]
+    fn a_spool_others_can_write_is_refused_without_root() {
+        let dir = tempfile::tempdir().unwrap();
+        Spool::open(dir.path(), false).unwrap();
+        std::fs::set_permissions(
+            dir.path().join("new"),
+            std::fs::Permissions::from_mode(0o777),
+        )
+        .unwrap();
+        let e = Spool::open(dir.path(), false).unwrap_err().to_string();
+        assert!(e.contains("writable by other users"), "{e}");
+        assert!(Spool::open(dir.path(), true).is_ok());
+    }
+}

@@ -1,0 +1,250 @@
+//! One worker process per job (`mezod worker`, internal).
+//!
+//! Why a process: torch's RNG is process-global, so two jobs in one process
+//! would draw each other's z.  A process also contains crashes: a segfault or
+//! an OOM kill ends the worker, never the daemon.
+//!
+//! The protocol is one line per finished step on the worker's stdout,
+//! `R <96 hex digits>` (the 48-byte seed-log record, exact f64 bits); the
+//! daemon makes each durable in its sled database.  The records already
+//! logged reach the worker as a file (`replay.bin`) written before it starts.
+//! The worker's stderr is the job's log.  Workers die with the daemon
+//! (`PR_SET_PDEATHSIG`) and stop at a step boundary on SIGTERM.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+use crate::gpu::GpuInfo;
+use crate::run::seedlog::{StepLog, StepRecord, RECORD_BYTES};
+use crate::run::{run_with_log, Outcome, RunOptions};
+
+/// What a worker tells the daemon.
+#[derive(Debug)]
+pub enum WorkerEvent {
+    Record(StepRecord),
+    Exited(ExitStatus),
+}
+
+/// Everything needed to start one job's worker.
+pub struct Launch<'a> {
+    pub exe: &'a Path,
+    pub job_dir: &'a Path,
+    pub gpu: Option<&'a GpuInfo>,
+    pub threads: i32,
+    pub snapshot_every: u64,
+    pub estimate: u64,
+    /// Run as this (uid, gid): a root daemon runs each job as its owner.
+    pub run_as: Option<(u32, u32)>,
+}
+
+pub fn encode(rec: &StepRecord) -> String {
+    let hex: String = rec.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    format!("R {hex}\n")
+}
+
+pub fn decode(line: &str) -> Option<StepRecord> {
+    let hex = line.trim_end().strip_prefix("R ")?;
+    if hex.len() != RECORD_BYTES * 2 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..RECORD_BYTES)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+        .collect();
+    StepRecord::from_bytes(&bytes?)
+}
+
+/// Start the worker; `report` receives its step records, then its exit.
+/// Call from the daemon's main thread: the death signal fires when the
+/// *thread* that forked the child ends.
+pub fn spawn(
+    launch: &Launch,
+    records: &[StepRecord],
+    log: File,
+    report: impl Fn(WorkerEvent) + Send + 'static,
+) -> Result<u32> {
+    let replay = launch.job_dir.join("replay.bin");
+    let bytes: Vec<u8> = records.iter().flat_map(|r| r.to_bytes()).collect();
+    std::fs::write(&replay, bytes)?;
+    let mut cmd = Command::new(launch.exe);
+    cmd.arg("worker")
+        .arg("--job")
+        .arg(launch.job_dir.join("job.yaml"))
+        .arg("--out")
+        .arg(launch.job_dir.join("run"))
+        .arg("--replay")
+        .arg(&replay)
+        .arg("--threads")
+        .arg(launch.threads.to_string())
+        .arg("--snapshot-every")
+        .arg(launch.snapshot_every.to_string())
+        .arg("--estimate")
+        .arg(launch.estimate.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .env(
+            "MEZOD_LOG",
+            std::env::var("MEZOD_LOG").unwrap_or("info".into()),
+        )
+        // Its own process group: a Ctrl-C at the daemon's terminal is for the
+        // daemon, which then stops each worker at a step boundary.
+        .process_group(0);
+    match launch.gpu {
+        Some(g) => {
+            cmd.env("CUDA_VISIBLE_DEVICES", &g.uuid)
+                .env("MEZOD_GPU_NAME", &g.name)
+                .arg("--device")
+                .arg("cuda:0");
+        }
+        None => {
+            cmd.env("CUDA_VISIBLE_DEVICES", "");
+        }
+    }
+    if let Some((uid, gid)) = launch.run_as {
+        cmd.uid(uid).gid(gid);
+    }
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: prctl and getppid are async-signal-safe; this runs after the
+    // uid/gid change (which would clear the death signal) and before exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other(
+                    "the daemon exited while starting a worker",
+                ));
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {} worker", launch.exe.display()))?;
+    let pid = child.id();
+    let stdout = child.stdout.take().expect("stdout is piped");
+    std::thread::Builder::new()
+        .name(format!("worker-{pid}"))
+        .spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rec) = decode(&line) {
+                    report(WorkerEvent::Record(rec));
+                }
+            }
+            let status = child.wait().expect("waiting for a child of ours");
+            report(WorkerEvent::Exited(status));
+        })?;
+    Ok(pid)
+}
+
+/// The worker's side of the log: earlier records from the replay file, new
+/// ones written to stdout for the daemon.
+struct PipeLog {
+    records: Vec<StepRecord>,
+    out: std::io::Stdout,
+}
+
+impl StepLog for PipeLog {
+    fn contiguous(&self) -> Result<Vec<StepRecord>> {
+        Ok(self.records.clone())
+    }
+    fn append(&mut self, rec: &StepRecord) -> Result<()> {
+        let mut out = self.out.lock();
+        out.write_all(encode(rec).as_bytes())
+            .and_then(|_| out.flush())
+            .context("the daemon is gone (step records cannot be delivered)")?;
+        self.records.push(*rec);
+        Ok(())
+    }
+    fn truncate_from(&mut self, step: u64) -> Result<()> {
+        self.records.truncate(step as usize);
+        Ok(())
+    }
+}
+
+/// Arguments of `mezod worker`.
+pub struct WorkerArgs {
+    pub job: PathBuf,
+    pub out: PathBuf,
+    pub replay: PathBuf,
+    pub threads: i32,
+    pub snapshot_every: u64,
+    pub estimate: u64,
+    pub device: Option<String>,
+}
+
+/// Body of `mezod worker`: run the job with the daemon's log; exit 0 when
+/// done, 128+signal when stopped at a step boundary.
+pub fn worker_main(args: WorkerArgs) -> Result<ExitCode> {
+    let bytes = std::fs::read(&args.replay)
+        .with_context(|| format!("reading {}", args.replay.display()))?;
+    if bytes.len() % RECORD_BYTES != 0 {
+        bail!("{} is not a whole number of records", args.replay.display());
+    }
+    let mut records = Vec::new();
+    for (i, chunk) in bytes.chunks(RECORD_BYTES).enumerate() {
+        match StepRecord::from_bytes(chunk) {
+            Some(r) if r.step == i as u64 => records.push(r),
+            _ => break,
+        }
+    }
+    let log = PipeLog {
+        records,
+        out: std::io::stdout(),
+    };
+    let opts = RunOptions {
+        force: false,
+        progress: false,
+        threads: Some(args.threads),
+        device: args.device,
+        snapshot_every: Some(args.snapshot_every),
+        memory_estimate: Some(args.estimate),
+    };
+    match run_with_log(&args.job, &args.out, &opts, Box::new(log))? {
+        Outcome::Completed(r) => {
+            tracing::info!(
+                "done: {} steps, dev {} best {:?} (step {})",
+                r.steps,
+                r.metric,
+                r.best,
+                r.best_step
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Outcome::Interrupted { step, signal } => {
+            tracing::info!("stopped after step {step} (signal {signal}); the daemon resumes it");
+            Ok(ExitCode::from((128 + signal) as u8))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_cross_the_pipe_with_exact_bits() {
+        let rec = StepRecord {
+            step: 12,
+            seed: u64::MAX >> 12,
+            projected_grad: -0.1 - f64::EPSILON,
+            loss_plus: 6.25,
+            loss_minus: f64::MIN_POSITIVE,
+            lr: 1e-7,
+        };
+        let line = encode(&rec);
+        assert_eq!(decode(&line), Some(rec));
+        assert_eq!(decode("R 00"), None);
+        assert_eq!(decode("hello"), None);
+    }
+}

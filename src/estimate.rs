@@ -1,0 +1,164 @@
+//! How much memory a job needs: the figure admission control compares with
+//! free GPU (or CPU) memory before it starts a job.
+//!
+//! MeZO trains at inference memory, so the estimate is an inference estimate:
+//!
+//! * **weights** at the job's dtype (every stored tensor, from the safetensors
+//!   headers; nothing is loaded);
+//! * **one temporary the size of the largest tensor**: the z of the parameter
+//!   being perturbed;
+//! * **activations of one layer** (layers run one after another without
+//!   autograd, so only one layer's are alive): sequences × tokens ×
+//!   (6·hidden + 3·intermediate) for the residual, norms, q/k/v, output and
+//!   MLP, plus 2 × heads × tokens² for the attention scores and softmax;
+//! * **logits**: sequences × tokens × vocab at the model dtype, the f32 copy
+//!   and the f32 log-softmax;
+//! * **runtime**: the CUDA context and allocator slack on a GPU, the libtorch
+//!   and tokenizer runtime on CPU.
+//!
+//! Sequences per forward = max(batch, eval batch) × candidates per example
+//! (classification and multiple choice score one sequence per answer).
+//! Tokens = `task.max_length`, an upper bound: setting it close to the data's
+//! real lengths gets a job admitted sooner.  The safety margin is the
+//! daemon's, added on top when admitting.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::model::weights::Checkpoint;
+use crate::spec::{JobSpec, TaskKind};
+
+/// CUDA context, cuBLAS workspaces and caching-allocator slack.
+pub const GPU_RUNTIME_BYTES: u64 = 768 << 20;
+/// Resident libtorch, tokenizer and process overhead on CPU.
+pub const CPU_RUNTIME_BYTES: u64 = 320 << 20;
+
+/// An estimate, by part, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Footprint {
+    pub weights: u64,
+    pub largest_tensor: u64,
+    pub activations: u64,
+    pub logits: u64,
+    pub runtime: u64,
+}
+
+impl Footprint {
+    pub fn total(&self) -> u64 {
+        self.weights + self.largest_tensor + self.activations + self.logits + self.runtime
+    }
+}
+
+/// The shape facts the estimate needs, under the names the architectures use.
+#[derive(Debug, Deserialize)]
+struct ShapeConfig {
+    #[serde(alias = "n_embd", alias = "d_model")]
+    hidden_size: u64,
+    #[serde(default, alias = "ffn_dim", alias = "n_inner")]
+    intermediate_size: Option<u64>,
+    #[serde(alias = "n_head")]
+    num_attention_heads: u64,
+    vocab_size: u64,
+}
+
+/// Estimate the peak memory of `spec` on a GPU (`gpu = true`) or on CPU.
+pub fn estimate(spec: &JobSpec, gpu: bool) -> Result<Footprint> {
+    let dir = &spec.model.path;
+    let cfg = read_shape_config(dir)?;
+    let ckpt = Checkpoint::open(dir)?;
+    let elem = spec.model.dtype.bytes() as u64;
+    let (mut numel, mut largest) = (0u64, 0u64);
+    for (_, shape) in ckpt.shapes()? {
+        let n: u64 = shape.iter().map(|&d| d as u64).product();
+        numel += n;
+        largest = largest.max(n);
+    }
+    let candidates = match spec.task.kind {
+        TaskKind::CausalLm => 1,
+        TaskKind::Classification => spec.task.label_words.as_ref().map_or(2, |w| w.len()),
+        TaskKind::MultipleChoice => spec.task.choices.len().max(2),
+    } as u64;
+    let batch = spec
+        .mezo
+        .batch_size
+        .max(spec.mezo.eval_batch_size.unwrap_or(0)) as u64;
+    let seqs = batch * candidates;
+    let tokens = spec.task.max_length as u64;
+    let hidden = cfg.hidden_size;
+    let inter = cfg.intermediate_size.unwrap_or(4 * hidden);
+    let per_layer = seqs * tokens * (6 * hidden + 3 * inter)
+        + 2 * seqs * cfg.num_attention_heads * tokens * tokens;
+    Ok(Footprint {
+        weights: numel * elem,
+        largest_tensor: largest * elem,
+        activations: per_layer * elem,
+        logits: seqs * tokens * cfg.vocab_size * (elem + 8),
+        runtime: if gpu {
+            GPU_RUNTIME_BYTES
+        } else {
+            CPU_RUNTIME_BYTES
+        },
+    })
+}
+
+fn read_shape_config(dir: &Path) -> Result<ShapeConfig> {
+    let path = dir.join("config.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} lacks the sizes needed to estimate memory (hidden size, heads, vocabulary)",
+            path.display()
+        )
+    })
+}
+
+/// Bytes as GiB with two decimals, for messages.
+pub fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(batch: usize, dtype: &str) -> JobSpec {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        JobSpec::parse(
+            &format!(
+                "model: {{path: tests/fixtures/llama, dtype: {dtype}}}\ntask: {{kind: causal_lm, max_length: 64}}\n\
+                 data: {{train: examples/data/reviews.jsonl}}\nmezo: {{steps: 1, batch_size: {batch}, lr: 1.0e-3}}\n"
+            ),
+            root,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn weights_follow_the_dtype_and_activations_the_batch() {
+        let f32_1 = estimate(&spec(1, "f32"), false).unwrap();
+        let bf16_1 = estimate(&spec(1, "bf16"), false).unwrap();
+        let f32_4 = estimate(&spec(4, "f32"), false).unwrap();
+        assert!(f32_1.weights > 0 && f32_1.weights % 4 == 0);
+        assert_eq!(bf16_1.weights * 2, f32_1.weights);
+        assert_eq!(f32_4.activations, 4 * f32_1.activations);
+        assert_eq!(f32_4.logits, 4 * f32_1.logits);
+        assert_eq!(f32_4.weights, f32_1.weights);
+        assert!(estimate(&spec(1, "f32"), true).unwrap().runtime > f32_1.runtime);
+    }
+
+    #[test]
+    fn weights_equal_the_stored_parameter_bytes() {
+        let s = spec(1, "f32");
+        let ckpt = Checkpoint::open(&s.model.path).unwrap();
+        let bytes: u64 = ckpt
+            .shapes()
+            .unwrap()
+            .iter()
+            .map(|(_, sh)| sh.iter().product::<usize>() as u64 * 4)
+            .sum();
+        assert_eq!(estimate(&s, false).unwrap().weights, bytes);
+    }
+}
