@@ -51,6 +51,9 @@ struct Running {
     pool: Pool,
     estimate: u64,
     stop: Option<StopReason>,
+    /// Has reported a step: its process has exec'd and allocated.  Before
+    /// that, /proc shows the forked copy of the daemon, so it is not sampled.
+    settled: bool,
     log: SeedLog,
     /// (time, steps done) over the last minute, for steps/s and ETA.
     progress: VecDeque<(Instant, u64)>,
@@ -491,7 +494,11 @@ impl Daemon {
         let res = self.resources();
         let mut placed = Vec::new();
         for (&id, r) in self.running.iter() {
-            let usage = self.probe.process_memory(r.pid, &r.pool);
+            let usage = if r.settled {
+                self.probe.process_memory(r.pid, &r.pool)
+            } else {
+                0
+            };
             placed.push(Placed {
                 pool: r.pool.clone(),
                 estimate: r.estimate,
@@ -613,6 +620,7 @@ impl Daemon {
                         pool,
                         estimate: job.estimate_bytes,
                         stop: None,
+                        settled: false,
                         log,
                         progress: VecDeque::new(),
                     },
@@ -630,6 +638,7 @@ impl Daemon {
             return Ok(());
         };
         r.log.insert(&rec)?;
+        r.settled = true;
         let t = Instant::now();
         r.progress.push_back((t, rec.step + 1));
         while r

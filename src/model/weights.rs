@@ -94,7 +94,7 @@ impl Checkpoint {
         let mut index = HashMap::new();
         for path in files {
             let file = File::open(&path)
-                .with_context(|| format!("missing weight file {}", path.display()))?;
+                .with_context(|| format!("cannot open weight file {}", path.display()))?;
             // SAFETY: the map is read-only; a checkpoint changed underneath a running job is
             // outside what any loader can defend against.
             let map = unsafe { Mmap::map(&file) }

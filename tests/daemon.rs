@@ -1,0 +1,619 @@
+//! The daemon end to end, with real processes: spool intake and rejection,
+//! kill -9 of the daemon, SIGTERM and restart, a killed worker, concurrent
+//! jobs, cancel and ownership, systemd notifications.
+
+mod common;
+use common::*;
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use mezod::daemon::control::{request, Request, Response};
+use rand::Rng;
+use serde_json::Value;
+
+const CONFIG: &str = "cpu_slots: 1\nretry_limit: 2\nretry_backoff_s: 0.2\nrescan_interval_s: 1\nmemory_margin_mib: 64\n";
+
+struct Daemon {
+    root: PathBuf,
+    child: Option<Child>,
+    starts: usize,
+}
+
+impl Daemon {
+    fn start(root: &Path, config: &str) -> Self {
+        Self::start_with_env(root, config, &[])
+    }
+
+    fn start_with_env(root: &Path, config: &str, env: &[(&str, String)]) -> Self {
+        std::fs::write(root.join("daemon.yaml"), config).unwrap();
+        let mut d = Daemon {
+            root: root.to_path_buf(),
+            child: None,
+            starts: 0,
+        };
+        d.restart(env);
+        d
+    }
+
+    fn restart(&mut self, env: &[(&str, String)]) {
+        self.starts += 1;
+        let log =
+            std::fs::File::create(self.root.join(format!("daemon-{}.log", self.starts))).unwrap();
+        let mut cmd = mezod();
+        cmd.env("MEZOD_LOG", "info")
+            .arg("daemon")
+            .arg("--config")
+            .arg(self.root.join("daemon.yaml"))
+            .arg("--spool")
+            .arg(self.root.join("spool"))
+            .arg("--state")
+            .arg(self.root.join("state"))
+            .arg("--runtime")
+            .arg(self.root.join("run"))
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while request(&self.socket(), &Request::Hello).is_err() {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited at start ({st}):\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "daemon did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.root.join(format!("daemon-{}.log", self.starts)))
+            .unwrap_or_default()
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.root.join("run/mezod.sock")
+    }
+
+    fn spool(&self) -> PathBuf {
+        self.root.join("spool")
+    }
+
+    fn job_dir(&self, id: u64) -> PathBuf {
+        self.root.join("state/jobs").join(id.to_string())
+    }
+
+    fn weights_sha(&self, id: u64) -> String {
+        sha256(&self.job_dir(id).join("run/model/model.safetensors"))
+    }
+
+    /// `mezod submit`, as a user types it; returns the job id.
+    fn submit(&self, job: &Path) -> u64 {
+        let out = check(
+            mezod()
+                .arg("submit")
+                .arg(job)
+                .arg("--socket")
+                .arg(self.socket())
+                .output()
+                .unwrap(),
+            "mezod submit",
+        );
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+
+    fn jobs(&self) -> Vec<Value> {
+        match request(&self.socket(), &Request::Status { id: None }).unwrap() {
+            Response::Status(r) => serde_json::to_value(r).unwrap()["jobs"]
+                .as_array()
+                .unwrap()
+                .clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn job(&self, id: u64) -> Value {
+        self.jobs()
+            .into_iter()
+            .find(|j| j["id"] == id)
+            .unwrap_or_else(|| panic!("no job {id}"))
+    }
+
+    fn wait_until(&self, what: &str, mut ok: impl FnMut(&Daemon) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while !ok(self) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; jobs: {:#?}\ndaemon log:\n{}",
+                self.jobs(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn wait_done(&self, id: u64) -> Value {
+        self.wait_until(&format!("job {id} to end"), |d| {
+            d.job(id)["state"]
+                .as_str()
+                .is_some_and(|s| ["done", "failed", "cancelled"].contains(&s))
+        });
+        self.job(id)
+    }
+
+    fn wait_steps(&self, id: u64, steps: u64) {
+        self.wait_until(&format!("job {id} at step {steps}"), |d| {
+            d.job(id)["steps_done"].as_u64().unwrap() >= steps
+        });
+    }
+
+    fn kill9(&mut self) {
+        let mut c = self.child.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    fn term(&mut self) -> (ExitStatus, Duration) {
+        let mut c = self.child.take().unwrap();
+        let t = Instant::now();
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        (c.wait().unwrap(), t.elapsed())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// pids of worker processes running `job_yaml`.
+fn worker_pids(job_yaml: &Path) -> Vec<i32> {
+    let needle = job_yaml.to_string_lossy().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    let c = String::from_utf8_lossy(&c).replace('\0', " ");
+                    c.contains(" worker ") && c.contains(&needle)
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// A causal-LM job file named `name` (absolute paths; one thread).
+fn job_file(dir: &Path, name: &str, steps: u64, seed: u64) -> PathBuf {
+    let p = causal_job(
+        dir,
+        "llama",
+        &format!("steps: {steps}, batch_size: 4, lr: 2.0e-3, eps: 1.0e-3, seed: {seed}, eval_every: 40, snapshot_every: 25"),
+    );
+    let target = dir.join(format!("{name}.yaml"));
+    std::fs::rename(p, &target).unwrap();
+    target
+}
+
+/// SHA-256 of the weights an uninterrupted `mezod run` of `job` exports.
+fn solo_sha(job: &Path) -> String {
+    let out = job.with_extension("solo");
+    check(
+        mezod()
+            .arg("run")
+            .arg(job)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap(),
+        "solo run",
+    );
+    sha256(&out.join("model/model.safetensors"))
+}
+
+#[test]
+fn jobs_are_accepted_or_rejected_and_every_file_lands_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(tmp.path(), CONFIG);
+    let new = d.spool().join("new");
+    let good = job_file(tmp.path(), "good", 30, 1);
+    let good_text = std::fs::read_to_string(&good).unwrap();
+    // Bad files, dropped straight into new/ as a careless user would.
+    let bad = [
+        ("syntax.yaml", "model: {path: [\n".to_string()),
+        (
+            "unknown.yaml",
+            good_text.replace("seed: 1", "seed: 1, learning_rate: 3"),
+        ),
+        (
+            "nomodel.yaml",
+            good_text.replace("fixtures/llama", "fixtures/no-such-model"),
+        ),
+        (
+            "relative.yaml",
+            good_text.replace(&fixture("llama").display().to_string(), "models/llama"),
+        ),
+        (
+            "huge.yaml",
+            format!("{good_text}#{}\n", "x".repeat(2 << 20)),
+        ),
+    ];
+    for (name, text) in &bad {
+        std::fs::write(new.join(name), text).unwrap();
+    }
+    std::os::unix::fs::symlink(&good, new.join("link.yaml")).unwrap();
+    std::fs::write(new.join(".editing.yaml"), "half-written").unwrap();
+
+    let ids: Vec<u64> = (1..=3)
+        .map(|i| d.submit(&job_file(tmp.path(), &format!("job{i}"), 30, i)))
+        .collect();
+    for &id in &ids {
+        let job = d.wait_done(id);
+        assert_eq!(job["state"], "done", "{job:#}");
+        assert!(d.job_dir(id).join("run/model/model.safetensors").is_file());
+        let result: Value = serde_json::from_str(
+            &std::fs::read_to_string(d.job_dir(id).join("run/result.json")).unwrap(),
+        )
+        .unwrap();
+        assert!(result["memory_estimate_bytes"].as_u64().unwrap() > 0);
+        assert!(result["peak_memory_bytes"].as_u64().unwrap() > 0);
+    }
+    // Distinct ids, assigned by the daemon.
+    assert_eq!(ids.len(), 3);
+    assert!(ids[0] < ids[1] && ids[1] < ids[2]);
+
+    let error = |name: &str| {
+        std::fs::read_to_string(d.spool().join("rejected").join(format!("{name}.error")))
+            .unwrap_or_else(|_| panic!("no rejection for {name}; log:\n{}", d.log()))
+    };
+    assert!(
+        error("syntax.yaml").contains("line 1 column"),
+        "{}",
+        error("syntax.yaml")
+    );
+    assert!(error("unknown.yaml").contains("learning_rate"));
+    assert!(error("nomodel.yaml").contains("no-such-model"));
+    assert!(error("relative.yaml").contains("workdir"));
+    assert!(error("huge.yaml").contains("at most"));
+    assert!(error("link.yaml").contains("regular file"));
+    // Every dropped file is in exactly one place; the dotfile is left alone.
+    let names = |sub: &str| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d.spool().join(sub))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names("new"), vec![".editing.yaml".to_string()]);
+    assert_eq!(names("cur").len(), 3);
+    assert_eq!(
+        names("rejected")
+            .iter()
+            .filter(|n| !n.ends_with(".error"))
+            .count(),
+        bad.len() + 1
+    );
+    // Still serving after all that.
+    let id = d.submit(&job_file(tmp.path(), "after", 10, 9));
+    assert_eq!(d.wait_done(id)["state"], "done");
+}
+
+#[test]
+fn kill_9_of_the_daemon_at_random_steps_resumes_bit_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = job_file(tmp.path(), "long", 240, 5);
+    let expected = solo_sha(&job);
+    let mut d = Daemon::start(tmp.path(), CONFIG);
+    let id = d.submit(&job);
+    let job_yaml = d.job_dir(id).join("job.yaml");
+    let mut rng = rand::thread_rng();
+    let mut at = 0;
+    for round in 0..3 {
+        at += rng.gen_range(15..60);
+        d.wait_steps(id, at);
+        assert_eq!(worker_pids(&job_yaml).len(), 1, "one worker while running");
+        d.kill9();
+        // The worker dies with the daemon (PR_SET_PDEATHSIG).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !worker_pids(&job_yaml).is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "worker outlived the daemon (round {round})"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        eprintln!("killed the daemon after step {at}");
+        d.restart(&[]);
+        at = d.job(id)["steps_done"].as_u64().unwrap();
+    }
+    let job = d.wait_done(id);
+    assert_eq!(job["state"], "done", "{job:#}");
+    assert_eq!(job["failures"], 0);
+    assert_eq!(d.weights_sha(id), expected);
+    let steps = read_jsonl(&d.job_dir(id).join("run/metrics.jsonl"))
+        .iter()
+        .filter(|l| l["kind"] == "step")
+        .count();
+    assert_eq!(steps, 240, "each step exactly once in metrics.jsonl");
+}
+
+#[test]
+fn sigterm_exits_zero_quickly_and_a_restart_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = job_file(tmp.path(), "term", 200, 8);
+    let expected = solo_sha(&job);
+    let mut d = Daemon::start(tmp.path(), CONFIG);
+    let id = d.submit(&job);
+    d.wait_steps(id, 50);
+    let (status, took) = d.term();
+    assert!(
+        status.success(),
+        "daemon exit status {status}:\n{}",
+        d.log()
+    );
+    assert!(took < Duration::from_secs(10), "stopping took {took:?}");
+    assert!(d.log().contains("preempted at step"), "{}", d.log());
+    d.restart(&[]);
+    assert_eq!(d.wait_done(id)["state"], "done");
+    assert_eq!(d.weights_sha(id), expected);
+    // The second attempt started where the first stopped, not from scratch.
+    let log = std::fs::read_to_string(d.job_dir(id).join("worker.log")).unwrap();
+    let from: u64 = log
+        .lines()
+        .find(|l| l.starts_with("--- attempt 2"))
+        .and_then(|l| l.split("from step ").nth(1))
+        .and_then(|s| s.trim_end_matches(" ---").parse().ok())
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(from >= 50, "resumed from step {from}");
+}
+
+#[test]
+fn a_killed_worker_is_retried_and_still_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = job_file(tmp.path(), "victim", 160, 3);
+    let expected = solo_sha(&job);
+    let d = Daemon::start(tmp.path(), CONFIG);
+    let id = d.submit(&job);
+    d.wait_steps(id, 40);
+    let pids = worker_pids(&d.job_dir(id).join("job.yaml"));
+    assert_eq!(pids.len(), 1);
+    unsafe { libc::kill(pids[0], libc::SIGKILL) };
+    let job = d.wait_done(id);
+    assert_eq!(job["state"], "done", "{job:#}");
+    assert_eq!(job["failures"], 1);
+    assert_eq!(job["attempts"], 2);
+    assert_eq!(d.weights_sha(id), expected);
+    let log = std::fs::read_to_string(d.job_dir(id).join("worker.log")).unwrap();
+    assert!(log.contains("--- attempt 2"), "{log}");
+}
+
+#[test]
+fn a_job_that_always_fails_ends_failed_with_its_log_tail() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(tmp.path(), CONFIG);
+    let job = job_file(tmp.path(), "nan", 50, 3);
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("lr: 2.0e-3", "lr: 1.0e+9");
+    std::fs::write(&job, text).unwrap();
+    let id = d.submit(&job);
+    let rec = d.wait_done(id);
+    assert_eq!(rec["state"], "failed", "{rec:#}");
+    assert_eq!(rec["failures"], 3, "first try and two retries");
+    let error = std::fs::read_to_string(d.job_dir(id).join("error")).unwrap();
+    assert!(error.contains("gave up after 3 attempts"), "{error}");
+    assert!(error.contains("non-finite"), "{error}");
+    // The daemon is unharmed and serves the next job.
+    let ok = d.submit(&job_file(tmp.path(), "fine", 10, 1));
+    assert_eq!(d.wait_done(ok)["state"], "done");
+}
+
+#[test]
+fn two_concurrent_cpu_jobs_each_equal_their_solo_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = job_file(tmp.path(), "a", 120, 11);
+    let b = job_file(tmp.path(), "b", 120, 12);
+    let (sha_a, sha_b) = (solo_sha(&a), solo_sha(&b));
+    assert_ne!(sha_a, sha_b);
+    let d = Daemon::start(tmp.path(), &CONFIG.replace("cpu_slots: 1", "cpu_slots: 2"));
+    let ia = d.submit(&a);
+    let ib = d.submit(&b);
+    d.wait_until("both jobs running at once", |d| {
+        d.jobs().iter().filter(|j| j["state"] == "running").count() == 2
+            || d.jobs().iter().any(|j| j["state"] == "done")
+    });
+    assert!(
+        d.jobs().iter().all(|j| j["state"] == "running"),
+        "the two jobs did not overlap"
+    );
+    assert_eq!(d.wait_done(ia)["state"], "done");
+    assert_eq!(d.wait_done(ib)["state"], "done");
+    assert_eq!(d.weights_sha(ia), sha_a);
+    assert_eq!(d.weights_sha(ib), sha_b);
+}
+
+#[test]
+fn cancel_status_and_logs_over_the_socket() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let d = Daemon::start(tmp.path(), CONFIG);
+    let long = d.submit(&job_file(tmp.path(), "long", 100_000, 1));
+    let queued = d.submit(&job_file(tmp.path(), "queued", 10, 2));
+    d.wait_steps(long, 5);
+    let status = check(
+        mezod()
+            .args(["status", "--socket"])
+            .arg(d.socket())
+            .output()
+            .unwrap(),
+        "status",
+    );
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("running") && text.contains("/100000"),
+        "{text}"
+    );
+    assert!(text.contains("slots of CPU are busy"), "{text}");
+
+    // SO_PEERCRED: another user may not cancel (checked where the tests run as root).
+    if unsafe { libc::geteuid() } == 0 {
+        let mut cmd = mezod();
+        std::os::unix::process::CommandExt::uid(&mut cmd, 65534);
+        let out = cmd
+            .args(["cancel", &long.to_string(), "--socket"])
+            .arg(d.socket())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("only its owner or root"), "{err}");
+    }
+    for id in [queued, long] {
+        check(
+            mezod()
+                .args(["cancel", &id.to_string(), "--socket"])
+                .arg(d.socket())
+                .output()
+                .unwrap(),
+            "cancel",
+        );
+    }
+    assert_eq!(d.wait_done(long)["state"], "cancelled");
+    assert_eq!(d.job(queued)["state"], "cancelled");
+    let logs = check(
+        mezod()
+            .args(["logs", &long.to_string(), "--follow", "--socket"])
+            .arg(d.socket())
+            .output()
+            .unwrap(),
+        "logs",
+    );
+    let text = String::from_utf8_lossy(&logs.stdout);
+    assert!(
+        text.contains("--- attempt 1") && text.contains("stopped after step"),
+        "{text}"
+    );
+}
+
+/// Drop `job` into the spool as user 65534 would: the file's owner is the job's owner.
+fn drop_as_nobody(d: &Daemon, job: &Path, name: &str) {
+    let tmp = d.spool().join("tmp").join(name);
+    std::fs::copy(job, &tmp).unwrap();
+    std::os::unix::fs::chown(&tmp, Some(65534), Some(65534)).unwrap();
+    std::fs::rename(&tmp, d.spool().join("new").join(name)).unwrap();
+}
+
+/// A copy of the llama fixture whose weights have file mode `mode`.
+fn model_copy(dir: &Path, name: &str, mode: u32) -> PathBuf {
+    let to = dir.join(name);
+    std::fs::create_dir_all(&to).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        if fixture("llama").join(f).exists() {
+            std::fs::copy(fixture("llama").join(f), to.join(f)).unwrap();
+            std::fs::set_permissions(to.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+    std::fs::set_permissions(
+        to.join("model.safetensors"),
+        std::fs::Permissions::from_mode(mode),
+    )
+    .unwrap();
+    to
+}
+
+#[test]
+fn a_root_daemon_runs_each_job_as_its_owner() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to change users");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let d = Daemon::start(tmp.path(), CONFIG);
+    let job = job_file(tmp.path(), "nobody", 10, 1);
+    let text = std::fs::read_to_string(&job).unwrap();
+    let open = model_copy(tmp.path(), "open-model", 0o644);
+    let private = model_copy(tmp.path(), "private-model", 0o600);
+    let llama = fixture("llama").display().to_string();
+    std::fs::write(&job, text.replace(&llama, &open.display().to_string())).unwrap();
+    drop_as_nobody(&d, &job, "readable.yaml");
+    d.wait_until("the job to be taken", |d| d.jobs().len() == 1);
+    let id = d.jobs()[0]["id"].as_u64().unwrap();
+    let rec = d.wait_done(id);
+    let log = |id| std::fs::read_to_string(d.job_dir(id).join("worker.log")).unwrap_or_default();
+    assert_eq!(rec["state"], "done", "{rec:#}\n{}", log(id));
+    assert_eq!(rec["owner_uid"], 65534);
+    let meta = std::fs::metadata(d.job_dir(id).join("run/result.json")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&meta),
+        65534,
+        "the worker wrote its results as the job's owner"
+    );
+    // Weights only root may read: the job of user 65534 cannot use them.
+    std::fs::write(&job, text.replace(&llama, &private.display().to_string())).unwrap();
+    drop_as_nobody(&d, &job, "private.yaml");
+    d.wait_until("the second job to be taken", |d| d.jobs().len() == 2);
+    let id = d.jobs()[1]["id"].as_u64().unwrap();
+    assert_eq!(d.wait_done(id)["state"], "failed");
+    let error = std::fs::read_to_string(d.job_dir(id).join("error")).unwrap();
+    assert!(error.contains("Permission denied"), "{error}");
+}
+
+#[test]
+fn systemd_gets_ready_status_watchdog_and_stopping() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sock_path = tmp.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut d = Daemon::start_with_env(
+        tmp.path(),
+        CONFIG,
+        &[
+            ("NOTIFY_SOCKET", sock_path.display().to_string()),
+            ("WATCHDOG_USEC", "300000".into()),
+        ],
+    );
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        let n = sock.recv(&mut buf).unwrap();
+        got.push(String::from_utf8_lossy(&buf[..n]).to_string());
+    }
+    let all = got.join("");
+    assert!(all.contains("READY=1"), "{got:?}");
+    assert!(
+        all.contains("STATUS=0 queued, 0 running; CPU mode"),
+        "{got:?}"
+    );
+    let pings = got.iter().filter(|m| m.contains("WATCHDOG=1")).count();
+    assert!(
+        pings >= 5,
+        "{pings} watchdog pings in 3 s at a 300 ms watchdog: {got:?}"
+    );
+    let (status, _) = d.term();
+    assert!(status.success());
+    let mut stop = String::new();
+    while let Ok(n) = sock.recv(&mut buf) {
+        stop.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if stop.contains("STOPPING=1") {
+            break;
+        }
+    }
+    assert!(stop.contains("STOPPING=1"), "{stop}");
+}
