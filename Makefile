@@ -23,7 +23,8 @@ setup: $(VENV)/.ready
 build: setup
 	cargo build --release
 
-# The whole test suite (unit, model parity, reference parity, resume with real kill -9).
+# The whole test suite (unit, model parity, reference parity, resume with real kill -9,
+# the daemon end to end with real processes, the systemd unit).
 test: build
 	cargo test --release -- --test-threads=2
 
