@@ -617,3 +617,91 @@ fn systemd_gets_ready_status_watchdog_and_stopping() {
     }
     assert!(stop.contains("STOPPING=1"), "{stop}");
 }
+
+#[test]
+fn a_crash_between_recording_and_moving_a_file_never_starts_it_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The state a crash leaves: job 1 recorded with its claim, file still in new/.
+    let spool = mezod::daemon::spool::Spool::open(&tmp.path().join("spool"), false).unwrap();
+    let job = job_file(tmp.path(), "claimed", 10, 1);
+    std::fs::copy(&job, spool.new_dir().join("claimed.yaml")).unwrap();
+    let inode = spool.inode("claimed.yaml").unwrap();
+    {
+        let db = sled::open(tmp.path().join("state/db")).unwrap();
+        let table = mezod::daemon::jobs::JobTable::open(&db).unwrap();
+        let id = table.next_id().unwrap();
+        let dir = tmp.path().join("state/jobs").join(id.to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(&job, dir.join("job.yaml")).unwrap();
+        let mut claim = id.to_be_bytes().to_vec();
+        claim.extend_from_slice(&inode.to_be_bytes());
+        db.open_tree("claims")
+            .unwrap()
+            .insert("claimed.yaml", claim)
+            .unwrap();
+        table
+            .put_durable(&mezod::daemon::jobs::JobRecord {
+                id,
+                name: "claimed.yaml".into(),
+                owner_uid: 0,
+                owner_gid: 0,
+                state: mezod::daemon::jobs::JobState::Queued,
+                priority: 0,
+                wants_gpu: false,
+                steps_total: 10,
+                steps_done: 0,
+                last_loss: None,
+                submitted_at: 0,
+                started_at: None,
+                finished_at: None,
+                attempts: 0,
+                failures: 0,
+                not_before: None,
+                gpus: vec![],
+                reason: "queued".into(),
+                estimate_bytes: 1 << 20,
+                peak_bytes: 0,
+                result: None,
+            })
+            .unwrap();
+    }
+    let d = Daemon::start(tmp.path(), CONFIG);
+    d.wait_until("the file to move on", |d| {
+        !d.spool().join("new/claimed.yaml").exists()
+    });
+    let id = d.jobs()[0]["id"].as_u64().unwrap();
+    assert_eq!(d.wait_done(id)["state"], "done");
+    assert_eq!(d.jobs().len(), 1, "the claimed file became no second job");
+    assert!(d.spool().join(format!("cur/{id}-claimed.yaml")).is_file());
+}
+
+#[test]
+fn polling_watcher_sighup_reload_and_waiting_reasons() {
+    let tmp = tempfile::tempdir().unwrap();
+    // No rescan timer to speak of: only the polling watcher can see drops.
+    let config =
+        CONFIG.replace("rescan_interval_s: 1", "rescan_interval_s: 3600") + "watch: poll\n";
+    let mut d = Daemon::start(tmp.path(), &config);
+    let a = d.submit(&job_file(tmp.path(), "a", 100_000, 1));
+    let b = d.submit(&job_file(tmp.path(), "b", 100_000, 2));
+    d.wait_steps(a, 2);
+    d.wait_until("b to say why it waits", |d| {
+        d.job(b)["reason"]
+            .as_str()
+            .unwrap()
+            .contains("slots of CPU are busy")
+    });
+    assert_eq!(d.job(b)["state"], "queued");
+    // More slots, by editing the config and sending SIGHUP.
+    std::fs::write(
+        tmp.path().join("daemon.yaml"),
+        config.replace("cpu_slots: 1", "cpu_slots: 2"),
+    )
+    .unwrap();
+    unsafe { libc::kill(d.child.as_ref().unwrap().id() as i32, libc::SIGHUP) };
+    d.wait_steps(b, 2);
+    assert_eq!(d.job(a)["state"], "running");
+    let (status, _) = d.term();
+    assert!(status.success());
+    assert!(d.log().contains("SIGHUP: reloaded"), "{}", d.log());
+}

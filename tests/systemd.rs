@@ -31,8 +31,8 @@ fn verify(dir: &Path, unit_text: &str) -> Option<String> {
         .arg(&unit)
         .output()
         .unwrap();
-    let said = String::from_utf8_lossy(&out.stderr).to_string()
-        + &String::from_utf8_lossy(&out.stdout);
+    let said =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     // Only what concerns our unit (verify also reports on system units it loads).
     Some(
         said.lines()
@@ -58,7 +58,9 @@ fn the_unit_passes_systemd_analyze_verify() {
         assert!(unit.contains(needed), "the unit lacks {needed}");
     }
     assert!(
-        !unit.lines().any(|l| l.trim_start().starts_with("PrivateDevices=yes")),
+        !unit
+            .lines()
+            .any(|l| l.trim_start().starts_with("PrivateDevices=yes")),
         "would hide /dev/nvidia*"
     );
     let tmp = tempfile::tempdir().unwrap();
@@ -72,7 +74,7 @@ fn the_unit_passes_systemd_analyze_verify() {
 
 #[test]
 fn the_shipped_daemon_config_parses() {
-    let cfg = mezod::daemon::config::DaemonConfig::load(&root().join("systemd/daemon.yaml"))
-        .unwrap();
+    let cfg =
+        mezod::daemon::config::DaemonConfig::load(&root().join("systemd/daemon.yaml")).unwrap();
     assert_eq!(cfg.retry_limit, 3);
 }
