@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 
 use mezod::daemon::control::{default_socket, request, Lookup, Request, Response};
 use mezod::daemon::spool::drop_job;
-use mezod::estimate::gib;
+use mezod::estimate::human_bytes;
 use mezod::spec::JobSpec;
 
 fn socket_or_default(socket: Option<PathBuf>) -> PathBuf {
@@ -103,8 +103,8 @@ pub fn status(id: Option<u64>, json: bool, socket: Option<PathBuf>) -> Result<Ex
         println!(
             "  {}: {} free of {}, {} job(s) of ours",
             p.name,
-            gib(p.free_bytes),
-            gib(p.total_bytes),
+            human_bytes(p.free_bytes),
+            human_bytes(p.total_bytes),
             p.running
         );
     }
@@ -122,9 +122,9 @@ pub fn status(id: Option<u64>, json: bool, socket: Option<PathBuf>) -> Result<Ex
             format!("{}/{}", j.steps_done, j.steps_total),
             v.steps_per_s.map_or("-".into(), |r| format!("{r:.2}")),
             j.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
-            gib(j.estimate_bytes),
+            human_bytes(j.estimate_bytes),
             if j.peak_bytes > 0 {
-                gib(j.peak_bytes)
+                human_bytes(j.peak_bytes)
             } else {
                 "-".into()
             },

@@ -12,7 +12,8 @@
 //!   (6·hidden + 3·intermediate) for the residual, norms, q/k/v, output and
 //!   MLP, plus 2 × heads × tokens² for the attention scores and softmax;
 //! * **logits**: sequences × tokens × vocab at the model dtype, the f32 copy
-//!   and the f32 log-softmax;
+//!   and the f32 log-softmax; on CPU a bf16/f16 matmul also keeps an f32
+//!   result before rounding (4 more bytes per logit, measured);
 //! * **runtime**: the CUDA context and allocator slack on a GPU, the libtorch
 //!   and tokenizer runtime on CPU.
 //!
@@ -94,7 +95,7 @@ pub fn estimate(spec: &JobSpec, gpu: bool) -> Result<Footprint> {
         weights: numel * elem,
         largest_tensor: largest * elem,
         activations: per_layer * elem,
-        logits: seqs * tokens * cfg.vocab_size * (elem + 8),
+        logits: seqs * tokens * cfg.vocab_size * (elem + 8 + if !gpu && elem < 4 { 4 } else { 0 }),
         runtime: if gpu {
             GPU_RUNTIME_BYTES
         } else {
@@ -115,9 +116,13 @@ fn read_shape_config(dir: &Path) -> Result<ShapeConfig> {
     })
 }
 
-/// Bytes as GiB with two decimals, for messages.
-pub fn gib(bytes: u64) -> String {
-    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+/// Bytes for messages: GiB with two decimals, MiB below one GiB.
+pub fn human_bytes(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
 }
 
 #[cfg(test)]

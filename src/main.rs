@@ -111,6 +111,15 @@ enum Command {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
+    /// Estimate a job's peak memory, as the daemon's admission control does.
+    Estimate {
+        job: PathBuf,
+        /// Size it for a GPU (CUDA context included) instead of the job's own device.
+        #[arg(long)]
+        gpu: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Internal: one job's worker process, started by the daemon.
     #[command(hide = true)]
     Worker {
@@ -231,6 +240,42 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             socket,
             wait,
         } => client::submit(&job, spool, socket, wait),
+        Command::Estimate { job, gpu, json } => {
+            let spec = mezod::spec::JobSpec::load(&job)?;
+            let gpu = gpu || spec.model.device.starts_with("cuda");
+            let f = mezod::estimate::estimate(&spec, gpu)?;
+            if json {
+                let mut v = serde_json::to_value(f)?;
+                v["total"] = f.total().into();
+                println!("{v}");
+            } else {
+                use mezod::estimate::human_bytes;
+                println!("weights         {:>12}", human_bytes(f.weights));
+                println!(
+                    "largest tensor  {:>12}  (the z temporary)",
+                    human_bytes(f.largest_tensor)
+                );
+                println!(
+                    "activations     {:>12}  (one layer)",
+                    human_bytes(f.activations)
+                );
+                println!("logits          {:>12}", human_bytes(f.logits));
+                println!(
+                    "runtime         {:>12}  ({})",
+                    human_bytes(f.runtime),
+                    if gpu {
+                        "CUDA context"
+                    } else {
+                        "libtorch on CPU"
+                    }
+                );
+                println!(
+                    "total           {:>12}  (the daemon adds its margin)",
+                    human_bytes(f.total())
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status { id, json, socket } => client::status(id, json, socket),
         Command::Cancel { id, socket } => client::cancel(id, socket),
         Command::Logs { id, follow, socket } => client::logs(id, follow, socket),

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::estimate::gib;
+use crate::estimate::human_bytes;
 use crate::gpu::GpuInfo;
 
 /// Where a job runs.
@@ -245,10 +245,10 @@ pub fn plan(queue: &[Candidate], placed: &[Placed], res: &Resources) -> Vec<Deci
                 reason: format!(
                     "this job needs about {} (plus a {} safety margin) but the largest {} has {} in all; \
                      use a smaller batch, max_length or dtype",
-                    gib(c.estimate),
-                    gib(res.margin),
+                    human_bytes(c.estimate),
+                    human_bytes(res.margin),
                     if c.wants_gpu { "GPU" } else { "machine" },
-                    gib(biggest)
+                    human_bytes(biggest)
                 ),
             });
             continue;
@@ -316,9 +316,9 @@ fn why_not(p: &PoolState, need: i128) -> String {
     } else {
         format!(
             "needs {} but {} has {} free after reservations and margin",
-            gib(need as u64),
+            human_bytes(need as u64),
             p.label,
-            gib(p.room.max(0) as u64)
+            human_bytes(p.room.max(0) as u64)
         )
     }
 }

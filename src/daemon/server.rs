@@ -20,9 +20,9 @@ use super::config::{DaemonConfig, Dirs, WatchMode};
 use super::control::{self, Call, JobView, Lookup, PoolView, Request, Response, StatusReport};
 use super::jobs::{now, JobRecord, JobState, JobTable};
 use super::notify::Notifier;
-use super::spool::Spool;
+use super::spool::{Dropped, Spool};
 use super::worker::{self, Launch, WorkerEvent};
-use crate::estimate::{estimate, gib};
+use crate::estimate::{estimate, human_bytes};
 use crate::run::seedlog::SeedLog;
 use crate::spec::JobSpec;
 
@@ -36,6 +36,9 @@ pub enum Event {
 
 /// How often the loop looks at admission and memory when nothing else happens.
 const TICK: Duration = Duration::from_millis(500);
+/// A file in new/ that fails its check is rejected only once it has not
+/// changed for this long (it may be half-written by a plain copy).
+const SETTLE_SECS: f64 = 2.0;
 /// Log lines kept in a failed job's error file.
 const ERROR_TAIL_LINES: usize = 20;
 
@@ -95,6 +98,9 @@ struct Daemon {
     resources: Option<Resources>,
     said_no_gpu: bool,
     logs_dirty: bool,
+    last_error: Option<String>,
+    /// When to look again at files that might still be being written.
+    recheck_at: Option<Instant>,
 }
 
 /// Run the daemon until SIGTERM/SIGINT; returns once every worker has stopped.
@@ -138,6 +144,8 @@ pub fn run_daemon(opts: DaemonOptions) -> Result<()> {
         resources: None,
         said_no_gpu: false,
         logs_dirty: false,
+        last_error: None,
+        recheck_at: None,
     };
     daemon.recover()?;
     let tx_ctl = tx.clone();
@@ -259,9 +267,11 @@ impl Daemon {
             let wait = self.notifier.ping_interval().map_or(TICK, |p| p.min(TICK));
             match rx.recv_timeout(wait) {
                 Ok(ev) => {
-                    self.handle(ev, &mut spool_dirty)?;
+                    let r = self.handle(ev, &mut spool_dirty);
+                    self.log_error(r);
                     while let Ok(ev) = rx.try_recv() {
-                        self.handle(ev, &mut spool_dirty)?;
+                        let r = self.handle(ev, &mut spool_dirty);
+                        self.log_error(r);
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
@@ -284,18 +294,34 @@ impl Daemon {
                     last_extend = Instant::now();
                 }
             } else {
-                if spool_dirty || last_rescan.elapsed() >= self.cfg.rescan_interval() {
-                    self.intake()?;
+                let recheck = self.recheck_at.is_some_and(|t| Instant::now() >= t);
+                if spool_dirty || recheck || last_rescan.elapsed() >= self.cfg.rescan_interval() {
+                    self.recheck_at = None;
+                    let r = self.intake();
+                    self.log_error(r);
                     spool_dirty = false;
                     last_rescan = Instant::now();
                 }
-                self.schedule()?;
+                let r = self.schedule();
+                self.log_error(r);
             }
             let status = self.status_line();
             self.notifier.status(&status);
             self.notifier.ping_if_due();
         }
         Ok(())
+    }
+
+    /// The daemon outlives its errors (a full disk, an unreadable folder): it
+    /// logs each new one and keeps serving.
+    fn log_error(&mut self, r: Result<()>) {
+        if let Err(e) = r {
+            let msg = format!("{e:#}");
+            if self.last_error.as_deref() != Some(msg.as_str()) {
+                tracing::error!("{msg}");
+                self.last_error = Some(msg);
+            }
+        }
     }
 
     fn handle(&mut self, ev: Event, spool_dirty: &mut bool) -> Result<()> {
@@ -373,12 +399,15 @@ impl Daemon {
 
     // ---- spool intake ---------------------------------------------------
 
+    /// Take every file in `new/`.  A file that is not a valid job is rejected;
+    /// a failure of the daemon's own (a full disk, say) leaves the file where it
+    /// is for the next scan and is only logged.
     fn intake(&mut self) -> Result<()> {
         for name in self.spool.list()? {
-            if let Some(id) = self.claims.get(name.as_bytes())? {
+            if let Some(claim) = self.claims.get(name.as_bytes())? {
                 // Recorded before a crash, not yet moved: finish the move only.
-                let id = u64::from_be_bytes(id[..8].try_into()?);
-                let inode = u64::from_be_bytes(id_inode(&self.claims, &name)?);
+                let id = u64::from_be_bytes(claim[..8].try_into()?);
+                let inode = u64::from_be_bytes(claim[8..16].try_into()?);
                 if self.spool.inode(&name) == Some(inode) {
                     self.spool.archive(&name, id)?;
                     self.claims.remove(name.as_bytes())?;
@@ -386,23 +415,34 @@ impl Daemon {
                 }
                 self.claims.remove(name.as_bytes())?;
             }
-            match self.accept(&name) {
-                Ok(id) => tracing::info!("job {id}: accepted {name}"),
+            let checked = match self.check(&name) {
+                Ok(checked) => checked,
+                Err(_) if self.spool.is_fresh(&name, SETTLE_SECS) => {
+                    // Perhaps still being written (copied in without rename): look again soon.
+                    self.recheck_at = Some(Instant::now() + Duration::from_secs_f64(SETTLE_SECS));
+                    continue;
+                }
                 Err(why) => {
                     let why = format!("{why:#}");
                     tracing::warn!("rejected {name}: {why}");
-                    self.spool.reject(&name, &why)?;
+                    if let Err(e) = self.spool.reject(&name, &why) {
+                        tracing::error!("could not move {name} to rejected/: {e:#}");
+                    }
+                    continue;
                 }
+            };
+            match self.record(&name, checked) {
+                Ok(id) => tracing::info!("job {id}: accepted {name}"),
+                Err(e) => tracing::error!("could not record {name} (will retry): {e:#}"),
             }
         }
         Ok(())
     }
 
-    /// Validate one dropped file and record it as a queued job.
-    fn accept(&mut self, name: &str) -> Result<u64> {
+    /// Validate one dropped file: the spec, its files, and its size.
+    fn check(&self, name: &str) -> Result<(Dropped, JobSpec, u64)> {
         let dropped = self.spool.read(name).map_err(anyhow::Error::msg)?;
         let spec = JobSpec::parse_with_base(&dropped.text, None)?;
-        let wants_gpu = spec.model.device.starts_with("cuda");
         if !spec.data.train.is_file() {
             bail!("data.train {} does not exist", spec.data.train.display());
         }
@@ -411,8 +451,18 @@ impl Daemon {
                 bail!("data.dev {} does not exist", dev.display());
             }
         }
-        let footprint = estimate(&spec, wants_gpu)
+        let footprint = estimate(&spec, spec.model.device.starts_with("cuda"))
             .with_context(|| format!("model.path {}", spec.model.path.display()))?;
+        Ok((dropped, spec, footprint.total()))
+    }
+
+    /// Record a checked file as a queued job, then move it to `cur/`.
+    fn record(
+        &mut self,
+        name: &str,
+        (dropped, spec, estimate): (Dropped, JobSpec, u64),
+    ) -> Result<u64> {
+        let wants_gpu = spec.model.device.starts_with("cuda");
         let id = self.table.next_id()?;
         let dir = self.dirs.job(id);
         std::fs::create_dir_all(&dir)?;
@@ -439,7 +489,7 @@ impl Daemon {
             not_before: None,
             gpus: vec![],
             reason: "queued".into(),
-            estimate_bytes: footprint.total(),
+            estimate_bytes: estimate,
             peak_bytes: 0,
             result: None,
         };
@@ -553,7 +603,6 @@ impl Daemon {
         let Some(mut job) = self.table.get(id)? else {
             return Ok(());
         };
-        let dir = self.dirs.job(id);
         let gpu = match &pool {
             Pool::Gpu(uuid) => self
                 .resources
@@ -570,42 +619,16 @@ impl Daemon {
         let mut records = log.contiguous()?;
         records.truncate(job.steps_total as usize);
         log.truncate_from(records.len() as u64)?;
-        let mut worker_log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("worker.log"))?;
-        writeln!(
-            worker_log,
-            "--- attempt {} on {}, from step {} ---",
-            job.attempts,
-            gpu.as_ref().map_or("CPU".to_string(), |g| format!(
-                "GPU {} ({})",
-                g.index, g.name
-            )),
-            records.len()
-        )?;
-        let run_as = (self.as_root && job.owner_uid != 0).then_some((job.owner_uid, job.owner_gid));
-        if let Some((uid, gid)) = run_as {
-            std::os::unix::fs::chown(dir.join("worker.log"), Some(uid), Some(gid))?;
-        }
-        let launch = Launch {
-            exe: &self.exe,
-            job_dir: &dir,
-            gpu: gpu.as_ref(),
-            threads: self.cfg.cpu_threads(),
-            snapshot_every: self.cfg.snapshot_every,
-            estimate: job.estimate_bytes,
-            run_as,
-        };
         let tx = self.tx.clone();
-        match worker::spawn(&launch, &records, worker_log, move |ev| {
+        let spawned = self.spawn_worker(&job, gpu.as_ref(), &records, move |ev| {
             let _ = tx.send(Event::Worker(id, ev));
-        }) {
+        });
+        match spawned {
             Ok(pid) => {
                 tracing::info!(
                     "job {id}: started worker {pid} on {} (estimate {})",
                     describe_pool(&pool),
-                    gib(job.estimate_bytes)
+                    human_bytes(job.estimate_bytes)
                 );
                 job.state = JobState::Running;
                 job.started_at.get_or_insert(now());
@@ -629,6 +652,46 @@ impl Daemon {
             Err(e) => self.crashed(job, &format!("could not start: {e:#}"))?,
         }
         Ok(())
+    }
+
+    /// Open the job's log and start its worker; any failure here is the
+    /// attempt's, not the daemon's.
+    fn spawn_worker(
+        &self,
+        job: &JobRecord,
+        gpu: Option<&crate::gpu::GpuInfo>,
+        records: &[crate::run::seedlog::StepRecord],
+        report: impl Fn(WorkerEvent) + Send + 'static,
+    ) -> Result<u32> {
+        let dir = self.dirs.job(job.id);
+        let mut worker_log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("worker.log"))?;
+        writeln!(
+            worker_log,
+            "--- attempt {} on {}, from step {} ---",
+            job.attempts,
+            gpu.map_or("CPU".to_string(), |g| format!(
+                "GPU {} ({})",
+                g.index, g.name
+            )),
+            records.len()
+        )?;
+        let run_as = (self.as_root && job.owner_uid != 0).then_some((job.owner_uid, job.owner_gid));
+        if let Some((uid, gid)) = run_as {
+            std::os::unix::fs::chown(dir.join("worker.log"), Some(uid), Some(gid))?;
+        }
+        let launch = Launch {
+            exe: &self.exe,
+            job_dir: &dir,
+            gpu,
+            threads: self.cfg.cpu_threads(),
+            snapshot_every: self.cfg.snapshot_every,
+            estimate: job.estimate_bytes,
+            run_as,
+        };
+        worker::spawn(&launch, records, worker_log, report)
     }
 
     // ---- workers --------------------------------------------------------
@@ -742,7 +805,9 @@ impl Daemon {
                 text.push('\n');
             }
         }
-        std::fs::write(dir.join("error"), text)?;
+        if let Err(e) = std::fs::write(dir.join("error"), text) {
+            tracing::error!("job {id}: could not write its error file: {e}");
+        }
         tracing::error!("job {id}: failed: {reason}");
         self.table.put_durable(&job)
     }
@@ -883,8 +948,8 @@ impl Daemon {
                 s.push_str(&format!(
                     "; GPU {} {}/{} free",
                     g.index,
-                    gib(g.free_bytes),
-                    gib(g.total_bytes)
+                    human_bytes(g.free_bytes),
+                    human_bytes(g.total_bytes)
                 ));
             }
             if res.gpus.is_empty() {
@@ -893,11 +958,6 @@ impl Daemon {
         }
         s
     }
-}
-
-fn id_inode(claims: &sled::Tree, name: &str) -> Result<[u8; 8]> {
-    let v = claims.get(name.as_bytes())?.context("claim vanished")?;
-    Ok(v.get(8..16).unwrap_or(&[0; 8]).try_into()?)
 }
 
 fn describe_pool(pool: &Pool) -> String {

@@ -100,6 +100,17 @@ impl Spool {
         Ok(names)
     }
 
+    /// Was `new/<name>` changed in the last `secs` seconds?  A file copied in
+    /// without `rename()` may be caught half-written; it gets time to finish
+    /// before a failed check rejects it.
+    pub fn is_fresh(&self, name: &str, secs: f64) -> bool {
+        std::fs::symlink_metadata(self.new_dir().join(name))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age.as_secs_f64() < secs)
+    }
+
     /// Inode of `new/<name>` without following links (None when gone).
     pub fn inode(&self, name: &str) -> Option<u64> {
         std::fs::symlink_metadata(self.new_dir().join(name))
