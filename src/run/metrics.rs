@@ -1,6 +1,6 @@
 //! `metrics.jsonl`: one JSON object per step and one per evaluation, appended
-//! as they happen.  On resume the file is cut back to what precedes the
-//! resume point, so it never holds a step twice.
+//! as they happen.  On resume its step lines are rewritten from the seed log,
+//! so it holds every durable step exactly once.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -44,6 +44,20 @@ struct StepRecordLine {
     batch: Vec<usize>,
 }
 
+impl StepRecordLine {
+    fn new(rec: &StepRecord, batch: Vec<usize>) -> Self {
+        Self {
+            step: rec.step,
+            seed: rec.seed,
+            projected_grad: rec.projected_grad,
+            loss_plus: rec.loss_plus,
+            loss_minus: rec.loss_minus,
+            lr: rec.lr,
+            batch,
+        }
+    }
+}
+
 pub struct MetricsFile {
     path: PathBuf,
     file: File,
@@ -52,41 +66,46 @@ pub struct MetricsFile {
 }
 
 impl MetricsFile {
-    /// Open, keeping only steps before `resume_step` and evaluations up to it.
-    pub fn open(path: &Path, resume_step: u64) -> Result<Self> {
-        let mut kept = Vec::new();
-        let (mut steps, mut evals) = (Vec::new(), Vec::new());
+    /// Open for a run resuming after `records` (the durable seed log): the
+    /// step lines are rewritten from the log itself (a line lost to a kill
+    /// between the log and this file comes back; a line beyond the log goes),
+    /// and the evaluations up to the resume point are kept.
+    pub fn open(
+        path: &Path,
+        records: &[StepRecord],
+        batch_of: impl Fn(u64) -> Vec<usize>,
+    ) -> Result<Self> {
+        let resume_step = records.len() as u64;
+        let mut evals: Vec<EvalLine> = Vec::new();
         if let Ok(f) = File::open(path) {
             for line in BufReader::new(f).lines() {
-                let line = line?;
-                match serde_json::from_str::<Line>(&line) {
-                    Ok(Line::Step { rec }) if rec.step < resume_step => {
-                        steps.push(StepRecord {
-                            step: rec.step,
-                            seed: rec.seed,
-                            projected_grad: rec.projected_grad,
-                            loss_plus: rec.loss_plus,
-                            loss_minus: rec.loss_minus,
-                            lr: rec.lr,
-                        });
-                        kept.push(line);
-                    }
-                    Ok(Line::Eval { eval })
-                        if eval.step <= resume_step
-                            && !evals.iter().any(|e: &EvalLine| e.step == eval.step) =>
-                    {
+                if let Ok(Line::Eval { eval }) = serde_json::from_str::<Line>(&line?) {
+                    if eval.step <= resume_step && !evals.iter().any(|e| e.step == eval.step) {
                         evals.push(eval);
-                        kept.push(line);
                     }
-                    _ => {}
                 }
             }
         }
+        evals.sort_by_key(|e| e.step);
+        let mut text = String::new();
+        let mut push = |line: &Line| -> Result<()> {
+            text.push_str(&serde_json::to_string(line)?);
+            text.push('\n');
+            Ok(())
+        };
+        for e in evals.iter().filter(|e| e.step == 0) {
+            push(&Line::Eval { eval: e.clone() })?;
+        }
+        for rec in records {
+            push(&Line::Step {
+                rec: StepRecordLine::new(rec, batch_of(rec.step)),
+            })?;
+            for e in evals.iter().filter(|e| e.step == rec.step + 1) {
+                push(&Line::Eval { eval: e.clone() })?;
+            }
+        }
         let tmp = path.with_extension("jsonl.partial");
-        std::fs::write(
-            &tmp,
-            kept.iter().map(|l| format!("{l}\n")).collect::<String>(),
-        )?;
+        std::fs::write(&tmp, text)?;
         std::fs::rename(&tmp, path)?;
         let file = OpenOptions::new()
             .append(true)
@@ -95,7 +114,7 @@ impl MetricsFile {
         Ok(Self {
             path: path.to_path_buf(),
             file,
-            steps,
+            steps: records.to_vec(),
             evals,
         })
     }
@@ -106,15 +125,7 @@ impl MetricsFile {
     }
 
     pub fn step(&mut self, rec: &StepRecord, batch: &[usize]) -> Result<()> {
-        let line = StepRecordLine {
-            step: rec.step,
-            seed: rec.seed,
-            projected_grad: rec.projected_grad,
-            loss_plus: rec.loss_plus,
-            loss_minus: rec.loss_minus,
-            lr: rec.lr,
-            batch: batch.to_vec(),
-        };
+        let line = StepRecordLine::new(rec, batch.to_vec());
         self.write(&Line::Step { rec: line })?;
         self.steps.push(*rec);
         Ok(())
@@ -136,5 +147,61 @@ impl MetricsFile {
 
     pub fn steps(&self) -> &[StepRecord] {
         &self.steps
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(step: u64) -> StepRecord {
+        StepRecord {
+            step,
+            seed: step + 100,
+            projected_grad: 0.5 * step as f64,
+            loss_plus: 1.0,
+            loss_minus: 2.0,
+            lr: 1e-3,
+        }
+    }
+
+    fn eval(step: u64) -> EvalLine {
+        EvalLine {
+            step,
+            metric: "loss".into(),
+            value: step as f64,
+            loss: step as f64,
+        }
+    }
+
+    #[test]
+    fn resume_rewrites_steps_from_the_log_and_keeps_evaluations() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        {
+            let mut m = MetricsFile::open(&path, &[], |_| vec![]).unwrap();
+            m.eval(&eval(0)).unwrap();
+            // Step 2's line was lost to a kill; step 5 ran past the durable log.
+            for s in [0, 1, 3, 4, 5] {
+                m.step(&rec(s), &[9]).unwrap();
+                if s == 3 {
+                    m.eval(&eval(4)).unwrap();
+                }
+            }
+            m.eval(&eval(6)).unwrap();
+        }
+        let log: Vec<StepRecord> = (0..5).map(rec).collect();
+        let m = MetricsFile::open(&path, &log, |s| vec![s as usize]).unwrap();
+        assert_eq!(m.steps(), &log[..]);
+        assert_eq!(m.evals(), vec![eval(0), eval(4)]);
+        let kinds: Vec<String> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                format!("{}{}", &v["kind"].as_str().unwrap()[..1], v["step"])
+            })
+            .collect();
+        assert_eq!(kinds, ["e0", "s0", "s1", "s2", "s3", "e4", "s4"]);
     }
 }

@@ -311,7 +311,11 @@ pub fn run_with_log(
     records.truncate(spec.mezo.steps as usize);
     let done = records.len() as u64;
     log.truncate_from(done)?;
-    let metrics = MetricsFile::open(&out.join("metrics.jsonl"), done)?;
+    let (data_seed, batch_size, n_train) =
+        (spec.data_seed(), spec.mezo.batch_size, splits.train.len());
+    let metrics = MetricsFile::open(&out.join("metrics.jsonl"), &records, |step| {
+        batch_indices(data_seed, step, batch_size, n_train)
+    })?;
     let mut job = Job {
         spec,
         out: out.to_path_buf(),
@@ -340,6 +344,15 @@ pub fn run_with_log(
 
     if done == 0 && !job.metrics.has_eval(0) {
         job.evaluate(0)?; // the zero-shot baseline
+    }
+    let every = job.spec.mezo.eval_every;
+    if done > 0
+        && every > 0
+        && done % every == 0
+        && done < job.spec.mezo.steps
+        && !job.metrics.has_eval(done)
+    {
+        job.evaluate(done)?; // stopped between a step and its evaluation
     }
     let total = job.spec.mezo.steps;
     let bar = opts.progress.then(|| progress_bar(total, done));
