@@ -4,7 +4,7 @@
 //! MeZO trains at inference memory, so the estimate is an inference estimate:
 //!
 //! * **weights** at the job's dtype (every stored tensor, from the safetensors
-//!   headers; nothing is loaded);
+//!   headers or the GGUF tensor directory; nothing is loaded);
 //! * **one temporary the size of the largest tensor**: the z of the parameter
 //!   being perturbed;
 //! * **activations of one layer** (layers run one after another without
@@ -28,6 +28,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::model::gguf::{is_gguf, read_header};
 use crate::model::weights::Checkpoint;
 use crate::spec::{JobSpec, TaskKind};
 
@@ -67,11 +68,16 @@ struct ShapeConfig {
 /// Estimate the peak memory of `spec` on a GPU (`gpu = true`) or on CPU.
 pub fn estimate(spec: &JobSpec, gpu: bool) -> Result<Footprint> {
     let dir = &spec.model.path;
-    let cfg = read_shape_config(dir)?;
-    let ckpt = Checkpoint::open(dir)?;
+    let (cfg, shapes) = if is_gguf(dir) {
+        let header = read_header(dir)?;
+        let cfg = serde_json::from_value(header.config).context("GGUF metadata")?;
+        (cfg, header.shapes)
+    } else {
+        (read_shape_config(dir)?, Checkpoint::open(dir)?.shapes()?)
+    };
     let elem = spec.model.dtype.bytes() as u64;
     let (mut numel, mut largest) = (0u64, 0u64);
-    for (_, shape) in ckpt.shapes()? {
+    for (_, shape) in shapes {
         let n: u64 = shape.iter().map(|&d| d as u64).product();
         numel += n;
         largest = largest.max(n);

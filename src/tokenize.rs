@@ -19,11 +19,23 @@ impl TextTokenizer {
             anyhow::bail!("missing tokenizer file {}", path.display());
         }
         let inner = Tokenizer::from_file(&path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        Ok(Self::new(inner))
+    }
+
+    /// Wrap a tokenizer built in memory (from a GGUF file's metadata).
+    pub fn new(inner: Tokenizer) -> Self {
         let pad_id = ["<pad>", "<|endoftext|>", "</s>", "<unk>"]
             .iter()
             .find_map(|t| inner.token_to_id(t))
             .unwrap_or(0) as i64;
-        Ok(Self { inner, pad_id })
+        Self { inner, pad_id }
+    }
+
+    /// Write it as `tokenizer.json` (for exporting a GGUF-sourced model).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.inner
+            .save(path, true)
+            .map_err(|e| anyhow!("writing {}: {e}", path.display()))
     }
 
     /// Token ids; `special` adds what the model's post-processor adds (BOS for OPT, LLaMA).
@@ -33,6 +45,11 @@ impl TextTokenizer {
             .encode(text, special)
             .map_err(|e| anyhow!("tokenizing {text:?}: {e}"))?;
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+    }
+
+    /// The vocabulary entry of one id, special tokens included.
+    pub fn decode_token(&self, id: i64) -> Option<String> {
+        self.inner.id_to_token(id as u32)
     }
 
     pub fn decode(&self, ids: &[i64]) -> String {

@@ -90,8 +90,7 @@ pub fn export_hf(model: &LanguageModel, out: &Path) -> Result<()> {
         .map(|p| (p.name.clone(), &p.tensor))
         .collect();
     write_safetensors(&out.join("model.safetensors"), &tensors, &[])?;
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(model.dir.join("config.json"))?)?;
+    let mut config: serde_json::Value = serde_json::from_str(&model.config_text)?;
     let dtype = match model.dtype {
         super::Dtype::F32 => "float32",
         super::Dtype::Bf16 => "bfloat16",
@@ -103,6 +102,26 @@ pub fn export_hf(model: &LanguageModel, out: &Path) -> Result<()> {
         out.join("config.json"),
         serde_json::to_string_pretty(&config)?,
     )?;
+    if super::gguf::is_gguf(&model.dir) {
+        // No tokenizer files to copy: write the one built from the metadata.
+        model.tokenizer.save(&out.join("tokenizer.json"))?;
+        let token = |key: &str| {
+            config[key]
+                .as_u64()
+                .map(|id| model.tokenizer.decode_token(id as i64))
+        };
+        let tok_config = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": token("bos_token_id"),
+            "eos_token": token("eos_token_id"),
+            "pad_token": token("pad_token_id"),
+        });
+        std::fs::write(
+            out.join("tokenizer_config.json"),
+            serde_json::to_string_pretty(&tok_config)?,
+        )?;
+        return Ok(());
+    }
     for f in [
         "tokenizer.json",
         "tokenizer_config.json",

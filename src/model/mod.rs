@@ -6,6 +6,7 @@
 //! order), its tokenizer and where it came from.
 
 pub mod export;
+pub mod gguf;
 pub mod gpt2;
 pub mod layers;
 pub mod llama;
@@ -88,18 +89,18 @@ pub struct LanguageModel {
     pub net: Box<dyn Network>,
     pub params: ParamList,
     pub tokenizer: TextTokenizer,
+    /// The HF directory or GGUF file it came from.
     pub dir: PathBuf,
+    /// Its `config.json` (for a GGUF file: built from the metadata).
+    pub config_text: String,
     pub dtype: Dtype,
     pub device: Device,
     pub model_type: String,
 }
 
 impl LanguageModel {
-    /// Load an HF directory at `dtype` on `device`.
+    /// Load an HF directory, or a GGUF file, at `dtype` on `device`.
     pub fn load(dir: &Path, dtype: Dtype, device: Device) -> Result<Self> {
-        if !dir.is_dir() {
-            bail!("model directory {} does not exist", dir.display());
-        }
         if let Device::Cuda(n) = device {
             if !tch::Cuda::is_available() || n >= tch::Cuda::device_count() as usize {
                 bail!(
@@ -108,15 +109,33 @@ impl LanguageModel {
                 );
             }
         }
-        let config_path = dir.join("config.json");
-        let config_text = std::fs::read_to_string(&config_path)
-            .with_context(|| format!("missing model config {}", config_path.display()))?;
+        let (config_path, config_text, tokenizer, ckpt) = if gguf::is_gguf(dir) {
+            if !dir.is_file() {
+                bail!("model file {} does not exist", dir.display());
+            }
+            let g = gguf::load(dir)?;
+            let ckpt = weights::Checkpoint::from_tensors(dir, g.tensors);
+            (
+                dir.to_path_buf(),
+                g.config.to_string(),
+                TextTokenizer::new(g.tokenizer),
+                ckpt,
+            )
+        } else {
+            if !dir.is_dir() {
+                bail!("model directory {} does not exist", dir.display());
+            }
+            let config_path = dir.join("config.json");
+            let config_text = std::fs::read_to_string(&config_path)
+                .with_context(|| format!("missing model config {}", config_path.display()))?;
+            let tokenizer = TextTokenizer::load(dir)?;
+            let ckpt = weights::Checkpoint::open(dir)?;
+            (config_path, config_text, tokenizer, ckpt)
+        };
         let model_type = serde_json::from_str::<ModelType>(&config_text)
             .with_context(|| format!("{} is not valid JSON", config_path.display()))?
             .model_type
             .with_context(|| format!("{} has no model_type", config_path.display()))?;
-        let tokenizer = TextTokenizer::load(dir)?;
-        let ckpt = weights::Checkpoint::open(dir)?;
         let mut w = weights::WeightLoader::new(&ckpt, dtype.kind(), device);
         let parse_err = || {
             format!(
@@ -149,6 +168,7 @@ impl LanguageModel {
             params,
             tokenizer,
             dir: dir.to_path_buf(),
+            config_text,
             dtype,
             device,
             model_type,

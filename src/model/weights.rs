@@ -61,6 +61,8 @@ pub struct Checkpoint {
     shards: Vec<ShardFile>,
     /// tensor name → shard index
     index: HashMap<String, usize>,
+    /// Tensors already in memory (a dequantized GGUF file), by HF name.
+    memory: HashMap<String, Tensor>,
 }
 
 #[derive(serde::Deserialize)]
@@ -111,7 +113,18 @@ impl Checkpoint {
             dir: dir.to_path_buf(),
             shards,
             index,
+            memory: HashMap::new(),
         })
+    }
+
+    /// A checkpoint of tensors already in memory, read from `origin`.
+    pub fn from_tensors(origin: &Path, tensors: HashMap<String, Tensor>) -> Self {
+        Self {
+            dir: origin.to_path_buf(),
+            shards: Vec::new(),
+            index: HashMap::new(),
+            memory: tensors,
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -119,11 +132,11 @@ impl Checkpoint {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        self.index.contains_key(name) || self.memory.contains_key(name)
     }
 
     pub fn names(&self) -> impl Iterator<Item = &String> {
-        self.index.keys()
+        self.index.keys().chain(self.memory.keys())
     }
 
     /// Name and shape of every stored tensor, read from the headers only
@@ -136,12 +149,18 @@ impl Checkpoint {
                 out.push((name, view.shape().to_vec()));
             }
         }
+        for (name, t) in &self.memory {
+            out.push((name.clone(), t.size().iter().map(|&d| d as usize).collect()));
+        }
         out.sort();
         Ok(out)
     }
 
     /// Copy one stored tensor into a fresh libtorch tensor (CPU, stored dtype).
     fn read(&self, name: &str) -> Result<Tensor> {
+        if let Some(t) = self.memory.get(name) {
+            return Ok(t.shallow_clone());
+        }
         let shard = &self.shards[self.index[name]];
         let st = SafeTensors::deserialize(&shard.map)?;
         let view = st.tensor(name)?;
