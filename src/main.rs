@@ -207,6 +207,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                         r.best_step,
                         show(r.final_metric)
                     );
+                    if let Some(t) = r.test_metric {
+                        println!("test {} of those weights: {t:.4}", r.metric);
+                    }
                     println!("fine-tuned model: {}", out.join("model").display());
                     Ok(ExitCode::SUCCESS)
                 }

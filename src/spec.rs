@@ -82,8 +82,18 @@ pub struct DataSpec {
     pub dev: Option<PathBuf>,
     #[serde(default = "dev_fraction")]
     pub dev_fraction: f64,
+    /// Test set, evaluated once with the best weights at the end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test: Option<PathBuf>,
+    /// Without a test file: hold out this seeded fraction of `train` as test (default 0: none).
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub test_fraction: f64,
     #[serde(default)]
     pub split_seed: u64,
+    /// Keep only rows whose field has one of the listed values, e.g.
+    /// `{category: [fresh, rotten]}`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub filter: BTreeMap<String, Vec<String>>,
     /// Field holding the text (causal_lm, and the `sst2` template).
     #[serde(default = "text")]
     pub text_field: String,
@@ -92,6 +102,8 @@ pub struct DataSpec {
     pub max_train: Option<usize>,
     #[serde(default)]
     pub max_dev: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_test: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -147,6 +159,9 @@ fn eps() -> f64 {
 fn is_zero(v: &i32) -> bool {
     *v == 0
 }
+fn is_zero_f64(v: &f64) -> bool {
+    *v == 0.0
+}
 
 impl JobSpec {
     /// Parse YAML text; relative paths are taken from `workdir`, else from `base`.
@@ -183,6 +198,9 @@ impl JobSpec {
         if let Some(d) = spec.data.dev.as_mut() {
             abs(d, "data.dev")?;
         }
+        if let Some(t) = spec.data.test.as_mut() {
+            abs(t, "data.test")?;
+        }
         spec.validate()?;
         Ok(spec)
     }
@@ -210,6 +228,11 @@ impl JobSpec {
         }
         if !(0.0..1.0).contains(&self.data.dev_fraction) {
             bail!("data.dev_fraction must be in [0, 1)");
+        }
+        if !(0.0..1.0).contains(&self.data.test_fraction)
+            || self.data.dev_fraction + self.data.test_fraction >= 1.0
+        {
+            bail!("data.test_fraction must be in [0, 1) and leave training examples beside dev_fraction");
         }
         self.model.dtype.kind();
         crate::model::parse_device(&self.model.device)?;

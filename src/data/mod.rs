@@ -1,8 +1,10 @@
-//! Datasets: JSONL or CSV rows as string fields, and the seeded train/dev split.
+//! Datasets: JSONL or CSV rows as string fields (optionally bzip2-compressed),
+//! row filters, and the seeded train/dev/test split.
 
 pub mod task;
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -15,17 +17,30 @@ use crate::spec::DataSpec;
 /// One row, every value as text (numbers and booleans as written).
 pub type Example = BTreeMap<String, String>;
 
+/// Read a data file: `.jsonl`/`.json`, `.csv`, `.tsv`, each optionally `.bz2`.
 pub fn load_examples(path: &Path) -> Result<Vec<Example>> {
-    let name = path.to_string_lossy().to_lowercase();
+    let lower = path.to_string_lossy().to_lowercase();
+    let (name, compressed) = match lower.strip_suffix(".bz2") {
+        Some(inner) => (inner.to_string(), true),
+        None => (lower.clone(), false),
+    };
+    let mut bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if compressed {
+        let mut out = Vec::new();
+        bzip2::read::BzDecoder::new(&bytes[..])
+            .read_to_end(&mut out)
+            .with_context(|| format!("{}: not valid bzip2 data", path.display()))?;
+        bytes = out;
+    }
     let rows = if name.ends_with(".csv") {
-        read_csv(path, b',')
+        read_csv(path, &bytes, b',')
     } else if name.ends_with(".tsv") {
-        read_csv(path, b'\t')
+        read_csv(path, &bytes, b'\t')
     } else if name.ends_with(".jsonl") || name.ends_with(".json") {
-        read_jsonl(path)
+        read_jsonl(path, &bytes)
     } else {
         bail!(
-            "{}: unknown data format (use .jsonl, .csv or .tsv)",
+            "{}: unknown data format (use .jsonl, .csv or .tsv, optionally .bz2)",
             path.display()
         )
     }?;
@@ -35,9 +50,9 @@ pub fn load_examples(path: &Path) -> Result<Vec<Example>> {
     Ok(rows)
 }
 
-fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+fn read_jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<Example>> {
+    let text = std::str::from_utf8(bytes)
+        .with_context(|| format!("{} is not UTF-8 text", path.display()))?;
     let mut rows = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -64,11 +79,10 @@ fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
     Ok(rows)
 }
 
-fn read_csv(path: &Path, delimiter: u8) -> Result<Vec<Example>> {
+fn read_csv(path: &Path, bytes: &[u8], delimiter: u8) -> Result<Vec<Example>> {
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(delimiter)
-        .from_path(path)
-        .with_context(|| format!("reading {}", path.display()))?;
+        .from_reader(bytes);
     let headers = reader.headers()?.clone();
     let mut rows = Vec::new();
     for (i, rec) in reader.records().enumerate() {
@@ -84,22 +98,61 @@ fn read_csv(path: &Path, delimiter: u8) -> Result<Vec<Example>> {
     Ok(rows)
 }
 
-/// Training and development examples.
+/// Training, development and test examples.
 pub struct Splits {
     pub train: Vec<Example>,
     pub dev: Vec<Example>,
+    /// Empty unless the job names a test file or a test fraction.
+    pub test: Vec<Example>,
 }
 
-/// Load train (and dev, or hold out a seeded fraction of train as dev).
+/// Rows whose fields pass every filter (`field: [allowed values]`).
+fn filtered(rows: Vec<Example>, spec: &DataSpec, path: &Path) -> Result<Vec<Example>> {
+    if spec.filter.is_empty() {
+        return Ok(rows);
+    }
+    for field in spec.filter.keys() {
+        if !rows[0].contains_key(field) {
+            bail!(
+                "data.filter names field {field:?}, which {} lacks",
+                path.display()
+            );
+        }
+    }
+    Ok(rows
+        .into_iter()
+        .filter(|r| {
+            spec.filter
+                .iter()
+                .all(|(f, allowed)| r.get(f).is_some_and(|v| allowed.contains(v)))
+        })
+        .collect())
+}
+
+/// Load train, dev and test: files where given, otherwise seeded fractions
+/// held out of train (test first, then dev, from one shuffle).
 pub fn load_splits(spec: &DataSpec) -> Result<Splits> {
-    let mut train = load_examples(&spec.train)?;
+    let mut train = filtered(load_examples(&spec.train)?, spec, &spec.train)?;
+    let load = |p: &Path| -> Result<Vec<Example>> { filtered(load_examples(p)?, spec, p) };
+    let hold_out_test = spec.test.is_none() && spec.test_fraction > 0.0;
+    if spec.dev.is_none() || hold_out_test {
+        let mut rng = ChaCha20Rng::seed_from_u64(spec.split_seed);
+        train.shuffle(&mut rng);
+    }
+    let total = train.len() as f64;
+    let mut test = match &spec.test {
+        Some(p) => load(p)?,
+        None if hold_out_test => {
+            let n = (total * spec.test_fraction).floor() as usize;
+            train.split_off(train.len() - n)
+        }
+        None => Vec::new(),
+    };
     let mut dev = match &spec.dev {
-        Some(p) => load_examples(p)?,
+        Some(p) => load(p)?,
         None => {
-            let mut rng = ChaCha20Rng::seed_from_u64(spec.split_seed);
-            train.shuffle(&mut rng);
-            let n_dev = (train.len() as f64 * spec.dev_fraction).floor() as usize;
-            train.split_off(train.len() - n_dev)
+            let n = (total * spec.dev_fraction).floor() as usize;
+            train.split_off(train.len() - n)
         }
     };
     if let Some(n) = spec.max_train {
@@ -108,10 +161,13 @@ pub fn load_splits(spec: &DataSpec) -> Result<Splits> {
     if let Some(n) = spec.max_dev {
         dev.truncate(n);
     }
+    if let Some(n) = spec.max_test {
+        test.truncate(n);
+    }
     if train.is_empty() {
         bail!("no training examples left after the split");
     }
-    Ok(Splits { train, dev })
+    Ok(Splits { train, dev, test })
 }
 
 /// Fill `{field}` placeholders from an example; a missing field is an error.
@@ -181,6 +237,46 @@ mod tests {
         assert_eq!((a.train.len(), a.dev.len()), (45, 5));
         assert_eq!(a.dev, b.dev);
         assert!(a.dev.iter().all(|d| !a.train.contains(d)));
+    }
+
+    #[test]
+    fn bzip2_csv_filters_and_a_seeded_test_split() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("reviews.csv.bz2");
+        let mut csv = String::from("category,text\n");
+        for i in 0..60 {
+            let cat = ["fresh", "rotten", "plot"][i % 3];
+            csv.push_str(&format!("{cat},\"review {i}, with a comma\"\n"));
+        }
+        let mut enc =
+            bzip2::write::BzEncoder::new(std::fs::File::create(&path).unwrap(), Default::default());
+        enc.write_all(csv.as_bytes()).unwrap();
+        enc.finish().unwrap();
+        let rows = load_examples(&path).unwrap();
+        assert_eq!(rows.len(), 60);
+        assert_eq!(rows[4]["text"], "review 4, with a comma");
+        let spec: crate::spec::DataSpec = serde_yaml::from_str(&format!(
+            "{{train: {}, filter: {{category: [fresh, rotten]}}, dev_fraction: 0.1, test_fraction: 0.25}}",
+            path.display()
+        ))
+        .unwrap();
+        let a = load_splits(&spec).unwrap();
+        assert_eq!((a.train.len(), a.dev.len(), a.test.len()), (26, 4, 10));
+        let all: Vec<&Example> = a.train.iter().chain(&a.dev).chain(&a.test).collect();
+        assert!(all.iter().all(|r| r["category"] != "plot"));
+        let mut texts: Vec<&String> = all.iter().map(|r| &r["text"]).collect();
+        texts.sort();
+        texts.dedup();
+        assert_eq!(texts.len(), 40, "train, dev and test are disjoint");
+        assert_eq!(load_splits(&spec).unwrap().test, a.test, "seeded");
+        let bad: crate::spec::DataSpec = serde_yaml::from_str(&format!(
+            "{{train: {}, filter: {{genre: [drama]}}}}",
+            path.display()
+        ))
+        .unwrap();
+        let e = load_splits(&bad).err().unwrap().to_string();
+        assert!(e.contains("genre"), "{e}");
     }
 
     #[test]

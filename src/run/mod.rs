@@ -69,6 +69,9 @@ pub struct RunResult {
     pub best: Option<f64>,
     pub best_step: u64,
     pub final_metric: Option<f64>,
+    /// The metric of the exported (best) weights on the test split, if any.
+    pub test_metric: Option<f64>,
+    pub test_loss: Option<f64>,
     pub steps: u64,
     pub resumed_from: u64,
     pub replayed_steps: u64,
@@ -123,6 +126,7 @@ struct Job {
     task: Task,
     train: Vec<Example>,
     dev: Vec<Example>,
+    test: Vec<Example>,
     log: Box<dyn StepLog>,
     metrics: MetricsFile,
     device: String,
@@ -298,14 +302,16 @@ pub fn run_with_log(
     let task = Task::from_spec(&spec)?;
     task.check(&model, &splits.train, "training")?;
     task.check(&model, &splits.dev, "dev")?;
+    task.check(&model, &splits.test, "test")?;
     tracing::info!(
-        "{} ({} trainable parameters, {:?} on {}), {} train / {} dev examples",
+        "{} ({} trainable parameters, {:?} on {}), {} train / {} dev / {} test examples",
         spec.model.path.display(),
         model.params.numel(),
         spec.model.dtype,
         device_name,
         splits.train.len(),
-        splits.dev.len()
+        splits.dev.len(),
+        splits.test.len()
     );
     let mut records = log.contiguous()?;
     records.truncate(spec.mezo.steps as usize);
@@ -323,6 +329,7 @@ pub fn run_with_log(
         task,
         train: splits.train,
         dev: splits.dev,
+        test: splits.test,
         log,
         metrics,
         device: device_name,
@@ -454,6 +461,25 @@ fn finish(
         job.replay(&records[from as usize..best_step as usize])?;
     }
     export_hf(&job.model, &model_dir)?;
+    let test = if job.test.is_empty() {
+        None
+    } else {
+        let bs = job
+            .spec
+            .mezo
+            .eval_batch_size
+            .unwrap_or(job.spec.mezo.batch_size);
+        let e = job
+            .task
+            .evaluate(&job.model, &job.test, bs)
+            .context("evaluating on the test split")?;
+        tracing::info!(
+            "test {} of the exported weights (step {best_step}): {:.4}",
+            job.task.metric_name(),
+            e.metric
+        );
+        Some(e)
+    };
     let train_points: Vec<(u64, f64)> = job
         .metrics
         .steps()
@@ -476,6 +502,8 @@ fn finish(
             .rev()
             .find(|e| e.step == total)
             .map(|e| e.value),
+        test_metric: test.as_ref().map(|e| e.metric),
+        test_loss: test.as_ref().map(|e| e.loss),
         steps: total,
         resumed_from: done,
         replayed_steps: done - from,
