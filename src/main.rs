@@ -207,8 +207,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                         r.best_step,
                         show(r.final_metric)
                     );
-                    if let Some(t) = r.test_metric {
-                        println!("test {} of those weights: {t:.4}", r.metric);
+                    if let (Some(t), Some(z)) = (r.test_metric, r.zero_shot_test) {
+                        println!("test {}: base model {z:.4}, fine-tuned {t:.4}", r.metric);
                     }
                     println!("fine-tuned model: {}", out.join("model").display());
                     Ok(ExitCode::SUCCESS)

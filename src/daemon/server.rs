@@ -984,6 +984,8 @@ fn read_summary(job_dir: &Path) -> Option<serde_json::Value> {
         "best",
         "best_step",
         "final_metric",
+        "test_metric",
+        "zero_shot_test",
         "peak_memory_bytes",
         "peak_memory_source",
         "memory_estimate_bytes",

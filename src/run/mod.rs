@@ -72,6 +72,8 @@ pub struct RunResult {
     /// The metric of the exported (best) weights on the test split, if any.
     pub test_metric: Option<f64>,
     pub test_loss: Option<f64>,
+    /// The base model's metric on the test split.
+    pub zero_shot_test: Option<f64>,
     pub steps: u64,
     pub resumed_from: u64,
     pub replayed_steps: u64,
@@ -461,24 +463,32 @@ fn finish(
         job.replay(&records[from as usize..best_step as usize])?;
     }
     export_hf(&job.model, &model_dir)?;
-    let test = if job.test.is_empty() {
-        None
+    let (test, zero_shot_test) = if job.test.is_empty() {
+        (None, None)
     } else {
         let bs = job
             .spec
             .mezo
             .eval_batch_size
             .unwrap_or(job.spec.mezo.batch_size);
-        let e = job
+        let tuned = job
             .task
             .evaluate(&job.model, &job.test, bs)
             .context("evaluating on the test split")?;
+        // The same split with the base weights: the comparison a reader wants.
+        job.model =
+            LanguageModel::load(&job.spec.model.path, job.spec.model.dtype, job.model.device)?;
+        let base = job
+            .task
+            .evaluate(&job.model, &job.test, bs)
+            .context("evaluating the base model on the test split")?;
         tracing::info!(
-            "test {} of the exported weights (step {best_step}): {:.4}",
+            "test {}: base model {:.4}, fine-tuned (step {best_step}) {:.4}",
             job.task.metric_name(),
-            e.metric
+            base.metric,
+            tuned.metric
         );
-        Some(e)
+        (Some(tuned), Some(base))
     };
     let train_points: Vec<(u64, f64)> = job
         .metrics
@@ -503,6 +513,7 @@ fn finish(
             .find(|e| e.step == total)
             .map(|e| e.value),
         test_metric: test.as_ref().map(|e| e.metric),
+        zero_shot_test: zero_shot_test.as_ref().map(|e| e.metric),
         test_loss: test.as_ref().map(|e| e.loss),
         steps: total,
         resumed_from: done,
