@@ -11,7 +11,7 @@
 //!   autograd, so only one layer's are alive): sequences × tokens ×
 //!   (6·hidden + 3·intermediate) for the residual, norms, q/k/v, output and
 //!   MLP, plus 2 × heads × tokens² for the attention scores and softmax;
-//! * **logits**: sequences × tokens × vocab at the model dtype, the f32 copy
+//! * **logits**: sequences × positions × vocab at the model dtype, the f32 copy
 //!   and the f32 log-softmax; on CPU a bf16/f16 matmul also keeps an f32
 //!   result before rounding (4 more bytes per logit, measured);
 //! * **runtime**: the CUDA context and allocator slack on a GPU, the libtorch
@@ -19,6 +19,8 @@
 //!
 //! Sequences per forward = max(batch, eval batch) × candidates per example
 //! (classification and multiple choice score one sequence per answer).
+//! Positions with logits = all tokens for causal LM; for answer scoring only
+//! the answer's, counted as at most 8 tokens.
 //! Tokens = `task.max_length`, an upper bound: setting it close to the data's
 //! real lengths gets a job admitted sooner.  The safety margin is the
 //! daemon's, added on top when admitting.
@@ -36,6 +38,9 @@ use crate::spec::{JobSpec, TaskKind};
 pub const GPU_RUNTIME_BYTES: u64 = 768 << 20;
 /// Resident libtorch, tokenizer and process overhead on CPU.
 pub const CPU_RUNTIME_BYTES: u64 = 320 << 20;
+
+/// Answer tokens assumed per candidate when sizing the logits of answer scoring.
+const ANSWER_POSITIONS: u64 = 8;
 
 /// An estimate, by part, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -95,13 +100,20 @@ pub fn estimate(spec: &JobSpec, gpu: bool) -> Result<Footprint> {
     let tokens = spec.task.max_length as u64;
     let hidden = cfg.hidden_size;
     let inter = cfg.intermediate_size.unwrap_or(4 * hidden);
+    let logit_positions = match spec.task.kind {
+        TaskKind::CausalLm => tokens,
+        _ => tokens.min(ANSWER_POSITIONS),
+    };
     let per_layer = seqs * tokens * (6 * hidden + 3 * inter)
         + 2 * seqs * cfg.num_attention_heads * tokens * tokens;
     Ok(Footprint {
         weights: numel * elem,
         largest_tensor: largest * elem,
         activations: per_layer * elem,
-        logits: seqs * tokens * cfg.vocab_size * (elem + 8 + if !gpu && elem < 4 { 4 } else { 0 }),
+        logits: seqs
+            * logit_positions
+            * cfg.vocab_size
+            * (elem + 8 + if !gpu && elem < 4 { 4 } else { 0 }),
         runtime: if gpu {
             GPU_RUNTIME_BYTES
         } else {

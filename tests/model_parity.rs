@@ -242,3 +242,27 @@ fn names_without_the_transformer_prefix_load_too() {
     });
     assert_eq!(same_logits(&fixture("gpt2"), tmp.path()), 0.0);
 }
+
+#[test]
+fn logits_at_selected_positions_equal_the_full_logits_there() {
+    for name in ["opt", "opt-postln", "gpt2", "llama"] {
+        let model = LanguageModel::load(&fixture(name), Dtype::F32, Device::Cpu).unwrap();
+        let seqs = vec![
+            model
+                .tokenizer
+                .encode("a terrible waste of time", true)
+                .unwrap(),
+            model
+                .tokenizer
+                .encode("one of the best films of the year", true)
+                .unwrap(),
+        ];
+        let (ids, mask) = pad_left(&seqs, model.tokenizer.pad_id);
+        let t = ids.size()[1];
+        let full = model.logits(&ids, &mask).narrow(1, t - 4, 3);
+        let part = model.logits_at(&ids, &mask, t - 4, 3);
+        assert_eq!(part.size(), full.size());
+        let err = (part - full).abs().max().double_value(&[]);
+        assert!(err < 1e-5, "{name}: {err}");
+    }
+}

@@ -285,11 +285,11 @@ impl Task {
             .collect();
         let longest_answer = *ans_len.iter().max().unwrap();
         let (ids, mask) = pad_left(&seqs, model.tokenizer.pad_id);
-        let logits = model.logits(&ids, &mask);
         let t = ids.size()[1];
-        // Only the positions that predict answer tokens (the last ones, padding is on the left).
-        let lp = logits
-            .narrow(1, t - 1 - longest_answer, longest_answer)
+        // Only the positions that predict answer tokens (the last ones, padding
+        // is on the left), and only those go through the output projection.
+        let lp = model
+            .logits_at(&ids, &mask, t - 1 - longest_answer, longest_answer)
             .log_softmax(-1, Kind::Float);
         let targets = ids
             .narrow(1, t - longest_answer, longest_answer)

@@ -144,7 +144,7 @@ impl Gpt2 {
 }
 
 impl Network for Gpt2 {
-    fn forward(&self, ids: &Tensor, mask: &Tensor) -> Tensor {
+    fn hidden(&self, ids: &Tensor, mask: &Tensor) -> Tensor {
         let pos = positions_from_mask(mask);
         let mut x = Tensor::embedding(&self.wte, ids, -1, false, false)
             + Tensor::embedding(&self.wpe, &pos, -1, false, false);
@@ -152,9 +152,10 @@ impl Network for Gpt2 {
         for b in &self.blocks {
             x = self.block(b, x, &attn);
         }
-        self.ln_f
-            .forward(&x)
-            .matmul(&self.wte.tr())
-            .to_kind(Kind::Float)
+        self.ln_f.forward(&x)
+    }
+
+    fn head(&self, hidden: &Tensor) -> Tensor {
+        hidden.matmul(&self.wte.tr()).to_kind(Kind::Float)
     }
 }

@@ -254,16 +254,17 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
 }
 
 impl Network for Llama {
-    fn forward(&self, ids: &Tensor, mask: &Tensor) -> Tensor {
+    fn hidden(&self, ids: &Tensor, mask: &Tensor) -> Tensor {
         let mut x = Tensor::embedding(&self.embed, ids, -1, false, false);
         let (cos, sin) = self.rope(&positions_from_mask(mask), x.kind());
         let attn = attention_mask(mask, self.sliding_window);
         for l in &self.layers {
             x = self.layer(l, x, &attn, &cos, &sin);
         }
-        self.norm
-            .forward(&x)
-            .matmul(&self.lm_head.tr())
-            .to_kind(Kind::Float)
+        self.norm.forward(&x)
+    }
+
+    fn head(&self, hidden: &Tensor) -> Tensor {
+        hidden.matmul(&self.lm_head.tr()).to_kind(Kind::Float)
     }
 }

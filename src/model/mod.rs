@@ -25,8 +25,19 @@ pub use weights::{Param, ParamList};
 
 /// One architecture's forward pass.
 pub trait Network: Send {
-    /// Logits `[batch, seq, vocab]` in f32 for left-padded `ids` with `mask` (1 = token, 0 = padding).
-    fn forward(&self, ids: &Tensor, mask: &Tensor) -> Tensor;
+    /// Final hidden states `[batch, seq, d]` (the output projection's input)
+    /// for left-padded `ids` with `mask` (1 = token, 0 = padding).
+    fn hidden(&self, ids: &Tensor, mask: &Tensor) -> Tensor;
+
+    /// f32 logits for hidden states `[..., d]`.  Separate so that scoring
+    /// answers projects only the positions it reads: over a 49k vocabulary the
+    /// output projection is a fifth of a small model's forward pass.
+    fn head(&self, hidden: &Tensor) -> Tensor;
+
+    /// Logits `[batch, seq, vocab]` in f32.
+    fn forward(&self, ids: &Tensor, mask: &Tensor) -> Tensor {
+        self.head(&self.hidden(ids, mask))
+    }
 }
 
 /// Parameter dtype of a job.  Norm statistics and softmax run in f32 whatever this is.
@@ -173,6 +184,15 @@ impl LanguageModel {
             device,
             model_type,
         })
+    }
+
+    /// Logits `[batch, len, vocab]` (f32) of positions `start..start + len` only.
+    pub fn logits_at(&self, ids: &Tensor, mask: &Tensor, start: i64, len: i64) -> Tensor {
+        let _guard = tch::no_grad_guard();
+        let h = self
+            .net
+            .hidden(&ids.to_device(self.device), &mask.to_device(self.device));
+        self.net.head(&h.narrow(1, start, len))
     }
 
     /// Logits `[batch, seq, vocab]` (f32) without autograd.

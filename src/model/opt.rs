@@ -166,7 +166,7 @@ impl Opt {
 }
 
 impl Network for Opt {
-    fn forward(&self, ids: &Tensor, mask: &Tensor) -> Tensor {
+    fn hidden(&self, ids: &Tensor, mask: &Tensor) -> Tensor {
         let mut x = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
         if let Some(p) = &self.project_in {
             x = x.matmul(&p.tr());
@@ -184,6 +184,12 @@ impl Network for Opt {
         if let Some(p) = &self.project_out {
             x = x.matmul(&p.tr());
         }
-        x.matmul(&self.embed_tokens.tr()).to_kind(tch::Kind::Float)
+        x
+    }
+
+    fn head(&self, hidden: &Tensor) -> Tensor {
+        hidden
+            .matmul(&self.embed_tokens.tr())
+            .to_kind(tch::Kind::Float)
     }
 }
