@@ -8,7 +8,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MEZOD_PYTHON := $(PYTHON)
 
-.PHONY: all setup build test demo demo-small assets fixtures clean
+.PHONY: all setup build test demo demo-small assets bench fixtures clean
 
 all: build
 
@@ -43,6 +43,11 @@ demo-small: build
 	$(MEZOD) run examples/classification.yaml --out runs/demo-classification
 	$(MEZOD) run examples/causal-lm.yaml --out runs/demo-causal-lm
 	@echo "outputs (metrics.jsonl, result.json, loss.svg, model/) are in runs/"
+
+# mezod against inference and against the PyTorch reference (ratios, side by side);
+# rewrites bench/results.md. Not a test: nothing here asserts a time.
+bench: build assets
+	$(PYTHON) bench/run.py
 
 # Regenerate the tiny checkpoints and transformers' reference logits.
 fixtures: setup

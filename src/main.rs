@@ -120,6 +120,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Time forward passes, MeZO steps or replays on a fixed synthetic batch
+    /// (one JSON line: seconds per iteration, peak RSS). `make bench` compares them.
+    Bench {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, value_enum)]
+        mode: mezod::bench::BenchMode,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 64)]
+        tokens: usize,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        #[arg(long, default_value_t = 2)]
+        threads: i32,
+        #[arg(long, default_value = "f32")]
+        dtype: Dtype,
+    },
     /// Internal: one job's worker process, started by the daemon.
     #[command(hide = true)]
     Worker {
@@ -243,6 +261,27 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             socket,
             wait,
         } => client::submit(&job, spool, socket, wait),
+        Command::Bench {
+            model,
+            mode,
+            batch,
+            tokens,
+            iters,
+            threads,
+            dtype,
+        } => {
+            let r = mezod::bench::run_bench(&mezod::bench::BenchArgs {
+                model,
+                mode,
+                batch,
+                tokens,
+                iters,
+                threads,
+                dtype,
+            })?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Estimate { job, gpu, json } => {
             let spec = mezod::spec::JobSpec::load(&job)?;
             let gpu = gpu || spec.model.device.starts_with("cuda");
