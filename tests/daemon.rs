@@ -705,3 +705,27 @@ fn polling_watcher_sighup_reload_and_waiting_reasons() {
     assert!(status.success());
     assert!(d.log().contains("SIGHUP: reloaded"), "{}", d.log());
 }
+
+/// CPU time (user + system, in clock ticks) a process has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn an_idle_daemon_sleeps() {
+    // Regression: inotify reports the daemon's own reads of new/ as access
+    // events; reacting to them made the main loop spin.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(tmp.path(), CONFIG);
+    let pid = d.child.as_ref().unwrap().id();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(pid) - before;
+    // 100 ticks per second: a spinning loop uses ~200 here, a sleeping one ~0.
+    assert!(used < 40, "an idle daemon used {used} ticks of CPU in 2 s");
+}

@@ -230,8 +230,15 @@ impl Daemon {
 
     fn watch_spool(&self) -> Result<Box<dyn Watcher>> {
         let tx = self.tx.clone();
-        let handler = move |_res: notify::Result<notify::Event>| {
-            // Any event (overflow included) triggers a full rescan of new/.
+        let handler = move |res: notify::Result<notify::Event>| {
+            // A change (or an overflow, or an error) triggers a full rescan of
+            // new/.  Access events are not changes: the rescan itself opens
+            // and reads the folder, and reacting to that would never stop.
+            if let Ok(ev) = &res {
+                if matches!(ev.kind, notify::EventKind::Access(_)) && !ev.need_rescan() {
+                    return;
+                }
+            }
             let _ = tx.send(Event::SpoolChanged);
         };
         let new_dir = self.spool.new_dir();
