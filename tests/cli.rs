@@ -123,6 +123,7 @@ fn classification_job_reports_zero_shot_best_and_final_accuracy() {
         .unwrap()
         .replace("steps: 300", "steps: 20")
         .replace("eval_every: 100", "eval_every: 10")
+        .replace("split_seed: 1", "split_seed: 1, test_fraction: 0.2")
         .replace(
             "../tests/fixtures/opt",
             &fixture("opt").display().to_string(),
@@ -149,7 +150,13 @@ fn classification_job_reports_zero_shot_best_and_final_accuracy() {
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap()).unwrap();
     assert_eq!(r["metric"], "accuracy");
-    for k in ["zero_shot", "best", "final_metric"] {
+    for k in [
+        "zero_shot",
+        "best",
+        "final_metric",
+        "test_metric",
+        "zero_shot_test",
+    ] {
         let v = r[k]
             .as_f64()
             .unwrap_or_else(|| panic!("result.json lacks {k}"));
@@ -161,6 +168,11 @@ fn classification_job_reports_zero_shot_best_and_final_accuracy() {
         .map(|l| l["step"].as_u64().unwrap())
         .collect();
     assert_eq!(evals, vec![0, 10, 20]);
+    // The base model's test accuracy is measured once, before training.
+    let base: f64 =
+        serde_json::from_str(&std::fs::read_to_string(run.join("zero_shot_test.json")).unwrap())
+            .unwrap();
+    assert_eq!(r["zero_shot_test"].as_f64().unwrap(), base);
     let svg = std::fs::read_to_string(run.join("loss.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("polyline"));
 }

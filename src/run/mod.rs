@@ -109,6 +109,11 @@ pub fn peak_rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
+/// The base model's test metric, measured before the first step.
+fn read_zero_shot_test(out: &Path) -> Option<f64> {
+    serde_json::from_str(&std::fs::read_to_string(out.join("zero_shot_test.json")).ok()?).ok()
+}
+
 /// This process's peak memory on its device: NVML's figure for this process on
 /// a GPU (the caching allocator keeps the peak reserved), VmHWM on CPU.
 fn measured_peak(device: &str) -> (u64, String) {
@@ -194,15 +199,18 @@ impl Job {
         Ok(())
     }
 
+    fn eval_batch_size(&self) -> usize {
+        self.spec
+            .mezo
+            .eval_batch_size
+            .unwrap_or(self.spec.mezo.batch_size)
+    }
+
     fn evaluate(&mut self, step: u64) -> Result<Option<Evaluation>> {
         if self.dev.is_empty() {
             return Ok(None);
         }
-        let bs = self
-            .spec
-            .mezo
-            .eval_batch_size
-            .unwrap_or(self.spec.mezo.batch_size);
+        let bs = self.eval_batch_size();
         let e = self
             .task
             .evaluate(&self.model, &self.dev, bs)
@@ -354,6 +362,17 @@ pub fn run_with_log(
     if done == 0 && !job.metrics.has_eval(0) {
         job.evaluate(0)?; // the zero-shot baseline
     }
+    if done == 0 && !job.test.is_empty() && read_zero_shot_test(out).is_none() {
+        // The base model on the test split, once, for the comparison at the end.
+        let e = job
+            .task
+            .evaluate(&job.model, &job.test, job.eval_batch_size())
+            .context("evaluating the base model on the test split")?;
+        tracing::info!("step 0: test {} {:.4}", job.task.metric_name(), e.metric);
+        let tmp = out.join("zero_shot_test.json.partial");
+        std::fs::write(&tmp, serde_json::to_string(&e.metric)?)?;
+        std::fs::rename(&tmp, out.join("zero_shot_test.json"))?;
+    }
     let every = job.spec.mezo.eval_every;
     if done > 0
         && every > 0
@@ -455,41 +474,31 @@ fn finish(
         // The best weights are not kept in memory: rebuild them from the log.
         tracing::info!("exporting the best weights (step {best_step}) rebuilt from the seed log");
         let records = job.log.contiguous()?;
-        job.model =
-            LanguageModel::load(&job.spec.model.path, job.spec.model.dtype, job.model.device)?;
+        // Free the trained weights first: peak memory stays that of one model.
+        let device = job.model.device;
+        drop(job.model);
+        job.model = LanguageModel::load(&job.spec.model.path, job.spec.model.dtype, device)?;
         let from =
             snapshot::restore_latest(&job.out.join("snapshots"), best_step, &job.model.params)?
                 .unwrap_or(0);
         job.replay(&records[from as usize..best_step as usize])?;
     }
     export_hf(&job.model, &model_dir)?;
-    let (test, zero_shot_test) = if job.test.is_empty() {
-        (None, None)
+    let test = if job.test.is_empty() {
+        None
     } else {
-        let bs = job
-            .spec
-            .mezo
-            .eval_batch_size
-            .unwrap_or(job.spec.mezo.batch_size);
-        let tuned = job
+        let e = job
             .task
-            .evaluate(&job.model, &job.test, bs)
+            .evaluate(&job.model, &job.test, job.eval_batch_size())
             .context("evaluating on the test split")?;
-        // The same split with the base weights: the comparison a reader wants.
-        job.model =
-            LanguageModel::load(&job.spec.model.path, job.spec.model.dtype, job.model.device)?;
-        let base = job
-            .task
-            .evaluate(&job.model, &job.test, bs)
-            .context("evaluating the base model on the test split")?;
         tracing::info!(
-            "test {}: base model {:.4}, fine-tuned (step {best_step}) {:.4}",
+            "test {} of the exported weights (step {best_step}): {:.4}",
             job.task.metric_name(),
-            base.metric,
-            tuned.metric
+            e.metric
         );
-        (Some(tuned), Some(base))
+        Some(e)
     };
+    let zero_shot_test = read_zero_shot_test(&job.out);
     let train_points: Vec<(u64, f64)> = job
         .metrics
         .steps()
@@ -513,7 +522,7 @@ fn finish(
             .find(|e| e.step == total)
             .map(|e| e.value),
         test_metric: test.as_ref().map(|e| e.metric),
-        zero_shot_test: zero_shot_test.as_ref().map(|e| e.metric),
+        zero_shot_test,
         test_loss: test.as_ref().map(|e| e.loss),
         steps: total,
         resumed_from: done,
