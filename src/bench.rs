@@ -27,13 +27,22 @@ pub enum BenchMode {
     Replay,
 }
 
+#[derive(clap::Args)]
 pub struct BenchArgs {
+    /// Hugging Face model directory or GGUF file.
+    #[arg(long)]
     pub model: PathBuf,
+    #[arg(long, value_enum)]
     pub mode: BenchMode,
+    #[arg(long, default_value_t = 8)]
     pub batch: usize,
+    #[arg(long, default_value_t = 64)]
     pub tokens: usize,
+    #[arg(long, default_value_t = 5)]
     pub iters: usize,
+    #[arg(long, default_value_t = 2)]
     pub threads: i32,
+    #[arg(long, default_value = "f32")]
     pub dtype: Dtype,
 }
 

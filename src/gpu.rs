@@ -59,11 +59,12 @@ pub fn list() -> Result<Vec<GpuInfo>, String> {
     Ok(out)
 }
 
-/// GPU memory held by `pid` across all GPUs (None without NVML).
-pub fn process_memory(pid: u32) -> Option<u64> {
+/// GPU memory held by `pid` on the GPU `uuid`, or on all GPUs (None without NVML).
+pub fn process_memory(pid: u32, uuid: Option<&str>) -> Option<u64> {
     let gpus = list().ok()?;
     Some(
         gpus.iter()
+            .filter(|g| uuid.is_none_or(|u| g.uuid == u))
             .flat_map(|g| g.processes.iter())
             .filter(|(p, _)| *p == pid)
             .map(|(_, b)| b)

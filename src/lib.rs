@@ -9,6 +9,7 @@ pub mod estimate;
 pub mod gpu;
 pub mod mezo;
 pub mod model;
+pub mod procfs;
 pub mod run;
 pub mod spec;
 pub mod tokenize;

@@ -122,40 +122,10 @@ enum Command {
     },
     /// Time forward passes, MeZO steps or replays on a fixed synthetic batch
     /// (one JSON line: seconds per iteration, peak RSS). `make bench` compares them.
-    Bench {
-        #[arg(long)]
-        model: PathBuf,
-        #[arg(long, value_enum)]
-        mode: mezod::bench::BenchMode,
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
-        #[arg(long, default_value_t = 64)]
-        tokens: usize,
-        #[arg(long, default_value_t = 5)]
-        iters: usize,
-        #[arg(long, default_value_t = 2)]
-        threads: i32,
-        #[arg(long, default_value = "f32")]
-        dtype: Dtype,
-    },
+    Bench(mezod::bench::BenchArgs),
     /// Internal: one job's worker process, started by the daemon.
     #[command(hide = true)]
-    Worker {
-        #[arg(long)]
-        job: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long)]
-        replay: PathBuf,
-        #[arg(long)]
-        threads: i32,
-        #[arg(long)]
-        snapshot_every: u64,
-        #[arg(long)]
-        estimate: u64,
-        #[arg(long)]
-        device: Option<String>,
-    },
+    Worker(mezod::daemon::worker::WorkerArgs),
     /// Load a model and print token ids, the mean next-token loss and the top next tokens.
     Forward {
         /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
@@ -261,24 +231,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             socket,
             wait,
         } => client::submit(&job, spool, socket, wait),
-        Command::Bench {
-            model,
-            mode,
-            batch,
-            tokens,
-            iters,
-            threads,
-            dtype,
-        } => {
-            let r = mezod::bench::run_bench(&mezod::bench::BenchArgs {
-                model,
-                mode,
-                batch,
-                tokens,
-                iters,
-                threads,
-                dtype,
-            })?;
+        Command::Bench(args) => {
+            let r = mezod::bench::run_bench(&args)?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(ExitCode::SUCCESS)
         }
@@ -321,23 +275,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Status { id, json, socket } => client::status(id, json, socket),
         Command::Cancel { id, socket } => client::cancel(id, socket),
         Command::Logs { id, follow, socket } => client::logs(id, follow, socket),
-        Command::Worker {
-            job,
-            out,
-            replay,
-            threads,
-            snapshot_every,
-            estimate,
-            device,
-        } => mezod::daemon::worker::worker_main(mezod::daemon::worker::WorkerArgs {
-            job,
-            out,
-            replay,
-            threads,
-            snapshot_every,
-            estimate,
-            device,
-        }),
+        Command::Worker(args) => mezod::daemon::worker::worker_main(args),
         Command::Forward {
             model,
             text,

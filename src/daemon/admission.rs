@@ -55,35 +55,14 @@ impl Probe for SystemProbe {
     }
 
     fn cpu_memory(&mut self) -> (u64, u64) {
-        let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let field = |name: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                .map_or(0, |kb| kb * 1024)
-        };
-        (field("MemAvailable:"), field("MemTotal:"))
+        let field = |name| crate::procfs::kb_field("/proc/meminfo", name);
+        (field("MemAvailable"), field("MemTotal"))
     }
 
     fn process_memory(&mut self, pid: u32, pool: &Pool) -> u64 {
         match pool {
-            Pool::Gpu(uuid) => crate::gpu::list()
-                .unwrap_or_default()
-                .iter()
-                .filter(|g| &g.uuid == uuid)
-                .flat_map(|g| g.processes.iter())
-                .filter(|(p, _)| *p == pid)
-                .map(|(_, b)| b)
-                .sum(),
-            Pool::Cpu => {
-                let status =
-                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                    .map_or(0, |kb| kb * 1024)
-            }
+            Pool::Gpu(uuid) => crate::gpu::process_memory(pid, Some(uuid)).unwrap_or(0),
+            Pool::Cpu => crate::procfs::kb_field(&format!("/proc/{pid}/status"), "VmRSS"),
         }
     }
 }

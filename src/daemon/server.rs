@@ -99,6 +99,9 @@ struct Daemon {
     said_no_gpu: bool,
     logs_dirty: bool,
     last_error: Option<String>,
+    /// Queued jobs as of the last admission pass (for systemd's STATUS line;
+    /// counted there so the loop reads the job table once per turn).
+    queued: usize,
     /// When to look again at files that might still be being written.
     recheck_at: Option<Instant>,
 }
@@ -145,6 +148,7 @@ pub fn run_daemon(opts: DaemonOptions) -> Result<()> {
         said_no_gpu: false,
         logs_dirty: false,
         last_error: None,
+        queued: 0,
         recheck_at: None,
     };
     daemon.recover()?;
@@ -570,10 +574,12 @@ impl Daemon {
         }
         let t = now();
         let mut queue = Vec::new();
+        self.queued = 0;
         for job in self.table.all()? {
             if job.state != JobState::Queued {
                 continue;
             }
+            self.queued += 1;
             if job.not_before.is_some_and(|nb| nb > t) {
                 continue;
             }
@@ -947,9 +953,7 @@ impl Daemon {
     }
 
     fn status_line(&self) -> String {
-        let jobs = self.table.all().unwrap_or_default();
-        let queued = jobs.iter().filter(|j| j.state == JobState::Queued).count();
-        let mut s = format!("{queued} queued, {} running", self.running.len());
+        let mut s = format!("{} queued, {} running", self.queued, self.running.len());
         if let Some(res) = &self.resources {
             for g in &res.gpus {
                 s.push_str(&format!(

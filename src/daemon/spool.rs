@@ -165,7 +165,7 @@ impl Spool {
         let dir = self.root.join("rejected");
         let mut target = dir.join(name);
         let mut n = 1;
-        while target.exists() || target.symlink_metadata().is_ok() {
+        while target.symlink_metadata().is_ok() {
             target = dir.join(format!("{name}.{n}"));
             n += 1;
         }

@@ -172,14 +172,22 @@ impl StepLog for PipeLog {
     }
 }
 
-/// Arguments of `mezod worker`.
+/// Arguments of `mezod worker` (set by the daemon's `spawn`).
+#[derive(clap::Args)]
 pub struct WorkerArgs {
+    #[arg(long)]
     pub job: PathBuf,
+    #[arg(long)]
     pub out: PathBuf,
+    #[arg(long)]
     pub replay: PathBuf,
+    #[arg(long)]
     pub threads: i32,
+    #[arg(long)]
     pub snapshot_every: u64,
+    #[arg(long)]
     pub estimate: u64,
+    #[arg(long)]
     pub device: Option<String>,
 }
 

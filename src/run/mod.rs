@@ -100,13 +100,7 @@ pub fn default_out_dir(spec_path: &Path) -> PathBuf {
 
 /// Peak resident memory of this process (VmHWM), bytes.
 pub fn peak_rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
+    crate::procfs::kb_field("/proc/self/status", "VmHWM")
 }
 
 /// The base model's test metric, measured before the first step.
@@ -118,7 +112,7 @@ fn read_zero_shot_test(out: &Path) -> Option<f64> {
 /// a GPU (the caching allocator keeps the peak reserved), VmHWM on CPU.
 fn measured_peak(device: &str) -> (u64, String) {
     if device.starts_with("cuda") {
-        if let Some(bytes) = crate::gpu::process_memory(std::process::id()) {
+        if let Some(bytes) = crate::gpu::process_memory(std::process::id(), None) {
             return (bytes, "nvml".into());
         }
     }
