@@ -13,7 +13,7 @@ use serde::Serialize;
 use tch::Device;
 
 use crate::data::task::causal_lm_loss;
-use crate::mezo::{mezo_step, step_seed, Gradient, StepConfig};
+use crate::mezo::{mezo_step, step_seed, Gradient, Rng, StepConfig, ZSweep};
 use crate::model::{Dtype, LanguageModel};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -44,11 +44,15 @@ pub struct BenchArgs {
     pub threads: i32,
     #[arg(long, default_value = "f32")]
     pub dtype: Dtype,
+    /// Generator of z: fast (counter-based, parallel) or torch (PyTorch's).
+    #[arg(long, value_enum, default_value = "fast")]
+    pub rng: Rng,
 }
 
 #[derive(Debug, Serialize)]
 pub struct BenchResult {
     pub mode: BenchMode,
+    pub rng: Rng,
     pub seconds_per_iter: f64,
     pub peak_rss_bytes: u64,
     pub parameters: i64,
@@ -77,6 +81,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
         lr: 1e-7,
         weight_decay: 0.0,
     };
+    let z = ZSweep::new(args.rng, args.threads.max(1) as usize);
     let mut last_loss = None;
     // One untimed iteration: allocator and thread-pool warm-up.
     let mut once = |i: usize| -> Result<()> {
@@ -89,6 +94,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
                 let mut loss = || causal_lm_loss(&model, &seqs);
                 let out = mezo_step(
                     &model.params,
+                    &z,
                     step_seed(0, i as u64),
                     &cfg,
                     Gradient::Measure(&mut loss),
@@ -98,6 +104,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
             BenchMode::Replay => {
                 mezo_step(
                     &model.params,
+                    &z,
                     step_seed(0, i as u64),
                     &cfg,
                     Gradient::Logged(0.1),
@@ -117,6 +124,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
     let secs = start.elapsed().as_secs_f64() / args.iters as f64;
     Ok(BenchResult {
         mode: args.mode,
+        rng: args.rng,
         seconds_per_iter: secs,
         peak_rss_bytes: crate::run::peak_rss_bytes(),
         parameters: model.params.numel(),

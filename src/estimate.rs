@@ -5,8 +5,8 @@
 //!
 //! * **weights** at the job's dtype (every stored tensor, from the safetensors
 //!   headers or the GGUF tensor directory; nothing is loaded);
-//! * **one temporary the size of the largest tensor**: the z of the parameter
-//!   being perturbed;
+//! * **z's temporary**: with `rng: torch`, one tensor the size of the largest
+//!   parameter (its z); with `rng: fast`, one chunk per thread (kilobytes);
 //! * **activations of one layer** (layers run one after another without
 //!   autograd, so only one layer's are alive): sequences × tokens ×
 //!   (6·hidden + 3·intermediate) for the residual, norms, q/k/v, output and
@@ -30,6 +30,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::mezo::{sweep::DEFAULT_CHUNK, Rng};
 use crate::model::gguf::{is_gguf, read_header};
 use crate::model::weights::Checkpoint;
 use crate::spec::{JobSpec, TaskKind};
@@ -46,6 +47,7 @@ const ANSWER_POSITIONS: u64 = 8;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Footprint {
     pub weights: u64,
+    /// z's temporary: the largest parameter's size with `rng: torch`, chunks with `fast`.
     pub largest_tensor: u64,
     pub activations: u64,
     pub logits: u64,
@@ -81,6 +83,8 @@ pub fn estimate(spec: &JobSpec, gpu: bool) -> Result<Footprint> {
         (read_shape_config(dir)?, Checkpoint::open(dir)?.shapes()?)
     };
     let elem = spec.model.dtype.bytes() as u64;
+    let device = if gpu { "cuda" } else { "cpu" };
+    let rng = spec.mezo.rng.unwrap_or_else(|| Rng::default_for(device));
     let (mut numel, mut largest) = (0u64, 0u64);
     for (_, shape) in shapes {
         let n: u64 = shape.iter().map(|&d| d as u64).product();
@@ -108,7 +112,11 @@ pub fn estimate(spec: &JobSpec, gpu: bool) -> Result<Footprint> {
         + 2 * seqs * cfg.num_attention_heads * tokens * tokens;
     Ok(Footprint {
         weights: numel * elem,
-        largest_tensor: largest * elem,
+        largest_tensor: match rng {
+            Rng::Torch => largest * elem,
+            // A chunk of f32 normals per thread, plus its converted copy off the fast path.
+            Rng::Fast => 64 * DEFAULT_CHUNK as u64 * 4 + 2 * DEFAULT_CHUNK as u64 * elem,
+        },
         activations: per_layer * elem,
         logits: seqs
             * logit_positions

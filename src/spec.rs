@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::mezo::LrSchedule;
+use crate::mezo::{LrSchedule, Rng};
 use crate::model::Dtype;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -129,6 +129,11 @@ pub struct MezoSpec {
     pub eval_every: u64,
     #[serde(default)]
     pub eval_batch_size: Option<usize>,
+    /// Generator of z: `fast` (counter-based, parallel; the CPU default) or
+    /// `torch` (PyTorch's own draws, as the reference code; the GPU default).
+    /// A run keeps the generator it started with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rng: Option<Rng>,
     /// Snapshot the trainable weights every N steps (bounds replay on resume);
     /// default 100, or the daemon's `snapshot_every`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

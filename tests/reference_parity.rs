@@ -16,7 +16,7 @@ fn parity(model: &str) {
     let job = causal_job(
         tmp.path(),
         model,
-        "steps: 20, batch_size: 2, lr: 1.0e-4, eps: 1.0e-2, seed: 11",
+        "steps: 20, batch_size: 2, lr: 1.0e-4, eps: 1.0e-2, seed: 11, rng: torch",
     );
     let run_dir = tmp.path().join("run");
     check(

@@ -1,7 +1,10 @@
-//! MeZO: the step itself and the pure schedule functions around it.
+//! MeZO: the step itself, the generators of z, and the pure schedule functions around it.
 
+pub mod fast_rng;
 pub mod schedule;
 pub mod step;
+pub mod sweep;
 
 pub use schedule::{batch_indices, step_seed, LrSchedule};
 pub use step::{mezo_step, Gradient, StepConfig, StepOutcome};
+pub use sweep::{Rng, ZSweep};

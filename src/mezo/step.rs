@@ -6,10 +6,9 @@
 //! same floating-point operations, so replay reproduces the weights bit for bit
 //! even in bf16/f16, where `+ε` then `−2ε` then `+ε` does not restore θ exactly.
 
-use anyhow::{bail, Result};
-use tch::Tensor;
-
+use super::sweep::{Update, ZSweep};
 use crate::model::ParamList;
+use anyhow::{bail, Result};
 
 /// Hyperparameters of one step.
 #[derive(Debug, Clone, Copy)]
@@ -35,37 +34,25 @@ pub struct StepOutcome {
     pub loss_minus: f64,
 }
 
-/// `p += scale·z` for every parameter, z ~ N(0, 1) drawn from `seed` in canonical
-/// order exactly as PyTorch's `torch.manual_seed(seed); torch.normal(0, 1, p.shape)`.
-/// One temporary the size of the current tensor.
-fn perturb(params: &ParamList, seed: u64, scale: f64) {
-    tch::manual_seed(seed as i64);
-    for p in params.iter() {
-        let mut z = p.tensor.randn_like();
-        let _ = z.g_mul_scalar_(scale);
-        let mut t = p.tensor.shallow_clone();
-        let _ = t.g_add_(&z);
-    }
+/// Pass 1 and 2: `p += scale·z`.
+fn perturb(params: &ParamList, z: &ZSweep, seed: u64, scale: f64) {
+    z.apply(params, seed, |_| Update::add(scale));
 }
 
 /// Pass 3: restore θ and apply the update in one sweep:
 /// `p ← (1 − η·λ)·(p + εz) − η·g·z` (λ only where weight decay applies).
-fn restore_and_update(params: &ParamList, seed: u64, cfg: &StepConfig, g: f64) {
-    tch::manual_seed(seed as i64);
-    for p in params.iter() {
-        let mut z: Tensor = p.tensor.randn_like();
-        let mut t = p.tensor.shallow_clone();
-        if cfg.weight_decay != 0.0 && p.decays {
-            let _ = z.g_mul_scalar_(cfg.eps);
-            let _ = t.g_add_(&z);
-            let _ = t.g_mul_scalar_(1.0 - cfg.lr * cfg.weight_decay);
-            let _ = z.g_mul_scalar_(-cfg.lr * g / cfg.eps);
-            let _ = t.g_add_(&z);
+fn restore_and_update(params: &ParamList, z: &ZSweep, seed: u64, cfg: &StepConfig, g: f64) {
+    z.apply(params, seed, |decays| {
+        if cfg.weight_decay != 0.0 && decays {
+            Update {
+                keep: 1.0 - cfg.lr * cfg.weight_decay,
+                pre: cfg.eps,
+                post: -cfg.lr * g,
+            }
         } else {
-            let _ = z.g_mul_scalar_(cfg.eps - cfg.lr * g);
-            let _ = t.g_add_(&z);
+            Update::add(cfg.eps - cfg.lr * g)
         }
-    }
+    });
 }
 
 /// One MeZO step (live or replayed) on `params` with step seed `seed`.
@@ -74,21 +61,22 @@ fn restore_and_update(params: &ParamList, seed: u64, cfg: &StepConfig, g: f64) {
 /// step; nothing non-finite is ever added to the weights.
 pub fn mezo_step(
     params: &ParamList,
+    z: &ZSweep,
     seed: u64,
     cfg: &StepConfig,
     gradient: Gradient,
 ) -> Result<StepOutcome> {
     let _guard = tch::no_grad_guard();
-    perturb(params, seed, cfg.eps);
+    perturb(params, z, seed, cfg.eps);
     let (loss_plus, loss_minus, g) = match gradient {
         Gradient::Measure(loss) => {
             let plus = loss();
-            perturb(params, seed, -2.0 * cfg.eps);
+            perturb(params, z, seed, -2.0 * cfg.eps);
             let minus = loss();
             let (plus, minus) = match (plus, minus) {
                 (Ok(p), Ok(m)) if p.is_finite() && m.is_finite() => (p, m),
                 (p, m) => {
-                    restore_and_update(params, seed, cfg, 0.0);
+                    restore_and_update(params, z, seed, cfg, 0.0);
                     let show = |r: Result<f64>| {
                         r.map(|v| v.to_string())
                             .unwrap_or_else(|e| format!("error: {e:#}"))
@@ -103,11 +91,11 @@ pub fn mezo_step(
             (plus, minus, (plus - minus) / (2.0 * cfg.eps))
         }
         Gradient::Logged(g) => {
-            perturb(params, seed, -2.0 * cfg.eps);
+            perturb(params, z, seed, -2.0 * cfg.eps);
             (f64::NAN, f64::NAN, g)
         }
     };
-    restore_and_update(params, seed, cfg, g);
+    restore_and_update(params, z, seed, cfg, g);
     Ok(StepOutcome {
         projected_grad: g,
         loss_plus,
@@ -118,6 +106,7 @@ pub fn mezo_step(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mezo::sweep::{Rng, DEFAULT_CHUNK};
     use crate::model::{Param, ParamList};
     use tch::{Device, Kind, Tensor};
 
@@ -158,43 +147,113 @@ mod tests {
             .all(|(x, y)| x.tensor.equal(&y.tensor))
     }
 
-    #[test]
-    fn replay_is_bit_identical_to_live_training_even_in_bf16() {
-        let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
-        for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
-            let live = params(kind);
-            let replayed = copy(&live);
-            let cfg = StepConfig {
-                eps: 1e-3,
-                lr: 1e-2,
-                weight_decay: 0.1,
-            };
-            let mut grads = Vec::new();
-            for seed in [1u64, 99, 12345] {
-                let w = live.0[0].tensor.shallow_clone();
+    fn torch() -> ZSweep {
+        ZSweep::new(Rng::Torch, 1)
+    }
+
+    /// A few steps of live training with a quadratic loss; returns the gradients.
+    fn train(p: &ParamList, z: &ZSweep, cfg: &StepConfig, seeds: &[u64]) -> Vec<f64> {
+        seeds
+            .iter()
+            .map(|&seed| {
+                let w = p.0[0].tensor.shallow_clone();
                 let mut loss = || {
                     Ok(w.to_kind(Kind::Float)
                         .pow_tensor_scalar(2)
                         .sum(Kind::Float)
                         .double_value(&[]))
                 };
-                grads.push(
-                    mezo_step(&live, seed, &cfg, Gradient::Measure(&mut loss))
-                        .unwrap()
-                        .projected_grad,
+                mezo_step(p, z, seed, cfg, Gradient::Measure(&mut loss))
+                    .unwrap()
+                    .projected_grad
+            })
+            .collect()
+    }
+
+    const DECAYED: StepConfig = StepConfig {
+        eps: 1e-3,
+        lr: 1e-2,
+        weight_decay: 0.1,
+    };
+
+    #[test]
+    fn replay_is_bit_identical_to_live_training_even_in_bf16() {
+        let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+        for rng in [Rng::Torch, Rng::Fast] {
+            let z = ZSweep::new(rng, 2);
+            for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
+                let live = params(kind);
+                let replayed = copy(&live);
+                let seeds = [1u64, 99, 12345];
+                let grads = train(&live, &z, &DECAYED, &seeds);
+                for (&seed, g) in seeds.iter().zip(grads) {
+                    mezo_step(&replayed, &z, seed, &DECAYED, Gradient::Logged(g)).unwrap();
+                }
+                assert!(
+                    same(&live, &replayed),
+                    "{rng:?} {kind:?}: replay drifted from live training"
+                );
+                assert!(
+                    !same(&live, &params(kind)),
+                    "{rng:?} {kind:?}: the steps changed nothing"
                 );
             }
-            for (seed, g) in [1u64, 99, 12345].into_iter().zip(grads) {
-                mezo_step(&replayed, seed, &cfg, Gradient::Logged(g)).unwrap();
+        }
+    }
+
+    #[test]
+    fn fast_rng_gives_the_same_weights_for_any_thread_count_and_chunk_size() {
+        let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+        // Big enough that the chunks split every tensor in several places.
+        let big = |kind| {
+            tch::manual_seed(5);
+            ParamList(vec![
+                Param {
+                    name: "w".into(),
+                    tensor: Tensor::randn([300, 257], (kind, Device::Cpu)),
+                    decays: true,
+                },
+                Param {
+                    name: "b".into(),
+                    tensor: Tensor::randn([1001], (kind, Device::Cpu)),
+                    decays: false,
+                },
+            ])
+        };
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let reference = big(kind);
+            let grads = train(&reference, &ZSweep::new(Rng::Fast, 1), &DECAYED, &[3, 4, 5]);
+            for (threads, chunk) in [(2, DEFAULT_CHUNK), (1, 1000), (2, 77)] {
+                let other = big(kind);
+                let z = ZSweep::with_chunk(Rng::Fast, threads, chunk);
+                let again = train(&other, &z, &DECAYED, &[3, 4, 5]);
+                assert_eq!(grads, again, "{kind:?}, {threads} threads, chunk {chunk}");
+                assert!(
+                    same(&reference, &other),
+                    "{kind:?}, {threads} threads, chunk {chunk}"
+                );
             }
-            assert!(
-                same(&live, &replayed),
-                "{kind:?}: replay drifted from live training"
-            );
-            assert!(
-                !same(&live, &params(kind)),
-                "{kind:?}: the steps changed nothing"
-            );
+        }
+    }
+
+    /// z of each tensor as the step must have drawn it.
+    fn drawn_z(rng: Rng, p: &ParamList, seed: u64) -> Vec<Tensor> {
+        match rng {
+            Rng::Torch => {
+                tch::manual_seed(seed as i64);
+                p.iter().map(|q| q.tensor.randn_like()).collect()
+            }
+            Rng::Fast => p
+                .iter()
+                .enumerate()
+                .map(|(i, q)| {
+                    let mut z = vec![0f32; q.tensor.numel()];
+                    crate::mezo::fast_rng::fill_normals(seed, i as u32, 0, &mut z);
+                    Tensor::from_slice(&z)
+                        .to_kind(q.tensor.kind())
+                        .view(q.tensor.size().as_slice())
+                })
+                .collect(),
         }
     }
 
@@ -202,42 +261,43 @@ mod tests {
     fn update_follows_the_reference_rule() {
         let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
         // p_new = p - lr*(g*z + wd*p) for decayed tensors, p - lr*g*z for exempt ones.
-        let p = params(Kind::Double);
-        let before = copy(&p);
-        let cfg = StepConfig {
-            eps: 1e-3,
-            lr: 0.1,
-            weight_decay: 0.5,
-        };
-        mezo_step(&p, 7, &cfg, Gradient::Logged(2.0)).unwrap();
-        tch::manual_seed(7);
-        for (new, old) in p.iter().zip(before.iter()) {
-            let z = old.tensor.randn_like();
-            let wd = if old.decays { 0.5 } else { 0.0 };
-            let want = &old.tensor - (&z * 2.0 + &old.tensor * wd) * 0.1;
-            let err = (&new.tensor - want).abs().max().double_value(&[]);
-            assert!(err < 1e-12, "{}: {err}", new.name);
+        for (rng, kind, tol) in [
+            (Rng::Torch, Kind::Double, 1e-12),
+            (Rng::Fast, Kind::Float, 1e-6),
+        ] {
+            let p = params(kind);
+            let before = copy(&p);
+            let cfg = StepConfig {
+                eps: 1e-3,
+                lr: 0.1,
+                weight_decay: 0.5,
+            };
+            mezo_step(&p, &ZSweep::new(rng, 2), 7, &cfg, Gradient::Logged(2.0)).unwrap();
+            for ((new, old), z) in p.iter().zip(before.iter()).zip(drawn_z(rng, &before, 7)) {
+                let wd = if old.decays { 0.5 } else { 0.0 };
+                let want = &old.tensor - (&z * 2.0 + &old.tensor * wd) * 0.1;
+                let err = (&new.tensor - want).abs().max().double_value(&[]);
+                assert!(err < tol, "{rng:?} {}: {err}", new.name);
+            }
         }
     }
 
     #[test]
-    fn z_is_what_pytorch_draws_from_the_seed() {
+    fn z_is_what_each_generator_draws_from_the_seed() {
         let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
-        // Perturbing with +eps then reading back θ+εz must equal manual_seed + randn per tensor in order.
-        let p = params(Kind::Double);
-        let before = copy(&p);
-        let _g = tch::no_grad_guard();
-        perturb(&p, 42, 1.0);
-        tch::manual_seed(42);
-        for (new, old) in p.iter().zip(before.iter()) {
-            let z = Tensor::randn(old.tensor.size(), (Kind::Double, Device::Cpu));
-            assert!(
-                (&new.tensor - &old.tensor - z)
+        // torch: manual_seed + randn per tensor in order, as PyTorch draws it.
+        // fast: the counter-based stream of each tensor's index.
+        for (rng, kind) in [(Rng::Torch, Kind::Double), (Rng::Fast, Kind::Float)] {
+            let p = params(kind);
+            let before = copy(&p);
+            perturb(&p, &ZSweep::new(rng, 2), 42, 1.0);
+            for ((new, old), z) in p.iter().zip(before.iter()).zip(drawn_z(rng, &before, 42)) {
+                let err = (&new.tensor - &old.tensor - z)
                     .abs()
                     .max()
-                    .double_value(&[])
-                    < 1e-12
-            );
+                    .double_value(&[]);
+                assert!(err < 1e-6, "{rng:?} {}: {err}", new.name);
+            }
         }
     }
 
@@ -252,7 +312,7 @@ mod tests {
             weight_decay: 0.0,
         };
         let mut loss = || Ok(f64::NAN);
-        let err = mezo_step(&p, 3, &cfg, Gradient::Measure(&mut loss)).unwrap_err();
+        let err = mezo_step(&p, &torch(), 3, &cfg, Gradient::Measure(&mut loss)).unwrap_err();
         assert!(err.to_string().contains("non-finite"));
         for (a, b) in p.iter().zip(before.iter()) {
             assert!((&a.tensor - &b.tensor).abs().max().double_value(&[]) < 1e-12);

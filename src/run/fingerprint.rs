@@ -1,8 +1,10 @@
 //! What must match for a resume to be bit-identical: the same device kind and
 //! GPU model (CUDA's randn depends on the multiprocessor count), the same
-//! libtorch, dtype and thread count.
+//! libtorch, dtype and thread count, and the same generator of z.
 
 use serde::{Deserialize, Serialize};
+
+use crate::mezo::Rng;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fingerprint {
@@ -11,10 +13,17 @@ pub struct Fingerprint {
     pub torch: String,
     pub dtype: String,
     pub threads: i32,
+    /// Runs from before `mezo.rng` existed drew z with torch.
+    #[serde(default = "torch_rng")]
+    pub rng: Rng,
+}
+
+fn torch_rng() -> Rng {
+    Rng::Torch
 }
 
 impl Fingerprint {
-    pub fn current(device: &str, dtype: crate::model::Dtype, threads: i32) -> Self {
+    pub fn current(device: &str, dtype: crate::model::Dtype, threads: i32, rng: Rng) -> Self {
         let gpu = device.starts_with("cuda").then(|| {
             crate::gpu::model_name()
                 .unwrap_or_else(|| format!("{} CUDA device(s)", tch::Cuda::device_count()))
@@ -29,6 +38,7 @@ impl Fingerprint {
             torch: env!("MEZOD_TORCH_VERSION").to_string(),
             dtype: format!("{dtype:?}").to_lowercase(),
             threads,
+            rng,
         }
     }
 }

@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use crate::data::task::{Evaluation, Task};
 use crate::data::{load_splits, Example};
-use crate::mezo::{batch_indices, mezo_step, step_seed, Gradient, StepConfig};
+use crate::mezo::{batch_indices, mezo_step, step_seed, Gradient, Rng, StepConfig, ZSweep};
 use crate::model::{export::export_hf, parse_device, LanguageModel};
 use crate::spec::JobSpec;
 use fingerprint::Fingerprint;
@@ -130,6 +130,8 @@ struct Job {
     test: Vec<Example>,
     log: Box<dyn StepLog>,
     metrics: MetricsFile,
+    /// Draws z (the job's generator on the job's threads).
+    z: ZSweep,
     device: String,
     memory_estimate: Option<u64>,
 }
@@ -161,8 +163,14 @@ impl Job {
         let batch: Vec<&Example> = batch_idx.iter().map(|&i| &self.train[i]).collect();
         let (model, task) = (&self.model, &self.task);
         let mut loss = || task.loss(model, &batch);
-        let out = mezo_step(&model.params, seed, &cfg, Gradient::Measure(&mut loss))
-            .with_context(|| format!("step {step}"))?;
+        let out = mezo_step(
+            &model.params,
+            &self.z,
+            seed,
+            &cfg,
+            Gradient::Measure(&mut loss),
+        )
+        .with_context(|| format!("step {step}"))?;
         let rec = StepRecord {
             step,
             seed,
@@ -185,6 +193,7 @@ impl Job {
             };
             mezo_step(
                 &self.model.params,
+                &self.z,
                 rec.seed,
                 &cfg,
                 Gradient::Logged(rec.projected_grad),
@@ -223,6 +232,15 @@ impl Job {
         );
         Ok(Some(e))
     }
+}
+
+/// The generator of an existing run, so that a resume keeps it even where the
+/// default differs (a run started before `mezo.rng` existed, or on another device).
+fn frozen_rng(out: &Path) -> Option<Rng> {
+    let text = std::fs::read_to_string(out.join("fingerprint.json")).ok()?;
+    serde_json::from_str::<Fingerprint>(&text)
+        .ok()
+        .map(|f| f.rng)
 }
 
 /// Check the frozen spec and fingerprint of an existing run directory, or freeze them.
@@ -285,7 +303,12 @@ pub fn run_with_log(
     });
     tch::set_num_threads(threads);
     let device_name = opts.device.clone().unwrap_or(spec.model.device.clone());
-    let fp = Fingerprint::current(&device_name, spec.model.dtype, threads);
+    let rng = spec
+        .mezo
+        .rng
+        .or_else(|| frozen_rng(out))
+        .unwrap_or_else(|| Rng::default_for(&device_name));
+    let fp = Fingerprint::current(&device_name, spec.model.dtype, threads, rng);
     claim_out_dir(out, &spec, &fp, opts.force)?;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -308,11 +331,12 @@ pub fn run_with_log(
     task.check(&model, &splits.dev, "dev")?;
     task.check(&model, &splits.test, "test")?;
     tracing::info!(
-        "{} ({} trainable parameters, {:?} on {}), {} train / {} dev / {} test examples",
+        "{} ({} trainable parameters, {:?} on {}, rng {:?}), {} train / {} dev / {} test examples",
         spec.model.path.display(),
         model.params.numel(),
         spec.model.dtype,
         device_name,
+        rng,
         splits.train.len(),
         splits.dev.len(),
         splits.test.len()
@@ -336,6 +360,7 @@ pub fn run_with_log(
         test: splits.test,
         log,
         metrics,
+        z: ZSweep::new(rng, threads as usize),
         device: device_name,
         memory_estimate: opts.memory_estimate,
     };
@@ -537,4 +562,28 @@ fn finish(
     std::fs::write(&tmp, serde_json::to_string_pretty(&result)?)?;
     std::fs::rename(&tmp, job.out.join("result.json"))?;
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_keeps_the_generator_it_started_with() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(frozen_rng(dir.path()), None, "a new run has none");
+        // A run from before `mezo.rng` existed: its fingerprint has no rng field.
+        let old = r#"{"device":"cpu","gpu":null,"torch":"2.11.0","dtype":"f32","threads":2}"#;
+        std::fs::write(dir.path().join("fingerprint.json"), old).unwrap();
+        assert_eq!(frozen_rng(dir.path()), Some(Rng::Torch));
+        let fp = Fingerprint::current("cpu", crate::model::Dtype::F32, 2, Rng::Fast);
+        std::fs::write(
+            dir.path().join("fingerprint.json"),
+            serde_json::to_string(&fp).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(frozen_rng(dir.path()), Some(Rng::Fast));
+        assert_eq!(Rng::default_for("cpu"), Rng::Fast);
+        assert_eq!(Rng::default_for("cuda:0"), Rng::Torch);
+    }
 }

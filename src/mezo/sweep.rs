@@ -1,0 +1,190 @@
+//! One pass over the parameters that adds a multiple of z: the only place z exists.
+//!
+//! Two generators (the job's `mezo.rng`):
+//! - `torch`: z is `torch.manual_seed(seed); torch.randn_like(p)` for each tensor in
+//!   canonical order, exactly what the reference MeZO draws.  Needed for parity with
+//!   PyTorch and the default on GPUs, where libtorch's generator is fast.
+//! - `fast`: z comes from [`fast_rng`](super::fast_rng) (counter-based), is written
+//!   chunk by chunk into a small buffer and applied at once, over all of the job's
+//!   threads.  torch's CPU generator is serial and needs a temporary the size of the
+//!   tensor; this one is parallel, needs one chunk per thread and gives the same z
+//!   for any thread count or chunk size.  The default on CPU.
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use super::fast_rng::fill_normals;
+use crate::model::ParamList;
+
+/// Which generator draws z.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Rng {
+    Fast,
+    Torch,
+}
+
+impl Rng {
+    /// `fast` on CPU, `torch` on GPUs.
+    pub fn default_for(device: &str) -> Rng {
+        if device.starts_with("cuda") {
+            Rng::Torch
+        } else {
+            Rng::Fast
+        }
+    }
+}
+
+/// `p ← keep·(p + pre·z) + post·z` for one tensor.  Perturbations have
+/// `keep = 1, pre = 0`; only the final update with weight decay uses all three.
+#[derive(Debug, Clone, Copy)]
+pub struct Update {
+    pub keep: f64,
+    pub pre: f64,
+    pub post: f64,
+}
+
+impl Update {
+    pub fn add(scale: f64) -> Update {
+        Update {
+            keep: 1.0,
+            pre: 0.0,
+            post: scale,
+        }
+    }
+    fn plain(&self) -> bool {
+        self.keep == 1.0 && self.pre == 0.0
+    }
+}
+
+/// Elements per chunk of the fast generator: 64 KiB of f32, at home in L2.
+pub const DEFAULT_CHUNK: usize = 16 * 1024;
+
+thread_local! {
+    /// Each z thread's chunk of normals, reused across chunks, tensors and steps.
+    static CHUNK_BUFFER: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Draws z and applies updates with it.
+pub struct ZSweep {
+    rng: Rng,
+    chunk: usize,
+    pool: rayon::ThreadPool,
+}
+
+impl ZSweep {
+    pub fn new(rng: Rng, threads: usize) -> ZSweep {
+        ZSweep::with_chunk(rng, threads, DEFAULT_CHUNK)
+    }
+
+    /// A chunk size other than the default (the result does not depend on it).
+    pub fn with_chunk(rng: Rng, threads: usize, chunk: usize) -> ZSweep {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(|i| format!("mezod-z{i}"))
+            .build()
+            .expect("starting the z threads");
+        ZSweep {
+            rng,
+            chunk: chunk.max(1),
+            pool,
+        }
+    }
+
+    pub fn rng(&self) -> Rng {
+        self.rng
+    }
+
+    /// One pass: for each tensor (in canonical order, tensor `i` is stream `i`),
+    /// `update(param)` gives its coefficients.
+    pub fn apply(&self, params: &ParamList, seed: u64, update: impl Fn(bool) -> Update) {
+        let _guard = tch::no_grad_guard();
+        match self.rng {
+            Rng::Torch => {
+                tch::manual_seed(seed as i64);
+                for p in params.iter() {
+                    let z = p.tensor.randn_like();
+                    apply_torch(&p.tensor, z, update(p.decays));
+                }
+            }
+            Rng::Fast => {
+                for (stream, p) in params.iter().enumerate() {
+                    let u = update(p.decays);
+                    let cpu_f32 = p.tensor.device() == Device::Cpu
+                        && p.tensor.kind() == Kind::Float
+                        && p.tensor.is_contiguous();
+                    if cpu_f32 {
+                        self.apply_fast_f32(&p.tensor, seed, stream as u32, u);
+                    } else {
+                        self.apply_fast_any(&p.tensor, seed, stream as u32, u);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The parallel kernel for contiguous f32 tensors on the CPU.
+    fn apply_fast_f32(&self, tensor: &Tensor, seed: u64, stream: u32, u: Update) {
+        use rayon::prelude::*;
+        let n = tensor.numel();
+        // SAFETY: the tensor is a contiguous f32 CPU tensor of n elements that
+        // nothing else reads or writes during the pass (no_grad, one step at a time).
+        let data = unsafe { std::slice::from_raw_parts_mut(tensor.data_ptr() as *mut f32, n) };
+        let chunk = self.chunk;
+        let (keep, pre, post) = (u.keep as f32, u.pre as f32, u.post as f32);
+        let plain = u.plain();
+        self.pool.install(|| {
+            data.par_chunks_mut(chunk)
+                .enumerate()
+                .for_each(|(i, part)| {
+                    CHUNK_BUFFER.with_borrow_mut(|z| {
+                        z.resize(part.len(), 0.0);
+                        fill_normals(seed, stream, (i * chunk) as u64, z);
+                        if plain {
+                            for (p, z) in part.iter_mut().zip(z.iter()) {
+                                *p += post * z;
+                            }
+                        } else {
+                            for (p, z) in part.iter_mut().zip(z.iter()) {
+                                *p = (*p + pre * z) * keep + post * z;
+                            }
+                        }
+                    })
+                });
+        });
+    }
+
+    /// Other dtypes and devices: z chunk by chunk on the CPU, converted to the
+    /// tensor's dtype and device, applied with the same tensor operations as `torch`.
+    fn apply_fast_any(&self, tensor: &Tensor, seed: u64, stream: u32, u: Update) {
+        let n = tensor.numel();
+        let flat = tensor.view([-1]);
+        let mut buf = vec![0f32; self.chunk.min(n.max(1))];
+        let mut start = 0;
+        while start < n {
+            let len = self.chunk.min(n - start);
+            fill_normals(seed, stream, start as u64, &mut buf[..len]);
+            let z = Tensor::from_slice(&buf[..len])
+                .to_device(tensor.device())
+                .to_kind(tensor.kind());
+            apply_torch(&flat.narrow(0, start as i64, len as i64), z, u);
+            start += len;
+        }
+    }
+}
+
+/// `t ← keep·(t + pre·z) + post·z` with in-place tensor operations on z's storage
+/// (the operation order is the one the step has always used, so old runs resume exactly).
+fn apply_torch(t: &Tensor, mut z: Tensor, u: Update) {
+    let mut t = t.shallow_clone();
+    if u.plain() {
+        let _ = z.g_mul_scalar_(u.post);
+        let _ = t.g_add_(&z);
+    } else {
+        let _ = z.g_mul_scalar_(u.pre);
+        let _ = t.g_add_(&z);
+        let _ = t.g_mul_scalar_(u.keep);
+        let _ = z.g_mul_scalar_(u.post / u.pre);
+        let _ = t.g_add_(&z);
+    }
+}
