@@ -13,8 +13,10 @@ use serde::Serialize;
 use tch::Device;
 
 use crate::data::task::causal_lm_loss;
+use crate::estimate::estimate;
 use crate::mezo::{mezo_step, step_seed, Gradient, Rng, StepConfig, ZSweep};
-use crate::model::{Dtype, LanguageModel};
+use crate::model::{parse_device, Dtype, LanguageModel, ModelSource};
+use crate::spec::JobSpec;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -30,8 +32,17 @@ pub enum BenchMode {
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Hugging Face model directory or GGUF file.
+    #[arg(long, required_unless_present = "config", conflicts_with = "config")]
+    pub model: Option<PathBuf>,
+    /// Instead of --model: a config.json, with random weights from --seed
+    /// (any size without a download, e.g. bench/configs/opt-6.7b.json).
     #[arg(long)]
-    pub model: PathBuf,
+    pub config: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// `cpu` or `cuda[:N]`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     #[arg(long, value_enum)]
     pub mode: BenchMode,
     #[arg(long, default_value_t = 8)]
@@ -44,19 +55,66 @@ pub struct BenchArgs {
     pub threads: i32,
     #[arg(long, default_value = "f32")]
     pub dtype: Dtype,
-    /// Generator of z: fast (counter-based, parallel) or torch (PyTorch's).
-    #[arg(long, value_enum, default_value = "fast")]
-    pub rng: Rng,
+    /// Generator of z: fast (counter-based, parallel) or torch (PyTorch's);
+    /// default: fast on CPU, torch on GPU, as for jobs.
+    #[arg(long, value_enum)]
+    pub rng: Option<Rng>,
+}
+
+impl BenchArgs {
+    fn source(&self) -> ModelSource {
+        match (&self.model, &self.config) {
+            (Some(m), _) => ModelSource::Pretrained(m.clone()),
+            (None, Some(c)) => ModelSource::Random {
+                config: c.clone(),
+                seed: self.seed,
+            },
+            (None, None) => unreachable!("clap requires --model or --config"),
+        }
+    }
+
+    /// The job admission control would size for this batch (causal LM, every
+    /// sequence `tokens` long).
+    fn as_job(&self) -> Result<JobSpec> {
+        let source = match self.source() {
+            ModelSource::Pretrained(p) => format!("path: {}", p.display()),
+            ModelSource::Random { config, seed } => {
+                format!("config: {}, init: random, seed: {seed}", config.display())
+            }
+            ModelSource::Shapes { config } => format!("config: {}, init: random", config.display()),
+        };
+        let dtype = format!("{:?}", self.dtype).to_lowercase();
+        let yaml = format!(
+            "model: {{{source}, dtype: {dtype}, device: {}}}\ntask: {{kind: causal_lm, max_length: {}}}\n\
+             data: {{train: unused.jsonl}}\nmezo: {{steps: 1, lr: 0, batch_size: {}}}\n",
+            self.device, self.tokens, self.batch
+        );
+        JobSpec::parse(&yaml, &std::env::current_dir()?)
+    }
 }
 
 #[derive(Debug, Serialize)]
 pub struct BenchResult {
     pub mode: BenchMode,
     pub rng: Rng,
+    pub device: String,
+    pub dtype: Dtype,
+    pub batch: usize,
+    pub tokens: usize,
+    /// The GPU's name as NVML gives it (None on CPU, or without NVML).
+    pub gpu: Option<String>,
     pub seconds_per_iter: f64,
+    /// CPU: VmHWM of the timed loop.  GPU: this process's VmHWM (host side).
     pub peak_rss_bytes: u64,
+    /// GPU: this process's memory on the device by NVML (the caching allocator
+    /// keeps its peak reserved), taken after the loop.
+    pub peak_gpu_bytes: Option<u64>,
+    /// What admission control estimates for this batch as a job.
+    pub estimate_bytes: u64,
     pub parameters: i64,
     pub last_loss: Option<f64>,
+    /// Step mode: the part of each step spent in its two forward passes.
+    pub forward_seconds_in_step: Option<f64>,
 }
 
 /// Token ids `(i * 7919 + j * 104729 + 13) mod (vocab − 1) + 1` for sequence i, position j.
@@ -72,7 +130,11 @@ pub fn batch_ids(batch: usize, tokens: usize, vocab: i64) -> Vec<Vec<i64>> {
 
 pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
     tch::set_num_threads(args.threads);
-    let model = LanguageModel::load(&args.model, args.dtype, Device::Cpu)?;
+    let device = parse_device(&args.device)?;
+    let gpu = args.device.starts_with("cuda");
+    let estimate_bytes = estimate(&args.as_job()?, gpu)?.total();
+    let model = LanguageModel::open(&args.source(), args.dtype, device)?;
+    let rng = args.rng.unwrap_or_else(|| Rng::default_for(&args.device));
     let config: serde_json::Value = serde_json::from_str(&model.config_text)?;
     let vocab = config["vocab_size"].as_i64().unwrap_or(1000);
     let seqs = batch_ids(args.batch, args.tokens, vocab);
@@ -81,8 +143,15 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
         lr: 1e-7,
         weight_decay: 0.0,
     };
-    let z = ZSweep::new(args.rng, args.threads.max(1) as usize);
+    let z = ZSweep::new(rng, args.threads.max(1) as usize);
+    let sync = || {
+        if let Device::Cuda(n) = device {
+            tch::Cuda::synchronize(n as i64);
+        }
+    };
     let mut last_loss = None;
+    // Time spent in the step's own forward passes (the rest is z).
+    let mut forward_secs = 0.0;
     // One untimed iteration: allocator and thread-pool warm-up.
     let mut once = |i: usize| -> Result<()> {
         match args.mode {
@@ -91,7 +160,15 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
                 last_loss = Some(causal_lm_loss(&model, &seqs)?);
             }
             BenchMode::Step => {
-                let mut loss = || causal_lm_loss(&model, &seqs);
+                let mut loss = || {
+                    let t = Instant::now();
+                    let l = causal_lm_loss(&model, &seqs);
+                    sync();
+                    if i > 0 {
+                        forward_secs += t.elapsed().as_secs_f64();
+                    }
+                    l
+                };
                 let out = mezo_step(
                     &model.params,
                     &z,
@@ -117,18 +194,32 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
     // Peak memory of the timed loop only (Linux: "5" resets VmHWM to the
     // current RSS), so that loading the model does not mask it.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
+    sync();
     let start = Instant::now();
     for i in 1..=args.iters {
         once(i)?;
     }
+    sync();
     let secs = start.elapsed().as_secs_f64() / args.iters as f64;
+    drop(once);
     Ok(BenchResult {
         mode: args.mode,
-        rng: args.rng,
+        rng,
+        device: args.device.clone(),
+        dtype: args.dtype,
+        batch: args.batch,
+        tokens: args.tokens,
+        gpu: gpu.then(crate::gpu::model_name).flatten(),
+        peak_gpu_bytes: gpu
+            .then(|| crate::gpu::process_memory(std::process::id(), None))
+            .flatten(),
+        estimate_bytes,
         seconds_per_iter: secs,
         peak_rss_bytes: crate::run::peak_rss_bytes(),
         parameters: model.params.numel(),
         last_loss,
+        forward_seconds_in_step: (args.mode == BenchMode::Step)
+            .then(|| forward_secs / args.iters as f64),
     })
 }
 

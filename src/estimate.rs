@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::mezo::{sweep::DEFAULT_CHUNK, Rng};
 use crate::model::gguf::{is_gguf, read_header};
 use crate::model::weights::Checkpoint;
+use crate::model::{LanguageModel, ModelSource};
 use crate::spec::{JobSpec, TaskKind};
 
 /// CUDA context, cuBLAS workspaces and caching-allocator slack.
@@ -72,15 +73,40 @@ struct ShapeConfig {
     vocab_size: u64,
 }
 
+/// Parameter shapes of the model a config describes, from placeholders that
+/// take no memory (nothing is drawn or loaded).
+fn shapes_of_config(config: &Path) -> Result<Vec<(String, Vec<usize>)>> {
+    let source = ModelSource::Shapes {
+        config: config.to_path_buf(),
+    };
+    let model = LanguageModel::open(&source, crate::model::Dtype::F32, tch::Device::Cpu)?;
+    Ok(model
+        .params
+        .iter()
+        .map(|p| {
+            (
+                p.name.clone(),
+                p.tensor.size().iter().map(|&d| d as usize).collect(),
+            )
+        })
+        .collect())
+}
+
 /// Estimate the peak memory of `spec` on a GPU (`gpu = true`) or on CPU.
 pub fn estimate(spec: &JobSpec, gpu: bool) -> Result<Footprint> {
-    let dir = &spec.model.path;
-    let (cfg, shapes) = if is_gguf(dir) {
-        let header = read_header(dir)?;
-        let cfg = serde_json::from_value(header.config).context("GGUF metadata")?;
-        (cfg, header.shapes)
-    } else {
-        (read_shape_config(dir)?, Checkpoint::open(dir)?.shapes()?)
+    let (cfg, shapes) = match spec.model.source() {
+        ModelSource::Pretrained(path) if is_gguf(&path) => {
+            let header = read_header(&path)?;
+            let cfg = serde_json::from_value(header.config).context("GGUF metadata")?;
+            (cfg, header.shapes)
+        }
+        ModelSource::Pretrained(dir) => {
+            let cfg = read_shape_config(&dir.join("config.json"))?;
+            (cfg, Checkpoint::open(&dir)?.shapes()?)
+        }
+        ModelSource::Random { config, .. } | ModelSource::Shapes { config } => {
+            (read_shape_config(&config)?, shapes_of_config(&config)?)
+        }
     };
     let elem = spec.model.dtype.bytes() as u64;
     let device = if gpu { "cuda" } else { "cpu" };
@@ -130,10 +156,9 @@ pub fn estimate(spec: &JobSpec, gpu: bool) -> Result<Footprint> {
     })
 }
 
-fn read_shape_config(dir: &Path) -> Result<ShapeConfig> {
-    let path = dir.join("config.json");
+fn read_shape_config(path: &Path) -> Result<ShapeConfig> {
     let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| {
         format!(
             "{} lacks the sizes needed to estimate memory (hidden size, heads, vocabulary)",

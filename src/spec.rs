@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::mezo::{LrSchedule, Rng};
-use crate::model::Dtype;
+use crate::model::{Dtype, ModelSource};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -31,8 +31,19 @@ pub struct JobSpec {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
-    /// A Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    /// A Hugging Face model directory (config.json, safetensors, tokenizer.json)
+    /// or a GGUF file.
+    #[serde(default, skip_serializing_if = "is_empty_path")]
     pub path: PathBuf,
+    /// Instead of `path`: a `config.json` whose model gets `init` weights
+    /// (benchmarks and admission tests at any size, no download).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<Init>,
+    /// Seed of the random weights (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
     #[serde(default)]
     pub dtype: Dtype,
     /// `cpu`, `cuda` or `cuda:N`.
@@ -41,6 +52,48 @@ pub struct ModelSpec {
     /// CPU threads for libtorch (default: all cores).  Part of the determinism fingerprint.
     #[serde(default)]
     pub threads: Option<i32>,
+}
+
+/// How a model given by its config alone gets its weights.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Init {
+    /// Norm weights 1, biases 0, the rest N(0, 0.02²), drawn on the job's device.
+    Random,
+}
+
+impl ModelSpec {
+    /// Where the weights come from.
+    pub fn source(&self) -> ModelSource {
+        match &self.config {
+            Some(config) => ModelSource::Random {
+                config: config.clone(),
+                seed: self.seed.unwrap_or(0),
+            },
+            None => ModelSource::Pretrained(self.path.clone()),
+        }
+    }
+
+    /// What messages call the model.
+    pub fn describe(&self) -> String {
+        self.source().describe()
+    }
+
+    fn validate(&self) -> Result<()> {
+        match (&self.config, self.path.as_os_str().is_empty()) {
+            (Some(_), false) => bail!("model: give either `path` or `config`, not both"),
+            (Some(_), true) if self.init != Some(Init::Random) => {
+                bail!("model.config needs `init: random` (the only way to make weights from a config alone)")
+            }
+            (None, true) => bail!(
+                "model.path is required (an HF directory or a .gguf file), or model.config with init: random"
+            ),
+            (None, false) if self.init.is_some() || self.seed.is_some() => {
+                bail!("model.init and model.seed go with model.config, not with a pretrained model.path")
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -161,6 +214,9 @@ fn batch_size() -> usize {
 fn eps() -> f64 {
     1e-3
 }
+fn is_empty_path(p: &Path) -> bool {
+    p.as_os_str().is_empty()
+}
 fn is_zero(v: &i32) -> bool {
     *v == 0
 }
@@ -198,7 +254,12 @@ impl JobSpec {
             }
             Ok(())
         };
-        abs(&mut spec.model.path, "model.path")?;
+        if !is_empty_path(&spec.model.path) {
+            abs(&mut spec.model.path, "model.path")?;
+        }
+        if let Some(c) = spec.model.config.as_mut() {
+            abs(c, "model.config")?;
+        }
         abs(&mut spec.data.train, "data.train")?;
         if let Some(d) = spec.data.dev.as_mut() {
             abs(d, "data.dev")?;
@@ -218,6 +279,7 @@ impl JobSpec {
     }
 
     fn validate(&self) -> Result<()> {
+        self.model.validate()?;
         let m = &self.mezo;
         if m.steps == 0 {
             bail!("mezo.steps must be at least 1");
@@ -290,6 +352,35 @@ mod tests {
         assert!(e.contains("model.path") && e.contains("workdir"), "{e}");
         let e = JobSpec::parse(&format!("workdir: rel\n{MINIMAL}"), Path::new("/")).unwrap_err();
         assert!(e.to_string().contains("absolute"), "{e}");
+    }
+
+    #[test]
+    fn a_model_comes_from_a_path_or_from_a_config_with_random_init() {
+        let random = MINIMAL.replace(
+            "model: {path: m, dtype: f32}",
+            "model: {config: c/config.json, init: random, seed: 4}",
+        );
+        let s = JobSpec::parse(&random, Path::new("/jobs")).unwrap();
+        assert_eq!(
+            s.model.source(),
+            ModelSource::Random {
+                config: PathBuf::from("/jobs/c/config.json"),
+                seed: 4
+            }
+        );
+        assert_eq!(JobSpec::parse(&s.to_yaml(), Path::new("/x")).unwrap(), s);
+        for (model, says) in [
+            ("{config: c.json}", "init: random"),
+            ("{path: m, config: c.json, init: random}", "not both"),
+            ("{dtype: f32}", "model.path is required"),
+            ("{path: m, seed: 3}", "go with model.config"),
+        ] {
+            let text = MINIMAL.replace("{path: m, dtype: f32}", model);
+            let e = JobSpec::parse(&text, Path::new("/"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{model}: {e}");
+        }
     }
 
     #[test]

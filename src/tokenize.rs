@@ -7,7 +7,11 @@ use tch::Tensor;
 use tokenizers::Tokenizer;
 
 pub struct TextTokenizer {
-    inner: Tokenizer,
+    /// None for a random-weight model whose config has no `tokenizer.json`
+    /// beside it: it can be benchmarked and sized, not fed text.
+    inner: Option<Tokenizer>,
+    /// Why there is none (said when text needs encoding).
+    missing: String,
     /// Id used for padding slots; they are masked, so any valid id works.
     pub pad_id: i64,
 }
@@ -28,12 +32,35 @@ impl TextTokenizer {
             .iter()
             .find_map(|t| inner.token_to_id(t))
             .unwrap_or(0) as i64;
-        Self { inner, pad_id }
+        Self {
+            inner: Some(inner),
+            missing: String::new(),
+            pad_id,
+        }
+    }
+
+    /// No tokenizer: every use of text fails with `why`.
+    pub fn missing(why: String) -> Self {
+        Self {
+            inner: None,
+            missing: why,
+            pad_id: 0,
+        }
+    }
+
+    pub fn is_present(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    fn get(&self) -> Result<&Tokenizer> {
+        self.inner
+            .as_ref()
+            .ok_or_else(|| anyhow!("{}", self.missing))
     }
 
     /// Write it as `tokenizer.json` (for exporting a GGUF-sourced model).
     pub fn save(&self, path: &Path) -> Result<()> {
-        self.inner
+        self.get()?
             .save(path, true)
             .map_err(|e| anyhow!("writing {}: {e}", path.display()))
     }
@@ -41,7 +68,7 @@ impl TextTokenizer {
     /// Token ids; `special` adds what the model's post-processor adds (BOS for OPT, LLaMA).
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<i64>> {
         let enc = self
-            .inner
+            .get()?
             .encode(text, special)
             .map_err(|e| anyhow!("tokenizing {text:?}: {e}"))?;
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
@@ -49,12 +76,15 @@ impl TextTokenizer {
 
     /// The vocabulary entry of one id, special tokens included.
     pub fn decode_token(&self, id: i64) -> Option<String> {
-        self.inner.id_to_token(id as u32)
+        self.inner.as_ref()?.id_to_token(id as u32)
     }
 
     pub fn decode(&self, ids: &[i64]) -> String {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
-        self.inner.decode(&ids, false).unwrap_or_default()
+        self.inner
+            .as_ref()
+            .and_then(|t| t.decode(&ids, false).ok())
+            .unwrap_or_default()
     }
 }
 

@@ -245,3 +245,35 @@ fn bad_job_files_fail_with_plain_reasons() {
         );
     }
 }
+
+/// `bench/gpu.sh` is meant for a lent GPU machine; its dry run goes through
+/// the same steps on the CPU (benchmarks of random-weight models, the table,
+/// a killed-and-resumed 20-step job), so the script is known to work before
+/// it meets a GPU.
+#[test]
+fn the_gpu_script_runs_end_to_end_in_its_cpu_dry_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let py = std::env::var("MEZOD_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| root().join(".venv/bin/python"));
+    let out = std::process::Command::new(root().join("bench/gpu.sh"))
+        .env("MEZOD_GPU_DRY", "1")
+        .env("MEZOD", env!("CARGO_BIN_EXE_mezod"))
+        .env("PYTHON", py)
+        .env("OUT", tmp.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("| tiny-llama f32 | 4 × 32 |"), "{stdout}");
+    assert!(stdout.contains("| tiny-opt bf16 | 4 × 32 |"), "{stdout}");
+    let last = stdout.lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("resume: killed after") && last.contains("weights identical"),
+        "{stdout}"
+    );
+}

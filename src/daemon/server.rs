@@ -463,7 +463,7 @@ impl Daemon {
             }
         }
         let footprint = estimate(&spec, spec.model.device.starts_with("cuda"))
-            .with_context(|| format!("model.path {}", spec.model.path.display()))?;
+            .with_context(|| format!("model {}", spec.model.describe()))?;
         Ok((dropped, spec, footprint.total()))
     }
 

@@ -95,12 +95,39 @@ struct ModelType {
     model_type: Option<String>,
 }
 
+/// Where a model's weights come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    /// An HF directory or a GGUF file.
+    Pretrained(PathBuf),
+    /// A `config.json` alone, with random weights from `seed` (the tokenizer is
+    /// the `tokenizer.json` beside the config, if there is one).
+    Random { config: PathBuf, seed: u64 },
+    /// A `config.json` alone, with placeholders that take no memory: the
+    /// parameter shapes, for sizing a job.
+    Shapes { config: PathBuf },
+}
+
+impl ModelSource {
+    /// What a message calls it.
+    pub fn describe(&self) -> String {
+        match self {
+            ModelSource::Pretrained(p) => p.display().to_string(),
+            ModelSource::Random { config, seed } => {
+                format!("random weights (seed {seed}) of {}", config.display())
+            }
+            ModelSource::Shapes { config } => format!("the shapes of {}", config.display()),
+        }
+    }
+}
+
 /// A loaded model: network, trainable parameters in canonical order, tokenizer.
 pub struct LanguageModel {
     pub net: Box<dyn Network>,
     pub params: ParamList,
     pub tokenizer: TextTokenizer,
-    /// The HF directory or GGUF file it came from.
+    /// The HF directory or GGUF file it came from (for a random-weight model:
+    /// its config's folder, where its tokenizer files are).
     pub dir: PathBuf,
     /// Its `config.json` (for a GGUF file: built from the metadata).
     pub config_text: String,
@@ -112,6 +139,11 @@ pub struct LanguageModel {
 impl LanguageModel {
     /// Load an HF directory, or a GGUF file, at `dtype` on `device`.
     pub fn load(dir: &Path, dtype: Dtype, device: Device) -> Result<Self> {
+        Self::open(&ModelSource::Pretrained(dir.to_path_buf()), dtype, device)
+    }
+
+    /// Build the model `source` describes at `dtype` on `device`.
+    pub fn open(source: &ModelSource, dtype: Dtype, device: Device) -> Result<Self> {
         if let Device::Cuda(n) = device {
             if !tch::Cuda::is_available() || n >= tch::Cuda::device_count() as usize {
                 bail!(
@@ -120,28 +152,52 @@ impl LanguageModel {
                 );
             }
         }
-        let (config_path, config_text, tokenizer, ckpt) = if gguf::is_gguf(dir) {
-            if !dir.is_file() {
-                bail!("model file {} does not exist", dir.display());
+        let (dir, config_path, config_text, tokenizer, ckpt) = match source {
+            ModelSource::Pretrained(dir) if gguf::is_gguf(dir) => {
+                if !dir.is_file() {
+                    bail!("model file {} does not exist", dir.display());
+                }
+                let g = gguf::load(dir)?;
+                let ckpt = weights::Checkpoint::from_tensors(dir, g.tensors);
+                let tokenizer = TextTokenizer::new(g.tokenizer);
+                (
+                    dir.clone(),
+                    dir.clone(),
+                    g.config.to_string(),
+                    tokenizer,
+                    ckpt,
+                )
             }
-            let g = gguf::load(dir)?;
-            let ckpt = weights::Checkpoint::from_tensors(dir, g.tensors);
-            (
-                dir.to_path_buf(),
-                g.config.to_string(),
-                TextTokenizer::new(g.tokenizer),
-                ckpt,
-            )
-        } else {
-            if !dir.is_dir() {
-                bail!("model directory {} does not exist", dir.display());
+            ModelSource::Pretrained(dir) => {
+                if !dir.is_dir() {
+                    bail!("model directory {} does not exist", dir.display());
+                }
+                let config_path = dir.join("config.json");
+                let config_text = std::fs::read_to_string(&config_path)
+                    .with_context(|| format!("missing model config {}", config_path.display()))?;
+                let tokenizer = TextTokenizer::load(dir)?;
+                let ckpt = weights::Checkpoint::open(dir)?;
+                (dir.clone(), config_path, config_text, tokenizer, ckpt)
             }
-            let config_path = dir.join("config.json");
-            let config_text = std::fs::read_to_string(&config_path)
-                .with_context(|| format!("missing model config {}", config_path.display()))?;
-            let tokenizer = TextTokenizer::load(dir)?;
-            let ckpt = weights::Checkpoint::open(dir)?;
-            (config_path, config_text, tokenizer, ckpt)
+            ModelSource::Random { config, .. } | ModelSource::Shapes { config } => {
+                let config_text = std::fs::read_to_string(config)
+                    .with_context(|| format!("reading model config {}", config.display()))?;
+                let dir = config.parent().unwrap_or(Path::new(".")).to_path_buf();
+                let tokenizer = if dir.join("tokenizer.json").is_file() {
+                    TextTokenizer::load(&dir)?
+                } else {
+                    TextTokenizer::missing(format!(
+                        "the random-weight model of {} has no tokenizer.json beside its config; \
+                         put one there to feed it text",
+                        config.display()
+                    ))
+                };
+                let ckpt = match source {
+                    ModelSource::Random { seed, .. } => weights::Checkpoint::random(config, *seed),
+                    _ => weights::Checkpoint::shapes_only(config),
+                };
+                (dir, config.clone(), config_text, tokenizer, ckpt)
+            }
         };
         let model_type = serde_json::from_str::<ModelType>(&config_text)
             .with_context(|| format!("{} is not valid JSON", config_path.display()))?
@@ -178,7 +234,7 @@ impl LanguageModel {
             net,
             params,
             tokenizer,
-            dir: dir.to_path_buf(),
+            dir,
             config_text,
             dtype,
             device,

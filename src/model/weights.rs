@@ -63,6 +63,19 @@ pub struct Checkpoint {
     index: HashMap<String, usize>,
     /// Tensors already in memory (a dequantized GGUF file), by HF name.
     memory: HashMap<String, Tensor>,
+    /// No stored tensors: every parameter is drawn (see [`Checkpoint::random`]).
+    random: Option<RandomInit>,
+}
+
+/// How a weightless checkpoint makes its tensors.
+#[derive(Debug, Clone, Copy)]
+enum RandomInit {
+    /// Norm weights 1, biases 0, everything else N(0, 0.02²) (the usual HF
+    /// `initializer_range`), drawn on the target device at the target dtype;
+    /// tensor k is drawn after `manual_seed(seed + k)`.
+    Draw { seed: u64 },
+    /// Zero-memory placeholders (a broadcast scalar) that only carry shapes.
+    ShapesOnly,
 }
 
 #[derive(serde::Deserialize)]
@@ -114,7 +127,30 @@ impl Checkpoint {
             shards,
             index,
             memory: HashMap::new(),
+            random: None,
         })
+    }
+
+    /// A checkpoint with no files: a model of `config`'s shape with random
+    /// weights from `seed` (benchmarks and admission tests at any size).
+    pub fn random(config: &Path, seed: u64) -> Self {
+        Self::weightless(config, RandomInit::Draw { seed })
+    }
+
+    /// A checkpoint whose tensors take no memory, to learn a model's parameter
+    /// shapes from its config alone.
+    pub fn shapes_only(config: &Path) -> Self {
+        Self::weightless(config, RandomInit::ShapesOnly)
+    }
+
+    fn weightless(config: &Path, init: RandomInit) -> Self {
+        Self {
+            dir: config.to_path_buf(),
+            shards: Vec::new(),
+            index: HashMap::new(),
+            memory: HashMap::new(),
+            random: Some(init),
+        }
     }
 
     /// A checkpoint of tensors already in memory, read from `origin`.
@@ -124,6 +160,7 @@ impl Checkpoint {
             shards: Vec::new(),
             index: HashMap::new(),
             memory: tensors,
+            random: None,
         }
     }
 
@@ -132,7 +169,7 @@ impl Checkpoint {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name) || self.memory.contains_key(name)
+        self.random.is_some() || self.index.contains_key(name) || self.memory.contains_key(name)
     }
 
     pub fn names(&self) -> impl Iterator<Item = &String> {
@@ -228,6 +265,15 @@ impl<'a> WeightLoader<'a> {
 
     /// Load `name` with the expected shape as a trainable parameter.
     pub fn param(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        if let Some(init) = self.ckpt.random {
+            let t = self.draw(init, name, shape);
+            self.params.push(Param {
+                name: name.to_string(),
+                tensor: t.shallow_clone(),
+                decays: !is_decay_exempt(name),
+            });
+            return Ok(t);
+        }
         let stored = self.resolve(name).with_context(|| {
             format!(
                 "tensor {name} is missing from the checkpoint in {}",
@@ -255,6 +301,27 @@ impl<'a> WeightLoader<'a> {
             decays: !is_decay_exempt(name),
         });
         Ok(t)
+    }
+
+    /// A tensor of a weightless checkpoint.
+    fn draw(&self, init: RandomInit, name: &str, shape: &[i64]) -> Tensor {
+        let _guard = tch::no_grad_guard();
+        let opts = (self.kind, self.device);
+        match init {
+            RandomInit::ShapesOnly => Tensor::zeros([1], opts).expand(shape, false),
+            RandomInit::Draw { seed } => {
+                if name.ends_with(".bias") {
+                    Tensor::zeros(shape, opts)
+                } else if is_decay_exempt(name) {
+                    Tensor::ones(shape, opts) // norm weights
+                } else {
+                    tch::manual_seed((seed + self.params.len() as u64) as i64);
+                    let mut t = Tensor::empty(shape, opts);
+                    let _ = t.normal_(0.0, 0.02);
+                    t
+                }
+            }
+        }
     }
 
     /// Tensors the checkpoint holds that no parameter claimed, ignoring known buffers.

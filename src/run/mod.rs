@@ -323,8 +323,8 @@ pub fn run_with_log(
     }
 
     let device = parse_device(&device_name)?;
-    let model = LanguageModel::load(&spec.model.path, spec.model.dtype, device)
-        .with_context(|| format!("loading model {}", spec.model.path.display()))?;
+    let model = LanguageModel::open(&spec.model.source(), spec.model.dtype, device)
+        .with_context(|| format!("loading model {}", spec.model.describe()))?;
     let splits = load_splits(&spec.data)?;
     let task = Task::from_spec(&spec)?;
     task.check(&model, &splits.train, "training")?;
@@ -332,7 +332,7 @@ pub fn run_with_log(
     task.check(&model, &splits.test, "test")?;
     tracing::info!(
         "{} ({} trainable parameters, {:?} on {}, rng {:?}), {} train / {} dev / {} test examples",
-        spec.model.path.display(),
+        spec.model.describe(),
         model.params.numel(),
         spec.model.dtype,
         device_name,
@@ -496,7 +496,7 @@ fn finish(
         // Free the trained weights first: peak memory stays that of one model.
         let device = job.model.device;
         drop(job.model);
-        job.model = LanguageModel::load(&job.spec.model.path, job.spec.model.dtype, device)?;
+        job.model = LanguageModel::open(&job.spec.model.source(), job.spec.model.dtype, device)?;
         let from =
             snapshot::restore_latest(&job.out.join("snapshots"), best_step, &job.model.params)?
                 .unwrap_or(0);
