@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 use mezod::model::{parse_device, Dtype, LanguageModel};
@@ -120,6 +120,39 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a run's fine-tune as a .mezo file: the base model's identity and
+    /// each step's seed and projected gradient, kilobytes for any model size.
+    ///
+    /// RUN is the --out folder of `mezod run` (or a daemon job's run folder,
+    /// <state>/jobs/<id>/run). By default the file holds the steps of the
+    /// exported weights (the best step when the run has finished).
+    Export {
+        run: PathBuf,
+        /// Export the seed log (the only kind of export so far).
+        #[arg(long)]
+        seed_log: bool,
+        /// Output file (e.g. tune.mezo).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Export steps 0..N instead of the exported weights' steps.
+        #[arg(long)]
+        step: Option<u64>,
+    },
+    /// Rebuild fine-tuned weights from a .mezo file and its base model, bit for
+    /// bit as the run had them, and write them as a Hugging Face directory.
+    Apply {
+        tune: PathBuf,
+        /// The base: a model directory, a .gguf file, or the config.json of a
+        /// random-weight base [default: the path recorded in the file].
+        #[arg(long)]
+        base: Option<PathBuf>,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Apply even where the rebuilt weights would not be identical (another
+        /// libtorch for `rng: torch`, a differing config.json).
+        #[arg(long)]
+        force: bool,
+    },
     /// Time forward passes, MeZO steps or replays on a fixed synthetic batch
     /// (one JSON line: seconds per iteration, peak RSS). `make bench` compares them.
     Bench(mezod::bench::BenchArgs),
@@ -231,6 +264,50 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             socket,
             wait,
         } => client::submit(&job, spool, socket, wait),
+        Command::Export {
+            run,
+            seed_log,
+            output,
+            step,
+        } => {
+            if !seed_log {
+                anyhow::bail!("say what to export: --seed-log (a .mezo file)");
+            }
+            let tune = mezod::run::tune_file::export(&run, step)?;
+            tune.write(&output)?;
+            eprintln!(
+                "{}: {} steps of {} ({} parameters), {} bytes",
+                output.display(),
+                tune.steps.len(),
+                tune.base.source,
+                tune.params
+                    .iter()
+                    .map(|p| p.shape.iter().product::<i64>())
+                    .sum::<i64>(),
+                std::fs::metadata(&output)?.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Apply {
+            tune,
+            base,
+            output,
+            force,
+        } => {
+            let tune = mezod::run::tune_file::TuneFile::read(&tune)?;
+            let source = tune.base_source(base.as_deref());
+            let model = mezod::model::LanguageModel::open(&source, tune.dtype, tch::Device::Cpu)
+                .with_context(|| format!("loading the base {}", source.describe()))?;
+            tune.apply(&model, &source, force)?;
+            mezod::model::export::export_hf(&model, &output)?;
+            eprintln!(
+                "{}: {} steps applied to {}",
+                output.display(),
+                tune.steps.len(),
+                source.describe()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(args) => {
             let r = mezod::bench::run_bench(&args)?;
             println!("{}", serde_json::to_string(&r)?);

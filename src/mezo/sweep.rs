@@ -137,7 +137,10 @@ impl ZSweep {
     /// pool's idle workers would compete with libtorch's for the cores during
     /// the forward passes (measured: forward passes 10 % slower beside a rayon pool).
     fn apply_fast_f32(&self, tensors: &[SharedF32], seed: u64) {
-        let (chunk, threads) = (self.chunk, self.threads);
+        // A thread is worth starting for a few chunks of work, not for less.
+        let total: usize = tensors.iter().map(|x| x.len).sum();
+        let threads = self.threads.min(total.div_ceil(4 * DEFAULT_CHUNK)).max(1);
+        let chunk = self.chunk;
         let work = |t: usize| {
             let mut z = vec![0f32; chunk];
             for x in tensors {

@@ -32,6 +32,27 @@ enum Line {
     },
 }
 
+/// The step records of a metrics.jsonl file, in order (a daemon job's run
+/// folder has no seed log of its own; its metrics file is rebuilt from the
+/// daemon's and holds every step's seed and scalars exactly).
+pub fn read_steps(path: &std::path::Path) -> Result<Vec<StepRecord>> {
+    let text = std::fs::read_to_string(path)?;
+    let mut steps = Vec::new();
+    for line in text.lines() {
+        if let Ok(Line::Step { rec }) = serde_json::from_str::<Line>(line) {
+            steps.push(StepRecord {
+                step: rec.step,
+                seed: rec.seed,
+                projected_grad: rec.projected_grad,
+                loss_plus: rec.loss_plus,
+                loss_minus: rec.loss_minus,
+                lr: rec.lr,
+            });
+        }
+    }
+    Ok(steps)
+}
+
 /// A step as written to metrics.jsonl (the seed-log record plus its batch).
 #[derive(Serialize, Deserialize, Clone)]
 struct StepRecordLine {

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod plot;
 pub mod seedlog;
 pub mod snapshot;
+pub mod tune_file;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

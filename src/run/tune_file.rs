@@ -1,0 +1,326 @@
+//! A fine-tune in kilobytes: the `.mezo` file.
+//!
+//! MeZO's weights are a pure function of the base weights and the list of
+//! (seed, projected gradient, learning rate) per step, so that list *is* the
+//! fine-tune.  A `.mezo` file holds it together with what is needed to replay it
+//! exactly: the base model's identity (SHA-256 of its parameters and of its
+//! config), the dtype, ε and weight decay, the generator of z, the parameters in
+//! canonical order (name, shape, whether weight decay applies) and the
+//! determinism fingerprint of the run.  It is JSON (floats written so that
+//! they read back exactly), readable by `scripts/mezo_rebuild.py` without
+//! mezod.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::fingerprint::Fingerprint;
+use super::seedlog::{SeedLog, StepRecord};
+use crate::mezo::{mezo_step, Gradient, Rng, StepConfig, ZSweep};
+use crate::model::{Dtype, LanguageModel, ModelSource};
+use crate::spec::JobSpec;
+
+pub const FORMAT: &str = "mezo";
+pub const VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TuneFile {
+    pub format: String,
+    pub version: u32,
+    pub base: BaseIdentity,
+    /// `full`: every parameter of the base is tuned.
+    pub tuning: String,
+    pub dtype: Dtype,
+    pub rng: Rng,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub fingerprint: Fingerprint,
+    pub params: Vec<ParamEntry>,
+    pub steps: Vec<TuneStep>,
+}
+
+/// Which base model a fine-tune applies to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseIdentity {
+    /// Where the run took it from (a hint for `mezod apply` without `--base`).
+    pub source: String,
+    /// Random-weight bases: the seed of their weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub random_seed: Option<u64>,
+    /// SHA-256 over the parameters in canonical order at the run's dtype: for
+    /// each, its name, a newline, its shape as comma-separated numbers, a
+    /// newline, then its bytes (little-endian, row-major).
+    pub weights_sha256: String,
+    /// SHA-256 of config.json as canonical JSON (sorted keys, compact) without
+    /// the keys that only record how it was saved (dtype, versions, names).
+    pub config_sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParamEntry {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub decays: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TuneStep {
+    pub step: u64,
+    pub seed: u64,
+    pub projected_grad: f64,
+    pub lr: f64,
+}
+
+/// The identity of a loaded base model (see [`BaseIdentity`]).
+pub fn base_identity(model: &LanguageModel, source: &ModelSource) -> Result<BaseIdentity> {
+    let mut h = Sha256::new();
+    for p in model.params.iter() {
+        let t = p.tensor.to_device(tch::Device::Cpu).contiguous();
+        let shape: Vec<String> = t.size().iter().map(|d| d.to_string()).collect();
+        h.update(p.name.as_bytes());
+        h.update(b"\n");
+        h.update(shape.join(",").as_bytes());
+        h.update(b"\n");
+        let bytes = t.numel() * t.kind().elt_size_in_bytes();
+        // SAFETY: a contiguous CPU tensor of `bytes` bytes, alive for this scope.
+        h.update(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, bytes) });
+    }
+    let mut config: serde_json::Value = serde_json::from_str(&model.config_text)?;
+    if let Some(map) = config.as_object_mut() {
+        for key in [
+            "torch_dtype",
+            "dtype",
+            "transformers_version",
+            "_name_or_path",
+            "architectures",
+        ] {
+            map.remove(key);
+        }
+    }
+    let (description, random_seed) = match source {
+        ModelSource::Pretrained(p) => (p.display().to_string(), None),
+        ModelSource::Random { config, seed } => (config.display().to_string(), Some(*seed)),
+        ModelSource::Shapes { config } => (config.display().to_string(), None),
+    };
+    Ok(BaseIdentity {
+        source: description,
+        random_seed,
+        weights_sha256: format!("{:x}", h.finalize()),
+        config_sha256: format!(
+            "{:x}",
+            Sha256::digest(serde_json::to_string(&config)?.as_bytes())
+        ),
+    })
+}
+
+/// The step records of a run folder: its seed log (`mezod run`), or the
+/// metrics file a daemon job's folder holds.
+fn run_records(run: &Path) -> Result<Vec<StepRecord>> {
+    let seedlog = run.join("seedlog");
+    if seedlog.is_dir() {
+        return SeedLog::open(&seedlog)?.contiguous();
+    }
+    let metrics = run.join("metrics.jsonl");
+    if metrics.is_file() {
+        let steps = super::metrics::read_steps(&metrics)?;
+        if steps.iter().enumerate().all(|(i, s)| s.step == i as u64) {
+            return Ok(steps);
+        }
+        bail!(
+            "{} does not hold steps 0, 1, 2, … in order",
+            metrics.display()
+        );
+    }
+    bail!(
+        "{} is not a run folder: no seedlog/ or metrics.jsonl (give the --out folder of `mezod run`, \
+         or a daemon job's run folder)",
+        run.display()
+    )
+}
+
+/// The steps whose weights a run exported: its best step when it finished
+/// (the weights in `model/`), else every logged step.
+fn default_upto(run: &Path, logged: u64) -> u64 {
+    std::fs::read_to_string(run.join("result.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|r| r["best_step"].as_u64())
+        .unwrap_or(logged)
+        .min(logged)
+}
+
+/// Build the `.mezo` file of the run in `run` for steps `0..upto`
+/// (default: the exported weights' steps).
+pub fn export(run: &Path, upto: Option<u64>) -> Result<TuneFile> {
+    let spec_path = run.join("spec.yaml");
+    let spec = JobSpec::parse(
+        &std::fs::read_to_string(&spec_path)
+            .with_context(|| format!("{} has no spec.yaml: not a run folder", run.display()))?,
+        run,
+    )?;
+    let fingerprint: Fingerprint = serde_json::from_str(
+        &std::fs::read_to_string(run.join("fingerprint.json"))
+            .with_context(|| format!("reading {}/fingerprint.json", run.display()))?,
+    )?;
+    let records = run_records(run)?;
+    let upto = match upto {
+        Some(n) if n > records.len() as u64 => bail!(
+            "--step {n}: the run has logged only {} steps",
+            records.len()
+        ),
+        Some(n) => n,
+        None => default_upto(run, records.len() as u64),
+    };
+    let source = spec.model.source();
+    let model = LanguageModel::open(&source, spec.model.dtype, tch::Device::Cpu)
+        .with_context(|| format!("loading the base model {}", spec.model.describe()))?;
+    let base = base_identity(&model, &source)?;
+    Ok(TuneFile {
+        format: FORMAT.into(),
+        version: VERSION,
+        base,
+        tuning: "full".into(),
+        dtype: spec.model.dtype,
+        rng: fingerprint.rng,
+        eps: spec.mezo.eps,
+        weight_decay: spec.mezo.weight_decay,
+        fingerprint,
+        params: model
+            .params
+            .iter()
+            .map(|p| ParamEntry {
+                name: p.name.clone(),
+                shape: p.tensor.size(),
+                decays: p.decays,
+            })
+            .collect(),
+        steps: records[..upto as usize]
+            .iter()
+            .map(|r| TuneStep {
+                step: r.step,
+                seed: r.seed,
+                projected_grad: r.projected_grad,
+                lr: r.lr,
+            })
+            .collect(),
+    })
+}
+
+impl TuneFile {
+    pub fn read(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let tune: TuneFile = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a .mezo file", path.display()))?;
+        if tune.format != FORMAT || tune.version > VERSION {
+            bail!(
+                "{} is format {:?} version {}; this mezod reads {FORMAT:?} up to version {VERSION}",
+                path.display(),
+                tune.format,
+                tune.version
+            );
+        }
+        Ok(tune)
+    }
+
+    /// Write atomically (a temporary file renamed into place).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let tmp = PathBuf::from(format!("{}.partial", path.display()));
+        std::fs::write(&tmp, serde_json::to_string_pretty(self)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+        Ok(())
+    }
+
+    /// The base model as the run had it: `base` if given (a model directory, a
+    /// GGUF file, or the config.json of a random-weight base), else the
+    /// recorded source.
+    pub fn base_source(&self, base: Option<&Path>) -> ModelSource {
+        let path = base
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(&self.base.source));
+        match self.base.random_seed {
+            Some(seed) => ModelSource::Random { config: path, seed },
+            None => ModelSource::Pretrained(path),
+        }
+    }
+
+    /// Replay the fine-tune on `model` (the base, loaded at the file's dtype):
+    /// refuses a base whose identity differs, and (unless `force`) a machine
+    /// on which the file's z would not be drawn identically.
+    pub fn apply(&self, model: &LanguageModel, source: &ModelSource, force: bool) -> Result<()> {
+        if model.dtype != self.dtype {
+            bail!(
+                "the base is loaded as {:?} but the fine-tune was made in {:?}",
+                model.dtype,
+                self.dtype
+            );
+        }
+        let found = base_identity(model, source)?;
+        if found.weights_sha256 != self.base.weights_sha256 {
+            bail!(
+                "this base is not the one the fine-tune was made on: its weights hash to {} \
+                 (expected {}; base {})",
+                found.weights_sha256,
+                self.base.weights_sha256,
+                self.base.source
+            );
+        }
+        if found.config_sha256 != self.base.config_sha256 && !force {
+            bail!(
+                "the base's weights match but its config.json differs from the one the fine-tune \
+                 was made with (hash {} vs {}); pass --force to apply anyway",
+                found.config_sha256,
+                self.base.config_sha256
+            );
+        }
+        let device = if model.device == tch::Device::Cpu {
+            "cpu"
+        } else {
+            "cuda"
+        };
+        if self.rng == Rng::Torch {
+            // torch's generator: the same z needs the same libtorch and device kind.
+            let here = Fingerprint::current(device, self.dtype, self.fingerprint.threads, self.rng);
+            let differs = here.torch != self.fingerprint.torch
+                || here.device != self.fingerprint.device
+                || here.gpu != self.fingerprint.gpu;
+            if differs && !force {
+                bail!(
+                    "the fine-tune drew z with torch on {:?} (torch {}, {:?}); here: {:?} (torch {}, {:?}). \
+                     The rebuilt weights would not be identical; pass --force to apply anyway",
+                    self.fingerprint.device,
+                    self.fingerprint.torch,
+                    self.fingerprint.gpu,
+                    here.device,
+                    here.torch,
+                    here.gpu
+                );
+            }
+        }
+        let z = ZSweep::new(self.rng, self.fingerprint.threads.max(1) as usize);
+        for (i, s) in self.steps.iter().enumerate() {
+            if s.step != i as u64 {
+                bail!(
+                    "the file's steps are not 0, 1, 2, … (entry {i} is step {})",
+                    s.step
+                );
+            }
+            let cfg = StepConfig {
+                eps: self.eps,
+                lr: s.lr,
+                weight_decay: self.weight_decay,
+            };
+            mezo_step(
+                &model.params,
+                &z,
+                s.seed,
+                &cfg,
+                Gradient::Logged(s.projected_grad),
+            )?;
+        }
+        Ok(())
+    }
+}

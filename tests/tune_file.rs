@@ -1,0 +1,186 @@
+//! A fine-tune in kilobytes: `mezod export --seed-log` writes a `.mezo` file,
+//! `mezod apply` and `scripts/mezo_rebuild.py` (PyTorch, no mezod) rebuild the
+//! fine-tuned weights from it, bit-identical to what the run exported, with
+//! either generator of z; a different base is refused.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+fn run_job(dir: &Path, rng: &str, dtype: &str) -> PathBuf {
+    let job = causal_job(
+        dir,
+        "llama",
+        &format!(
+            "steps: 30, batch_size: 4, lr: 2.0e-3, eps: 1.0e-3, seed: 5, eval_every: 10, \
+             weight_decay: 0.1, rng: {rng}"
+        ),
+    );
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("dtype: f32", &format!("dtype: {dtype}"));
+    std::fs::write(&job, text).unwrap();
+    let out = dir.join(format!("run-{rng}-{dtype}"));
+    check(
+        mezod()
+            .arg("run")
+            .arg(&job)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap(),
+        "mezod run",
+    );
+    out
+}
+
+fn export(run: &Path, file: &Path, extra: &[&str]) {
+    check(
+        mezod()
+            .arg("export")
+            .arg(run)
+            .arg("--seed-log")
+            .arg("-o")
+            .arg(file)
+            .args(extra)
+            .output()
+            .unwrap(),
+        "mezod export",
+    );
+}
+
+fn apply(file: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    mezod()
+        .arg("apply")
+        .arg(file)
+        .arg("-o")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_mezo_file_rebuilds_the_exported_weights_in_rust_and_in_python() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (rng, dtype) in [("fast", "f32"), ("torch", "f32"), ("fast", "bf16")] {
+        let run = run_job(tmp.path(), rng, dtype);
+        let result: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap())
+                .unwrap();
+        let best = result["best_step"].as_u64().unwrap();
+        assert!(
+            best > 0,
+            "{rng} {dtype}: the fixture run should improve on zero-shot"
+        );
+        let file = tmp.path().join(format!("{rng}-{dtype}.mezo"));
+        export(&run, &file, &[]);
+        let tune: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        assert_eq!(tune["steps"].as_array().unwrap().len() as u64, best);
+        assert_eq!(tune["rng"], rng);
+        assert!(
+            std::fs::metadata(&file).unwrap().len() < 16 * 1024,
+            "kilobytes"
+        );
+
+        let want = sha256(&run.join("model/model.safetensors"));
+        let applied = tmp.path().join(format!("applied-{rng}-{dtype}"));
+        check(apply(&file, &applied, &[]), "mezod apply");
+        assert_eq!(
+            sha256(&applied.join("model.safetensors")),
+            want,
+            "{rng} {dtype}: mezod apply differs from the run's exported weights"
+        );
+
+        let rebuilt = tmp.path().join(format!("python-{rng}-{dtype}.safetensors"));
+        let out = check(
+            python()
+                .arg(root().join("scripts/mezo_rebuild.py"))
+                .arg(&file)
+                .arg("--base")
+                .arg(fixture("llama"))
+                .arg("-o")
+                .arg(&rebuilt)
+                .arg("--check")
+                .arg(applied.join("model.safetensors"))
+                .output()
+                .unwrap(),
+            "scripts/mezo_rebuild.py",
+        );
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains("bit for bit"), "{rng} {dtype}: {said}");
+
+        // Every step counts: one step more or less gives other weights.
+        let other = if best == 30 { "29" } else { "30" };
+        let all = tmp.path().join(format!("all-{rng}-{dtype}.mezo"));
+        export(&run, &all, &["--step", other]);
+        let applied_all = tmp.path().join(format!("applied-all-{rng}-{dtype}"));
+        check(apply(&all, &applied_all, &[]), "mezod apply (30 steps)");
+        assert_ne!(sha256(&applied_all.join("model.safetensors")), want);
+    }
+}
+
+#[test]
+fn apply_refuses_another_base_and_a_changed_config_without_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = run_job(tmp.path(), "fast", "f32");
+    let file = tmp.path().join("tune.mezo");
+    export(&run, &file, &[]);
+
+    // Other weights: refused, whatever --force says.
+    let out = apply(
+        &file,
+        &tmp.path().join("x"),
+        &["--base", fixture("llama3").to_str().unwrap(), "--force"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("not the one the fine-tune was made on"),
+        "{stderr}"
+    );
+    assert!(
+        !tmp.path().join("x").exists(),
+        "nothing written for a refused base"
+    );
+
+    // The same weights under a changed config: refused unless --force.
+    let changed = tmp.path().join("changed");
+    std::fs::create_dir(&changed).unwrap();
+    for f in std::fs::read_dir(fixture("llama")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, changed.join(f.file_name().unwrap())).unwrap();
+    }
+    let cfg = std::fs::read_to_string(changed.join("config.json")).unwrap();
+    let cfg = cfg.replace("\"rope_theta\": 50000.0", "\"rope_theta\": 20000.0");
+    assert!(
+        cfg.contains("20000"),
+        "the fixture config has rope_theta 50000"
+    );
+    std::fs::write(changed.join("config.json"), cfg).unwrap();
+    let base = ["--base", changed.to_str().unwrap()];
+    let out = apply(&file, &tmp.path().join("y"), &base);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("config.json differs"),
+        "{stderr}"
+    );
+    check(
+        apply(&file, &tmp.path().join("y"), &[base[0], base[1], "--force"]),
+        "apply --force",
+    );
+    assert_eq!(
+        sha256(&tmp.path().join("y/model.safetensors")),
+        sha256(&run.join("model/model.safetensors"))
+    );
+
+    // Not a .mezo file: a plain error.
+    let bogus = tmp.path().join("bogus.mezo");
+    std::fs::write(&bogus, "{\"format\": \"zip\"}").unwrap();
+    let out = apply(&bogus, &tmp.path().join("z"), &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a .mezo file"));
+}
