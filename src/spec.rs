@@ -54,6 +54,22 @@ pub struct ModelSpec {
     pub threads: Option<i32>,
 }
 
+/// The quantity MeZO minimizes.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    #[default]
+    Loss,
+    /// Minus the batch accuracy (classification and multiple choice).
+    Accuracy,
+}
+
+impl Objective {
+    fn is_loss(&self) -> bool {
+        *self == Objective::Loss
+    }
+}
+
 /// How a model given by its config alone gets its weights.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -182,6 +198,11 @@ pub struct MezoSpec {
     pub eval_every: u64,
     #[serde(default)]
     pub eval_batch_size: Option<usize>,
+    /// What the two forward passes measure: `loss` (cross-entropy), or
+    /// `accuracy` (−accuracy of the batch's candidate scoring: MeZO needs no
+    /// gradient, so a non-differentiable metric can be the objective).
+    #[serde(default, skip_serializing_if = "Objective::is_loss")]
+    pub objective: Objective,
     /// Generator of z: `fast` (counter-based, parallel; the CPU default) or
     /// `torch` (PyTorch's own draws, as the reference code; the GPU default).
     /// A run keeps the generator it started with.
@@ -303,6 +324,9 @@ impl JobSpec {
         }
         self.model.dtype.kind();
         crate::model::parse_device(&self.model.device)?;
+        if self.mezo.objective == Objective::Accuracy && self.task.kind == TaskKind::CausalLm {
+            bail!("mezo.objective: accuracy needs a classification or multiple_choice task (causal_lm has no accuracy)");
+        }
         if self.task.kind == TaskKind::MultipleChoice
             && self.task.choices.is_empty()
             && self.task.template.as_deref() != Some("copa")

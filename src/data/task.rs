@@ -14,7 +14,7 @@ use tch::{Kind, Tensor};
 
 use super::{fill_template, Example};
 use crate::model::LanguageModel;
-use crate::spec::{JobSpec, TaskKind};
+use crate::spec::{JobSpec, Objective, TaskKind};
 use crate::tokenize::pad_left;
 
 /// Where a prompt comes from.
@@ -305,10 +305,24 @@ impl Task {
         scores.view([items.len() as i64, n_cand])
     }
 
-    /// Loss of a batch (the MeZO objective) — a plain f64.
+    /// Loss of a batch — a plain f64.
     pub fn loss(&self, model: &LanguageModel, batch: &[&Example]) -> Result<f64> {
+        self.objective(model, batch, Objective::Loss)
+    }
+
+    /// The MeZO objective of a batch: its loss, or minus its accuracy.
+    pub fn objective(
+        &self,
+        model: &LanguageModel,
+        batch: &[&Example],
+        objective: Objective,
+    ) -> Result<f64> {
         let _guard = tch::no_grad_guard();
-        Ok(self.batch_loss_and_correct(model, batch)?.0)
+        let (loss, correct) = self.batch_loss_and_correct(model, batch)?;
+        Ok(match objective {
+            Objective::Loss => loss,
+            Objective::Accuracy => -(correct as f64) / batch.len().max(1) as f64,
+        })
     }
 
     /// (mean loss, number correct) of one batch.

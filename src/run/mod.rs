@@ -162,8 +162,8 @@ impl Job {
         let cfg = self.step_config(step);
         let batch_idx = self.batch_indices(step);
         let batch: Vec<&Example> = batch_idx.iter().map(|&i| &self.train[i]).collect();
-        let (model, task) = (&self.model, &self.task);
-        let mut loss = || task.loss(model, &batch);
+        let (model, task, objective) = (&self.model, &self.task, self.spec.mezo.objective);
+        let mut loss = || task.objective(model, &batch, objective);
         let out = mezo_step(
             &model.params,
             &self.z,

@@ -1,0 +1,117 @@
+//! `mezo.objective: accuracy`: MeZO on a non-differentiable objective (minus
+//! the batch accuracy of the candidate scoring), logged and resumed exactly
+//! like the loss.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn accuracy_job(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(root().join("examples/classification.yaml"))
+        .unwrap()
+        .replace("steps: 300", "steps: 200, objective: accuracy, snapshot_every: 7")
+        .replace("eps: 1.0e-3", "eps: 1.0e-1")
+        
+        .replace("../tests/fixtures/opt", &fixture("opt").display().to_string())
+        .replace(
+            "data/reviews.jsonl",
+            &root().join("examples/data/reviews.jsonl").display().to_string(),
+        );
+    assert!(text.contains("objective: accuracy"));
+    let job = dir.join("accuracy.yaml");
+    std::fs::write(&job, text).unwrap();
+    job
+}
+
+fn step_lines(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .map(|t| {
+            t.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|l| l["kind"] == "step")
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn accuracy_as_the_objective_trains_and_resumes_bit_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = accuracy_job(tmp.path());
+    let solo = tmp.path().join("solo");
+    check(
+        mezod().arg("run").arg(&job).arg("--out").arg(&solo).output().unwrap(),
+        "accuracy run",
+    );
+    let steps = step_lines(&solo);
+    assert_eq!(steps.len(), 200);
+    let spec: serde_json::Value = serde_json::to_value(
+        serde_yaml::from_str::<serde_yaml::Value>(&std::fs::read_to_string(solo.join("spec.yaml")).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let batch = spec["mezo"]["batch_size"].as_f64().unwrap();
+    for s in &steps {
+        for key in ["loss_plus", "loss_minus"] {
+            let v = s[key].as_f64().unwrap();
+            let k = -v * batch;
+            assert!(
+                (0.0..=batch).contains(&k) && (k - k.round()).abs() < 1e-9,
+                "{key} = {v} is not minus a batch accuracy"
+            );
+        }
+    }
+    assert!(
+        steps.iter().any(|s| s["projected_grad"].as_f64().unwrap() != 0.0),
+        "the accuracy never moved under ±εz: nothing was trained"
+    );
+
+    // Killed mid-run and resumed: the same weights.
+    let run = tmp.path().join("killed");
+    let mut child = mezod()
+        .arg("run")
+        .arg(&job)
+        .arg("--out")
+        .arg(&run)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while step_lines(&run).len() < 10 && t0.elapsed() < Duration::from_secs(60) {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let killed_at = step_lines(&run).len();
+    assert!(killed_at < 200, "the run ended before it could be killed");
+    check(
+        mezod().arg("run").arg(&job).arg("--out").arg(&run).output().unwrap(),
+        "resumed accuracy run",
+    );
+    assert_eq!(
+        sha256(&run.join("model/model.safetensors")),
+        sha256(&solo.join("model/model.safetensors"))
+    );
+}
+
+#[test]
+fn accuracy_needs_a_task_with_an_accuracy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = causal_job(tmp.path(), "llama", "steps: 2, lr: 1.0e-3, objective: accuracy");
+    let out = mezod()
+        .arg("run")
+        .arg(&job)
+        .arg("--out")
+        .arg(tmp.path().join("run"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("accuracy needs a classification"), "{stderr}");
+}
