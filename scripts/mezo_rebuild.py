@@ -132,6 +132,9 @@ def sweep(rng, params, seed, coefficients):
         elif fused:  # (p + f32(pre)·z)·f32(keep) + f32(post)·z per element
             pn, zn = p.numpy(), z.numpy()
             p.copy_(torch.from_numpy((pn + np.float32(pre) * zn) * np.float32(keep) + np.float32(post) * zn))
+        elif pre == 0.0:  # decay then add (n-SPSA's update passes)
+            mul_scalar_(p, keep)
+            p.add_(mul_scalar_(z, post))
         else:
             p.add_(mul_scalar_(z, pre))
             mul_scalar_(p, keep)
@@ -159,11 +162,24 @@ def rebuild(tune, base_dir):
         for i, step in enumerate(tune["steps"]):
             assert step["step"] == i, "steps must be 0, 1, 2, …"
             seed, g, lr = step["seed"], step["projected_grad"], step["lr"]
-            sweep(rng, params, seed, [(1.0, 0.0, eps)] * len(params))
-            sweep(rng, params, seed, [(1.0, 0.0, -2.0 * eps)] * len(params))
-            final = [(1.0 - lr * wd, eps, -lr * g) if wd != 0.0 and e["decays"] else (1.0, 0.0, eps - lr * g)
-                     for e in tune["params"]]
-            sweep(rng, params, seed, final)
+            more = step.get("more", [])
+            if not more:  # MeZO: +εz, −2εz, then restore and update in one pass
+                sweep(rng, params, seed, [(1.0, 0.0, eps)] * len(params))
+                sweep(rng, params, seed, [(1.0, 0.0, -2.0 * eps)] * len(params))
+                final = [(1.0 - lr * wd, eps, -lr * g) if wd != 0.0 and e["decays"] else (1.0, 0.0, eps - lr * g)
+                         for e in tune["params"]]
+                sweep(rng, params, seed, final)
+                continue
+            # n-SPSA: measure every direction at the same θ, then apply each in turn.
+            seeds = [seed] + [m[0] for m in more]
+            grads = [g] + [m[1] for m in more]
+            for s in seeds:
+                for scale in (eps, -2.0 * eps, eps):
+                    sweep(rng, params, s, [(1.0, 0.0, scale)] * len(params))
+            n = float(len(seeds))
+            for j, (s, gj) in enumerate(zip(seeds, grads)):
+                sweep(rng, params, s, [(1.0 - lr * wd if j == 0 and wd != 0.0 and e["decays"] else 1.0,
+                                        0.0, -lr * gj / n) for e in tune["params"]])
     return {e["name"]: p for e, p in zip(tune["params"], params)}
 
 

@@ -198,6 +198,10 @@ pub struct MezoSpec {
     pub eval_every: u64,
     #[serde(default)]
     pub eval_batch_size: Option<usize>,
+    /// n-SPSA: directions per step, each measured at the same weights, their
+    /// projected gradients averaged (1: plain MeZO).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub directions: usize,
     /// What the two forward passes measure: `loss` (cross-entropy), or
     /// `accuracy` (−accuracy of the batch's candidate scoring: MeZO needs no
     /// gradient, so a non-differentiable metric can be the objective).
@@ -237,6 +241,12 @@ fn eps() -> f64 {
 }
 fn is_empty_path(p: &Path) -> bool {
     p.as_os_str().is_empty()
+}
+fn one() -> usize {
+    1
+}
+fn is_one(v: &usize) -> bool {
+    *v == 1
 }
 fn is_zero(v: &i32) -> bool {
     *v == 0
@@ -304,6 +314,9 @@ impl JobSpec {
         let m = &self.mezo;
         if m.steps == 0 {
             bail!("mezo.steps must be at least 1");
+        }
+        if !(1..=64).contains(&m.directions) {
+            bail!("mezo.directions must be between 1 and 64 (the paper's n-SPSA uses a few)");
         }
         if m.batch_size == 0 {
             bail!("mezo.batch_size must be at least 1");

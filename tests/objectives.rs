@@ -1,6 +1,6 @@
-//! `mezo.objective: accuracy`: MeZO on a non-differentiable objective (minus
-//! the batch accuracy of the candidate scoring), logged and resumed exactly
-//! like the loss.
+//! Objectives and estimators: `mezo.objective: accuracy` (MeZO on a
+//! non-differentiable objective, minus the batch accuracy of the candidate
+//! scoring) and `mezo.directions: n` (n-SPSA), each logged and resumed exactly.
 
 mod common;
 
@@ -12,13 +12,21 @@ use common::*;
 fn accuracy_job(dir: &Path) -> PathBuf {
     let text = std::fs::read_to_string(root().join("examples/classification.yaml"))
         .unwrap()
-        .replace("steps: 300", "steps: 200, objective: accuracy, snapshot_every: 7")
+        .replace(
+            "steps: 300",
+            "steps: 200, objective: accuracy, snapshot_every: 7",
+        )
         .replace("eps: 1.0e-3", "eps: 1.0e-1")
-        
-        .replace("../tests/fixtures/opt", &fixture("opt").display().to_string())
+        .replace(
+            "../tests/fixtures/opt",
+            &fixture("opt").display().to_string(),
+        )
         .replace(
             "data/reviews.jsonl",
-            &root().join("examples/data/reviews.jsonl").display().to_string(),
+            &root()
+                .join("examples/data/reviews.jsonl")
+                .display()
+                .to_string(),
         );
     assert!(text.contains("objective: accuracy"));
     let job = dir.join("accuracy.yaml");
@@ -37,20 +45,110 @@ fn step_lines(run: &Path) -> Vec<serde_json::Value> {
         .unwrap_or_default()
 }
 
+/// Run `job` into `run`, kill it with SIGKILL after `at` steps, resume it;
+/// returns how many steps were logged when it died.
+fn kill_and_resume(job: &Path, run: &Path, at: usize) -> usize {
+    let mut child = mezod()
+        .arg("run")
+        .arg(job)
+        .arg("--out")
+        .arg(run)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while step_lines(run).len() < at && t0.elapsed() < Duration::from_secs(60) {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let killed_at = step_lines(run).len();
+    check(
+        mezod()
+            .arg("run")
+            .arg(job)
+            .arg("--out")
+            .arg(run)
+            .output()
+            .unwrap(),
+        "resumed run",
+    );
+    killed_at
+}
+
+#[test]
+fn n_spsa_logs_every_direction_and_resumes_bit_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = causal_job(
+        tmp.path(),
+        "llama",
+        "steps: 150, batch_size: 4, lr: 2.0e-3, eps: 1.0e-3, seed: 5, directions: 3, \
+         weight_decay: 0.1, snapshot_every: 40",
+    );
+    let solo = tmp.path().join("solo");
+    check(
+        mezod()
+            .arg("run")
+            .arg(&job)
+            .arg("--out")
+            .arg(&solo)
+            .output()
+            .unwrap(),
+        "n-SPSA run",
+    );
+    let steps = step_lines(&solo);
+    assert_eq!(steps.len(), 150);
+    for s in &steps {
+        let more = s["more"]
+            .as_array()
+            .expect("n-SPSA steps list their further directions");
+        assert_eq!(more.len(), 2);
+        let seeds = [&s["seed"], &more[0]["seed"], &more[1]["seed"]];
+        assert!(seeds[0] != seeds[1] && seeds[1] != seeds[2] && seeds[0] != seeds[2]);
+        assert!(more
+            .iter()
+            .all(|d| d["loss_plus"].as_f64().unwrap().is_finite()));
+    }
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(solo.join("result.json")).unwrap()).unwrap();
+    assert!(
+        r["best"].as_f64().unwrap() < r["zero_shot"].as_f64().unwrap(),
+        "n-SPSA lowered no dev loss: {r}"
+    );
+    let run = tmp.path().join("killed");
+    let killed_at = kill_and_resume(&job, &run, 20);
+    assert!(killed_at < 150, "the run ended before it could be killed");
+    assert_eq!(
+        sha256(&run.join("model/model.safetensors")),
+        sha256(&solo.join("model/model.safetensors"))
+    );
+}
+
 #[test]
 fn accuracy_as_the_objective_trains_and_resumes_bit_identically() {
     let tmp = tempfile::tempdir().unwrap();
     let job = accuracy_job(tmp.path());
     let solo = tmp.path().join("solo");
     check(
-        mezod().arg("run").arg(&job).arg("--out").arg(&solo).output().unwrap(),
+        mezod()
+            .arg("run")
+            .arg(&job)
+            .arg("--out")
+            .arg(&solo)
+            .output()
+            .unwrap(),
         "accuracy run",
     );
     let steps = step_lines(&solo);
     assert_eq!(steps.len(), 200);
     let spec: serde_json::Value = serde_json::to_value(
-        serde_yaml::from_str::<serde_yaml::Value>(&std::fs::read_to_string(solo.join("spec.yaml")).unwrap())
-            .unwrap(),
+        serde_yaml::from_str::<serde_yaml::Value>(
+            &std::fs::read_to_string(solo.join("spec.yaml")).unwrap(),
+        )
+        .unwrap(),
     )
     .unwrap();
     let batch = spec["mezo"]["batch_size"].as_f64().unwrap();
@@ -65,35 +163,16 @@ fn accuracy_as_the_objective_trains_and_resumes_bit_identically() {
         }
     }
     assert!(
-        steps.iter().any(|s| s["projected_grad"].as_f64().unwrap() != 0.0),
+        steps
+            .iter()
+            .any(|s| s["projected_grad"].as_f64().unwrap() != 0.0),
         "the accuracy never moved under ±εz: nothing was trained"
     );
 
     // Killed mid-run and resumed: the same weights.
     let run = tmp.path().join("killed");
-    let mut child = mezod()
-        .arg("run")
-        .arg(&job)
-        .arg("--out")
-        .arg(&run)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while step_lines(&run).len() < 10 && t0.elapsed() < Duration::from_secs(60) {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    let killed_at = step_lines(&run).len();
+    let killed_at = kill_and_resume(&job, &run, 10);
     assert!(killed_at < 200, "the run ended before it could be killed");
-    check(
-        mezod().arg("run").arg(&job).arg("--out").arg(&run).output().unwrap(),
-        "resumed accuracy run",
-    );
     assert_eq!(
         sha256(&run.join("model/model.safetensors")),
         sha256(&solo.join("model/model.safetensors"))
@@ -103,7 +182,11 @@ fn accuracy_as_the_objective_trains_and_resumes_bit_identically() {
 #[test]
 fn accuracy_needs_a_task_with_an_accuracy() {
     let tmp = tempfile::tempdir().unwrap();
-    let job = causal_job(tmp.path(), "llama", "steps: 2, lr: 1.0e-3, objective: accuracy");
+    let job = causal_job(
+        tmp.path(),
+        "llama",
+        "steps: 2, lr: 1.0e-3, objective: accuracy",
+    );
     let out = mezod()
         .arg("run")
         .arg(&job)
@@ -113,5 +196,8 @@ fn accuracy_needs_a_task_with_an_accuracy() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("accuracy needs a classification"), "{stderr}");
+    assert!(
+        stderr.contains("accuracy needs a classification"),
+        "{stderr}"
+    );
 }

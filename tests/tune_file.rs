@@ -9,20 +9,20 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 
-fn run_job(dir: &Path, rng: &str, dtype: &str) -> PathBuf {
+fn run_job(dir: &Path, rng: &str, dtype: &str, directions: usize) -> PathBuf {
     let job = causal_job(
         dir,
         "llama",
         &format!(
             "steps: 30, batch_size: 4, lr: 2.0e-3, eps: 1.0e-3, seed: 5, eval_every: 10, \
-             weight_decay: 0.1, rng: {rng}"
+             weight_decay: 0.1, rng: {rng}, directions: {directions}"
         ),
     );
     let text = std::fs::read_to_string(&job)
         .unwrap()
         .replace("dtype: f32", &format!("dtype: {dtype}"));
     std::fs::write(&job, text).unwrap();
-    let out = dir.join(format!("run-{rng}-{dtype}"));
+    let out = dir.join(format!("run-{rng}-{dtype}-{directions}"));
     check(
         mezod()
             .arg("run")
@@ -65,8 +65,14 @@ fn apply(file: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
 #[test]
 fn a_mezo_file_rebuilds_the_exported_weights_in_rust_and_in_python() {
     let tmp = tempfile::tempdir().unwrap();
-    for (rng, dtype) in [("fast", "f32"), ("torch", "f32"), ("fast", "bf16")] {
-        let run = run_job(tmp.path(), rng, dtype);
+    for (rng, dtype, n) in [
+        ("fast", "f32", 1),
+        ("torch", "f32", 1),
+        ("fast", "bf16", 1),
+        ("torch", "bf16", 2),
+    ] {
+        let run = run_job(tmp.path(), rng, dtype, n);
+        let dtype = format!("{dtype}-{n}");
         let result: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap())
                 .unwrap();
@@ -81,6 +87,8 @@ fn a_mezo_file_rebuilds_the_exported_weights_in_rust_and_in_python() {
             serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
         assert_eq!(tune["steps"].as_array().unwrap().len() as u64, best);
         assert_eq!(tune["rng"], rng);
+        let more = tune["steps"][0]["more"].as_array().map_or(0, |m| m.len());
+        assert_eq!(more, n - 1, "n-SPSA steps carry their further directions");
         assert!(
             std::fs::metadata(&file).unwrap().len() < 16 * 1024,
             "kilobytes"
@@ -126,7 +134,7 @@ fn a_mezo_file_rebuilds_the_exported_weights_in_rust_and_in_python() {
 #[test]
 fn apply_refuses_another_base_and_a_changed_config_without_force() {
     let tmp = tempfile::tempdir().unwrap();
-    let run = run_job(tmp.path(), "fast", "f32");
+    let run = run_job(tmp.path(), "fast", "f32", 1);
     let file = tmp.path().join("tune.mezo");
     export(&run, &file, &[]);
 

@@ -20,7 +20,7 @@ use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use anyhow::{bail, Context, Result};
 
 use crate::gpu::GpuInfo;
-use crate::run::seedlog::{StepLog, StepRecord, RECORD_BYTES};
+use crate::run::seedlog::{StepLog, StepRecord};
 use crate::run::{run_with_log, Outcome, RunOptions};
 
 /// What a worker tells the daemon.
@@ -49,13 +49,46 @@ pub fn encode(rec: &StepRecord) -> String {
 
 pub fn decode(line: &str) -> Option<StepRecord> {
     let hex = line.trim_end().strip_prefix("R ")?;
-    if hex.len() != RECORD_BYTES * 2 {
+    if hex.len() % 2 != 0 || !hex.is_ascii() {
         return None;
     }
-    let bytes: Option<Vec<u8>> = (0..RECORD_BYTES)
+    let bytes: Option<Vec<u8>> = (0..hex.len() / 2)
         .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
         .collect();
     StepRecord::from_bytes(&bytes?)
+}
+
+/// replay.bin: each record as its length (u32, little-endian) then its bytes.
+fn write_replay(path: &Path, records: &[StepRecord]) -> Result<()> {
+    let mut bytes = Vec::new();
+    for r in records {
+        let b = r.to_bytes();
+        bytes.extend((b.len() as u32).to_le_bytes());
+        bytes.extend(b);
+    }
+    Ok(std::fs::write(path, bytes)?)
+}
+
+/// The records of replay.bin for steps 0, 1, 2, … up to the first gap.
+fn read_replay(path: &Path) -> Result<Vec<StepRecord>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut records = Vec::new();
+    let mut at = 0;
+    while at + 4 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        let Some(rec) = bytes
+            .get(at + 4..at + 4 + len)
+            .and_then(StepRecord::from_bytes)
+        else {
+            bail!("{} is damaged at byte {at}", path.display());
+        };
+        if rec.step != records.len() as u64 {
+            break;
+        }
+        records.push(rec);
+        at += 4 + len;
+    }
+    Ok(records)
 }
 
 /// Start the worker; `report` receives its step records, then its exit.
@@ -68,8 +101,7 @@ pub fn spawn(
     report: impl Fn(WorkerEvent) + Send + 'static,
 ) -> Result<u32> {
     let replay = launch.job_dir.join("replay.bin");
-    let bytes: Vec<u8> = records.iter().flat_map(|r| r.to_bytes()).collect();
-    std::fs::write(&replay, bytes)?;
+    write_replay(&replay, records)?;
     let mut cmd = Command::new(launch.exe);
     cmd.arg("worker")
         .arg("--job")
@@ -163,7 +195,7 @@ impl StepLog for PipeLog {
         out.write_all(encode(rec).as_bytes())
             .and_then(|_| out.flush())
             .context("the daemon is gone (step records cannot be delivered)")?;
-        self.records.push(*rec);
+        self.records.push(rec.clone());
         Ok(())
     }
     fn truncate_from(&mut self, step: u64) -> Result<()> {
@@ -194,18 +226,7 @@ pub struct WorkerArgs {
 /// Body of `mezod worker`: run the job with the daemon's log; exit 0 when
 /// done, 128+signal when stopped at a step boundary.
 pub fn worker_main(args: WorkerArgs) -> Result<ExitCode> {
-    let bytes = std::fs::read(&args.replay)
-        .with_context(|| format!("reading {}", args.replay.display()))?;
-    if bytes.len() % RECORD_BYTES != 0 {
-        bail!("{} is not a whole number of records", args.replay.display());
-    }
-    let mut records = Vec::new();
-    for (i, chunk) in bytes.chunks(RECORD_BYTES).enumerate() {
-        match StepRecord::from_bytes(chunk) {
-            Some(r) if r.step == i as u64 => records.push(r),
-            _ => break,
-        }
-    }
+    let records = read_replay(&args.replay)?;
     let log = PipeLog {
         records,
         out: std::io::stdout(),
@@ -239,6 +260,7 @@ pub fn worker_main(args: WorkerArgs) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::run::seedlog::Direction;
 
     #[test]
     fn records_cross_the_pipe_with_exact_bits() {
@@ -249,10 +271,63 @@ mod tests {
             loss_plus: 6.25,
             loss_minus: f64::MIN_POSITIVE,
             lr: 1e-7,
+            more: vec![],
         };
         let line = encode(&rec);
-        assert_eq!(decode(&line), Some(rec));
+        assert_eq!(decode(&line), Some(rec.clone()));
         assert_eq!(decode("R 00"), None);
         assert_eq!(decode("hello"), None);
+        // An n-SPSA step carries its further directions.
+        let nspsa = StepRecord {
+            more: vec![
+                Direction {
+                    seed: 3,
+                    projected_grad: 1.0 / 3.0,
+                    loss_plus: 2.0,
+                    loss_minus: f64::NAN,
+                },
+                Direction {
+                    seed: 4,
+                    projected_grad: -0.0,
+                    loss_plus: 1.5,
+                    loss_minus: 1.25,
+                },
+            ],
+            ..rec.clone()
+        };
+        let back = decode(&encode(&nspsa)).unwrap();
+        assert_eq!(back.to_bytes(), nspsa.to_bytes(), "bits, NaN included");
+        assert_eq!(back.seeds(), vec![u64::MAX >> 12, 3, 4]);
+    }
+
+    #[test]
+    fn replay_files_hold_records_of_any_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = |step| StepRecord {
+            step,
+            seed: step + 100,
+            projected_grad: 0.5,
+            loss_plus: 1.0,
+            loss_minus: 2.0,
+            lr: 1e-3,
+            more: vec![],
+        };
+        let mut records = vec![one(0), one(1), one(2)];
+        records[1].more.push(Direction {
+            seed: 9,
+            projected_grad: 0.25,
+            loss_plus: 1.0,
+            loss_minus: 1.5,
+        });
+        let path = dir.path().join("replay.bin");
+        write_replay(&path, &records).unwrap();
+        assert_eq!(read_replay(&path).unwrap(), records);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.truncate(bytes.len() - 3);
+        std::fs::write(&path, bytes).unwrap();
+        assert!(read_replay(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("damaged"));
     }
 }

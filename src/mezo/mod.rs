@@ -5,6 +5,6 @@ pub mod schedule;
 pub mod step;
 pub mod sweep;
 
-pub use schedule::{batch_indices, step_seed, LrSchedule};
-pub use step::{mezo_step, Gradient, StepConfig, StepOutcome};
+pub use schedule::{batch_indices, direction_seed, step_seed, LrSchedule};
+pub use step::{mezo_step, replay_step, spsa_step, Gradient, Gradients, StepConfig, StepOutcome};
 pub use sweep::{Rng, ZSweep};

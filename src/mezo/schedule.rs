@@ -13,6 +13,17 @@ pub fn step_seed(job_seed: u64, step: u64) -> u64 {
     rng.next_u64() >> 12
 }
 
+/// The seed of direction `j` of an n-SPSA step whose own seed is `step_seed`
+/// (direction 0 is the step seed itself, so one direction is plain MeZO).
+pub fn direction_seed(step_seed: u64, j: u64) -> u64 {
+    if j == 0 {
+        return step_seed;
+    }
+    let mut rng = ChaCha20Rng::seed_from_u64(step_seed);
+    rng.set_stream(j);
+    rng.next_u64() >> 12
+}
+
 /// Example indices of the batch for `step`: epochs are seeded permutations of
 /// the training set, consumed `batch_size` at a time across epoch boundaries.
 pub fn batch_indices(data_seed: u64, step: u64, batch_size: usize, n: usize) -> Vec<usize> {

@@ -204,6 +204,11 @@ fn apply_torch(t: &Tensor, mut z: Tensor, u: Update) {
     if u.plain() {
         let _ = z.g_mul_scalar_(u.post);
         let _ = t.g_add_(&z);
+    } else if u.pre == 0.0 {
+        // Decay then add (n-SPSA's update passes).
+        let _ = t.g_mul_scalar_(u.keep);
+        let _ = z.g_mul_scalar_(u.post);
+        let _ = t.g_add_(&z);
     } else {
         let _ = z.g_mul_scalar_(u.pre);
         let _ = t.g_add_(&z);

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::seedlog::StepRecord;
+use super::seedlog::{Direction, StepRecord};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EvalLine {
@@ -47,6 +47,7 @@ pub fn read_steps(path: &std::path::Path) -> Result<Vec<StepRecord>> {
                 loss_plus: rec.loss_plus,
                 loss_minus: rec.loss_minus,
                 lr: rec.lr,
+                more: rec.more,
             });
         }
     }
@@ -63,6 +64,8 @@ struct StepRecordLine {
     loss_minus: f64,
     lr: f64,
     batch: Vec<usize>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    more: Vec<Direction>,
 }
 
 impl StepRecordLine {
@@ -75,6 +78,7 @@ impl StepRecordLine {
             loss_minus: rec.loss_minus,
             lr: rec.lr,
             batch,
+            more: rec.more.clone(),
         }
     }
 }
@@ -148,7 +152,7 @@ impl MetricsFile {
     pub fn step(&mut self, rec: &StepRecord, batch: &[usize]) -> Result<()> {
         let line = StepRecordLine::new(rec, batch.to_vec());
         self.write(&Line::Step { rec: line })?;
-        self.steps.push(*rec);
+        self.steps.push(rec.clone());
         Ok(())
     }
 
@@ -183,6 +187,7 @@ mod tests {
             loss_plus: 1.0,
             loss_minus: 2.0,
             lr: 1e-3,
+            more: vec![],
         }
     }
 

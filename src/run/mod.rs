@@ -24,12 +24,15 @@ use serde::Serialize;
 
 use crate::data::task::{Evaluation, Task};
 use crate::data::{load_splits, Example};
-use crate::mezo::{batch_indices, mezo_step, step_seed, Gradient, Rng, StepConfig, ZSweep};
+use crate::mezo::{
+    batch_indices, direction_seed, mezo_step, replay_step, spsa_step, step_seed, Gradient,
+    Gradients, Rng, StepConfig, ZSweep,
+};
 use crate::model::{export::export_hf, parse_device, LanguageModel};
 use crate::spec::JobSpec;
 use fingerprint::Fingerprint;
 use metrics::{EvalLine, MetricsFile};
-use seedlog::{SeedLog, StepLog, StepRecord};
+use seedlog::{Direction, SeedLog, StepLog, StepRecord};
 
 /// Snapshot interval when neither the job nor the daemon sets one.
 pub const DEFAULT_SNAPSHOT_EVERY: u64 = 100;
@@ -164,21 +167,45 @@ impl Job {
         let batch: Vec<&Example> = batch_idx.iter().map(|&i| &self.train[i]).collect();
         let (model, task, objective) = (&self.model, &self.task, self.spec.mezo.objective);
         let mut loss = || task.objective(model, &batch, objective);
-        let out = mezo_step(
-            &model.params,
-            &self.z,
-            seed,
-            &cfg,
-            Gradient::Measure(&mut loss),
-        )
+        let seeds: Vec<u64> = (0..self.spec.mezo.directions as u64)
+            .map(|j| direction_seed(seed, j))
+            .collect();
+        let outs = if seeds.len() == 1 {
+            mezo_step(
+                &model.params,
+                &self.z,
+                seed,
+                &cfg,
+                Gradient::Measure(&mut loss),
+            )
+            .map(|o| vec![o])
+        } else {
+            spsa_step(
+                &model.params,
+                &self.z,
+                &seeds,
+                &cfg,
+                Gradients::Measure(&mut loss),
+            )
+        }
         .with_context(|| format!("step {step}"))?;
         let rec = StepRecord {
             step,
             seed,
-            projected_grad: out.projected_grad,
-            loss_plus: out.loss_plus,
-            loss_minus: out.loss_minus,
+            projected_grad: outs[0].projected_grad,
+            loss_plus: outs[0].loss_plus,
+            loss_minus: outs[0].loss_minus,
             lr: cfg.lr,
+            more: seeds[1..]
+                .iter()
+                .zip(&outs[1..])
+                .map(|(&seed, o)| Direction {
+                    seed,
+                    projected_grad: o.projected_grad,
+                    loss_plus: o.loss_plus,
+                    loss_minus: o.loss_minus,
+                })
+                .collect(),
         };
         self.log.append(&rec)?;
         self.metrics.step(&rec, &batch_idx)?;
@@ -192,12 +219,12 @@ impl Job {
                 lr: rec.lr,
                 ..self.step_config(rec.step)
             };
-            mezo_step(
+            replay_step(
                 &self.model.params,
                 &self.z,
-                rec.seed,
+                &rec.seeds(),
+                &rec.grads(),
                 &cfg,
-                Gradient::Logged(rec.projected_grad),
             )?;
         }
         Ok(())

@@ -11,7 +11,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {
     pub step: u64,
     pub seed: u64,
@@ -19,16 +19,30 @@ pub struct StepRecord {
     pub loss_plus: f64,
     pub loss_minus: f64,
     pub lr: f64,
+    /// n-SPSA (`mezo.directions` > 1): the step's further directions, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more: Vec<Direction>,
+}
+
+/// One further direction of an n-SPSA step.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Direction {
+    pub seed: u64,
+    pub projected_grad: f64,
+    pub loss_plus: f64,
+    pub loss_minus: f64,
 }
 
 /// Fixed little-endian layout: exact f64 bits (a text round trip could move the
-/// last bit of a projected gradient, and replay would drift).
+/// last bit of a projected gradient, and replay would drift).  48 bytes for a
+/// one-direction step, then 32 per further direction (so logs written before
+/// n-SPSA existed read unchanged).
 pub const RECORD_BYTES: usize = 48;
+const DIRECTION_BYTES: usize = 32;
 
 impl StepRecord {
-    pub fn to_bytes(&self) -> [u8; RECORD_BYTES] {
-        let mut b = [0u8; RECORD_BYTES];
-        let fields = [
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut fields = vec![
             self.step,
             self.seed,
             self.projected_grad.to_bits(),
@@ -36,17 +50,33 @@ impl StepRecord {
             self.loss_minus.to_bits(),
             self.lr.to_bits(),
         ];
-        for (i, f) in fields.iter().enumerate() {
-            b[i * 8..i * 8 + 8].copy_from_slice(&f.to_le_bytes());
+        for d in &self.more {
+            fields.extend([
+                d.seed,
+                d.projected_grad.to_bits(),
+                d.loss_plus.to_bits(),
+                d.loss_minus.to_bits(),
+            ]);
         }
-        b
+        fields.iter().flat_map(|f| f.to_le_bytes()).collect()
     }
 
     pub fn from_bytes(b: &[u8]) -> Option<Self> {
-        if b.len() != RECORD_BYTES {
+        if b.len() < RECORD_BYTES || (b.len() - RECORD_BYTES) % DIRECTION_BYTES != 0 {
             return None;
         }
         let f = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
+        let more = (0..(b.len() - RECORD_BYTES) / DIRECTION_BYTES)
+            .map(|k| {
+                let at = RECORD_BYTES / 8 + 4 * k;
+                Direction {
+                    seed: f(at),
+                    projected_grad: f64::from_bits(f(at + 1)),
+                    loss_plus: f64::from_bits(f(at + 2)),
+                    loss_minus: f64::from_bits(f(at + 3)),
+                }
+            })
+            .collect();
         Some(Self {
             step: f(0),
             seed: f(1),
@@ -54,7 +84,22 @@ impl StepRecord {
             loss_plus: f64::from_bits(f(3)),
             loss_minus: f64::from_bits(f(4)),
             lr: f64::from_bits(f(5)),
+            more,
         })
+    }
+
+    /// The seeds of every direction, first the step's own.
+    pub fn seeds(&self) -> Vec<u64> {
+        std::iter::once(self.seed)
+            .chain(self.more.iter().map(|d| d.seed))
+            .collect()
+    }
+
+    /// The projected gradients of every direction, in order.
+    pub fn grads(&self) -> Vec<f64> {
+        std::iter::once(self.projected_grad)
+            .chain(self.more.iter().map(|d| d.projected_grad))
+            .collect()
     }
 }
 
@@ -94,16 +139,14 @@ impl SeedLog {
 
     /// Append one step and flush it to disk.
     pub fn append(&self, rec: &StepRecord) -> Result<()> {
-        self.tree
-            .insert(rec.step.to_be_bytes(), rec.to_bytes().to_vec())?;
+        self.tree.insert(rec.step.to_be_bytes(), rec.to_bytes())?;
         self.tree.flush().context("flushing the seed log")?;
         Ok(())
     }
 
     /// Insert without flushing (the daemon flushes once per batch of records).
     pub fn insert(&self, rec: &StepRecord) -> Result<()> {
-        self.tree
-            .insert(rec.step.to_be_bytes(), rec.to_bytes().to_vec())?;
+        self.tree.insert(rec.step.to_be_bytes(), rec.to_bytes())?;
         Ok(())
     }
 
@@ -166,7 +209,28 @@ mod tests {
             loss_plus: 1.0,
             loss_minus: 2.0,
             lr: 1e-3,
+            // Odd steps are n-SPSA steps with one further direction.
+            more: (0..step % 2)
+                .map(|k| Direction {
+                    seed: 1000 + step + k,
+                    projected_grad: -0.25,
+                    loss_plus: 3.0,
+                    loss_minus: 4.0,
+                })
+                .collect(),
         }
+    }
+
+    #[test]
+    fn records_written_before_n_spsa_read_as_one_direction() {
+        let one = rec(2);
+        let bytes = one.to_bytes();
+        assert_eq!(bytes.len(), RECORD_BYTES);
+        assert_eq!(StepRecord::from_bytes(&bytes), Some(one));
+        let two = rec(3);
+        assert_eq!(two.to_bytes().len(), RECORD_BYTES + 32);
+        assert_eq!(StepRecord::from_bytes(&two.to_bytes()), Some(two));
+        assert_eq!(StepRecord::from_bytes(&bytes[..47]), None);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 
 use super::fingerprint::Fingerprint;
 use super::seedlog::{SeedLog, StepRecord};
-use crate::mezo::{mezo_step, Gradient, Rng, StepConfig, ZSweep};
+use crate::mezo::{replay_step, Rng, StepConfig, ZSweep};
 use crate::model::{Dtype, LanguageModel, ModelSource};
 use crate::spec::JobSpec;
 
@@ -65,12 +65,15 @@ pub struct ParamEntry {
     pub decays: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TuneStep {
     pub step: u64,
     pub seed: u64,
     pub projected_grad: f64,
     pub lr: f64,
+    /// n-SPSA: the further directions' (seed, projected gradient), in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more: Vec<(u64, f64)>,
 }
 
 /// The identity of a loaded base model (see [`BaseIdentity`]).
@@ -203,6 +206,7 @@ pub fn export(run: &Path, upto: Option<u64>) -> Result<TuneFile> {
                 seed: r.seed,
                 projected_grad: r.projected_grad,
                 lr: r.lr,
+                more: r.more.iter().map(|d| (d.seed, d.projected_grad)).collect(),
             })
             .collect(),
     })
@@ -313,13 +317,13 @@ impl TuneFile {
                 lr: s.lr,
                 weight_decay: self.weight_decay,
             };
-            mezo_step(
-                &model.params,
-                &z,
-                s.seed,
-                &cfg,
-                Gradient::Logged(s.projected_grad),
-            )?;
+            let seeds: Vec<u64> = std::iter::once(s.seed)
+                .chain(s.more.iter().map(|d| d.0))
+                .collect();
+            let grads: Vec<f64> = std::iter::once(s.projected_grad)
+                .chain(s.more.iter().map(|d| d.1))
+                .collect();
+            replay_step(&model.params, &z, &seeds, &grads, &cfg)?;
         }
         Ok(())
     }
