@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -34,49 +33,11 @@ fn accuracy_job(dir: &Path) -> PathBuf {
     job
 }
 
-fn step_lines(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .map(|t| {
-            t.lines()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .filter(|l| l["kind"] == "step")
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Run `job` into `run`, kill it with SIGKILL after `at` steps, resume it;
-/// returns how many steps were logged when it died.
-fn kill_and_resume(job: &Path, run: &Path, at: usize) -> usize {
-    let mut child = mezod()
-        .arg("run")
-        .arg(job)
-        .arg("--out")
-        .arg(run)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while step_lines(run).len() < at && t0.elapsed() < Duration::from_secs(60) {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    let killed_at = step_lines(run).len();
-    check(
-        mezod()
-            .arg("run")
-            .arg(job)
-            .arg("--out")
-            .arg(run)
-            .output()
-            .unwrap(),
-        "resumed run",
-    );
-    killed_at
+fn steps_of(run: &Path) -> Vec<serde_json::Value> {
+    read_jsonl(&run.join("metrics.jsonl"))
+        .into_iter()
+        .filter(|l| l["kind"] == "step")
+        .collect()
 }
 
 #[test]
@@ -89,17 +50,8 @@ fn n_spsa_logs_every_direction_and_resumes_bit_identically() {
          weight_decay: 0.1, snapshot_every: 40",
     );
     let solo = tmp.path().join("solo");
-    check(
-        mezod()
-            .arg("run")
-            .arg(&job)
-            .arg("--out")
-            .arg(&solo)
-            .output()
-            .unwrap(),
-        "n-SPSA run",
-    );
-    let steps = step_lines(&solo);
+    run_to_end(&job, &solo, "n-SPSA run");
+    let steps = steps_of(&solo);
     assert_eq!(steps.len(), 150);
     for s in &steps {
         let more = s["more"]
@@ -132,17 +84,8 @@ fn accuracy_as_the_objective_trains_and_resumes_bit_identically() {
     let tmp = tempfile::tempdir().unwrap();
     let job = accuracy_job(tmp.path());
     let solo = tmp.path().join("solo");
-    check(
-        mezod()
-            .arg("run")
-            .arg(&job)
-            .arg("--out")
-            .arg(&solo)
-            .output()
-            .unwrap(),
-        "accuracy run",
-    );
-    let steps = step_lines(&solo);
+    run_to_end(&job, &solo, "accuracy run");
+    let steps = steps_of(&solo);
     assert_eq!(steps.len(), 200);
     let spec: serde_json::Value = serde_json::to_value(
         serde_yaml::from_str::<serde_yaml::Value>(

@@ -115,16 +115,7 @@ fn mezod_run_trains_a_random_model_from_its_config() {
     );
     std::fs::write(&job, text).unwrap();
     let out = tmp.path().join("run");
-    check(
-        mezod()
-            .arg("run")
-            .arg(&job)
-            .arg("--out")
-            .arg(&out)
-            .output()
-            .unwrap(),
-        "mezod run on a random-weight model",
-    );
+    run_to_end(&job, &out, "mezod run on a random-weight model");
     let result: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("result.json")).unwrap()).unwrap();
     assert_eq!(result["steps"], 4);

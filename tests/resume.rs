@@ -5,43 +5,9 @@ mod common;
 use common::*;
 
 use std::path::Path;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-
-fn step_lines(run: &Path) -> usize {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .map(|t| t.matches("\"kind\":\"step\"").count())
-        .unwrap_or(0)
-}
-
-fn spawn_run(job: &Path, out: &Path) -> Child {
-    mezod()
-        .arg("run")
-        .arg(job)
-        .arg("--out")
-        .arg(out)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-/// Wait until the run has logged at least `steps` steps (or has ended).
-fn wait_for_steps(child: &mut Child, run: &Path, steps: usize) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        if step_lines(run) >= steps {
-            return true;
-        }
-        if child.try_wait().unwrap().is_some() {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    panic!("run did not reach step {steps}");
-}
 
 fn step_records(run: &Path) -> Vec<(u64, u64, f64)> {
     read_jsonl(&run.join("metrics.jsonl"))

@@ -23,16 +23,7 @@ fn run_job(dir: &Path, rng: &str, dtype: &str, directions: usize) -> PathBuf {
         .replace("dtype: f32", &format!("dtype: {dtype}"));
     std::fs::write(&job, text).unwrap();
     let out = dir.join(format!("run-{rng}-{dtype}-{directions}"));
-    check(
-        mezod()
-            .arg("run")
-            .arg(&job)
-            .arg("--out")
-            .arg(&out)
-            .output()
-            .unwrap(),
-        "mezod run",
-    );
+    run_to_end(&job, &out, "mezod run");
     out
 }
 

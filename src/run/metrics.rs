@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::seedlog::{Direction, StepRecord};
+use super::seedlog::StepRecord;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EvalLine {
@@ -40,15 +40,7 @@ pub fn read_steps(path: &std::path::Path) -> Result<Vec<StepRecord>> {
     let mut steps = Vec::new();
     for line in text.lines() {
         if let Ok(Line::Step { rec }) = serde_json::from_str::<Line>(line) {
-            steps.push(StepRecord {
-                step: rec.step,
-                seed: rec.seed,
-                projected_grad: rec.projected_grad,
-                loss_plus: rec.loss_plus,
-                loss_minus: rec.loss_minus,
-                lr: rec.lr,
-                more: rec.more,
-            });
+            steps.push(rec.rec);
         }
     }
     Ok(steps)
@@ -57,28 +49,16 @@ pub fn read_steps(path: &std::path::Path) -> Result<Vec<StepRecord>> {
 /// A step as written to metrics.jsonl (the seed-log record plus its batch).
 #[derive(Serialize, Deserialize, Clone)]
 struct StepRecordLine {
-    step: u64,
-    seed: u64,
-    projected_grad: f64,
-    loss_plus: f64,
-    loss_minus: f64,
-    lr: f64,
+    #[serde(flatten)]
+    rec: StepRecord,
     batch: Vec<usize>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    more: Vec<Direction>,
 }
 
 impl StepRecordLine {
     fn new(rec: &StepRecord, batch: Vec<usize>) -> Self {
         Self {
-            step: rec.step,
-            seed: rec.seed,
-            projected_grad: rec.projected_grad,
-            loss_plus: rec.loss_plus,
-            loss_minus: rec.loss_minus,
-            lr: rec.lr,
+            rec: rec.clone(),
             batch,
-            more: rec.more.clone(),
         }
     }
 }

@@ -2,7 +2,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -64,4 +65,65 @@ pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// How many steps a run's metrics.jsonl holds.
+pub fn step_lines(run: &Path) -> usize {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .map(|t| t.matches("\"kind\":\"step\"").count())
+        .unwrap_or(0)
+}
+
+/// `mezod run JOB --out OUT` in the background.
+pub fn spawn_run(job: &Path, out: &Path) -> Child {
+    mezod()
+        .arg("run")
+        .arg(job)
+        .arg("--out")
+        .arg(out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Wait until the run has logged at least `steps` steps (or has ended).
+pub fn wait_for_steps(child: &mut Child, run: &Path, steps: usize) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if step_lines(run) >= steps {
+            return true;
+        }
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    panic!("run did not reach step {steps}");
+}
+
+/// `mezod run JOB --out OUT` to its end; fails the test with its output otherwise.
+pub fn run_to_end(job: &Path, out: &Path, what: &str) -> Output {
+    check(
+        mezod()
+            .arg("run")
+            .arg(job)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap(),
+        what,
+    )
+}
+
+/// Start `mezod run`, kill it with SIGKILL once it has logged `at` steps, and
+/// run it again to its end; returns how many steps were logged when it died.
+pub fn kill_and_resume(job: &Path, out: &Path, at: usize) -> usize {
+    let mut child = spawn_run(job, out);
+    wait_for_steps(&mut child, out, at);
+    let _ = child.kill();
+    let _ = child.wait();
+    let killed_at = step_lines(out);
+    run_to_end(job, out, "resumed run");
+    killed_at
 }
