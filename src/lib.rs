@@ -2,6 +2,7 @@
 //!
 //! See ARCHITECTURE.md for the map of modules and their invariants.
 
+pub mod baselines;
 pub mod bench;
 pub mod daemon;
 pub mod data;

@@ -22,10 +22,51 @@ pub struct JobSpec {
     /// submission order.  Ignored by `mezod run`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub priority: i32,
+    /// What the job runs and reports side by side in result.json: `zero_shot`
+    /// (always measured), `icl` (in-context demonstrations from the training
+    /// split), `linear_probe` (logistic regression on the model's features),
+    /// `mezo` (fine-tuning).  Default: `[zero_shot, mezo]`.
+    #[serde(default = "default_modes", skip_serializing_if = "is_default_modes")]
+    pub mode: Vec<Mode>,
+    /// Settings of the `icl` baseline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icl: Option<IclSpec>,
     pub model: ModelSpec,
     pub task: TaskSpec,
     pub data: DataSpec,
     pub mezo: MezoSpec,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    ZeroShot,
+    Icl,
+    LinearProbe,
+    Mezo,
+}
+
+fn default_modes() -> Vec<Mode> {
+    vec![Mode::ZeroShot, Mode::Mezo]
+}
+fn is_default_modes(m: &Vec<Mode>) -> bool {
+    *m == default_modes()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IclSpec {
+    /// Demonstrations per prompt, drawn from the training split (the paper: 32
+    /// for OPT where they fit; a few fit in short contexts).
+    #[serde(default = "icl_k")]
+    pub k: usize,
+    /// Seed of the draw (default: `mezo.seed`).
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+fn icl_k() -> usize {
+    4
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -311,6 +352,19 @@ impl JobSpec {
 
     fn validate(&self) -> Result<()> {
         self.model.validate()?;
+        if self.mode.is_empty() {
+            bail!("mode must list at least one of zero_shot, icl, linear_probe, mezo");
+        }
+        let baselines = self
+            .mode
+            .iter()
+            .any(|m| matches!(m, Mode::Icl | Mode::LinearProbe));
+        if baselines && self.task.kind == TaskKind::CausalLm {
+            bail!("the icl and linear_probe modes need a classification or multiple_choice task");
+        }
+        if self.icl.is_some() && !self.mode.contains(&Mode::Icl) {
+            bail!("`icl:` settings are given but `mode` does not list icl");
+        }
         let m = &self.mezo;
         if m.steps == 0 {
             bail!("mezo.steps must be at least 1");
@@ -347,6 +401,15 @@ impl JobSpec {
             bail!("task.choices must name the fields holding the candidate answers");
         }
         Ok(())
+    }
+
+    /// MeZO steps the job runs: none when `mode` leaves out `mezo`.
+    pub fn steps(&self) -> u64 {
+        if self.mode.contains(&Mode::Mezo) {
+            self.mezo.steps
+        } else {
+            0
+        }
     }
 
     pub fn data_seed(&self) -> u64 {

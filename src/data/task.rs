@@ -47,6 +47,8 @@ pub enum Task {
         candidates: Candidates,
         label_field: String,
         max_length: usize,
+        /// In-context demonstrations put before every prompt (the `icl` baseline).
+        demos: String,
     },
 }
 
@@ -135,6 +137,7 @@ impl Task {
                     candidates: Candidates::Words { words, class_of },
                     label_field,
                     max_length,
+                    demos: String::new(),
                 }
             }
             TaskKind::MultipleChoice => {
@@ -160,6 +163,7 @@ impl Task {
                     candidates: Candidates::Fields(fields),
                     label_field,
                     max_length,
+                    demos: String::new(),
                 }
             }
         })
@@ -192,7 +196,37 @@ impl Task {
         Ok(())
     }
 
+    /// The prompt of `ex`, after the demonstrations if there are any.
     fn context_text(&self, ex: &Example) -> Result<String> {
+        match self {
+            Task::Choice { demos, .. } if !demos.is_empty() => {
+                Ok(format!("{demos}{}", self.prompt_text(ex)?))
+            }
+            _ => self.prompt_text(ex),
+        }
+    }
+
+    /// The same task with `examples` as in-context demonstrations: each one's
+    /// prompt followed by its right answer, separated by blank lines.
+    pub fn with_demonstrations(&self, examples: &[&Example]) -> Result<Task> {
+        let Task::Choice { .. } = self else {
+            bail!("in-context demonstrations need a classification or multiple_choice task");
+        };
+        let mut text = String::new();
+        for ex in examples {
+            let answer = self.answers(ex)?;
+            text.push_str(&self.prompt_text(ex)?);
+            text.push_str(&answer.0[answer.1]);
+            text.push_str("\n\n");
+        }
+        let mut task = self.clone();
+        if let Task::Choice { demos, .. } = &mut task {
+            *demos = text;
+        }
+        Ok(task)
+    }
+
+    fn prompt_text(&self, ex: &Example) -> Result<String> {
         match self {
             Task::Choice {
                 prompt: Prompt::Template(t),
@@ -214,19 +248,20 @@ impl Task {
         }
     }
 
-    fn encode_choice(&self, model: &LanguageModel, ex: &Example) -> Result<ChoiceItem> {
+    /// The candidate answers of `ex` (each with its leading space) and the
+    /// index of the right one.
+    fn answers(&self, ex: &Example) -> Result<(Vec<String>, usize)> {
         let Task::Choice {
             candidates,
             label_field,
-            max_length,
             prompt,
+            ..
         } = self
         else {
             unreachable!()
         };
-        let context = model.tokenizer.encode(&self.context_text(ex)?, true)?;
         let label = get(ex, label_field)?;
-        let (answers, gold): (Vec<String>, usize) = match candidates {
+        Ok(match candidates {
             Candidates::Words { words, class_of } => {
                 let gold = *class_of.get(label.trim()).with_context(|| {
                     format!(
@@ -257,19 +292,81 @@ impl Task {
                 }
                 (answers, gold)
             }
-        };
+        })
+    }
+
+    /// The prompt's token ids, cut to `max_length` from the left (the end is
+    /// what the answer follows).
+    fn context_ids(&self, model: &LanguageModel, ex: &Example) -> Result<Vec<i64>> {
+        let ids = model.tokenizer.encode(&self.context_text(ex)?, true)?;
+        let keep = ids.len().min(self.max_length());
+        Ok(ids[ids.len() - keep..].to_vec())
+    }
+
+    /// Never feed more than `limit` tokens (a model's learned positions end
+    /// there); longer sequences keep their end, where the answer is.
+    pub fn limit_length(&mut self, limit: usize) {
+        match self {
+            Task::CausalLm { max_length, .. } | Task::Choice { max_length, .. } => {
+                *max_length = (*max_length).min(limit)
+            }
+        }
+    }
+
+    fn max_length(&self) -> usize {
+        match self {
+            Task::CausalLm { max_length, .. } | Task::Choice { max_length, .. } => *max_length,
+        }
+    }
+
+    fn encode_choice(&self, model: &LanguageModel, ex: &Example) -> Result<ChoiceItem> {
+        let max_length = self.max_length();
+        let context = model.tokenizer.encode(&self.context_text(ex)?, true)?;
+        let (answers, gold) = self.answers(ex)?;
         let mut seqs = Vec::new();
         for a in answers {
             let ans = model.tokenizer.encode(&a, false)?;
-            if ans.is_empty() || ans.len() >= *max_length {
+            if ans.is_empty() || ans.len() >= max_length {
                 bail!("answer {a:?} tokenizes to {} tokens", ans.len());
             }
             let mut ids = context.clone();
             ids.extend(&ans);
-            let keep = ids.len().min(*max_length);
+            let keep = ids.len().min(max_length);
             seqs.push((ids[ids.len() - keep..].to_vec(), ans.len()));
         }
         Ok(ChoiceItem { seqs, gold })
+    }
+
+    /// Linear-probe features of a batch: the final hidden state (f32) at the
+    /// prompt's last token, `[batch, hidden]`, and each example's right class.
+    pub fn features(
+        &self,
+        model: &LanguageModel,
+        batch: &[&Example],
+    ) -> Result<(Tensor, Vec<i64>)> {
+        let _guard = tch::no_grad_guard();
+        let mut seqs = Vec::new();
+        let mut gold = Vec::new();
+        for ex in batch {
+            seqs.push(self.context_ids(model, ex)?);
+            gold.push(self.answers(ex)?.1 as i64);
+        }
+        let (ids, mask) = pad_left(&seqs, model.tokenizer.pad_id);
+        let h = model
+            .net
+            .hidden(&ids.to_device(model.device), &mask.to_device(model.device));
+        let last = h.size()[1] - 1;
+        Ok((
+            h.select(1, last)
+                .to_kind(Kind::Float)
+                .to_device(tch::Device::Cpu),
+            gold,
+        ))
+    }
+
+    /// How many classes a choice task has.
+    pub fn classes(&self, ex: &Example) -> Result<usize> {
+        Ok(self.answers(ex)?.0.len())
     }
 
     /// Candidate scores `[items, candidates]`: mean log-prob of each answer's tokens.
@@ -434,5 +531,40 @@ fn lower_first(s: &str) -> String {
     match c.next() {
         Some(f) => f.to_lowercase().chain(c).collect(),
         None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example(text: &str, label: &str) -> Example {
+        [("text", text), ("label", label)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn demonstrations_come_before_the_prompt_with_their_right_answers() {
+        let spec = JobSpec::parse(
+            "model: {path: m}\ntask: {kind: classification, template: sst2}\n\
+             data: {train: t.jsonl}\nmezo: {steps: 1, lr: 0}\n",
+            std::path::Path::new("/"),
+        )
+        .unwrap();
+        let task = Task::from_spec(&spec).unwrap();
+        let (a, b, query) = (
+            example("Loved it.", "1"),
+            example("Dull.", "0"),
+            example("Fine.", "1"),
+        );
+        assert_eq!(task.context_text(&query).unwrap(), "Fine. It was");
+        let icl = task.with_demonstrations(&[&a, &b]).unwrap();
+        assert_eq!(
+            icl.context_text(&query).unwrap(),
+            "Loved it. It was great\n\nDull. It was terrible\n\nFine. It was"
+        );
+        assert_eq!(icl.answers(&query).unwrap(), task.answers(&query).unwrap());
     }
 }

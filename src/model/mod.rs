@@ -242,6 +242,18 @@ impl LanguageModel {
         })
     }
 
+    /// The longest sequence the model can read, where it has learned position
+    /// embeddings (OPT, GPT-2); rotary models have no hard limit.
+    pub fn max_positions(&self) -> Option<usize> {
+        let cfg: serde_json::Value = serde_json::from_str(&self.config_text).ok()?;
+        let key = match self.model_type.as_str() {
+            "opt" => "max_position_embeddings",
+            "gpt2" => "n_positions",
+            _ => return None,
+        };
+        cfg[key].as_u64().map(|n| n as usize)
+    }
+
     /// Logits `[batch, len, vocab]` (f32) of positions `start..start + len` only.
     pub fn logits_at(&self, ids: &Tensor, mask: &Tensor, start: i64, len: i64) -> Tensor {
         let _guard = tch::no_grad_guard();

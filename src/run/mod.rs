@@ -22,6 +22,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
+use crate::baselines::{self, Baselines};
 use crate::data::task::{Evaluation, Task};
 use crate::data::{load_splits, Example};
 use crate::mezo::{
@@ -29,7 +30,7 @@ use crate::mezo::{
     Gradients, Rng, StepConfig, ZSweep,
 };
 use crate::model::{export::export_hf, parse_device, LanguageModel};
-use crate::spec::JobSpec;
+use crate::spec::{JobSpec, Mode};
 use fingerprint::Fingerprint;
 use metrics::{EvalLine, MetricsFile};
 use seedlog::{Direction, SeedLog, StepLog, StepRecord};
@@ -78,6 +79,9 @@ pub struct RunResult {
     pub test_loss: Option<f64>,
     /// The base model's metric on the test split.
     pub zero_shot_test: Option<f64>,
+    /// The icl / linear_probe baselines, when the job's `mode` lists them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baselines: Option<Baselines>,
     pub steps: u64,
     pub resumed_from: u64,
     pub replayed_steps: u64,
@@ -230,6 +234,52 @@ impl Job {
         Ok(())
     }
 
+    /// The `icl` and `linear_probe` baselines, once, before training
+    /// (`baselines.json`; a resumed run reads them back).
+    fn baselines(&self) -> Result<()> {
+        let path = self.out.join("baselines.json");
+        let wanted = |m| self.spec.mode.contains(&m);
+        if path.is_file() || !(wanted(Mode::Icl) || wanted(Mode::LinearProbe)) {
+            return Ok(());
+        }
+        let splits = (&self.train[..], &self.dev[..], &self.test[..]);
+        let bs = self.eval_batch_size();
+        let mut b = Baselines::default();
+        if wanted(Mode::Icl) {
+            let k = self.spec.icl.as_ref().map_or(4, |i| i.k);
+            let seed = self
+                .spec
+                .icl
+                .as_ref()
+                .and_then(|i| i.seed)
+                .unwrap_or(self.spec.mezo.seed);
+            let score = baselines::icl(&self.task, &self.model, splits, k, seed, bs)
+                .context("the icl baseline")?;
+            tracing::info!(
+                "icl ({k} demonstrations): dev {:?}, test {:?}",
+                score.dev,
+                score.test
+            );
+            b.icl = Some(score);
+            b.icl_k = Some(k);
+        }
+        if wanted(Mode::LinearProbe) {
+            let (score, fit) = baselines::linear_probe(&self.task, &self.model, splits, bs)
+                .context("the linear_probe baseline")?;
+            tracing::info!(
+                "linear probe: dev {:?}, test {:?} (train {fit:.4})",
+                score.dev,
+                score.test
+            );
+            b.linear_probe = Some(score);
+            b.linear_probe_train = Some(fit);
+        }
+        let tmp = self.out.join("baselines.json.partial");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&b)?)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
     fn eval_batch_size(&self) -> usize {
         self.spec
             .mezo
@@ -354,7 +404,16 @@ pub fn run_with_log(
     let model = LanguageModel::open(&spec.model.source(), spec.model.dtype, device)
         .with_context(|| format!("loading model {}", spec.model.describe()))?;
     let splits = load_splits(&spec.data)?;
-    let task = Task::from_spec(&spec)?;
+    let mut task = Task::from_spec(&spec)?;
+    if let Some(limit) = model.max_positions() {
+        if spec.task.max_length > limit {
+            tracing::info!(
+                "task.max_length {} is beyond the model's {limit} positions: sequences keep their last {limit} tokens",
+                spec.task.max_length
+            );
+        }
+        task.limit_length(limit);
+    }
     task.check(&model, &splits.train, "training")?;
     task.check(&model, &splits.dev, "dev")?;
     task.check(&model, &splits.test, "test")?;
@@ -370,7 +429,7 @@ pub fn run_with_log(
         splits.test.len()
     );
     let mut records = log.contiguous()?;
-    records.truncate(spec.mezo.steps as usize);
+    records.truncate(spec.steps() as usize);
     let done = records.len() as u64;
     log.truncate_from(done)?;
     let (data_seed, batch_size, n_train) =
@@ -420,16 +479,19 @@ pub fn run_with_log(
         std::fs::write(&tmp, serde_json::to_string(&e.metric)?)?;
         std::fs::rename(&tmp, out.join("zero_shot_test.json"))?;
     }
+    if done == 0 {
+        job.baselines()?;
+    }
     let every = job.spec.mezo.eval_every;
     if done > 0
         && every > 0
         && done % every == 0
-        && done < job.spec.mezo.steps
+        && done < job.spec.steps()
         && !job.metrics.has_eval(done)
     {
         job.evaluate(done)?; // stopped between a step and its evaluation
     }
-    let total = job.spec.mezo.steps;
+    let total = job.spec.steps();
     let bar = opts.progress.then(|| progress_bar(total, done));
     let train_start = Instant::now();
     let log_every = (total / 20).max(1);
@@ -505,7 +567,7 @@ fn finish(
     started: Instant,
     fp: Fingerprint,
 ) -> Result<RunResult> {
-    let total = job.spec.mezo.steps;
+    let total = job.spec.steps();
     if !job.metrics.has_eval(total) {
         job.evaluate(total)?;
     }
@@ -570,6 +632,9 @@ fn finish(
             .map(|e| e.value),
         test_metric: test.as_ref().map(|e| e.metric),
         zero_shot_test,
+        baselines: std::fs::read_to_string(job.out.join("baselines.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok()),
         test_loss: test.as_ref().map(|e| e.loss),
         steps: total,
         resumed_from: done,
