@@ -183,10 +183,16 @@ impl ZSweep {
     fn apply_fast_any(&self, tensor: &Tensor, seed: u64, stream: u32, u: Update) {
         let n = tensor.numel();
         let flat = tensor.view([-1]);
-        let mut buf = vec![0f32; self.chunk.min(n.max(1))];
+        // Off the CPU each chunk is one copy to the device: make them few.
+        let chunk = if tensor.device() == Device::Cpu {
+            self.chunk
+        } else {
+            self.chunk.max(1 << 22)
+        };
+        let mut buf = vec![0f32; chunk.min(n.max(1))];
         let mut start = 0;
         while start < n {
-            let len = self.chunk.min(n - start);
+            let len = chunk.min(n - start);
             fill_normals(seed, stream, start as u64, &mut buf[..len]);
             let z = Tensor::from_slice(&buf[..len])
                 .to_device(tensor.device())
