@@ -118,7 +118,7 @@ pub fn estimate(spec: &JobSpec, gpu: bool) -> Result<Footprint> {
         largest = largest.max(n);
     }
     let candidates = match spec.task.kind {
-        TaskKind::CausalLm => 1,
+        TaskKind::CausalLm | TaskKind::Generation => 1,
         TaskKind::Classification => spec.task.label_words.as_ref().map_or(2, |w| w.len()),
         TaskKind::MultipleChoice => spec.task.choices.len().max(2),
     } as u64;

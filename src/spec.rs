@@ -103,6 +103,8 @@ pub enum Objective {
     Loss,
     /// Minus the batch accuracy (classification and multiple choice).
     Accuracy,
+    /// Minus the batch's mean SQuAD F1 of greedy answers (generation).
+    F1,
 }
 
 impl Objective {
@@ -159,6 +161,9 @@ pub enum TaskKind {
     CausalLm,
     Classification,
     MultipleChoice,
+    /// SQuAD/DROP-style: a prompt, a written answer; trained on the answer's
+    /// tokens (teacher forcing), evaluated by greedy decoding with F1 and EM.
+    Generation,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -180,6 +185,13 @@ pub struct TaskSpec {
     /// Longest sequence in tokens; longer ones keep their end (the answer).
     #[serde(default = "max_length")]
     pub max_length: usize,
+    /// Generation: the field holding the gold answer (or a JSON list of them);
+    /// default `answer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_field: Option<String>,
+    /// Generation: the longest answer greedy decoding writes (default 16 tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_new_tokens: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -391,8 +403,20 @@ impl JobSpec {
         }
         self.model.dtype.kind();
         crate::model::parse_device(&self.model.device)?;
-        if self.mezo.objective == Objective::Accuracy && self.task.kind == TaskKind::CausalLm {
-            bail!("mezo.objective: accuracy needs a classification or multiple_choice task (causal_lm has no accuracy)");
+        let choice = matches!(
+            self.task.kind,
+            TaskKind::Classification | TaskKind::MultipleChoice
+        );
+        if self.mezo.objective == Objective::Accuracy && !choice {
+            bail!("mezo.objective: accuracy needs a classification or multiple_choice task");
+        }
+        if self.mezo.objective == Objective::F1 && self.task.kind != TaskKind::Generation {
+            bail!("mezo.objective: f1 needs a generation task");
+        }
+        if self.task.kind == TaskKind::Generation && self.task.template.is_none() {
+            bail!(
+                "task.template is required for generation (a prompt with {{field}} placeholders)"
+            );
         }
         if self.task.kind == TaskKind::MultipleChoice
             && self.task.choices.is_empty()

@@ -1,6 +1,7 @@
 //! Datasets: JSONL or CSV rows as string fields (optionally bzip2-compressed),
 //! row filters, and the seeded train/dev/test split.
 
+pub mod squad;
 pub mod task;
 
 use std::collections::BTreeMap;

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context, Result};
 use tch::{Kind, Tensor};
 
+use super::squad;
 use super::{fill_template, Example};
 use crate::model::LanguageModel;
 use crate::spec::{JobSpec, Objective, TaskKind};
@@ -50,6 +51,12 @@ pub enum Task {
         /// In-context demonstrations put before every prompt (the `icl` baseline).
         demos: String,
     },
+    Generation {
+        template: String,
+        answer_field: String,
+        max_length: usize,
+        max_new_tokens: usize,
+    },
 }
 
 /// An evaluation on a set of examples.
@@ -79,6 +86,15 @@ impl Task {
         let max_length = t.max_length;
         let label_field = t.label_field.clone();
         Ok(match t.kind {
+            TaskKind::Generation => Task::Generation {
+                template: t
+                    .template
+                    .clone()
+                    .context("task.template is required for generation")?,
+                answer_field: t.answer_field.clone().unwrap_or_else(|| "answer".into()),
+                max_length,
+                max_new_tokens: t.max_new_tokens.unwrap_or(16),
+            },
             TaskKind::CausalLm => Task::CausalLm {
                 field: spec.data.text_field.clone(),
                 max_length,
@@ -174,11 +190,12 @@ impl Task {
         match self {
             Task::CausalLm { .. } => "loss",
             Task::Choice { .. } => "accuracy",
+            Task::Generation { .. } => "f1",
         }
     }
 
     pub fn higher_is_better(&self) -> bool {
-        matches!(self, Task::Choice { .. })
+        !matches!(self, Task::CausalLm { .. })
     }
 
     /// Check every example up front so a bad row fails the job before training, naming the row.
@@ -189,7 +206,9 @@ impl Task {
                     .get(field)
                     .map(|_| ())
                     .with_context(|| format!("no field {field:?} (fields: {})", keys(ex))),
-                Task::Choice { .. } => self.encode_choice(model, ex).map(|_| ()),
+                Task::Choice { .. } | Task::Generation { .. } => {
+                    self.encode_choice(model, ex).map(|_| ())
+                }
             };
             res.with_context(|| format!("{split} example {}", i + 1))?;
         }
@@ -228,6 +247,7 @@ impl Task {
 
     fn prompt_text(&self, ex: &Example) -> Result<String> {
         match self {
+            Task::Generation { template, .. } => fill_template(template, ex),
             Task::Choice {
                 prompt: Prompt::Template(t),
                 ..
@@ -251,6 +271,10 @@ impl Task {
     /// The candidate answers of `ex` (each with its leading space) and the
     /// index of the right one.
     fn answers(&self, ex: &Example) -> Result<(Vec<String>, usize)> {
+        if let Task::Generation { .. } = self {
+            let golds = self.golds(ex)?;
+            return Ok((golds.iter().map(|g| format!(" {g}")).collect(), 0));
+        }
         let Task::Choice {
             candidates,
             label_field,
@@ -307,16 +331,104 @@ impl Task {
     /// there); longer sequences keep their end, where the answer is.
     pub fn limit_length(&mut self, limit: usize) {
         match self {
-            Task::CausalLm { max_length, .. } | Task::Choice { max_length, .. } => {
-                *max_length = (*max_length).min(limit)
-            }
+            Task::CausalLm { max_length, .. }
+            | Task::Choice { max_length, .. }
+            | Task::Generation { max_length, .. } => *max_length = (*max_length).min(limit),
         }
     }
 
     fn max_length(&self) -> usize {
         match self {
-            Task::CausalLm { max_length, .. } | Task::Choice { max_length, .. } => *max_length,
+            Task::CausalLm { max_length, .. }
+            | Task::Choice { max_length, .. }
+            | Task::Generation { max_length, .. } => *max_length,
         }
+    }
+
+    /// The gold answers of a generation example: the answer field, or the
+    /// strings of a JSON list in it.
+    fn golds(&self, ex: &Example) -> Result<Vec<String>> {
+        let Task::Generation { answer_field, .. } = self else {
+            unreachable!()
+        };
+        let raw = get(ex, answer_field)?;
+        let golds: Vec<String> = match serde_json::from_str::<Vec<String>>(raw) {
+            Ok(list) => list,
+            Err(_) => vec![raw.to_string()],
+        };
+        let golds: Vec<String> = golds
+            .into_iter()
+            .map(|g| g.trim().to_string())
+            .filter(|g| !g.is_empty())
+            .collect();
+        if golds.is_empty() {
+            bail!("the answer field {answer_field:?} is empty");
+        }
+        Ok(golds)
+    }
+
+    /// Greedy answers to `batch` (no sampling), cut at the first line break or
+    /// end-of-sequence token.
+    pub fn generate(&self, model: &LanguageModel, batch: &[&Example]) -> Result<Vec<String>> {
+        let Task::Generation { max_new_tokens, .. } = self else {
+            bail!("only generation tasks write answers");
+        };
+        let _guard = tch::no_grad_guard();
+        let eos = eos_ids(&model.config_text);
+        let mut seqs = batch
+            .iter()
+            .map(|ex| self.context_ids(model, ex))
+            .collect::<Result<Vec<_>>>()?;
+        let mut written: Vec<Vec<i64>> = vec![Vec::new(); seqs.len()];
+        let mut done = vec![false; seqs.len()];
+        for _ in 0..*max_new_tokens {
+            let (ids, mask) = pad_left(&seqs, model.tokenizer.pad_id);
+            let t = ids.size()[1];
+            let next: Vec<i64> = model
+                .logits_at(&ids, &mask, t - 1, 1)
+                .squeeze_dim(1)
+                .argmax(-1, false)
+                .to_device(tch::Device::Cpu)
+                .try_into()?;
+            for (i, &tok) in next.iter().enumerate() {
+                if done[i] {
+                    continue;
+                }
+                if eos.contains(&tok) {
+                    done[i] = true;
+                    continue;
+                }
+                written[i].push(tok);
+                if model.tokenizer.decode(&written[i]).contains('\n') {
+                    done[i] = true;
+                }
+                seqs[i].push(tok);
+                let over = seqs[i].len().saturating_sub(self.max_length());
+                seqs[i].drain(..over);
+            }
+            if done.iter().all(|&d| d) {
+                break;
+            }
+        }
+        Ok(written
+            .iter()
+            .map(|w| {
+                let text = model.tokenizer.decode(w);
+                text.split('\n').next().unwrap_or("").trim().to_string()
+            })
+            .collect())
+    }
+
+    /// Sum of SQuAD F1 and of exact matches of greedy answers to `batch`.
+    fn f1_and_em(&self, model: &LanguageModel, batch: &[&Example]) -> Result<(f64, f64)> {
+        let answers = self.generate(model, batch)?;
+        let (mut f1, mut em) = (0.0, 0.0);
+        for (ex, a) in batch.iter().zip(&answers) {
+            let golds = self.golds(ex)?;
+            f1 += squad::best_of(squad::f1, a, &golds);
+            em += squad::best_of(squad::exact_match, a, &golds);
+        }
+        Ok((f1, em))
     }
 
     fn encode_choice(&self, model: &LanguageModel, ex: &Example) -> Result<ChoiceItem> {
@@ -415,10 +527,15 @@ impl Task {
         objective: Objective,
     ) -> Result<f64> {
         let _guard = tch::no_grad_guard();
+        if objective == Objective::F1 {
+            let (f1, _) = self.f1_and_em(model, batch)?;
+            return Ok(-f1 / batch.len().max(1) as f64);
+        }
         let (loss, correct) = self.batch_loss_and_correct(model, batch)?;
         Ok(match objective {
             Objective::Loss => loss,
             Objective::Accuracy => -(correct as f64) / batch.len().max(1) as f64,
+            Objective::F1 => unreachable!(),
         })
     }
 
@@ -439,6 +556,19 @@ impl Task {
                     })
                     .collect::<Result<Vec<_>>>()?;
                 Ok((causal_lm_loss(model, &seqs)?, 0))
+            }
+            Task::Generation { .. } => {
+                // Teacher forcing on the first gold answer: mean NLL of its tokens.
+                let items = batch
+                    .iter()
+                    .map(|ex| {
+                        let mut item = self.encode_choice(model, ex)?;
+                        item.seqs.truncate(1);
+                        Ok(item)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let scores = self.choice_scores(model, &items);
+                Ok((scores.mean(Kind::Float).neg().double_value(&[]), 0))
             }
             Task::Choice { .. } => {
                 let items = batch
@@ -472,17 +602,20 @@ impl Task {
         batch_size: usize,
     ) -> Result<Evaluation> {
         let _guard = tch::no_grad_guard();
-        let (mut loss_sum, mut correct, mut n) = (0.0, 0usize, 0usize);
+        let (mut loss_sum, mut score, mut n) = (0.0, 0f64, 0usize);
         for chunk in examples.chunks(batch_size.max(1)) {
             let batch: Vec<&Example> = chunk.iter().collect();
             let (loss, c) = self.batch_loss_and_correct(model, &batch)?;
             loss_sum += loss * chunk.len() as f64;
-            correct += c;
+            score += match self {
+                Task::Generation { .. } => self.f1_and_em(model, &batch)?.0,
+                _ => c as f64,
+            };
             n += chunk.len();
         }
         let loss = loss_sum / n.max(1) as f64;
         let metric = if self.higher_is_better() {
-            correct as f64 / n.max(1) as f64
+            score / n.max(1) as f64
         } else {
             loss
         };
@@ -520,6 +653,16 @@ fn get<'a>(ex: &'a Example, field: &str) -> Result<&'a str> {
     ex.get(field)
         .map(String::as_str)
         .with_context(|| format!("no field {field:?} (fields: {})", keys(ex)))
+}
+
+/// The end-of-sequence ids of a config (`eos_token_id`: a number or a list).
+fn eos_ids(config_text: &str) -> Vec<i64> {
+    let cfg: serde_json::Value = serde_json::from_str(config_text).unwrap_or_default();
+    match &cfg["eos_token_id"] {
+        serde_json::Value::Number(n) => n.as_i64().into_iter().collect(),
+        serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_i64()).collect(),
+        _ => Vec::new(),
+    }
 }
 
 fn keys(ex: &Example) -> String {
