@@ -8,22 +8,10 @@ use std::path::{Path, PathBuf};
 use common::*;
 
 fn classification_job(dir: &Path, extra_top: &str, steps: u64) -> PathBuf {
-    let text = std::fs::read_to_string(root().join("examples/classification.yaml"))
-        .unwrap()
+    let text = example_job_text("classification")
         .replace("steps: 300", &format!("steps: {steps}"))
         .replace("eval_every: 100", "eval_every: 0")
-        .replace("split_seed: 1", "split_seed: 1, test_fraction: 0.2")
-        .replace(
-            "../tests/fixtures/opt",
-            &fixture("opt").display().to_string(),
-        )
-        .replace(
-            "data/reviews.jsonl",
-            &root()
-                .join("examples/data/reviews.jsonl")
-                .display()
-                .to_string(),
-        );
+        .replace("split_seed: 1", "split_seed: 1, test_fraction: 0.2");
     let job = dir.join("job.yaml");
     std::fs::write(&job, format!("{extra_top}\n{text}")).unwrap();
     job

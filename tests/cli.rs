@@ -123,23 +123,10 @@ with torch.no_grad():
 fn classification_job_reports_zero_shot_best_and_final_accuracy() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    let job = root().join("examples/classification.yaml");
-    let text = std::fs::read_to_string(&job)
-        .unwrap()
+    let text = example_job_text("classification")
         .replace("steps: 300", "steps: 20")
         .replace("eval_every: 100", "eval_every: 10")
-        .replace("split_seed: 1", "split_seed: 1, test_fraction: 0.2")
-        .replace(
-            "../tests/fixtures/opt",
-            &fixture("opt").display().to_string(),
-        )
-        .replace(
-            "data/reviews.jsonl",
-            &root()
-                .join("examples/data/reviews.jsonl")
-                .display()
-                .to_string(),
-        );
+        .replace("split_seed: 1", "split_seed: 1, test_fraction: 0.2");
     let job_copy = tmp.path().join("classification.yaml");
     std::fs::write(&job_copy, text).unwrap();
     check(

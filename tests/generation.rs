@@ -14,16 +14,7 @@ use mezod::spec::JobSpec;
 use tch::{Device, Tensor};
 
 fn generation_job(dir: &Path, mezo_extra: &str) -> PathBuf {
-    let text = std::fs::read_to_string(root().join("examples/generation.yaml"))
-        .unwrap()
-        .replace(
-            "../tests/fixtures/llama",
-            &fixture("llama").display().to_string(),
-        )
-        .replace(
-            "data/qa.jsonl",
-            &root().join("examples/data/qa.jsonl").display().to_string(),
-        )
+    let text = example_job_text("generation")
         .replace("steps: 50", &format!("steps: 6{mezo_extra}"))
         .replace("eval_every: 25", "eval_every: 3");
     let job = dir.join("generation.yaml");

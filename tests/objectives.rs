@@ -9,24 +9,12 @@ use std::path::{Path, PathBuf};
 use common::*;
 
 fn accuracy_job(dir: &Path) -> PathBuf {
-    let text = std::fs::read_to_string(root().join("examples/classification.yaml"))
-        .unwrap()
+    let text = example_job_text("classification")
         .replace(
             "steps: 300",
             "steps: 200, objective: accuracy, snapshot_every: 7",
         )
-        .replace("eps: 1.0e-3", "eps: 1.0e-1")
-        .replace(
-            "../tests/fixtures/opt",
-            &fixture("opt").display().to_string(),
-        )
-        .replace(
-            "data/reviews.jsonl",
-            &root()
-                .join("examples/data/reviews.jsonl")
-                .display()
-                .to_string(),
-        );
+        .replace("eps: 1.0e-3", "eps: 1.0e-1");
     assert!(text.contains("objective: accuracy"));
     let job = dir.join("accuracy.yaml");
     std::fs::write(&job, text).unwrap();

@@ -419,16 +419,14 @@ impl Task {
             .collect())
     }
 
-    /// Sum of SQuAD F1 and of exact matches of greedy answers to `batch`.
-    fn f1_and_em(&self, model: &LanguageModel, batch: &[&Example]) -> Result<(f64, f64)> {
+    /// Sum of the SQuAD F1 of greedy answers to `batch`.
+    fn f1_sum(&self, model: &LanguageModel, batch: &[&Example]) -> Result<f64> {
         let answers = self.generate(model, batch)?;
-        let (mut f1, mut em) = (0.0, 0.0);
+        let mut f1 = 0.0;
         for (ex, a) in batch.iter().zip(&answers) {
-            let golds = self.golds(ex)?;
-            f1 += squad::best_of(squad::f1, a, &golds);
-            em += squad::best_of(squad::exact_match, a, &golds);
+            f1 += squad::best_of(squad::f1, a, &self.golds(ex)?);
         }
-        Ok((f1, em))
+        Ok(f1)
     }
 
     fn encode_choice(&self, model: &LanguageModel, ex: &Example) -> Result<ChoiceItem> {
@@ -528,7 +526,7 @@ impl Task {
     ) -> Result<f64> {
         let _guard = tch::no_grad_guard();
         if objective == Objective::F1 {
-            let (f1, _) = self.f1_and_em(model, batch)?;
+            let f1 = self.f1_sum(model, batch)?;
             return Ok(-f1 / batch.len().max(1) as f64);
         }
         let (loss, correct) = self.batch_loss_and_correct(model, batch)?;
@@ -608,7 +606,7 @@ impl Task {
             let (loss, c) = self.batch_loss_and_correct(model, &batch)?;
             loss_sum += loss * chunk.len() as f64;
             score += match self {
-                Task::Generation { .. } => self.f1_and_em(model, &batch)?.0,
+                Task::Generation { .. } => self.f1_sum(model, &batch)?,
                 _ => c as f64,
             };
             n += chunk.len();

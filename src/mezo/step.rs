@@ -239,18 +239,23 @@ mod tests {
         ZSweep::new(Rng::Torch, 1)
     }
 
+    /// ‖w‖² of the first parameter, read live (it moves with the perturbations).
+    fn quadratic_loss(p: &ParamList) -> impl FnMut() -> Result<f64> {
+        let w = p.0[0].tensor.shallow_clone();
+        move || {
+            Ok(w.to_kind(Kind::Float)
+                .pow_tensor_scalar(2)
+                .sum(Kind::Float)
+                .double_value(&[]))
+        }
+    }
+
     /// A few steps of live training with a quadratic loss; returns the gradients.
     fn train(p: &ParamList, z: &ZSweep, cfg: &StepConfig, seeds: &[u64]) -> Vec<f64> {
         seeds
             .iter()
             .map(|&seed| {
-                let w = p.0[0].tensor.shallow_clone();
-                let mut loss = || {
-                    Ok(w.to_kind(Kind::Float)
-                        .pow_tensor_scalar(2)
-                        .sum(Kind::Float)
-                        .double_value(&[]))
-                };
+                let mut loss = quadratic_loss(p);
                 mezo_step(p, z, seed, cfg, Gradient::Measure(&mut loss))
                     .unwrap()
                     .projected_grad
@@ -398,13 +403,7 @@ mod tests {
                 let live = params(kind);
                 let replayed = copy(&live);
                 for seeds in [[1u64, 2, 3], [4, 5, 6]] {
-                    let w = live.0[0].tensor.shallow_clone();
-                    let mut loss = || {
-                        Ok(w.to_kind(Kind::Float)
-                            .pow_tensor_scalar(2)
-                            .sum(Kind::Float)
-                            .double_value(&[]))
-                    };
+                    let mut loss = quadratic_loss(&live);
                     let outs =
                         spsa_step(&live, &z, &seeds, &DECAYED, Gradients::Measure(&mut loss))
                             .unwrap();

@@ -317,12 +317,9 @@ impl TuneFile {
                 lr: s.lr,
                 weight_decay: self.weight_decay,
             };
-            let seeds: Vec<u64> = std::iter::once(s.seed)
-                .chain(s.more.iter().map(|d| d.0))
-                .collect();
-            let grads: Vec<f64> = std::iter::once(s.projected_grad)
-                .chain(s.more.iter().map(|d| d.1))
-                .collect();
+            let (seeds, grads): (Vec<u64>, Vec<f64>) = std::iter::once((s.seed, s.projected_grad))
+                .chain(s.more.iter().copied())
+                .unzip();
             replay_step(&model.params, &z, &seeds, &grads, &cfg)?;
         }
         Ok(())

@@ -42,6 +42,21 @@ pub fn check(out: Output, what: &str) -> Output {
 }
 
 /// Write a causal-LM job on a fixture model over the example reviews.
+/// The text of `examples/<name>.yaml` with its relative paths (the fixture
+/// model, the data file) made absolute, for a test to edit and write elsewhere.
+pub fn example_job_text(name: &str) -> String {
+    std::fs::read_to_string(root().join(format!("examples/{name}.yaml")))
+        .unwrap()
+        .replace(
+            "path: ../tests/fixtures/",
+            &format!("path: {}/tests/fixtures/", root().display()),
+        )
+        .replace(
+            "train: data/",
+            &format!("train: {}/examples/data/", root().display()),
+        )
+}
+
 pub fn causal_job(dir: &Path, model: &str, mezo: &str) -> PathBuf {
     let spec = format!(
         "model: {{path: {}, dtype: f32, threads: 1}}\ntask: {{kind: causal_lm}}\n\
