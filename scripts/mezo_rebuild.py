@@ -206,6 +206,9 @@ def main():
     tune = json.load(open(args.tune))
     if tune.get("format") != "mezo" or tune.get("version", 99) > 1:
         sys.exit(f"{args.tune} is not a version-1 .mezo file")
+    if tune.get("tuning", "full") != "full":
+        sys.exit(f"{args.tune} is a {tune['tuning']} fine-tune; this script rebuilds full fine-tunes "
+                 "(rebuild it with `mezod apply`)")
     tensors = rebuild(tune, args.base)
     save_file(tensors, args.output, metadata={"format": "pt"})
     print(f"{args.output}: {len(tune['steps'])} steps applied ({tune['rng']} z, {tune['dtype']})")

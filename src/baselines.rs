@@ -1,6 +1,9 @@
 //! The paper's baselines in the same runner, so one job reports them beside
 //! MeZO: in-context learning (k demonstrations from the training split in the
 //! prompt) and linear probing (logistic regression on the model's features).
+//! Both work for masked LMs too: demonstrations carry their label word in the
+//! mask's place, and the probe reads the hidden state at the mask token (the
+//! encoder's feature where the answer is predicted).
 
 use anyhow::{bail, Result};
 use rand::seq::SliceRandom;
@@ -137,7 +140,7 @@ impl LogisticRegression {
 }
 
 /// Linear probing: logistic regression on the final hidden state at the last
-/// prompt token, fitted on the training split.
+/// prompt token (a masked LM's: at its mask token), fitted on the training split.
 pub fn linear_probe(
     task: &Task,
     model: &LanguageModel,

@@ -18,9 +18,10 @@
 //!   and tokenizer runtime on CPU.
 //!
 //! Sequences per forward = max(batch, eval batch) × candidates per example
-//! (classification and multiple choice score one sequence per answer).
+//! (classification and multiple choice score one sequence per answer; a
+//! masked LM reads one sequence per example).
 //! Positions with logits = all tokens for causal LM; for answer scoring only
-//! the answer's, counted as at most 8 tokens.
+//! the answer's, counted as at most 8 tokens; a masked LM's mask token alone.
 //! Tokens = `task.max_length`, an upper bound: setting it close to the data's
 //! real lengths gets a job admitted sooner.  The safety margin is the
 //! daemon's, added on top when admitting.
@@ -33,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::mezo::{sweep::DEFAULT_CHUNK, Rng};
 use crate::model::gguf::{is_gguf, read_header};
 use crate::model::weights::Checkpoint;
-use crate::model::{LanguageModel, ModelSource};
+use crate::model::{bert, LanguageModel, ModelSource};
 use crate::spec::{JobSpec, TaskKind};
 
 /// CUDA context, cuBLAS workspaces and caching-allocator slack.
@@ -71,6 +72,8 @@ struct ShapeConfig {
     #[serde(alias = "n_head")]
     num_attention_heads: u64,
     vocab_size: u64,
+    #[serde(default)]
+    model_type: Option<String>,
 }
 
 /// Parameter shapes of the model a config describes, from placeholders that
@@ -117,7 +120,9 @@ pub fn estimate(spec: &JobSpec, gpu: bool) -> Result<Footprint> {
         numel += n;
         largest = largest.max(n);
     }
+    let masked = cfg.model_type.as_deref().is_some_and(bert::is_masked_lm);
     let candidates = match spec.task.kind {
+        _ if masked => 1,
         TaskKind::CausalLm | TaskKind::Generation => 1,
         TaskKind::Classification => spec.task.label_words.as_ref().map_or(2, |w| w.len()),
         TaskKind::MultipleChoice => spec.task.choices.len().max(2),
@@ -131,6 +136,7 @@ pub fn estimate(spec: &JobSpec, gpu: bool) -> Result<Footprint> {
     let hidden = cfg.hidden_size;
     let inter = cfg.intermediate_size.unwrap_or(4 * hidden);
     let logit_positions = match spec.task.kind {
+        _ if masked => 1,
         TaskKind::CausalLm => tokens,
         _ => tokens.min(ANSWER_POSITIONS),
     };
@@ -203,6 +209,41 @@ mod tests {
         assert_eq!(f32_4.logits, 4 * f32_1.logits);
         assert_eq!(f32_4.weights, f32_1.weights);
         assert!(estimate(&spec(1, "f32"), true).unwrap().runtime > f32_1.runtime);
+    }
+
+    #[test]
+    fn a_masked_lm_reads_one_sequence_and_one_position_per_example() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let job = |model: &str| {
+            JobSpec::parse(
+                &format!(
+                    "model: {{path: tests/fixtures/{model}}}\ntask: {{kind: classification, max_length: 64}}\n\
+                     data: {{train: examples/data/reviews.jsonl}}\nmezo: {{steps: 1, batch_size: 4, lr: 1.0e-3}}\n"
+                ),
+                root,
+            )
+            .unwrap()
+        };
+        let (bert, opt) = (job("bert"), job("opt"));
+        let (b, o) = (
+            estimate(&bert, false).unwrap(),
+            estimate(&opt, false).unwrap(),
+        );
+        let vocab = read_shape_config(&bert.model.path.join("config.json"))
+            .unwrap()
+            .vocab_size;
+        // 4 sequences × 1 position × vocab × (4 + 8) bytes.
+        assert_eq!(b.logits, 4 * vocab * 12);
+        // OPT (same width): 4 × 2 candidates × 8 answer positions × 320 × 12.
+        assert_eq!(o.logits, 4 * 2 * 8 * 320 * 12);
+        let ckpt = Checkpoint::open(&bert.model.path).unwrap();
+        let stored: u64 = ckpt
+            .shapes()
+            .unwrap()
+            .iter()
+            .map(|(_, sh)| sh.iter().product::<usize>() as u64 * 4)
+            .sum();
+        assert_eq!(b.weights, stored);
     }
 
     #[test]

@@ -296,8 +296,16 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         } => {
             let tune = mezod::run::tune_file::TuneFile::read(&tune)?;
             let source = tune.base_source(base.as_deref());
-            let model = mezod::model::LanguageModel::open(&source, tune.dtype, tch::Device::Cpu)
-                .with_context(|| format!("loading the base {}", source.describe()))?;
+            // The run's thread count: a prefix's initial activations come from
+            // a forward pass, whose last bits may depend on how it is split.
+            tch::set_num_threads(tune.fingerprint.threads.max(1));
+            let model = mezod::model::LanguageModel::open_tuned(
+                &source,
+                tune.dtype,
+                tch::Device::Cpu,
+                &tune.tuning()?,
+            )
+            .with_context(|| format!("loading the base {}", source.describe()))?;
             tune.apply(&model, &source, force)?;
             mezod::model::export::export_hf(&model, &output)?;
             eprintln!(

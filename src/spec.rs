@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::mezo::{LrSchedule, Rng};
+use crate::model::adapters::{LoraConfig, PrefixConfig, Tuning};
 use crate::model::{Dtype, ModelSource};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -32,6 +33,17 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub icl: Option<IclSpec>,
     pub model: ModelSpec,
+    /// What MeZO tunes: `full` (every weight; default), `lora` (low-rank
+    /// adapters on the attention projections) or `prefix` (trainable key/value
+    /// prefixes in every attention layer).
+    #[serde(default, skip_serializing_if = "TuningKind::is_full")]
+    pub tuning: TuningKind,
+    /// Settings of `tuning: lora`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSpec>,
+    /// Settings of `tuning: prefix`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<PrefixSpec>,
     pub task: TaskSpec,
     pub data: DataSpec,
     pub mezo: MezoSpec,
@@ -51,6 +63,75 @@ fn default_modes() -> Vec<Mode> {
 }
 fn is_default_modes(m: &Vec<Mode>) -> bool {
     *m == default_modes()
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TuningKind {
+    #[default]
+    Full,
+    Lora,
+    Prefix,
+}
+
+impl TuningKind {
+    fn is_full(&self) -> bool {
+        *self == TuningKind::Full
+    }
+}
+
+/// LoRA (the MeZO paper's MeZO-LoRA: r = 8, α = 16 on the query and value
+/// projections; lr 1e-4 or 5e-5, eps 1e-2).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSpec {
+    #[serde(default = "lora_r")]
+    pub r: i64,
+    #[serde(default = "lora_alpha")]
+    pub alpha: f64,
+    /// Linear layers to adapt, by module name or its last parts (PEFT's
+    /// `target_modules`).  Default: the query and value projections (`q_proj`,
+    /// `v_proj`; GPT-2: its fused `c_attn`; BERT/RoBERTa: `query`, `value`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<String>,
+}
+
+impl Default for LoraSpec {
+    fn default() -> Self {
+        Self {
+            r: lora_r(),
+            alpha: lora_alpha(),
+            targets: Vec::new(),
+        }
+    }
+}
+
+fn lora_r() -> i64 {
+    8
+}
+fn lora_alpha() -> f64 {
+    16.0
+}
+
+/// Prefix tuning (the MeZO paper's MeZO-prefix: 5 tokens initialized from
+/// real activations; lr 1e-2 or 1e-3, eps 1e-1).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PrefixSpec {
+    #[serde(default = "prefix_tokens")]
+    pub tokens: i64,
+}
+
+impl Default for PrefixSpec {
+    fn default() -> Self {
+        Self {
+            tokens: prefix_tokens(),
+        }
+    }
+}
+
+fn prefix_tokens() -> i64 {
+    5
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -377,6 +458,19 @@ impl JobSpec {
         if self.icl.is_some() && !self.mode.contains(&Mode::Icl) {
             bail!("`icl:` settings are given but `mode` does not list icl");
         }
+        if self.lora.is_some() && self.tuning != TuningKind::Lora {
+            bail!("`lora:` settings are given but `tuning` is not lora");
+        }
+        if self.prefix.is_some() && self.tuning != TuningKind::Prefix {
+            bail!("`prefix:` settings are given but `tuning` is not prefix");
+        }
+        let lora = self.lora.clone().unwrap_or_default();
+        if lora.r < 1 || !(lora.alpha.is_finite() && lora.alpha > 0.0) {
+            bail!("lora.r must be at least 1 and lora.alpha positive (the paper: r 8, alpha 16)");
+        }
+        if !(1..=4096).contains(&self.prefix.clone().unwrap_or_default().tokens) {
+            bail!("prefix.tokens must be between 1 and 4096 (the paper uses 5)");
+        }
         let m = &self.mezo;
         if m.steps == 0 {
             bail!("mezo.steps must be at least 1");
@@ -433,6 +527,27 @@ impl JobSpec {
             self.mezo.steps
         } else {
             0
+        }
+    }
+
+    /// What the model is built to tune, adapters seeded by `mezo.seed`.
+    pub fn tuning(&self) -> Tuning {
+        let seed = self.mezo.seed;
+        match self.tuning {
+            TuningKind::Full => Tuning::Full,
+            TuningKind::Lora => {
+                let l = self.lora.clone().unwrap_or_default();
+                Tuning::Lora(LoraConfig {
+                    r: l.r,
+                    alpha: l.alpha,
+                    targets: l.targets,
+                    seed,
+                })
+            }
+            TuningKind::Prefix => Tuning::Prefix(PrefixConfig {
+                tokens: self.prefix.clone().unwrap_or_default().tokens,
+                seed,
+            }),
         }
     }
 
@@ -504,6 +619,38 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(says), "{model}: {e}");
+        }
+    }
+
+    #[test]
+    fn tuning_settings_have_the_papers_defaults_and_must_match_the_kind() {
+        let s = JobSpec::parse(&format!("tuning: lora\n{MINIMAL}"), Path::new("/")).unwrap();
+        let Tuning::Lora(l) = s.tuning() else {
+            panic!("not lora")
+        };
+        assert_eq!((l.r, l.alpha, l.seed), (8, 16.0, 7));
+        assert!(l.targets.is_empty());
+        let s = JobSpec::parse(&format!("tuning: prefix\n{MINIMAL}"), Path::new("/")).unwrap();
+        assert_eq!(
+            s.tuning(),
+            Tuning::Prefix(PrefixConfig { tokens: 5, seed: 7 })
+        );
+        assert_eq!(JobSpec::parse(&s.to_yaml(), Path::new("/")).unwrap(), s);
+        let custom = format!("tuning: lora\nlora: {{r: 4, targets: [fc1]}}\n{MINIMAL}");
+        let s = JobSpec::parse(&custom, Path::new("/")).unwrap();
+        assert_eq!(s.lora.as_ref().unwrap().targets, vec!["fc1".to_string()]);
+        assert_eq!(JobSpec::parse(&s.to_yaml(), Path::new("/")).unwrap(), s);
+        for (text, says) in [
+            ("lora: {r: 4}\n", "`tuning` is not lora"),
+            ("tuning: prefix\nlora: {r: 4}\n", "`tuning` is not lora"),
+            ("tuning: lora\nlora: {r: 0}\n", "lora.r"),
+            ("tuning: prefix\nprefix: {tokens: 0}\n", "prefix.tokens"),
+            ("tuning: adapters\n", "unknown variant"),
+        ] {
+            let e = JobSpec::parse(&format!("{text}{MINIMAL}"), Path::new("/"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{text}: {e}");
         }
     }
 

@@ -95,11 +95,57 @@ parity!(llama_gqa_explicit_head_dim, "llama");
 parity!(llama3_rope_scaling_tied, "llama3");
 parity!(mistral_sliding_window, "mistral");
 parity!(qwen2_qkv_bias_tied, "qwen2");
+parity!(bert_masked_lm, "bert");
+parity!(roberta_masked_lm, "roberta");
+
+/// Every fixture, decoders and masked LMs.
+const ALL: [&str; 9] = [
+    "opt",
+    "opt-postln",
+    "gpt2",
+    "llama",
+    "llama3",
+    "mistral",
+    "qwen2",
+    "bert",
+    "roberta",
+];
+
+#[test]
+fn left_padded_rows_equal_their_unpadded_logits() {
+    // Padding must change nothing a real token sees: positions are counted over
+    // real tokens (RoBERTa from its padding index) and padding keys are hidden.
+    for name in ALL {
+        let model = LanguageModel::load(&fixture(name), Dtype::F32, Device::Cpu).unwrap();
+        let texts = [
+            "a dull film",
+            "one of the best films of the year, full of life",
+        ];
+        let seqs: Vec<Vec<i64>> = texts
+            .iter()
+            .map(|t| model.tokenizer.encode(t, true).unwrap())
+            .collect();
+        let (ids, mask) = pad_left(&seqs, model.tokenizer.pad_id);
+        let batch = model.logits(&ids, &mask);
+        let t = ids.size()[1];
+        for (row, seq) in seqs.iter().enumerate() {
+            let (one, one_mask) = pad_left(std::slice::from_ref(seq), model.tokenizer.pad_id);
+            let alone = model.logits(&one, &one_mask).get(0);
+            let n = seq.len() as i64;
+            let padded = batch.get(row as i64).narrow(0, t - n, n);
+            let err = (padded - alone).abs().max().double_value(&[]);
+            assert!(
+                err < 1e-5,
+                "{name} row {row}: padding changed logits by {err}"
+            );
+        }
+    }
+}
 
 #[test]
 fn logits_are_far_from_flat() {
     // Guards the fixtures themselves: near-uniform logits would make parity meaningless.
-    for name in ["opt", "gpt2", "llama", "qwen2"] {
+    for name in ["opt", "gpt2", "llama", "qwen2", "bert", "roberta"] {
         let r = reference(name);
         let row = &r.cases[0].logits[0][1];
         let (lo, hi) = row
@@ -265,4 +311,92 @@ fn logits_at_selected_positions_equal_the_full_logits_there() {
         let err = (part - full).abs().max().double_value(&[]);
         assert!(err < 1e-5, "{name}: {err}");
     }
+}
+
+#[test]
+fn old_bert_checkpoints_load_gamma_beta_and_ignore_unused_tensors() {
+    // bert-base-uncased and roberta-large also hold the pooler, the next-sentence
+    // head, a position_ids buffer and (old files) LayerNorm `gamma`/`beta`.
+    for name in ["bert", "roberta"] {
+        let tmp = tempfile::tempdir().unwrap();
+        rewritten(name, tmp.path(), |tensors, dir| {
+            let extra = [
+                (
+                    "pooler.dense.weight",
+                    Tensor::zeros([32, 32], (Kind::Float, Device::Cpu)),
+                ),
+                (
+                    "pooler.dense.bias",
+                    Tensor::zeros([32], (Kind::Float, Device::Cpu)),
+                ),
+                (
+                    "embeddings.position_ids",
+                    Tensor::arange(64, (Kind::Float, Device::Cpu)),
+                ),
+            ];
+            let prefix = if name == "bert" { "bert" } else { "roberta" };
+            let mut renamed: Vec<(String, Tensor)> = tensors
+                .iter()
+                .map(|(n, t)| {
+                    let n = n
+                        .replace("LayerNorm.weight", "LayerNorm.gamma")
+                        .replace("LayerNorm.bias", "LayerNorm.beta");
+                    (n, t.shallow_clone())
+                })
+                .collect();
+            for (n, t) in extra {
+                renamed.push((format!("{prefix}.{n}"), t));
+            }
+            renamed.push((
+                "cls.seq_relationship.weight".into(),
+                Tensor::zeros([2, 32], (Kind::Float, Device::Cpu)),
+            ));
+            assert!(renamed.iter().any(|(n, _)| n.ends_with(".gamma")));
+            let refs: Vec<(String, &Tensor)> =
+                renamed.iter().map(|(n, t)| (n.clone(), t)).collect();
+            mezod::model::export::write_safetensors(&dir.join("model.safetensors"), &refs, &[])
+                .unwrap();
+        });
+        assert_eq!(same_logits(&fixture(name), tmp.path()), 0.0, "{name}");
+    }
+}
+
+#[test]
+fn a_masked_lm_without_its_head_is_a_clear_error() {
+    // A bare encoder (BertModel, e.g. a sentence-embedding checkpoint) has no MLM head.
+    let tmp = tempfile::tempdir().unwrap();
+    rewritten("bert", tmp.path(), |tensors, dir| {
+        let encoder: Vec<(String, &Tensor)> = tensors
+            .iter()
+            .filter(|(n, _)| !n.starts_with("cls."))
+            .map(|(n, t)| (n.clone(), t))
+            .collect();
+        mezod::model::export::write_safetensors(&dir.join("model.safetensors"), &encoder, &[])
+            .unwrap();
+    });
+    let e = format!(
+        "{:#}",
+        LanguageModel::load(tmp.path(), Dtype::F32, Device::Cpu)
+            .err()
+            .unwrap()
+    );
+    assert!(
+        e.contains("cls.predictions.bias") && e.contains("missing"),
+        "{e}"
+    );
+}
+
+#[test]
+fn masked_lms_know_their_mask_token_and_positions() {
+    for (name, token, positions) in [("bert", "[MASK]", 64), ("roberta", "<mask>", 64)] {
+        let model = LanguageModel::load(&fixture(name), Dtype::F32, Device::Cpu).unwrap();
+        assert!(model.is_masked_lm());
+        let (text, id) = model.mask_token().unwrap();
+        assert_eq!(text, token);
+        assert_eq!(model.tokenizer.decode_token(id).as_deref(), Some(token));
+        assert_eq!(model.max_positions(), Some(positions), "{name}");
+    }
+    let opt = LanguageModel::load(&fixture("opt"), Dtype::F32, Device::Cpu).unwrap();
+    assert!(!opt.is_masked_lm());
+    assert!(opt.mask_token().is_err());
 }

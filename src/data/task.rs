@@ -4,6 +4,11 @@
 //! * `classification` / `multiple_choice`: one sequence per candidate answer;
 //!   score = mean log-probability of the answer tokens; loss = cross-entropy
 //!   over the candidates' scores; metric = accuracy of the argmax (as the MeZO paper).
+//! * `classification` with a masked LM (BERT, RoBERTa; the paper's RoBERTa
+//!   setting, after LM-BFF): one sequence per example, the template with the
+//!   mask token where the answer goes (`{mask}`); score of a class = the
+//!   log-probability of its label word's token at the mask; loss and metric as
+//!   above.  Other task kinds need a causal LM.
 //!
 //! Sequences are left-padded with attention masks.
 
@@ -49,7 +54,10 @@ pub enum Task {
         label_field: String,
         max_length: usize,
         /// In-context demonstrations put before every prompt (the `icl` baseline).
-        demos: String,
+        demos: Vec<Example>,
+        /// Classification's prompt for a masked LM: the template with a `{mask}`
+        /// where the label word goes (None for multiple choice).
+        mask_template: Option<String>,
     },
     Generation {
         template: String,
@@ -72,6 +80,18 @@ struct ChoiceItem {
     seqs: Vec<(Vec<i64>, usize)>,
     gold: usize,
 }
+
+/// A masked LM's mask token: its text (what `{mask}` becomes) and its id.
+struct MaskToken {
+    text: String,
+    id: i64,
+}
+
+/// Where the answer goes in a masked LM's template.
+const MASK: &str = "{mask}";
+
+/// Between demonstrations for a masked LM (LM-BFF joins them with spaces).
+const MASKED_DEMO_SEPARATOR: &str = " ";
 
 fn words(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
@@ -100,9 +120,12 @@ impl Task {
                 max_length,
             },
             TaskKind::Classification => {
-                let (template, default_words) = match t.template.as_deref() {
+                // (causal LM prompt, masked LM prompt, default label words)
+                let (template, mask_template, default_words) = match t.template.as_deref() {
                     Some("sst2") | None => (
                         format!("{{{}}} It was", spec.data.text_field),
+                        // The MeZO paper's RoBERTa prompt for SST-2 (LM-BFF): "<S1> It was [MASK] ."
+                        format!("{{{}}} It was {MASK}.", spec.data.text_field),
                         Some(words(&[
                             ("0", "terrible"),
                             ("1", "great"),
@@ -113,6 +136,8 @@ impl Task {
                     Some("rte") => (
                         "{premise}\nDoes this mean that \"{hypothesis}\" is true? Yes or No?\n"
                             .to_string(),
+                        // The paper's RoBERTa prompt for RTE: "<S1> ? [MASK] , <S2>".
+                        format!("{{premise}}? {MASK}, {{hypothesis}}"),
                         Some(words(&[
                             ("0", "Yes"),
                             ("1", "No"),
@@ -122,6 +147,7 @@ impl Task {
                     ),
                     Some("boolq") => (
                         "{passage} {question}?".to_string(),
+                        format!("{{passage}} {{question}}? {MASK}"),
                         Some(words(&[
                             ("1", "Yes"),
                             ("0", "No"),
@@ -131,8 +157,16 @@ impl Task {
                             ("False", "No"),
                         ])),
                     ),
-                    Some(custom) => (custom.to_string(), None),
+                    // A custom prompt without `{mask}`: the answer goes at its end
+                    // for a masked LM too.
+                    Some(custom) if custom.contains(MASK) => {
+                        (custom.to_string(), custom.to_string(), None)
+                    }
+                    Some(custom) => (custom.to_string(), format!("{custom} {MASK}"), None),
                 };
+                if mask_template.matches(MASK).count() != 1 {
+                    bail!("task.template may hold {MASK} once (where a masked LM's answer goes)");
+                }
                 let label_words = t.label_words.clone().or(default_words).context(
                     "task.label_words is required with a custom template (label value → answer word)",
                 )?;
@@ -153,7 +187,8 @@ impl Task {
                     candidates: Candidates::Words { words, class_of },
                     label_field,
                     max_length,
-                    demos: String::new(),
+                    demos: Vec::new(),
+                    mask_template: Some(mask_template),
                 }
             }
             TaskKind::MultipleChoice => {
@@ -179,7 +214,8 @@ impl Task {
                     candidates: Candidates::Fields(fields),
                     label_field,
                     max_length,
-                    demos: String::new(),
+                    demos: Vec::new(),
+                    mask_template: None,
                 }
             }
         })
@@ -199,14 +235,21 @@ impl Task {
     }
 
     /// Check every example up front so a bad row fails the job before training, naming the row.
+    /// A masked LM is checked here too: only classification, a mask token,
+    /// single-token label words.
     pub fn check(&self, model: &LanguageModel, examples: &[Example], split: &str) -> Result<()> {
+        let mask = self.mask_token(model)?;
+        if mask.is_some() {
+            self.label_ids(model)?;
+        }
         for (i, ex) in examples.iter().enumerate() {
-            let res = match self {
-                Task::CausalLm { field, .. } => ex
+            let res = match (self, &mask) {
+                (Task::CausalLm { field, .. }, _) => ex
                     .get(field)
                     .map(|_| ())
                     .with_context(|| format!("no field {field:?} (fields: {})", keys(ex))),
-                Task::Choice { .. } | Task::Generation { .. } => {
+                (_, Some(mask)) => self.encode_masked(model, ex, mask).map(|_| ()),
+                (Task::Choice { .. } | Task::Generation { .. }, None) => {
                     self.encode_choice(model, ex).map(|_| ())
                 }
             };
@@ -215,38 +258,85 @@ impl Task {
         Ok(())
     }
 
-    /// The prompt of `ex`, after the demonstrations if there are any.
-    fn context_text(&self, ex: &Example) -> Result<String> {
-        match self {
-            Task::Choice { demos, .. } if !demos.is_empty() => {
-                Ok(format!("{demos}{}", self.prompt_text(ex)?))
-            }
-            _ => self.prompt_text(ex),
+    /// The prompt of `ex` (for a masked LM: with its mask token), after the
+    /// demonstrations if there are any.
+    fn context_text(&self, ex: &Example, mask: Option<&MaskToken>) -> Result<String> {
+        let Task::Choice { demos, .. } = self else {
+            return self.prompt_text(ex, mask);
+        };
+        let mut text = String::new();
+        for demo in demos {
+            text.push_str(&self.demonstration(demo, mask.is_some())?);
         }
+        text.push_str(&self.prompt_text(ex, mask)?);
+        Ok(text)
     }
 
-    /// The same task with `examples` as in-context demonstrations: each one's
-    /// prompt followed by its right answer, separated by blank lines.
+    /// One demonstration with its right answer: for a causal LM the prompt, the
+    /// answer and a blank line; for a masked LM the prompt with the label word
+    /// in place of the mask, then a space.
+    fn demonstration(&self, ex: &Example, masked: bool) -> Result<String> {
+        let (answers, gold) = self.answers(ex)?;
+        if !masked {
+            return Ok(format!(
+                "{}{}\n\n",
+                self.prompt_text(ex, None)?,
+                answers[gold]
+            ));
+        }
+        let Task::Choice {
+            mask_template: Some(t),
+            ..
+        } = self
+        else {
+            unreachable!("masked LMs are refused for tasks without a mask template")
+        };
+        let (before, after) = t.split_once(MASK).expect("checked in from_spec");
+        // The word brings its own leading space (as RoBERTa's `<mask>` takes the one before it).
+        let filled = format!("{} {}{after}", before.trim_end(), answers[gold].trim());
+        Ok(format!(
+            "{}{MASKED_DEMO_SEPARATOR}",
+            fill_template(&filled, ex)?.trim()
+        ))
+    }
+
+    /// The same task with `examples` as in-context demonstrations before every
+    /// prompt, each with its right answer (see [`Task::demonstration`]).
     pub fn with_demonstrations(&self, examples: &[&Example]) -> Result<Task> {
         let Task::Choice { .. } = self else {
             bail!("in-context demonstrations need a classification or multiple_choice task");
         };
-        let mut text = String::new();
         for ex in examples {
-            let answer = self.answers(ex)?;
-            text.push_str(&self.prompt_text(ex)?);
-            text.push_str(&answer.0[answer.1]);
-            text.push_str("\n\n");
+            self.answers(ex)?;
         }
         let mut task = self.clone();
         if let Task::Choice { demos, .. } = &mut task {
-            *demos = text;
+            *demos = examples.iter().map(|&ex| ex.clone()).collect();
         }
         Ok(task)
     }
 
-    fn prompt_text(&self, ex: &Example) -> Result<String> {
+    /// The filled template; a masked LM's has its mask token where `{mask}` was.
+    fn prompt_text(&self, ex: &Example, mask: Option<&MaskToken>) -> Result<String> {
+        if let (
+            Some(mask),
+            Task::Choice {
+                mask_template: Some(t),
+                ..
+            },
+        ) = (mask, self)
+        {
+            return fill_template(&t.replace(MASK, &mask.text), ex);
+        }
         match self {
+            Task::Generation { template: t, .. }
+            | Task::Choice {
+                prompt: Prompt::Template(t),
+                ..
+            } if t.contains(MASK) => bail!(
+                "the template holds {MASK}, which marks a masked LM's answer; \
+                 a causal LM reads the answer after the prompt: drop {MASK}"
+            ),
             Task::Generation { template, .. } => fill_template(template, ex),
             Task::Choice {
                 prompt: Prompt::Template(t),
@@ -322,7 +412,9 @@ impl Task {
     /// The prompt's token ids, cut to `max_length` from the left (the end is
     /// what the answer follows).
     fn context_ids(&self, model: &LanguageModel, ex: &Example) -> Result<Vec<i64>> {
-        let ids = model.tokenizer.encode(&self.context_text(ex)?, true)?;
+        let ids = model
+            .tokenizer
+            .encode(&self.context_text(ex, None)?, true)?;
         let keep = ids.len().min(self.max_length());
         Ok(ids[ids.len() - keep..].to_vec())
     }
@@ -373,6 +465,7 @@ impl Task {
         let Task::Generation { max_new_tokens, .. } = self else {
             bail!("only generation tasks write answers");
         };
+        self.mask_token(model)?;
         let _guard = tch::no_grad_guard();
         let eos = eos_ids(&model.config_text);
         let mut seqs = batch
@@ -431,7 +524,9 @@ impl Task {
 
     fn encode_choice(&self, model: &LanguageModel, ex: &Example) -> Result<ChoiceItem> {
         let max_length = self.max_length();
-        let context = model.tokenizer.encode(&self.context_text(ex)?, true)?;
+        let context = model
+            .tokenizer
+            .encode(&self.context_text(ex, None)?, true)?;
         let (answers, gold) = self.answers(ex)?;
         let mut seqs = Vec::new();
         for a in answers {
@@ -448,13 +543,19 @@ impl Task {
     }
 
     /// Linear-probe features of a batch: the final hidden state (f32) at the
-    /// prompt's last token, `[batch, hidden]`, and each example's right class.
+    /// prompt's last token (a masked LM's: at its mask token), `[batch, hidden]`,
+    /// and each example's right class.
     pub fn features(
         &self,
         model: &LanguageModel,
         batch: &[&Example],
     ) -> Result<(Tensor, Vec<i64>)> {
         let _guard = tch::no_grad_guard();
+        if let Some(mask) = self.mask_token(model)? {
+            let (seqs, gold) = self.encode_masked_batch(model, batch, &mask)?;
+            let h = mask_hidden(model, &seqs, mask.id);
+            return Ok((h.to_kind(Kind::Float).to_device(tch::Device::Cpu), gold));
+        }
         let mut seqs = Vec::new();
         let mut gold = Vec::new();
         for ex in batch {
@@ -510,6 +611,141 @@ impl Task {
         let scores = (tok_lp * &in_answer).sum_dim_intlist(1, false, Kind::Float)
             / lens.to_kind(Kind::Float);
         scores.view([items.len() as i64, n_cand])
+    }
+
+    /// Class scores `[batch, classes]` (what loss and accuracy read) and each
+    /// example's right class.
+    fn scores_and_gold(
+        &self,
+        model: &LanguageModel,
+        batch: &[&Example],
+    ) -> Result<(Tensor, Vec<i64>)> {
+        if let Some(mask) = self.mask_token(model)? {
+            let (seqs, gold) = self.encode_masked_batch(model, batch, &mask)?;
+            let labels = Tensor::from_slice(&self.label_ids(model)?);
+            let h = mask_hidden(model, &seqs, mask.id);
+            let lp = model.net.head(&h).log_softmax(-1, Kind::Float);
+            return Ok((lp.index_select(1, &labels.to_device(lp.device())), gold));
+        }
+        let items = batch
+            .iter()
+            .map(|ex| self.encode_choice(model, ex))
+            .collect::<Result<Vec<_>>>()?;
+        let gold = items.iter().map(|i| i.gold as i64).collect();
+        Ok((self.choice_scores(model, &items), gold))
+    }
+
+    /// The scores of a choice task's classes `[batch, classes]`: the mean
+    /// log-probability of each answer's tokens (causal LM), or the
+    /// log-probability of each label word at the mask (masked LM).
+    pub fn class_scores(&self, model: &LanguageModel, batch: &[&Example]) -> Result<Tensor> {
+        if !matches!(self, Task::Choice { .. }) {
+            bail!("only classification and multiple_choice tasks score classes");
+        }
+        let _guard = tch::no_grad_guard();
+        Ok(self.scores_and_gold(model, batch)?.0)
+    }
+
+    /// The mask token when `model` is a masked LM, which reads classification
+    /// tasks only; None for a causal LM.
+    fn mask_token(&self, model: &LanguageModel) -> Result<Option<MaskToken>> {
+        if !model.is_masked_lm() {
+            return Ok(None);
+        }
+        let kind = match self {
+            Task::Choice {
+                mask_template: Some(_),
+                ..
+            } => {
+                let (text, id) = model.mask_token()?;
+                return Ok(Some(MaskToken { text, id }));
+            }
+            Task::Choice { .. } => "multiple_choice",
+            Task::CausalLm { .. } => "causal_lm",
+            Task::Generation { .. } => "generation",
+        };
+        bail!(
+            "{} is a masked LM ({}): it runs classification tasks only (label words \
+             scored at its mask token); a {kind} task needs a causal LM",
+            model.dir.display(),
+            model.model_type
+        )
+    }
+
+    /// The token of each class's label word at the mask (with its leading
+    /// space, as RoBERTa's " great"); a word of several tokens is an error.
+    fn label_ids(&self, model: &LanguageModel) -> Result<Vec<i64>> {
+        let Task::Choice {
+            candidates: Candidates::Words { words, .. },
+            ..
+        } = self
+        else {
+            unreachable!("masked LMs are refused for other tasks")
+        };
+        words
+            .iter()
+            .map(|w| {
+                let word = format!(" {}", w.trim());
+                match model.tokenizer.encode(&word, false)?.as_slice() {
+                    [id] => Ok(*id),
+                    ids => bail!(
+                        "label word {word:?} is {} tokens for this tokenizer; a masked LM fills \
+                         one token at its mask: choose a one-token word",
+                        ids.len()
+                    ),
+                }
+            })
+            .collect()
+    }
+
+    /// A masked LM's prompt for `ex` with exactly one mask token, within
+    /// `max_length` (the first token, [CLS] or <s>, stays; the text after it
+    /// loses its beginning), and the right class.
+    fn encode_masked(
+        &self,
+        model: &LanguageModel,
+        ex: &Example,
+        mask: &MaskToken,
+    ) -> Result<(Vec<i64>, usize)> {
+        let gold = self.answers(ex)?.1;
+        let mut ids = model
+            .tokenizer
+            .encode(&self.context_text(ex, Some(mask))?, true)?;
+        let count = |ids: &[i64]| ids.iter().filter(|&&i| i == mask.id).count();
+        if count(&ids) != 1 {
+            bail!(
+                "the prompt holds the mask token {} {} times, not once (does the text contain it?)",
+                mask.text,
+                count(&ids)
+            );
+        }
+        let max_length = self.max_length().max(2);
+        if ids.len() > max_length {
+            ids.drain(1..1 + ids.len() - max_length);
+            if count(&ids) != 1 {
+                bail!(
+                    "task.max_length {max_length} cuts off the mask token: put {MASK} nearer \
+                     the end of the template or raise max_length"
+                );
+            }
+        }
+        Ok((ids, gold))
+    }
+
+    fn encode_masked_batch(
+        &self,
+        model: &LanguageModel,
+        batch: &[&Example],
+        mask: &MaskToken,
+    ) -> Result<(Vec<Vec<i64>>, Vec<i64>)> {
+        let mut seqs = Vec::new();
+        let mut gold = Vec::new();
+        for ex in batch {
+            let (ids, g) = self.encode_masked(model, ex, mask)?;
+            seqs.push(ids);
+            gold.push(g as i64);
+        }
+        Ok((seqs, gold))
     }
 
     /// Loss of a batch — a plain f64.
@@ -569,14 +805,8 @@ impl Task {
                 Ok((scores.mean(Kind::Float).neg().double_value(&[]), 0))
             }
             Task::Choice { .. } => {
-                let items = batch
-                    .iter()
-                    .map(|ex| self.encode_choice(model, ex))
-                    .collect::<Result<Vec<_>>>()?;
-                let scores = self.choice_scores(model, &items);
-                let gold =
-                    Tensor::from_slice(&items.iter().map(|i| i.gold as i64).collect::<Vec<_>>())
-                        .to_device(scores.device());
+                let (scores, gold) = self.scores_and_gold(model, batch)?;
+                let gold = Tensor::from_slice(&gold).to_device(scores.device());
                 let loss = scores
                     .log_softmax(-1, Kind::Float)
                     .gather(1, &gold.unsqueeze(1), false)
@@ -619,6 +849,26 @@ impl Task {
         };
         Ok(Evaluation { metric, loss })
     }
+}
+
+/// The final hidden state at each sequence's (one) mask token, `[batch, hidden]`.
+fn mask_hidden(model: &LanguageModel, seqs: &[Vec<i64>], mask_id: i64) -> Tensor {
+    let (ids, mask) = pad_left(seqs, model.tokenizer.pad_id);
+    let t = ids.size()[1];
+    let rows: Vec<i64> = seqs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let at = s.iter().position(|&id| id == mask_id).expect("checked");
+            i as i64 * t + t - s.len() as i64 + at as i64
+        })
+        .collect();
+    let h = model
+        .net
+        .hidden(&ids.to_device(model.device), &mask.to_device(model.device));
+    let d = h.size()[2];
+    h.reshape([-1, d])
+        .index_select(0, &Tensor::from_slice(&rows).to_device(h.device()))
 }
 
 /// Mean next-token cross-entropy over the real tokens of left-padded sequences.
@@ -700,12 +950,26 @@ mod tests {
             example("Dull.", "0"),
             example("Fine.", "1"),
         );
-        assert_eq!(task.context_text(&query).unwrap(), "Fine. It was");
+        assert_eq!(task.context_text(&query, None).unwrap(), "Fine. It was");
         let icl = task.with_demonstrations(&[&a, &b]).unwrap();
         assert_eq!(
-            icl.context_text(&query).unwrap(),
+            icl.context_text(&query, None).unwrap(),
             "Loved it. It was great\n\nDull. It was terrible\n\nFine. It was"
         );
         assert_eq!(icl.answers(&query).unwrap(), task.answers(&query).unwrap());
+        // A masked LM: the paper's prompt with the mask token; demonstrations
+        // with their label word in its place.
+        let mask = MaskToken {
+            text: "<mask>".into(),
+            id: 0,
+        };
+        assert_eq!(
+            task.context_text(&query, Some(&mask)).unwrap(),
+            "Fine. It was <mask>."
+        );
+        assert_eq!(
+            icl.context_text(&query, Some(&mask)).unwrap(),
+            "Loved it. It was great. Dull. It was terrible. Fine. It was <mask>."
+        );
     }
 }

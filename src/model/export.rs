@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use safetensors::{Dtype as StDtype, View};
 use tch::{Device, Kind, Tensor};
 
+use super::adapters::Tuning;
 use super::LanguageModel;
 
 /// A libtorch tensor seen through safetensors' `View`; bytes are copied to
@@ -84,12 +85,18 @@ pub fn write_safetensors(
 /// Save `model` as a Hugging Face directory: weights, config and tokenizer files.
 pub fn export_hf(model: &LanguageModel, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let tensors: Vec<(String, &Tensor)> = model
-        .params
-        .iter()
-        .map(|p| (p.name.clone(), &p.tensor))
-        .collect();
+    let weights = model.export_weights();
+    let tensors: Vec<(String, &Tensor)> = weights.iter().map(|(n, t)| (n.clone(), t)).collect();
     write_safetensors(&out.join("model.safetensors"), &tensors, &[])?;
+    if let Tuning::Prefix(_) = &model.tuning {
+        // Not an HF weight: the trained prefixes travel beside the base model.
+        let tensors: Vec<(String, &Tensor)> = model
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), &p.tensor))
+            .collect();
+        write_safetensors(&out.join("prefix.safetensors"), &tensors, &[])?;
+    }
     let mut config: serde_json::Value = serde_json::from_str(&model.config_text)?;
     let dtype = match model.dtype {
         super::Dtype::F32 => "float32",
@@ -134,5 +141,52 @@ pub fn export_hf(model: &LanguageModel, out: &Path) -> Result<()> {
                 .with_context(|| format!("copying {}", src.display()))?;
         }
     }
+    Ok(())
+}
+
+/// Save a LoRA-tuned model's adapters as a PEFT adapter directory
+/// (`adapter_config.json` + `adapter_model.safetensors`) that
+/// `PeftModel.from_pretrained(base, dir)` loads onto the base model.
+pub fn export_peft_adapter(model: &LanguageModel, out: &Path) -> Result<()> {
+    let Tuning::Lora(cfg) = &model.tuning else {
+        bail!("only a LoRA-tuned model has a PEFT adapter");
+    };
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let tensors: Vec<(String, &Tensor)> = model
+        .lora_sites
+        .iter()
+        .flat_map(|s| {
+            [
+                (
+                    format!("base_model.model.{}.lora_A.weight", s.module),
+                    &s.lora.a,
+                ),
+                (
+                    format!("base_model.model.{}.lora_B.weight", s.module),
+                    &s.lora.b,
+                ),
+            ]
+        })
+        .collect();
+    write_safetensors(&out.join("adapter_model.safetensors"), &tensors, &[])?;
+    let masked = matches!(model.model_type.as_str(), "bert" | "roberta");
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": if masked { serde_json::Value::Null } else { "CAUSAL_LM".into() },
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "target_modules": cfg.targets,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": model.lora_sites.iter().any(|s| s.transposed),
+        "init_lora_weights": true,
+        "inference_mode": true,
+        "modules_to_save": null,
+        "base_model_name_or_path": null,
+    });
+    std::fs::write(
+        out.join("adapter_config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
     Ok(())
 }

@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 use serde::Deserialize;
 use tch::{Kind, Tensor};
 
+use super::adapters::{KvPrefix, Lora};
 use super::layers::{
     attention, attention_mask, merge_heads, positions_from_mask, split_heads, LayerNorm,
 };
@@ -40,20 +41,27 @@ fn yes() -> bool {
     true
 }
 
-/// GPT-2's `Conv1D`: `y = x W + b` with `W` stored `[in, out]`.
+/// GPT-2's `Conv1D`: `y = x W + b` with `W` stored `[in, out]`; a LoRA
+/// adapter keeps PEFT's `[r, in]`/`[out, r]` layout (its merge is transposed).
 struct Conv1D {
     weight: Tensor,
     bias: Tensor,
+    lora: Option<Lora>,
 }
 
 impl Conv1D {
     fn load(w: &mut WeightLoader, name: &str, fan_in: i64, fan_out: i64) -> Result<Self> {
         let weight = w.param(&format!("{name}.weight"), &[fan_in, fan_out])?;
         let bias = w.param(&format!("{name}.bias"), &[fan_out])?;
-        Ok(Self { weight, bias })
+        let lora = w.lora(name, fan_in, fan_out, true)?;
+        Ok(Self { weight, bias, lora })
     }
     fn forward(&self, x: &Tensor) -> Tensor {
-        x.matmul(&self.weight) + &self.bias
+        let y = x.matmul(&self.weight) + &self.bias;
+        match &self.lora {
+            Some(lora) => y + lora.delta(x),
+            None => y,
+        }
     }
 }
 
@@ -72,6 +80,7 @@ pub struct Gpt2 {
     wpe: Tensor,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
+    prefix: KvPrefix,
 }
 
 impl Gpt2 {
@@ -113,18 +122,20 @@ impl Gpt2 {
             wpe,
             blocks,
             ln_f,
+            prefix: KvPrefix::default(),
         })
     }
 
-    fn block(&self, b: &Block, x: Tensor, mask: &Tensor) -> Tensor {
+    fn block(&self, i: usize, b: &Block, x: Tensor, mask: &Tensor) -> Tensor {
         let heads = self.cfg.n_head;
         let hd = self.cfg.n_embd / heads;
         let qkv = b
             .c_attn
             .forward(&b.ln_1.forward(&x))
             .split(self.cfg.n_embd, -1);
-        let (q, k, v) = (
-            split_heads(&qkv[0], heads, hd),
+        let q = split_heads(&qkv[0], heads, hd);
+        let (k, v) = self.prefix.extend(
+            i,
             split_heads(&qkv[1], heads, hd),
             split_heads(&qkv[2], heads, hd),
         );
@@ -145,17 +156,26 @@ impl Gpt2 {
 
 impl Network for Gpt2 {
     fn hidden(&self, ids: &Tensor, mask: &Tensor) -> Tensor {
-        let pos = positions_from_mask(mask);
+        let pos = self.prefix.shift_positions(positions_from_mask(mask));
         let mut x = Tensor::embedding(&self.wte, ids, -1, false, false)
             + Tensor::embedding(&self.wpe, &pos, -1, false, false);
-        let attn = attention_mask(mask, None);
-        for b in &self.blocks {
-            x = self.block(b, x, &attn);
+        let attn = self
+            .prefix
+            .widen_mask(attention_mask(mask, None), &pos, None);
+        for (i, b) in self.blocks.iter().enumerate() {
+            x = self.block(i, b, x, &attn);
         }
         self.ln_f.forward(&x)
     }
 
     fn head(&self, hidden: &Tensor) -> Tensor {
         hidden.matmul(&self.wte.tr()).to_kind(Kind::Float)
+    }
+
+    fn kv_prefix(&self) -> Option<&KvPrefix> {
+        Some(&self.prefix)
+    }
+    fn kv_prefix_mut(&mut self) -> Option<&mut KvPrefix> {
+        Some(&mut self.prefix)
     }
 }

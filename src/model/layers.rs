@@ -6,12 +6,15 @@
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
+use super::adapters::Lora;
 use super::weights::WeightLoader;
 
-/// `y = x Wᵀ + b` with `W` stored `[out, in]` (nn.Linear).
+/// `y = x Wᵀ + b` with `W` stored `[out, in]` (nn.Linear), plus a LoRA
+/// adapter's `(α/r)·B A x` when the job tunes this layer with LoRA.
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub lora: Option<Lora>,
 }
 
 impl Linear {
@@ -29,11 +32,16 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        let lora = w.lora(name, fan_in, fan_out, false)?;
+        Ok(Self { weight, bias, lora })
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        let y = x.linear(&self.weight, self.bias.as_ref());
+        match &self.lora {
+            Some(lora) => y + lora.delta(x),
+            None => y,
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tch::{Kind, Tensor};
 
+use super::adapters::KvPrefix;
 use super::layers::{
     attention, attention_mask, merge_heads, positions_from_mask, split_heads, Linear, RmsNorm,
 };
@@ -140,6 +141,7 @@ pub struct Llama {
     lm_head: Tensor,
     inv_freq: Tensor,
     sliding_window: Option<i64>,
+    prefix: KvPrefix,
 }
 
 impl Llama {
@@ -213,6 +215,7 @@ impl Llama {
             lm_head,
             inv_freq,
             sliding_window,
+            prefix: KvPrefix::default(),
         })
     }
 
@@ -223,7 +226,15 @@ impl Llama {
         (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
     }
 
-    fn layer(&self, l: &Layer, x: Tensor, mask: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    fn layer(
+        &self,
+        i: usize,
+        l: &Layer,
+        x: Tensor,
+        mask: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Tensor {
         let (hd, nh, nkv) = (
             self.cfg.head_dim(),
             self.cfg.num_attention_heads,
@@ -231,8 +242,11 @@ impl Llama {
         );
         let hs = l.input_norm.forward(&x);
         let q = apply_rope(&split_heads(&l.q.forward(&hs), nh, hd), cos, sin);
-        let k = apply_rope(&split_heads(&l.k.forward(&hs), nkv, hd), cos, sin);
-        let v = split_heads(&l.v.forward(&hs), nkv, hd);
+        let (k, v) = self.prefix.extend(
+            i,
+            apply_rope(&split_heads(&l.k.forward(&hs), nkv, hd), cos, sin),
+            split_heads(&l.v.forward(&hs), nkv, hd),
+        );
         let a = attention(&q, &k, &v, mask, (hd as f64).powf(-0.5));
         let x = &x + l.o.forward(&merge_heads(&a));
         let hs = l.post_norm.forward(&x);
@@ -256,15 +270,27 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
 impl Network for Llama {
     fn hidden(&self, ids: &Tensor, mask: &Tensor) -> Tensor {
         let mut x = Tensor::embedding(&self.embed, ids, -1, false, false);
-        let (cos, sin) = self.rope(&positions_from_mask(mask), x.kind());
-        let attn = attention_mask(mask, self.sliding_window);
-        for l in &self.layers {
-            x = self.layer(l, x, &attn, &cos, &sin);
+        let pos = self.prefix.shift_positions(positions_from_mask(mask));
+        let (cos, sin) = self.rope(&pos, x.kind());
+        let attn = self.prefix.widen_mask(
+            attention_mask(mask, self.sliding_window),
+            &pos,
+            self.sliding_window,
+        );
+        for (i, l) in self.layers.iter().enumerate() {
+            x = self.layer(i, l, x, &attn, &cos, &sin);
         }
         self.norm.forward(&x)
     }
 
     fn head(&self, hidden: &Tensor) -> Tensor {
         hidden.matmul(&self.lm_head.tr()).to_kind(Kind::Float)
+    }
+
+    fn kv_prefix(&self) -> Option<&KvPrefix> {
+        Some(&self.prefix)
+    }
+    fn kv_prefix_mut(&mut self) -> Option<&mut KvPrefix> {
+        Some(&mut self.prefix)
     }
 }

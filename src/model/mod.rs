@@ -5,6 +5,8 @@
 //! [`Network`]; [`LanguageModel`] bundles it with its parameters (in canonical
 //! order), its tokenizer and where it came from.
 
+pub mod adapters;
+pub mod bert;
 pub mod export;
 pub mod gguf;
 pub mod gpt2;
@@ -21,7 +23,8 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::tokenize::TextTokenizer;
-pub use weights::{Param, ParamList};
+use adapters::{KvPrefix, Tuning};
+pub use weights::{LoraSite, Param, ParamList};
 
 /// One architecture's forward pass.
 pub trait Network: Send {
@@ -37,6 +40,15 @@ pub trait Network: Send {
     /// Logits `[batch, seq, vocab]` in f32.
     fn forward(&self, ids: &Tensor, mask: &Tensor) -> Tensor {
         self.head(&self.hidden(ids, mask))
+    }
+
+    /// The key/value prefix every attention layer goes through (prefix
+    /// tuning); `None` where the architecture does not support one.
+    fn kv_prefix(&self) -> Option<&KvPrefix> {
+        None
+    }
+    fn kv_prefix_mut(&mut self) -> Option<&mut KvPrefix> {
+        None
     }
 }
 
@@ -124,7 +136,12 @@ impl ModelSource {
 /// A loaded model: network, trainable parameters in canonical order, tokenizer.
 pub struct LanguageModel {
     pub net: Box<dyn Network>,
+    /// What MeZO perturbs: every weight (full tuning), LoRA adapters or prefixes.
     pub params: ParamList,
+    /// The checkpoint's weights when they are not the trainable ones (LoRA, prefix).
+    pub frozen: ParamList,
+    pub lora_sites: Vec<LoraSite>,
+    pub tuning: Tuning,
     pub tokenizer: TextTokenizer,
     /// The HF directory or GGUF file it came from (for a random-weight model:
     /// its config's folder, where its tokenizer files are).
@@ -142,8 +159,18 @@ impl LanguageModel {
         Self::open(&ModelSource::Pretrained(dir.to_path_buf()), dtype, device)
     }
 
-    /// Build the model `source` describes at `dtype` on `device`.
+    /// Build the model `source` describes at `dtype` on `device`, every weight trainable.
     pub fn open(source: &ModelSource, dtype: Dtype, device: Device) -> Result<Self> {
+        Self::open_tuned(source, dtype, device, &Tuning::Full)
+    }
+
+    /// Build the model `source` describes, with `tuning` deciding what is trainable.
+    pub fn open_tuned(
+        source: &ModelSource,
+        dtype: Dtype,
+        device: Device,
+        tuning: &Tuning,
+    ) -> Result<Self> {
         if let Device::Cuda(n) = device {
             if !tch::Cuda::is_available() || n >= tch::Cuda::device_count() as usize {
                 bail!(
@@ -203,7 +230,14 @@ impl LanguageModel {
             .with_context(|| format!("{} is not valid JSON", config_path.display()))?
             .model_type
             .with_context(|| format!("{} has no model_type", config_path.display()))?;
-        let mut w = weights::WeightLoader::new(&ckpt, dtype.kind(), device);
+        let tuning = match tuning {
+            Tuning::Lora(cfg) if cfg.targets.is_empty() => Tuning::Lora(adapters::LoraConfig {
+                targets: adapters::default_lora_targets(&model_type),
+                ..cfg.clone()
+            }),
+            other => other.clone(),
+        };
+        let mut w = weights::WeightLoader::with_tuning(&ckpt, dtype.kind(), device, tuning.clone());
         let parse_err = || {
             format!(
                 "{} does not describe a valid {model_type} model",
@@ -224,34 +258,156 @@ impl LanguageModel {
                 serde_json::from_str(&config_text).with_context(parse_err)?,
                 &mut w,
             )?),
+            "bert" | "roberta" => Box::new(bert::Bert::load(
+                serde_json::from_str(&config_text).with_context(parse_err)?,
+                &mut w,
+            )?),
             other => bail!(
-                "model_type {other:?} in {} is not supported (opt, gpt2, llama, mistral, qwen2)",
+                "model_type {other:?} in {} is not supported (opt, gpt2, llama, mistral, qwen2; \
+                 masked LMs: bert, roberta)",
                 config_path.display()
             ),
         };
-        let params = w.finish()?;
-        Ok(Self {
+        let loaded = w.finish()?;
+        let mut model = Self {
             net,
-            params,
+            params: loaded.params,
+            frozen: loaded.frozen,
+            lora_sites: loaded.lora_sites,
+            tuning,
             tokenizer,
             dir,
             config_text,
             dtype,
             device,
             model_type,
-        })
+        };
+        if let Tuning::Prefix(cfg) = &model.tuning {
+            let cfg = cfg.clone();
+            model.init_prefix(cfg.tokens, cfg.seed)?;
+        }
+        Ok(model)
+    }
+
+    /// Prefix tuning's starting point: each attention layer's keys and values
+    /// for `n` random vocabulary tokens become its trainable prefix.
+    fn init_prefix(&mut self, n: i64, seed: u64) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let vocab = serde_json::from_str::<serde_json::Value>(&self.config_text)?["vocab_size"]
+            .as_i64()
+            .context("config.json has no vocab_size")?;
+        let ids = adapters::prefix_init_tokens(seed, n, vocab).to_device(self.device);
+        let mask = ids.ones_like();
+        let model_type = self.model_type.clone();
+        let net = &self.net;
+        let prefix = net
+            .kv_prefix()
+            .with_context(|| format!("prefix tuning is not supported for {model_type} models"))?;
+        let seen = prefix.capture(|| {
+            let _ = net.hidden(&ids, &mask);
+        });
+        let layers: Vec<(Tensor, Tensor)> = seen
+            .iter()
+            .map(|(k, v)| (k.get(0).contiguous().copy(), v.get(0).contiguous().copy()))
+            .collect();
+        for (i, (k, v)) in layers.iter().enumerate() {
+            for (part, t) in [("key", k), ("value", v)] {
+                self.params.0.push(Param {
+                    name: format!("prefix.{i}.{part}"),
+                    tensor: t.shallow_clone(),
+                    decays: true,
+                });
+            }
+        }
+        let installed = layers
+            .iter()
+            .map(|(k, v)| (k.shallow_clone(), v.shallow_clone()))
+            .collect();
+        self.net
+            .kv_prefix_mut()
+            .expect("kv_prefix and kv_prefix_mut agree")
+            .set(installed);
+        Ok(())
+    }
+
+    /// The checkpoint's weights in canonical order (what identifies the base).
+    pub fn base_weights(&self) -> &ParamList {
+        match self.tuning {
+            Tuning::Full => &self.params,
+            _ => &self.frozen,
+        }
+    }
+
+    /// The weights an exported HF model holds: the trained ones (full tuning),
+    /// or the checkpoint's with each LoRA adapter merged in (`W + (α/r)·B A`).
+    pub fn export_weights(&self) -> Vec<(String, Tensor)> {
+        let _guard = tch::no_grad_guard();
+        if self.tuning == Tuning::Full {
+            return self
+                .params
+                .iter()
+                .map(|p| (p.name.clone(), p.tensor.shallow_clone()))
+                .collect();
+        }
+        self.frozen
+            .iter()
+            .map(|p| {
+                let site = self
+                    .lora_sites
+                    .iter()
+                    .find(|s| p.name == format!("{}.weight", s.module));
+                let t = match site {
+                    None => p.tensor.shallow_clone(),
+                    Some(s) => {
+                        let delta = s.lora.delta_weight(Kind::Float);
+                        let delta = if s.transposed { delta.tr() } else { delta };
+                        (p.tensor.to_kind(Kind::Float) + delta.to_device(p.tensor.device()))
+                            .to_kind(p.tensor.kind())
+                    }
+                };
+                (p.name.clone(), t)
+            })
+            .collect()
     }
 
     /// The longest sequence the model can read, where it has learned position
     /// embeddings (OPT, GPT-2); rotary models have no hard limit.
     pub fn max_positions(&self) -> Option<usize> {
         let cfg: serde_json::Value = serde_json::from_str(&self.config_text).ok()?;
-        let key = match self.model_type.as_str() {
-            "opt" => "max_position_embeddings",
-            "gpt2" => "n_positions",
-            _ => return None,
+        // A prefix takes the first positions.
+        let prefix = self.net.kv_prefix().map_or(0, |p| p.len()) as usize;
+        let learned = if self.is_masked_lm() {
+            let c: bert::BertConfig = serde_json::from_value(cfg).ok()?;
+            c.max_positions() as usize
+        } else {
+            let key = match self.model_type.as_str() {
+                "opt" => "max_position_embeddings",
+                "gpt2" => "n_positions",
+                _ => return None,
+            };
+            cfg[key].as_u64()? as usize
         };
-        cfg[key].as_u64().map(|n| n as usize)
+        Some(learned.saturating_sub(prefix))
+    }
+
+    /// Whether it is a masked LM (BERT, RoBERTa): it fills a mask token instead
+    /// of predicting the next token, so tasks read it differently.
+    pub fn is_masked_lm(&self) -> bool {
+        bert::is_masked_lm(&self.model_type)
+    }
+
+    /// A masked LM's mask token and its id.
+    pub fn mask_token(&self) -> Result<(String, i64)> {
+        if !self.is_masked_lm() {
+            bail!("{} is a causal LM: it has no mask token", self.model_type);
+        }
+        bert::mask_token(&self.tokenizer, &self.dir).with_context(|| {
+            format!(
+                "the tokenizer of {} has no mask token (looked for tokenizer_config.json's \
+                 mask_token, <mask> and [MASK])",
+                self.dir.display()
+            )
+        })
     }
 
     /// Logits `[batch, len, vocab]` (f32) of positions `start..start + len` only.

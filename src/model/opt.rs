@@ -5,6 +5,7 @@ use anyhow::Result;
 use serde::Deserialize;
 use tch::Tensor;
 
+use super::adapters::KvPrefix;
 use super::layers::{attention, attention_mask, merge_heads, split_heads, LayerNorm, Linear};
 use super::weights::WeightLoader;
 use super::Network;
@@ -58,6 +59,7 @@ pub struct Opt {
     project_out: Option<Tensor>,
     final_norm: Option<LayerNorm>,
     layers: Vec<Layer>,
+    prefix: KvPrefix,
 }
 
 impl Opt {
@@ -126,10 +128,11 @@ impl Opt {
             project_out,
             final_norm,
             layers,
+            prefix: KvPrefix::default(),
         })
     }
 
-    fn layer(&self, l: &Layer, x: Tensor, mask: &Tensor) -> Tensor {
+    fn layer(&self, i: usize, l: &Layer, x: Tensor, mask: &Tensor) -> Tensor {
         let heads = self.cfg.num_attention_heads;
         let hd = self.cfg.hidden_size / heads;
         let pre = self.cfg.do_layer_norm_before;
@@ -141,8 +144,11 @@ impl Opt {
         };
         // transformers scales q before the product and then uses scale 1.
         let q = split_heads(&(l.q.forward(&hs) * (hd as f64).powf(-0.5)), heads, hd);
-        let k = split_heads(&l.k.forward(&hs), heads, hd);
-        let v = split_heads(&l.v.forward(&hs), heads, hd);
+        let (k, v) = self.prefix.extend(
+            i,
+            split_heads(&l.k.forward(&hs), heads, hd),
+            split_heads(&l.v.forward(&hs), heads, hd),
+        );
         let a = l
             .out
             .forward(&merge_heads(&attention(&q, &k, &v, mask, 1.0)));
@@ -172,11 +178,15 @@ impl Network for Opt {
             x = x.matmul(&p.tr());
         }
         let maskl = mask.to_kind(tch::Kind::Int64);
-        let pos = maskl.cumsum(-1, tch::Kind::Int64) * &maskl - 1 + POSITION_OFFSET;
+        let pos = self
+            .prefix
+            .shift_positions(maskl.cumsum(-1, tch::Kind::Int64) * &maskl - 1 + POSITION_OFFSET);
         x = x + Tensor::embedding(&self.embed_positions, &pos, -1, false, false);
-        let attn = attention_mask(mask, None);
-        for l in &self.layers {
-            x = self.layer(l, x, &attn);
+        let attn = self
+            .prefix
+            .widen_mask(attention_mask(mask, None), &pos, None);
+        for (i, l) in self.layers.iter().enumerate() {
+            x = self.layer(i, l, x, &attn);
         }
         if let Some(n) = &self.final_norm {
             x = n.forward(&x);
@@ -191,5 +201,12 @@ impl Network for Opt {
         hidden
             .matmul(&self.embed_tokens.tr())
             .to_kind(tch::Kind::Float)
+    }
+
+    fn kv_prefix(&self) -> Option<&KvPrefix> {
+        Some(&self.prefix)
+    }
+    fn kv_prefix_mut(&mut self) -> Option<&mut KvPrefix> {
+        Some(&mut self.prefix)
     }
 }

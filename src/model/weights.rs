@@ -14,6 +14,8 @@ use memmap2::Mmap;
 use safetensors::{Dtype as StDtype, SafeTensors};
 use tch::{Device, Kind, Tensor};
 
+use super::adapters::{is_target, lora_a_init, Lora, Tuning};
+
 /// One trainable tensor under its Hugging Face name.
 pub struct Param {
     pub name: String,
@@ -46,6 +48,7 @@ pub fn is_decay_exempt(name: &str) -> bool {
     name.contains("bias")
         || name.contains("layer_norm")
         || name.contains("layernorm")
+        || name.contains("LayerNorm")
         || name.contains("norm.")
         || name.contains(".ln_")
 }
@@ -221,19 +224,113 @@ pub struct WeightLoader<'a> {
     ckpt: &'a Checkpoint,
     kind: Kind,
     device: Device,
+    /// What the job tunes: with LoRA or a prefix the checkpoint's weights are frozen.
+    tuning: Tuning,
     params: Vec<Param>,
+    frozen: Vec<Param>,
+    lora_sites: Vec<LoraSite>,
+    /// Every linear layer's module name (to explain a LoRA target that matches none).
+    linear_modules: Vec<String>,
     used: HashSet<String>,
+}
+
+/// One LoRA-adapted layer, for merging at export (shallow clones of its adapter).
+pub struct LoraSite {
+    /// The layer's module name (`model.layers.0.self_attn.q_proj`).
+    pub module: String,
+    /// GPT-2's `Conv1D` stores its weight `[in, out]`: the merge is `W + (B A)ᵀ`.
+    pub transposed: bool,
+    pub lora: Lora,
+}
+
+/// What loading a model produced besides the network.
+pub struct Loaded {
+    /// What MeZO perturbs, in canonical order.
+    pub params: ParamList,
+    /// The checkpoint's weights when they are not trainable (LoRA, prefix), in canonical order.
+    pub frozen: ParamList,
+    pub lora_sites: Vec<LoraSite>,
 }
 
 impl<'a> WeightLoader<'a> {
     pub fn new(ckpt: &'a Checkpoint, kind: Kind, device: Device) -> Self {
+        Self::with_tuning(ckpt, kind, device, Tuning::Full)
+    }
+
+    pub fn with_tuning(ckpt: &'a Checkpoint, kind: Kind, device: Device, tuning: Tuning) -> Self {
         Self {
             ckpt,
             kind,
             device,
+            tuning,
             params: Vec::new(),
+            frozen: Vec::new(),
+            lora_sites: Vec::new(),
+            linear_modules: Vec::new(),
             used: HashSet::new(),
         }
+    }
+
+    /// Record a checkpoint weight as trainable (full tuning) or frozen.
+    fn keep(&mut self, name: &str, t: &Tensor) {
+        let p = Param {
+            name: name.to_string(),
+            tensor: t.shallow_clone(),
+            decays: !is_decay_exempt(name),
+        };
+        match self.tuning {
+            Tuning::Full => self.params.push(p),
+            _ => self.frozen.push(p),
+        }
+    }
+
+    /// The LoRA adapter of linear layer `module` when the job's LoRA targets it
+    /// (A drawn from the job's seed, B zero); its tensors become trainable.
+    pub fn lora(
+        &mut self,
+        module: &str,
+        fan_in: i64,
+        fan_out: i64,
+        transposed: bool,
+    ) -> Result<Option<Lora>> {
+        self.linear_modules.push(module.to_string());
+        let Tuning::Lora(cfg) = &self.tuning else {
+            return Ok(None);
+        };
+        if !is_target(module, &cfg.targets) {
+            return Ok(None);
+        }
+        let a = lora_a_init(
+            cfg.seed,
+            self.lora_sites.len(),
+            cfg.r,
+            fan_in,
+            self.kind,
+            self.device,
+        );
+        let b = Tensor::zeros([fan_out, cfg.r], (self.kind, self.device));
+        let lora = Lora {
+            a,
+            b,
+            scale: cfg.alpha / cfg.r as f64,
+        };
+        for (part, t) in [("lora_A", &lora.a), ("lora_B", &lora.b)] {
+            self.params.push(Param {
+                name: format!("{module}.{part}.weight"),
+                tensor: t.shallow_clone(),
+                decays: true,
+            });
+        }
+        self.lora_sites.push(LoraSite {
+            module: module.to_string(),
+            transposed,
+            lora: Lora {
+                a: lora.a.shallow_clone(),
+                b: lora.b.shallow_clone(),
+                scale: lora.scale,
+            },
+        });
+        Ok(Some(lora))
     }
 
     /// The stored name for a canonical HF name, tolerating the usual drift:
@@ -267,11 +364,7 @@ impl<'a> WeightLoader<'a> {
     pub fn param(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
         if let Some(init) = self.ckpt.random {
             let t = self.draw(init, name, shape);
-            self.params.push(Param {
-                name: name.to_string(),
-                tensor: t.shallow_clone(),
-                decays: !is_decay_exempt(name),
-            });
+            self.keep(name, &t);
             return Ok(t);
         }
         let stored = self.resolve(name).with_context(|| {
@@ -295,11 +388,7 @@ impl<'a> WeightLoader<'a> {
             .to_kind(self.kind)
             .set_requires_grad(false);
         self.used.insert(stored);
-        self.params.push(Param {
-            name: name.to_string(),
-            tensor: t.shallow_clone(),
-            decays: !is_decay_exempt(name),
-        });
+        self.keep(name, &t);
         Ok(t)
     }
 
@@ -315,7 +404,8 @@ impl<'a> WeightLoader<'a> {
                 } else if is_decay_exempt(name) {
                     Tensor::ones(shape, opts) // norm weights
                 } else {
-                    tch::manual_seed((seed + self.params.len() as u64) as i64);
+                    let index = self.params.len() + self.frozen.len() - 2 * self.lora_sites.len();
+                    tch::manual_seed((seed + index as u64) as i64);
                     let mut t = Tensor::empty(shape, opts);
                     let _ = t.normal_(0.0, 0.02);
                     t
@@ -343,7 +433,7 @@ impl<'a> WeightLoader<'a> {
         v
     }
 
-    pub fn finish(self) -> Result<ParamList> {
+    pub fn finish(self) -> Result<Loaded> {
         let unused = self.unused();
         if !unused.is_empty() {
             tracing::warn!(
@@ -351,6 +441,31 @@ impl<'a> WeightLoader<'a> {
                 unused.join(", ")
             );
         }
-        Ok(ParamList(self.params))
+        if let Tuning::Lora(cfg) = &self.tuning {
+            for target in &cfg.targets {
+                if !self
+                    .linear_modules
+                    .iter()
+                    .any(|m| is_target(m, std::slice::from_ref(target)))
+                {
+                    let mut leaves: Vec<&str> = self
+                        .linear_modules
+                        .iter()
+                        .map(|m| m.rsplit('.').next().unwrap_or(m))
+                        .collect();
+                    leaves.sort();
+                    leaves.dedup();
+                    bail!(
+                        "LoRA target {target:?} matches no linear layer of this model (its linear layers: {})",
+                        leaves.join(", ")
+                    );
+                }
+            }
+        }
+        Ok(Loaded {
+            params: ParamList(self.params),
+            frozen: ParamList(self.frozen),
+            lora_sites: self.lora_sites,
+        })
     }
 }

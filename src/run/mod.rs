@@ -29,7 +29,8 @@ use crate::mezo::{
     batch_indices, direction_seed, mezo_step, replay_step, spsa_step, step_seed, Gradient,
     Gradients, Rng, StepConfig, ZSweep,
 };
-use crate::model::{export::export_hf, parse_device, LanguageModel};
+use crate::model::export::{export_hf, export_peft_adapter};
+use crate::model::{parse_device, LanguageModel};
 use crate::spec::{JobSpec, Mode};
 use fingerprint::Fingerprint;
 use metrics::{EvalLine, MetricsFile};
@@ -401,8 +402,13 @@ pub fn run_with_log(
     }
 
     let device = parse_device(&device_name)?;
-    let model = LanguageModel::open(&spec.model.source(), spec.model.dtype, device)
-        .with_context(|| format!("loading model {}", spec.model.describe()))?;
+    let model = LanguageModel::open_tuned(
+        &spec.model.source(),
+        spec.model.dtype,
+        device,
+        &spec.tuning(),
+    )
+    .with_context(|| format!("loading model {}", spec.model.describe()))?;
     let splits = load_splits(&spec.data)?;
     let mut task = Task::from_spec(&spec)?;
     if let Some(limit) = model.max_positions() {
@@ -586,13 +592,21 @@ fn finish(
         // Free the trained weights first: peak memory stays that of one model.
         let device = job.model.device;
         drop(job.model);
-        job.model = LanguageModel::open(&job.spec.model.source(), job.spec.model.dtype, device)?;
+        job.model = LanguageModel::open_tuned(
+            &job.spec.model.source(),
+            job.spec.model.dtype,
+            device,
+            &job.spec.tuning(),
+        )?;
         let from =
             snapshot::restore_latest(&job.out.join("snapshots"), best_step, &job.model.params)?
                 .unwrap_or(0);
         job.replay(&records[from as usize..best_step as usize])?;
     }
     export_hf(&job.model, &model_dir)?;
+    if !job.model.lora_sites.is_empty() {
+        export_peft_adapter(&job.model, &job.out.join("adapter"))?;
+    }
     let test = if job.test.is_empty() {
         None
     } else {

@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use super::fingerprint::Fingerprint;
 use super::seedlog::{SeedLog, StepRecord};
 use crate::mezo::{replay_step, Rng, StepConfig, ZSweep};
+use crate::model::adapters::{LoraConfig, PrefixConfig, Tuning};
 use crate::model::{Dtype, LanguageModel, ModelSource};
 use crate::spec::JobSpec;
 
@@ -30,8 +31,14 @@ pub struct TuneFile {
     pub format: String,
     pub version: u32,
     pub base: BaseIdentity,
-    /// `full`: every parameter of the base is tuned.
+    /// `full` (every parameter of the base is tuned), `lora` or `prefix`.
     pub tuning: String,
+    /// LoRA's settings (targets resolved; A drawn from `seed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraEntry>,
+    /// Prefix tuning's settings (initial tokens drawn from `seed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<PrefixEntry>,
     pub dtype: Dtype,
     pub rng: Rng,
     pub eps: f64,
@@ -58,6 +65,20 @@ pub struct BaseIdentity {
     pub config_sha256: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraEntry {
+    pub r: i64,
+    pub alpha: f64,
+    pub targets: Vec<String>,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefixEntry {
+    pub tokens: i64,
+    pub seed: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParamEntry {
     pub name: String,
@@ -79,7 +100,7 @@ pub struct TuneStep {
 /// The identity of a loaded base model (see [`BaseIdentity`]).
 pub fn base_identity(model: &LanguageModel, source: &ModelSource) -> Result<BaseIdentity> {
     let mut h = Sha256::new();
-    for p in model.params.iter() {
+    for p in model.base_weights().iter() {
         let t = p.tensor.to_device(tch::Device::Cpu).contiguous();
         let shape: Vec<String> = t.size().iter().map(|d| d.to_string()).collect();
         h.update(p.name.as_bytes());
@@ -177,14 +198,31 @@ pub fn export(run: &Path, upto: Option<u64>) -> Result<TuneFile> {
         None => default_upto(run, records.len() as u64),
     };
     let source = spec.model.source();
-    let model = LanguageModel::open(&source, spec.model.dtype, tch::Device::Cpu)
-        .with_context(|| format!("loading the base model {}", spec.model.describe()))?;
+    let model =
+        LanguageModel::open_tuned(&source, spec.model.dtype, tch::Device::Cpu, &spec.tuning())
+            .with_context(|| format!("loading the base model {}", spec.model.describe()))?;
     let base = base_identity(&model, &source)?;
     Ok(TuneFile {
         format: FORMAT.into(),
         version: VERSION,
         base,
-        tuning: "full".into(),
+        tuning: model.tuning.name().into(),
+        lora: match &model.tuning {
+            Tuning::Lora(c) => Some(LoraEntry {
+                r: c.r,
+                alpha: c.alpha,
+                targets: c.targets.clone(),
+                seed: c.seed,
+            }),
+            _ => None,
+        },
+        prefix: match &model.tuning {
+            Tuning::Prefix(c) => Some(PrefixEntry {
+                tokens: c.tokens,
+                seed: c.seed,
+            }),
+            _ => None,
+        },
         dtype: spec.model.dtype,
         rng: fingerprint.rng,
         eps: spec.mezo.eps,
@@ -251,7 +289,26 @@ impl TuneFile {
         }
     }
 
-    /// Replay the fine-tune on `model` (the base, loaded at the file's dtype):
+    /// What the fine-tune trained (how to build the model it applies to).
+    pub fn tuning(&self) -> Result<Tuning> {
+        Ok(match (self.tuning.as_str(), &self.lora, &self.prefix) {
+            ("full", None, None) => Tuning::Full,
+            ("lora", Some(l), None) => Tuning::Lora(LoraConfig {
+                r: l.r,
+                alpha: l.alpha,
+                targets: l.targets.clone(),
+                seed: l.seed,
+            }),
+            ("prefix", None, Some(p)) => Tuning::Prefix(PrefixConfig {
+                tokens: p.tokens,
+                seed: p.seed,
+            }),
+            (kind, ..) => bail!("tuning {kind:?} with these settings is not one this mezod knows"),
+        })
+    }
+
+    /// Replay the fine-tune on `model` (the base, loaded at the file's dtype
+    /// and tuning, see [`TuneFile::tuning`]):
     /// refuses a base whose identity differs, and (unless `force`) a machine
     /// on which the file's z would not be drawn identically.
     pub fn apply(&self, model: &LanguageModel, source: &ModelSource, force: bool) -> Result<()> {
@@ -260,6 +317,13 @@ impl TuneFile {
                 "the base is loaded as {:?} but the fine-tune was made in {:?}",
                 model.dtype,
                 self.dtype
+            );
+        }
+        if model.tuning != self.tuning()? {
+            bail!(
+                "the base is loaded for {} tuning but the fine-tune is {}",
+                model.tuning.name(),
+                self.tuning
             );
         }
         let found = base_identity(model, source)?;
