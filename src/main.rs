@@ -391,7 +391,17 @@ fn forward(
     if ids.is_empty() {
         bail!("no tokens to run");
     }
-    let loss = if ids.len() > 1 {
+    // A masked LM predicts its mask token (the first one), not the next token.
+    let masked = model.is_masked_lm();
+    let read_at = if masked {
+        let (_, mask_id) = model.mask_token()?;
+        ids.iter()
+            .position(|&i| i == mask_id)
+            .context("a masked LM predicts at its mask token: put one in the text")?
+    } else {
+        ids.len() - 1
+    };
+    let loss = if ids.len() > 1 && !masked {
         Some(mezod::data::task::causal_lm_loss(
             &model,
             std::slice::from_ref(&ids),
@@ -405,9 +415,7 @@ fn forward(
         .logits(&t_ids, &mask)
         .squeeze_dim(0)
         .to_device(tch::Device::Cpu);
-    let last = logits
-        .get(ids.len() as i64 - 1)
-        .log_softmax(-1, tch::Kind::Float);
+    let last = logits.get(read_at as i64).log_softmax(-1, tch::Kind::Float);
     let (vals, idx) = last.topk(top.min(last.size()[0]), -1, true, true);
     let top_list: Vec<(i64, String, f64)> = (0..vals.size()[0])
         .map(|i| {
@@ -435,9 +443,14 @@ fn forward(
                 "mean next-token cross-entropy: {l:.4} (perplexity {:.2})",
                 l.exp()
             ),
+            None if masked => {}
             None => println!("mean next-token cross-entropy: n/a (one token)"),
         }
-        println!("top next tokens:");
+        if masked {
+            println!("top tokens at the mask (position {read_at}):");
+        } else {
+            println!("top next tokens:");
+        }
         for (id, s, p) in top_list {
             println!("  {id:>8}  {p:>7.4}  {s:?}");
         }

@@ -344,3 +344,22 @@ fn accuracy_as_the_objective_works_for_a_masked_lm() {
         );
     }
 }
+
+#[test]
+fn forward_on_a_masked_lm_reads_its_mask_token() {
+    let run = |text: &str| {
+        mezod()
+            .args(["forward", "--model"])
+            .arg(fixture("roberta"))
+            .args(["--text", text])
+            .output()
+            .unwrap()
+    };
+    let out = check(run("the movie was <mask>."), "forward at the mask");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("top tokens at the mask"), "{stdout}");
+    assert!(!stdout.contains("next-token"), "{stdout}");
+    let out = run("the movie was great");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mask token"));
+}

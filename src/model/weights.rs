@@ -422,6 +422,9 @@ impl<'a> WeightLoader<'a> {
             "rotary_emb.inv_freq",
             "position_ids",
             "lm_head.weight",
+            // Masked LMs' decoders, stored by some checkpoints as copies of the tied embedding.
+            "predictions.decoder.weight",
+            "lm_head.decoder.weight",
         ];
         let mut v: Vec<String> = self
             .ckpt
