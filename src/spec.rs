@@ -300,6 +300,11 @@ pub struct DataSpec {
     /// Field holding the text (causal_lm, and the `sst2` template).
     #[serde(default = "text")]
     pub text_field: String,
+    /// Few-shot sampling, the MeZO paper's RoBERTa setting (after LM-BFF): `k`
+    /// training examples per value of `field` (default `label`), drawn with
+    /// `split_seed`; without a dev file the dev split is the next `k` per value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_class: Option<PerClass>,
     /// Use at most this many training / dev examples (after the split).
     #[serde(default)]
     pub max_train: Option<usize>,
@@ -307,6 +312,15 @@ pub struct DataSpec {
     pub max_dev: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_test: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PerClass {
+    /// Examples per class (the paper: 16 or 512).
+    pub k: usize,
+    #[serde(default = "label")]
+    pub field: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -486,6 +500,9 @@ impl JobSpec {
         }
         if !(m.lr.is_finite() && m.lr >= 0.0) {
             bail!("mezo.lr must be a non-negative number");
+        }
+        if self.data.per_class.as_ref().is_some_and(|p| p.k == 0) {
+            bail!("data.per_class.k must be at least 1 (the paper uses 16 or 512)");
         }
         if !(0.0..1.0).contains(&self.data.dev_fraction) {
             bail!("data.dev_fraction must be in [0, 1)");

@@ -136,7 +136,7 @@ pub fn load_splits(spec: &DataSpec) -> Result<Splits> {
     let mut train = filtered(load_examples(&spec.train)?, spec, &spec.train)?;
     let load = |p: &Path| -> Result<Vec<Example>> { filtered(load_examples(p)?, spec, p) };
     let hold_out_test = spec.test.is_none() && spec.test_fraction > 0.0;
-    if spec.dev.is_none() || hold_out_test {
+    if spec.dev.is_none() || hold_out_test || spec.per_class.is_some() {
         let mut rng = ChaCha20Rng::seed_from_u64(spec.split_seed);
         train.shuffle(&mut rng);
     }
@@ -149,13 +149,22 @@ pub fn load_splits(spec: &DataSpec) -> Result<Splits> {
         }
         None => Vec::new(),
     };
-    let mut dev = match &spec.dev {
-        Some(p) => load(p)?,
-        None => {
+    let mut dev = match (&spec.dev, &spec.per_class) {
+        (Some(p), _) => load(p)?,
+        (None, Some(per)) => {
+            // Few-shot: train keeps k per class, dev is the next k per class.
+            let mut dev = take_per_class(&mut train, per.k, &per.field)?;
+            take_per_class(&mut dev, per.k, &per.field)?;
+            dev
+        }
+        (None, None) => {
             let n = (total * spec.dev_fraction).floor() as usize;
             train.split_off(train.len() - n)
         }
     };
+    if let (Some(per), Some(_)) = (&spec.per_class, &spec.dev) {
+        let _ = take_per_class(&mut train, per.k, &per.field)?;
+    }
     if let Some(n) = spec.max_train {
         train.truncate(n);
     }
@@ -169,6 +178,28 @@ pub fn load_splits(spec: &DataSpec) -> Result<Splits> {
         bail!("no training examples left after the split");
     }
     Ok(Splits { train, dev, test })
+}
+
+/// Keep in `examples` the first `k` of each value of `field` (in their order);
+/// return the others, in order.  Every example must have the field.
+fn take_per_class(examples: &mut Vec<Example>, k: usize, field: &str) -> Result<Vec<Example>> {
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut kept = Vec::new();
+    let mut rest = Vec::new();
+    for (i, ex) in std::mem::take(examples).into_iter().enumerate() {
+        let value = ex
+            .get(field)
+            .with_context(|| format!("data.per_class: example {} has no field {field:?}", i + 1))?;
+        let n = seen.entry(value.clone()).or_default();
+        if *n < k {
+            *n += 1;
+            kept.push(ex);
+        } else {
+            rest.push(ex);
+        }
+    }
+    *examples = kept;
+    Ok(rest)
 }
 
 /// Fill `{field}` placeholders from an example; a missing field is an error.
@@ -238,6 +269,54 @@ mod tests {
         assert_eq!((a.train.len(), a.dev.len()), (45, 5));
         assert_eq!(a.dev, b.dev);
         assert!(a.dev.iter().all(|d| !a.train.contains(d)));
+    }
+
+    #[test]
+    fn per_class_sampling_takes_k_of_each_label_for_train_and_dev() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = dir.path().join("a.jsonl");
+        // 30 of label a, 10 of label b.
+        let rows: String = (0..40)
+            .map(|i| {
+                format!(
+                    "{{\"text\": \"row {i}\", \"y\": \"{}\"}}\n",
+                    if i % 4 == 0 { "b" } else { "a" }
+                )
+            })
+            .collect();
+        std::fs::write(&j, rows).unwrap();
+        let spec: crate::spec::DataSpec = serde_yaml::from_str(&format!(
+            "{{train: {}, per_class: {{k: 4, field: y}}, split_seed: 3}}",
+            j.display()
+        ))
+        .unwrap();
+        let s = load_splits(&spec).unwrap();
+        let count = |v: &[Example], l: &str| v.iter().filter(|e| e["y"] == l).count();
+        assert_eq!((count(&s.train, "a"), count(&s.train, "b")), (4, 4));
+        assert_eq!((count(&s.dev, "a"), count(&s.dev, "b")), (4, 4));
+        assert!(s.dev.iter().all(|d| !s.train.contains(d)));
+        assert_eq!(s.train, load_splits(&spec).unwrap().train);
+        let other = crate::spec::DataSpec {
+            split_seed: 4,
+            ..spec.clone()
+        };
+        assert_ne!(s.train, load_splits(&other).unwrap().train);
+        // With a dev file, dev is the file and train still k per class.
+        let with_dev = crate::spec::DataSpec {
+            dev: Some(j.clone()),
+            ..spec.clone()
+        };
+        let s = load_splits(&with_dev).unwrap();
+        assert_eq!((s.train.len(), s.dev.len()), (8, 40));
+        let missing = crate::spec::DataSpec {
+            per_class: Some(crate::spec::PerClass {
+                k: 2,
+                field: "label".into(),
+            }),
+            ..spec
+        };
+        let e = load_splits(&missing).err().unwrap().to_string();
+        assert!(e.contains("\"label\""), "{e}");
     }
 
     #[test]
