@@ -15,8 +15,9 @@ use tch::Device;
 use crate::data::task::causal_lm_loss;
 use crate::estimate::estimate;
 use crate::mezo::{mezo_step, step_seed, Gradient, Rng, StepConfig, ZSweep};
+use crate::model::adapters::{LoraConfig, PrefixConfig, Tuning};
 use crate::model::{parse_device, Dtype, LanguageModel, ModelSource};
-use crate::spec::JobSpec;
+use crate::spec::{JobSpec, TuningKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -59,6 +60,10 @@ pub struct BenchArgs {
     /// default: fast on CPU, torch on GPU, as for jobs.
     #[arg(long, value_enum)]
     pub rng: Option<Rng>,
+    /// What the step perturbs: every weight, LoRA adapters (r 8, α 16, the
+    /// query/value projections) or 5-token key/value prefixes.
+    #[arg(long, value_enum, default_value = "full")]
+    pub tuning: TuningKind,
 }
 
 impl BenchArgs {
@@ -133,7 +138,17 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
     let device = parse_device(&args.device)?;
     let gpu = args.device.starts_with("cuda");
     let estimate_bytes = estimate(&args.as_job()?, gpu)?.total();
-    let model = LanguageModel::open(&args.source(), args.dtype, device)?;
+    let tuning = match args.tuning {
+        TuningKind::Full => Tuning::Full,
+        TuningKind::Lora => Tuning::Lora(LoraConfig {
+            r: 8,
+            alpha: 16.0,
+            targets: Vec::new(),
+            seed: 0,
+        }),
+        TuningKind::Prefix => Tuning::Prefix(PrefixConfig { tokens: 5, seed: 0 }),
+    };
+    let model = LanguageModel::open_tuned(&args.source(), args.dtype, device, &tuning)?;
     let rng = args.rng.unwrap_or_else(|| Rng::default_for(&args.device));
     let config: serde_json::Value = serde_json::from_str(&model.config_text)?;
     let vocab = config["vocab_size"].as_i64().unwrap_or(1000);

@@ -65,7 +65,7 @@ fn is_default_modes(m: &Vec<Mode>) -> bool {
     *m == default_modes()
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum TuningKind {
     #[default]
