@@ -1,7 +1,8 @@
 //! Parameter-efficient tuning: `tuning: lora` and `tuning: prefix` on every
-//! decoder architecture lower the loss, tune only their own tensors, resume
-//! bit-identically after SIGKILL and travel as `.mezo` files; a LoRA run's PEFT
-//! adapter loads in the `peft` package and equals the merged export; a prefix
+//! architecture (decoders and the BERT family) lower the loss, tune only their own tensors, resume
+//! bit-identically after SIGKILL and travel as `.mezo` files; their PEFT
+//! adapters load in the `peft` package and compute what mezod computes (LoRA:
+//! the merged export; prefix: mezod's own logits); a prefix
 //! initialized from random tokens' activations is exactly the base model
 //! reading those tokens first.
 
@@ -156,7 +157,7 @@ fn lora_lowers_the_loss_resumes_exactly_and_its_peft_adapter_equals_the_merged_m
 }
 
 #[test]
-fn prefix_tuning_lowers_the_loss_and_resumes_exactly() {
+fn prefix_tuning_lowers_the_loss_resumes_exactly_and_its_peft_adapter_computes_the_same() {
     let tmp = tempfile::tempdir().unwrap();
     for arch in ALL {
         let run = train_and_resume(tmp.path(), arch, "prefix", &["prefix."]);
@@ -165,7 +166,53 @@ fn prefix_tuning_lowers_the_loss_and_resumes_exactly() {
             sha256(&export_of_base(tmp.path(), arch)),
             "{arch}: prefix tuning changed the base weights"
         );
+        if matches!(arch, "bert" | "roberta") {
+            assert!(
+                !run.join("adapter").exists(),
+                "PEFT has no masked-LM prefix"
+            );
+            continue;
+        }
+        let expect = tmp.path().join(format!("{arch}-prefix-logits.json"));
+        write_prefix_logits(arch, &run, &expect);
+        check(
+            python()
+                .arg(root().join("scripts/check_peft_adapter.py"))
+                .arg(fixture(arch))
+                .arg(run.join("adapter"))
+                .arg("--expect")
+                .arg(&expect)
+                .output()
+                .unwrap(),
+            &format!("{arch}: the PEFT prefix adapter against mezod's logits"),
+        );
     }
+}
+
+/// mezod's logits, with the prefixes a run exported, for two token sequences
+/// (the `--expect` file of scripts/check_peft_adapter.py).
+fn write_prefix_logits(arch: &str, run: &Path, out: &Path) {
+    // tuned_job's settings: 5 tokens, seed 5 (the trained values replace them).
+    let model = open(arch, &Tuning::Prefix(PrefixConfig { tokens: 5, seed: 5 }));
+    let bytes = std::fs::read(run.join("model/prefix.safetensors")).unwrap();
+    let stored = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    tch::no_grad(|| {
+        for p in model.params.iter() {
+            let view = stored.tensor(&p.name).unwrap();
+            let t = Tensor::from_data_size(view.data(), &p.tensor.size(), tch::Kind::Float);
+            p.tensor.shallow_clone().copy_(&t);
+        }
+    });
+    let ids: Vec<Vec<i64>> = vec![vec![5, 17, 42, 99, 7, 3], vec![11, 2, 250, 31]];
+    let logits: Vec<Vec<Vec<f32>>> = ids
+        .iter()
+        .map(|s| {
+            let t = Tensor::from_slice(s).view([1, s.len() as i64]);
+            Vec::<Vec<f32>>::try_from(model.logits(&t, &t.ones_like()).get(0)).unwrap()
+        })
+        .collect();
+    let json = serde_json::json!({"ids": ids, "logits": logits});
+    std::fs::write(out, json.to_string()).unwrap();
 }
 
 /// The base model exported untouched (same dtype and layout as a run's export).

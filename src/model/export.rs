@@ -144,46 +144,79 @@ pub fn export_hf(model: &LanguageModel, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Save a LoRA-tuned model's adapters as a PEFT adapter directory
-/// (`adapter_config.json` + `adapter_model.safetensors`) that
+/// Save a LoRA- or prefix-tuned model's trained tensors as a PEFT adapter
+/// directory (`adapter_config.json` + `adapter_model.safetensors`) that
 /// `PeftModel.from_pretrained(base, dir)` loads onto the base model.
 pub fn export_peft_adapter(model: &LanguageModel, out: &Path) -> Result<()> {
-    let Tuning::Lora(cfg) = &model.tuning else {
-        bail!("only a LoRA-tuned model has a PEFT adapter");
+    let masked = model.is_masked_lm();
+    let task_type = if masked {
+        serde_json::Value::Null
+    } else {
+        "CAUSAL_LM".into()
+    };
+    let (tensors, config) = match &model.tuning {
+        Tuning::Lora(cfg) => {
+            let tensors: Vec<(String, Tensor)> = model
+                .lora_sites
+                .iter()
+                .flat_map(|s| {
+                    let name = |part: &str| format!("base_model.model.{}.{part}.weight", s.module);
+                    [
+                        (name("lora_A"), s.lora.a.shallow_clone()),
+                        (name("lora_B"), s.lora.b.shallow_clone()),
+                    ]
+                })
+                .collect();
+            let config = serde_json::json!({
+                "peft_type": "LORA",
+                "task_type": task_type,
+                "r": cfg.r,
+                "lora_alpha": cfg.alpha,
+                "target_modules": cfg.targets,
+                "lora_dropout": 0.0,
+                "bias": "none",
+                "fan_in_fan_out": model.lora_sites.iter().any(|s| s.transposed),
+                "init_lora_weights": true,
+                "inference_mode": true,
+                "modules_to_save": null,
+                "base_model_name_or_path": null,
+            });
+            (tensors, config)
+        }
+        Tuning::Prefix(cfg) if !masked => {
+            // PEFT's layout: `prompt_embeddings [n, layers · 2 · kv_heads · head_dim]`,
+            // per token the layers' keys then values, each `[kv_heads, head_dim]` flattened.
+            let per_token: Vec<Tensor> = model
+                .params
+                .iter()
+                .map(|p| {
+                    let (heads, n, d) = p.tensor.size3().expect("prefixes are [heads, n, d]");
+                    p.tensor.permute([1, 0, 2]).reshape([n, heads * d])
+                })
+                .collect();
+            let (heads, _, d) = model.params.0[0].tensor.size3()?;
+            let embeddings = Tensor::cat(&per_token, 1);
+            let config = serde_json::json!({
+                "peft_type": "PREFIX_TUNING",
+                "task_type": task_type,
+                "num_virtual_tokens": cfg.tokens,
+                "token_dim": heads * d,
+                "num_attention_heads": heads,
+                "num_layers": model.params.len() / 2,
+                "num_transformer_submodules": 1,
+                "encoder_hidden_size": heads * d,
+                "prefix_projection": false,
+                "inference_mode": true,
+                "base_model_name_or_path": null,
+            });
+            (vec![("prompt_embeddings".to_string(), embeddings)], config)
+        }
+        Tuning::Prefix(_) => bail!("PEFT has no prefix adapter for masked LMs"),
+        Tuning::Full => bail!("a fully tuned model has no adapter: its model/ is the fine-tune"),
     };
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let tensors: Vec<(String, &Tensor)> = model
-        .lora_sites
-        .iter()
-        .flat_map(|s| {
-            [
-                (
-                    format!("base_model.model.{}.lora_A.weight", s.module),
-                    &s.lora.a,
-                ),
-                (
-                    format!("base_model.model.{}.lora_B.weight", s.module),
-                    &s.lora.b,
-                ),
-            ]
-        })
-        .collect();
-    write_safetensors(&out.join("adapter_model.safetensors"), &tensors, &[])?;
-    let masked = matches!(model.model_type.as_str(), "bert" | "roberta");
-    let config = serde_json::json!({
-        "peft_type": "LORA",
-        "task_type": if masked { serde_json::Value::Null } else { "CAUSAL_LM".into() },
-        "r": cfg.r,
-        "lora_alpha": cfg.alpha,
-        "target_modules": cfg.targets,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": model.lora_sites.iter().any(|s| s.transposed),
-        "init_lora_weights": true,
-        "inference_mode": true,
-        "modules_to_save": null,
-        "base_model_name_or_path": null,
-    });
+    let refs: Vec<(String, &Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t)).collect();
+    write_safetensors(&out.join("adapter_model.safetensors"), &refs, &[])?;
     std::fs::write(
         out.join("adapter_config.json"),
         serde_json::to_string_pretty(&config)?,

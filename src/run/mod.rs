@@ -29,6 +29,7 @@ use crate::mezo::{
     batch_indices, direction_seed, mezo_step, replay_step, spsa_step, step_seed, Gradient,
     Gradients, Rng, StepConfig, ZSweep,
 };
+use crate::model::adapters::Tuning;
 use crate::model::export::{export_hf, export_peft_adapter};
 use crate::model::{parse_device, LanguageModel};
 use crate::spec::{JobSpec, Mode};
@@ -604,7 +605,12 @@ fn finish(
         job.replay(&records[from as usize..best_step as usize])?;
     }
     export_hf(&job.model, &model_dir)?;
-    if !job.model.lora_sites.is_empty() {
+    let peft = match job.model.tuning {
+        Tuning::Lora(_) => true,
+        Tuning::Prefix(_) => !job.model.is_masked_lm(),
+        Tuning::Full => false,
+    };
+    if peft {
         export_peft_adapter(&job.model, &job.out.join("adapter"))?;
     }
     let test = if job.test.is_empty() {
