@@ -421,7 +421,10 @@ fn a_job_that_always_fails_ends_failed_with_its_log_tail() {
 fn two_concurrent_cpu_jobs_each_equal_their_solo_run() {
     let tmp = tempfile::tempdir().unwrap();
     let a = job_file(tmp.path(), "a", 120, 11);
+    // The second job tunes LoRA adapters: the daemon runs every kind of job.
     let b = job_file(tmp.path(), "b", 120, 12);
+    let text = std::fs::read_to_string(&b).unwrap();
+    std::fs::write(&b, format!("tuning: lora\n{text}")).unwrap();
     let (sha_a, sha_b) = (solo_sha(&a), solo_sha(&b));
     assert_ne!(sha_a, sha_b);
     let d = Daemon::start(tmp.path(), &CONFIG.replace("cpu_slots: 1", "cpu_slots: 2"));
@@ -439,6 +442,11 @@ fn two_concurrent_cpu_jobs_each_equal_their_solo_run() {
     assert_eq!(d.wait_done(ib)["state"], "done");
     assert_eq!(d.weights_sha(ia), sha_a);
     assert_eq!(d.weights_sha(ib), sha_b);
+    let adapter = "adapter/adapter_model.safetensors";
+    assert_eq!(
+        sha256(&d.job_dir(ib).join("run").join(adapter)),
+        sha256(&b.with_extension("solo").join(adapter))
+    );
 }
 
 #[test]
