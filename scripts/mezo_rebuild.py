@@ -204,11 +204,13 @@ def main():
     ap.add_argument("--check", help="a safetensors file that must hold identical tensors")
     args = ap.parse_args()
     tune = json.load(open(args.tune))
-    if tune.get("format") != "mezo" or tune.get("version", 99) > 1:
-        sys.exit(f"{args.tune} is not a version-1 .mezo file")
+    if tune.get("format") != "mezo":
+        sys.exit(f"{args.tune} is not a .mezo file")
     if tune.get("tuning", "full") != "full":
         sys.exit(f"{args.tune} is a {tune['tuning']} fine-tune; this script rebuilds full fine-tunes "
                  "(rebuild it with `mezod apply`)")
+    if tune.get("version", 99) > 1:
+        sys.exit(f"{args.tune} is a version-{tune.get('version')} .mezo file; this script reads version 1")
     tensors = rebuild(tune, args.base)
     save_file(tensors, args.output, metadata={"format": "pt"})
     print(f"{args.output}: {len(tune['steps'])} steps applied ({tune['rng']} z, {tune['dtype']})")

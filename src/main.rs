@@ -391,6 +391,12 @@ fn forward(
     if ids.is_empty() {
         bail!("no tokens to run");
     }
+    let config: serde_json::Value = serde_json::from_str(&model.config_text)?;
+    if let Some(vocab) = config["vocab_size"].as_i64() {
+        if let Some(bad) = ids.iter().find(|&&i| !(0..vocab).contains(&i)) {
+            bail!("token id {bad} is outside the model's vocabulary (0..{vocab})");
+        }
+    }
     // A masked LM predicts its mask token (the first one), not the next token.
     let masked = model.is_masked_lm();
     let read_at = if masked {

@@ -301,7 +301,7 @@ pub struct DataSpec {
     #[serde(default = "text")]
     pub text_field: String,
     /// Few-shot sampling, the MeZO paper's RoBERTa setting (after LM-BFF): `k`
-    /// training examples per value of `field` (default `label`), drawn with
+    /// training examples per value of `field` (default: `task.label_field`), drawn with
     /// `split_seed`; without a dev file the dev split is the next `k` per value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_class: Option<PerClass>,
@@ -319,8 +319,9 @@ pub struct DataSpec {
 pub struct PerClass {
     /// Examples per class (the paper: 16 or 512).
     pub k: usize,
-    #[serde(default = "label")]
-    pub field: String,
+    /// The field whose values are the classes (default: `task.label_field`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -109,18 +109,20 @@ fn train_and_resume(dir: &Path, arch: &str, tuning: &str, trained: &[&str]) -> P
     let run = dir.join(format!("{arch}-{tuning}-killed"));
     let killed_at = kill_and_resume(&job, &run, 40);
     assert!(killed_at < 200, "{arch} {tuning}: ended before the kill");
-    for file in [
-        "model/model.safetensors",
-        "model/prefix.safetensors",
-        "adapter/adapter_model.safetensors",
-    ] {
-        if solo.join(file).exists() {
-            assert_eq!(
-                sha256(&run.join(file)),
-                sha256(&solo.join(file)),
-                "{arch} {tuning}: {file} after a kill at step {killed_at}"
-            );
-        }
+    let mut files = vec!["model/model.safetensors"];
+    if tuning == "prefix" {
+        files.push("model/prefix.safetensors");
+    }
+    if tuning == "lora" || !masked {
+        files.push("adapter/adapter_model.safetensors");
+    }
+    for file in files {
+        assert!(solo.join(file).is_file(), "{arch} {tuning}: no {file}");
+        assert_eq!(
+            sha256(&run.join(file)),
+            sha256(&solo.join(file)),
+            "{arch} {tuning}: {file} after a kill at step {killed_at}"
+        );
     }
     solo
 }
@@ -256,15 +258,58 @@ fn lora_and_prefix_fine_tunes_travel_as_mezo_files() {
                 .unwrap(),
             "mezod apply",
         );
-        for f in ["model.safetensors", "prefix.safetensors"] {
-            if run.join("model").join(f).exists() {
-                assert_eq!(
-                    sha256(&out.join(f)),
-                    sha256(&run.join("model").join(f)),
-                    "{tuning} {f}"
-                );
-            }
+        let files: &[&str] = if tuning == "prefix" {
+            &["model.safetensors", "prefix.safetensors"]
+        } else {
+            &["model.safetensors"]
+        };
+        for f in files {
+            assert_eq!(
+                sha256(&out.join(f)),
+                sha256(&run.join("model").join(f)),
+                "{tuning} {f}"
+            );
         }
+        // Version 2 (an older mezod refuses it), with the run's starting adapters.
+        assert_eq!(tune["version"], 2);
+        let initial = std::fs::read_to_string(run.join("initial.sha256")).unwrap();
+        assert_eq!(tune["initial_sha256"], initial.trim());
+        // Another start is refused (a prefix built on another device), unless forced.
+        let mut other = tune.clone();
+        other["initial_sha256"] = "0".repeat(64).into();
+        let other_file = tmp.path().join(format!("{tuning}-other.mezo"));
+        std::fs::write(&other_file, other.to_string()).unwrap();
+        let refused = mezod()
+            .arg("apply")
+            .arg(&other_file)
+            .arg("-o")
+            .arg(tmp.path().join("refused"))
+            .output()
+            .unwrap();
+        assert!(!refused.status.success());
+        assert!(String::from_utf8_lossy(&refused.stderr).contains("--force"));
+        check(
+            mezod()
+                .arg("apply")
+                .arg(&other_file)
+                .arg("-o")
+                .arg(tmp.path().join(format!("forced-{tuning}")))
+                .arg("--force")
+                .output()
+                .unwrap(),
+            "mezod apply --force",
+        );
+        // A resume that would start elsewhere is refused too.
+        std::fs::write(run.join("initial.sha256"), "0".repeat(64)).unwrap();
+        let resumed = mezod()
+            .arg("run")
+            .arg(&job)
+            .arg("--out")
+            .arg(&run)
+            .output()
+            .unwrap();
+        assert!(!resumed.status.success());
+        assert!(String::from_utf8_lossy(&resumed.stderr).contains("starting"));
         let py = python()
             .arg(root().join("scripts/mezo_rebuild.py"))
             .arg(&file)
@@ -387,4 +432,47 @@ fn the_lora_example_asks_for_the_papers_adapters() {
             seed: 1,
         })
     );
+}
+
+#[test]
+fn prefixed_rows_in_a_left_padded_batch_read_as_alone() {
+    let rows: [&[i64]; 2] = [&[5, 17, 42, 99, 7, 3], &[11, 2, 25]];
+    for arch in ALL {
+        let model = open(arch, &Tuning::Prefix(PrefixConfig { tokens: 3, seed: 2 }));
+        let (ids, mask) =
+            mezod::tokenize::pad_left(&rows.iter().map(|r| r.to_vec()).collect::<Vec<_>>(), 0);
+        let batch = model.logits(&ids, &mask);
+        for (i, row) in rows.iter().enumerate() {
+            let t = Tensor::from_slice(row).view([1, row.len() as i64]);
+            let alone = model.logits(&t, &t.ones_like()).get(0);
+            let n = row.len() as i64;
+            let padded = batch.get(i as i64).narrow(0, 6 - n, n);
+            let diff = (&padded - &alone).abs().max().double_value(&[]);
+            assert!(diff < 1e-4, "{arch} row {i}: {diff}");
+        }
+    }
+}
+
+#[test]
+fn a_prefix_longer_than_the_learned_positions_is_a_clear_error() {
+    for arch in ["gpt2", "opt", "roberta"] {
+        let base = LanguageModel::load(&fixture(arch), Dtype::F32, Device::Cpu).unwrap();
+        let limit = base.max_positions().unwrap() as i64;
+        let e = LanguageModel::open_tuned(
+            &ModelSource::Pretrained(fixture(arch)),
+            Dtype::F32,
+            Device::Cpu,
+            &Tuning::Prefix(PrefixConfig {
+                tokens: limit,
+                seed: 0,
+            }),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            e.contains("prefix.tokens") && e.contains("learned"),
+            "{arch}: {e}"
+        );
+    }
 }

@@ -362,4 +362,12 @@ fn forward_on_a_masked_lm_reads_its_mask_token() {
     let out = run("the movie was great");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("mask token"));
+    // Token ids outside the vocabulary are an error, not a libtorch panic.
+    let out = mezod()
+        .args(["forward", "--ids", "5,999", "--model"])
+        .arg(fixture("roberta"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("outside the model's vocabulary"));
 }

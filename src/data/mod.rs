@@ -132,8 +132,25 @@ fn filtered(rows: Vec<Example>, spec: &DataSpec, path: &Path) -> Result<Vec<Exam
 
 /// Load train, dev and test: files where given, otherwise seeded fractions
 /// held out of train (test first, then dev, from one shuffle).
-pub fn load_splits(spec: &DataSpec) -> Result<Splits> {
+/// `label_field` names the classes for `per_class` sampling when it names no field.
+pub fn load_splits(spec: &DataSpec, label_field: &str) -> Result<Splits> {
     let mut train = filtered(load_examples(&spec.train)?, spec, &spec.train)?;
+    let per_class = spec.per_class.as_ref().map(|p| {
+        (
+            p.k,
+            p.field.clone().unwrap_or_else(|| label_field.to_string()),
+        )
+    });
+    if let Some((_, field)) = &per_class {
+        // Named before shuffling, so the row number is the file's (after `filter`).
+        if let Some(i) = train.iter().position(|ex| !ex.contains_key(field)) {
+            bail!(
+                "data.per_class: training example {} of {} has no field {field:?}",
+                i + 1,
+                spec.train.display()
+            );
+        }
+    }
     let load = |p: &Path| -> Result<Vec<Example>> { filtered(load_examples(p)?, spec, p) };
     let hold_out_test = spec.test.is_none() && spec.test_fraction > 0.0;
     if spec.dev.is_none() || hold_out_test || spec.per_class.is_some() {
@@ -149,12 +166,12 @@ pub fn load_splits(spec: &DataSpec) -> Result<Splits> {
         }
         None => Vec::new(),
     };
-    let mut dev = match (&spec.dev, &spec.per_class) {
+    let mut dev = match (&spec.dev, &per_class) {
         (Some(p), _) => load(p)?,
-        (None, Some(per)) => {
+        (None, Some((k, field))) => {
             // Few-shot: train keeps k per class, dev is the next k per class.
-            let mut dev = take_per_class(&mut train, per.k, &per.field)?;
-            take_per_class(&mut dev, per.k, &per.field)?;
+            let mut dev = take_per_class(&mut train, *k, field);
+            take_per_class(&mut dev, *k, field);
             dev
         }
         (None, None) => {
@@ -162,8 +179,8 @@ pub fn load_splits(spec: &DataSpec) -> Result<Splits> {
             train.split_off(train.len() - n)
         }
     };
-    if let (Some(per), Some(_)) = (&spec.per_class, &spec.dev) {
-        let _ = take_per_class(&mut train, per.k, &per.field)?;
+    if let (Some((k, field)), Some(_)) = (&per_class, &spec.dev) {
+        take_per_class(&mut train, *k, field);
     }
     if let Some(n) = spec.max_train {
         train.truncate(n);
@@ -181,16 +198,15 @@ pub fn load_splits(spec: &DataSpec) -> Result<Splits> {
 }
 
 /// Keep in `examples` the first `k` of each value of `field` (in their order);
-/// return the others, in order.  Every example must have the field.
-fn take_per_class(examples: &mut Vec<Example>, k: usize, field: &str) -> Result<Vec<Example>> {
+/// return the others, in order.  A class with fewer than `k` is kept whole,
+/// with a warning.
+fn take_per_class(examples: &mut Vec<Example>, k: usize, field: &str) -> Vec<Example> {
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     let mut kept = Vec::new();
     let mut rest = Vec::new();
-    for (i, ex) in std::mem::take(examples).into_iter().enumerate() {
-        let value = ex
-            .get(field)
-            .with_context(|| format!("data.per_class: example {} has no field {field:?}", i + 1))?;
-        let n = seen.entry(value.clone()).or_default();
+    for ex in std::mem::take(examples) {
+        let value = ex.get(field).cloned().unwrap_or_default();
+        let n = seen.entry(value).or_default();
         if *n < k {
             *n += 1;
             kept.push(ex);
@@ -198,8 +214,11 @@ fn take_per_class(examples: &mut Vec<Example>, k: usize, field: &str) -> Result<
             rest.push(ex);
         }
     }
+    for (value, n) in seen.iter().filter(|(_, &n)| n < k) {
+        tracing::warn!("data.per_class: class {field} = {value:?} has only {n} examples for {k}");
+    }
     *examples = kept;
-    Ok(rest)
+    rest
 }
 
 /// Fill `{field}` placeholders from an example; a missing field is an error.
@@ -264,8 +283,8 @@ mod tests {
         .unwrap();
         let spec: crate::spec::DataSpec =
             serde_yaml::from_str(&format!("train: {}", j.display())).unwrap();
-        let a = load_splits(&spec).unwrap();
-        let b = load_splits(&spec).unwrap();
+        let a = load_splits(&spec, "label").unwrap();
+        let b = load_splits(&spec, "label").unwrap();
         assert_eq!((a.train.len(), a.dev.len()), (45, 5));
         assert_eq!(a.dev, b.dev);
         assert!(a.dev.iter().all(|d| !a.train.contains(d)));
@@ -290,33 +309,31 @@ mod tests {
             j.display()
         ))
         .unwrap();
-        let s = load_splits(&spec).unwrap();
+        let s = load_splits(&spec, "label").unwrap();
         let count = |v: &[Example], l: &str| v.iter().filter(|e| e["y"] == l).count();
         assert_eq!((count(&s.train, "a"), count(&s.train, "b")), (4, 4));
         assert_eq!((count(&s.dev, "a"), count(&s.dev, "b")), (4, 4));
         assert!(s.dev.iter().all(|d| !s.train.contains(d)));
-        assert_eq!(s.train, load_splits(&spec).unwrap().train);
+        assert_eq!(s.train, load_splits(&spec, "label").unwrap().train);
         let other = crate::spec::DataSpec {
             split_seed: 4,
             ..spec.clone()
         };
-        assert_ne!(s.train, load_splits(&other).unwrap().train);
+        assert_ne!(s.train, load_splits(&other, "label").unwrap().train);
         // With a dev file, dev is the file and train still k per class.
         let with_dev = crate::spec::DataSpec {
             dev: Some(j.clone()),
             ..spec.clone()
         };
-        let s = load_splits(&with_dev).unwrap();
+        let s = load_splits(&with_dev, "label").unwrap();
         assert_eq!((s.train.len(), s.dev.len()), (8, 40));
         let missing = crate::spec::DataSpec {
-            per_class: Some(crate::spec::PerClass {
-                k: 2,
-                field: "label".into(),
-            }),
+            // No field named: the task's label field, which these rows lack.
+            per_class: Some(crate::spec::PerClass { k: 2, field: None }),
             ..spec
         };
-        let e = load_splits(&missing).err().unwrap().to_string();
-        assert!(e.contains("\"label\""), "{e}");
+        let e = load_splits(&missing, "label").err().unwrap().to_string();
+        assert!(e.contains("\"label\"") && e.contains("example 1 of"), "{e}");
     }
 
     #[test]
@@ -341,7 +358,7 @@ mod tests {
             path.display()
         ))
         .unwrap();
-        let a = load_splits(&spec).unwrap();
+        let a = load_splits(&spec, "label").unwrap();
         assert_eq!((a.train.len(), a.dev.len(), a.test.len()), (26, 4, 10));
         let all: Vec<&Example> = a.train.iter().chain(&a.dev).chain(&a.test).collect();
         assert!(all.iter().all(|r| r["category"] != "plot"));
@@ -349,13 +366,13 @@ mod tests {
         texts.sort();
         texts.dedup();
         assert_eq!(texts.len(), 40, "train, dev and test are disjoint");
-        assert_eq!(load_splits(&spec).unwrap().test, a.test, "seeded");
+        assert_eq!(load_splits(&spec, "label").unwrap().test, a.test, "seeded");
         let bad: crate::spec::DataSpec = serde_yaml::from_str(&format!(
             "{{train: {}, filter: {{genre: [drama]}}}}",
             path.display()
         ))
         .unwrap();
-        let e = load_splits(&bad).err().unwrap().to_string();
+        let e = load_splits(&bad, "label").err().unwrap().to_string();
         assert!(e.contains("genre"), "{e}");
     }
 

@@ -12,8 +12,10 @@
 //!   (the way transformers treats a cached prefix), so the untrained prefix turns
 //!   the model into exactly "the same model reading those tokens first".
 //!
-//! Both draw their initial values from the job's seed on the CPU in f32 (then
-//! cast and moved), so a resumed run rebuilds the same starting point.
+//! Both start from the job's seed: LoRA's `A` is drawn on the CPU in f32 (then
+//! cast and moved), the same everywhere; a prefix's token ids are drawn the same
+//! way, but its values come from a forward pass at the job's dtype and device,
+//! so its last bits may differ elsewhere (runs record its SHA-256 to check).
 
 use std::cell::RefCell;
 

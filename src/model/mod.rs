@@ -293,6 +293,14 @@ impl LanguageModel {
     /// for `n` random vocabulary tokens become its trainable prefix.
     fn init_prefix(&mut self, n: i64, seed: u64) -> Result<()> {
         let _guard = tch::no_grad_guard();
+        // Learned positions must hold the prefix and some text after it.
+        if let Some(limit) = self.max_positions() {
+            if n as usize + 2 > limit {
+                bail!(
+                    "prefix.tokens {n} leaves no room for text in the model's {limit} learned                      positions (the prefix takes the first {n}): use fewer prefix tokens"
+                );
+            }
+        }
         let vocab = serde_json::from_str::<serde_json::Value>(&self.config_text)?["vocab_size"]
             .as_i64()
             .context("config.json has no vocab_size")?;

@@ -410,7 +410,8 @@ pub fn run_with_log(
         &spec.tuning(),
     )
     .with_context(|| format!("loading model {}", spec.model.describe()))?;
-    let splits = load_splits(&spec.data)?;
+    check_initial_adapters(out, &model, opts.force)?;
+    let splits = load_splits(&spec.data, &spec.task.label_field)?;
     let mut task = Task::from_spec(&spec)?;
     if let Some(limit) = model.max_positions() {
         if spec.task.max_length > limit {
@@ -562,6 +563,42 @@ fn interrupted(
     }
     snapshot::save(snap_dir, step, &job.model.params, 2)?;
     Ok(Outcome::Interrupted { step, signal })
+}
+
+/// LoRA and prefix runs start from adapters built from the seed (a prefix by a
+/// forward pass): record their SHA-256 on the first start, and check it on a
+/// resume, where a different start would silently break the exact replay.
+fn check_initial_adapters(out: &Path, model: &LanguageModel, force: bool) -> Result<()> {
+    if model.tuning == Tuning::Full {
+        return Ok(());
+    }
+    let path = out.join(tune_file::INITIAL_SHA256);
+    let here = tune_file::params_sha256(&model.params);
+    match std::fs::read_to_string(&path) {
+        Ok(recorded) if recorded.trim() == here => Ok(()),
+        Ok(recorded) if force => {
+            tracing::warn!(
+                "the starting {} tensors differ from the run's (SHA-256 {here} vs {}); \
+                 resuming anyway (--force): no longer bit-identical",
+                model.tuning.name(),
+                recorded.trim()
+            );
+            Ok(())
+        }
+        Ok(recorded) => bail!(
+            "the starting {} tensors built here differ from those the run started from \
+             (SHA-256 {here} vs {}): a prefix starts from a forward pass, whose last bits \
+             depend on the device, dtype and CPU; pass --force to resume anyway",
+            model.tuning.name(),
+            recorded.trim()
+        ),
+        Err(_) => {
+            let tmp = path.with_extension("sha256.partial");
+            std::fs::write(&tmp, &here)?;
+            std::fs::rename(&tmp, &path)?;
+            Ok(())
+        }
+    }
 }
 
 /// Final evaluation, best weights, export, result and picture.

@@ -20,11 +20,17 @@ use super::fingerprint::Fingerprint;
 use super::seedlog::{SeedLog, StepRecord};
 use crate::mezo::{replay_step, Rng, StepConfig, ZSweep};
 use crate::model::adapters::{LoraConfig, PrefixConfig, Tuning};
-use crate::model::{Dtype, LanguageModel, ModelSource};
+use crate::model::{Dtype, LanguageModel, ModelSource, ParamList};
 use crate::spec::JobSpec;
 
 pub const FORMAT: &str = "mezo";
-pub const VERSION: u32 = 1;
+
+/// Where a LoRA or prefix run records [`params_sha256`] of its starting adapters.
+pub const INITIAL_SHA256: &str = "initial.sha256";
+/// Version 2 files tune adapters (LoRA, prefix); full fine-tunes stay version 1,
+/// which every mezod reads.  An older mezod refuses version 2 rather than
+/// replaying adapter steps over the base weights.
+pub const VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TuneFile {
@@ -39,6 +45,10 @@ pub struct TuneFile {
     /// Prefix tuning's settings (initial tokens drawn from `seed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<PrefixEntry>,
+    /// LoRA, prefix: SHA-256 of the trainable tensors before the first step, as
+    /// the run built them (see [`params_sha256`]); a rebuild must start there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_sha256: Option<String>,
     pub dtype: Dtype,
     pub rng: Rng,
     pub eps: f64,
@@ -97,10 +107,11 @@ pub struct TuneStep {
     pub more: Vec<(u64, f64)>,
 }
 
-/// The identity of a loaded base model (see [`BaseIdentity`]).
-pub fn base_identity(model: &LanguageModel, source: &ModelSource) -> Result<BaseIdentity> {
+/// SHA-256 over parameters in order: for each, its name, a newline, its shape
+/// as comma-separated numbers, a newline, then its bytes (little-endian, row-major).
+pub fn params_sha256(params: &ParamList) -> String {
     let mut h = Sha256::new();
-    for p in model.base_weights().iter() {
+    for p in params.iter() {
         let t = p.tensor.to_device(tch::Device::Cpu).contiguous();
         let shape: Vec<String> = t.size().iter().map(|d| d.to_string()).collect();
         h.update(p.name.as_bytes());
@@ -111,6 +122,11 @@ pub fn base_identity(model: &LanguageModel, source: &ModelSource) -> Result<Base
         // SAFETY: a contiguous CPU tensor of `bytes` bytes, alive for this scope.
         h.update(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, bytes) });
     }
+    format!("{:x}", h.finalize())
+}
+
+/// The identity of a loaded base model (see [`BaseIdentity`]).
+pub fn base_identity(model: &LanguageModel, source: &ModelSource) -> Result<BaseIdentity> {
     let mut config: serde_json::Value = serde_json::from_str(&model.config_text)?;
     if let Some(map) = config.as_object_mut() {
         for key in [
@@ -131,7 +147,7 @@ pub fn base_identity(model: &LanguageModel, source: &ModelSource) -> Result<Base
     Ok(BaseIdentity {
         source: description,
         random_seed,
-        weights_sha256: format!("{:x}", h.finalize()),
+        weights_sha256: params_sha256(model.base_weights()),
         config_sha256: format!(
             "{:x}",
             Sha256::digest(serde_json::to_string(&config)?.as_bytes())
@@ -204,7 +220,14 @@ pub fn export(run: &Path, upto: Option<u64>) -> Result<TuneFile> {
     let base = base_identity(&model, &source)?;
     Ok(TuneFile {
         format: FORMAT.into(),
-        version: VERSION,
+        version: if model.tuning == Tuning::Full {
+            1
+        } else {
+            VERSION
+        },
+        initial_sha256: std::fs::read_to_string(run.join(INITIAL_SHA256))
+            .ok()
+            .map(|s| s.trim().to_string()),
         base,
         tuning: model.tuning.name().into(),
         lora: match &model.tuning {
@@ -325,6 +348,15 @@ impl TuneFile {
                 model.tuning.name(),
                 self.tuning
             );
+        }
+        if let Some(expected) = &self.initial_sha256 {
+            let here = params_sha256(&model.params);
+            if &here != expected && !force {
+                bail!(
+                    "the {} tensors built here before the first step differ from the run's                      (SHA-256 {here} vs {expected}): a prefix starts from a forward pass, whose                      last bits depend on the device, dtype and CPU. The rebuilt weights would                      not be identical; pass --force to apply anyway",
+                    self.tuning
+                );
+            }
         }
         let found = base_identity(model, source)?;
         if found.weights_sha256 != self.base.weights_sha256 {
