@@ -151,6 +151,8 @@ pub struct LanguageModel {
     pub dtype: Dtype,
     pub device: Device,
     pub model_type: String,
+    /// A masked LM's mask token, looked up once (tasks ask for it every batch).
+    mask: std::sync::OnceLock<Option<(String, i64)>>,
 }
 
 impl LanguageModel {
@@ -281,6 +283,7 @@ impl LanguageModel {
             dtype,
             device,
             model_type,
+            mask: std::sync::OnceLock::new(),
         };
         if let Tuning::Prefix(cfg) = &model.tuning {
             let cfg = cfg.clone();
@@ -409,13 +412,16 @@ impl LanguageModel {
         if !self.is_masked_lm() {
             bail!("{} is a causal LM: it has no mask token", self.model_type);
         }
-        bert::mask_token(&self.tokenizer, &self.dir).with_context(|| {
-            format!(
-                "the tokenizer of {} has no mask token (looked for tokenizer_config.json's \
-                 mask_token, <mask> and [MASK])",
-                self.dir.display()
-            )
-        })
+        self.mask
+            .get_or_init(|| bert::mask_token(&self.tokenizer, &self.dir))
+            .clone()
+            .with_context(|| {
+                format!(
+                    "the tokenizer of {} has no mask token (looked for \
+                     tokenizer_config.json's mask_token, <mask> and [MASK])",
+                    self.dir.display()
+                )
+            })
     }
 
     /// Logits `[batch, len, vocab]` (f32) of positions `start..start + len` only.
