@@ -5,8 +5,11 @@
 //!
 //! * **weights** at the job's dtype (every stored tensor, from the safetensors
 //!   headers or the GGUF tensor directory; nothing is loaded);
+//! * **adapters** (LoRA, prefix) beside the frozen weights, counted from the
+//!   target layers' shapes (prefix: tokens × hidden per key and value per layer,
+//!   an upper bound under grouped KV heads);
 //! * **z's temporary**: with `rng: torch`, one tensor the size of the largest
-//!   parameter (its z); with `rng: fast`, one chunk per thread (kilobytes);
+//!   trainable parameter (its z); with `rng: fast`, one chunk per thread (kilobytes);
 //! * **activations of one layer** (layers run one after another without
 //!   autograd, so only one layer's are alive): sequences × tokens ×
 //!   (6·hidden + 3·intermediate) for the residual, norms, q/k/v, output and
@@ -32,6 +35,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::mezo::{sweep::DEFAULT_CHUNK, Rng};
+use crate::model::adapters::{default_lora_targets, is_target, Tuning};
 use crate::model::gguf::{is_gguf, read_header};
 use crate::model::weights::Checkpoint;
 use crate::model::{bert, LanguageModel, ModelSource};
@@ -115,10 +119,14 @@ pub fn estimate(spec: &JobSpec, gpu: bool) -> Result<Footprint> {
     let device = if gpu { "cuda" } else { "cpu" };
     let rng = spec.mezo.rng.unwrap_or_else(|| Rng::default_for(device));
     let (mut numel, mut largest) = (0u64, 0u64);
-    for (_, shape) in shapes {
+    for (_, shape) in &shapes {
         let n: u64 = shape.iter().map(|&d| d as u64).product();
         numel += n;
         largest = largest.max(n);
+    }
+    if let Some((adapter_numel, adapter_largest)) = adapter_sizes(&spec.tuning(), &shapes, &cfg) {
+        numel += adapter_numel;
+        largest = adapter_largest;
     }
     let masked = cfg.model_type.as_deref().is_some_and(bert::is_masked_lm);
     let candidates = match spec.task.kind {
@@ -160,6 +168,46 @@ pub fn estimate(spec: &JobSpec, gpu: bool) -> Result<Footprint> {
             CPU_RUNTIME_BYTES
         },
     })
+}
+
+/// Elements of the adapters a LoRA or prefix job adds, and of the largest one
+/// (what z's temporary holds then); `None` for full tuning.
+fn adapter_sizes(
+    tuning: &Tuning,
+    shapes: &[(String, Vec<usize>)],
+    cfg: &ShapeConfig,
+) -> Option<(u64, u64)> {
+    let matrices = shapes.iter().filter_map(|(name, shape)| {
+        let module = name.strip_suffix(".weight")?;
+        match shape.as_slice() {
+            [a, b] => Some((module, *a as u64, *b as u64)),
+            _ => None,
+        }
+    });
+    match tuning {
+        Tuning::Full => None,
+        Tuning::Lora(lora) => {
+            let targets = if lora.targets.is_empty() {
+                default_lora_targets(cfg.model_type.as_deref().unwrap_or(""))
+            } else {
+                lora.targets.clone()
+            };
+            let r = lora.r as u64;
+            let (mut numel, mut largest) = (0, 0);
+            for (_, a, b) in matrices.filter(|(m, ..)| is_target(m, &targets)) {
+                numel += r * (a + b);
+                largest = largest.max(r * a.max(b));
+            }
+            Some((numel, largest))
+        }
+        Tuning::Prefix(prefix) => {
+            // One query projection per attention layer, whatever its name.
+            let queries = ["q_proj", "c_attn", "query"].map(String::from);
+            let layers = matrices.filter(|(m, ..)| is_target(m, &queries)).count() as u64;
+            let one = prefix.tokens as u64 * cfg.hidden_size;
+            Some((2 * layers * one, one))
+        }
+    }
 }
 
 fn read_shape_config(path: &Path) -> Result<ShapeConfig> {
@@ -244,6 +292,63 @@ mod tests {
             .map(|(_, sh)| sh.iter().product::<usize>() as u64 * 4)
             .sum();
         assert_eq!(b.weights, stored);
+    }
+
+    #[test]
+    fn adapters_add_their_own_bytes_and_shrink_z() {
+        let torch = |tuning: &str| {
+            let text = spec(4, "f32")
+                .to_yaml()
+                .replace("mezo:", "mezo:\n  rng: torch");
+            let s = JobSpec::parse(&format!("{tuning}{text}"), Path::new("/")).unwrap();
+            estimate(&s, false).unwrap()
+        };
+        let (full, lora, prefix) = (
+            torch(""),
+            torch("tuning: lora\n"),
+            torch("tuning: prefix\n"),
+        );
+        // Against the adapters the model really builds (the LLaMA fixture).
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let source = ModelSource::Pretrained(root.join("tests/fixtures/llama"));
+        for (tuning, f) in [
+            (spec(4, "f32").tuning(), full),
+            (torch_tuning("lora"), lora),
+            (torch_tuning("prefix"), prefix),
+        ] {
+            let model = LanguageModel::open_tuned(
+                &source,
+                crate::model::Dtype::F32,
+                tch::Device::Cpu,
+                &tuning,
+            )
+            .unwrap();
+            // Bytes at f32.
+            let trainable = 4 * model.params.numel() as u64;
+            let all = trainable + 4 * model.frozen.numel() as u64;
+            let largest = 4 * model
+                .params
+                .iter()
+                .map(|p| p.tensor.numel() as u64)
+                .max()
+                .unwrap();
+            match tuning {
+                Tuning::Full | Tuning::Lora(_) => {
+                    assert_eq!((f.weights, f.largest_tensor), (all, largest), "{tuning:?}")
+                }
+                // An upper bound: grouped KV heads store less than `hidden` per token.
+                Tuning::Prefix(_) => {
+                    assert!(f.weights >= all && f.weights <= all + trainable);
+                    assert!(f.largest_tensor >= largest && f.largest_tensor <= 2 * largest);
+                }
+            }
+        }
+        assert!(lora.largest_tensor < full.largest_tensor / 4);
+    }
+
+    fn torch_tuning(kind: &str) -> Tuning {
+        let text = format!("tuning: {kind}\n{}", spec(4, "f32").to_yaml());
+        JobSpec::parse(&text, Path::new("/")).unwrap().tuning()
     }
 
     #[test]
