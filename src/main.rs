@@ -36,7 +36,8 @@ enum Command {
     ///
     /// Writes into the output directory: spec.yaml (frozen), metrics.jsonl, the
     /// seed log, snapshots, result.json, loss.svg and model/ (the fine-tuned
-    /// weights as a Hugging Face directory). Ctrl-C or SIGTERM finish the current
+    /// weights as a Hugging Face directory; with `tuning: lora` or `prefix` also
+    /// adapter/, a PEFT adapter). Ctrl-C or SIGTERM finish the current
     /// step and exit; a second signal exits at once. Either way, rerunning resumes
     /// exactly.
     Run {
@@ -159,7 +160,8 @@ enum Command {
     /// Internal: one job's worker process, started by the daemon.
     #[command(hide = true)]
     Worker(mezod::daemon::worker::WorkerArgs),
-    /// Load a model and print token ids, the mean next-token loss and the top next tokens.
+    /// Load a model and print token ids, the mean next-token loss and the top next
+    /// tokens (a masked LM: the top tokens at its mask token).
     Forward {
         /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
         #[arg(long)]
