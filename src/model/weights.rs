@@ -284,6 +284,14 @@ impl<'a> WeightLoader<'a> {
         }
     }
 
+    /// Checkpoint weights loaded so far (adapters not counted).
+    fn loaded(&self) -> usize {
+        match self.tuning {
+            Tuning::Full => self.params.len(),
+            _ => self.frozen.len(),
+        }
+    }
+
     /// The LoRA adapter of linear layer `module` when the job's LoRA targets it
     /// (A drawn from the job's seed, B zero); its tensors become trainable.
     pub fn lora(
@@ -404,8 +412,7 @@ impl<'a> WeightLoader<'a> {
                 } else if is_decay_exempt(name) {
                     Tensor::ones(shape, opts) // norm weights
                 } else {
-                    let index = self.params.len() + self.frozen.len() - 2 * self.lora_sites.len();
-                    tch::manual_seed((seed + index as u64) as i64);
+                    tch::manual_seed((seed + self.loaded() as u64) as i64);
                     let mut t = Tensor::empty(shape, opts);
                     let _ = t.normal_(0.0, 0.02);
                     t
