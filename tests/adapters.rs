@@ -15,17 +15,21 @@ use mezod::model::adapters::{prefix_init_tokens, LoraConfig, PrefixConfig, Tunin
 use mezod::model::{Dtype, LanguageModel, ModelSource};
 use tch::{Device, Tensor};
 
-const ARCHS: [&str; 3] = ["opt", "gpt2", "llama"];
 /// The encoders (masked LMs) join the decoders for adapters and resume.
 const ALL: [&str; 5] = ["opt", "gpt2", "llama", "bert", "roberta"];
 
-fn tuned_job(dir: &Path, arch: &str, tuning: &str) -> PathBuf {
-    // Prefixes of these tiny random models need large steps to move the loss.
-    let (lr, eps) = if tuning == "prefix" {
+/// (lr, eps) for the fixtures: their tiny random weights need large steps
+/// (prefixes most) to move the loss within a test's few hundred steps.
+fn step_sizes(tuning: &str) -> (&'static str, &'static str) {
+    if tuning == "prefix" {
         ("1.0", "1.0e-1")
     } else {
         ("5.0e-2", "1.0e-2")
-    };
+    }
+}
+
+fn tuned_job(dir: &Path, arch: &str, tuning: &str) -> PathBuf {
+    let (lr, eps) = step_sizes(tuning);
     let job = causal_job(
         dir,
         arch,
@@ -43,18 +47,10 @@ fn tuned_job(dir: &Path, arch: &str, tuning: &str) -> PathBuf {
     job
 }
 
-fn result(run: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap()).unwrap()
-}
-
 /// A prompt-classification job on a masked-LM fixture (examples/mlm.yaml)
 /// without a dev split, so the exported weights are the trained ones.
 fn masked_job(dir: &Path, arch: &str, tuning: &str) -> PathBuf {
-    let (lr, eps) = if tuning == "prefix" {
-        ("1.0", "1.0e-1")
-    } else {
-        ("5.0e-2", "1.0e-2")
-    };
+    let (lr, eps) = step_sizes(tuning);
     let text = example_job_text("mlm")
         .replace("fixtures/roberta", &format!("fixtures/{arch}"))
         .replace(
@@ -84,7 +80,7 @@ fn train_and_resume(dir: &Path, arch: &str, tuning: &str, trained: &[&str]) -> P
     };
     let solo = dir.join(format!("{arch}-{tuning}-solo"));
     run_to_end(&job, &solo, &format!("{arch} {tuning} run"));
-    let r = result(&solo);
+    let r = read_result(&solo);
     assert!(
         masked || r["best"].as_f64().unwrap() < r["zero_shot"].as_f64().unwrap() - 0.01,
         "{arch} {tuning}: no lower dev loss: {r}"
@@ -301,13 +297,7 @@ fn lora_and_prefix_fine_tunes_travel_as_mezo_files() {
         );
         // A resume that would start elsewhere is refused too.
         std::fs::write(run.join("initial.sha256"), "0".repeat(64)).unwrap();
-        let resumed = mezod()
-            .arg("run")
-            .arg(&job)
-            .arg("--out")
-            .arg(&run)
-            .output()
-            .unwrap();
+        let resumed = mezod_run(&job, &run);
         assert!(!resumed.status.success());
         assert!(String::from_utf8_lossy(&resumed.stderr).contains("starting"));
         let py = python()

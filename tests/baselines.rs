@@ -17,10 +17,6 @@ fn classification_job(dir: &Path, extra_top: &str, steps: u64) -> PathBuf {
     job
 }
 
-fn result(run: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap()).unwrap()
-}
-
 #[test]
 fn icl_and_linear_probe_are_reported_beside_mezo() {
     let tmp = tempfile::tempdir().unwrap();
@@ -31,7 +27,7 @@ fn icl_and_linear_probe_are_reported_beside_mezo() {
     );
     let run = tmp.path().join("run");
     run_to_end(&job, &run, "a job with baselines");
-    let r = result(&run);
+    let r = read_result(&run);
     assert_eq!(r["steps"], 10);
     let b = &r["baselines"];
     assert_eq!(b["icl_k"], 3);
@@ -60,7 +56,7 @@ fn a_job_of_baselines_alone_trains_nothing() {
     let job = classification_job(tmp.path(), "mode: [zero_shot, icl]", 50);
     let run = tmp.path().join("run");
     run_to_end(&job, &run, "baselines only");
-    let r = result(&run);
+    let r = read_result(&run);
     assert_eq!(r["steps"], 0);
     assert!(r["baselines"]["icl"]["dev"].as_f64().is_some(), "{r}");
     assert!(r["baselines"].get("linear_probe").is_none());

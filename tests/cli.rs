@@ -67,16 +67,7 @@ fn exported_model_loads_in_transformers_with_the_same_logits() {
         .replace("max_dev: 16", "max_dev: 0");
     std::fs::write(&job, text).unwrap();
     let run = tmp.path().join("run");
-    check(
-        mezod()
-            .arg("run")
-            .arg(&job)
-            .arg("--out")
-            .arg(&run)
-            .output()
-            .unwrap(),
-        "run",
-    );
+    run_to_end(&job, &run, "run");
     let model = run.join("model");
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(model.join(f).is_file(), "model/ lacks {f}");
@@ -129,18 +120,8 @@ fn classification_job_reports_zero_shot_best_and_final_accuracy() {
         .replace("split_seed: 1", "split_seed: 1, test_fraction: 0.2");
     let job_copy = tmp.path().join("classification.yaml");
     std::fs::write(&job_copy, text).unwrap();
-    check(
-        mezod()
-            .arg("run")
-            .arg(&job_copy)
-            .arg("--out")
-            .arg(&run)
-            .output()
-            .unwrap(),
-        "classification run",
-    );
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap()).unwrap();
+    run_to_end(&job_copy, &run, "classification run");
+    let r: serde_json::Value = read_result(&run);
     assert_eq!(r["metric"], "accuracy");
     for k in [
         "zero_shot",
@@ -191,16 +172,7 @@ fn copa_multiple_choice_runs_and_scores_candidates() {
     )
     .unwrap();
     let run = tmp.path().join("run");
-    check(
-        mezod()
-            .arg("run")
-            .arg(&job)
-            .arg("--out")
-            .arg(&run)
-            .output()
-            .unwrap(),
-        "copa run",
-    );
+    run_to_end(&job, &run, "copa run");
     let steps: Vec<f64> = read_jsonl(&run.join("metrics.jsonl"))
         .iter()
         .filter(|l| l["kind"] == "step")

@@ -78,8 +78,7 @@ fn a_generation_job_reports_f1_and_f1_can_be_the_objective() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     run_to_end(&generation_job(tmp.path(), ""), &run, "generation job");
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap()).unwrap();
+    let r: serde_json::Value = read_result(&run);
     assert_eq!(r["metric"], "f1");
     for k in ["zero_shot", "best", "final_metric"] {
         let v = r[k].as_f64().unwrap();

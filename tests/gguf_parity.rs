@@ -133,16 +133,7 @@ fn mezod_run_exports_a_gguf_model_as_an_hf_directory_transformers_reads() {
     )
     .unwrap();
     let out = tmp.path().join("run");
-    check(
-        mezod()
-            .arg("run")
-            .arg(&job)
-            .arg("--out")
-            .arg(&out)
-            .output()
-            .unwrap(),
-        "mezod run on a GGUF model",
-    );
+    run_to_end(&job, &out, "mezod run on a GGUF model");
     let exported = out.join("model");
     let model = LanguageModel::load(&exported, Dtype::F32, Device::Cpu).unwrap();
     let theirs = reference(

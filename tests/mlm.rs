@@ -253,10 +253,6 @@ fn mlm_job(dir: &Path, mode: &str, mezo_extra: &str) -> PathBuf {
     job
 }
 
-fn result(run: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap()).unwrap()
-}
-
 #[test]
 fn a_roberta_job_reports_zero_shot_baselines_and_mezo() {
     let tmp = tempfile::tempdir().unwrap();
@@ -267,7 +263,7 @@ fn a_roberta_job_reports_zero_shot_baselines_and_mezo() {
     );
     let run = tmp.path().join("run");
     run_to_end(&job, &run, "a masked-LM job");
-    let r = result(&run);
+    let r = read_result(&run);
     assert_eq!(r["metric"], "accuracy");
     assert_eq!(r["steps"], 12);
     for k in [

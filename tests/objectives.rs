@@ -52,8 +52,7 @@ fn n_spsa_logs_every_direction_and_resumes_bit_identically() {
             .iter()
             .all(|d| d["loss_plus"].as_f64().unwrap().is_finite()));
     }
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(solo.join("result.json")).unwrap()).unwrap();
+    let r: serde_json::Value = read_result(&solo);
     assert!(
         r["best"].as_f64().unwrap() < r["zero_shot"].as_f64().unwrap(),
         "n-SPSA lowered no dev loss: {r}"

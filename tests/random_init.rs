@@ -116,8 +116,7 @@ fn mezod_run_trains_a_random_model_from_its_config() {
     std::fs::write(&job, text).unwrap();
     let out = tmp.path().join("run");
     run_to_end(&job, &out, "mezod run on a random-weight model");
-    let result: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("result.json")).unwrap()).unwrap();
+    let result: serde_json::Value = read_result(&out);
     assert_eq!(result["steps"], 4);
     // The export is an HF directory with the tokenizer that sat beside the config.
     assert!(out.join("model/model.safetensors").is_file());

@@ -19,16 +19,7 @@ fn parity(model: &str) {
         "steps: 20, batch_size: 2, lr: 1.0e-4, eps: 1.0e-2, seed: 11, rng: torch",
     );
     let run_dir = tmp.path().join("run");
-    check(
-        mezod()
-            .arg("run")
-            .arg(&job)
-            .arg("--out")
-            .arg(&run_dir)
-            .output()
-            .unwrap(),
-        "mezod run",
-    );
+    run_to_end(&job, &run_dir, "mezod run");
     let ref_dir = tmp.path().join("ref");
     check(
         python()

@@ -44,16 +44,7 @@ fn kill_9_at_random_steps_resumes_bit_identically_with_the_fast_generator() {
     let tmp = tempfile::tempdir().unwrap();
     let job = job(tmp.path(), "f32", "fast");
     let solo = tmp.path().join("solo");
-    check(
-        mezod()
-            .arg("run")
-            .arg(&job)
-            .arg("--out")
-            .arg(&solo)
-            .output()
-            .unwrap(),
-        "uninterrupted run",
-    );
+    run_to_end(&job, &solo, "uninterrupted run");
     let want = sha256(&solo.join("model/model.safetensors"));
 
     let run = tmp.path().join("killed");
@@ -70,16 +61,7 @@ fn kill_9_at_random_steps_resumes_bit_identically_with_the_fast_generator() {
         child.wait().unwrap();
     }
     assert_eq!(kills.len(), 3, "each kill must land mid-run");
-    check(
-        mezod()
-            .arg("run")
-            .arg(&job)
-            .arg("--out")
-            .arg(&run)
-            .output()
-            .unwrap(),
-        "resumed run",
-    );
+    run_to_end(&job, &run, "resumed run");
     println!("killed with -9 after steps {kills:?}");
     assert_eq!(
         sha256(&run.join("model/model.safetensors")),
@@ -91,8 +73,7 @@ fn kill_9_at_random_steps_resumes_bit_identically_with_the_fast_generator() {
         step_records(&solo),
         "metrics.jsonl must hold every step exactly once, equal"
     );
-    let result: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap()).unwrap();
+    let result: serde_json::Value = read_result(&run);
     assert!(result["resumed_from"].as_u64().unwrap() >= kills[2] as u64);
 }
 
@@ -101,16 +82,7 @@ fn sigterm_stops_at_a_step_boundary_and_bf16_with_torch_draws_resumes_bit_identi
     let tmp = tempfile::tempdir().unwrap();
     let job = job(tmp.path(), "bf16", "torch");
     let solo = tmp.path().join("solo");
-    check(
-        mezod()
-            .arg("run")
-            .arg(&job)
-            .arg("--out")
-            .arg(&solo)
-            .output()
-            .unwrap(),
-        "uninterrupted run",
-    );
+    run_to_end(&job, &solo, "uninterrupted run");
     let want = sha256(&solo.join("model/model.safetensors"));
 
     let run = tmp.path().join("stopped");
@@ -131,16 +103,7 @@ fn sigterm_stops_at_a_step_boundary_and_bf16_with_torch_draws_resumes_bit_identi
         !run.join("model").exists(),
         "an interrupted run exports nothing"
     );
-    check(
-        mezod()
-            .arg("run")
-            .arg(&job)
-            .arg("--out")
-            .arg(&run)
-            .output()
-            .unwrap(),
-        "resumed run",
-    );
+    run_to_end(&job, &run, "resumed run");
     assert_eq!(
         sha256(&run.join("model/model.safetensors")),
         want,
@@ -157,16 +120,7 @@ fn a_changed_spec_is_refused_and_the_run_left_alone() {
         "steps: 3, batch_size: 2, lr: 1.0e-3, seed: 1",
     );
     let run = tmp.path().join("run");
-    check(
-        mezod()
-            .arg("run")
-            .arg(&job)
-            .arg("--out")
-            .arg(&run)
-            .output()
-            .unwrap(),
-        "first run",
-    );
+    run_to_end(&job, &run, "first run");
     let before = sha256(&run.join("model/model.safetensors"));
     std::fs::write(
         &job,
@@ -175,13 +129,7 @@ fn a_changed_spec_is_refused_and_the_run_left_alone() {
             .replace("seed: 1", "seed: 2"),
     )
     .unwrap();
-    let out = mezod()
-        .arg("run")
-        .arg(&job)
-        .arg("--out")
-        .arg(&run)
-        .output()
-        .unwrap();
+    let out = mezod_run(&job, &run);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("different job spec"));
     assert_eq!(sha256(&run.join("model/model.safetensors")), before);
@@ -196,13 +144,7 @@ fn divergence_fails_naming_the_step_and_never_saves_nan_weights() {
         "steps: 200, batch_size: 2, lr: 1.0e+9, eps: 1.0e-3, seed: 3, snapshot_every: 1",
     );
     let run = tmp.path().join("run");
-    let out = mezod()
-        .arg("run")
-        .arg(&job)
-        .arg("--out")
-        .arg(&run)
-        .output()
-        .unwrap();
+    let out = mezod_run(&job, &run);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a diverging run must fail");
     assert!(

@@ -64,9 +64,7 @@ fn a_mezo_file_rebuilds_the_exported_weights_in_rust_and_in_python() {
     ] {
         let run = run_job(tmp.path(), rng, dtype, n);
         let dtype = format!("{dtype}-{n}");
-        let result: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap())
-                .unwrap();
+        let result: serde_json::Value = read_result(&run);
         let best = result["best_step"].as_u64().unwrap();
         assert!(
             best > 0,

@@ -117,18 +117,25 @@ pub fn wait_for_steps(child: &mut Child, run: &Path, steps: usize) -> bool {
     panic!("run did not reach step {steps}");
 }
 
+/// `mezod run JOB --out OUT`, whatever its outcome.
+pub fn mezod_run(job: &Path, out: &Path) -> Output {
+    mezod()
+        .arg("run")
+        .arg(job)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap()
+}
+
 /// `mezod run JOB --out OUT` to its end; fails the test with its output otherwise.
 pub fn run_to_end(job: &Path, out: &Path, what: &str) -> Output {
-    check(
-        mezod()
-            .arg("run")
-            .arg(job)
-            .arg("--out")
-            .arg(out)
-            .output()
-            .unwrap(),
-        what,
-    )
+    check(mezod_run(job, out), what)
+}
+
+/// A finished run's result.json.
+pub fn read_result(run: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap()).unwrap()
 }
 
 /// Start `mezod run`, kill it with SIGKILL once it has logged `at` steps, and
