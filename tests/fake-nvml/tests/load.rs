@@ -1,0 +1,189 @@
+//! Loads the built fake NVML through nvml-wrapper's real loading path.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use nvml_wrapper::enums::device::UsedGpuMemory;
+use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::Nvml;
+
+const GIB: u64 = 1 << 30;
+
+/// Tests in this process share `MEZOD_FAKE_NVML`; each holds this while it uses it.
+static ENV: Mutex<()> = Mutex::new(());
+
+/// The cdylib cargo built for these tests: `<target>/<profile>/libnvidia_ml.so`,
+/// next to `deps/` where the test executable lives.
+fn fake_lib() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    [
+        deps.join("libnvidia_ml.so"),
+        deps.parent().unwrap().join("libnvidia_ml.so"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .expect("libnvidia_ml.so not built next to the test executable")
+}
+
+/// Writes the script atomically (temp file + rename), as a test of a running daemon would.
+fn write_script(path: &Path, json: serde_json::Value) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, json.to_string()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn two_gpus() -> serde_json::Value {
+    serde_json::json!({"gpus": [
+        {"uuid": "GPU-aaaaaaaa-0000-0000-0000-000000000000", "name": "Fake H100",
+         "total_bytes": 80 * GIB,
+         "processes": [{"pid": 4242, "used_bytes": 30 * GIB}]},
+        {"uuid": "GPU-bbbbbbbb-0000-0000-0000-000000000000", "name": "Fake A100",
+         "total_bytes": 40 * GIB, "free_bytes": 39 * GIB}
+    ]})
+}
+
+#[test]
+fn loads_by_path_and_rereads_the_script() {
+    let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("gpus.json");
+    write_script(&script, two_gpus());
+    std::env::set_var("MEZOD_FAKE_NVML", &script);
+
+    let lib = fake_lib();
+    let nvml = Nvml::builder().lib_path(lib.as_os_str()).init().unwrap();
+    assert_eq!(nvml.sys_driver_version().unwrap(), "550.54.15");
+    assert_eq!(nvml.device_count().unwrap(), 2);
+
+    let d0 = nvml.device_by_index(0).unwrap();
+    assert_eq!(
+        d0.uuid().unwrap(),
+        "GPU-aaaaaaaa-0000-0000-0000-000000000000"
+    );
+    assert_eq!(d0.name().unwrap(), "Fake H100");
+    let m = d0.memory_info().unwrap();
+    assert_eq!((m.total, m.free, m.used), (80 * GIB, 50 * GIB, 30 * GIB));
+    let p = d0.running_compute_processes().unwrap();
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].pid, 4242);
+    assert_eq!(p[0].used_gpu_memory, UsedGpuMemory::Used(30 * GIB));
+    assert_eq!(
+        (p[0].gpu_instance_id, p[0].compute_instance_id),
+        (None, None)
+    );
+
+    let d1 = nvml.device_by_index(1).unwrap();
+    assert_eq!(
+        d1.uuid().unwrap(),
+        "GPU-bbbbbbbb-0000-0000-0000-000000000000"
+    );
+    assert_eq!(d1.name().unwrap(), "Fake A100");
+    let m = d1.memory_info().unwrap();
+    assert_eq!((m.total, m.free, m.used), (40 * GIB, 39 * GIB, GIB));
+    assert!(d1.running_compute_processes().unwrap().is_empty());
+    assert!(matches!(
+        nvml.device_by_index(2),
+        Err(NvmlError::InvalidArg)
+    ));
+
+    // The script changes under the running process: the same handles see it.
+    write_script(
+        &script,
+        serde_json::json!({"gpus": [
+            {"uuid": "GPU-aaaaaaaa-0000-0000-0000-000000000000", "name": "Fake H100",
+             "total_bytes": 80 * GIB,
+             "processes": [{"pid": 4242, "used_bytes": 10 * GIB}, {"pid": 77}]}
+        ]}),
+    );
+    assert_eq!(nvml.device_count().unwrap(), 1);
+    let m = d0.memory_info().unwrap();
+    assert_eq!((m.free, m.used), (70 * GIB, 10 * GIB));
+    let p = d0.running_compute_processes().unwrap();
+    assert_eq!(p.len(), 2);
+    assert_eq!(
+        (p[0].pid, &p[0].used_gpu_memory),
+        (4242, &UsedGpuMemory::Used(10 * GIB))
+    );
+    assert_eq!(
+        (p[1].pid, &p[1].used_gpu_memory),
+        (77, &UsedGpuMemory::Unavailable)
+    );
+    assert!(matches!(d1.uuid(), Err(NvmlError::GpuLost)));
+
+    // An unreadable script fails calls, it does not crash the caller.
+    std::fs::write(&script, "{not json").unwrap();
+    assert!(matches!(nvml.device_count(), Err(NvmlError::Unknown)));
+
+    nvml.shutdown().unwrap();
+}
+
+#[test]
+fn init_fails_when_scripted_or_unconfigured() {
+    let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("gpus.json");
+    let lib = fake_lib();
+    let init = || Nvml::builder().lib_path(lib.as_os_str()).init();
+
+    write_script(&script, serde_json::json!({"init_error": true, "gpus": []}));
+    std::env::set_var("MEZOD_FAKE_NVML", &script);
+    assert!(matches!(init(), Err(NvmlError::DriverNotLoaded)));
+
+    std::env::set_var("MEZOD_FAKE_NVML", dir.path().join("missing.json"));
+    assert!(matches!(init(), Err(NvmlError::Unknown)));
+
+    write_script(&script, serde_json::json!({"gpus": []}));
+    std::env::set_var("MEZOD_FAKE_NVML", &script);
+    assert_eq!(init().unwrap().device_count().unwrap(), 0);
+}
+
+/// What the daemon does: plain `Nvml::init()`, which dlopens "libnvidia-ml.so.1"
+/// by bare name. The dynamic loader reads LD_LIBRARY_PATH only at process start,
+/// so this re-runs this test binary as a child with it set, running only
+/// `child_plain_init`.
+#[test]
+fn plain_init_finds_it_on_ld_library_path() {
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(fake_lib(), dir.path().join("libnvidia-ml.so.1")).unwrap();
+    let script = dir.path().join("gpus.json");
+    write_script(&script, two_gpus());
+
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "child_plain_init",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("LD_LIBRARY_PATH", dir.path())
+        .env("MEZOD_FAKE_NVML", &script)
+        .env("FAKE_NVML_CHILD", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "child failed:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("1 passed"),
+        "child test did not run:\n{stdout}"
+    );
+}
+
+/// Runs only as the child of `plain_init_finds_it_on_ld_library_path`.
+#[test]
+fn child_plain_init() {
+    if std::env::var_os("FAKE_NVML_CHILD").is_none() {
+        return;
+    }
+    let nvml = Nvml::init().unwrap();
+    assert_eq!(nvml.device_count().unwrap(), 2);
+    let d0 = nvml.device_by_index(0).unwrap();
+    assert_eq!(
+        d0.uuid().unwrap(),
+        "GPU-aaaaaaaa-0000-0000-0000-000000000000"
+    );
+    assert_eq!(d0.memory_info().unwrap().free, 50 * GIB);
+    assert_eq!(d0.running_compute_processes().unwrap()[0].pid, 4242);
+}
