@@ -1,5 +1,5 @@
-//! Link libtorch so that CUDA is really there on a GPU machine, and let the
-//! binary find libtorch without `LD_LIBRARY_PATH` on the machine that built it.
+//! Link libtorch into the engine so that CUDA is really there on a GPU machine,
+//! and let it find libtorch without `LD_LIBRARY_PATH` on the machine that built it.
 use std::process::Command;
 
 /// The `lib` folder of the PyTorch install that torch-sys links against
@@ -46,8 +46,8 @@ fn main() {
     }
     // libtorch_cuda.so is only reached through static initialisers; with the
     // default --as-needed the linker drops it and CUDA is silently missing.
-    println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-    println!("cargo:rustc-link-arg=-ltorch");
-    println!("cargo:rustc-link-arg=-ltorch_cpu");
-    println!("cargo:rustc-link-arg=-lc10");
+    // Only the engine gets these: `mezod` itself must not load libtorch.
+    for arg in ["-Wl,--no-as-needed", "-ltorch", "-ltorch_cpu", "-lc10"] {
+        println!("cargo:rustc-link-arg-bin=mezod-engine={arg}");
+    }
 }

@@ -3,7 +3,7 @@
 # admission estimate, and a 20-step bit-identical resume, in under 8 minutes.
 #
 #   cargo build --release        # on any machine with the same libtorch (2.11.0)
-#   bench/gpu.sh                 # on the GPU machine, beside target/release/mezod
+#   bench/gpu.sh                 # on the GPU machine, beside target/release/mezod{,-engine}
 #
 # The GPU machine needs only the binary, this repository's bench/ and
 # tests/fixtures/ folders, and a Python with torch 2.11.0 (CUDA build): the
@@ -26,6 +26,8 @@ RESULTS=$OUT/gpu-bench.jsonl
 say() { echo "[gpu.sh $(date +%H:%M:%S)] $*" >&2; }
 
 [ -x "$MEZOD" ] || { say "no mezod binary at $MEZOD (build with cargo build --release)"; exit 1; }
+[ -x "$(dirname "$MEZOD")/mezod-engine" ] || [ -n "${MEZOD_ENGINE:-}" ] ||
+    { say "no mezod-engine beside $MEZOD (mezod run hands over to it)"; exit 1; }
 TORCH_LIB=$("$PY" -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export MEZOD_LOG=${MEZOD_LOG:-warn}

@@ -1,92 +1,23 @@
-//! How much memory a job needs: the figure admission control compares with
-//! free GPU (or CPU) memory before it starts a job.
-//!
-//! MeZO trains at inference memory, so the estimate is an inference estimate:
-//!
-//! * **weights** at the job's dtype (every stored tensor, from the safetensors
-//!   headers or the GGUF tensor directory; nothing is loaded);
-//! * **adapters** (LoRA, prefix) beside the frozen weights, counted from the
-//!   target layers' shapes (prefix: tokens × hidden per key and value per layer,
-//!   an upper bound under grouped KV heads);
-//! * **z's temporary**: with `rng: torch`, one tensor the size of the largest
-//!   trainable parameter (its z); with `rng: fast`, one chunk per thread (kilobytes);
-//! * **activations of one layer** (layers run one after another without
-//!   autograd, so only one layer's are alive): sequences × tokens ×
-//!   (6·hidden + 3·intermediate) for the residual, norms, q/k/v, output and
-//!   MLP, plus 2 × heads × tokens² for the attention scores and softmax;
-//! * **logits**: sequences × positions × vocab at the model dtype, the f32 copy
-//!   and the f32 log-softmax; on CPU a bf16/f16 matmul also keeps an f32
-//!   result before rounding (4 more bytes per logit, measured);
-//! * **runtime**: the CUDA context and allocator slack on a GPU, the libtorch
-//!   and tokenizer runtime on CPU.
-//!
-//! Sequences per forward = max(batch, eval batch) × candidates per example
-//! (classification and multiple choice score one sequence per answer; a
-//! masked LM reads one sequence per example).
-//! Positions with logits = all tokens for causal LM; for answer scoring only
-//! the answer's, counted as at most 8 tokens; a masked LM's mask token alone.
-//! Tokens = `task.max_length`, an upper bound: setting it close to the data's
-//! real lengths gets a job admitted sooner.  The safety margin is the
-//! daemon's, added on top when admitting.
+//! Memory estimates (`mezod_core::estimate`) where libtorch is at hand: the
+//! parameter shapes of a `config.json` come from building the model's
+//! zero-memory placeholders here instead of asking the engine binary.
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
+use anyhow::Result;
 
-use crate::mezo::{sweep::DEFAULT_CHUNK, Rng};
-use crate::model::adapters::{default_lora_targets, is_target, Tuning};
-use crate::model::gguf::{is_gguf, read_header};
-use crate::model::weights::Checkpoint;
-use crate::model::{bert, LanguageModel, ModelSource};
-use crate::spec::{JobSpec, TaskKind};
+pub use mezod_core::estimate::*;
+use mezod_core::spec::JobSpec;
 
-/// CUDA context, cuBLAS workspaces and caching-allocator slack.
-pub const GPU_RUNTIME_BYTES: u64 = 768 << 20;
-/// Resident libtorch, tokenizer and process overhead on CPU.
-pub const CPU_RUNTIME_BYTES: u64 = 320 << 20;
-
-/// Answer tokens assumed per candidate when sizing the logits of answer scoring.
-const ANSWER_POSITIONS: u64 = 8;
-
-/// An estimate, by part, in bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct Footprint {
-    pub weights: u64,
-    /// z's temporary: the largest parameter's size with `rng: torch`, chunks with `fast`.
-    pub largest_tensor: u64,
-    pub activations: u64,
-    pub logits: u64,
-    pub runtime: u64,
-}
-
-impl Footprint {
-    pub fn total(&self) -> u64 {
-        self.weights + self.largest_tensor + self.activations + self.logits + self.runtime
-    }
-}
-
-/// The shape facts the estimate needs, under the names the architectures use.
-#[derive(Debug, Deserialize)]
-struct ShapeConfig {
-    #[serde(alias = "n_embd", alias = "d_model")]
-    hidden_size: u64,
-    #[serde(default, alias = "ffn_dim", alias = "n_inner")]
-    intermediate_size: Option<u64>,
-    #[serde(alias = "n_head")]
-    num_attention_heads: u64,
-    vocab_size: u64,
-    #[serde(default)]
-    model_type: Option<String>,
-}
+use crate::model::{Dtype, LanguageModel, ModelSource};
 
 /// Parameter shapes of the model a config describes, from placeholders that
-/// take no memory (nothing is drawn or loaded).
-fn shapes_of_config(config: &Path) -> Result<Vec<(String, Vec<usize>)>> {
+/// take no memory (nothing is drawn or loaded).  `mezod-engine shapes` prints these.
+pub fn shapes_of_config(config: &Path) -> Result<Shapes> {
     let source = ModelSource::Shapes {
         config: config.to_path_buf(),
     };
-    let model = LanguageModel::open(&source, crate::model::Dtype::F32, tch::Device::Cpu)?;
+    let model = LanguageModel::open(&source, Dtype::F32, tch::Device::Cpu)?;
     Ok(model
         .params
         .iter()
@@ -101,138 +32,14 @@ fn shapes_of_config(config: &Path) -> Result<Vec<(String, Vec<usize>)>> {
 
 /// Estimate the peak memory of `spec` on a GPU (`gpu = true`) or on CPU.
 pub fn estimate(spec: &JobSpec, gpu: bool) -> Result<Footprint> {
-    let (cfg, shapes) = match spec.model.source() {
-        ModelSource::Pretrained(path) if is_gguf(&path) => {
-            let header = read_header(&path)?;
-            let cfg = serde_json::from_value(header.config).context("GGUF metadata")?;
-            (cfg, header.shapes)
-        }
-        ModelSource::Pretrained(dir) => {
-            let cfg = read_shape_config(&dir.join("config.json"))?;
-            (cfg, Checkpoint::open(&dir)?.shapes()?)
-        }
-        ModelSource::Random { config, .. } | ModelSource::Shapes { config } => {
-            (read_shape_config(&config)?, shapes_of_config(&config)?)
-        }
-    };
-    let elem = spec.model.dtype.bytes() as u64;
-    let device = if gpu { "cuda" } else { "cpu" };
-    let rng = spec.mezo.rng.unwrap_or_else(|| Rng::default_for(device));
-    let (mut numel, mut largest) = (0u64, 0u64);
-    for (_, shape) in &shapes {
-        let n: u64 = shape.iter().map(|&d| d as u64).product();
-        numel += n;
-        largest = largest.max(n);
-    }
-    if let Some((adapter_numel, adapter_largest)) = adapter_sizes(&spec.tuning(), &shapes, &cfg) {
-        numel += adapter_numel;
-        largest = adapter_largest;
-    }
-    let masked = cfg.model_type.as_deref().is_some_and(bert::is_masked_lm);
-    let candidates = match spec.task.kind {
-        _ if masked => 1,
-        TaskKind::CausalLm | TaskKind::Generation => 1,
-        TaskKind::Classification => spec.task.label_words.as_ref().map_or(2, |w| w.len()),
-        TaskKind::MultipleChoice => spec.task.choices.len().max(2),
-    } as u64;
-    let batch = spec
-        .mezo
-        .batch_size
-        .max(spec.mezo.eval_batch_size.unwrap_or(0)) as u64;
-    let seqs = batch * candidates;
-    let tokens = spec.task.max_length as u64;
-    let hidden = cfg.hidden_size;
-    let inter = cfg.intermediate_size.unwrap_or(4 * hidden);
-    let logit_positions = match spec.task.kind {
-        _ if masked => 1,
-        TaskKind::CausalLm => tokens,
-        _ => tokens.min(ANSWER_POSITIONS),
-    };
-    let per_layer = seqs * tokens * (6 * hidden + 3 * inter)
-        + 2 * seqs * cfg.num_attention_heads * tokens * tokens;
-    Ok(Footprint {
-        weights: numel * elem,
-        largest_tensor: match rng {
-            Rng::Torch => largest * elem,
-            // A chunk of f32 normals per thread, plus its converted copy off the fast path.
-            Rng::Fast => 64 * DEFAULT_CHUNK as u64 * 4 + 2 * DEFAULT_CHUNK as u64 * elem,
-        },
-        activations: per_layer * elem,
-        logits: seqs
-            * logit_positions
-            * cfg.vocab_size
-            * (elem + 8 + if !gpu && elem < 4 { 4 } else { 0 }),
-        runtime: if gpu {
-            GPU_RUNTIME_BYTES
-        } else {
-            CPU_RUNTIME_BYTES
-        },
-    })
-}
-
-/// Elements of the adapters a LoRA or prefix job adds, and of the largest one
-/// (what z's temporary holds then); `None` for full tuning.
-fn adapter_sizes(
-    tuning: &Tuning,
-    shapes: &[(String, Vec<usize>)],
-    cfg: &ShapeConfig,
-) -> Option<(u64, u64)> {
-    let matrices = shapes.iter().filter_map(|(name, shape)| {
-        let module = name.strip_suffix(".weight")?;
-        match shape.as_slice() {
-            [a, b] => Some((module, *a as u64, *b as u64)),
-            _ => None,
-        }
-    });
-    match tuning {
-        Tuning::Full => None,
-        Tuning::Lora(lora) => {
-            let targets = if lora.targets.is_empty() {
-                default_lora_targets(cfg.model_type.as_deref().unwrap_or(""))
-            } else {
-                lora.targets.clone()
-            };
-            let r = lora.r as u64;
-            let (mut numel, mut largest) = (0, 0);
-            for (_, a, b) in matrices.filter(|(m, ..)| is_target(m, &targets)) {
-                numel += r * (a + b);
-                largest = largest.max(r * a.max(b));
-            }
-            Some((numel, largest))
-        }
-        Tuning::Prefix(prefix) => {
-            // One query projection per attention layer, whatever its name.
-            let queries = ["q_proj", "c_attn", "query"].map(String::from);
-            let layers = matrices.filter(|(m, ..)| is_target(m, &queries)).count() as u64;
-            let one = prefix.tokens as u64 * cfg.hidden_size;
-            Some((2 * layers * one, one))
-        }
-    }
-}
-
-fn read_shape_config(path: &Path) -> Result<ShapeConfig> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| {
-        format!(
-            "{} lacks the sizes needed to estimate memory (hidden size, heads, vocabulary)",
-            path.display()
-        )
-    })
-}
-
-/// Bytes for messages: GiB with two decimals, MiB below one GiB.
-pub fn human_bytes(bytes: u64) -> String {
-    if bytes >= 1 << 30 {
-        format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
-    } else {
-        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
-    }
+    estimate_with(spec, gpu, shapes_of_config)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::adapters::Tuning;
+    use crate::model::weights::Checkpoint;
 
     fn spec(batch: usize, dtype: &str) -> JobSpec {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -277,9 +84,10 @@ mod tests {
             estimate(&bert, false).unwrap(),
             estimate(&opt, false).unwrap(),
         );
-        let vocab = read_shape_config(&bert.model.path.join("config.json"))
-            .unwrap()
-            .vocab_size;
+        let config = std::fs::read_to_string(bert.model.path.join("config.json")).unwrap();
+        let vocab = serde_json::from_str::<serde_json::Value>(&config).unwrap()["vocab_size"]
+            .as_u64()
+            .unwrap();
         // 4 sequences × 1 position × vocab × (4 + 8) bytes.
         assert_eq!(b.logits, 4 * vocab * 12);
         // OPT (same width): 4 × 2 candidates × 8 answer positions × 320 × 12.

@@ -1,4 +1,7 @@
-//! The `mezod` command line.
+//! `mezod-engine`: the part of mezod that links libtorch — run, forward,
+//! export, apply, bench, and the daemon's workers.  Users reach it through
+//! `mezod <command>` (the `mezod` binary hands these commands over unchanged),
+//! so its help speaks of `mezod`.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -10,20 +13,12 @@ use clap::{Parser, Subcommand};
 use mezod::model::{parse_device, Dtype, LanguageModel};
 use mezod::run::{default_out_dir, run, Outcome, RunOptions};
 
-mod client;
-
 #[derive(Parser)]
 #[command(
     name = "mezod",
+    bin_name = "mezod",
     version,
-    about = "Fine-tune language models with MeZO: gradients from forward passes only, at inference memory",
-    long_about = "Fine-tune Hugging Face language models with MeZO (Malladi et al., 2023): each step \
-estimates the gradient from two forward passes along a random direction regenerated from a seed, so \
-training needs the memory of inference. Every step's seed and projected gradient are logged, so an \
-interrupted run resumes bit-identically.\n\nStart with `mezod forward --model DIR --text \"...\"` to \
-check that a checkpoint loads, then `mezod run job.yaml`. On a shared server, run `mezod daemon` (or \
-the systemd unit) and hand it jobs with `mezod submit job.yaml`; follow them with `mezod status` and \
-`mezod logs ID --follow`."
+    about = "mezod's engine: training, evaluation and export with libtorch (run it as `mezod <command>`)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -50,76 +45,6 @@ enum Command {
         /// (the result is then no longer bit-identical to an uninterrupted run).
         #[arg(long)]
         force: bool,
-    },
-    /// Serve a spool folder of job files: admit by free GPU memory, one worker per job.
-    ///
-    /// Jobs dropped into <spool>/new/ (see `mezod submit`) are validated, queued,
-    /// admitted when their estimated memory fits (NVML; CPU mode without it) and
-    /// run in worker processes. Every step is durable: after a crash, a kill or
-    /// a reboot, jobs resume bit-identically. SIGTERM/SIGINT stop workers at a
-    /// step boundary and exit 0 (a second signal stops at once); SIGHUP reloads
-    /// the config and rescans. Folders default to systemd's StateDirectory/
-    /// RuntimeDirectory, else ./var/.
-    Daemon {
-        /// Daemon config (YAML: folders, GPUs, margin, slots, retries; see the README).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Spool folder (new/, tmp/, cur/, rejected/).
-        #[arg(long)]
-        spool: Option<PathBuf>,
-        /// State folder (job database, one folder per job with its run and log).
-        #[arg(long)]
-        state: Option<PathBuf>,
-        /// Runtime folder (the control socket mezod.sock).
-        #[arg(long)]
-        runtime: Option<PathBuf>,
-    },
-    /// Hand a job file to the daemon; prints the job id.
-    ///
-    /// The file is checked here first, relative paths are pinned with a
-    /// `workdir:` line, and it is renamed atomically into the daemon's spool.
-    Submit {
-        job: PathBuf,
-        /// The daemon's spool folder [default: asked from the daemon].
-        #[arg(long)]
-        spool: Option<PathBuf>,
-        #[arg(long)]
-        socket: Option<PathBuf>,
-        /// Seconds to wait for the daemon to accept or reject it.
-        #[arg(long, default_value_t = 30.0)]
-        wait: f64,
-    },
-    /// Show the queue, or one job: state, step, speed, loss, memory, ETA, and why it waits.
-    Status {
-        id: Option<u64>,
-        #[arg(long)]
-        json: bool,
-        #[arg(long)]
-        socket: Option<PathBuf>,
-    },
-    /// Cancel a job (its owner or root): a running one stops at its next step.
-    Cancel {
-        id: u64,
-        #[arg(long)]
-        socket: Option<PathBuf>,
-    },
-    /// Print a job's log (its owner or root).
-    Logs {
-        id: u64,
-        /// Keep printing until the job ends.
-        #[arg(long, short)]
-        follow: bool,
-        #[arg(long)]
-        socket: Option<PathBuf>,
-    },
-    /// Estimate a job's peak memory, as the daemon's admission control does.
-    Estimate {
-        job: PathBuf,
-        /// Size it for a GPU (CUDA context included) instead of the job's own device.
-        #[arg(long)]
-        gpu: bool,
-        #[arg(long)]
-        json: bool,
     },
     /// Write a run's fine-tune as a .mezo file: the base model's identity and
     /// each step's seed and projected gradient, kilobytes for any model size.
@@ -159,7 +84,11 @@ enum Command {
     Bench(mezod::bench::BenchArgs),
     /// Internal: one job's worker process, started by the daemon.
     #[command(hide = true)]
-    Worker(mezod::daemon::worker::WorkerArgs),
+    Worker(mezod::worker::WorkerArgs),
+    /// Internal: the parameter shapes (JSON) of the model a config.json
+    /// describes, for estimates of random-weight jobs.
+    #[command(hide = true)]
+    Shapes { config: PathBuf },
     /// Load a model and print token ids, the mean next-token loss and the top next
     /// tokens (a masked LM: the top tokens at its mask token).
     Forward {
@@ -246,26 +175,6 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Command::Daemon {
-            config,
-            spool,
-            state,
-            runtime,
-        } => {
-            mezod::daemon::server::run_daemon(mezod::daemon::server::DaemonOptions {
-                config,
-                spool,
-                state,
-                runtime,
-            })?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Submit {
-            job,
-            spool,
-            socket,
-            wait,
-        } => client::submit(&job, spool, socket, wait),
         Command::Export {
             run,
             seed_log,
@@ -323,46 +232,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             println!("{}", serde_json::to_string(&r)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Estimate { job, gpu, json } => {
-            let spec = mezod::spec::JobSpec::load(&job)?;
-            let gpu = gpu || spec.model.device.starts_with("cuda");
-            let f = mezod::estimate::estimate(&spec, gpu)?;
-            if json {
-                let mut v = serde_json::to_value(f)?;
-                v["total"] = f.total().into();
-                println!("{v}");
-            } else {
-                use mezod::estimate::human_bytes;
-                println!("weights         {:>12}", human_bytes(f.weights));
-                println!(
-                    "largest tensor  {:>12}  (the z temporary)",
-                    human_bytes(f.largest_tensor)
-                );
-                println!(
-                    "activations     {:>12}  (one layer)",
-                    human_bytes(f.activations)
-                );
-                println!("logits          {:>12}", human_bytes(f.logits));
-                println!(
-                    "runtime         {:>12}  ({})",
-                    human_bytes(f.runtime),
-                    if gpu {
-                        "CUDA context"
-                    } else {
-                        "libtorch on CPU"
-                    }
-                );
-                println!(
-                    "total           {:>12}  (the daemon adds its margin)",
-                    human_bytes(f.total())
-                );
-            }
+        Command::Worker(args) => mezod::worker::worker_main(args),
+        Command::Shapes { config } => {
+            let shapes = mezod::estimate::shapes_of_config(&config)?;
+            println!("{}", serde_json::to_string(&shapes)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { id, json, socket } => client::status(id, json, socket),
-        Command::Cancel { id, socket } => client::cancel(id, socket),
-        Command::Logs { id, follow, socket } => client::logs(id, follow, socket),
-        Command::Worker(args) => mezod::daemon::worker::worker_main(args),
         Command::Forward {
             model,
             text,

@@ -107,7 +107,15 @@ impl Daemon {
     }
 
     fn jobs(&self) -> Vec<Value> {
-        match request(&self.socket(), &Request::Status { id: None }).unwrap() {
+        match request(
+            &self.socket(),
+            &Request::Status {
+                id: None,
+                finished: Some(usize::MAX),
+            },
+        )
+        .unwrap()
+        {
             Response::Status(r) => serde_json::to_value(r).unwrap()["jobs"]
                 .as_array()
                 .unwrap()

@@ -1,10 +1,10 @@
 //! Pure functions of (seed, step): the step seed, the batch, the learning rate.
 //! Nothing here keeps state, so a resumed run recomputes any step exactly.
 
+pub use mezod_core::mezo_options::LrSchedule;
 use rand::seq::SliceRandom;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
-use serde::{Deserialize, Serialize};
 
 /// The seed of step `step` of a job seeded `job_seed` (52 bits: exact in any JSON reader).
 pub fn step_seed(job_seed: u64, step: u64) -> u64 {
@@ -47,25 +47,6 @@ fn epoch_permutation(data_seed: u64, epoch: u64, n: usize) -> Vec<usize> {
     let mut perm: Vec<usize> = (0..n).collect();
     perm.shuffle(&mut rng);
     perm
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LrSchedule {
-    /// The reference's choice for MeZO.
-    #[default]
-    Constant,
-    /// Linear decay to zero at the last step.
-    Linear,
-}
-
-impl LrSchedule {
-    pub fn lr(self, base: f64, step: u64, total: u64) -> f64 {
-        match self {
-            LrSchedule::Constant => base,
-            LrSchedule::Linear => base * (1.0 - step as f64 / total.max(1) as f64),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -10,30 +10,11 @@
 //!   tensor; this one is parallel, needs one chunk per thread and gives the same z
 //!   for any thread count or chunk size.  The default on CPU.
 
-use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::fast_rng::fill_normals;
 use crate::model::ParamList;
-
-/// Which generator draws z.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Rng {
-    Fast,
-    Torch,
-}
-
-impl Rng {
-    /// `fast` on CPU, `torch` on GPUs.
-    pub fn default_for(device: &str) -> Rng {
-        if device.starts_with("cuda") {
-            Rng::Torch
-        } else {
-            Rng::Fast
-        }
-    }
-}
+pub use mezod_core::mezo_options::{Rng, DEFAULT_CHUNK};
 
 /// `p ← keep·(p + pre·z) + post·z` for one tensor.  Perturbations have
 /// `keep = 1, pre = 0`; only the final update with weight decay uses all three.
@@ -56,9 +37,6 @@ impl Update {
         self.keep == 1.0 && self.pre == 0.0
     }
 }
-
-/// Elements per chunk of the fast generator: 64 KiB of f32, at home in L2.
-pub const DEFAULT_CHUNK: usize = 16 * 1024;
 
 /// Draws z and applies updates with it.
 pub struct ZSweep {

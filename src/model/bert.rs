@@ -24,13 +24,9 @@ use super::weights::WeightLoader;
 use super::Network;
 use crate::tokenize::TextTokenizer;
 
-/// Model types that are masked language models (this file's).
-pub const MODEL_TYPES: [&str; 2] = ["bert", "roberta"];
-
-/// Whether `model_type` names a masked LM (it predicts a mask token, not the next token).
-pub fn is_masked_lm(model_type: &str) -> bool {
-    MODEL_TYPES.contains(&model_type)
-}
+/// Model types that are masked language models (this file's), and the test
+/// for them (kept beside the job-file types: estimates need it too).
+pub use mezod_core::model_ref::{is_masked_lm, MASKED_LM_TYPES as MODEL_TYPES};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct BertConfig {

@@ -4,7 +4,6 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -72,14 +71,9 @@ pub fn write_safetensors(
         .map(|(k, v)| (k.to_string(), v.clone()))
         .collect();
     meta.insert("format".into(), "pt".into());
-    let tmp = path.with_extension("safetensors.partial");
-    safetensors::serialize_to_file(views, Some(meta), &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    File::open(&tmp)?
-        .sync_all()
-        .with_context(|| format!("syncing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
+    mezod_core::durable::write_with(path, |tmp| {
+        Ok(safetensors::serialize_to_file(views, Some(meta), tmp)?)
+    })
 }
 
 /// Save `model` as a Hugging Face directory: weights, config and tokenizer files.
@@ -105,8 +99,8 @@ pub fn export_hf(model: &LanguageModel, out: &Path) -> Result<()> {
     };
     config["torch_dtype"] = dtype.into();
     config["dtype"] = dtype.into();
-    std::fs::write(
-        out.join("config.json"),
+    mezod_core::durable::write(
+        &out.join("config.json"),
         serde_json::to_string_pretty(&config)?,
     )?;
     if super::gguf::is_gguf(&model.dir) {
@@ -123,8 +117,8 @@ pub fn export_hf(model: &LanguageModel, out: &Path) -> Result<()> {
             "eos_token": token("eos_token_id"),
             "pad_token": token("pad_token_id"),
         });
-        std::fs::write(
-            out.join("tokenizer_config.json"),
+        mezod_core::durable::write(
+            &out.join("tokenizer_config.json"),
             serde_json::to_string_pretty(&tok_config)?,
         )?;
         return Ok(());
@@ -217,8 +211,8 @@ pub fn export_peft_adapter(model: &LanguageModel, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let refs: Vec<(String, &Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t)).collect();
     write_safetensors(&out.join("adapter_model.safetensors"), &refs, &[])?;
-    std::fs::write(
-        out.join("adapter_config.json"),
+    mezod_core::durable::write(
+        &out.join("adapter_config.json"),
         serde_json::to_string_pretty(&config)?,
     )?;
     Ok(())

@@ -16,15 +16,33 @@ pub mod opt;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::tokenize::TextTokenizer;
 use adapters::{KvPrefix, Tuning};
+pub use mezod_core::model_ref::{Dtype, ModelSource};
 pub use weights::{LoraSite, Param, ParamList};
+
+/// The libtorch element type of a job's dtype.
+pub fn kind_of(dtype: Dtype) -> Kind {
+    match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::Bf16 => Kind::BFloat16,
+        Dtype::F16 => Kind::Half,
+    }
+}
+
+/// `cpu`, `cuda` or `cuda:N`, as a libtorch device.
+pub fn parse_device(s: &str) -> Result<Device> {
+    use mezod_core::model_ref::DeviceRef;
+    Ok(match mezod_core::model_ref::parse_device(s)? {
+        DeviceRef::Cpu => Device::Cpu,
+        DeviceRef::Cuda(n) => Device::Cuda(n),
+    })
+}
 
 /// One architecture's forward pass.
 pub trait Network: Send {
@@ -52,85 +70,9 @@ pub trait Network: Send {
     }
 }
 
-/// Parameter dtype of a job.  Norm statistics and softmax run in f32 whatever this is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Dtype {
-    #[default]
-    F32,
-    Bf16,
-    F16,
-}
-
-impl Dtype {
-    pub fn kind(self) -> Kind {
-        match self {
-            Dtype::F32 => Kind::Float,
-            Dtype::Bf16 => Kind::BFloat16,
-            Dtype::F16 => Kind::Half,
-        }
-    }
-    pub fn bytes(self) -> i64 {
-        match self {
-            Dtype::F32 => 4,
-            _ => 2,
-        }
-    }
-}
-
-impl FromStr for Dtype {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "f32" | "float32" => Ok(Dtype::F32),
-            "bf16" | "bfloat16" => Ok(Dtype::Bf16),
-            "f16" | "float16" => Ok(Dtype::F16),
-            _ => bail!("unsupported dtype {s:?}: use f32, bf16 or f16"),
-        }
-    }
-}
-
-/// `cpu`, `cuda` or `cuda:N`.
-pub fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::Cuda(0)),
-        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => Ok(Device::Cuda(n)),
-            _ => bail!("unknown device {s:?}: use cpu, cuda or cuda:N"),
-        },
-    }
-}
-
 #[derive(Deserialize)]
 struct ModelType {
     model_type: Option<String>,
-}
-
-/// Where a model's weights come from.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ModelSource {
-    /// An HF directory or a GGUF file.
-    Pretrained(PathBuf),
-    /// A `config.json` alone, with random weights from `seed` (the tokenizer is
-    /// the `tokenizer.json` beside the config, if there is one).
-    Random { config: PathBuf, seed: u64 },
-    /// A `config.json` alone, with placeholders that take no memory: the
-    /// parameter shapes, for sizing a job.
-    Shapes { config: PathBuf },
-}
-
-impl ModelSource {
-    /// What a message calls it.
-    pub fn describe(&self) -> String {
-        match self {
-            ModelSource::Pretrained(p) => p.display().to_string(),
-            ModelSource::Random { config, seed } => {
-                format!("random weights (seed {seed}) of {}", config.display())
-            }
-            ModelSource::Shapes { config } => format!("the shapes of {}", config.display()),
-        }
-    }
 }
 
 /// A loaded model: network, trainable parameters in canonical order, tokenizer.
@@ -239,7 +181,8 @@ impl LanguageModel {
             }),
             other => other.clone(),
         };
-        let mut w = weights::WeightLoader::with_tuning(&ckpt, dtype.kind(), device, tuning.clone());
+        let mut w =
+            weights::WeightLoader::with_tuning(&ckpt, kind_of(dtype), device, tuning.clone());
         let parse_err = || {
             format!(
                 "{} does not describe a valid {model_type} model",

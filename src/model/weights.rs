@@ -5,7 +5,7 @@
 //! Models ask for their tensors in transformers' `named_parameters()` order, so
 //! the resulting [`ParamList`] *is* the canonical order the MeZO step relies on.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -81,33 +81,9 @@ enum RandomInit {
     ShapesOnly,
 }
 
-#[derive(serde::Deserialize)]
-struct ShardIndex {
-    weight_map: BTreeMap<String, String>,
-}
-
 impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Self> {
-        let single = dir.join("model.safetensors");
-        let index_path = dir.join("model.safetensors.index.json");
-        let files: Vec<PathBuf> = if single.is_file() {
-            vec![single]
-        } else if index_path.is_file() {
-            let text = std::fs::read_to_string(&index_path)
-                .with_context(|| format!("reading {}", index_path.display()))?;
-            let idx: ShardIndex = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not a valid shard index", index_path.display()))?;
-            let mut names: Vec<String> = idx.weight_map.values().cloned().collect();
-            names.sort();
-            names.dedup();
-            names.into_iter().map(|n| dir.join(n)).collect()
-        } else {
-            bail!(
-                "no weights in {}: expected model.safetensors or model.safetensors.index.json \
-                 (PyTorch .bin checkpoints are not read; convert them to safetensors)",
-                dir.display()
-            );
-        };
+        let files = mezod_core::weight_files::safetensors_files(dir)?;
         let mut shards = Vec::new();
         let mut index = HashMap::new();
         for path in files {

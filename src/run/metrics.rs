@@ -109,9 +109,7 @@ impl MetricsFile {
                 push(&Line::Eval { eval: e.clone() })?;
             }
         }
-        let tmp = path.with_extension("jsonl.partial");
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, path)?;
+        mezod_core::durable::write(path, text)?;
         let file = OpenOptions::new()
             .append(true)
             .open(path)

@@ -10,7 +10,7 @@
 pub mod fingerprint;
 pub mod metrics;
 pub mod plot;
-pub mod seedlog;
+pub use mezod_core::seedlog;
 pub mod snapshot;
 pub mod tune_file;
 
@@ -35,6 +35,7 @@ use crate::model::{parse_device, LanguageModel};
 use crate::spec::{JobSpec, Mode};
 use fingerprint::Fingerprint;
 use metrics::{EvalLine, MetricsFile};
+use mezod_core::durable;
 use seedlog::{Direction, SeedLog, StepLog, StepRecord};
 
 /// Snapshot interval when neither the job nor the daemon sets one.
@@ -276,9 +277,7 @@ impl Job {
             b.linear_probe = Some(score);
             b.linear_probe_train = Some(fit);
         }
-        let tmp = self.out.join("baselines.json.partial");
-        std::fs::write(&tmp, serde_json::to_string_pretty(&b)?)?;
-        std::fs::rename(&tmp, &path)?;
+        durable::write(&path, serde_json::to_string_pretty(&b)?)?;
         Ok(())
     }
 
@@ -338,7 +337,7 @@ fn claim_out_dir(out: &Path, spec: &JobSpec, fp: &Fingerprint, force: bool) -> R
             );
         }
     } else {
-        std::fs::write(&frozen, spec.to_yaml())?;
+        durable::write(&frozen, spec.to_yaml())?;
     }
     let fp_path = out.join("fingerprint.json");
     if fp_path.is_file() {
@@ -353,7 +352,7 @@ fn claim_out_dir(out: &Path, spec: &JobSpec, fp: &Fingerprint, force: bool) -> R
             tracing::warn!("RESUMING WITH A DIFFERENT FINGERPRINT ({old:?} → {fp:?}): weights will NOT be bit-identical to an uninterrupted run");
         }
     } else {
-        std::fs::write(&fp_path, serde_json::to_string_pretty(fp)?)?;
+        durable::write(&fp_path, serde_json::to_string_pretty(fp)?)?;
     }
     Ok(())
 }
@@ -483,9 +482,10 @@ pub fn run_with_log(
             .evaluate(&job.model, &job.test, job.eval_batch_size())
             .context("evaluating the base model on the test split")?;
         tracing::info!("step 0: test {} {:.4}", job.task.metric_name(), e.metric);
-        let tmp = out.join("zero_shot_test.json.partial");
-        std::fs::write(&tmp, serde_json::to_string(&e.metric)?)?;
-        std::fs::rename(&tmp, out.join("zero_shot_test.json"))?;
+        durable::write(
+            &out.join("zero_shot_test.json"),
+            serde_json::to_string(&e.metric)?,
+        )?;
     }
     if done == 0 {
         job.baselines()?;
@@ -593,9 +593,7 @@ fn check_initial_adapters(out: &Path, model: &LanguageModel, force: bool) -> Res
             recorded.trim()
         ),
         Err(_) => {
-            let tmp = path.with_extension("sha256.partial");
-            std::fs::write(&tmp, &here)?;
-            std::fs::rename(&tmp, &path)?;
+            durable::write(&path, &here)?;
             Ok(())
         }
     }
@@ -672,8 +670,8 @@ fn finish(
         .map(|r| (r.step, r.loss_plus))
         .collect();
     let eval_points: Vec<(u64, f64)> = evals.iter().map(|e| (e.step, e.loss)).collect();
-    std::fs::write(
-        job.out.join("loss.svg"),
+    durable::write(
+        &job.out.join("loss.svg"),
         plot::loss_curve_svg(&train_points, &eval_points, "loss"),
     )?;
     let (peak_memory_bytes, peak_memory_source) = measured_peak(&job.device);
@@ -708,9 +706,10 @@ fn finish(
         trainable_parameters: job.model.params.numel(),
         fingerprint: fp,
     };
-    let tmp = job.out.join("result.json.partial");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&result)?)?;
-    std::fs::rename(&tmp, job.out.join("result.json"))?;
+    durable::write(
+        &job.out.join("result.json"),
+        serde_json::to_string_pretty(&result)?,
+    )?;
     Ok(result)
 }
 

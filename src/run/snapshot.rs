@@ -32,8 +32,7 @@ pub fn save(dir: &Path, step: u64, params: &ParamList, keep: usize) -> Result<()
     write_safetensors(&path, &tensors, &[("step", step.to_string())])?;
     let hash = sha256_file(&path)?;
     let side = path.with_extension("sha256");
-    std::fs::write(side.with_extension("sha256.partial"), &hash)?;
-    std::fs::rename(side.with_extension("sha256.partial"), &side)?;
+    mezod_core::durable::write(&side, &hash)?;
     for old in list(dir)?.into_iter().rev().skip(keep) {
         let _ = std::fs::remove_file(snapshot_path(dir, old));
         let _ = std::fs::remove_file(snapshot_path(dir, old).with_extension("sha256"));

@@ -290,13 +290,9 @@ impl TuneFile {
         Ok(tune)
     }
 
-    /// Write atomically (a temporary file renamed into place).
+    /// Write durably (a synced temporary file renamed into place).
     pub fn write(&self, path: &Path) -> Result<()> {
-        let tmp = PathBuf::from(format!("{}.partial", path.display()));
-        std::fs::write(&tmp, serde_json::to_string_pretty(self)?)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-        Ok(())
+        mezod_core::durable::write(path, serde_json::to_string_pretty(self)?)
     }
 
     /// The base model as the run had it: `base` if given (a model directory, a

@@ -20,8 +20,12 @@ use super::jobs::JobRecord;
 pub enum Request {
     /// The daemon's spool and version.
     Hello,
+    /// One job, or every active job and the `finished` newest ended ones
+    /// (default [`DEFAULT_FINISHED_SHOWN`]).
     Status {
         id: Option<u64>,
+        #[serde(default)]
+        finished: Option<usize>,
     },
     Cancel {
         id: u64,
@@ -66,12 +70,18 @@ pub enum Lookup {
     Rejected { reason: String },
 }
 
+/// Ended jobs `mezod status` lists unless asked for more.
+pub const DEFAULT_FINISHED_SHOWN: usize = 20;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusReport {
     /// "gpu" or "cpu only (why)".
     pub mode: String,
     pub pools: Vec<PoolView>,
     pub jobs: Vec<JobView>,
+    /// Ended jobs in the table but not in `jobs`.
+    #[serde(default)]
+    pub finished_not_shown: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -227,7 +237,7 @@ mod tests {
         let path = dir.path().join("s.sock");
         let listener = UnixListener::bind(&path).unwrap();
         serve(listener, |call: Call| {
-            let Request::Status { id } = call.request else {
+            let Request::Status { id, .. } = call.request else {
                 return;
             };
             let _ = call.reply.send(Response::Error(format!(
@@ -235,7 +245,14 @@ mod tests {
                 call.peer.uid, call.peer.pid
             )));
         });
-        let r = request(&path, &Request::Status { id: Some(3) }).unwrap();
+        let r = request(
+            &path,
+            &Request::Status {
+                id: Some(3),
+                finished: None,
+            },
+        )
+        .unwrap();
         let me = unsafe { libc::getuid() };
         match r {
             Response::Error(s) => {

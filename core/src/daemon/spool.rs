@@ -13,6 +13,7 @@ use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::durable;
 use anyhow::{bail, Context, Result};
 
 /// Largest job file the daemon reads.
@@ -170,10 +171,8 @@ impl Spool {
             n += 1;
         }
         let error = PathBuf::from(format!("{}.error", target.display()));
-        let tmp = PathBuf::from(format!("{}.error.part", target.display()));
-        std::fs::write(&tmp, format!("{name} was rejected: {why}\n"))?;
-        std::fs::rename(&tmp, &error)?;
-        std::fs::rename(self.new_dir().join(name), &target)?;
+        durable::write(&error, format!("{name} was rejected: {why}\n"))?;
+        durable::rename(&self.new_dir().join(name), &target)?;
         Ok(error)
     }
 
@@ -181,7 +180,7 @@ impl Spool {
     pub fn archive(&self, name: &str, id: u64) -> Result<()> {
         let from = self.new_dir().join(name);
         if from.symlink_metadata().is_ok() {
-            std::fs::rename(&from, self.root.join("cur").join(format!("{id}-{name}")))?;
+            durable::rename(&from, &self.root.join("cur").join(format!("{id}-{name}")))?;
         }
         Ok(())
     }
@@ -214,7 +213,7 @@ pub fn drop_job(spool_root: &Path, stem: &str, text: &str) -> Result<String> {
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, spool_root.join("new").join(&unique))?;
+    durable::rename(&tmp, &spool_root.join("new").join(&unique))?;
     Ok(unique)
 }
 

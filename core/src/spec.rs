@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::mezo::{LrSchedule, Rng};
-use crate::model::adapters::{LoraConfig, PrefixConfig, Tuning};
-use crate::model::{Dtype, ModelSource};
+use crate::mezo_options::{LrSchedule, Rng};
+use crate::model_ref::{Dtype, ModelSource};
+use crate::tuning::{LoraConfig, PrefixConfig, Tuning};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -513,8 +513,7 @@ impl JobSpec {
         {
             bail!("data.test_fraction must be in [0, 1) and leave training examples beside dev_fraction");
         }
-        self.model.dtype.kind();
-        crate::model::parse_device(&self.model.device)?;
+        crate::model_ref::parse_device(&self.model.device)?;
         let choice = matches!(
             self.task.kind,
             TaskKind::Classification | TaskKind::MultipleChoice

@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use mezod::daemon::control::{default_socket, request, Lookup, Request, Response};
-use mezod::daemon::spool::drop_job;
-use mezod::estimate::human_bytes;
-use mezod::spec::JobSpec;
+use mezod_core::daemon::control::{default_socket, request, Lookup, Request, Response};
+use mezod_core::daemon::spool::drop_job;
+use mezod_core::estimate::human_bytes;
+use mezod_core::spec::JobSpec;
 
 fn socket_or_default(socket: Option<PathBuf>) -> PathBuf {
     socket.unwrap_or_else(default_socket)
@@ -86,10 +86,15 @@ pub fn submit(
     }
 }
 
-pub fn status(id: Option<u64>, json: bool, socket: Option<PathBuf>) -> Result<ExitCode> {
+pub fn status(
+    id: Option<u64>,
+    finished: Option<usize>,
+    json: bool,
+    socket: Option<PathBuf>,
+) -> Result<ExitCode> {
     let Response::Status(report) = expect_ok(request(
         &socket_or_default(socket),
-        &Request::Status { id },
+        &Request::Status { id, finished },
     )?)?
     else {
         bail!("unexpected answer from the daemon");
@@ -131,6 +136,12 @@ pub fn status(id: Option<u64>, json: bool, socket: Option<PathBuf>) -> Result<Ex
             v.eta_s.map_or("-".into(), format_duration),
             j.name,
             j.reason
+        );
+    }
+    if report.finished_not_shown > 0 {
+        println!(
+            "… and {} older ended job(s) (`mezod status --all`, or `--last N`)",
+            report.finished_not_shown
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -1,4 +1,6 @@
-//! One worker process per job (`mezod worker`, internal).
+//! One worker process per job (`mezod-engine worker`, internal): its launch
+//! and its step-record pipe, the daemon's side (the worker's side is the
+//! engine's `worker` module).
 //!
 //! Why a process: torch's RNG is process-global, so two jobs in one process
 //! would draw each other's z.  A process also contains crashes: a segfault or
@@ -12,16 +14,16 @@
 //! (`PR_SET_PDEATHSIG`) and stop at a step boundary on SIGTERM.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
 
 use anyhow::{bail, Context, Result};
 
 use crate::gpu::GpuInfo;
-use crate::run::seedlog::{StepLog, StepRecord};
-use crate::run::{run_with_log, Outcome, RunOptions};
+use crate::seedlog::StepRecord;
 
 /// What a worker tells the daemon.
 #[derive(Debug)]
@@ -66,11 +68,11 @@ fn write_replay(path: &Path, records: &[StepRecord]) -> Result<()> {
         bytes.extend((b.len() as u32).to_le_bytes());
         bytes.extend(b);
     }
-    Ok(std::fs::write(path, bytes)?)
+    crate::durable::write(path, bytes)
 }
 
 /// The records of replay.bin for steps 0, 1, 2, … up to the first gap.
-fn read_replay(path: &Path) -> Result<Vec<StepRecord>> {
+pub fn read_replay(path: &Path) -> Result<Vec<StepRecord>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let mut records = Vec::new();
     let mut at = 0;
@@ -91,6 +93,54 @@ fn read_replay(path: &Path) -> Result<Vec<StepRecord>> {
     Ok(records)
 }
 
+/// A live handle on a worker process.  Signals go through a pidfd opened
+/// before anyone could reap the child, so once the worker has exited (and its
+/// reader thread has reaped it) a signal fails with ESRCH instead of reaching
+/// whatever process reused the pid.
+pub struct WorkerHandle {
+    pid: u32,
+    pidfd: OwnedFd,
+}
+
+impl WorkerHandle {
+    /// Open a handle on `child`, which must not have been waited for yet.
+    pub fn open(child: &Child) -> std::io::Result<Self> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self {
+            pid: child.id(),
+            // SAFETY: the fd was just returned to us and is owned by nobody else.
+            pidfd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
+        })
+    }
+
+    /// The worker's pid, for reading its memory (never for signalling).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Send `sig` to the worker if it is still the process this handle opened.
+    pub fn signal(&self, sig: i32) -> std::io::Result<()> {
+        // SAFETY: pidfd_send_signal with a valid pidfd, no siginfo, no flags.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                sig,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
 /// Start the worker; `report` receives its step records, then its exit.
 /// Call from the daemon's main thread: the death signal fires when the
 /// *thread* that forked the child ends.
@@ -99,7 +149,7 @@ pub fn spawn(
     records: &[StepRecord],
     log: File,
     report: impl Fn(WorkerEvent) + Send + 'static,
-) -> Result<u32> {
+) -> Result<WorkerHandle> {
     let replay = launch.job_dir.join("replay.bin");
     write_replay(&replay, records)?;
     let mut cmd = Command::new(launch.exe);
@@ -163,6 +213,14 @@ pub fn spawn(
         .spawn()
         .with_context(|| format!("starting {} worker", launch.exe.display()))?;
     let pid = child.id();
+    let handle = match WorkerHandle::open(&child) {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e).context("opening a pidfd on the worker (Linux 5.3 or later is needed)");
+        }
+    };
     let stdout = child.stdout.take().expect("stdout is piped");
     std::thread::Builder::new()
         .name(format!("worker-{pid}"))
@@ -176,91 +234,13 @@ pub fn spawn(
             let status = child.wait().expect("waiting for a child of ours");
             report(WorkerEvent::Exited(status));
         })?;
-    Ok(pid)
-}
-
-/// The worker's side of the log: earlier records from the replay file, new
-/// ones written to stdout for the daemon.
-struct PipeLog {
-    records: Vec<StepRecord>,
-    out: std::io::Stdout,
-}
-
-impl StepLog for PipeLog {
-    fn contiguous(&self) -> Result<Vec<StepRecord>> {
-        Ok(self.records.clone())
-    }
-    fn append(&mut self, rec: &StepRecord) -> Result<()> {
-        let mut out = self.out.lock();
-        out.write_all(encode(rec).as_bytes())
-            .and_then(|_| out.flush())
-            .context("the daemon is gone (step records cannot be delivered)")?;
-        self.records.push(rec.clone());
-        Ok(())
-    }
-    fn truncate_from(&mut self, step: u64) -> Result<()> {
-        self.records.truncate(step as usize);
-        Ok(())
-    }
-}
-
-/// Arguments of `mezod worker` (set by the daemon's `spawn`).
-#[derive(clap::Args)]
-pub struct WorkerArgs {
-    #[arg(long)]
-    pub job: PathBuf,
-    #[arg(long)]
-    pub out: PathBuf,
-    #[arg(long)]
-    pub replay: PathBuf,
-    #[arg(long)]
-    pub threads: i32,
-    #[arg(long)]
-    pub snapshot_every: u64,
-    #[arg(long)]
-    pub estimate: u64,
-    #[arg(long)]
-    pub device: Option<String>,
-}
-
-/// Body of `mezod worker`: run the job with the daemon's log; exit 0 when
-/// done, 128+signal when stopped at a step boundary.
-pub fn worker_main(args: WorkerArgs) -> Result<ExitCode> {
-    let records = read_replay(&args.replay)?;
-    let log = PipeLog {
-        records,
-        out: std::io::stdout(),
-    };
-    let opts = RunOptions {
-        force: false,
-        progress: false,
-        threads: Some(args.threads),
-        device: args.device,
-        snapshot_every: Some(args.snapshot_every),
-        memory_estimate: Some(args.estimate),
-    };
-    match run_with_log(&args.job, &args.out, &opts, Box::new(log))? {
-        Outcome::Completed(r) => {
-            tracing::info!(
-                "done: {} steps, dev {} best {:?} (step {})",
-                r.steps,
-                r.metric,
-                r.best,
-                r.best_step
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Outcome::Interrupted { step, signal } => {
-            tracing::info!("stopped after step {step} (signal {signal}); the daemon resumes it");
-            Ok(ExitCode::from((128 + signal) as u8))
-        }
-    }
+    Ok(handle)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::run::seedlog::Direction;
+    use crate::seedlog::Direction;
 
     #[test]
     fn records_cross_the_pipe_with_exact_bits() {
@@ -298,6 +278,22 @@ mod tests {
         let back = decode(&encode(&nspsa)).unwrap();
         assert_eq!(back.to_bytes(), nspsa.to_bytes(), "bits, NaN included");
         assert_eq!(back.seeds(), vec![u64::MAX >> 12, 3, 4]);
+    }
+
+    #[test]
+    fn a_handle_signals_its_worker_and_never_a_reaped_pid() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let handle = WorkerHandle::open(&child).unwrap();
+        assert_eq!(handle.pid(), child.id());
+        handle.signal(libc::SIGTERM).unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGTERM)
+        );
+        // Reaped: the pid may now belong to anyone; the handle refuses.
+        let err = handle.signal(libc::SIGKILL).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ESRCH));
     }
 
     #[test]

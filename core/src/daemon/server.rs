@@ -23,7 +23,7 @@ use super::notify::Notifier;
 use super::spool::{Dropped, Spool};
 use super::worker::{self, Launch, WorkerEvent};
 use crate::estimate::{estimate, human_bytes};
-use crate::run::seedlog::SeedLog;
+use crate::seedlog::SeedLog;
 use crate::spec::JobSpec;
 
 /// Everything the main loop reacts to.
@@ -50,7 +50,7 @@ enum StopReason {
 
 /// A job whose worker process is alive.
 struct Running {
-    pid: u32,
+    worker: worker::WorkerHandle,
     pool: Pool,
     estimate: u64,
     stop: Option<StopReason>,
@@ -141,7 +141,7 @@ pub fn run_daemon(opts: DaemonOptions) -> Result<()> {
         running: HashMap::new(),
         tx: tx.clone(),
         notifier: Notifier::new(),
-        exe: std::env::current_exe()?,
+        exe: crate::engine::exe(),
         as_root,
         stopping: None,
         resources: None,
@@ -389,7 +389,7 @@ impl Daemon {
                 .stopping("stopping: workers are saving their state");
             for r in self.running.values_mut() {
                 r.stop.get_or_insert(StopReason::Shutdown);
-                signal(r.pid, libc::SIGTERM);
+                signal(&r.worker, libc::SIGTERM);
             }
             return Ok(());
         }
@@ -397,7 +397,7 @@ impl Daemon {
         let ids: Vec<u64> = self.running.keys().copied().collect();
         for id in ids {
             let r = self.running.remove(&id).expect("listed");
-            signal(r.pid, libc::SIGKILL);
+            signal(&r.worker, libc::SIGKILL);
             r.log.flush()?;
             if let Some(mut job) = self.table.get(id)? {
                 job.state = JobState::Preempted;
@@ -477,7 +477,7 @@ impl Daemon {
         let id = self.table.next_id()?;
         let dir = self.dirs.job(id);
         std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("job.yaml"), &dropped.text)?;
+        crate::durable::write(&dir.join("job.yaml"), &dropped.text)?;
         if self.as_root {
             std::os::unix::fs::chown(&dir, Some(dropped.uid), Some(dropped.gid))?;
         }
@@ -556,7 +556,7 @@ impl Daemon {
         let mut placed = Vec::new();
         for (&id, r) in self.running.iter() {
             let usage = if r.settled {
-                self.probe.process_memory(r.pid, &r.pool)
+                self.probe.process_memory(r.worker.pid(), &r.pool)
             } else {
                 0
             };
@@ -575,7 +575,7 @@ impl Daemon {
         let t = now();
         let mut queue = Vec::new();
         self.queued = 0;
-        for job in self.table.all()? {
+        for job in self.table.active()? {
             if job.state != JobState::Queued {
                 continue;
             }
@@ -637,9 +637,10 @@ impl Daemon {
             let _ = tx.send(Event::Worker(id, ev));
         });
         match spawned {
-            Ok(pid) => {
+            Ok(handle) => {
                 tracing::info!(
-                    "job {id}: started worker {pid} on {} (estimate {})",
+                    "job {id}: started worker {} on {} (estimate {})",
+                    handle.pid(),
                     describe_pool(&pool),
                     human_bytes(job.estimate_bytes)
                 );
@@ -652,7 +653,7 @@ impl Daemon {
                 self.running.insert(
                     id,
                     Running {
-                        pid,
+                        worker: handle,
                         pool,
                         estimate: job.estimate_bytes,
                         stop: None,
@@ -673,9 +674,9 @@ impl Daemon {
         &self,
         job: &JobRecord,
         gpu: Option<&crate::gpu::GpuInfo>,
-        records: &[crate::run::seedlog::StepRecord],
+        records: &[crate::seedlog::StepRecord],
         report: impl Fn(WorkerEvent) + Send + 'static,
-    ) -> Result<u32> {
+    ) -> Result<worker::WorkerHandle> {
         let dir = self.dirs.job(job.id);
         let mut worker_log = OpenOptions::new()
             .create(true)
@@ -709,7 +710,7 @@ impl Daemon {
 
     // ---- workers --------------------------------------------------------
 
-    fn on_record(&mut self, id: u64, rec: crate::run::seedlog::StepRecord) -> Result<()> {
+    fn on_record(&mut self, id: u64, rec: crate::seedlog::StepRecord) -> Result<()> {
         let Some(r) = self.running.get_mut(&id) else {
             return Ok(());
         };
@@ -818,7 +819,7 @@ impl Daemon {
                 text.push('\n');
             }
         }
-        if let Err(e) = std::fs::write(dir.join("error"), text) {
+        if let Err(e) = crate::durable::write(&dir.join("error"), text) {
             tracing::error!("job {id}: could not write its error file: {e}");
         }
         tracing::error!("job {id}: failed: {reason}");
@@ -833,7 +834,7 @@ impl Daemon {
                 spool: self.dirs.spool.clone(),
                 version: env!("CARGO_PKG_VERSION").into(),
             },
-            Request::Status { id } => Response::Status(self.report(id)?),
+            Request::Status { id, finished } => Response::Status(self.report(id, finished)?),
             Request::Cancel { id } => self.cancel(id, peer)?,
             Request::Logs { id, offset } => {
                 let job = self.owned_job(id, peer)?;
@@ -851,7 +852,7 @@ impl Daemon {
                 }
             }
             Request::Lookup { name } => {
-                let found = self.table.all()?.into_iter().find(|j| j.name == name);
+                let found = self.table.find_name(&name)?;
                 Response::Lookup(match found {
                     Some(j) => Lookup::Accepted { id: j.id },
                     None => match self.spool.rejection(&name) {
@@ -883,7 +884,7 @@ impl Daemon {
         }
         if let Some(r) = self.running.get_mut(&id) {
             r.stop = Some(StopReason::Cancel);
-            signal(r.pid, libc::SIGTERM);
+            signal(&r.worker, libc::SIGTERM);
             return Ok(Response::Cancelled {
                 id,
                 state: "cancelling (the worker stops at its next step boundary)".into(),
@@ -899,13 +900,26 @@ impl Daemon {
         })
     }
 
-    fn report(&mut self, id: Option<u64>) -> Result<StatusReport> {
+    /// One job, or the active jobs and the newest `finished` ended ones: the
+    /// answer's size follows the active jobs, not the table's history.
+    fn report(&mut self, id: Option<u64>, finished: Option<usize>) -> Result<StatusReport> {
+        let mut finished_not_shown = 0;
         let jobs = match id {
             Some(id) => vec![self
                 .table
                 .get(id)?
                 .with_context(|| format!("no job {id}"))?],
-            None => self.table.all()?,
+            None => {
+                let mut jobs = self.table.active()?;
+                let recent = self
+                    .table
+                    .recent_finished(finished.unwrap_or(control::DEFAULT_FINISHED_SHOWN))?;
+                let (count, active) = self.table.counts();
+                finished_not_shown = count - active - recent.len();
+                jobs.extend(recent);
+                jobs.sort_by_key(|j| j.id);
+                jobs
+            }
         };
         let views = jobs
             .into_iter()
@@ -949,6 +963,7 @@ impl Daemon {
             mode,
             pools,
             jobs: views,
+            finished_not_shown,
         })
     }
 
@@ -978,10 +993,13 @@ fn describe_pool(pool: &Pool) -> String {
     }
 }
 
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
-    unsafe {
-        libc::kill(pid as libc::pid_t, sig);
+/// Signal a worker through its handle; one that has already exited is fine
+/// (its exit event is on its way).
+fn signal(worker: &worker::WorkerHandle, sig: i32) {
+    if let Err(e) = worker.signal(sig) {
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            tracing::warn!("signalling worker {}: {e}", worker.pid());
+        }
     }
 }
 

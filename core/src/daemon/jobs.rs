@@ -1,0 +1,319 @@
+//! The job table: one record per job in the daemon's sled database.
+//!
+//! States: `queued → admitted → running → done | failed | cancelled`, and
+//! `running → preempted → queued` when the daemon stops gracefully.  Ids come
+//! from the daemon (a counter in the database), never from file names.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Admitted,
+    Running,
+    Preempted,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Done | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = serde_json::to_value(self).expect("a state serializes");
+        f.write_str(s.as_str().unwrap_or("?"))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: u64,
+    /// The file name it had in the spool.
+    pub name: String,
+    pub owner_uid: u32,
+    pub owner_gid: u32,
+    pub state: JobState,
+    pub priority: i32,
+    pub wants_gpu: bool,
+    pub steps_total: u64,
+    /// Steps durably in the seed log.
+    pub steps_done: u64,
+    pub last_loss: Option<f64>,
+    /// Unix seconds.
+    pub submitted_at: u64,
+    pub started_at: Option<u64>,
+    pub finished_at: Option<u64>,
+    /// Worker starts, including retries and resumes after a daemon restart.
+    pub attempts: u32,
+    /// Crashed attempts counted against the retry limit.
+    pub failures: u32,
+    /// Do not admit before this time (retry backoff).
+    pub not_before: Option<u64>,
+    /// GPU UUIDs (empty for CPU jobs).
+    pub gpus: Vec<String>,
+    /// Why it waits, why it failed, or how it ended.
+    pub reason: String,
+    pub estimate_bytes: u64,
+    /// Largest memory its worker was seen to hold (sampled by the daemon).
+    pub peak_bytes: u64,
+    /// The dev metric summary from result.json, once done.
+    pub result: Option<serde_json::Value>,
+}
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Job records in sled, keyed by big-endian id, with in-memory indexes so that
+/// the daemon's loop costs what its *active* jobs cost, however many finished
+/// jobs the table holds.
+pub struct JobTable {
+    db: sled::Db,
+    jobs: sled::Tree,
+    /// `last_id`: the last id handed out.
+    meta: sled::Tree,
+    /// spool name → id (what `mezod submit` asks about while it waits).
+    names: sled::Tree,
+    index: Mutex<Index>,
+}
+
+/// Built by one scan at start, then kept up to date by [`JobTable::put`].
+#[derive(Default)]
+struct Index {
+    /// Jobs not yet done, failed or cancelled.
+    active: BTreeSet<u64>,
+    /// Every job in the table.
+    count: usize,
+}
+
+impl JobTable {
+    pub fn open(db: &sled::Db) -> Result<Self> {
+        let table = Self {
+            db: db.clone(),
+            jobs: db.open_tree("jobs")?,
+            meta: db.open_tree("meta")?,
+            names: db.open_tree("names")?,
+            index: Mutex::new(Index::default()),
+        };
+        let mut index = Index::default();
+        for job in table.all()? {
+            index.count += 1;
+            if !job.state.is_final() {
+                index.active.insert(job.id);
+            }
+            if !table.names.contains_key(job.name.as_bytes())? {
+                table
+                    .names
+                    .insert(job.name.as_bytes(), &job.id.to_be_bytes())?;
+            }
+        }
+        *table.index.lock().expect("index lock") = index;
+        Ok(table)
+    }
+
+    /// A fresh id: one more than the last (ids stay consecutive across
+    /// restarts, unlike sled's `generate_id`, which jumps ahead on each open).
+    /// It becomes durable with the job's record (same database, same flush);
+    /// an id whose record was lost to a crash may be handed out again, which
+    /// is harmless since nothing refers to it.
+    pub fn next_id(&self) -> Result<u64> {
+        let highest_job = self.jobs.last()?.map_or(0, |(k, _)| {
+            u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]))
+        });
+        let id = self
+            .meta
+            .update_and_fetch("last_id", |old| {
+                let last = old.map_or(0, |v| u64::from_be_bytes(v.try_into().unwrap_or([0; 8])));
+                Some((last.max(highest_job) + 1).to_be_bytes().to_vec())
+            })?
+            .expect("just set");
+        Ok(u64::from_be_bytes(id.as_ref().try_into()?))
+    }
+
+    pub fn put(&self, job: &JobRecord) -> Result<()> {
+        let old = self
+            .jobs
+            .insert(job.id.to_be_bytes(), serde_json::to_vec(job)?)?;
+        if old.is_none() {
+            self.names
+                .insert(job.name.as_bytes(), &job.id.to_be_bytes())?;
+        }
+        let mut index = self.index.lock().expect("index lock");
+        index.count += usize::from(old.is_none());
+        if job.state.is_final() {
+            index.active.remove(&job.id);
+        } else {
+            index.active.insert(job.id);
+        }
+        Ok(())
+    }
+
+    /// Write and make durable (state changes a crash must not forget).
+    pub fn put_durable(&self, job: &JobRecord) -> Result<()> {
+        self.put(job)?;
+        self.db.flush().context("flushing the job table")?;
+        Ok(())
+    }
+
+    pub fn get(&self, id: u64) -> Result<Option<JobRecord>> {
+        self.jobs
+            .get(id.to_be_bytes())?
+            .map(|v| serde_json::from_slice(&v).context("reading a job record"))
+            .transpose()
+    }
+
+    /// The jobs not yet ended, in id order (the loop's working set).
+    pub fn active(&self) -> Result<Vec<JobRecord>> {
+        let ids: Vec<u64> = self
+            .index
+            .lock()
+            .expect("index lock")
+            .active
+            .iter()
+            .copied()
+            .collect();
+        let mut jobs = Vec::with_capacity(ids.len());
+        for id in ids {
+            jobs.extend(self.get(id)?);
+        }
+        Ok(jobs)
+    }
+
+    /// Up to `n` ended jobs, newest first.
+    pub fn recent_finished(&self, n: usize) -> Result<Vec<JobRecord>> {
+        let mut out = Vec::new();
+        for entry in self.jobs.iter().rev() {
+            if out.len() >= n {
+                break;
+            }
+            let (_, v) = entry?;
+            let job: JobRecord = serde_json::from_slice(&v).context("reading a job record")?;
+            if job.state.is_final() {
+                out.push(job);
+            }
+        }
+        Ok(out)
+    }
+
+    /// (jobs in the table, of which active).
+    pub fn counts(&self) -> (usize, usize) {
+        let index = self.index.lock().expect("index lock");
+        (index.count, index.active.len())
+    }
+
+    /// The job made from the spool file `name`, if any.
+    pub fn find_name(&self, name: &str) -> Result<Option<JobRecord>> {
+        match self.names.get(name.as_bytes())? {
+            Some(id) => self.get(u64::from_be_bytes(id.as_ref().try_into()?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every job, in id order.
+    pub fn all(&self) -> Result<Vec<JobRecord>> {
+        self.jobs
+            .iter()
+            .values()
+            .map(|v| Ok(serde_json::from_slice(&v?)?))
+            .collect()
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_consecutive_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = |n| {
+            let db = sled::open(dir.path()).unwrap();
+            let table = JobTable::open(&db).unwrap();
+            let ids: Vec<u64> = (0..n).map(|_| table.next_id().unwrap()).collect();
+            table.flush().unwrap();
+            ids
+        };
+        assert_eq!(ids(2), vec![1, 2]);
+        assert_eq!(ids(1), vec![3]);
+        assert_eq!(ids(2), vec![4, 5]);
+    }
+
+    fn record(id: u64, state: JobState) -> JobRecord {
+        JobRecord {
+            id,
+            name: format!("job-{id}.yaml"),
+            owner_uid: 1000,
+            owner_gid: 1000,
+            state,
+            priority: 0,
+            wants_gpu: false,
+            steps_total: 10,
+            steps_done: 0,
+            last_loss: None,
+            submitted_at: 0,
+            started_at: None,
+            finished_at: None,
+            attempts: 0,
+            failures: 0,
+            not_before: None,
+            gpus: vec![],
+            reason: String::new(),
+            estimate_bytes: 0,
+            peak_bytes: 0,
+            result: None,
+        }
+    }
+
+    #[test]
+    fn the_index_follows_states_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let table = JobTable::open(&db).unwrap();
+            for id in 1..=6 {
+                let state = if id % 2 == 0 {
+                    JobState::Done
+                } else {
+                    JobState::Queued
+                };
+                table.put(&record(id, state)).unwrap();
+            }
+            let ids = |jobs: Vec<JobRecord>| jobs.iter().map(|j| j.id).collect::<Vec<_>>();
+            assert_eq!(ids(table.active().unwrap()), vec![1, 3, 5]);
+            assert_eq!(table.counts(), (6, 3));
+            // A job that ends leaves the working set; newest finished first.
+            table.put(&record(3, JobState::Failed)).unwrap();
+            assert_eq!(ids(table.active().unwrap()), vec![1, 5]);
+            assert_eq!(ids(table.recent_finished(2).unwrap()), vec![6, 4]);
+            assert_eq!(ids(table.recent_finished(10).unwrap()), vec![6, 4, 3, 2]);
+            assert_eq!(table.find_name("job-4.yaml").unwrap().unwrap().id, 4);
+            assert!(table.find_name("nope").unwrap().is_none());
+            table.flush().unwrap();
+        }
+        let db = sled::open(dir.path()).unwrap();
+        let table = JobTable::open(&db).unwrap();
+        assert_eq!(table.counts(), (6, 2));
+        assert_eq!(table.find_name("job-5.yaml").unwrap().unwrap().id, 5);
+    }
+}

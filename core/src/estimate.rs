@@ -1,0 +1,243 @@
+//! How much memory a job needs: the figure admission control compares with
+//! free GPU (or CPU) memory before it starts a job.
+//!
+//! MeZO trains at inference memory, so the estimate is an inference estimate:
+//!
+//! * **weights** at the job's dtype (every stored tensor, from the safetensors
+//!   headers or the GGUF tensor directory; nothing is loaded);
+//! * **adapters** (LoRA, prefix) beside the frozen weights, counted from the
+//!   target layers' shapes (prefix: tokens × hidden per key and value per layer,
+//!   an upper bound under grouped KV heads);
+//! * **z's temporary**: with `rng: torch`, one tensor the size of the largest
+//!   trainable parameter (its z); with `rng: fast`, one chunk per thread (kilobytes);
+//! * **activations of one layer** (layers run one after another without
+//!   autograd, so only one layer's are alive): sequences × tokens ×
+//!   (6·hidden + 3·intermediate) for the residual, norms, q/k/v, output and
+//!   MLP, plus 2 × heads × tokens² for the attention scores and softmax;
+//! * **logits**: sequences × positions × vocab at the model dtype, the f32 copy
+//!   and the f32 log-softmax; on CPU a bf16/f16 matmul also keeps an f32
+//!   result before rounding (4 more bytes per logit, measured);
+//! * **runtime**: the CUDA context and allocator slack on a GPU, the libtorch
+//!   and tokenizer runtime on CPU.
+//!
+//! Sequences per forward = max(batch, eval batch) × candidates per example
+//! (classification and multiple choice score one sequence per answer; a
+//! masked LM reads one sequence per example).
+//! Positions with logits = all tokens for causal LM; for answer scoring only
+//! the answer's, counted as at most 8 tokens; a masked LM's mask token alone.
+//! Tokens = `task.max_length`, an upper bound: setting it close to the data's
+//! real lengths gets a job admitted sooner.  The safety margin is the
+//! daemon's, added on top when admitting.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::gguf_header::{is_gguf, read_header};
+use crate::mezo_options::{Rng, DEFAULT_CHUNK};
+use crate::model_ref::{is_masked_lm, ModelSource};
+use crate::spec::{JobSpec, TaskKind};
+use crate::tuning::{default_lora_targets, is_target, Tuning};
+use crate::weight_files::safetensors_shapes;
+
+/// CUDA context, cuBLAS workspaces and caching-allocator slack.
+pub const GPU_RUNTIME_BYTES: u64 = 768 << 20;
+/// Resident libtorch, tokenizer and process overhead on CPU.
+pub const CPU_RUNTIME_BYTES: u64 = 320 << 20;
+
+/// Answer tokens assumed per candidate when sizing the logits of answer scoring.
+const ANSWER_POSITIONS: u64 = 8;
+
+/// An estimate, by part, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Footprint {
+    pub weights: u64,
+    /// z's temporary: the largest parameter's size with `rng: torch`, chunks with `fast`.
+    pub largest_tensor: u64,
+    pub activations: u64,
+    pub logits: u64,
+    pub runtime: u64,
+}
+
+impl Footprint {
+    pub fn total(&self) -> u64 {
+        self.weights + self.largest_tensor + self.activations + self.logits + self.runtime
+    }
+}
+
+/// The shape facts the estimate needs, under the names the architectures use.
+#[derive(Debug, Deserialize)]
+struct ShapeConfig {
+    #[serde(alias = "n_embd", alias = "d_model")]
+    hidden_size: u64,
+    #[serde(default, alias = "ffn_dim", alias = "n_inner")]
+    intermediate_size: Option<u64>,
+    #[serde(alias = "n_head")]
+    num_attention_heads: u64,
+    vocab_size: u64,
+    #[serde(default)]
+    model_type: Option<String>,
+}
+
+/// (name, shape) of every parameter of a model.
+pub type Shapes = Vec<(String, Vec<usize>)>;
+
+/// Parameter shapes of the model a `config.json` describes, asked of the
+/// engine (`mezod-engine shapes CONFIG`): only the architectures' own code
+/// knows which tensors a config implies, and that code lives with libtorch.
+/// Checkpoints on disk never need this; their headers list their tensors.
+pub fn engine_shapes(config: &Path) -> Result<Shapes> {
+    let exe = crate::engine::exe();
+    let out = std::process::Command::new(&exe)
+        .arg("shapes")
+        .arg(config)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("running {} to size a model", exe.display()))?;
+    if !out.status.success() {
+        anyhow::bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    serde_json::from_slice(&out.stdout).context("reading the engine's shapes")
+}
+
+/// Estimate the peak memory of `spec` on a GPU (`gpu = true`) or on CPU.
+pub fn estimate(spec: &JobSpec, gpu: bool) -> Result<Footprint> {
+    estimate_with(spec, gpu, engine_shapes)
+}
+
+/// [`estimate`] with another way to learn a config's parameter shapes (the
+/// engine builds the model's placeholders itself).
+pub fn estimate_with(
+    spec: &JobSpec,
+    gpu: bool,
+    shapes_of_config: impl Fn(&Path) -> Result<Shapes>,
+) -> Result<Footprint> {
+    let (cfg, shapes) = match spec.model.source() {
+        ModelSource::Pretrained(path) if is_gguf(&path) => {
+            let header = read_header(&path)?;
+            let cfg = serde_json::from_value(header.config).context("GGUF metadata")?;
+            (cfg, header.shapes)
+        }
+        ModelSource::Pretrained(dir) => {
+            let cfg = read_shape_config(&dir.join("config.json"))?;
+            (cfg, safetensors_shapes(&dir)?)
+        }
+        ModelSource::Random { config, .. } | ModelSource::Shapes { config } => {
+            (read_shape_config(&config)?, shapes_of_config(&config)?)
+        }
+    };
+    let elem = spec.model.dtype.bytes() as u64;
+    let device = if gpu { "cuda" } else { "cpu" };
+    let rng = spec.mezo.rng.unwrap_or_else(|| Rng::default_for(device));
+    let (mut numel, mut largest) = (0u64, 0u64);
+    for (_, shape) in &shapes {
+        let n: u64 = shape.iter().map(|&d| d as u64).product();
+        numel += n;
+        largest = largest.max(n);
+    }
+    if let Some((adapter_numel, adapter_largest)) = adapter_sizes(&spec.tuning(), &shapes, &cfg) {
+        numel += adapter_numel;
+        largest = adapter_largest;
+    }
+    let masked = cfg.model_type.as_deref().is_some_and(is_masked_lm);
+    let candidates = match spec.task.kind {
+        _ if masked => 1,
+        TaskKind::CausalLm | TaskKind::Generation => 1,
+        TaskKind::Classification => spec.task.label_words.as_ref().map_or(2, |w| w.len()),
+        TaskKind::MultipleChoice => spec.task.choices.len().max(2),
+    } as u64;
+    let batch = spec
+        .mezo
+        .batch_size
+        .max(spec.mezo.eval_batch_size.unwrap_or(0)) as u64;
+    let seqs = batch * candidates;
+    let tokens = spec.task.max_length as u64;
+    let hidden = cfg.hidden_size;
+    let inter = cfg.intermediate_size.unwrap_or(4 * hidden);
+    let logit_positions = match spec.task.kind {
+        _ if masked => 1,
+        TaskKind::CausalLm => tokens,
+        _ => tokens.min(ANSWER_POSITIONS),
+    };
+    let per_layer = seqs * tokens * (6 * hidden + 3 * inter)
+        + 2 * seqs * cfg.num_attention_heads * tokens * tokens;
+    Ok(Footprint {
+        weights: numel * elem,
+        largest_tensor: match rng {
+            Rng::Torch => largest * elem,
+            // A chunk of f32 normals per thread, plus its converted copy off the fast path.
+            Rng::Fast => 64 * DEFAULT_CHUNK as u64 * 4 + 2 * DEFAULT_CHUNK as u64 * elem,
+        },
+        activations: per_layer * elem,
+        logits: seqs
+            * logit_positions
+            * cfg.vocab_size
+            * (elem + 8 + if !gpu && elem < 4 { 4 } else { 0 }),
+        runtime: if gpu {
+            GPU_RUNTIME_BYTES
+        } else {
+            CPU_RUNTIME_BYTES
+        },
+    })
+}
+
+/// Elements of the adapters a LoRA or prefix job adds, and of the largest one
+/// (what z's temporary holds then); `None` for full tuning.
+fn adapter_sizes(
+    tuning: &Tuning,
+    shapes: &[(String, Vec<usize>)],
+    cfg: &ShapeConfig,
+) -> Option<(u64, u64)> {
+    let matrices = shapes.iter().filter_map(|(name, shape)| {
+        let module = name.strip_suffix(".weight")?;
+        match shape.as_slice() {
+            [a, b] => Some((module, *a as u64, *b as u64)),
+            _ => None,
+        }
+    });
+    match tuning {
+        Tuning::Full => None,
+        Tuning::Lora(lora) => {
+            let targets = if lora.targets.is_empty() {
+                default_lora_targets(cfg.model_type.as_deref().unwrap_or(""))
+            } else {
+                lora.targets.clone()
+            };
+            let r = lora.r as u64;
+            let (mut numel, mut largest) = (0, 0);
+            for (_, a, b) in matrices.filter(|(m, ..)| is_target(m, &targets)) {
+                numel += r * (a + b);
+                largest = largest.max(r * a.max(b));
+            }
+            Some((numel, largest))
+        }
+        Tuning::Prefix(prefix) => {
+            // One query projection per attention layer, whatever its name.
+            let queries = ["q_proj", "c_attn", "query"].map(String::from);
+            let layers = matrices.filter(|(m, ..)| is_target(m, &queries)).count() as u64;
+            let one = prefix.tokens as u64 * cfg.hidden_size;
+            Some((2 * layers * one, one))
+        }
+    }
+}
+
+fn read_shape_config(path: &Path) -> Result<ShapeConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} lacks the sizes needed to estimate memory (hidden size, heads, vocabulary)",
+            path.display()
+        )
+    })
+}
+
+/// Bytes for messages: GiB with two decimals, MiB below one GiB.
+pub fn human_bytes(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
+}

@@ -1,0 +1,19 @@
+//! mezod's control plane: the job file, memory estimates, NVML, the daemon and
+//! its queue protocol — everything that does not need libtorch.  Both binaries
+//! use it: `mezod` (daemon and queue commands) and `mezod-engine` (training).
+//!
+//! See ARCHITECTURE.md for the map of modules and their invariants.
+
+pub mod daemon;
+pub mod durable;
+pub mod engine;
+pub mod estimate;
+pub mod gguf_header;
+pub mod gpu;
+pub mod mezo_options;
+pub mod model_ref;
+pub mod procfs;
+pub mod seedlog;
+pub mod spec;
+pub mod tuning;
+pub mod weight_files;

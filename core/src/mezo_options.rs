@@ -1,0 +1,46 @@
+//! The MeZO settings of a job that the control plane needs too: the generator
+//! of z (it decides the size of z's temporary) and the learning-rate schedule.
+
+use serde::{Deserialize, Serialize};
+
+/// Elements per chunk of the fast generator: 64 KiB of f32, at home in L2
+/// (each thread holds one chunk).
+pub const DEFAULT_CHUNK: usize = 16 * 1024;
+
+/// Which generator draws z.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Rng {
+    Fast,
+    Torch,
+}
+
+impl Rng {
+    /// `fast` on CPU, `torch` on GPUs.
+    pub fn default_for(device: &str) -> Rng {
+        if device.starts_with("cuda") {
+            Rng::Torch
+        } else {
+            Rng::Fast
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// The reference's choice for MeZO.
+    #[default]
+    Constant,
+    /// Linear decay to zero at the last step.
+    Linear,
+}
+
+impl LrSchedule {
+    pub fn lr(self, base: f64, step: u64, total: u64) -> f64 {
+        match self {
+            LrSchedule::Constant => base,
+            LrSchedule::Linear => base * (1.0 - step as f64 / total.max(1) as f64),
+        }
+    }
+}

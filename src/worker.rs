@@ -1,0 +1,92 @@
+//! The worker's side of a daemon job (`mezod-engine worker`, internal): the
+//! job runs with a step log whose earlier records come from the daemon's
+//! replay file and whose new ones go to stdout, one line each, for the daemon
+//! to make durable (the protocol is in `mezod_core::daemon::worker`).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+
+use crate::run::seedlog::{StepLog, StepRecord};
+use crate::run::{run_with_log, Outcome, RunOptions};
+use mezod_core::daemon::worker::{encode, read_replay};
+
+/// The worker's side of the log: earlier records from the replay file, new
+/// ones written to stdout for the daemon.
+struct PipeLog {
+    records: Vec<StepRecord>,
+    out: std::io::Stdout,
+}
+
+impl StepLog for PipeLog {
+    fn contiguous(&self) -> Result<Vec<StepRecord>> {
+        Ok(self.records.clone())
+    }
+    fn append(&mut self, rec: &StepRecord) -> Result<()> {
+        let mut out = self.out.lock();
+        out.write_all(encode(rec).as_bytes())
+            .and_then(|_| out.flush())
+            .context("the daemon is gone (step records cannot be delivered)")?;
+        self.records.push(rec.clone());
+        Ok(())
+    }
+    fn truncate_from(&mut self, step: u64) -> Result<()> {
+        self.records.truncate(step as usize);
+        Ok(())
+    }
+}
+
+/// Arguments of `mezod-engine worker` (set by the daemon's `spawn`).
+#[derive(clap::Args)]
+pub struct WorkerArgs {
+    #[arg(long)]
+    pub job: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub replay: PathBuf,
+    #[arg(long)]
+    pub threads: i32,
+    #[arg(long)]
+    pub snapshot_every: u64,
+    #[arg(long)]
+    pub estimate: u64,
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+/// Body of `mezod-engine worker`: run the job with the daemon's log; exit 0 when
+/// done, 128+signal when stopped at a step boundary.
+pub fn worker_main(args: WorkerArgs) -> Result<ExitCode> {
+    let records = read_replay(&args.replay)?;
+    let log = PipeLog {
+        records,
+        out: std::io::stdout(),
+    };
+    let opts = RunOptions {
+        force: false,
+        progress: false,
+        threads: Some(args.threads),
+        device: args.device,
+        snapshot_every: Some(args.snapshot_every),
+        memory_estimate: Some(args.estimate),
+    };
+    match run_with_log(&args.job, &args.out, &opts, Box::new(log))? {
+        Outcome::Completed(r) => {
+            tracing::info!(
+                "done: {} steps, dev {} best {:?} (step {})",
+                r.steps,
+                r.metric,
+                r.best,
+                r.best_step
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Outcome::Interrupted { step, signal } => {
+            tracing::info!("stopped after step {step} (signal {signal}); the daemon resumes it");
+            Ok(ExitCode::from((128 + signal) as u8))
+        }
+    }
+}
