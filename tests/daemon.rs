@@ -652,7 +652,7 @@ fn a_crash_between_recording_and_moving_a_file_never_starts_it_twice() {
                 name: "claimed.yaml".into(),
                 owner_uid: 0,
                 owner_gid: 0,
-                state: mezod::daemon::jobs::JobState::Queued,
+                state: mezod::daemon::jobs::JobState::Queued { not_before: None },
                 priority: 0,
                 wants_gpu: false,
                 steps_total: 10,
@@ -660,15 +660,12 @@ fn a_crash_between_recording_and_moving_a_file_never_starts_it_twice() {
                 last_loss: None,
                 submitted_at: 0,
                 started_at: None,
-                finished_at: None,
                 attempts: 0,
                 failures: 0,
-                not_before: None,
                 gpus: vec![],
                 reason: "queued".into(),
                 estimate_bytes: 1 << 20,
                 peak_bytes: 0,
-                result: None,
             })
             .unwrap();
     }

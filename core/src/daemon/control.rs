@@ -3,15 +3,18 @@
 //! one JSON response per connection.  The daemon learns who is asking from
 //! the kernel (`SO_PEERCRED`), never from the request.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::io::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io::{BufRead, Write};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::sync::{oneshot, Semaphore};
 
 use super::jobs::JobRecord;
 
@@ -115,81 +118,129 @@ impl Peer {
     }
 }
 
-pub fn peer_of(stream: &UnixStream) -> Result<Peer> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: cred and len are valid for the kernel to write a ucred into.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            &mut cred as *mut libc::ucred as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("SO_PEERCRED");
-    }
-    Ok(Peer {
-        uid: cred.uid,
-        gid: cred.gid,
-        pid: cred.pid,
-    })
-}
-
 /// A request waiting for the daemon's main loop to answer it.
 pub struct Call {
     pub request: Request,
     pub peer: Peer,
-    pub reply: mpsc::Sender<Response>,
+    pub reply: oneshot::Sender<Response>,
 }
 
-/// Accept connections forever, handing each request to `submit`.
-pub fn serve(listener: UnixListener, submit: impl Fn(Call) + Send + Sync + Clone + 'static) {
+/// What any one client can cost the daemon: every byte on the socket comes
+/// from a local user, possibly a hostile one.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once; more wait in the kernel's backlog.
+    pub connections: usize,
+    /// The longest request line.
+    pub request_bytes: usize,
+    /// How long a client has to send its request.
+    pub read_timeout: Duration,
+    /// How long the main loop has to answer it.
+    pub answer_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            connections: 64,
+            request_bytes: 64 << 10,
+            read_timeout: Duration::from_secs(10),
+            answer_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Accept connections on one thread forever, handing each request to `submit`.
+///
+/// tokio (a current-thread runtime) rather than a thread per connection: idle
+/// or slow clients cost a task each, not a thread, and a semaphore bounds how
+/// many are served at once.  The main loop stays a plain thread that owns all
+/// state; it answers through a oneshot channel.
+pub fn serve(
+    listener: UnixListener,
+    limits: Limits,
+    submit: impl Fn(Call) + Send + Sync + Clone + 'static,
+) -> Result<()> {
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .context("starting the control socket's runtime")?;
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let submit = submit.clone();
-                let _ = std::thread::Builder::new()
-                    .name("control-conn".into())
-                    .spawn(move || {
-                        if let Err(e) = answer(stream, submit) {
+            runtime.block_on(async move {
+                let listener = match tokio::net::UnixListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => return tracing::error!("control socket: {e}"),
+                };
+                let permits = Arc::new(Semaphore::new(limits.connections));
+                loop {
+                    let Ok(permit) = permits.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let stream = match listener.accept().await {
+                        Ok((stream, _)) => stream,
+                        Err(e) => {
+                            tracing::debug!("control socket accept: {e}");
+                            continue;
+                        }
+                    };
+                    let submit = submit.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = answer(stream, limits, submit).await {
                             tracing::debug!("control connection: {e:#}");
                         }
+                        drop(permit);
                     });
-            }
+                }
+            })
         })
-        .expect("spawning the control thread");
+        .context("spawning the control thread")?;
+    Ok(())
 }
 
-fn answer(stream: UnixStream, submit: impl Fn(Call)) -> Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let peer = peer_of(&stream)?;
-    let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line)?;
-    let response = match serde_json::from_str::<Request>(&line) {
-        Ok(request) => {
-            let (tx, rx) = mpsc::channel();
-            submit(Call {
-                request,
-                peer,
-                reply: tx,
-            });
-            rx.recv_timeout(Duration::from_secs(30))
-                .unwrap_or_else(|_| Response::Error("the daemon did not answer in time".into()))
-        }
-        Err(e) => Response::Error(format!("malformed request: {e}")),
+async fn answer(stream: UnixStream, limits: Limits, submit: impl Fn(Call)) -> Result<()> {
+    let cred = stream.peer_cred().context("SO_PEERCRED")?;
+    let peer = Peer {
+        uid: cred.uid(),
+        gid: cred.gid(),
+        pid: cred.pid().unwrap_or(0),
     };
-    let mut w = &stream;
-    w.write_all(serde_json::to_string(&response)?.as_bytes())?;
-    w.write_all(b"\n")?;
+    let (read, mut write) = stream.into_split();
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(read).take(limits.request_bytes as u64 + 1);
+    let got = tokio::time::timeout(limits.read_timeout, reader.read_until(b'\n', &mut line)).await;
+    let response = match got {
+        Err(_) => Response::Error(format!(
+            "no request within {}s",
+            limits.read_timeout.as_secs_f64()
+        )),
+        Ok(Err(e)) => return Err(e.into()),
+        Ok(Ok(_)) if line.len() > limits.request_bytes => Response::Error(format!(
+            "request longer than {} bytes",
+            limits.request_bytes
+        )),
+        Ok(Ok(_)) => match serde_json::from_slice::<Request>(&line) {
+            Ok(request) => {
+                let (tx, rx) = oneshot::channel();
+                submit(Call {
+                    request,
+                    peer,
+                    reply: tx,
+                });
+                match tokio::time::timeout(limits.answer_timeout, rx).await {
+                    Ok(Ok(r)) => r,
+                    _ => Response::Error("the daemon did not answer in time".into()),
+                }
+            }
+            Err(e) => Response::Error(format!("malformed request: {e}")),
+        },
+    };
+    write
+        .write_all(format!("{}\n", serde_json::to_string(&response)?).as_bytes())
+        .await?;
     Ok(())
 }
 
@@ -208,7 +259,7 @@ pub fn default_socket() -> PathBuf {
 
 /// Send one request and wait for the answer.
 pub fn request(socket: &Path, req: &Request) -> Result<Response> {
-    let stream = UnixStream::connect(socket).with_context(|| {
+    let stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
         format!(
             "cannot reach the daemon at {} (is it running? start it with `mezod daemon` or \
              `systemctl start mezod`; --socket or MEZOD_SOCKET point elsewhere)",
@@ -220,7 +271,7 @@ pub fn request(socket: &Path, req: &Request) -> Result<Response> {
     w.write_all(serde_json::to_string(req)?.as_bytes())?;
     w.write_all(b"\n")?;
     let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line)?;
+    std::io::BufReader::new(&stream).read_line(&mut line)?;
     if line.is_empty() {
         bail!("the daemon closed the connection without answering");
     }
@@ -236,7 +287,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.sock");
         let listener = UnixListener::bind(&path).unwrap();
-        serve(listener, |call: Call| {
+        serve(listener, Limits::default(), |call: Call| {
             let Request::Status { id, .. } = call.request else {
                 return;
             };
@@ -244,7 +295,8 @@ mod tests {
                 "uid {} pid {} id {id:?}",
                 call.peer.uid, call.peer.pid
             )));
-        });
+        })
+        .unwrap();
         let r = request(
             &path,
             &Request::Status {
@@ -278,5 +330,64 @@ mod tests {
             pid: 1
         }
         .may_manage(1000));
+    }
+
+    /// Threads of this process whose name starts with `prefix`.
+    fn threads_named(prefix: &str) -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter(|t| {
+                let comm = t.as_ref().unwrap().path().join("comm");
+                std::fs::read_to_string(comm).is_ok_and(|n| n.starts_with(prefix))
+            })
+            .count()
+    }
+
+    #[test]
+    fn hostile_clients_are_bounded_in_time_size_and_threads() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let limits = Limits {
+            connections: 4,
+            request_bytes: 1024,
+            read_timeout: Duration::from_millis(300),
+            answer_timeout: Duration::from_secs(5),
+        };
+        let before = threads_named("control");
+        serve(UnixListener::bind(&path).unwrap(), limits, |call: Call| {
+            let _ = call.reply.send(Response::Error("answered".into()));
+        })
+        .unwrap();
+        // 40 idle connections: no thread per connection (this server's one
+        // thread, and at most one of another test's server), and they time out.
+        let idle: Vec<_> = (0..40)
+            .map(|_| std::os::unix::net::UnixStream::connect(&path).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(threads_named("control") <= before + 2);
+        // With every connection slot held by an idle client, a real request
+        // is still answered once the idle ones time out.
+        assert!(matches!(
+            request(&path, &Request::Hello).unwrap(),
+            Response::Error(s) if s == "answered"
+        ));
+        let mut first = String::new();
+        let mut c = &idle[0];
+        c.read_to_string(&mut first).unwrap();
+        assert!(first.contains("no request within"), "{first}");
+        // A megabyte with no newline is refused after the limit, not buffered.
+        let mut big = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let sent = std::thread::spawn(move || {
+            let _ = big.write_all(&vec![b'x'; 1 << 20]);
+            big
+        });
+        let big = sent.join().unwrap();
+        let mut answer = String::new();
+        (&big).read_to_string(&mut answer).unwrap();
+        assert!(
+            answer.contains("request longer than 1024 bytes"),
+            "{answer}"
+        );
     }
 }

@@ -1,8 +1,7 @@
 //! The job table: one record per job in the daemon's sled database.
 //!
-//! States: `queued → admitted → running → done | failed | cancelled`, and
-//! `running → preempted → queued` when the daemon stops gracefully.  Ids come
-//! from the daemon (a counter in the database), never from file names.
+//! A record's state and its moves are the [`lifecycle`](super::lifecycle)'s;
+//! ids come from the daemon (a counter in the database), never from file names.
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
@@ -11,33 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JobState {
-    Queued,
-    Admitted,
-    Running,
-    Preempted,
-    Done,
-    Failed,
-    Cancelled,
-}
-
-impl JobState {
-    pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            JobState::Done | JobState::Failed | JobState::Cancelled
-        )
-    }
-}
-
-impl std::fmt::Display for JobState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = serde_json::to_value(self).expect("a state serializes");
-        f.write_str(s.as_str().unwrap_or("?"))
-    }
-}
+pub use super::lifecycle::{IllegalTransition, JobState, Transition};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
@@ -46,6 +19,7 @@ pub struct JobRecord {
     pub name: String,
     pub owner_uid: u32,
     pub owner_gid: u32,
+    #[serde(flatten)]
     pub state: JobState,
     pub priority: i32,
     pub wants_gpu: bool,
@@ -55,14 +29,12 @@ pub struct JobRecord {
     pub last_loss: Option<f64>,
     /// Unix seconds.
     pub submitted_at: u64,
+    /// When its first worker started.
     pub started_at: Option<u64>,
-    pub finished_at: Option<u64>,
     /// Worker starts, including retries and resumes after a daemon restart.
     pub attempts: u32,
     /// Crashed attempts counted against the retry limit.
     pub failures: u32,
-    /// Do not admit before this time (retry backoff).
-    pub not_before: Option<u64>,
     /// GPU UUIDs (empty for CPU jobs).
     pub gpus: Vec<String>,
     /// Why it waits, why it failed, or how it ended.
@@ -70,8 +42,14 @@ pub struct JobRecord {
     pub estimate_bytes: u64,
     /// Largest memory its worker was seen to hold (sampled by the daemon).
     pub peak_bytes: u64,
-    /// The dev metric summary from result.json, once done.
-    pub result: Option<serde_json::Value>,
+}
+
+impl JobRecord {
+    /// Move to the state after `t`, or refuse (the record is then unchanged).
+    pub fn apply(&mut self, t: Transition) -> Result<(), IllegalTransition> {
+        self.state = self.state.next(t)?;
+        Ok(())
+    }
 }
 
 pub fn now() -> u64 {
@@ -273,15 +251,12 @@ mod tests {
             last_loss: None,
             submitted_at: 0,
             started_at: None,
-            finished_at: None,
             attempts: 0,
             failures: 0,
-            not_before: None,
             gpus: vec![],
             reason: String::new(),
             estimate_bytes: 0,
             peak_bytes: 0,
-            result: None,
         }
     }
 
@@ -293,9 +268,9 @@ mod tests {
             let table = JobTable::open(&db).unwrap();
             for id in 1..=6 {
                 let state = if id % 2 == 0 {
-                    JobState::Done
+                    JobState::Failed { finished_at: 1 }
                 } else {
-                    JobState::Queued
+                    JobState::Queued { not_before: None }
                 };
                 table.put(&record(id, state)).unwrap();
             }
@@ -303,7 +278,9 @@ mod tests {
             assert_eq!(ids(table.active().unwrap()), vec![1, 3, 5]);
             assert_eq!(table.counts(), (6, 3));
             // A job that ends leaves the working set; newest finished first.
-            table.put(&record(3, JobState::Failed)).unwrap();
+            table
+                .put(&record(3, JobState::Failed { finished_at: 2 }))
+                .unwrap();
             assert_eq!(ids(table.active().unwrap()), vec![1, 5]);
             assert_eq!(ids(table.recent_finished(2).unwrap()), vec![6, 4]);
             assert_eq!(ids(table.recent_finished(10).unwrap()), vec![6, 4, 3, 2]);

@@ -9,6 +9,7 @@
 //! * [`config`]: the daemon's YAML config and its folders;
 //! * [`spool`]: `new/ → cur/ | rejected/`, exactly once;
 //! * [`jobs`]: the job table in sled;
+//! * [`lifecycle`]: a job's states and the only legal moves between them;
 //! * [`admission`]: which job starts where (pure, tested with a scripted probe);
 //! * [`worker`]: the worker process and its step-record pipe;
 //! * [`control`]: the Unix-socket protocol of `status`, `cancel`, `logs`, `submit`;
@@ -19,6 +20,7 @@ pub mod admission;
 pub mod config;
 pub mod control;
 pub mod jobs;
+pub mod lifecycle;
 pub mod notify;
 pub mod server;
 pub mod spool;

@@ -18,13 +18,19 @@ use notify::Watcher;
 use super::admission::{self, Candidate, Decision, Placed, Pool, Probe, Resources};
 use super::config::{DaemonConfig, Dirs, WatchMode};
 use super::control::{self, Call, JobView, Lookup, PoolView, Request, Response, StatusReport};
-use super::jobs::{now, JobRecord, JobState, JobTable};
+use super::jobs::{now, JobRecord, JobState, JobTable, Transition};
 use super::notify::Notifier;
 use super::spool::{Dropped, Spool};
 use super::worker::{self, Launch, WorkerEvent};
 use crate::estimate::{estimate, human_bytes};
 use crate::seedlog::SeedLog;
 use crate::spec::JobSpec;
+
+mod intake;
+mod requests;
+mod workers;
+
+use workers::signal;
 
 /// Everything the main loop reacts to.
 pub enum Event {
@@ -45,7 +51,7 @@ const ERROR_TAIL_LINES: usize = 20;
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum StopReason {
     Shutdown,
-    Cancel,
+    Cancel { by_uid: u32 },
 }
 
 /// A job whose worker process is alive.
@@ -113,50 +119,14 @@ pub fn run_daemon(opts: DaemonOptions) -> Result<()> {
         None => DaemonConfig::default(),
     };
     let dirs = cfg.dirs(opts.spool.clone(), opts.state.clone(), opts.runtime.clone());
-    // SAFETY: geteuid has no preconditions.
-    let as_root = unsafe { libc::geteuid() } == 0;
-    let spool = Spool::open(&dirs.spool, as_root)?;
-    for d in [&dirs.state, &dirs.jobs(), &dirs.runtime] {
-        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-    }
-    let db = sled::open(dirs.db()).with_context(|| {
-        format!(
-            "opening the job database {} (is another daemon using this state folder?)",
-            dirs.db().display()
-        )
-    })?;
-    let table = JobTable::open(&db)?;
-    let claims = db.open_tree("claims")?;
-    let (tx, rx) = mpsc::channel();
-    let listener = bind_socket(&dirs.socket())?;
-    let mut daemon = Daemon {
-        cfg,
-        opts,
-        dirs,
-        spool,
-        db,
-        table,
-        claims,
-        probe: Box::new(admission::SystemProbe),
-        running: HashMap::new(),
-        tx: tx.clone(),
-        notifier: Notifier::new(),
-        exe: crate::engine::exe(),
-        as_root,
-        stopping: None,
-        resources: None,
-        said_no_gpu: false,
-        logs_dirty: false,
-        last_error: None,
-        queued: 0,
-        recheck_at: None,
-    };
+    let (mut daemon, rx) = Daemon::new(cfg, opts, dirs, Box::new(admission::SystemProbe))?;
+    let listener = bind_socket(&daemon.dirs.socket())?;
     daemon.recover()?;
-    let tx_ctl = tx.clone();
-    control::serve(listener, move |call| {
+    let tx_ctl = daemon.tx.clone();
+    control::serve(listener, control::Limits::default(), move |call| {
         let _ = tx_ctl.send(Event::Control(call));
-    });
-    let _signals = listen_for_signals(tx.clone())?;
+    })?;
+    let _signals = listen_for_signals(daemon.tx.clone())?;
     let _watcher = daemon.watch_spool()?;
     daemon.intake()?;
     daemon.schedule()?;
@@ -172,6 +142,57 @@ pub fn run_daemon(opts: DaemonOptions) -> Result<()> {
     let _ = std::fs::remove_file(daemon.dirs.socket());
     daemon.db.flush()?;
     result
+}
+
+impl Daemon {
+    /// A daemon over `dirs` that learns about memory from `probe` (NVML and
+    /// /proc in service; a script in tests), with the events it will receive.
+    /// Nothing runs yet: [`run_daemon`] adds the socket, signals and the watcher.
+    fn new(
+        cfg: DaemonConfig,
+        opts: DaemonOptions,
+        dirs: Dirs,
+        probe: Box<dyn Probe>,
+    ) -> Result<(Self, Receiver<Event>)> {
+        // SAFETY: geteuid has no preconditions.
+        let as_root = unsafe { libc::geteuid() } == 0;
+        let spool = Spool::open(&dirs.spool, as_root)?;
+        for d in [&dirs.state, &dirs.jobs(), &dirs.runtime] {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        let db = sled::open(dirs.db()).with_context(|| {
+            format!(
+                "opening the job database {} (is another daemon using this state folder?)",
+                dirs.db().display()
+            )
+        })?;
+        let table = JobTable::open(&db)?;
+        let claims = db.open_tree("claims")?;
+        let (tx, rx) = mpsc::channel();
+        let daemon = Daemon {
+            cfg,
+            opts,
+            dirs,
+            spool,
+            db,
+            table,
+            claims,
+            probe,
+            running: HashMap::new(),
+            tx,
+            notifier: Notifier::new(),
+            exe: crate::engine::exe(),
+            as_root,
+            stopping: None,
+            resources: None,
+            said_no_gpu: false,
+            logs_dirty: false,
+            last_error: None,
+            queued: 0,
+            recheck_at: None,
+        };
+        Ok((daemon, rx))
+    }
 }
 
 fn bind_socket(path: &Path) -> Result<UnixListener> {
@@ -210,10 +231,10 @@ impl Daemon {
     /// After a crash or a graceful stop: every job that was under way is
     /// queued again (it resumes from its seed log); stale claims are finished.
     fn recover(&mut self) -> Result<()> {
-        for mut job in self.table.all()? {
+        for mut job in self.table.active()? {
             if matches!(
                 job.state,
-                JobState::Admitted | JobState::Running | JobState::Preempted
+                JobState::Admitted { .. } | JobState::Running { .. } | JobState::Preempted
             ) {
                 job.reason = match job.state {
                     JobState::Preempted => format!(
@@ -225,7 +246,7 @@ impl Daemon {
                         job.steps_done
                     ),
                 };
-                job.state = JobState::Queued;
+                job.apply(Transition::Requeue)?;
                 self.table.put(&job)?;
             }
         }
@@ -400,571 +421,12 @@ impl Daemon {
             signal(&r.worker, libc::SIGKILL);
             r.log.flush()?;
             if let Some(mut job) = self.table.get(id)? {
-                job.state = JobState::Preempted;
+                job.apply(Transition::Preempt)?;
                 job.reason = "stopped at once by a second signal".into();
                 self.table.put(&job)?;
             }
         }
         self.table.flush()
-    }
-
-    // ---- spool intake ---------------------------------------------------
-
-    /// Take every file in `new/`.  A file that is not a valid job is rejected;
-    /// a failure of the daemon's own (a full disk, say) leaves the file where it
-    /// is for the next scan and is only logged.
-    fn intake(&mut self) -> Result<()> {
-        for name in self.spool.list()? {
-            if let Some(claim) = self.claims.get(name.as_bytes())? {
-                // Recorded before a crash, not yet moved: finish the move only.
-                let id = u64::from_be_bytes(claim[..8].try_into()?);
-                let inode = u64::from_be_bytes(claim[8..16].try_into()?);
-                if self.spool.inode(&name) == Some(inode) {
-                    self.spool.archive(&name, id)?;
-                    self.claims.remove(name.as_bytes())?;
-                    continue;
-                }
-                self.claims.remove(name.as_bytes())?;
-            }
-            let checked = match self.check(&name) {
-                Ok(checked) => checked,
-                Err(_) if self.spool.is_fresh(&name, SETTLE_SECS) => {
-                    // Perhaps still being written (copied in without rename): look again soon.
-                    self.recheck_at = Some(Instant::now() + Duration::from_secs_f64(SETTLE_SECS));
-                    continue;
-                }
-                Err(why) => {
-                    let why = format!("{why:#}");
-                    tracing::warn!("rejected {name}: {why}");
-                    if let Err(e) = self.spool.reject(&name, &why) {
-                        tracing::error!("could not move {name} to rejected/: {e:#}");
-                    }
-                    continue;
-                }
-            };
-            match self.record(&name, checked) {
-                Ok(id) => tracing::info!("job {id}: accepted {name}"),
-                Err(e) => tracing::error!("could not record {name} (will retry): {e:#}"),
-            }
-        }
-        Ok(())
-    }
-
-    /// Validate one dropped file: the spec, its files, and its size.
-    fn check(&self, name: &str) -> Result<(Dropped, JobSpec, u64)> {
-        let dropped = self.spool.read(name).map_err(anyhow::Error::msg)?;
-        let spec = JobSpec::parse_with_base(&dropped.text, None)?;
-        if !spec.data.train.is_file() {
-            bail!("data.train {} does not exist", spec.data.train.display());
-        }
-        if let Some(dev) = &spec.data.dev {
-            if !dev.is_file() {
-                bail!("data.dev {} does not exist", dev.display());
-            }
-        }
-        let footprint = estimate(&spec, spec.model.device.starts_with("cuda"))
-            .with_context(|| format!("model {}", spec.model.describe()))?;
-        Ok((dropped, spec, footprint.total()))
-    }
-
-    /// Record a checked file as a queued job, then move it to `cur/`.
-    fn record(
-        &mut self,
-        name: &str,
-        (dropped, spec, estimate): (Dropped, JobSpec, u64),
-    ) -> Result<u64> {
-        let wants_gpu = spec.model.device.starts_with("cuda");
-        let id = self.table.next_id()?;
-        let dir = self.dirs.job(id);
-        std::fs::create_dir_all(&dir)?;
-        crate::durable::write(&dir.join("job.yaml"), &dropped.text)?;
-        if self.as_root {
-            std::os::unix::fs::chown(&dir, Some(dropped.uid), Some(dropped.gid))?;
-        }
-        let job = JobRecord {
-            id,
-            name: name.to_string(),
-            owner_uid: dropped.uid,
-            owner_gid: dropped.gid,
-            state: JobState::Queued,
-            priority: spec.priority,
-            wants_gpu,
-            steps_total: spec.mezo.steps,
-            steps_done: 0,
-            last_loss: None,
-            submitted_at: now(),
-            started_at: None,
-            finished_at: None,
-            attempts: 0,
-            failures: 0,
-            not_before: None,
-            gpus: vec![],
-            reason: "queued".into(),
-            estimate_bytes: estimate,
-            peak_bytes: 0,
-            result: None,
-        };
-        // The record and its claim become durable together, before the file moves.
-        let mut claim = id.to_be_bytes().to_vec();
-        claim.extend_from_slice(&dropped.inode.to_be_bytes());
-        self.claims.insert(name.as_bytes(), claim)?;
-        self.table.put_durable(&job)?;
-        self.spool.archive(name, id)?;
-        self.claims.remove(name.as_bytes())?;
-        Ok(id)
-    }
-
-    // ---- admission ------------------------------------------------------
-
-    fn resources(&mut self) -> Resources {
-        let (gpus, no_gpu_reason) = match self.probe.gpus() {
-            Ok(all) => {
-                let gpus: Vec<_> = all
-                    .into_iter()
-                    .filter(|g| self.cfg.gpus.allows(g.index, &g.uuid))
-                    .collect();
-                let reason = gpus
-                    .is_empty()
-                    .then(|| "no GPU matches the config's `gpus`".to_string());
-                (gpus, reason)
-            }
-            Err(e) => (vec![], Some(e)),
-        };
-        if let Some(r) = &no_gpu_reason {
-            if !self.said_no_gpu {
-                tracing::info!(
-                    "no GPUs ({r}); running in CPU mode: {} slot(s), memory from MemAvailable",
-                    self.cfg.cpu_slots
-                );
-                self.said_no_gpu = true;
-            }
-        }
-        let (cpu_available, cpu_total) = self.probe.cpu_memory();
-        Resources {
-            gpus,
-            no_gpu_reason,
-            cpu_available,
-            cpu_total,
-            cpu_slots: self.cfg.cpu_slots,
-            jobs_per_gpu: self.cfg.jobs_per_gpu,
-            margin: self.cfg.margin_bytes(),
-        }
-    }
-
-    fn schedule(&mut self) -> Result<()> {
-        let res = self.resources();
-        let mut placed = Vec::new();
-        for (&id, r) in self.running.iter() {
-            let usage = if r.settled {
-                self.probe.process_memory(r.worker.pid(), &r.pool)
-            } else {
-                0
-            };
-            placed.push(Placed {
-                pool: r.pool.clone(),
-                estimate: r.estimate,
-                usage,
-            });
-            if let Some(mut job) = self.table.get(id)? {
-                if usage > job.peak_bytes {
-                    job.peak_bytes = usage;
-                    self.table.put(&job)?;
-                }
-            }
-        }
-        let t = now();
-        let mut queue = Vec::new();
-        self.queued = 0;
-        for job in self.table.active()? {
-            if job.state != JobState::Queued {
-                continue;
-            }
-            self.queued += 1;
-            if job.not_before.is_some_and(|nb| nb > t) {
-                continue;
-            }
-            queue.push(Candidate {
-                id: job.id,
-                priority: job.priority,
-                estimate: job.estimate_bytes,
-                wants_gpu: job.wants_gpu,
-            });
-        }
-        let decisions = admission::plan(&queue, &placed, &res);
-        self.resources = Some(res);
-        for d in decisions {
-            match d {
-                Decision::Admit { id, pool } => self.start(id, pool)?,
-                Decision::Wait { id, reason } => self.set_reason(id, reason)?,
-                Decision::Never { id, reason } => self.fail(id, &reason, false)?,
-            }
-        }
-        Ok(())
-    }
-
-    fn set_reason(&mut self, id: u64, reason: String) -> Result<()> {
-        if let Some(mut job) = self.table.get(id)? {
-            if job.reason != reason {
-                job.reason = reason;
-                self.table.put(&job)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn start(&mut self, id: u64, pool: Pool) -> Result<()> {
-        let Some(mut job) = self.table.get(id)? else {
-            return Ok(());
-        };
-        let gpu = match &pool {
-            Pool::Gpu(uuid) => self
-                .resources
-                .as_ref()
-                .and_then(|r| r.gpus.iter().find(|g| &g.uuid == uuid).cloned()),
-            Pool::Cpu => None,
-        };
-        job.state = JobState::Admitted;
-        job.attempts += 1;
-        job.gpus = gpu.iter().map(|g| g.uuid.clone()).collect();
-        self.table.put_durable(&job)?;
-
-        let log = SeedLog::in_tree(self.db.open_tree(format!("seedlog/{id}"))?);
-        let mut records = log.contiguous()?;
-        records.truncate(job.steps_total as usize);
-        log.truncate_from(records.len() as u64)?;
-        let tx = self.tx.clone();
-        let spawned = self.spawn_worker(&job, gpu.as_ref(), &records, move |ev| {
-            let _ = tx.send(Event::Worker(id, ev));
-        });
-        match spawned {
-            Ok(handle) => {
-                tracing::info!(
-                    "job {id}: started worker {} on {} (estimate {})",
-                    handle.pid(),
-                    describe_pool(&pool),
-                    human_bytes(job.estimate_bytes)
-                );
-                job.state = JobState::Running;
-                job.started_at.get_or_insert(now());
-                job.steps_done = records.len() as u64;
-                job.reason = format!("running on {}", describe_pool(&pool));
-                job.not_before = None;
-                self.table.put_durable(&job)?;
-                self.running.insert(
-                    id,
-                    Running {
-                        worker: handle,
-                        pool,
-                        estimate: job.estimate_bytes,
-                        stop: None,
-                        settled: false,
-                        log,
-                        progress: VecDeque::new(),
-                    },
-                );
-            }
-            Err(e) => self.crashed(job, &format!("could not start: {e:#}"))?,
-        }
-        Ok(())
-    }
-
-    /// Open the job's log and start its worker; any failure here is the
-    /// attempt's, not the daemon's.
-    fn spawn_worker(
-        &self,
-        job: &JobRecord,
-        gpu: Option<&crate::gpu::GpuInfo>,
-        records: &[crate::seedlog::StepRecord],
-        report: impl Fn(WorkerEvent) + Send + 'static,
-    ) -> Result<worker::WorkerHandle> {
-        let dir = self.dirs.job(job.id);
-        let mut worker_log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("worker.log"))?;
-        writeln!(
-            worker_log,
-            "--- attempt {} on {}, from step {} ---",
-            job.attempts,
-            gpu.map_or("CPU".to_string(), |g| format!(
-                "GPU {} ({})",
-                g.index, g.name
-            )),
-            records.len()
-        )?;
-        let run_as = (self.as_root && job.owner_uid != 0).then_some((job.owner_uid, job.owner_gid));
-        if let Some((uid, gid)) = run_as {
-            std::os::unix::fs::chown(dir.join("worker.log"), Some(uid), Some(gid))?;
-        }
-        let launch = Launch {
-            exe: &self.exe,
-            job_dir: &dir,
-            gpu,
-            threads: self.cfg.cpu_threads(),
-            snapshot_every: self.cfg.snapshot_every,
-            estimate: job.estimate_bytes,
-            run_as,
-        };
-        worker::spawn(&launch, records, worker_log, report)
-    }
-
-    // ---- workers --------------------------------------------------------
-
-    fn on_record(&mut self, id: u64, rec: crate::seedlog::StepRecord) -> Result<()> {
-        let Some(r) = self.running.get_mut(&id) else {
-            return Ok(());
-        };
-        r.log.insert(&rec)?;
-        r.settled = true;
-        let t = Instant::now();
-        r.progress.push_back((t, rec.step + 1));
-        while r
-            .progress
-            .front()
-            .is_some_and(|(t0, _)| t.duration_since(*t0) > Duration::from_secs(60))
-        {
-            r.progress.pop_front();
-        }
-        self.logs_dirty = true;
-        if let Some(mut job) = self.table.get(id)? {
-            job.steps_done = rec.step + 1;
-            job.last_loss = Some(rec.loss_plus);
-            self.table.put(&job)?;
-        }
-        Ok(())
-    }
-
-    fn on_exit(&mut self, id: u64, status: ExitStatus) -> Result<()> {
-        let Some(r) = self.running.remove(&id) else {
-            return Ok(());
-        };
-        r.log.flush()?;
-        let Some(mut job) = self.table.get(id)? else {
-            return Ok(());
-        };
-        job.steps_done = r.log.contiguous()?.len() as u64;
-        let code = status.code();
-        if status.success() {
-            job.state = JobState::Done;
-            job.finished_at = Some(now());
-            job.result = read_summary(&self.dirs.job(id));
-            job.reason = "finished".into();
-            tracing::info!("job {id}: done");
-            return self.table.put_durable(&job);
-        }
-        match r.stop {
-            Some(StopReason::Cancel) => {
-                job.state = JobState::Cancelled;
-                job.finished_at = Some(now());
-                job.reason = format!("cancelled at step {}", job.steps_done);
-                tracing::info!("job {id}: cancelled");
-                self.table.put_durable(&job)
-            }
-            Some(StopReason::Shutdown) if self.stopping.is_some() => {
-                job.state = JobState::Preempted;
-                job.reason = format!("preempted at step {} by a daemon stop", job.steps_done);
-                tracing::info!("job {id}: preempted at step {}", job.steps_done);
-                self.table.put_durable(&job)
-            }
-            _ => {
-                let how = match (code, status.signal()) {
-                    (Some(c), _) => format!("worker exited with status {c}"),
-                    (None, Some(s)) => format!("worker was killed by signal {s}"),
-                    _ => "worker ended".into(),
-                };
-                self.crashed(job, &how)
-            }
-        }
-    }
-
-    /// A worker failed: retry with backoff up to the limit, then fail the job.
-    fn crashed(&mut self, mut job: JobRecord, how: &str) -> Result<()> {
-        job.failures += 1;
-        if job.failures > self.cfg.retry_limit {
-            let id = job.id;
-            self.table.put(&job)?;
-            return self.fail(
-                id,
-                &format!("{how}; gave up after {} attempts", job.failures),
-                true,
-            );
-        }
-        let backoff = self.cfg.retry_backoff_s * 2f64.powi(job.failures as i32 - 1);
-        job.state = JobState::Queued;
-        job.not_before = Some(now() + backoff.ceil() as u64);
-        job.reason = format!(
-            "{how}; retry {} of {} in {:.0}s (see `mezod logs {}`)",
-            job.failures, self.cfg.retry_limit, backoff, job.id
-        );
-        tracing::warn!("job {}: {}", job.id, job.reason);
-        self.table.put_durable(&job)
-    }
-
-    /// Mark a job failed and write its error file (with the log's tail).
-    fn fail(&mut self, id: u64, reason: &str, with_log: bool) -> Result<()> {
-        let Some(mut job) = self.table.get(id)? else {
-            return Ok(());
-        };
-        job.state = JobState::Failed;
-        job.finished_at = Some(now());
-        job.reason = reason.to_string();
-        let dir = self.dirs.job(id);
-        let mut text = format!("job {id} ({}) failed: {reason}\n", job.name);
-        if with_log {
-            let log = std::fs::read_to_string(dir.join("worker.log")).unwrap_or_default();
-            let lines: Vec<&str> = log.lines().collect();
-            text.push_str("\nlast lines of its log:\n");
-            for l in &lines[lines.len().saturating_sub(ERROR_TAIL_LINES)..] {
-                text.push_str(l);
-                text.push('\n');
-            }
-        }
-        if let Err(e) = crate::durable::write(&dir.join("error"), text) {
-            tracing::error!("job {id}: could not write its error file: {e}");
-        }
-        tracing::error!("job {id}: failed: {reason}");
-        self.table.put_durable(&job)
-    }
-
-    // ---- control requests ----------------------------------------------
-
-    fn answer(&mut self, request: Request, peer: control::Peer) -> Result<Response> {
-        Ok(match request {
-            Request::Hello => Response::Hello {
-                spool: self.dirs.spool.clone(),
-                version: env!("CARGO_PKG_VERSION").into(),
-            },
-            Request::Status { id, finished } => Response::Status(self.report(id, finished)?),
-            Request::Cancel { id } => self.cancel(id, peer)?,
-            Request::Logs { id, offset } => {
-                let job = self.owned_job(id, peer)?;
-                let mut f = std::fs::File::open(self.dirs.job(id).join("worker.log")).ok();
-                let mut data = Vec::new();
-                if let Some(f) = f.as_mut() {
-                    f.seek(SeekFrom::Start(offset))?;
-                    f.take(1 << 16).read_to_end(&mut data)?;
-                }
-                let offset = offset + data.len() as u64;
-                Response::Logs {
-                    finished: job.state.is_final() && data.is_empty(),
-                    data: String::from_utf8_lossy(&data).into_owned(),
-                    offset,
-                }
-            }
-            Request::Lookup { name } => {
-                let found = self.table.find_name(&name)?;
-                Response::Lookup(match found {
-                    Some(j) => Lookup::Accepted { id: j.id },
-                    None => match self.spool.rejection(&name) {
-                        Some(reason) => Lookup::Rejected { reason },
-                        None => Lookup::Pending,
-                    },
-                })
-            }
-        })
-    }
-
-    fn owned_job(&self, id: u64, peer: control::Peer) -> Result<JobRecord> {
-        let Some(job) = self.table.get(id)? else {
-            bail!("no job {id}");
-        };
-        if !peer.may_manage(job.owner_uid) {
-            bail!(
-                "job {id} belongs to uid {}; only its owner or root may do that",
-                job.owner_uid
-            );
-        }
-        Ok(job)
-    }
-
-    fn cancel(&mut self, id: u64, peer: control::Peer) -> Result<Response> {
-        let mut job = self.owned_job(id, peer)?;
-        if job.state.is_final() {
-            bail!("job {id} has already ended ({})", job.state);
-        }
-        if let Some(r) = self.running.get_mut(&id) {
-            r.stop = Some(StopReason::Cancel);
-            signal(&r.worker, libc::SIGTERM);
-            return Ok(Response::Cancelled {
-                id,
-                state: "cancelling (the worker stops at its next step boundary)".into(),
-            });
-        }
-        job.state = JobState::Cancelled;
-        job.finished_at = Some(now());
-        job.reason = format!("cancelled by uid {}", peer.uid);
-        self.table.put_durable(&job)?;
-        Ok(Response::Cancelled {
-            id,
-            state: "cancelled".into(),
-        })
-    }
-
-    /// One job, or the active jobs and the newest `finished` ended ones: the
-    /// answer's size follows the active jobs, not the table's history.
-    fn report(&mut self, id: Option<u64>, finished: Option<usize>) -> Result<StatusReport> {
-        let mut finished_not_shown = 0;
-        let jobs = match id {
-            Some(id) => vec![self
-                .table
-                .get(id)?
-                .with_context(|| format!("no job {id}"))?],
-            None => {
-                let mut jobs = self.table.active()?;
-                let recent = self
-                    .table
-                    .recent_finished(finished.unwrap_or(control::DEFAULT_FINISHED_SHOWN))?;
-                let (count, active) = self.table.counts();
-                finished_not_shown = count - active - recent.len();
-                jobs.extend(recent);
-                jobs.sort_by_key(|j| j.id);
-                jobs
-            }
-        };
-        let views = jobs
-            .into_iter()
-            .map(|job| {
-                let rate = self.running.get(&job.id).and_then(Running::steps_per_s);
-                JobView {
-                    eta_s: rate.map(|r| (job.steps_total - job.steps_done) as f64 / r),
-                    steps_per_s: rate,
-                    job,
-                }
-            })
-            .collect();
-        let (mode, pools) = match &self.resources {
-            Some(res) => {
-                let count = |p: &Pool| self.running.values().filter(|r| &r.pool == p).count();
-                let mut pools: Vec<PoolView> = res
-                    .gpus
-                    .iter()
-                    .map(|g| PoolView {
-                        name: format!("GPU {} {} ({})", g.index, g.name, g.uuid),
-                        total_bytes: g.total_bytes,
-                        free_bytes: g.free_bytes,
-                        running: count(&Pool::Gpu(g.uuid.clone())),
-                    })
-                    .collect();
-                pools.push(PoolView {
-                    name: "CPU".into(),
-                    total_bytes: res.cpu_total,
-                    free_bytes: res.cpu_available,
-                    running: count(&Pool::Cpu),
-                });
-                let mode = match &res.no_gpu_reason {
-                    None => "gpu".to_string(),
-                    Some(r) => format!("cpu only ({r})"),
-                };
-                (mode, pools)
-            }
-            None => ("starting".into(), vec![]),
-        };
-        Ok(StatusReport {
-            mode,
-            pools,
-            jobs: views,
-            finished_not_shown,
-        })
     }
 
     fn status_line(&self) -> String {
@@ -986,43 +448,116 @@ impl Daemon {
     }
 }
 
-fn describe_pool(pool: &Pool) -> String {
-    match pool {
-        Pool::Cpu => "CPU".into(),
-        Pool::Gpu(uuid) => uuid.clone(),
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::admission::ScriptedProbe;
+    use crate::gpu::GpuInfo;
+    use std::os::unix::fs::PermissionsExt;
 
-/// Signal a worker through its handle; one that has already exited is fine
-/// (its exit event is on its way).
-fn signal(worker: &worker::WorkerHandle, sig: i32) {
-    if let Err(e) = worker.signal(sig) {
-        if e.raw_os_error() != Some(libc::ESRCH) {
-            tracing::warn!("signalling worker {}: {e}", worker.pid());
+    fn repo() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    }
+
+    fn job_text(batch: usize) -> String {
+        format!(
+            "model: {{path: {}/tests/fixtures/llama, dtype: f32, device: cuda}}\n\
+             task: {{kind: causal_lm, max_length: 64}}\n\
+             data: {{train: {}/examples/data/reviews.jsonl}}\n\
+             mezo: {{steps: 3, batch_size: {batch}, lr: 1.0e-3}}\n",
+            repo().display(),
+            repo().display()
+        )
+    }
+
+    fn gpu(index: u32, total: u64, free: u64) -> GpuInfo {
+        GpuInfo {
+            index,
+            uuid: format!("GPU-{index}"),
+            name: "Scripted GPU".into(),
+            total_bytes: total,
+            free_bytes: free,
+            processes: vec![],
         }
     }
-}
 
-/// The dev-metric summary of a finished run.
-fn read_summary(job_dir: &Path) -> Option<serde_json::Value> {
-    let text = std::fs::read_to_string(job_dir.join("run").join("result.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let keep = [
-        "metric",
-        "zero_shot",
-        "best",
-        "best_step",
-        "final_metric",
-        "test_metric",
-        "zero_shot_test",
-        "peak_memory_bytes",
-        "peak_memory_source",
-        "memory_estimate_bytes",
-        "wall_time_s",
-    ];
-    Some(serde_json::Value::Object(
-        keep.iter()
-            .filter_map(|k| v.get(*k).map(|x| (k.to_string(), x.clone())))
-            .collect(),
-    ))
+    /// The loop's decisions with a scripted probe: a job placed on the only
+    /// GPU it fits (and its worker told that GPU's UUID), one that waits for
+    /// the memory the first one reserved, one that can never fit.
+    #[test]
+    fn admission_places_waits_and_refuses_with_a_scripted_probe() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let estimate = |batch| {
+            let spec = JobSpec::parse_with_base(&job_text(batch), None).unwrap();
+            crate::estimate::estimate(&spec, true).unwrap().total()
+        };
+        let (one, big) = (estimate(2), estimate(4096));
+        assert!(big > 2 * one, "the big job must outgrow every GPU");
+        let probe = ScriptedProbe {
+            // GPU 0: half a job free; GPU 1: one and a half.
+            gpus: vec![gpu(0, 2 * one, one / 2), gpu(1, 2 * one, one + one / 2)],
+            cpu_available: 1 << 34,
+            cpu_total: 1 << 34,
+            ..Default::default()
+        };
+        let cfg = DaemonConfig {
+            memory_margin_mib: 0,
+            ..DaemonConfig::default()
+        };
+        let dirs = cfg.dirs(
+            Some(root.join("spool")),
+            Some(root.join("state")),
+            Some(root.join("run")),
+        );
+        let (mut daemon, _rx) =
+            Daemon::new(cfg, DaemonOptions::default(), dirs, Box::new(probe)).unwrap();
+        // A stand-in worker: records the GPU it was given, then idles.
+        let stub = root.join("worker.sh");
+        std::fs::write(
+            &stub,
+            "#!/bin/sh\nprintf '%s' \"$CUDA_VISIBLE_DEVICES\" > \"$(dirname \"$3\")/gpu\"\nsleep 30\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
+        daemon.exe = stub;
+        let new = daemon.spool.new_dir();
+        std::fs::write(new.join("a.yaml"), job_text(2)).unwrap();
+        std::fs::write(new.join("b.yaml"), job_text(4096)).unwrap();
+        std::fs::write(new.join("c.yaml"), job_text(2)).unwrap();
+        daemon.intake().unwrap();
+        daemon.schedule().unwrap();
+        let job = |name: &str| daemon.table.find_name(name).unwrap().unwrap();
+        let (a, b, c) = (job("a.yaml"), job("b.yaml"), job("c.yaml"));
+        assert_eq!(
+            a.state,
+            JobState::Running {
+                pool: "GPU-1".into(),
+                since: match a.state {
+                    JobState::Running { since, .. } => since,
+                    _ => 0,
+                }
+            },
+            "{}",
+            a.reason
+        );
+        assert_eq!(a.gpus, vec!["GPU-1".to_string()]);
+        assert!(matches!(b.state, JobState::Failed { .. }), "{:?}", b.state);
+        assert!(b.reason.contains("GiB"), "{}", b.reason);
+        assert!(
+            matches!(c.state, JobState::Queued { .. }),
+            "c must wait while a's estimate is reserved: {:?}",
+            c.state
+        );
+        assert!(!c.reason.is_empty() && c.reason != "queued", "{}", c.reason);
+        let told = daemon.dirs.job(a.id).join("gpu");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !told.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(std::fs::read_to_string(told).unwrap(), "GPU-1");
+        for r in daemon.running.values() {
+            let _ = r.worker.signal(libc::SIGKILL);
+        }
+    }
 }

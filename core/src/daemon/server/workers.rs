@@ -1,0 +1,360 @@
+//! Admission and workers: which queued job starts where, worker starts, their
+//! step records and their exits (done, cancelled, preempted, crashed, failed).
+
+use super::*;
+
+impl Daemon {
+    // ---- admission ------------------------------------------------------
+
+    pub(super) fn resources(&mut self) -> Resources {
+        let (gpus, no_gpu_reason) = match self.probe.gpus() {
+            Ok(all) => {
+                let gpus: Vec<_> = all
+                    .into_iter()
+                    .filter(|g| self.cfg.gpus.allows(g.index, &g.uuid))
+                    .collect();
+                let reason = gpus
+                    .is_empty()
+                    .then(|| "no GPU matches the config's `gpus`".to_string());
+                (gpus, reason)
+            }
+            Err(e) => (vec![], Some(e)),
+        };
+        if let Some(r) = &no_gpu_reason {
+            if !self.said_no_gpu {
+                tracing::info!(
+                    "no GPUs ({r}); running in CPU mode: {} slot(s), memory from MemAvailable",
+                    self.cfg.cpu_slots
+                );
+                self.said_no_gpu = true;
+            }
+        }
+        let (cpu_available, cpu_total) = self.probe.cpu_memory();
+        Resources {
+            gpus,
+            no_gpu_reason,
+            cpu_available,
+            cpu_total,
+            cpu_slots: self.cfg.cpu_slots,
+            jobs_per_gpu: self.cfg.jobs_per_gpu,
+            margin: self.cfg.margin_bytes(),
+        }
+    }
+
+    pub(super) fn schedule(&mut self) -> Result<()> {
+        let res = self.resources();
+        let mut placed = Vec::new();
+        for (&id, r) in self.running.iter() {
+            let usage = if r.settled {
+                self.probe.process_memory(r.worker.pid(), &r.pool)
+            } else {
+                0
+            };
+            placed.push(Placed {
+                pool: r.pool.clone(),
+                estimate: r.estimate,
+                usage,
+            });
+            if let Some(mut job) = self.table.get(id)? {
+                if usage > job.peak_bytes {
+                    job.peak_bytes = usage;
+                    self.table.put(&job)?;
+                }
+            }
+        }
+        let t = now();
+        let mut queue = Vec::new();
+        self.queued = 0;
+        for job in self.table.active()? {
+            if !matches!(job.state, JobState::Queued { .. }) {
+                continue;
+            }
+            self.queued += 1;
+            if !job.state.is_admissible(t) {
+                continue;
+            }
+            queue.push(Candidate {
+                id: job.id,
+                priority: job.priority,
+                estimate: job.estimate_bytes,
+                wants_gpu: job.wants_gpu,
+            });
+        }
+        let decisions = admission::plan(&queue, &placed, &res);
+        self.resources = Some(res);
+        for d in decisions {
+            match d {
+                Decision::Admit { id, pool } => self.start(id, pool)?,
+                Decision::Wait { id, reason } => self.set_reason(id, reason)?,
+                Decision::Never { id, reason } => self.fail(id, &reason, false)?,
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn set_reason(&mut self, id: u64, reason: String) -> Result<()> {
+        if let Some(mut job) = self.table.get(id)? {
+            if job.reason != reason {
+                job.reason = reason;
+                self.table.put(&job)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn start(&mut self, id: u64, pool: Pool) -> Result<()> {
+        let Some(mut job) = self.table.get(id)? else {
+            return Ok(());
+        };
+        let gpu = match &pool {
+            Pool::Gpu(uuid) => self
+                .resources
+                .as_ref()
+                .and_then(|r| r.gpus.iter().find(|g| &g.uuid == uuid).cloned()),
+            Pool::Cpu => None,
+        };
+        job.apply(Transition::Admit {
+            pool: describe_pool(&pool),
+        })?;
+        job.attempts += 1;
+        job.gpus = gpu.iter().map(|g| g.uuid.clone()).collect();
+        self.table.put_durable(&job)?;
+
+        let log = SeedLog::in_tree(self.db.open_tree(format!("seedlog/{id}"))?);
+        let mut records = log.contiguous()?;
+        records.truncate(job.steps_total as usize);
+        log.truncate_from(records.len() as u64)?;
+        let tx = self.tx.clone();
+        let spawned = self.spawn_worker(&job, gpu.as_ref(), &records, move |ev| {
+            let _ = tx.send(Event::Worker(id, ev));
+        });
+        match spawned {
+            Ok(handle) => {
+                tracing::info!(
+                    "job {id}: started worker {} on {} (estimate {})",
+                    handle.pid(),
+                    describe_pool(&pool),
+                    human_bytes(job.estimate_bytes)
+                );
+                job.apply(Transition::Start { since: now() })?;
+                job.started_at.get_or_insert(now());
+                job.steps_done = records.len() as u64;
+                job.reason = format!("running on {}", describe_pool(&pool));
+                self.table.put_durable(&job)?;
+                self.running.insert(
+                    id,
+                    Running {
+                        worker: handle,
+                        pool,
+                        estimate: job.estimate_bytes,
+                        stop: None,
+                        settled: false,
+                        log,
+                        progress: VecDeque::new(),
+                    },
+                );
+            }
+            Err(e) => self.crashed(job, &format!("could not start: {e:#}"))?,
+        }
+        Ok(())
+    }
+
+    /// Open the job's log and start its worker; any failure here is the
+    /// attempt's, not the daemon's.
+    pub(super) fn spawn_worker(
+        &self,
+        job: &JobRecord,
+        gpu: Option<&crate::gpu::GpuInfo>,
+        records: &[crate::seedlog::StepRecord],
+        report: impl Fn(WorkerEvent) + Send + 'static,
+    ) -> Result<worker::WorkerHandle> {
+        let dir = self.dirs.job(job.id);
+        let mut worker_log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("worker.log"))?;
+        writeln!(
+            worker_log,
+            "--- attempt {} on {}, from step {} ---",
+            job.attempts,
+            gpu.map_or("CPU".to_string(), |g| format!(
+                "GPU {} ({})",
+                g.index, g.name
+            )),
+            records.len()
+        )?;
+        let run_as = (self.as_root && job.owner_uid != 0).then_some((job.owner_uid, job.owner_gid));
+        if let Some((uid, gid)) = run_as {
+            std::os::unix::fs::chown(dir.join("worker.log"), Some(uid), Some(gid))?;
+        }
+        let launch = Launch {
+            exe: &self.exe,
+            job_dir: &dir,
+            gpu,
+            threads: self.cfg.cpu_threads(),
+            snapshot_every: self.cfg.snapshot_every,
+            estimate: job.estimate_bytes,
+            run_as,
+        };
+        worker::spawn(&launch, records, worker_log, report)
+    }
+
+    // ---- workers --------------------------------------------------------
+
+    pub(super) fn on_record(&mut self, id: u64, rec: crate::seedlog::StepRecord) -> Result<()> {
+        let Some(r) = self.running.get_mut(&id) else {
+            return Ok(());
+        };
+        r.log.insert(&rec)?;
+        r.settled = true;
+        let t = Instant::now();
+        r.progress.push_back((t, rec.step + 1));
+        while r
+            .progress
+            .front()
+            .is_some_and(|(t0, _)| t.duration_since(*t0) > Duration::from_secs(60))
+        {
+            r.progress.pop_front();
+        }
+        self.logs_dirty = true;
+        if let Some(mut job) = self.table.get(id)? {
+            job.steps_done = rec.step + 1;
+            job.last_loss = Some(rec.loss_plus);
+            self.table.put(&job)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_exit(&mut self, id: u64, status: ExitStatus) -> Result<()> {
+        let Some(r) = self.running.remove(&id) else {
+            return Ok(());
+        };
+        r.log.flush()?;
+        let Some(mut job) = self.table.get(id)? else {
+            return Ok(());
+        };
+        job.steps_done = r.log.contiguous()?.len() as u64;
+        let code = status.code();
+        if status.success() {
+            job.apply(Transition::Finish {
+                at: now(),
+                result: read_summary(&self.dirs.job(id)),
+            })?;
+            job.reason = "finished".into();
+            tracing::info!("job {id}: done");
+            return self.table.put_durable(&job);
+        }
+        match r.stop {
+            Some(StopReason::Cancel { by_uid }) => {
+                job.apply(Transition::Cancel { at: now(), by_uid })?;
+                job.reason = format!("cancelled at step {}", job.steps_done);
+                tracing::info!("job {id}: cancelled");
+                self.table.put_durable(&job)
+            }
+            Some(StopReason::Shutdown) if self.stopping.is_some() => {
+                job.apply(Transition::Preempt)?;
+                job.reason = format!("preempted at step {} by a daemon stop", job.steps_done);
+                tracing::info!("job {id}: preempted at step {}", job.steps_done);
+                self.table.put_durable(&job)
+            }
+            _ => {
+                let how = match (code, status.signal()) {
+                    (Some(c), _) => format!("worker exited with status {c}"),
+                    (None, Some(s)) => format!("worker was killed by signal {s}"),
+                    _ => "worker ended".into(),
+                };
+                self.crashed(job, &how)
+            }
+        }
+    }
+
+    /// A worker failed: retry with backoff up to the limit, then fail the job.
+    pub(super) fn crashed(&mut self, mut job: JobRecord, how: &str) -> Result<()> {
+        job.failures += 1;
+        if job.failures > self.cfg.retry_limit {
+            let id = job.id;
+            self.table.put(&job)?;
+            return self.fail(
+                id,
+                &format!("{how}; gave up after {} attempts", job.failures),
+                true,
+            );
+        }
+        let backoff = self.cfg.retry_backoff_s * 2f64.powi(job.failures as i32 - 1);
+        job.apply(Transition::Retry {
+            not_before: now() + backoff.ceil() as u64,
+        })?;
+        job.reason = format!(
+            "{how}; retry {} of {} in {:.0}s (see `mezod logs {}`)",
+            job.failures, self.cfg.retry_limit, backoff, job.id
+        );
+        tracing::warn!("job {}: {}", job.id, job.reason);
+        self.table.put_durable(&job)
+    }
+
+    /// Mark a job failed and write its error file (with the log's tail).
+    pub(super) fn fail(&mut self, id: u64, reason: &str, with_log: bool) -> Result<()> {
+        let Some(mut job) = self.table.get(id)? else {
+            return Ok(());
+        };
+        job.apply(Transition::Fail { at: now() })?;
+        job.reason = reason.to_string();
+        let dir = self.dirs.job(id);
+        let mut text = format!("job {id} ({}) failed: {reason}\n", job.name);
+        if with_log {
+            let log = std::fs::read_to_string(dir.join("worker.log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            text.push_str("\nlast lines of its log:\n");
+            for l in &lines[lines.len().saturating_sub(ERROR_TAIL_LINES)..] {
+                text.push_str(l);
+                text.push('\n');
+            }
+        }
+        if let Err(e) = crate::durable::write(&dir.join("error"), text) {
+            tracing::error!("job {id}: could not write its error file: {e}");
+        }
+        tracing::error!("job {id}: failed: {reason}");
+        self.table.put_durable(&job)
+    }
+}
+
+pub(super) fn describe_pool(pool: &Pool) -> String {
+    match pool {
+        Pool::Cpu => "CPU".into(),
+        Pool::Gpu(uuid) => uuid.clone(),
+    }
+}
+
+/// Signal a worker through its handle; one that has already exited is fine
+/// (its exit event is on its way).
+pub(super) fn signal(worker: &worker::WorkerHandle, sig: i32) {
+    if let Err(e) = worker.signal(sig) {
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            tracing::warn!("signalling worker {}: {e}", worker.pid());
+        }
+    }
+}
+
+/// The dev-metric summary of a finished run.
+pub(super) fn read_summary(job_dir: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(job_dir.join("run").join("result.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let keep = [
+        "metric",
+        "zero_shot",
+        "best",
+        "best_step",
+        "final_metric",
+        "test_metric",
+        "zero_shot_test",
+        "peak_memory_bytes",
+        "peak_memory_source",
+        "memory_estimate_bytes",
+        "wall_time_s",
+    ];
+    Some(serde_json::Value::Object(
+        keep.iter()
+            .filter_map(|k| v.get(*k).map(|x| (k.to_string(), x.clone())))
+            .collect(),
+    ))
+}
