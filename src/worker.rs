@@ -60,6 +60,13 @@ pub struct WorkerArgs {
 /// Body of `mezod-engine worker`: run the job with the daemon's log; exit 0 when
 /// done, 128+signal when stopped at a step boundary.
 pub fn worker_main(args: WorkerArgs) -> Result<ExitCode> {
+    // What this process was given, as it sees it: which GPU it may use.
+    tracing::info!(
+        "worker {}: CUDA_VISIBLE_DEVICES={}, device {}",
+        std::process::id(),
+        std::env::var("CUDA_VISIBLE_DEVICES").map_or("(unset)".into(), |v| format!("{v:?}")),
+        args.device.as_deref().unwrap_or("as in the job")
+    );
     let records = read_replay(&args.replay)?;
     let log = PipeLog {
         records,
