@@ -37,7 +37,9 @@ pub fn list() -> Result<Vec<GpuInfo>, String> {
     let mut out = Vec::new();
     for index in 0..count {
         let d = nvml.device_by_index(index).map_err(|e| e.to_string())?;
-        let mem = d.memory_info().map_err(|e| e.to_string())?;
+        // Processes before memory: one that allocates in between then shows
+        // less than it holds while free memory already lacks it, so the
+        // daemon's reservations err on the safe side (counting it twice).
         let processes = d
             .running_compute_processes()
             .unwrap_or_default()
@@ -47,6 +49,7 @@ pub fn list() -> Result<Vec<GpuInfo>, String> {
                 UsedGpuMemory::Unavailable => (p.pid, 0),
             })
             .collect();
+        let mem = d.memory_info().map_err(|e| e.to_string())?;
         out.push(GpuInfo {
             index,
             uuid: d.uuid().map_err(|e| e.to_string())?,

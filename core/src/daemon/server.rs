@@ -61,7 +61,8 @@ struct Running {
     estimate: u64,
     stop: Option<StopReason>,
     /// Has reported a step: its process has exec'd and allocated.  Before
-    /// that, /proc shows the forked copy of the daemon, so it is not sampled.
+    /// that, /proc shows the forked copy of the daemon, so a CPU job is not
+    /// sampled (a GPU job's memory is NVML's figure for its pid, from the start).
     settled: bool,
     log: SeedLog,
     /// (time, steps done) over the last minute, for steps/s and ETA.
@@ -103,6 +104,8 @@ struct Daemon {
     stopping: Option<Instant>,
     resources: Option<Resources>,
     said_no_gpu: bool,
+    /// NVML has shown GPUs: from then on, none readable is an outage to wait out.
+    seen_gpus: bool,
     logs_dirty: bool,
     last_error: Option<String>,
     /// Queued jobs as of the last admission pass (for systemd's STATUS line;
@@ -186,6 +189,7 @@ impl Daemon {
             stopping: None,
             resources: None,
             said_no_gpu: false,
+            seen_gpus: false,
             logs_dirty: false,
             last_error: None,
             queued: 0,

@@ -21,7 +21,7 @@ impl Daemon {
             Err(e) => (vec![], Some(e)),
         };
         if let Some(r) = &no_gpu_reason {
-            if !self.said_no_gpu {
+            if !self.said_no_gpu && !self.seen_gpus {
                 tracing::info!(
                     "no GPUs ({r}); running in CPU mode: {} slot(s), memory from MemAvailable",
                     self.cfg.cpu_slots
@@ -43,12 +43,33 @@ impl Daemon {
 
     pub(super) fn schedule(&mut self) -> Result<()> {
         let res = self.resources();
+        self.seen_gpus |= !res.gpus.is_empty();
+        // GPU jobs fail at once where there are no GPUs, but not because NVML
+        // failed to answer one pass (or a GPU fell off the bus): they wait.
+        let outage = (self.seen_gpus && res.gpus.is_empty()).then(|| {
+            format!(
+                "waiting for a GPU: none is usable now ({})",
+                res.no_gpu_reason.as_deref().unwrap_or("none listed")
+            )
+        });
         let mut placed = Vec::new();
         for (&id, r) in self.running.iter() {
-            let usage = if r.settled {
-                self.probe.process_memory(r.worker.pid(), &r.pool)
-            } else {
-                0
+            let usage = match &r.pool {
+                // What a worker has allocated on its GPU is already gone from
+                // the free memory: only the rest of its estimate is reserved,
+                // from its first allocation on.  Read from the same NVML
+                // snapshot as that free memory, so memory allocated between
+                // two reads never counts as both free and allocated.
+                Pool::Gpu(uuid) => res
+                    .gpus
+                    .iter()
+                    .filter(|g| &g.uuid == uuid)
+                    .flat_map(|g| &g.processes)
+                    .filter(|(pid, _)| *pid == r.worker.pid())
+                    .map(|(_, bytes)| bytes)
+                    .sum(),
+                Pool::Cpu if r.settled => self.probe.process_memory(r.worker.pid(), &r.pool),
+                Pool::Cpu => 0,
             };
             placed.push(Placed {
                 pool: r.pool.clone(),
@@ -71,6 +92,10 @@ impl Daemon {
             }
             self.queued += 1;
             if !job.state.is_admissible(t) {
+                continue;
+            }
+            if let Some(why) = outage.as_ref().filter(|_| job.wants_gpu) {
+                self.set_reason(job.id, why.clone())?;
                 continue;
             }
             queue.push(Candidate {
