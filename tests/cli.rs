@@ -241,3 +241,32 @@ fn the_gpu_script_runs_end_to_end_in_its_cpu_dry_run() {
         "{stdout}"
     );
 }
+
+/// `bench/gpu_daemon.sh` likewise: two jobs through a daemon, a stop and
+/// restart in the middle of one, and its weights against a solo run.
+#[test]
+fn the_gpu_daemon_script_runs_end_to_end_in_its_cpu_dry_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let py = std::env::var("MEZOD_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| root().join(".venv/bin/python"));
+    let out = std::process::Command::new(root().join("bench/gpu_daemon.sh"))
+        .env("MEZOD_GPU_DRY", "1")
+        .env("MEZOD", env!("CARGO_BIN_EXE_mezod"))
+        .env("PYTHON", py)
+        .env("OUT", tmp.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("| OPT-1.3B bf16 (stopped, resumed) | done | 2 |"),
+        "{stdout}"
+    );
+    let last = stdout.lines().last().unwrap_or("");
+    assert!(last.contains("weights identical"), "{stdout}");
+}
