@@ -3,7 +3,7 @@
 //! A record's state and its moves are the [`lifecycle`](super::lifecycle)'s;
 //! ids come from the daemon (a counter in the database), never from file names.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -74,8 +74,9 @@ pub struct JobTable {
 /// Built by one scan at start, then kept up to date by [`JobTable::put`].
 #[derive(Default)]
 struct Index {
-    /// Jobs not yet done, failed or cancelled.
-    active: BTreeSet<u64>,
+    /// Jobs not yet done, failed or cancelled, as last written: the loop
+    /// reads these every turn, without sled reads or JSON decoding.
+    active: BTreeMap<u64, JobRecord>,
     /// Every job in the table.
     count: usize,
 }
@@ -93,7 +94,7 @@ impl JobTable {
         for job in table.all()? {
             index.count += 1;
             if !job.state.is_final() {
-                index.active.insert(job.id);
+                index.active.insert(job.id, job.clone());
             }
             if !table.names.contains_key(job.name.as_bytes())? {
                 table
@@ -137,7 +138,7 @@ impl JobTable {
         if job.state.is_final() {
             index.active.remove(&job.id);
         } else {
-            index.active.insert(job.id);
+            index.active.insert(job.id, job.clone());
         }
         Ok(())
     }
@@ -150,6 +151,9 @@ impl JobTable {
     }
 
     pub fn get(&self, id: u64) -> Result<Option<JobRecord>> {
+        if let Some(job) = self.index.lock().expect("index lock").active.get(&id) {
+            return Ok(Some(job.clone()));
+        }
         self.jobs
             .get(id.to_be_bytes())?
             .map(|v| serde_json::from_slice(&v).context("reading a job record"))
@@ -158,19 +162,14 @@ impl JobTable {
 
     /// The jobs not yet ended, in id order (the loop's working set).
     pub fn active(&self) -> Result<Vec<JobRecord>> {
-        let ids: Vec<u64> = self
+        Ok(self
             .index
             .lock()
             .expect("index lock")
             .active
-            .iter()
-            .copied()
-            .collect();
-        let mut jobs = Vec::with_capacity(ids.len());
-        for id in ids {
-            jobs.extend(self.get(id)?);
-        }
-        Ok(jobs)
+            .values()
+            .cloned()
+            .collect())
     }
 
     /// Up to `n` ended jobs, newest first.

@@ -113,6 +113,9 @@ struct Daemon {
     queued: usize,
     /// When to look again at files that might still be being written.
     recheck_at: Option<Instant>,
+    /// Something admission cares about changed (a job queued, ended or
+    /// cancelled, the config reloaded): plan now rather than at the next tick.
+    schedule_due: bool,
 }
 
 /// Run the daemon until SIGTERM/SIGINT; returns once every worker has stopped.
@@ -194,6 +197,7 @@ impl Daemon {
             last_error: None,
             queued: 0,
             recheck_at: None,
+            schedule_due: true,
         };
         Ok((daemon, rx))
     }
@@ -299,6 +303,7 @@ impl Daemon {
         let mut last_rescan = Instant::now();
         let mut last_extend = Instant::now() - Duration::from_secs(60);
         let mut spool_dirty = false;
+        let mut last_schedule = Instant::now();
         loop {
             let wait = self.notifier.ping_interval().map_or(TICK, |p| p.min(TICK));
             match rx.recv_timeout(wait) {
@@ -338,8 +343,15 @@ impl Daemon {
                     spool_dirty = false;
                     last_rescan = Instant::now();
                 }
-                let r = self.schedule();
-                self.log_error(r);
+                // A control request (status, logs) does not change what can
+                // start: admission runs when something did, or once a tick
+                // (free memory changes on its own).
+                if self.schedule_due || last_schedule.elapsed() >= TICK {
+                    self.schedule_due = false;
+                    last_schedule = Instant::now();
+                    let r = self.schedule();
+                    self.log_error(r);
+                }
             }
             let status = self.status_line();
             self.notifier.status(&status);
@@ -362,12 +374,19 @@ impl Daemon {
 
     fn handle(&mut self, ev: Event, spool_dirty: &mut bool) -> Result<()> {
         match ev {
-            Event::SpoolChanged => *spool_dirty = true,
+            Event::SpoolChanged => {
+                *spool_dirty = true;
+                self.schedule_due = true;
+            }
             Event::Signal(sig) if sig == signal_hook::consts::SIGHUP => self.reload(),
             Event::Signal(sig) => self.shutdown(sig)?,
             Event::Worker(id, WorkerEvent::Record(rec)) => self.on_record(id, rec)?,
-            Event::Worker(id, WorkerEvent::Exited(status)) => self.on_exit(id, status)?,
+            Event::Worker(id, WorkerEvent::Exited(status)) => {
+                self.schedule_due = true;
+                self.on_exit(id, status)?
+            }
             Event::Control(call) => {
+                self.schedule_due |= matches!(call.request, Request::Cancel { .. });
                 let response = self
                     .answer(call.request, call.peer)
                     .unwrap_or_else(|e| Response::Error(format!("{e:#}")));
