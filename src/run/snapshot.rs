@@ -30,6 +30,7 @@ pub fn save(dir: &Path, step: u64, params: &ParamList, keep: usize) -> Result<()
     let tensors: Vec<(String, &Tensor)> =
         params.iter().map(|p| (p.name.clone(), &p.tensor)).collect();
     write_safetensors(&path, &tensors, &[("step", step.to_string())])?;
+    mezod_core::crash::point("snapshot-before-hash");
     let hash = sha256_file(&path)?;
     let side = path.with_extension("sha256");
     mezod_core::durable::write(&side, &hash)?;

@@ -113,8 +113,9 @@ struct Daemon {
     queued: usize,
     /// When to look again at files that might still be being written.
     recheck_at: Option<Instant>,
-    /// Something admission cares about changed (a job queued, ended or
-    /// cancelled, the config reloaded): plan now rather than at the next tick.
+    /// Something admission cares about changed (a job queued, a worker
+    /// ended, the config reloaded): plan now rather than at the next tick.
+    /// (A cancelled queued job frees nothing; the next tick sees it.)
     schedule_due: bool,
 }
 
@@ -386,7 +387,6 @@ impl Daemon {
                 self.on_exit(id, status)?
             }
             Event::Control(call) => {
-                self.schedule_due |= matches!(call.request, Request::Cancel { .. });
                 let response = self
                     .answer(call.request, call.peer)
                     .unwrap_or_else(|e| Response::Error(format!("{e:#}")));

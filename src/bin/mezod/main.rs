@@ -154,6 +154,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    mezod_core::crash::setup();
     match dispatch(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {

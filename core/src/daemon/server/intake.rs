@@ -37,6 +37,7 @@ impl Daemon {
                     continue;
                 }
             };
+            crate::crash::point("intake-before-record");
             match self.record(&name, checked) {
                 Ok(id) => tracing::info!("job {id}: accepted {name}"),
                 Err(e) => tracing::error!("could not record {name} (will retry): {e:#}"),
@@ -101,7 +102,9 @@ impl Daemon {
         claim.extend_from_slice(&dropped.inode.to_be_bytes());
         self.claims.insert(name.as_bytes(), claim)?;
         self.table.put_durable(&job)?;
+        crate::crash::point("record-before-move");
         self.spool.archive(name, id)?;
+        crate::crash::point("record-after-move");
         self.claims.remove(name.as_bytes())?;
         Ok(id)
     }

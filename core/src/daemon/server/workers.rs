@@ -231,6 +231,7 @@ impl Daemon {
             return Ok(());
         };
         r.log.insert(&rec)?;
+        crate::crash::point("worker-record-before-flush");
         r.settled = true;
         let t = Instant::now();
         r.progress.push_back((t, rec.step + 1));
