@@ -1,5 +1,12 @@
 //! The daemon's main loop.  It alone touches the job table, the seed logs and
 //! the workers; everything else reaches it as an [`Event`].
+//!
+//! The loop is a plain thread with a channel, not a tokio task, on purpose:
+//! a worker's death signal (`PR_SET_PDEATHSIG`) fires when the *thread* that
+//! forked it ends, so every worker must be spawned from one thread that lives
+//! as long as the daemon, and each turn's work (sled writes, spawning) is
+//! blocking anyway.  tokio serves the control socket, where it pays
+//! (many idle or slow clients on one thread; see `control.rs`).
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::OpenOptions;
