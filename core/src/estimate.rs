@@ -15,8 +15,9 @@
 //!   (6·hidden + 3·intermediate) for the residual, norms, q/k/v, output and
 //!   MLP, plus 2 × heads × tokens² for the attention scores and softmax;
 //! * **logits**: sequences × positions × vocab at the model dtype, the f32 copy
-//!   and the f32 log-softmax; on CPU a bf16/f16 matmul also keeps an f32
-//!   result before rounding (4 more bytes per logit, measured);
+//!   and the f32 log-softmax; in bf16/f16 4 more bytes per logit, measured on
+//!   both devices (on CPU the matmul keeps an f32 result before rounding; on
+//!   an H200 without them the estimate was 6–13 % under NVML's peak);
 //! * **runtime**: the CUDA context and allocator slack on a GPU, the libtorch
 //!   and tokenizer runtime on CPU.
 //!
@@ -173,7 +174,7 @@ pub fn estimate_with(
         logits: seqs
             * logit_positions
             * cfg.vocab_size
-            * (elem + 8 + if !gpu && elem < 4 { 4 } else { 0 }),
+            * (elem + 8 + if elem < 4 { 4 } else { 0 }),
         runtime: if gpu {
             GPU_RUNTIME_BYTES
         } else {
