@@ -733,3 +733,39 @@ fn an_idle_daemon_sleeps() {
     // 100 ticks per second: a spinning loop uses ~200 here, a sleeping one ~0.
     assert!(used < 40, "an idle daemon used {used} ticks of CPU in 2 s");
 }
+
+/// A job file whose name is fine in new/ but too long once the daemon adds
+/// its id (`cur/<id>-<name>`) or `.error` is still taken, and neither it nor
+/// a restart stops the daemon from serving the next job.
+#[test]
+fn a_job_named_at_the_length_limit_is_taken_and_the_daemon_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(tmp.path(), CONFIG);
+    let job = job_file(tmp.path(), "short", 3, 1);
+    let long = format!("{}.yaml", "n".repeat(249));
+    assert_eq!(long.len(), 254);
+    std::fs::copy(&job, d.spool().join("tmp").join(&long)).unwrap();
+    std::fs::rename(
+        d.spool().join("tmp").join(&long),
+        d.spool().join("new").join(&long),
+    )
+    .unwrap();
+    d.wait_until("the long-named job", |d| d.jobs().len() == 1);
+    let id = d.jobs()[0]["id"].as_u64().unwrap();
+    assert_eq!(d.wait_done(id)["state"], "done");
+    let cur: Vec<String> = std::fs::read_dir(d.spool().join("cur"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(cur.len(), 1);
+    assert!(cur[0].starts_with(&format!("{id}-nnn")) && cur[0].len() <= 255);
+    assert!(std::fs::read_dir(d.spool().join("new"))
+        .unwrap()
+        .next()
+        .is_none());
+    d.term();
+    d.restart(&[]);
+    let next = d.submit(&job);
+    assert_eq!(d.wait_done(next)["state"], "done");
+    assert_eq!(next, id + 1, "ids stay consecutive across the restart");
+}

@@ -14,13 +14,19 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-/// The temporary a write of `path` goes through.
+/// The temporary a write of `path` goes through: `.NAME.partial`, with NAME
+/// cut (at a character boundary) so that a target whose name is near the
+/// 255-byte limit still gets a temporary.
 pub fn partial_path(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.partial"))
+    let mut end = name.len().min(255 - ".".len() - ".partial".len());
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    path.with_file_name(format!(".{}.partial", &name[..end]))
 }
 
 /// Write `bytes` to `path` durably.
@@ -96,5 +102,9 @@ mod tests {
         assert!(format!("{err:#}").contains("disk full"));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "old");
         assert_eq!(partial_path(&path), dir.path().join(".weights.partial"));
+        // A name at the limit still has a temporary that fits.
+        let long = dir.path().join("x".repeat(255));
+        write(&long, "fits").unwrap();
+        assert_eq!(std::fs::read_to_string(&long).unwrap(), "fits");
     }
 }

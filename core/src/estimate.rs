@@ -171,10 +171,7 @@ pub fn estimate_with(
             Rng::Fast => 64 * DEFAULT_CHUNK as u64 * 4 + 2 * DEFAULT_CHUNK as u64 * elem,
         },
         activations: per_layer * elem,
-        logits: seqs
-            * logit_positions
-            * cfg.vocab_size
-            * (elem + 8 + if elem < 4 { 4 } else { 0 }),
+        logits: seqs * logit_positions * cfg.vocab_size * (elem + 8 + if elem < 4 { 4 } else { 0 }),
         runtime: if gpu {
             GPU_RUNTIME_BYTES
         } else {

@@ -102,6 +102,9 @@ struct Daemon {
     db: sled::Db,
     table: JobTable,
     claims: sled::Tree,
+    /// Spool name → why it was rejected, for `mezod submit` to ask about.
+    /// Looked up as data: a client's string never becomes a path.
+    rejections: sled::Tree,
     probe: Box<dyn Probe>,
     running: HashMap<u64, Running>,
     tx: Sender<Event>,
@@ -182,6 +185,7 @@ impl Daemon {
         })?;
         let table = JobTable::open(&db)?;
         let claims = db.open_tree("claims")?;
+        let rejections = db.open_tree("rejections")?;
         let (tx, rx) = mpsc::channel();
         let daemon = Daemon {
             cfg,
@@ -191,6 +195,7 @@ impl Daemon {
             db,
             table,
             claims,
+            rejections,
             probe,
             running: HashMap::new(),
             tx,
@@ -588,6 +593,65 @@ mod tests {
         assert_eq!(std::fs::read_to_string(told).unwrap(), "GPU-1");
         for r in daemon.running.values() {
             let _ = r.worker.signal(libc::SIGKILL);
+        }
+    }
+
+    /// A client's Lookup name is data, never a path: a name that climbs out
+    /// of the spool finds nothing, whatever file lies there.
+    #[test]
+    fn a_lookup_name_never_reads_a_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::write(root.join("secret.error"), "root-only secret").unwrap();
+        let cfg = DaemonConfig::default();
+        let dirs = cfg.dirs(
+            Some(root.join("spool")),
+            Some(root.join("state")),
+            Some(root.join("run")),
+        );
+        let (mut daemon, _rx) = Daemon::new(
+            cfg,
+            DaemonOptions::default(),
+            dirs,
+            Box::new(ScriptedProbe::default()),
+        )
+        .unwrap();
+        let peer = control::Peer {
+            uid: 1000,
+            gid: 1000,
+            pid: 1,
+        };
+        let lookup = |daemon: &mut Daemon, name: &str| match daemon
+            .answer(
+                Request::Lookup {
+                    name: name.to_string(),
+                },
+                peer,
+            )
+            .unwrap()
+        {
+            Response::Lookup(l) => l,
+            other => panic!("{other:?}"),
+        };
+        for name in ["../../secret", "../../secret.error", "/etc/passwd"] {
+            assert!(
+                matches!(lookup(&mut daemon, name), Lookup::Pending),
+                "{name}"
+            );
+        }
+        // A real rejection is still reported, from the daemon's own record.
+        std::fs::write(daemon.spool.new_dir().join("bad.yaml"), "model: [\n").unwrap();
+        let old = std::time::SystemTime::now() - Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(daemon.spool.new_dir().join("bad.yaml"))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        daemon.intake().unwrap();
+        match lookup(&mut daemon, "bad.yaml") {
+            Lookup::Rejected { reason } => assert!(reason.contains("bad.yaml was rejected")),
+            other => panic!("{other:?}"),
         }
     }
 }

@@ -19,6 +19,21 @@ use anyhow::{bail, Context, Result};
 /// Largest job file the daemon reads.
 pub const MAX_JOB_FILE_BYTES: u64 = 1 << 20;
 
+/// Longest file name Linux filesystems take, in bytes.
+const NAME_MAX: usize = 255;
+
+/// `prefix + name + suffix`, with `name` cut (at a character boundary) so
+/// that the whole fits in one file name: a name that was fine in `new/` must
+/// not become too long once the daemon adds an id or `.error`.
+fn fit_name(prefix: &str, name: &str, suffix: &str) -> String {
+    let room = NAME_MAX.saturating_sub(prefix.len() + suffix.len());
+    let mut end = name.len().min(room);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{prefix}{}{suffix}", &name[..end])
+}
+
 #[derive(Debug)]
 pub struct Spool {
     root: PathBuf,
@@ -162,15 +177,29 @@ impl Spool {
 
     /// Move `new/<name>` to `rejected/` with a sidecar saying why.  The
     /// sidecar comes first: a crash in between only rejects the file again.
+    /// Neither ever lands on an existing name (a rejected `x.error` and a
+    /// rejected `x` would otherwise share one), so nothing is overwritten.
     pub fn reject(&self, name: &str, why: &str) -> Result<PathBuf> {
         let dir = self.root.join("rejected");
-        let mut target = dir.join(name);
-        let mut n = 1;
-        while target.symlink_metadata().is_ok() {
-            target = dir.join(format!("{name}.{n}"));
+        let taken = |p: &Path| p.symlink_metadata().is_ok();
+        // `name`, then `.N` on a collision, cut to leave room for `.error`.
+        let slot = |n: usize| {
+            let number = if n == 0 {
+                String::new()
+            } else {
+                format!(".{n}")
+            };
+            let full = fit_name("", name, &format!("{number}.error"));
+            full[..full.len() - ".error".len()].to_string()
+        };
+        let sidecar = |p: &Path| PathBuf::from(format!("{}.error", p.display()));
+        let mut n = 0;
+        let mut target = dir.join(slot(n));
+        while taken(&target) || taken(&sidecar(&target)) {
             n += 1;
+            target = dir.join(slot(n));
         }
-        let error = PathBuf::from(format!("{}.error", target.display()));
+        let error = sidecar(&target);
         durable::write(&error, format!("{name} was rejected: {why}\n"))?;
         durable::rename(&self.new_dir().join(name), &target)?;
         Ok(error)
@@ -180,14 +209,10 @@ impl Spool {
     pub fn archive(&self, name: &str, id: u64) -> Result<()> {
         let from = self.new_dir().join(name);
         if from.symlink_metadata().is_ok() {
-            durable::rename(&from, &self.root.join("cur").join(format!("{id}-{name}")))?;
+            let to = fit_name(&format!("{id}-"), name, "");
+            durable::rename(&from, &self.root.join("cur").join(to))?;
         }
         Ok(())
-    }
-
-    /// The reason a file was rejected, if it was (for `mezod submit`).
-    pub fn rejection(&self, name: &str) -> Option<String> {
-        std::fs::read_to_string(self.root.join("rejected").join(format!("{name}.error"))).ok()
     }
 }
 
@@ -241,11 +266,75 @@ mod tests {
         // A second rejection of the same name gets its own slot.
         std::fs::write(spool.new_dir().join("link.yaml"), "x").unwrap();
         spool.reject("link.yaml", "again").unwrap();
-        assert!(spool.rejection("link.yaml").unwrap().contains("not a file"));
-        assert!(spool.rejection("link.yaml.1").unwrap().contains("again"));
+        let sidecar = |n: &str| {
+            std::fs::read_to_string(dir.path().join("rejected").join(format!("{n}.error"))).unwrap()
+        };
+        assert!(sidecar("link.yaml").contains("not a file"));
+        assert!(sidecar("link.yaml.1").contains("again"));
         spool.archive(&name, 7).unwrap();
         assert!(dir.path().join("cur").join(format!("7-{name}")).is_file());
         assert_eq!(spool.list().unwrap(), vec!["big.yaml".to_string()]);
+    }
+
+    #[test]
+    fn rejected_files_never_overwrite_one_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), false).unwrap();
+        // A rejected `coll.error`, then a rejected `coll`: the second's sidecar
+        // would be the first file's name.
+        std::fs::write(spool.new_dir().join("coll.error"), "first file").unwrap();
+        spool.reject("coll.error", "bad").unwrap();
+        std::fs::write(spool.new_dir().join("coll"), "second file").unwrap();
+        let sidecar = spool.reject("coll", "bad too").unwrap();
+        let rejected = dir.path().join("rejected");
+        assert_eq!(
+            std::fs::read_to_string(rejected.join("coll.error")).unwrap(),
+            "first file"
+        );
+        assert!(std::fs::read_to_string(rejected.join("coll.error.error"))
+            .unwrap()
+            .contains("coll.error was rejected: bad"));
+        assert_eq!(sidecar, rejected.join("coll.1.error"));
+        assert_eq!(
+            std::fs::read_to_string(rejected.join("coll.1")).unwrap(),
+            "second file"
+        );
+    }
+
+    #[test]
+    fn names_too_long_once_an_id_or_sidecar_is_added_still_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), false).unwrap();
+        // 254 bytes in new/ (the last character two bytes wide): fine there,
+        // too long as `cur/<id>-<name>` or `rejected/<name>.error`.
+        let long = format!("{}é", "j".repeat(252));
+        assert_eq!(long.len(), 254);
+        std::fs::write(spool.new_dir().join(&long), "job").unwrap();
+        spool.archive(&long, 12345).unwrap();
+        let cur: Vec<String> = std::fs::read_dir(dir.path().join("cur"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(cur.len(), 1);
+        assert!(
+            cur[0].starts_with("12345-jjj") && cur[0].len() <= 255,
+            "{}",
+            cur[0]
+        );
+        for _ in 0..2 {
+            std::fs::write(spool.new_dir().join(&long), "bad").unwrap();
+            let sidecar = spool.reject(&long, "bad").unwrap();
+            let name = sidecar.file_name().unwrap().to_str().unwrap().to_string();
+            assert!(name.len() <= 255 && name.ends_with(".error"), "{name}");
+            assert!(sidecar.is_file());
+        }
+        assert_eq!(spool.list().unwrap(), Vec::<String>::new());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("rejected"))
+                .unwrap()
+                .count(),
+            4
+        );
     }
 
     #[test]

@@ -15,8 +15,14 @@ impl Daemon {
                 let id = u64::from_be_bytes(claim[..8].try_into()?);
                 let inode = u64::from_be_bytes(claim[8..16].try_into()?);
                 if self.spool.inode(&name) == Some(inode) {
-                    self.spool.archive(&name, id)?;
-                    self.claims.remove(name.as_bytes())?;
+                    // One file the daemon cannot move must not stop intake
+                    // (or the daemon's start): log it and go on.
+                    match self.spool.archive(&name, id) {
+                        Ok(()) => {
+                            self.claims.remove(name.as_bytes())?;
+                        }
+                        Err(e) => tracing::error!("job {id}: could not move {name} to cur/: {e:#}"),
+                    }
                     continue;
                 }
                 self.claims.remove(name.as_bytes())?;
@@ -31,8 +37,12 @@ impl Daemon {
                 Err(why) => {
                     let why = format!("{why:#}");
                     tracing::warn!("rejected {name}: {why}");
-                    if let Err(e) = self.spool.reject(&name, &why) {
-                        tracing::error!("could not move {name} to rejected/: {e:#}");
+                    match self.spool.reject(&name, &why) {
+                        Ok(error) => {
+                            let text = std::fs::read_to_string(&error).unwrap_or(why);
+                            self.rejections.insert(name.as_bytes(), text.as_bytes())?;
+                        }
+                        Err(e) => tracing::error!("could not move {name} to rejected/: {e:#}"),
                     }
                     continue;
                 }

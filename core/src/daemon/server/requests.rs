@@ -32,8 +32,10 @@ impl Daemon {
                 let found = self.table.find_name(&name)?;
                 Response::Lookup(match found {
                     Some(j) => Lookup::Accepted { id: j.id },
-                    None => match self.spool.rejection(&name) {
-                        Some(reason) => Lookup::Rejected { reason },
+                    None => match self.rejections.get(name.as_bytes())? {
+                        Some(reason) => Lookup::Rejected {
+                            reason: String::from_utf8_lossy(&reason).into_owned(),
+                        },
                         None => Lookup::Pending,
                     },
                 })
