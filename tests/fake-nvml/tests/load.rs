@@ -13,18 +13,40 @@ const GIB: u64 = 1 << 30;
 /// Tests in this process share `MEZOD_FAKE_NVML`; each holds this while it uses it.
 static ENV: Mutex<()> = Mutex::new(());
 
-/// The cdylib cargo built for these tests: `<target>/<profile>/libnvidia_ml.so`,
-/// next to `deps/` where the test executable lives.
+/// The cdylib, `<target>/<profile>/libnvidia_ml.so`.  `cargo test` does not
+/// build a cdylib-only crate's library for its integration tests, so it is
+/// built here when a workspace build has not made it yet.
 fn fake_lib() -> PathBuf {
+    static BUILT: Mutex<()> = Mutex::new(());
     let exe = std::env::current_exe().unwrap();
-    let deps = exe.parent().unwrap();
-    [
-        deps.join("libnvidia_ml.so"),
-        deps.parent().unwrap().join("libnvidia_ml.so"),
-    ]
-    .into_iter()
-    .find(|p| p.exists())
-    .expect("libnvidia_ml.so not built next to the test executable")
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let lib = profile_dir.join("libnvidia_ml.so");
+    let _once = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !lib.is_file() {
+        let profile = profile_dir.file_name().unwrap().to_str().unwrap();
+        let profile = if profile == "debug" { "dev" } else { profile };
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = Command::new(cargo)
+            .args([
+                "build",
+                "-p",
+                "fake-nvml",
+                "--profile",
+                profile,
+                "--target-dir",
+            ])
+            .arg(profile_dir.parent().unwrap())
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "building the fake NVML failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(lib.is_file(), "{} was not built", lib.display());
+    lib
 }
 
 /// Writes the script atomically (temp file + rename), as a test of a running daemon would.
