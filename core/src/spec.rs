@@ -11,6 +11,10 @@ use crate::mezo_options::{LrSchedule, Rng};
 use crate::model_ref::{Dtype, ModelSource};
 use crate::tuning::{LoraConfig, PrefixConfig, Tuning};
 
+/// The most steps a job may ask for: far beyond any published MeZO run, and
+/// short of "forever" (a daemon job that never ends holds its GPU for good).
+pub const MAX_STEPS: u64 = 10_000_000;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
@@ -487,8 +491,11 @@ impl JobSpec {
             bail!("prefix.tokens must be between 1 and 4096 (the paper uses 5)");
         }
         let m = &self.mezo;
-        if m.steps == 0 {
-            bail!("mezo.steps must be at least 1");
+        if !(1..=MAX_STEPS).contains(&m.steps) {
+            bail!(
+                "mezo.steps must be between 1 and {MAX_STEPS} (the paper runs 20,000 for OPT, \
+                 100,000 for RoBERTa)"
+            );
         }
         if !(1..=64).contains(&m.directions) {
             bail!("mezo.directions must be between 1 and 64 (the paper's n-SPSA uses a few)");
@@ -595,6 +602,25 @@ mod tests {
         assert_eq!(
             JobSpec::parse(&s.to_yaml(), Path::new("/elsewhere")).unwrap(),
             s
+        );
+    }
+
+    #[test]
+    fn steps_are_bounded() {
+        for bad in ["0", "10000001", "18446744073709551615"] {
+            let text = MINIMAL.replace("steps: 30", &format!("steps: {bad}"));
+            let e = JobSpec::parse(&text, Path::new("/"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("mezo.steps must be between 1 and 10000000"),
+                "{bad}: {e}"
+            );
+        }
+        let most = MINIMAL.replace("steps: 30", "steps: 10000000");
+        assert_eq!(
+            JobSpec::parse(&most, Path::new("/")).unwrap().mezo.steps,
+            MAX_STEPS
         );
     }
 
