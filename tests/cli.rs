@@ -210,29 +210,35 @@ fn bad_job_files_fail_with_plain_reasons() {
     }
 }
 
-/// `bench/gpu.sh` is meant for a lent GPU machine; its dry run goes through
-/// the same steps on the CPU (benchmarks of random-weight models, the table,
-/// a killed-and-resumed 20-step job), so the script is known to work before
-/// it meets a GPU.
-#[test]
-fn the_gpu_script_runs_end_to_end_in_its_cpu_dry_run() {
+/// Run a GPU bench script in its CPU dry run; returns its stdout.
+fn gpu_script_dry_run(script: &str) -> String {
     let tmp = tempfile::tempdir().unwrap();
     let py = std::env::var("MEZOD_PYTHON")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| root().join(".venv/bin/python"));
-    let out = std::process::Command::new(root().join("bench/gpu.sh"))
+    let out = std::process::Command::new(root().join(script))
         .env("MEZOD_GPU_DRY", "1")
         .env("MEZOD", env!("CARGO_BIN_EXE_mezod"))
         .env("PYTHON", py)
         .env("OUT", tmp.path())
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+/// `bench/gpu.sh` is meant for a lent GPU machine; its dry run goes through
+/// the same steps on the CPU (benchmarks of random-weight models, the table,
+/// a killed-and-resumed 20-step job), so the script is known to work before
+/// it meets a GPU.
+#[test]
+fn the_gpu_script_runs_end_to_end_in_its_cpu_dry_run() {
+    let stdout = gpu_script_dry_run("bench/gpu.sh");
     assert!(stdout.contains("| tiny-llama f32 | 4 × 32 |"), "{stdout}");
     assert!(stdout.contains("| tiny-opt bf16 | 4 × 32 |"), "{stdout}");
     let last = stdout.lines().last().unwrap_or("");
@@ -246,23 +252,7 @@ fn the_gpu_script_runs_end_to_end_in_its_cpu_dry_run() {
 /// restart in the middle of one, and its weights against a solo run.
 #[test]
 fn the_gpu_daemon_script_runs_end_to_end_in_its_cpu_dry_run() {
-    let tmp = tempfile::tempdir().unwrap();
-    let py = std::env::var("MEZOD_PYTHON")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| root().join(".venv/bin/python"));
-    let out = std::process::Command::new(root().join("bench/gpu_daemon.sh"))
-        .env("MEZOD_GPU_DRY", "1")
-        .env("MEZOD", env!("CARGO_BIN_EXE_mezod"))
-        .env("PYTHON", py)
-        .env("OUT", tmp.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = gpu_script_dry_run("bench/gpu_daemon.sh");
     assert!(
         stdout.contains("| OPT-1.3B bf16 (stopped, resumed) | done | 2 |"),
         "{stdout}"

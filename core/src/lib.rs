@@ -4,6 +4,7 @@
 //!
 //! See ARCHITECTURE.md for the map of modules and their invariants.
 
+pub mod cli;
 pub mod crash;
 pub mod daemon;
 pub mod durable;

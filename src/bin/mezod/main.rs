@@ -5,7 +5,6 @@
 //! their arguments to it unchanged, as `git foo` runs `git-foo`.
 
 use std::ffi::OsString;
-use std::io::IsTerminal;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -146,22 +145,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MEZOD_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    mezod_core::crash::setup();
-    match dispatch(Cli::parse()) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    mezod_core::cli::main(|| dispatch(Cli::parse()))
 }
 
 /// Become the engine with the same subcommand and arguments: its exit status,
