@@ -14,19 +14,29 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-/// The temporary a write of `path` goes through: `.NAME.partial`, with NAME
-/// cut (at a character boundary) so that a target whose name is near the
-/// 255-byte limit still gets a temporary.
+/// Longest file name Linux filesystems take, in bytes.
+const NAME_MAX: usize = 255;
+
+/// `prefix + name + suffix`, with `name` cut (at a character boundary) so
+/// that the whole fits in one file name: a name that was fine as it came
+/// must not become too long once an id, `.error` or `.partial` is added.
+pub fn fit_file_name(prefix: &str, name: &str, suffix: &str) -> String {
+    let room = NAME_MAX.saturating_sub(prefix.len() + suffix.len());
+    let mut end = name.len().min(room);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{prefix}{}{suffix}", &name[..end])
+}
+
+/// The temporary a write of `path` goes through: `.NAME.partial`, NAME cut
+/// to fit.
 pub fn partial_path(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let mut end = name.len().min(255 - ".".len() - ".partial".len());
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    path.with_file_name(format!(".{}.partial", &name[..end]))
+    path.with_file_name(fit_file_name(".", &name, ".partial"))
 }
 
 /// Write `bytes` to `path` durably.

@@ -19,21 +19,6 @@ use anyhow::{bail, Context, Result};
 /// Largest job file the daemon reads.
 pub const MAX_JOB_FILE_BYTES: u64 = 1 << 20;
 
-/// Longest file name Linux filesystems take, in bytes.
-const NAME_MAX: usize = 255;
-
-/// `prefix + name + suffix`, with `name` cut (at a character boundary) so
-/// that the whole fits in one file name: a name that was fine in `new/` must
-/// not become too long once the daemon adds an id or `.error`.
-fn fit_name(prefix: &str, name: &str, suffix: &str) -> String {
-    let room = NAME_MAX.saturating_sub(prefix.len() + suffix.len());
-    let mut end = name.len().min(room);
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{prefix}{}{suffix}", &name[..end])
-}
-
 #[derive(Debug)]
 pub struct Spool {
     root: PathBuf,
@@ -189,7 +174,7 @@ impl Spool {
             } else {
                 format!(".{n}")
             };
-            let full = fit_name("", name, &format!("{number}.error"));
+            let full = durable::fit_file_name("", name, &format!("{number}.error"));
             full[..full.len() - ".error".len()].to_string()
         };
         let sidecar = |p: &Path| PathBuf::from(format!("{}.error", p.display()));
@@ -209,7 +194,7 @@ impl Spool {
     pub fn archive(&self, name: &str, id: u64) -> Result<()> {
         let from = self.new_dir().join(name);
         if from.symlink_metadata().is_ok() {
-            let to = fit_name(&format!("{id}-"), name, "");
+            let to = durable::fit_file_name(&format!("{id}-"), name, "");
             durable::rename(&from, &self.root.join("cur").join(to))?;
         }
         Ok(())
