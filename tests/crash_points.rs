@@ -11,10 +11,8 @@ use common::*;
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
-
-use mezod::daemon::control::{request, Request, Response};
 
 const CONFIG: &str =
     "cpu_slots: 1\nmemory_margin_mib: 0\nsnapshot_every: 3\nretry_backoff_s: 0.2\n";
@@ -30,34 +28,11 @@ impl Daemon {
     fn start(root: &Path, failpoints: Option<&str>, n: usize) -> Daemon {
         std::fs::write(root.join("daemon.yaml"), CONFIG).unwrap();
         let log = root.join(format!("daemon-{n}.log"));
-        let mut cmd = mezod();
-        cmd.env("MEZOD_LOG", "info")
-            .arg("daemon")
-            .arg("--config")
-            .arg(root.join("daemon.yaml"))
-            .arg("--spool")
-            .arg(root.join("spool"))
-            .arg("--state")
-            .arg(root.join("state"))
-            .arg("--runtime")
-            .arg(root.join("run"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        match failpoints {
-            Some(f) => cmd.env("FAILPOINTS", f),
-            None => cmd.env_remove("FAILPOINTS"),
-        };
-        let mut child = cmd.spawn().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while request(&root.join("run/mezod.sock"), &Request::Hello).is_err() {
-            assert!(
-                child.try_wait().unwrap().is_none(),
-                "daemon exited at start:\n{}",
-                std::fs::read_to_string(&log).unwrap()
-            );
-            assert!(Instant::now() < deadline, "daemon did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let env: Vec<(&str, &std::ffi::OsStr)> = failpoints
+            .iter()
+            .map(|f| ("FAILPOINTS", std::ffi::OsStr::new(*f)))
+            .collect();
+        let child = spawn_daemon(root, &env, &log);
         Daemon {
             root: root.to_path_buf(),
             child,
@@ -93,17 +68,7 @@ impl Daemon {
     }
 
     fn jobs(&self) -> Vec<serde_json::Value> {
-        let all = Request::Status {
-            id: None,
-            finished: Some(usize::MAX),
-        };
-        match request(&self.root.join("run/mezod.sock"), &all).unwrap() {
-            Response::Status(r) => serde_json::to_value(r).unwrap()["jobs"]
-                .as_array()
-                .unwrap()
-                .clone(),
-            other => panic!("{other:?}"),
-        }
+        daemon_jobs(&self.root.join("run/mezod.sock"))
     }
 
     fn wait_all_done(&self) -> Vec<serde_json::Value> {

@@ -8,10 +8,9 @@ use common::*;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
-use mezod::daemon::control::{request, Request, Response};
 use rand::Rng;
 use serde_json::Value;
 
@@ -41,33 +40,10 @@ impl Daemon {
 
     fn restart(&mut self, env: &[(&str, String)]) {
         self.starts += 1;
-        let log =
-            std::fs::File::create(self.root.join(format!("daemon-{}.log", self.starts))).unwrap();
-        let mut cmd = mezod();
-        cmd.env("MEZOD_LOG", "info")
-            .arg("daemon")
-            .arg("--config")
-            .arg(self.root.join("daemon.yaml"))
-            .arg("--spool")
-            .arg(self.root.join("spool"))
-            .arg("--state")
-            .arg(self.root.join("state"))
-            .arg("--runtime")
-            .arg(self.root.join("run"))
-            .stdout(Stdio::null())
-            .stderr(log);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        self.child = Some(cmd.spawn().unwrap());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while request(&self.socket(), &Request::Hello).is_err() {
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("daemon exited at start ({st}):\n{}", self.log());
-            }
-            assert!(Instant::now() < deadline, "daemon did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let env: Vec<(&str, &std::ffi::OsStr)> =
+            env.iter().map(|(k, v)| (*k, v.as_ref())).collect();
+        let log = self.root.join(format!("daemon-{}.log", self.starts));
+        self.child = Some(spawn_daemon(&self.root, &env, &log));
     }
 
     fn log(&self) -> String {
@@ -107,21 +83,7 @@ impl Daemon {
     }
 
     fn jobs(&self) -> Vec<Value> {
-        match request(
-            &self.socket(),
-            &Request::Status {
-                id: None,
-                finished: Some(usize::MAX),
-            },
-        )
-        .unwrap()
-        {
-            Response::Status(r) => serde_json::to_value(r).unwrap()["jobs"]
-                .as_array()
-                .unwrap()
-                .clone(),
-            other => panic!("{other:?}"),
-        }
+        daemon_jobs(&self.socket())
     }
 
     fn job(&self, id: u64) -> Value {

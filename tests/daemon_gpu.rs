@@ -16,11 +16,10 @@ use common::*;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use mezod::daemon::control::{request, Request, Response};
 use mezod::estimate::human_bytes;
 use serde_json::{json, Value};
 
@@ -152,37 +151,16 @@ impl GpuDaemon {
             _ => lib_dir.display().to_string(),
         };
         std::fs::write(root.join("daemon.yaml"), CONFIG).unwrap();
-        let child = mezod()
-            .env("MEZOD_LOG", "info")
-            .env("LD_LIBRARY_PATH", ld)
-            .env("MEZOD_FAKE_NVML", &script)
-            .arg("daemon")
-            .arg("--config")
-            .arg(root.join("daemon.yaml"))
-            .arg("--spool")
-            .arg(root.join("spool"))
-            .arg("--state")
-            .arg(root.join("state"))
-            .arg("--runtime")
-            .arg(root.join("run"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(root.join("daemon.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let mut d = GpuDaemon {
+        let env = [
+            ("LD_LIBRARY_PATH", std::ffi::OsStr::new(&ld)),
+            ("MEZOD_FAKE_NVML", script.as_os_str()),
+        ];
+        let child = spawn_daemon(root, &env, &root.join("daemon.log"));
+        GpuDaemon {
             root: root.to_path_buf(),
             script,
             child,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while request(&d.socket(), &Request::Hello).is_err() {
-            if let Some(st) = d.child.try_wait().unwrap() {
-                panic!("daemon exited at start ({st}):\n{}", d.log());
-            }
-            assert!(Instant::now() < deadline, "daemon did not start");
-            std::thread::sleep(Duration::from_millis(20));
         }
-        d
     }
 
     /// Rewrite the GPUs the fake NVML reports, from its next call on.
@@ -223,14 +201,7 @@ impl GpuDaemon {
 
     /// The status report over the socket, as JSON.
     fn status(&self) -> Value {
-        let all = Request::Status {
-            id: None,
-            finished: Some(usize::MAX),
-        };
-        match request(&self.socket(), &all).unwrap() {
-            Response::Status(r) => serde_json::to_value(r).unwrap(),
-            other => panic!("{other:?}"),
-        }
+        daemon_status(&self.socket())
     }
 
     /// `mezod status` (or `mezod status --json`) as a user runs it.

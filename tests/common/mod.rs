@@ -149,3 +149,58 @@ pub fn kill_and_resume(job: &Path, out: &Path, at: usize) -> usize {
     run_to_end(job, out, "resumed run");
     killed_at
 }
+
+/// `mezod daemon` over `root` (config `root/daemon.yaml`; spool, state and
+/// runtime folders inside `root`), with `env` set and stderr into `log`;
+/// returns once its control socket answers (panics if it exits first).
+pub fn spawn_daemon(root: &Path, env: &[(&str, &std::ffi::OsStr)], log: &Path) -> Child {
+    use mezod::daemon::control::{request, Request};
+    let mut cmd = mezod();
+    cmd.env("MEZOD_LOG", "info")
+        .env_remove("FAILPOINTS")
+        .arg("daemon")
+        .arg("--config")
+        .arg(root.join("daemon.yaml"))
+        .arg("--spool")
+        .arg(root.join("spool"))
+        .arg("--state")
+        .arg(root.join("state"))
+        .arg("--runtime")
+        .arg(root.join("run"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while request(&root.join("run/mezod.sock"), &Request::Hello).is_err() {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!(
+                "daemon exited at start ({st}):\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        assert!(Instant::now() < deadline, "daemon did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// The daemon's status report over `socket`, every ended job included, as JSON.
+pub fn daemon_status(socket: &Path) -> serde_json::Value {
+    use mezod::daemon::control::{request, Request, Response};
+    let all = Request::Status {
+        id: None,
+        finished: Some(usize::MAX),
+    };
+    match request(socket, &all).unwrap() {
+        Response::Status(r) => serde_json::to_value(r).unwrap(),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Every job the daemon at `socket` knows, as JSON.
+pub fn daemon_jobs(socket: &Path) -> Vec<serde_json::Value> {
+    daemon_status(socket)["jobs"].as_array().unwrap().clone()
+}
