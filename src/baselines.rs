@@ -177,6 +177,7 @@ mod tests {
 
     #[test]
     fn logistic_regression_separates_separable_classes() {
+        let _rng = crate::torch_rng_lock();
         // Three classes around three centres in 5 dimensions, one feature constant.
         tch::manual_seed(3);
         let centres = Tensor::from_slice(&[

@@ -104,6 +104,7 @@ mod tests {
 
     #[test]
     fn adapters_add_their_own_bytes_and_shrink_z() {
+        let _rng = crate::torch_rng_lock();
         let torch = |tuning: &str| {
             let text = spec(4, "f32")
                 .to_yaml()

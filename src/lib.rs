@@ -14,5 +14,13 @@ pub mod run;
 pub mod tokenize;
 pub mod worker;
 
+/// torch's random generator is process-global and unit tests run on several
+/// threads: every test that seeds it or draws from it holds this lock.
+#[cfg(test)]
+pub(crate) fn torch_rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 // The control plane's modules, under the names the engine has always used.
 pub use mezod_core::{daemon, gpu, procfs, spec};

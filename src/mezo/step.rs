@@ -198,9 +198,6 @@ mod tests {
     use crate::model::{Param, ParamList};
     use tch::{Device, Kind, Tensor};
 
-    /// torch's RNG is process-global and tests run on several threads.
-    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
     fn params(kind: Kind) -> ParamList {
         tch::manual_seed(123);
         ParamList(vec![
@@ -271,7 +268,7 @@ mod tests {
 
     #[test]
     fn replay_is_bit_identical_to_live_training_even_in_bf16() {
-        let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+        let _rng = crate::torch_rng_lock();
         for rng in [Rng::Torch, Rng::Fast] {
             let z = ZSweep::new(rng, 2);
             for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
@@ -296,7 +293,7 @@ mod tests {
 
     #[test]
     fn fast_rng_gives_the_same_weights_for_any_thread_count_and_chunk_size() {
-        let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+        let _rng = crate::torch_rng_lock();
         // Big enough that the chunks split every tensor in several places.
         let big = |kind| {
             tch::manual_seed(5);
@@ -352,7 +349,7 @@ mod tests {
 
     #[test]
     fn update_follows_the_reference_rule() {
-        let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+        let _rng = crate::torch_rng_lock();
         // p_new = p - lr*(g*z + wd*p) for decayed tensors, p - lr*g*z for exempt ones.
         for (rng, kind, tol) in [
             (Rng::Torch, Kind::Double, 1e-12),
@@ -377,7 +374,7 @@ mod tests {
 
     #[test]
     fn z_is_what_each_generator_draws_from_the_seed() {
-        let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+        let _rng = crate::torch_rng_lock();
         // torch: manual_seed + randn per tensor in order, as PyTorch draws it.
         // fast: the counter-based stream of each tensor's index.
         for (rng, kind) in [(Rng::Torch, Kind::Double), (Rng::Fast, Kind::Float)] {
@@ -396,7 +393,7 @@ mod tests {
 
     #[test]
     fn n_spsa_replays_exactly_and_follows_the_averaged_rule() {
-        let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+        let _rng = crate::torch_rng_lock();
         for rng in [Rng::Torch, Rng::Fast] {
             let z = ZSweep::new(rng, 2);
             for kind in [Kind::Float, Kind::BFloat16] {
@@ -441,7 +438,7 @@ mod tests {
 
     #[test]
     fn non_finite_loss_fails_and_restores() {
-        let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+        let _rng = crate::torch_rng_lock();
         let p = params(Kind::Double);
         let before = copy(&p);
         let cfg = StepConfig {

@@ -179,6 +179,7 @@ mod tests {
 
     #[test]
     fn lora_starts_at_the_base_model_and_merges_to_the_same_layer() {
+        let _rng = crate::torch_rng_lock();
         let a = lora_a_init(7, 3, 4, 10, Kind::Float, Device::Cpu);
         let bound = 1.0 / 10f64.sqrt();
         assert!(a.abs().max().double_value(&[]) <= bound);
