@@ -231,6 +231,14 @@ fn jobs_are_accepted_or_rejected_and_every_file_lands_once() {
     assert_eq!(ids.len(), 3);
     assert!(ids[0] < ids[1] && ids[1] < ids[2]);
 
+    // A file that fails its checks while fresh (perhaps still being copied in)
+    // is looked at again after the settle time: wait for every verdict.
+    d.wait_until("a rejection for every bad file", |d| {
+        bad.iter()
+            .map(|(name, _)| *name)
+            .chain(["link.yaml"])
+            .all(|name| d.spool().join("rejected").join(format!("{name}.error")).is_file())
+    });
     let error = |name: &str| {
         std::fs::read_to_string(d.spool().join("rejected").join(format!("{name}.error")))
             .unwrap_or_else(|_| panic!("no rejection for {name}; log:\n{}", d.log()))
