@@ -1,9 +1,10 @@
 //! The worker's side of a daemon job (`mezod-engine worker`, internal): the
-//! job runs with a step log whose earlier records come from the daemon's
-//! replay file and whose new ones go to stdout, one line each, for the daemon
-//! to make durable (the protocol is in `mezod_core::daemon::worker`).
+//! job file's text and the step records already logged come on stdin from the
+//! daemon; the job runs with a step log whose new records go to stdout, one
+//! line each, for the daemon to make durable (the protocol is in
+//! `mezod_core::daemon::worker`).
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -11,9 +12,10 @@ use anyhow::{Context, Result};
 
 use crate::run::seedlog::{StepLog, StepRecord};
 use crate::run::{run_with_log, Outcome, RunOptions};
-use mezod_core::daemon::worker::{encode, read_replay};
+use mezod_core::daemon::worker::{decode_input, encode};
+use mezod_core::spec::JobSpec;
 
-/// The worker's side of the log: earlier records from the replay file, new
+/// The worker's side of the log: earlier records from the daemon, new
 /// ones written to stdout for the daemon.
 struct PipeLog {
     records: Vec<StepRecord>,
@@ -42,11 +44,7 @@ impl StepLog for PipeLog {
 #[derive(clap::Args)]
 pub struct WorkerArgs {
     #[arg(long)]
-    pub job: PathBuf,
-    #[arg(long)]
     pub out: PathBuf,
-    #[arg(long)]
-    pub replay: PathBuf,
     #[arg(long)]
     pub threads: i32,
     #[arg(long)]
@@ -67,7 +65,13 @@ pub fn worker_main(args: WorkerArgs) -> Result<ExitCode> {
         std::env::var("CUDA_VISIBLE_DEVICES").map_or("(unset)".into(), |v| format!("{v:?}")),
         args.device.as_deref().unwrap_or("as in the job")
     );
-    let records = read_replay(&args.replay)?;
+    let mut input = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut input)
+        .context("reading the job from the daemon")?;
+    let (text, records) = decode_input(&input)?;
+    // The daemon's spool accepts only absolute paths (or a `workdir`).
+    let spec = JobSpec::parse_with_base(&text, None)?;
     let log = PipeLog {
         records,
         out: std::io::stdout(),
@@ -80,7 +84,7 @@ pub fn worker_main(args: WorkerArgs) -> Result<ExitCode> {
         snapshot_every: Some(args.snapshot_every),
         memory_estimate: Some(args.estimate),
     };
-    match run_with_log(&args.job, &args.out, &opts, Box::new(log))? {
+    match run_with_log(spec, &args.out, &opts, Box::new(log))? {
         Outcome::Completed(r) => {
             tracing::info!(
                 "done: {} steps, dev {} best {:?} (step {})",

@@ -3,182 +3,18 @@
 //! jobs, cancel and ownership, systemd notifications.
 
 mod common;
+use common::daemon::*;
 use common::*;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus};
+
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 use serde_json::Value;
 
 const CONFIG: &str = "cpu_slots: 1\nretry_limit: 2\nretry_backoff_s: 0.2\nrescan_interval_s: 1\nmemory_margin_mib: 64\n";
-
-struct Daemon {
-    root: PathBuf,
-    child: Option<Child>,
-    starts: usize,
-}
-
-impl Daemon {
-    fn start(root: &Path, config: &str) -> Self {
-        Self::start_with_env(root, config, &[])
-    }
-
-    fn start_with_env(root: &Path, config: &str, env: &[(&str, String)]) -> Self {
-        std::fs::write(root.join("daemon.yaml"), config).unwrap();
-        let mut d = Daemon {
-            root: root.to_path_buf(),
-            child: None,
-            starts: 0,
-        };
-        d.restart(env);
-        d
-    }
-
-    fn restart(&mut self, env: &[(&str, String)]) {
-        self.starts += 1;
-        let env: Vec<(&str, &std::ffi::OsStr)> =
-            env.iter().map(|(k, v)| (*k, v.as_ref())).collect();
-        let log = self.root.join(format!("daemon-{}.log", self.starts));
-        self.child = Some(spawn_daemon(&self.root, &env, &log));
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.root.join(format!("daemon-{}.log", self.starts)))
-            .unwrap_or_default()
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.root.join("run/mezod.sock")
-    }
-
-    fn spool(&self) -> PathBuf {
-        self.root.join("spool")
-    }
-
-    fn job_dir(&self, id: u64) -> PathBuf {
-        self.root.join("state/jobs").join(id.to_string())
-    }
-
-    fn weights_sha(&self, id: u64) -> String {
-        sha256(&self.job_dir(id).join("run/model/model.safetensors"))
-    }
-
-    /// `mezod submit`, as a user types it; returns the job id.
-    fn submit(&self, job: &Path) -> u64 {
-        let out = check(
-            mezod()
-                .arg("submit")
-                .arg(job)
-                .arg("--socket")
-                .arg(self.socket())
-                .output()
-                .unwrap(),
-            "mezod submit",
-        );
-        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-    }
-
-    fn jobs(&self) -> Vec<Value> {
-        daemon_jobs(&self.socket())
-    }
-
-    fn job(&self, id: u64) -> Value {
-        self.jobs()
-            .into_iter()
-            .find(|j| j["id"] == id)
-            .unwrap_or_else(|| panic!("no job {id}"))
-    }
-
-    fn wait_until(&self, what: &str, mut ok: impl FnMut(&Daemon) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(180);
-        while !ok(self) {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; jobs: {:#?}\ndaemon log:\n{}",
-                self.jobs(),
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn wait_done(&self, id: u64) -> Value {
-        self.wait_until(&format!("job {id} to end"), |d| {
-            d.job(id)["state"]
-                .as_str()
-                .is_some_and(|s| ["done", "failed", "cancelled"].contains(&s))
-        });
-        self.job(id)
-    }
-
-    fn wait_steps(&self, id: u64, steps: u64) {
-        self.wait_until(&format!("job {id} at step {steps}"), |d| {
-            d.job(id)["steps_done"].as_u64().unwrap() >= steps
-        });
-    }
-
-    fn kill9(&mut self) {
-        let mut c = self.child.take().unwrap();
-        c.kill().unwrap();
-        c.wait().unwrap();
-    }
-
-    fn term(&mut self) -> (ExitStatus, Duration) {
-        let mut c = self.child.take().unwrap();
-        let t = Instant::now();
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        (c.wait().unwrap(), t.elapsed())
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// pids of worker processes running `job_yaml`.
-fn worker_pids(job_yaml: &Path) -> Vec<i32> {
-    let needle = job_yaml.to_string_lossy().to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| {
-                    let c = String::from_utf8_lossy(&c).replace('\0', " ");
-                    c.contains(" worker ") && c.contains(&needle)
-                })
-                .unwrap_or(false)
-        })
-        .collect()
-}
-
-/// A causal-LM job file named `name` (absolute paths; one thread).
-fn job_file(dir: &Path, name: &str, steps: u64, seed: u64) -> PathBuf {
-    let p = causal_job(
-        dir,
-        "llama",
-        &format!("steps: {steps}, batch_size: 4, lr: 2.0e-3, eps: 1.0e-3, seed: {seed}, eval_every: 40, snapshot_every: 25"),
-    );
-    let target = dir.join(format!("{name}.yaml"));
-    std::fs::rename(p, &target).unwrap();
-    target
-}
-
-/// SHA-256 of the weights an uninterrupted `mezod run` of `job` exports.
-fn solo_sha(job: &Path) -> String {
-    let out = job.with_extension("solo");
-    run_to_end(&job, &out, "solo run");
-    sha256(&out.join("model/model.safetensors"))
-}
 
 #[test]
 fn jobs_are_accepted_or_rejected_and_every_file_lands_once() {
@@ -237,7 +73,12 @@ fn jobs_are_accepted_or_rejected_and_every_file_lands_once() {
         bad.iter()
             .map(|(name, _)| *name)
             .chain(["link.yaml"])
-            .all(|name| d.spool().join("rejected").join(format!("{name}.error")).is_file())
+            .all(|name| {
+                d.spool()
+                    .join("rejected")
+                    .join(format!("{name}.error"))
+                    .is_file()
+            })
     });
     let error = |name: &str| {
         std::fs::read_to_string(d.spool().join("rejected").join(format!("{name}.error")))
@@ -283,17 +124,17 @@ fn kill_9_of_the_daemon_at_random_steps_resumes_bit_identically() {
     let expected = solo_sha(&job);
     let mut d = Daemon::start(tmp.path(), CONFIG);
     let id = d.submit(&job);
-    let job_yaml = d.job_dir(id).join("job.yaml");
+    let job_run = d.job_dir(id).join("run");
     let mut rng = rand::thread_rng();
     let mut at = 0;
     for round in 0..3 {
         at += rng.gen_range(15..60);
         d.wait_steps(id, at);
-        assert_eq!(worker_pids(&job_yaml).len(), 1, "one worker while running");
+        assert_eq!(worker_pids(&job_run).len(), 1, "one worker while running");
         d.kill9();
         // The worker dies with the daemon (PR_SET_PDEATHSIG).
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !worker_pids(&job_yaml).is_empty() {
+        while !worker_pids(&job_run).is_empty() {
             assert!(
                 Instant::now() < deadline,
                 "worker outlived the daemon (round {round})"
@@ -353,9 +194,9 @@ fn a_killed_worker_is_retried_and_still_exact() {
     let d = Daemon::start(tmp.path(), CONFIG);
     let id = d.submit(&job);
     d.wait_steps(id, 40);
-    let pids = worker_pids(&d.job_dir(id).join("job.yaml"));
+    let pids = worker_pids(&d.job_dir(id).join("run"));
     assert_eq!(pids.len(), 1);
-    unsafe { libc::kill(pids[0], libc::SIGKILL) };
+    unsafe { libc::kill(pids[0] as i32, libc::SIGKILL) };
     let job = d.wait_done(id);
     assert_eq!(job["state"], "done", "{job:#}");
     assert_eq!(job["failures"], 1);
@@ -479,37 +320,6 @@ fn cancel_status_and_logs_over_the_socket() {
         text.contains("--- attempt 1") && text.contains("stopped after step"),
         "{text}"
     );
-}
-
-/// Drop `job` into the spool as user 65534 would: the file's owner is the job's owner.
-fn drop_as_nobody(d: &Daemon, job: &Path, name: &str) {
-    let tmp = d.spool().join("tmp").join(name);
-    std::fs::copy(job, &tmp).unwrap();
-    std::os::unix::fs::chown(&tmp, Some(65534), Some(65534)).unwrap();
-    std::fs::rename(&tmp, d.spool().join("new").join(name)).unwrap();
-}
-
-/// A copy of the llama fixture whose weights have file mode `mode`.
-fn model_copy(dir: &Path, name: &str, mode: u32) -> PathBuf {
-    let to = dir.join(name);
-    std::fs::create_dir_all(&to).unwrap();
-    for f in [
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ] {
-        if fixture("llama").join(f).exists() {
-            std::fs::copy(fixture("llama").join(f), to.join(f)).unwrap();
-            std::fs::set_permissions(to.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
-        }
-    }
-    std::fs::set_permissions(
-        to.join("model.safetensors"),
-        std::fs::Permissions::from_mode(mode),
-    )
-    .unwrap();
-    to
 }
 
 #[test]

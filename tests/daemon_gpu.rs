@@ -13,8 +13,7 @@
 mod common;
 use common::*;
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::Mutex;
@@ -116,21 +115,6 @@ fn gpu_estimate(job: &Path) -> u64 {
     e
 }
 
-/// pids of worker processes running `job_yaml`.
-fn worker_pids(job_yaml: &Path) -> Vec<u32> {
-    let needle = job_yaml.to_string_lossy().to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                let c = String::from_utf8_lossy(&c).replace('\0', " ");
-                c.contains(" worker ") && c.contains(&needle)
-            })
-        })
-        .collect()
-}
-
 /// A daemon whose NVML is the fake, serving the GPUs in its script.
 struct GpuDaemon {
     root: PathBuf,
@@ -151,9 +135,11 @@ impl GpuDaemon {
             _ => lib_dir.display().to_string(),
         };
         std::fs::write(root.join("daemon.yaml"), CONFIG).unwrap();
+        let engine = gated_engine(root);
         let env = [
             ("LD_LIBRARY_PATH", std::ffi::OsStr::new(&ld)),
             ("MEZOD_FAKE_NVML", script.as_os_str()),
+            ("MEZOD_ENGINE", engine.as_os_str()),
         ];
         let child = spawn_daemon(root, &env, &root.join("daemon.log"));
         GpuDaemon {
@@ -434,37 +420,30 @@ fn a_job_waits_with_its_reason_in_status_until_memory_frees() {
     );
 }
 
-/// Keep a started worker from getting far: its job file becomes a FIFO, so the
-/// worker blocks opening it, as one that is still loading a big model would,
-/// until [`release`] writes the text. Returns the text.
-fn stall_worker_of(d: &GpuDaemon, id: u64) -> String {
-    let path = d.job_dir(id).join("job.yaml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::remove_file(&path).unwrap();
-    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-    text
+/// An engine that holds a worker back while its run folder has a `.hold`
+/// beside it (`<job>/run.hold`), as a worker still loading a big model would
+/// be held; anything else goes straight to the real engine.
+fn gated_engine(root: &Path) -> PathBuf {
+    let path = root.join("gated-engine.sh");
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = worker ]; then while [ -e \"$3.hold\" ]; do sleep 0.02; done; fi\nexec {} \"$@\"\n",
+            env!("CARGO_BIN_EXE_mezod-engine")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
 }
 
-fn release(d: &GpuDaemon, id: u64, text: &str) {
-    // Opened without blocking, which fails (ENXIO) until the worker, still
-    // starting, has opened the FIFO to read it.
-    let path = d.job_dir(id).join("job.yaml");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut fifo = loop {
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&path)
-        {
-            Ok(f) => break f,
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            Err(e) => panic!("no worker reads {}: {e}", path.display()),
-        }
-    };
-    fifo.write_all(text.as_bytes()).unwrap();
+/// Hold job `id`'s worker at its start (before it has allocated anything).
+fn stall_worker_of(d: &GpuDaemon, id: u64) {
+    std::fs::write(d.job_dir(id).join("run.hold"), "").unwrap();
+}
+
+fn release(d: &GpuDaemon, id: u64) {
+    std::fs::remove_file(d.job_dir(id).join("run.hold")).unwrap();
 }
 
 #[test]
@@ -487,11 +466,11 @@ fn a_started_job_keeps_its_estimate_reserved_until_its_process_holds_it() {
     d.wait_until("a to wait", |d| {
         d.job(a)["reason"] == lacks(e, "GPU 0 (Fake L4)", 0)
     });
-    let spec_a = stall_worker_of(&d, a);
+    stall_worker_of(&d, a);
     d.script(gpu0(total - free, &[]));
-    let a_yaml = d.job_dir(a).join("job.yaml");
-    d.wait_until("a's worker to start", |_| worker_pids(&a_yaml).len() == 1);
-    let pid_a = worker_pids(&a_yaml)[0];
+    let a_run = d.job_dir(a).join("run");
+    d.wait_until("a's worker to start", |_| worker_pids(&a_run).len() == 1);
+    let pid_a = worker_pids(&a_run)[0];
     assert_eq!(d.job(a)["state"], "running");
     assert_eq!(d.job(a)["gpus"], json!([UUID0]));
 
@@ -526,7 +505,7 @@ fn a_started_job_keeps_its_estimate_reserved_until_its_process_holds_it() {
     // list just before and the free memory just after that would see room
     // that is not there, as it would on a real GPU.)
     assert_eq!(d.job(b)["attempts"], 0, "b waits while a runs");
-    release(&d, a, &spec_a);
+    release(&d, a);
     let rec_a = d.wait_ended(a);
     assert_eq!(rec_a["state"], "failed", "{rec_a:#}");
     assert!(

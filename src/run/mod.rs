@@ -363,18 +363,17 @@ pub fn run(spec_path: &Path, out: &Path, opts: &RunOptions) -> Result<Outcome> {
     std::fs::create_dir_all(out)
         .with_context(|| format!("creating output directory {}", out.display()))?;
     let log = SeedLog::open(&out.join("seedlog"))?;
-    run_with_log(spec_path, out, opts, Box::new(log))
+    run_with_log(JobSpec::load(spec_path)?, out, opts, Box::new(log))
 }
 
 /// Run (or resume) the job with step records going to `log`.
 pub fn run_with_log(
-    spec_path: &Path,
+    spec: JobSpec,
     out: &Path,
     opts: &RunOptions,
     mut log: Box<dyn StepLog>,
 ) -> Result<Outcome> {
     let started = Instant::now();
-    let spec = JobSpec::load(spec_path)?;
     let threads = spec.model.threads.or(opts.threads).unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get() as i32)

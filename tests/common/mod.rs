@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: fixtures, job files, the binary, Python.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -203,4 +205,19 @@ pub fn daemon_status(socket: &Path) -> serde_json::Value {
 /// Every job the daemon at `socket` knows, as JSON.
 pub fn daemon_jobs(socket: &Path) -> Vec<serde_json::Value> {
     daemon_status(socket)["jobs"].as_array().unwrap().clone()
+}
+
+/// pids of daemon workers writing into `run` (their `--out`).
+pub fn worker_pids(run: &Path) -> Vec<u32> {
+    let needle = format!(" --out {} ", run.display());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c).replace('\0', " ");
+                c.contains(" worker ") && c.contains(&needle)
+            })
+        })
+        .collect()
 }

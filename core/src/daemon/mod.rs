@@ -9,6 +9,7 @@
 //! * [`config`]: the daemon's YAML config and its folders;
 //! * [`spool`]: `new/ → cur/ | rejected/`, exactly once;
 //! * [`jobs`]: the job table in sled;
+//! * [`job_dir`]: a job's folder: what is the daemon's, what is its owner's;
 //! * [`lifecycle`]: a job's states and the only legal moves between them;
 //! * [`admission`]: which job starts where (pure, tested with a scripted probe);
 //! * [`worker`]: the worker process and its step-record pipe;
@@ -19,6 +20,7 @@
 pub mod admission;
 pub mod config;
 pub mod control;
+pub mod job_dir;
 pub mod jobs;
 pub mod lifecycle;
 pub mod notify;

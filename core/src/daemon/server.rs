@@ -9,8 +9,7 @@
 //! (many idle or slow clients on one thread; see `control.rs`).
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::OpenOptions;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::ExitStatusExt;
@@ -25,11 +24,14 @@ use notify::Watcher;
 use super::admission::{self, Candidate, Decision, Placed, Pool, Probe, Resources};
 use super::config::{DaemonConfig, Dirs, WatchMode};
 use super::control::{self, Call, JobView, Lookup, PoolView, Request, Response, StatusReport};
+use super::job_dir::{self, JobDir};
 use super::jobs::{now, JobRecord, JobState, JobTable, Transition};
 use super::notify::Notifier;
 use super::spool::{Dropped, Spool};
 use super::worker::{self, Launch, WorkerEvent};
 use crate::estimate::{estimate, human_bytes};
+use crate::identity::Identity;
+use crate::safe_fs::Dir;
 use crate::seedlog::SeedLog;
 use crate::spec::JobSpec;
 
@@ -98,6 +100,8 @@ struct Daemon {
     cfg: DaemonConfig,
     opts: DaemonOptions,
     dirs: Dirs,
+    /// `state/jobs/`, held open: job folders are opened relative to it.
+    jobs: Dir,
     spool: Spool,
     db: sled::Db,
     table: JobTable,
@@ -174,15 +178,17 @@ impl Daemon {
         // SAFETY: geteuid has no preconditions.
         let as_root = unsafe { libc::geteuid() } == 0;
         let spool = Spool::open(&dirs.spool, as_root)?;
-        for d in [&dirs.state, &dirs.jobs(), &dirs.runtime] {
-            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-        }
+        std::fs::create_dir_all(&dirs.runtime)
+            .with_context(|| format!("creating {}", dirs.runtime.display()))?;
+        let jobs = job_dir::prepare_state(&dirs.state)
+            .with_context(|| format!("preparing the state folder {}", dirs.state.display()))?;
         let db = sled::open(dirs.db()).with_context(|| {
             format!(
                 "opening the job database {} (is another daemon using this state folder?)",
                 dirs.db().display()
             )
         })?;
+        std::fs::set_permissions(dirs.db(), std::fs::Permissions::from_mode(0o700))?;
         let table = JobTable::open(&db)?;
         let claims = db.open_tree("claims")?;
         let rejections = db.open_tree("rejections")?;
@@ -191,6 +197,7 @@ impl Daemon {
             cfg,
             opts,
             dirs,
+            jobs,
             spool,
             db,
             table,

@@ -56,9 +56,16 @@ impl Spool {
             let d = root.join(dir);
             std::fs::create_dir_all(&d)
                 .with_context(|| format!("creating spool folder {}", d.display()))?;
-            if as_root && (dir == "new" || dir == "tmp") {
+            let mode = match dir {
                 // Anyone may drop a job; the sticky bit keeps users off each other's files.
-                std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o1733))?;
+                "new" | "tmp" if as_root => Some(0o1733),
+                // Accepted and rejected files (and why) are the daemon's:
+                // owners learn their verdict over the socket.
+                "cur" | "rejected" => Some(0o700),
+                _ => None,
+            };
+            if let Some(mode) = mode {
+                std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode))?;
             }
         }
         if !as_root {

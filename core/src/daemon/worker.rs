@@ -6,15 +6,18 @@
 //! would draw each other's z.  A process also contains crashes: a segfault or
 //! an OOM kill ends the worker, never the daemon.
 //!
-//! The protocol is one line per finished step on the worker's stdout,
+//! The worker's input is its stdin, an anonymous memory file (memfd) the
+//! daemon fills before the start: the job file's text from the daemon's own
+//! copy, then the step records already logged.  The worker, which runs as the
+//! job's owner, opens no file the daemon read for it, so what was checked at
+//! intake is what runs.  Its output is one line per finished step on stdout,
 //! `R <96 hex digits>` (the 48-byte seed-log record, exact f64 bits); the
-//! daemon makes each durable in its sled database.  The records already
-//! logged reach the worker as a file (`replay.bin`) written before it starts.
-//! The worker's stderr is the job's log.  Workers die with the daemon
-//! (`PR_SET_PDEATHSIG`) and stop at a step boundary on SIGTERM.
+//! daemon makes each durable in its sled database.  The worker's stderr is the
+//! job's log.  Workers die with the daemon (`PR_SET_PDEATHSIG`) and stop at a
+//! step boundary on SIGTERM.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Seek, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -23,6 +26,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use anyhow::{bail, Context, Result};
 
 use crate::gpu::GpuInfo;
+use crate::identity::Identity;
 use crate::seedlog::StepRecord;
 
 /// What a worker tells the daemon.
@@ -35,13 +39,16 @@ pub enum WorkerEvent {
 /// Everything needed to start one job's worker.
 pub struct Launch<'a> {
     pub exe: &'a Path,
-    pub job_dir: &'a Path,
+    /// The job file's text (the daemon's copy).
+    pub spec: &'a str,
+    /// The run folder the worker writes into (its owner's).
+    pub out: &'a Path,
     pub gpu: Option<&'a GpuInfo>,
     pub threads: i32,
     pub snapshot_every: u64,
     pub estimate: u64,
-    /// Run as this (uid, gid): a root daemon runs each job as its owner.
-    pub run_as: Option<(u32, u32)>,
+    /// Run as this user: a root daemon runs each job as its owner.
+    pub run_as: Option<Identity>,
 }
 
 pub fn encode(rec: &StepRecord) -> String {
@@ -60,37 +67,61 @@ pub fn decode(line: &str) -> Option<StepRecord> {
     StepRecord::from_bytes(&bytes?)
 }
 
-/// replay.bin: each record as its length (u32, little-endian) then its bytes.
-fn write_replay(path: &Path, records: &[StepRecord]) -> Result<()> {
-    let mut bytes = Vec::new();
+/// First line of a worker's input (a worker of another version refuses it).
+const INPUT_MAGIC: &[u8] = b"mezod worker input 1\n";
+
+/// A worker's input: the magic line, the job file's length (u32,
+/// little-endian) and text, then each record as its length and its bytes.
+pub fn encode_input(spec: &str, records: &[StepRecord]) -> Vec<u8> {
+    let mut bytes = INPUT_MAGIC.to_vec();
+    bytes.extend((spec.len() as u32).to_le_bytes());
+    bytes.extend(spec.as_bytes());
     for r in records {
         let b = r.to_bytes();
         bytes.extend((b.len() as u32).to_le_bytes());
         bytes.extend(b);
     }
-    crate::durable::write(path, bytes)
+    bytes
 }
 
-/// The records of replay.bin for steps 0, 1, 2, … up to the first gap.
-pub fn read_replay(path: &Path) -> Result<Vec<StepRecord>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+/// The job file's text and the records for steps 0, 1, 2, … up to the first gap.
+pub fn decode_input(bytes: &[u8]) -> Result<(String, Vec<StepRecord>)> {
+    let Some(rest) = bytes.strip_prefix(INPUT_MAGIC) else {
+        bail!(
+            "the worker's input does not start with {:?}",
+            String::from_utf8_lossy(INPUT_MAGIC)
+        );
+    };
+    let field = |at: usize| -> Option<&[u8]> {
+        let len = u32::from_le_bytes(rest.get(at..at + 4)?.try_into().ok()?) as usize;
+        rest.get(at + 4..at + 4 + len)
+    };
+    let spec = field(0).context("the worker's input is cut inside the job file")?;
+    let spec = String::from_utf8(spec.to_vec()).context("the job file is not UTF-8")?;
+    let mut at = 4 + spec.len();
     let mut records = Vec::new();
-    let mut at = 0;
-    while at + 4 <= bytes.len() {
-        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-        let Some(rec) = bytes
-            .get(at + 4..at + 4 + len)
-            .and_then(StepRecord::from_bytes)
-        else {
-            bail!("{} is damaged at byte {at}", path.display());
+    while at < rest.len() {
+        let Some(rec) = field(at).and_then(StepRecord::from_bytes) else {
+            bail!("the worker's input is damaged at byte {at}");
         };
         if rec.step != records.len() as u64 {
             break;
         }
+        at += 4 + rec.to_bytes().len();
         records.push(rec);
-        at += 4 + len;
     }
-    Ok(records)
+    Ok((spec, records))
+}
+
+/// `bytes` in an anonymous memory file, positioned at its start: a child's
+/// stdin that holds any amount without a writer thread, and no name on disk.
+fn memory_file(bytes: &[u8]) -> Result<File> {
+    let fd = rustix::fs::memfd_create("mezod-worker-input", rustix::fs::MemfdFlags::CLOEXEC)
+        .context("creating the worker's input (memfd)")?;
+    let mut file = File::from(fd);
+    file.write_all(bytes)?;
+    file.rewind()?;
+    Ok(file)
 }
 
 /// A live handle on a worker process.  Signals go through a pidfd opened
@@ -150,23 +181,18 @@ pub fn spawn(
     log: File,
     report: impl Fn(WorkerEvent) + Send + 'static,
 ) -> Result<WorkerHandle> {
-    let replay = launch.job_dir.join("replay.bin");
-    write_replay(&replay, records)?;
+    let input = memory_file(&encode_input(launch.spec, records))?;
     let mut cmd = Command::new(launch.exe);
     cmd.arg("worker")
-        .arg("--job")
-        .arg(launch.job_dir.join("job.yaml"))
         .arg("--out")
-        .arg(launch.job_dir.join("run"))
-        .arg("--replay")
-        .arg(&replay)
+        .arg(launch.out)
         .arg("--threads")
         .arg(launch.threads.to_string())
         .arg("--snapshot-every")
         .arg(launch.snapshot_every.to_string())
         .arg("--estimate")
         .arg(launch.estimate.to_string())
-        .stdin(Stdio::null())
+        .stdin(Stdio::from(input))
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         .env_remove("NOTIFY_SOCKET")
@@ -190,14 +216,16 @@ pub fn spawn(
             cmd.env("CUDA_VISIBLE_DEVICES", "");
         }
     }
-    if let Some((uid, gid)) = launch.run_as {
-        cmd.uid(uid).gid(gid);
-    }
+    let run_as = launch.run_as.clone();
     let parent = std::process::id() as libc::pid_t;
-    // SAFETY: prctl and getppid are async-signal-safe; this runs after the
-    // uid/gid change (which would clear the death signal) and before exec.
+    // SAFETY: setgroups/setgid/setuid, prctl and getppid are async-signal-safe
+    // and nothing here allocates.  The death signal is set after the change of
+    // user, which would clear it, and before exec.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(who) = &run_as {
+                who.assume()?;
+            }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -297,8 +325,7 @@ mod tests {
     }
 
     #[test]
-    fn replay_files_hold_records_of_any_length() {
-        let dir = tempfile::tempdir().unwrap();
+    fn worker_input_holds_the_spec_and_records_of_any_length() {
         let one = |step| StepRecord {
             step,
             seed: step + 100,
@@ -315,15 +342,23 @@ mod tests {
             loss_plus: 1.0,
             loss_minus: 1.5,
         });
-        let path = dir.path().join("replay.bin");
-        write_replay(&path, &records).unwrap();
-        assert_eq!(read_replay(&path).unwrap(), records);
-        let mut bytes = std::fs::read(&path).unwrap();
-        bytes.truncate(bytes.len() - 3);
-        std::fs::write(&path, bytes).unwrap();
-        assert!(read_replay(&path)
-            .unwrap_err()
-            .to_string()
-            .contains("damaged"));
+        let spec = "model: {path: /m}\n# é\n";
+        let bytes = encode_input(spec, &records);
+        assert_eq!(
+            decode_input(&bytes).unwrap(),
+            (spec.to_string(), records.clone())
+        );
+        // Read back through the memory file a worker gets as stdin.
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(&mut memory_file(&bytes).unwrap(), &mut back).unwrap();
+        assert_eq!(back, bytes);
+        let mut cut = bytes.clone();
+        cut.truncate(bytes.len() - 3);
+        assert!(format!("{:#}", decode_input(&cut).unwrap_err()).contains("damaged"));
+        assert!(decode_input(b"R 00").is_err());
+        assert_eq!(
+            decode_input(&encode_input("", &[])).unwrap(),
+            (String::new(), vec![])
+        );
     }
 }

@@ -81,12 +81,9 @@ impl Daemon {
     ) -> Result<u64> {
         let wants_gpu = spec.model.device.starts_with("cuda");
         let id = self.table.next_id()?;
-        let dir = self.dirs.job(id);
-        std::fs::create_dir_all(&dir)?;
-        crate::durable::write(&dir.join("job.yaml"), &dropped.text)?;
-        if self.as_root {
-            std::os::unix::fs::chown(&dir, Some(dropped.uid), Some(dropped.gid))?;
-        }
+        let owner = self.identity_of(dropped.uid, dropped.gid);
+        let dir = JobDir::prepare(&self.jobs, &self.dirs.jobs(), id, owner.as_ref())?;
+        dir.write_spec(&dropped.text)?;
         let job = JobRecord {
             id,
             name: name.to_string(),

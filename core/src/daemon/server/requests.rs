@@ -15,12 +15,8 @@ impl Daemon {
             Request::Cancel { id } => self.cancel(id, peer)?,
             Request::Logs { id, offset } => {
                 let job = self.owned_job(id, peer)?;
-                let mut f = std::fs::File::open(self.dirs.job(id).join("worker.log")).ok();
-                let mut data = Vec::new();
-                if let Some(f) = f.as_mut() {
-                    f.seek(SeekFrom::Start(offset))?;
-                    f.take(1 << 16).read_to_end(&mut data)?;
-                }
+                let data =
+                    JobDir::open(&self.jobs, &self.dirs.jobs(), id)?.read_log(offset, 1 << 16)?;
                 let offset = offset + data.len() as u64;
                 Response::Logs {
                     finished: job.state.is_final() && data.is_empty(),

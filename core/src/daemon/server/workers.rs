@@ -184,6 +184,12 @@ impl Daemon {
         Ok(())
     }
 
+    /// Who a job's processes run as: its owner, when the daemon is root and the
+    /// owner is not (a daemon of one user runs everything as that user).
+    pub(super) fn identity_of(&self, uid: u32, gid: u32) -> Option<Identity> {
+        (self.as_root && uid != 0).then(|| Identity::of(uid, gid))
+    }
+
     /// Open the job's log and start its worker; any failure here is the
     /// attempt's, not the daemon's.
     pub(super) fn spawn_worker(
@@ -193,11 +199,10 @@ impl Daemon {
         records: &[crate::seedlog::StepRecord],
         report: impl Fn(WorkerEvent) + Send + 'static,
     ) -> Result<worker::WorkerHandle> {
-        let dir = self.dirs.job(job.id);
-        let mut worker_log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("worker.log"))?;
+        let run_as = self.identity_of(job.owner_uid, job.owner_gid);
+        let dir = JobDir::prepare(&self.jobs, &self.dirs.jobs(), job.id, run_as.as_ref())?;
+        let spec = dir.read_spec()?;
+        let mut worker_log = dir.log_for_append()?;
         writeln!(
             worker_log,
             "--- attempt {} on {}, from step {} ---",
@@ -208,13 +213,10 @@ impl Daemon {
             )),
             records.len()
         )?;
-        let run_as = (self.as_root && job.owner_uid != 0).then_some((job.owner_uid, job.owner_gid));
-        if let Some((uid, gid)) = run_as {
-            std::os::unix::fs::chown(dir.join("worker.log"), Some(uid), Some(gid))?;
-        }
         let launch = Launch {
             exe: &self.exe,
-            job_dir: &dir,
+            spec: &spec,
+            out: &dir.run_path(),
             gpu,
             threads: self.cfg.cpu_threads(),
             snapshot_every: self.cfg.snapshot_every,
@@ -264,7 +266,9 @@ impl Daemon {
         if status.success() {
             job.apply(Transition::Finish {
                 at: now(),
-                result: read_summary(&self.dirs.job(id)),
+                result: JobDir::open(&self.jobs, &self.dirs.jobs(), id)
+                    .ok()
+                    .and_then(|d| read_summary(&d)),
             })?;
             job.reason = "finished".into();
             tracing::info!("job {id}: done");
@@ -325,18 +329,16 @@ impl Daemon {
         };
         job.apply(Transition::Fail { at: now() })?;
         job.reason = reason.to_string();
-        let dir = self.dirs.job(id);
+        let dir = JobDir::prepare(&self.jobs, &self.dirs.jobs(), id, None)?;
         let mut text = format!("job {id} ({}) failed: {reason}\n", job.name);
         if with_log {
-            let log = std::fs::read_to_string(dir.join("worker.log")).unwrap_or_default();
-            let lines: Vec<&str> = log.lines().collect();
             text.push_str("\nlast lines of its log:\n");
-            for l in &lines[lines.len().saturating_sub(ERROR_TAIL_LINES)..] {
-                text.push_str(l);
+            for l in dir.log_tail(ERROR_TAIL_LINES) {
+                text.push_str(&l);
                 text.push('\n');
             }
         }
-        if let Err(e) = crate::durable::write(&dir.join("error"), text) {
+        if let Err(e) = dir.write_error(&text) {
             tracing::error!("job {id}: could not write its error file: {e}");
         }
         tracing::error!("job {id}: failed: {reason}");
@@ -362,9 +364,8 @@ pub(super) fn signal(worker: &worker::WorkerHandle, sig: i32) {
 }
 
 /// The dev-metric summary of a finished run.
-pub(super) fn read_summary(job_dir: &Path) -> Option<serde_json::Value> {
-    let text = std::fs::read_to_string(job_dir.join("run").join("result.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+pub(super) fn read_summary(dir: &JobDir) -> Option<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_slice(&dir.read_result()?).ok()?;
     let keep = [
         "metric",
         "zero_shot",
