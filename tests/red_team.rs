@@ -1,0 +1,308 @@
+//! A root daemon against a local attacker: user 65534 (and 65533 as a second,
+//! nosy user) with only ordinary shell commands, symlinks, FIFOs and hostile
+//! names.  Each test is one promise of docs/security.md.
+//!
+//! These tests need root (to be the daemon's root and to become other users);
+//! CI runs as root, so they fail rather than skip without it.
+
+mod common;
+use common::daemon::*;
+use common::*;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const CONFIG: &str =
+    "cpu_slots: 1\nretry_limit: 1\nretry_backoff_s: 0.2\nrescan_interval_s: 1\nmemory_margin_mib: 64\n";
+const NOBODY: u32 = 65534;
+const NOSY: u32 = 65533;
+const SECRET: &str = "LEAK-root-only-value-42";
+
+fn need_root() {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the red-team tests play root and other users: run them as root"
+    );
+}
+
+/// A temporary folder other users may pass through, with a root-only secret
+/// in `secret/private` (a folder of 0700, a file of 0600).
+fn arena() -> (tempfile::TempDir, PathBuf) {
+    need_root();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = tmp.path().join("secret");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let secret = dir.join("private");
+    std::fs::write(&secret, format!("{{\"metric\": \"{SECRET}\"}}\n")).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    (tmp, secret)
+}
+
+/// `sh -c script` as `uid` (its own group, no others).
+fn shell_as(uid: u32, script: &str) -> Output {
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .unwrap()
+}
+
+/// `mezod ARGS --socket S` as `uid`.
+fn mezod_as(uid: u32, d: &Daemon, args: &[&str]) -> Output {
+    mezod()
+        .args(args)
+        .arg("--socket")
+        .arg(d.socket())
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn owner_and_mode(path: &Path) -> (u32, u32) {
+    let m = std::fs::symlink_metadata(path).unwrap();
+    (m.uid(), m.mode() & 0o7777)
+}
+
+/// A job of user 65534 on a model copy anyone may read; returns its id once ended.
+fn nobody_job(d: &Daemon, dir: &Path, name: &str, steps: u64) -> u64 {
+    let job = job_file(dir, name, steps, 1);
+    let model = model_copy(dir, &format!("{name}-model"), 0o644);
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace(&fixture("llama").display().to_string(), &model.display().to_string());
+    std::fs::write(&job, text).unwrap();
+    let before = d.jobs().len();
+    drop_as_nobody(d, &job, &format!("{name}.yaml"));
+    d.wait_until("the job to be taken", |d| d.jobs().len() == before + 1);
+    let id = d.jobs()[before]["id"].as_u64().unwrap();
+    d.wait_done(id);
+    id
+}
+
+/// Items 1, 2, 8 and 10: an owner reaches its results and nothing of the
+/// daemon's: it cannot plant links in its job folder (so the daemon never
+/// follows one), read the daemon's copy of its job or anyone's log directly,
+/// or swap the job file the worker runs; another user reads none of it.
+#[test]
+fn an_owner_reaches_its_results_and_nothing_of_the_daemons() {
+    let (tmp, secret) = arena();
+    let d = Daemon::start(tmp.path(), CONFIG);
+    let id = nobody_job(&d, tmp.path(), "mine", 3);
+    assert_eq!(d.job(id)["state"], "done", "{:#}", d.job(id));
+    let dir = d.job_dir(id);
+    let state = tmp.path().join("state");
+
+    // Modes: the daemon's folders and files are its own; run/ is the owner's.
+    assert_eq!(owner_and_mode(&state), (0, 0o711));
+    assert_eq!(owner_and_mode(&state.join("db")), (0, 0o700));
+    assert_eq!(owner_and_mode(&state.join("jobs")), (0, 0o711));
+    assert_eq!(owner_and_mode(&dir), (0, 0o711));
+    for f in ["job.yaml", "worker.log"] {
+        assert_eq!(owner_and_mode(&dir.join(f)), (0, 0o600), "{f}");
+    }
+    assert_eq!(owner_and_mode(&dir.join("run")), (NOBODY, 0o700));
+    for s in ["cur", "rejected"] {
+        assert_eq!(owner_and_mode(&d.spool().join(s)), (0, 0o700), "spool/{s}");
+    }
+
+    // The owner, with a shell: its results yes, the daemon's files no.
+    let d_ = dir.display();
+    let ok = shell_as(NOBODY, &format!("ls {d_}/run/model && head -c 20 {d_}/run/result.json"));
+    assert!(ok.status.success(), "{}", text(&ok));
+    for attack in [
+        format!("ln -s {} {d_}/worker.log.new", secret.display()),
+        format!("rm -f {d_}/worker.log"),
+        format!("echo 'mezo: {{steps: 7}}' > {d_}/job.yaml"),
+        format!("mv {d_}/run {d_}/run.old"),
+        format!("cat {d_}/job.yaml"),
+        format!("cat {d_}/worker.log"),
+        format!("ls {d_}"),
+        format!("ls {}", state.join("db").display()),
+        format!("ls {}", d.spool().join("cur").display()),
+        format!("ls {}", d.spool().join("rejected").display()),
+    ] {
+        let out = shell_as(NOBODY, &attack);
+        assert!(!out.status.success(), "user {NOBODY} could: {attack}\n{}", text(&out));
+        assert!(text(&out).contains("Permission denied"), "{attack}: {}", text(&out));
+    }
+    // Another user: not even the results.
+    let out = shell_as(NOSY, &format!("ls {d_}/run"));
+    assert!(!out.status.success(), "user {NOSY} listed another user's results");
+
+    // The only place the owner can plant links is its own run/: links to the
+    // secret there reach nobody but the owner itself.
+    let plant = shell_as(
+        NOBODY,
+        &format!(
+            "cd {d_}/run && rm -f result.json && ln -s {s} result.json && ln -s {s} worker.log",
+            s = secret.display()
+        ),
+    );
+    assert!(plant.status.success(), "{}", text(&plant));
+    // `mezod logs` (as the owner): the job's log, never the secret.
+    let logs = mezod_as(NOBODY, &d, &["logs", &id.to_string()]);
+    assert!(logs.status.success(), "{}", text(&logs));
+    assert!(text(&logs).contains("--- attempt 1"), "{}", text(&logs));
+    assert!(!text(&logs).contains(SECRET));
+    // Another user's `mezod logs` is refused.
+    let nosy = mezod_as(NOSY, &d, &["logs", &id.to_string()]);
+    assert!(!nosy.status.success() && text(&nosy).contains("only its owner"), "{}", text(&nosy));
+    // And the status the daemon shows never holds the secret.
+    let status = mezod_as(NOBODY, &d, &["status", "--json"]);
+    assert!(!text(&status).contains(SECRET));
+    assert_eq!(std::fs::read_to_string(&secret).unwrap().contains(SECRET), true);
+    assert_eq!(owner_and_mode(&secret), (0, 0o600), "the secret kept its owner and mode");
+}
+
+/// Item 1: a job whose attempts fail, with its owner planting links and
+/// FIFOs wherever it can between attempts: every root-owned file keeps its
+/// owner, mode and content, and the job still ends (failed, with its log).
+#[test]
+fn links_planted_between_attempts_take_nothing_over() {
+    let (tmp, secret) = arena();
+    let victims: Vec<PathBuf> = (0..3)
+        .map(|i| {
+            let p = tmp.path().join("secret").join(format!("victim{i}"));
+            std::fs::write(&p, "root's file\n").unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+            p
+        })
+        .collect();
+    let d = Daemon::start(tmp.path(), CONFIG);
+    // A job that fails at every attempt: its data file is not a dataset.
+    let job = job_file(tmp.path(), "failing", 3, 1);
+    let model = model_copy(tmp.path(), "failing-model", 0o644);
+    let bad_data = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad_data, "not json\n").unwrap();
+    let text_ = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace(&fixture("llama").display().to_string(), &model.display().to_string())
+        .replace(
+            &root().join("examples/data/reviews.jsonl").display().to_string(),
+            &bad_data.display().to_string(),
+        );
+    std::fs::write(&job, text_).unwrap();
+    drop_as_nobody(&d, &job, "failing.yaml");
+    d.wait_until("the job to be taken", |d| d.jobs().len() == 1);
+    let id = d.jobs()[0]["id"].as_u64().unwrap();
+    let run = d.job_dir(id).join("run");
+    // While it retries, plant links to root's files under every name the
+    // daemon or the worker might use, in the job folder (refused now: older
+    // versions gave it to the owner) and in run/, the one the owner may write.
+    let plant = format!(
+        "for d in {} {}; do cd $d || continue; for n in worker.log replay.bin error result.json spec.yaml; do \
+         ln -sf {} $n 2>/dev/null; done; ln -sf {} log.jsonl 2>/dev/null; \
+         ln -sf {} .result.json.partial 2>/dev/null; done; true",
+        d.job_dir(id).display(),
+        run.display(),
+        victims[0].display(),
+        victims[1].display(),
+        victims[2].display()
+    );
+    for _ in 0..20 {
+        shell_as(NOBODY, &plant);
+        if d.job(id)["state"] == "failed" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let rec = d.wait_done(id);
+    assert_eq!(rec["state"], "failed", "{rec:#}");
+    assert!(rec["failures"].as_u64().unwrap() >= 2, "it was retried: {rec:#}");
+    for v in victims.iter().chain([&secret]) {
+        assert_eq!(owner_and_mode(v), (0, 0o600), "{}", v.display());
+        let content = std::fs::read_to_string(v).unwrap();
+        assert!(
+            content == "root's file\n" || content.contains(SECRET),
+            "{} was written: {content:?}",
+            v.display()
+        );
+    }
+    let error = std::fs::read_to_string(d.job_dir(id).join("error")).unwrap();
+    assert!(error.contains("last lines of its log"), "{error}");
+    assert!(!error.contains(SECRET));
+}
+
+/// Item 11: a job runs with its owner's supplementary groups, so a dataset
+/// readable only by one of them is readable by the job.
+#[test]
+fn a_job_runs_with_its_owners_supplementary_groups() {
+    let (tmp, _) = arena();
+    let group = Group::new_with_member("nobody");
+    let data_dir = tmp.path().join("group-data");
+    std::fs::create_dir(&data_dir).unwrap();
+    let data = data_dir.join("reviews.jsonl");
+    std::fs::copy(root().join("examples/data/reviews.jsonl"), &data).unwrap();
+    std::os::unix::fs::chown(&data_dir, Some(0), Some(group.gid)).unwrap();
+    std::os::unix::fs::chown(&data, Some(0), Some(group.gid)).unwrap();
+    std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o750)).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let d = Daemon::start(tmp.path(), CONFIG);
+    let job = job_file(tmp.path(), "grouped", 2, 1);
+    let model = model_copy(tmp.path(), "grouped-model", 0o644);
+    let text_ = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace(&fixture("llama").display().to_string(), &model.display().to_string())
+        .replace(
+            &root().join("examples/data/reviews.jsonl").display().to_string(),
+            &data.display().to_string(),
+        );
+    std::fs::write(&job, text_).unwrap();
+    drop_as_nobody(&d, &job, "grouped.yaml");
+    d.wait_until("the job to be taken", |d| d.jobs().len() == 1);
+    let id = d.jobs()[0]["id"].as_u64().unwrap();
+    let rec = d.wait_done(id);
+    assert_eq!(
+        rec["state"],
+        "done",
+        "{rec:#}\n{}",
+        std::fs::read_to_string(d.job_dir(id).join("worker.log")).unwrap_or_default()
+    );
+}
+
+/// A group that exists for one test, with `member` in it.
+struct Group {
+    name: String,
+    gid: u32,
+}
+
+impl Group {
+    fn new_with_member(member: &str) -> Self {
+        let name = format!("mezodt{}", std::process::id());
+        let out = Command::new("groupadd")
+            .args(["--users", member, &name])
+            .output()
+            .expect("groupadd (from the passwd package) is needed");
+        assert!(out.status.success(), "groupadd: {}", text(&out));
+        let line = Command::new("getent").args(["group", &name]).output().unwrap();
+        let gid = String::from_utf8_lossy(&line.stdout)
+            .split(':')
+            .nth(2)
+            .unwrap()
+            .parse()
+            .unwrap();
+        Group { name, gid }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let _ = Command::new("groupdel").arg(&self.name).output();
+    }
+}
