@@ -323,44 +323,6 @@ fn cancel_status_and_logs_over_the_socket() {
 }
 
 #[test]
-fn a_root_daemon_runs_each_job_as_its_owner() {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: needs root to change users");
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let d = Daemon::start(tmp.path(), CONFIG);
-    let job = job_file(tmp.path(), "nobody", 10, 1);
-    let text = std::fs::read_to_string(&job).unwrap();
-    let open = model_copy(tmp.path(), "open-model", 0o644);
-    let private = model_copy(tmp.path(), "private-model", 0o600);
-    let llama = fixture("llama").display().to_string();
-    std::fs::write(&job, text.replace(&llama, &open.display().to_string())).unwrap();
-    drop_as_nobody(&d, &job, "readable.yaml");
-    d.wait_until("the job to be taken", |d| d.jobs().len() == 1);
-    let id = d.jobs()[0]["id"].as_u64().unwrap();
-    let rec = d.wait_done(id);
-    let log = |id| std::fs::read_to_string(d.job_dir(id).join("worker.log")).unwrap_or_default();
-    assert_eq!(rec["state"], "done", "{rec:#}\n{}", log(id));
-    assert_eq!(rec["owner_uid"], 65534);
-    let meta = std::fs::metadata(d.job_dir(id).join("run/result.json")).unwrap();
-    assert_eq!(
-        std::os::unix::fs::MetadataExt::uid(&meta),
-        65534,
-        "the worker wrote its results as the job's owner"
-    );
-    // Weights only root may read: the job of user 65534 cannot use them.
-    std::fs::write(&job, text.replace(&llama, &private.display().to_string())).unwrap();
-    drop_as_nobody(&d, &job, "private.yaml");
-    d.wait_until("the second job to be taken", |d| d.jobs().len() == 2);
-    let id = d.jobs()[1]["id"].as_u64().unwrap();
-    assert_eq!(d.wait_done(id)["state"], "failed");
-    let error = std::fs::read_to_string(d.job_dir(id).join("error")).unwrap();
-    assert!(error.contains("Permission denied"), "{error}");
-}
-
-#[test]
 fn systemd_gets_ready_status_watchdog_and_stopping() {
     let tmp = tempfile::tempdir().unwrap();
     let sock_path = tmp.path().join("notify.sock");

@@ -83,9 +83,10 @@ fn owner_and_mode(path: &Path) -> (u32, u32) {
 fn nobody_job(d: &Daemon, dir: &Path, name: &str, steps: u64) -> u64 {
     let job = job_file(dir, name, steps, 1);
     let model = model_copy(dir, &format!("{name}-model"), 0o644);
-    let text = std::fs::read_to_string(&job)
-        .unwrap()
-        .replace(&fixture("llama").display().to_string(), &model.display().to_string());
+    let text = std::fs::read_to_string(&job).unwrap().replace(
+        &fixture("llama").display().to_string(),
+        &model.display().to_string(),
+    );
     std::fs::write(&job, text).unwrap();
     let before = d.jobs().len();
     drop_as_nobody(d, &job, &format!("{name}.yaml"));
@@ -123,7 +124,10 @@ fn an_owner_reaches_its_results_and_nothing_of_the_daemons() {
 
     // The owner, with a shell: its results yes, the daemon's files no.
     let d_ = dir.display();
-    let ok = shell_as(NOBODY, &format!("ls {d_}/run/model && head -c 20 {d_}/run/result.json"));
+    let ok = shell_as(
+        NOBODY,
+        &format!("ls {d_}/run/model && head -c 20 {d_}/run/result.json"),
+    );
     assert!(ok.status.success(), "{}", text(&ok));
     for attack in [
         format!("ln -s {} {d_}/worker.log.new", secret.display()),
@@ -138,12 +142,23 @@ fn an_owner_reaches_its_results_and_nothing_of_the_daemons() {
         format!("ls {}", d.spool().join("rejected").display()),
     ] {
         let out = shell_as(NOBODY, &attack);
-        assert!(!out.status.success(), "user {NOBODY} could: {attack}\n{}", text(&out));
-        assert!(text(&out).contains("Permission denied"), "{attack}: {}", text(&out));
+        assert!(
+            !out.status.success(),
+            "user {NOBODY} could: {attack}\n{}",
+            text(&out)
+        );
+        assert!(
+            text(&out).contains("Permission denied"),
+            "{attack}: {}",
+            text(&out)
+        );
     }
     // Another user: not even the results.
     let out = shell_as(NOSY, &format!("ls {d_}/run"));
-    assert!(!out.status.success(), "user {NOSY} listed another user's results");
+    assert!(
+        !out.status.success(),
+        "user {NOSY} listed another user's results"
+    );
 
     // The only place the owner can plant links is its own run/: links to the
     // secret there reach nobody but the owner itself.
@@ -162,12 +177,23 @@ fn an_owner_reaches_its_results_and_nothing_of_the_daemons() {
     assert!(!text(&logs).contains(SECRET));
     // Another user's `mezod logs` is refused.
     let nosy = mezod_as(NOSY, &d, &["logs", &id.to_string()]);
-    assert!(!nosy.status.success() && text(&nosy).contains("only its owner"), "{}", text(&nosy));
+    assert!(
+        !nosy.status.success() && text(&nosy).contains("only its owner"),
+        "{}",
+        text(&nosy)
+    );
     // And the status the daemon shows never holds the secret.
     let status = mezod_as(NOBODY, &d, &["status", "--json"]);
     assert!(!text(&status).contains(SECRET));
-    assert_eq!(std::fs::read_to_string(&secret).unwrap().contains(SECRET), true);
-    assert_eq!(owner_and_mode(&secret), (0, 0o600), "the secret kept its owner and mode");
+    assert_eq!(
+        std::fs::read_to_string(&secret).unwrap().contains(SECRET),
+        true
+    );
+    assert_eq!(
+        owner_and_mode(&secret),
+        (0, 0o600),
+        "the secret kept its owner and mode"
+    );
 }
 
 /// Item 1: a job whose attempts fail, with its owner planting links and
@@ -192,9 +218,15 @@ fn links_planted_between_attempts_take_nothing_over() {
     std::fs::write(&bad_data, "not json\n").unwrap();
     let text_ = std::fs::read_to_string(&job)
         .unwrap()
-        .replace(&fixture("llama").display().to_string(), &model.display().to_string())
         .replace(
-            &root().join("examples/data/reviews.jsonl").display().to_string(),
+            &fixture("llama").display().to_string(),
+            &model.display().to_string(),
+        )
+        .replace(
+            &root()
+                .join("examples/data/reviews.jsonl")
+                .display()
+                .to_string(),
             &bad_data.display().to_string(),
         );
     std::fs::write(&job, text_).unwrap();
@@ -224,7 +256,10 @@ fn links_planted_between_attempts_take_nothing_over() {
     }
     let rec = d.wait_done(id);
     assert_eq!(rec["state"], "failed", "{rec:#}");
-    assert!(rec["failures"].as_u64().unwrap() >= 2, "it was retried: {rec:#}");
+    assert!(
+        rec["failures"].as_u64().unwrap() >= 2,
+        "it was retried: {rec:#}"
+    );
     for v in victims.iter().chain([&secret]) {
         assert_eq!(owner_and_mode(v), (0, 0o600), "{}", v.display());
         let content = std::fs::read_to_string(v).unwrap();
@@ -237,6 +272,79 @@ fn links_planted_between_attempts_take_nothing_over() {
     let error = std::fs::read_to_string(d.job_dir(id).join("error")).unwrap();
     assert!(error.contains("last lines of its log"), "{error}");
     assert!(!error.contains(SECRET));
+}
+
+/// Items 9 and 11: intake checks a job as its owner would see it, so a root
+/// daemon tells no user whether a root-only file exists, how big it is or
+/// what it says; a model the owner may read runs, as the owner.
+#[test]
+fn intake_sees_only_what_the_owner_may_see() {
+    let (tmp, secret) = arena();
+    let quoted = secret.with_file_name("quoted.json");
+    std::fs::write(&quoted, format!("\"{SECRET}\"")).unwrap();
+    std::fs::set_permissions(&quoted, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let hidden_model = model_copy(&secret.parent().unwrap(), "model", 0o644);
+    let d = Daemon::start(tmp.path(), CONFIG);
+
+    let id = nobody_job(&d, tmp.path(), "readable", 3);
+    assert_eq!(d.job(id)["state"], "done", "{:#}", d.job(id));
+    assert_eq!(
+        owner_and_mode(&d.job_dir(id).join("run/result.json")).0,
+        NOBODY
+    );
+
+    let job = job_file(tmp.path(), "probe", 3, 1);
+    let text_ = std::fs::read_to_string(&job).unwrap();
+    let llama = fixture("llama").display().to_string();
+    let reviews = root()
+        .join("examples/data/reviews.jsonl")
+        .display()
+        .to_string();
+    let private_weights = model_copy(tmp.path(), "private-model", 0o600);
+    let probes = [
+        (
+            "private-weights",
+            text_.replace(&llama, &private_weights.display().to_string()),
+        ),
+        (
+            "hidden-model",
+            text_.replace(&llama, &hidden_model.display().to_string()),
+        ),
+        (
+            "secret-data",
+            text_.replace(&reviews, &secret.display().to_string()),
+        ),
+        (
+            "secret-config",
+            text_.replace(
+                &format!("path: {llama}"),
+                &format!("config: {}, init: random", quoted.display()),
+            ),
+        ),
+    ];
+    for (name, body) in &probes {
+        let f = tmp.path().join(format!("{name}.yaml"));
+        std::fs::write(&f, body).unwrap();
+        drop_as_nobody(&d, &f, &format!("{name}.yaml"));
+    }
+    let error = |name: &str| {
+        d.spool()
+            .join("rejected")
+            .join(format!("{name}.yaml.error"))
+    };
+    d.wait_until("every probe to be rejected", |_| {
+        probes.iter().all(|(name, _)| error(name).is_file())
+    });
+    for (name, _) in &probes {
+        let why = std::fs::read_to_string(error(name)).unwrap();
+        assert!(!why.contains(SECRET), "{name}: {why}");
+        assert!(
+            why.contains("Permission denied") || why.contains("not a file you can read"),
+            "{name}: {why}"
+        );
+        assert!(!why.contains("does not exist"), "{name}: {why}");
+    }
+    assert_eq!(d.jobs().len(), 1, "no probe became a job");
 }
 
 /// Item 11: a job runs with its owner's supplementary groups, so a dataset
@@ -258,9 +366,15 @@ fn a_job_runs_with_its_owners_supplementary_groups() {
     let model = model_copy(tmp.path(), "grouped-model", 0o644);
     let text_ = std::fs::read_to_string(&job)
         .unwrap()
-        .replace(&fixture("llama").display().to_string(), &model.display().to_string())
         .replace(
-            &root().join("examples/data/reviews.jsonl").display().to_string(),
+            &fixture("llama").display().to_string(),
+            &model.display().to_string(),
+        )
+        .replace(
+            &root()
+                .join("examples/data/reviews.jsonl")
+                .display()
+                .to_string(),
             &data.display().to_string(),
         );
     std::fs::write(&job, text_).unwrap();
@@ -290,7 +404,10 @@ impl Group {
             .output()
             .expect("groupadd (from the passwd package) is needed");
         assert!(out.status.success(), "groupadd: {}", text(&out));
-        let line = Command::new("getent").args(["group", &name]).output().unwrap();
+        let line = Command::new("getent")
+            .args(["group", &name])
+            .output()
+            .unwrap();
         let gid = String::from_utf8_lossy(&line.stdout)
             .split(':')
             .nth(2)

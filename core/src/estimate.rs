@@ -221,8 +221,7 @@ fn adapter_sizes(
 }
 
 fn read_shape_config(path: &Path) -> Result<ShapeConfig> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = crate::safe_fs::read_user_text(path, crate::safe_fs::MAX_JSON_BYTES)?;
     serde_json::from_str(&text).with_context(|| {
         format!(
             "{} lacks the sizes needed to estimate memory (hidden size, heads, vocabulary)",

@@ -6,7 +6,6 @@
 //! Parsing comes from candle-core's `gguf_file` module (GGUF v1–v3), pure
 //! Rust, so the control plane reads GGUF headers without libtorch.
 
-use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
 
@@ -103,8 +102,7 @@ pub fn hf_name(gguf: &str) -> Option<String> {
 
 /// Read the metadata and tensor directory of a GGUF file (no tensor data).
 pub fn read_header(path: &Path) -> Result<GgufHeader> {
-    let mut file =
-        BufReader::new(File::open(path).with_context(|| format!("opening {}", path.display()))?);
+    let mut file = BufReader::new(crate::safe_fs::open_user_file(path)?);
     let content = Content::read(&mut file)
         .map_err(|e| anyhow!("{} is not a readable GGUF file: {e}", path.display()))?;
     let arch = meta(&content, "general.architecture")

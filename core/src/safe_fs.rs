@@ -186,6 +186,52 @@ impl Dir {
     }
 }
 
+/// Open a file a job names (a config.json, weights, data) for reading:
+/// without blocking on a FIFO, and only if it is a regular file.  Links are
+/// followed: this runs as the job's owner, who may follow them anyway.
+pub fn open_user_file(path: &Path) -> Result<File> {
+    let fd = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| format!("opening {}", path.display()))?;
+    let st = rustix::fs::fstat(&fd)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        bail!("{} is not a regular file", path.display());
+    }
+    Ok(File::from(fd))
+}
+
+/// Largest JSON file (config.json, a shard index) read for a check.
+pub const MAX_JSON_BYTES: u64 = 16 << 20;
+
+/// The text of a small file a job names, at most `max` bytes.
+pub fn read_user_text(path: &Path, max: u64) -> Result<String> {
+    let mut text = String::new();
+    open_user_file(path)?
+        .take(max + 1)
+        .read_to_string(&mut text)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if text.len() as u64 > max {
+        bail!("{} is larger than {max} bytes", path.display());
+    }
+    Ok(text)
+}
+
+/// `bytes` in an anonymous memory file (memfd), positioned at its start: a
+/// child's stdin that holds any amount without a writer thread, and has no
+/// name on disk for anyone to swap.
+pub fn memory_file(name: &str, bytes: &[u8]) -> Result<File> {
+    use std::io::Seek;
+    let fd = rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC)
+        .context("creating a memory file (memfd)")?;
+    let mut file = File::from(fd);
+    file.write_all(bytes)?;
+    file.rewind()?;
+    Ok(file)
+}
+
 impl AsFd for Dir {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.fd.as_fd()

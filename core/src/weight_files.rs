@@ -3,7 +3,6 @@
 //! their headers declare: all an estimate needs, without reading a weight.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -29,8 +28,7 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
             dir.display()
         );
     }
-    let text = std::fs::read_to_string(&index_path)
-        .with_context(|| format!("reading {}", index_path.display()))?;
+    let text = crate::safe_fs::read_user_text(&index_path, crate::safe_fs::MAX_JSON_BYTES)?;
     let idx: ShardIndex = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a valid shard index", index_path.display()))?;
     let mut names: Vec<String> = idx.weight_map.values().cloned().collect();
@@ -43,8 +41,7 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
 pub fn safetensors_shapes(dir: &Path) -> Result<Vec<(String, Vec<usize>)>> {
     let mut out = Vec::new();
     for path in safetensors_files(dir)? {
-        let file = File::open(&path)
-            .with_context(|| format!("cannot open weight file {}", path.display()))?;
+        let file = crate::safe_fs::open_user_file(&path)?;
         // SAFETY: read-only map of a file read once, here, for its header.
         let map =
             unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;

@@ -8,6 +8,7 @@
 //!
 //! * [`config`]: the daemon's YAML config and its folders;
 //! * [`spool`]: `new/ → cur/ | rejected/`, exactly once;
+//! * [`checker`]: the intake check, as the file's owner, in a bounded child;
 //! * [`jobs`]: the job table in sled;
 //! * [`job_dir`]: a job's folder: what is the daemon's, what is its owner's;
 //! * [`lifecycle`]: a job's states and the only legal moves between them;
@@ -18,6 +19,7 @@
 //! * [`server`]: the main loop that ties them together.
 
 pub mod admission;
+pub mod checker;
 pub mod config;
 pub mod control;
 pub mod job_dir;

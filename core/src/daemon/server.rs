@@ -22,6 +22,7 @@ use anyhow::{bail, Context, Result};
 use notify::Watcher;
 
 use super::admission::{self, Candidate, Decision, Placed, Pool, Probe, Resources};
+use super::checker::{Accepted, Checker, Verdict};
 use super::config::{DaemonConfig, Dirs, WatchMode};
 use super::control::{self, Call, JobView, Lookup, PoolView, Request, Response, StatusReport};
 use super::job_dir::{self, JobDir};
@@ -29,11 +30,10 @@ use super::jobs::{now, JobRecord, JobState, JobTable, Transition};
 use super::notify::Notifier;
 use super::spool::{Dropped, Spool};
 use super::worker::{self, Launch, WorkerEvent};
-use crate::estimate::{estimate, human_bytes};
+use crate::estimate::human_bytes;
 use crate::identity::Identity;
 use crate::safe_fs::Dir;
 use crate::seedlog::SeedLog;
-use crate::spec::JobSpec;
 
 mod intake;
 mod requests;
@@ -47,6 +47,11 @@ pub enum Event {
     Signal(i32),
     Worker(u64, WorkerEvent),
     Control(Call),
+    /// The intake check of a spool file has ended.
+    Checked {
+        name: String,
+        verdict: Verdict,
+    },
 }
 
 /// How often the loop looks at admission and memory when nothing else happens.
@@ -125,6 +130,12 @@ struct Daemon {
     /// Queued jobs as of the last admission pass (for systemd's STATUS line;
     /// counted there so the loop reads the job table once per turn).
     queued: usize,
+    /// How intake checks run (a child process as the file's owner).
+    checker: Checker,
+    /// Spool files whose check is under way, as read.
+    checking: HashMap<String, Dropped>,
+    /// Files were left for a later pass because enough checks were under way.
+    intake_backlog: bool,
     /// When to look again at files that might still be being written.
     recheck_at: Option<Instant>,
     /// Something admission cares about changed (a job queued, a worker
@@ -216,6 +227,11 @@ impl Daemon {
             logs_dirty: false,
             last_error: None,
             queued: 0,
+            checker: Checker::Process(
+                std::env::current_exe().context("finding the mezod binary for intake checks")?,
+            ),
+            checking: HashMap::new(),
+            intake_backlog: false,
             recheck_at: None,
             schedule_due: true,
         };
@@ -405,6 +421,10 @@ impl Daemon {
                 self.schedule_due = true;
                 self.on_exit(id, status)?
             }
+            Event::Checked { name, verdict } => {
+                self.schedule_due = true;
+                self.on_checked(name, verdict)?
+            }
             Event::Control(call) => {
                 let response = self
                     .answer(call.request, call.peer)
@@ -495,7 +515,19 @@ mod tests {
     use super::*;
     use crate::daemon::admission::ScriptedProbe;
     use crate::gpu::GpuInfo;
+    use crate::spec::JobSpec;
     use std::os::unix::fs::PermissionsExt;
+
+    /// One intake pass with checks in this process, and every verdict handled.
+    fn intake_and_settle(daemon: &mut Daemon, rx: &Receiver<Event>) {
+        daemon.checker = Checker::InProcess;
+        daemon.intake().unwrap();
+        let mut dirty = false;
+        while !daemon.checking.is_empty() {
+            let ev = rx.recv_timeout(Duration::from_secs(30)).expect("a verdict");
+            daemon.handle(ev, &mut dirty).unwrap();
+        }
+    }
 
     fn repo() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -552,7 +584,7 @@ mod tests {
             Some(root.join("state")),
             Some(root.join("run")),
         );
-        let (mut daemon, _rx) =
+        let (mut daemon, rx) =
             Daemon::new(cfg, DaemonOptions::default(), dirs, Box::new(probe)).unwrap();
         // A stand-in worker: records the GPU it was given, then idles.
         let stub = root.join("worker.sh");
@@ -567,7 +599,7 @@ mod tests {
         std::fs::write(new.join("a.yaml"), job_text(2)).unwrap();
         std::fs::write(new.join("b.yaml"), job_text(4096)).unwrap();
         std::fs::write(new.join("c.yaml"), job_text(2)).unwrap();
-        daemon.intake().unwrap();
+        intake_and_settle(&mut daemon, &rx);
         daemon.schedule().unwrap();
         let job = |name: &str| daemon.table.find_name(name).unwrap().unwrap();
         let (a, b, c) = (job("a.yaml"), job("b.yaml"), job("c.yaml"));
@@ -616,7 +648,7 @@ mod tests {
             Some(root.join("state")),
             Some(root.join("run")),
         );
-        let (mut daemon, _rx) = Daemon::new(
+        let (mut daemon, rx) = Daemon::new(
             cfg,
             DaemonOptions::default(),
             dirs,
@@ -655,7 +687,7 @@ mod tests {
             .unwrap()
             .set_modified(old)
             .unwrap();
-        daemon.intake().unwrap();
+        intake_and_settle(&mut daemon, &rx);
         match lookup(&mut daemon, "bad.yaml") {
             Lookup::Rejected { reason } => assert!(reason.contains("bad.yaml was rejected")),
             other => panic!("{other:?}"),

@@ -17,7 +17,7 @@
 //! step boundary on SIGTERM.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Seek, Write};
+use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -113,17 +113,6 @@ pub fn decode_input(bytes: &[u8]) -> Result<(String, Vec<StepRecord>)> {
     Ok((spec, records))
 }
 
-/// `bytes` in an anonymous memory file, positioned at its start: a child's
-/// stdin that holds any amount without a writer thread, and no name on disk.
-fn memory_file(bytes: &[u8]) -> Result<File> {
-    let fd = rustix::fs::memfd_create("mezod-worker-input", rustix::fs::MemfdFlags::CLOEXEC)
-        .context("creating the worker's input (memfd)")?;
-    let mut file = File::from(fd);
-    file.write_all(bytes)?;
-    file.rewind()?;
-    Ok(file)
-}
-
 /// A live handle on a worker process.  Signals go through a pidfd opened
 /// before anyone could reap the child, so once the worker has exited (and its
 /// reader thread has reaped it) a signal fails with ESRCH instead of reaching
@@ -181,7 +170,8 @@ pub fn spawn(
     log: File,
     report: impl Fn(WorkerEvent) + Send + 'static,
 ) -> Result<WorkerHandle> {
-    let input = memory_file(&encode_input(launch.spec, records))?;
+    let input =
+        crate::safe_fs::memory_file("mezod-worker-input", &encode_input(launch.spec, records))?;
     let mut cmd = Command::new(launch.exe);
     cmd.arg("worker")
         .arg("--out")
@@ -350,7 +340,11 @@ mod tests {
         );
         // Read back through the memory file a worker gets as stdin.
         let mut back = Vec::new();
-        std::io::Read::read_to_end(&mut memory_file(&bytes).unwrap(), &mut back).unwrap();
+        std::io::Read::read_to_end(
+            &mut crate::safe_fs::memory_file("t", &bytes).unwrap(),
+            &mut back,
+        )
+        .unwrap();
         assert_eq!(back, bytes);
         let mut cut = bytes.clone();
         cut.truncate(bytes.len() - 3);

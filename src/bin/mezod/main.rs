@@ -133,6 +133,9 @@ enum Command {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
+    /// Internal: the daemon's intake check of a job file (text on stdin, verdict on stdout).
+    #[command(hide = true)]
+    Check,
     /// Estimate a job's peak memory, as the daemon's admission control does.
     Estimate {
         job: PathBuf,
@@ -191,6 +194,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             socket,
             wait,
         } => client::submit(&job, spool, socket, wait),
+        Command::Check => Ok(mezod_core::daemon::checker::check_main()),
         Command::Estimate { job, gpu, json } => estimate(job, gpu, json),
         Command::Status {
             id,

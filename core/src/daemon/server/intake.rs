@@ -2,14 +2,25 @@
 
 use super::*;
 
+/// Checks under way at once (each is a process); further files wait for one to end.
+const MAX_CHECKS: usize = 4;
+
 impl Daemon {
     // ---- spool intake ---------------------------------------------------
 
     /// Take every file in `new/`.  A file that is not a valid job is rejected;
     /// a failure of the daemon's own (a full disk, say) leaves the file where it
     /// is for the next scan and is only logged.
+    /// Take every file in `new/`: read it (bounded, never through a link)
+    /// and start its check as its owner.  A file that cannot be read is
+    /// rejected; a failure of the daemon's own (a full disk, say) leaves the
+    /// file where it is for the next scan and is only logged.
     pub(super) fn intake(&mut self) -> Result<()> {
+        self.intake_backlog = false;
         for name in self.spool.list()? {
+            if self.checking.contains_key(&name) {
+                continue;
+            }
             if let Some(claim) = self.claims.get(name.as_bytes())? {
                 // Recorded before a crash, not yet moved: finish the move only.
                 let id = u64::from_be_bytes(claim[..8].try_into()?);
@@ -27,59 +38,93 @@ impl Daemon {
                 }
                 self.claims.remove(name.as_bytes())?;
             }
-            let checked = match self.check(&name) {
-                Ok(checked) => checked,
-                Err(_) if self.spool.is_fresh(&name, SETTLE_SECS) => {
-                    // Perhaps still being written (copied in without rename): look again soon.
-                    self.recheck_at = Some(Instant::now() + Duration::from_secs_f64(SETTLE_SECS));
-                    continue;
-                }
+            if self.checking.len() >= MAX_CHECKS {
+                // The rest wait for a check to end.
+                self.intake_backlog = true;
+                break;
+            }
+            let dropped = match self.spool.read(&name) {
+                Ok(d) => d,
                 Err(why) => {
-                    let why = format!("{why:#}");
-                    tracing::warn!("rejected {name}: {why}");
-                    match self.spool.reject(&name, &why) {
-                        Ok(error) => {
-                            let text = std::fs::read_to_string(&error).unwrap_or(why);
-                            self.rejections.insert(name.as_bytes(), text.as_bytes())?;
-                        }
-                        Err(e) => tracing::error!("could not move {name} to rejected/: {e:#}"),
-                    }
+                    self.reject_unless_fresh(&name, &why);
                     continue;
                 }
             };
-            crate::crash::point("intake-before-record");
-            match self.record(&name, checked) {
-                Ok(id) => tracing::info!("job {id}: accepted {name}"),
-                Err(e) => tracing::error!("could not record {name} (will retry): {e:#}"),
+            let run_as = self.identity_of(dropped.uid, dropped.gid);
+            let tx = self.tx.clone();
+            let for_event = name.clone();
+            let started = self
+                .checker
+                .start(dropped.text.clone(), run_as, move |verdict| {
+                    let _ = tx.send(Event::Checked {
+                        name: for_event,
+                        verdict,
+                    });
+                });
+            match started {
+                Ok(()) => {
+                    self.checking.insert(name, dropped);
+                }
+                Err(e) => tracing::error!("could not check {name} (will retry): {e:#}"),
             }
         }
         Ok(())
     }
 
-    /// Validate one dropped file: the spec, its files, and its size.
-    pub(super) fn check(&self, name: &str) -> Result<(Dropped, JobSpec, u64)> {
-        let dropped = self.spool.read(name).map_err(anyhow::Error::msg)?;
-        let spec = JobSpec::parse_with_base(&dropped.text, None)?;
-        if !spec.data.train.is_file() {
-            bail!("data.train {} does not exist", spec.data.train.display());
+    /// A check has ended: queue the job or reject the file.
+    pub(super) fn on_checked(&mut self, name: String, verdict: Verdict) -> Result<()> {
+        let Some(dropped) = self.checking.remove(&name) else {
+            return Ok(());
+        };
+        if self.intake_backlog {
+            let _ = self.tx.send(Event::SpoolChanged);
         }
-        if let Some(dev) = &spec.data.dev {
-            if !dev.is_file() {
-                bail!("data.dev {} does not exist", dev.display());
+        if self.spool.inode(&name) != Some(dropped.inode) {
+            // Replaced (or taken away) while it was checked: the new file
+            // gets its own check on the next pass.
+            let _ = self.tx.send(Event::SpoolChanged);
+            return Ok(());
+        }
+        match verdict {
+            Verdict::Accepted(accepted) => {
+                crate::crash::point("intake-before-record");
+                match self.record(&name, dropped, accepted) {
+                    Ok(id) => tracing::info!("job {id}: accepted {name}"),
+                    Err(e) => tracing::error!("could not record {name} (will retry): {e:#}"),
+                }
             }
+            Verdict::Rejected { why } => self.reject_unless_fresh(&name, &why),
         }
-        let footprint = estimate(&spec, spec.model.device.starts_with("cuda"))
-            .with_context(|| format!("model {}", spec.model.describe()))?;
-        Ok((dropped, spec, footprint.total()))
+        Ok(())
+    }
+
+    /// Reject `name` with `why`, unless it changed in the last moments: a
+    /// file copied in without `rename()` may be caught half-written, so it
+    /// gets time to finish and is looked at again.
+    fn reject_unless_fresh(&mut self, name: &str, why: &str) {
+        if self.spool.is_fresh(name, SETTLE_SECS) {
+            self.recheck_at = Some(Instant::now() + Duration::from_secs_f64(SETTLE_SECS));
+            return;
+        }
+        tracing::warn!("rejected {name}: {why}");
+        match self.spool.reject(name, why) {
+            Ok(error) => {
+                let text = std::fs::read_to_string(&error).unwrap_or(why.to_string());
+                if let Err(e) = self.rejections.insert(name.as_bytes(), text.as_bytes()) {
+                    tracing::error!("could not record the rejection of {name}: {e}");
+                }
+            }
+            Err(e) => tracing::error!("could not move {name} to rejected/: {e:#}"),
+        }
     }
 
     /// Record a checked file as a queued job, then move it to `cur/`.
     pub(super) fn record(
         &mut self,
         name: &str,
-        (dropped, spec, estimate): (Dropped, JobSpec, u64),
+        dropped: Dropped,
+        accepted: Accepted,
     ) -> Result<u64> {
-        let wants_gpu = spec.model.device.starts_with("cuda");
         let id = self.table.next_id()?;
         let owner = self.identity_of(dropped.uid, dropped.gid);
         let dir = JobDir::prepare(&self.jobs, &self.dirs.jobs(), id, owner.as_ref())?;
@@ -90,9 +135,9 @@ impl Daemon {
             owner_uid: dropped.uid,
             owner_gid: dropped.gid,
             state: JobState::Queued { not_before: None },
-            priority: spec.priority,
-            wants_gpu,
-            steps_total: spec.mezo.steps,
+            priority: accepted.priority,
+            wants_gpu: accepted.wants_gpu,
+            steps_total: accepted.steps,
             steps_done: 0,
             last_loss: None,
             submitted_at: now(),
@@ -101,7 +146,7 @@ impl Daemon {
             failures: 0,
             gpus: vec![],
             reason: "queued".into(),
-            estimate_bytes: estimate,
+            estimate_bytes: accepted.estimate_bytes,
             peak_bytes: 0,
         };
         // The record and its claim become durable together, before the file moves.

@@ -1,0 +1,262 @@
+//! The intake check of a dropped job file, in a short-lived child process run
+//! as the file's owner (`mezod check`, internal), under resource limits.
+//!
+//! Why a child: checking a job means parsing YAML the user wrote and opening
+//! the files it names (config.json, safetensors headers, the data), and a root
+//! daemon that did that itself would answer questions about root-only files
+//! ("does it exist", "how big is it", "what does it say") and could be stalled
+//! by a FIFO or blown up by a bomb.  The child sees exactly what the owner may
+//! see; it holds at most [`MEMORY`] of heap, [`CPU`] of CPU time and writes no
+//! file; the daemon kills it after [`WALL`] and reads at most [`ANSWER_MAX`]
+//! bytes of its answer.  The daemon itself only reads the file's bytes
+//! (bounded, no symlink) to hand them over on stdin.
+
+use std::io::{Read, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::estimate::estimate;
+use crate::identity::Identity;
+use crate::spec::JobSpec;
+
+/// Heap a check may hold (RLIMIT_DATA: where a YAML or JSON bomb grows.  Not
+/// the address space, which would count libtorch's mapped CUDA libraries:
+/// the `shapes` helper of a random-weight config loads them).
+pub const MEMORY: u64 = 1 << 30;
+/// CPU seconds a check may use.
+pub const CPU: u64 = 30;
+/// Wall time after which the daemon kills a check (a FIFO or a hung NFS
+/// mount uses no CPU).
+pub const WALL: Duration = Duration::from_secs(60);
+/// Largest answer read from a check.
+pub const ANSWER_MAX: u64 = 64 << 10;
+
+/// What a check says about a job file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Accepted(Accepted),
+    Rejected { why: String },
+}
+
+/// The facts about an accepted job that the daemon needs to queue it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Accepted {
+    pub wants_gpu: bool,
+    pub priority: i32,
+    pub steps: u64,
+    pub estimate_bytes: u64,
+}
+
+/// Check a job file's text: the spec, the files it names, its memory.
+pub fn check_text(text: &str) -> Result<Accepted> {
+    let spec = JobSpec::parse_with_base(text, None)?;
+    if !spec.data.train.is_file() {
+        bail!(
+            "data.train {} is not a file you can read",
+            spec.data.train.display()
+        );
+    }
+    if let Some(dev) = &spec.data.dev {
+        if !dev.is_file() {
+            bail!("data.dev {} is not a file you can read", dev.display());
+        }
+    }
+    let wants_gpu = spec.model.device.starts_with("cuda");
+    let footprint =
+        estimate(&spec, wants_gpu).with_context(|| format!("model {}", spec.model.describe()))?;
+    Ok(Accepted {
+        wants_gpu,
+        priority: spec.priority,
+        steps: spec.mezo.steps,
+        estimate_bytes: footprint.total(),
+    })
+}
+
+/// `mezod check`: a job file's text on stdin, one JSON [`Verdict`] on stdout.
+pub fn check_main() -> ExitCode {
+    let mut bytes = Vec::new();
+    let limit = super::spool::MAX_JOB_FILE_BYTES;
+    let verdict = match std::io::stdin().take(limit + 1).read_to_end(&mut bytes) {
+        Err(e) => Verdict::Rejected {
+            why: format!("cannot read the job file: {e}"),
+        },
+        Ok(_) if bytes.len() as u64 > limit => Verdict::Rejected {
+            why: format!("it is larger than {limit} bytes"),
+        },
+        Ok(_) => match String::from_utf8(bytes) {
+            Err(_) => Verdict::Rejected {
+                why: "it is not UTF-8 text".into(),
+            },
+            Ok(text) => match check_text(&text) {
+                Ok(a) => Verdict::Accepted(a),
+                Err(e) => Verdict::Rejected {
+                    why: format!("{e:#}"),
+                },
+            },
+        },
+    };
+    let line = serde_json::to_string(&verdict).expect("a verdict serializes");
+    match writeln!(std::io::stdout(), "{line}") {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
+    }
+}
+
+/// How a check is run.
+#[derive(Debug, Clone)]
+pub enum Checker {
+    /// `exe check` in a child process (the daemon's `mezod` binary).
+    Process(std::path::PathBuf),
+    /// In this process, at once, unprivileged and unbounded: for unit tests
+    /// of the daemon, whose test binary has no `check` command.
+    InProcess,
+}
+
+impl Checker {
+    /// Check `text` as `run_as` (None: as the daemon's own user); `report`
+    /// gets the verdict, or why the check itself failed (from another thread
+    /// for a child process).
+    pub fn start(
+        &self,
+        text: String,
+        run_as: Option<Identity>,
+        report: impl FnOnce(Verdict) + Send + 'static,
+    ) -> Result<()> {
+        match self {
+            Checker::InProcess => {
+                report(match check_text(&text) {
+                    Ok(a) => Verdict::Accepted(a),
+                    Err(e) => Verdict::Rejected {
+                        why: format!("{e:#}"),
+                    },
+                });
+                Ok(())
+            }
+            Checker::Process(exe) => {
+                let mut child = spawn_child(exe, &text, run_as)?;
+                std::thread::Builder::new()
+                    .name("check".into())
+                    .spawn(move || report(collect(&mut child)))?;
+                Ok(())
+            }
+        }
+    }
+}
+
+fn spawn_child(exe: &Path, text: &str, run_as: Option<Identity>) -> Result<std::process::Child> {
+    let input = crate::safe_fs::memory_file("mezod-check-input", text.as_bytes())?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("check")
+        .stdin(Stdio::from(input))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .env("MEZOD_LOG", "error")
+        // Its own process group: the kill after WALL reaches a `shapes`
+        // helper it started, too.
+        .process_group(0);
+    // SAFETY: only async-signal-safe calls (setrlimit, setgroups/setgid/setuid), no allocation.
+    unsafe {
+        cmd.pre_exec(move || {
+            let limit = |what, soft: u64, hard: u64| {
+                let l = libc::rlimit {
+                    rlim_cur: soft,
+                    rlim_max: hard,
+                };
+                if libc::setrlimit(what, &l) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            };
+            limit(libc::RLIMIT_DATA, MEMORY, MEMORY)?;
+            limit(libc::RLIMIT_CPU, CPU, CPU + 5)?;
+            limit(libc::RLIMIT_FSIZE, 0, 0)?;
+            limit(libc::RLIMIT_CORE, 0, 0)?;
+            if let Some(who) = &run_as {
+                who.assume()?;
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().context("starting the intake check")
+}
+
+/// Read a check's answer within [`WALL`], then end its process group and reap it.
+fn collect(child: &mut std::process::Child) -> Verdict {
+    let deadline = Instant::now() + WALL;
+    let mut out = child.stdout.take().expect("stdout is piped");
+    let mut answer = Vec::new();
+    let mut timed_out = false;
+    let mut buf = [0u8; 8192];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&out),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ready =
+            unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if ready == 0 {
+            timed_out = true;
+            break;
+        }
+        if ready < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            break;
+        }
+        match out.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                answer.extend_from_slice(&buf[..n]);
+                if answer.len() as u64 > ANSWER_MAX {
+                    break;
+                }
+            }
+        }
+    }
+    // The child is not reaped yet, so its pid, which is its group's id,
+    // cannot have been reused: the group kill reaches only its processes.
+    // SAFETY: kill with a negative pid signals that process group.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    let status = child.wait();
+    if timed_out {
+        return Verdict::Rejected {
+            why: format!(
+                "checking it took longer than {} s (a FIFO or an unreachable file among its paths?)",
+                WALL.as_secs()
+            ),
+        };
+    }
+    if answer.len() as u64 > ANSWER_MAX {
+        return Verdict::Rejected {
+            why: "the check's answer was too long".into(),
+        };
+    }
+    match serde_json::from_slice::<Verdict>(answer.trim_ascii_end()) {
+        Ok(v) => v,
+        Err(_) => Verdict::Rejected {
+            why: match status.ok().and_then(|s| s.signal()) {
+                Some(libc::SIGKILL) | Some(libc::SIGXCPU) => format!(
+                    "checking it exceeded the check's limits ({} s of CPU, {} MiB of memory): \
+                     is the file (or a file it names) a bomb?",
+                    CPU,
+                    MEMORY >> 20
+                ),
+                Some(libc::SIGSEGV) | Some(libc::SIGABRT) => format!(
+                    "checking it ran out of memory (limit {} MiB): is the file a bomb?",
+                    MEMORY >> 20
+                ),
+                _ => "the check ended without an answer (out of memory or killed?)".into(),
+            },
+        },
+    }
+}
