@@ -408,6 +408,53 @@ fn is_zero_f64(v: &f64) -> bool {
     *v == 0.0
 }
 
+/// Deepest nesting a job file may have.  Real job files nest three levels;
+/// the YAML parser's time grows with the square of the depth (a 200 KB file
+/// nested 100,000 levels deep takes it minutes), so deeper files are refused
+/// before parsing.
+pub const MAX_NESTING: usize = 32;
+
+/// Refuse YAML nested deeper than [`MAX_NESTING`]: flow collections (`[`,
+/// `{`, outside quotes and comments) and compact block entries (`- - - x`).
+/// Block indentation cannot nest deep in a bounded file (each level costs a
+/// column on every line below it), so it is not counted.
+fn check_nesting(text: &str) -> Result<()> {
+    let mut flow = 0usize;
+    let mut quote: Option<char> = None;
+    for (n, line) in text.lines().enumerate() {
+        let mut compact = 0;
+        let mut chars = line.chars().peekable();
+        let mut at_entry = quote.is_none() && flow == 0;
+        let mut prev = ' ';
+        while let Some(c) = chars.next() {
+            match quote {
+                Some('"') if c == '\\' => {
+                    chars.next();
+                }
+                Some(q) if c == q => quote = None,
+                Some(_) => {}
+                None => match c {
+                    '#' if prev == ' ' || prev == '\t' => break,
+                    '"' | '\'' if matches!(prev, ' ' | '\t' | '[' | '{' | ',' | ':') => quote = Some(c),
+                    '[' | '{' => flow += 1,
+                    ']' | '}' => flow = flow.saturating_sub(1),
+                    '-' | '?' if at_entry && chars.peek().is_none_or(|n| *n == ' ') => compact += 1,
+                    ' ' | '\t' => {}
+                    _ => at_entry = false,
+                },
+            }
+            if flow > MAX_NESTING || compact > MAX_NESTING {
+                bail!(
+                    "invalid job file: nested deeper than {MAX_NESTING} levels at line {}",
+                    n + 1
+                );
+            }
+            prev = c;
+        }
+    }
+    Ok(())
+}
+
 impl JobSpec {
     /// Parse YAML text; relative paths are taken from `workdir`, else from `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Self> {
@@ -417,6 +464,7 @@ impl JobSpec {
     /// Parse YAML text; with no `base`, a relative path is an error unless the
     /// spec names its `workdir` (a spooled job has no meaningful folder of its own).
     pub fn parse_with_base(text: &str, base: Option<&Path>) -> Result<Self> {
+        check_nesting(text)?;
         let mut spec: JobSpec =
             serde_yaml::from_str(text).map_err(|e| anyhow::anyhow!("invalid job file: {e}"))?;
         if let Some(w) = &spec.workdir {
@@ -587,6 +635,29 @@ impl JobSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deep_nesting_is_refused_before_parsing_and_quoted_brackets_are_text() {
+        let deep = format!("a: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+        let t = std::time::Instant::now();
+        let e = format!("{:#}", JobSpec::parse_with_base(&deep, None).unwrap_err());
+        assert!(e.contains("nested deeper than 32 levels at line 1"), "{e}");
+        assert!(t.elapsed().as_secs_f64() < 1.0, "refused before parsing");
+        let compact = format!("a:\n  {}x\n", "- ".repeat(1000));
+        let e = format!("{:#}", JobSpec::parse_with_base(&compact, None).unwrap_err());
+        assert!(e.contains("nested deeper") && e.contains("line 2"), "{e}");
+        // Brackets in quotes, comments and plain words do not count.
+        let many = "[".repeat(40);
+        for ok in [
+            format!("a: \"{many}\"\n"),
+            format!("a: '{many}'\n"),
+            format!("a: 1 # {many}\n"),
+            format!("a: \"x\\\" {many}\"\n"),
+            "a: [[[1]]]\nb: {c: [d, e]}\n- - x\n".to_string(),
+        ] {
+            check_nesting(&ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        }
+    }
 
     const MINIMAL: &str = "model: {path: m, dtype: f32}\ntask: {kind: causal_lm}\n\
         data: {train: train.jsonl, text_field: text}\nmezo: {steps: 30, batch_size: 1, lr: 1.0e-3, eps: 1.0e-3, seed: 7}\n";
