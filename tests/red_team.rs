@@ -423,3 +423,112 @@ impl Drop for Group {
         let _ = Command::new("groupdel").arg(&self.name).output();
     }
 }
+
+/// Peak resident memory of process `pid`, in bytes (VmHWM).
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap();
+    kb << 10
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0);
+}
+
+/// Item 4: FIFOs, devices and a YAML nesting bomb, in the spool or named by
+/// a job, are rejected with their reason; the daemon neither blocks nor
+/// grows, answers status meanwhile, and runs the next job.
+#[test]
+fn bombs_fifos_and_devices_are_rejected_and_cost_the_daemon_nothing() {
+    let (tmp, _) = arena();
+    let d = Daemon::start(tmp.path(), CONFIG);
+    let job = job_file(tmp.path(), "base", 3, 1);
+    let text_ = std::fs::read_to_string(&job).unwrap();
+    let llama = fixture("llama").display().to_string();
+    let fifo = tmp.path().join("config-fifo.json");
+    mkfifo(&fifo);
+    let random = |config: &Path| {
+        text_.replace(
+            &format!("path: {llama}"),
+            &format!("config: {}, init: random", config.display()),
+        )
+    };
+    let hostile = [
+        (
+            "deep",
+            format!("a: {}{}\n{text_}", "[".repeat(100_000), "]".repeat(100_000)),
+            "nested deeper than 32",
+        ),
+        ("zero", random(Path::new("/dev/zero")), "not a regular file"),
+        ("fifo-config", random(&fifo), "not a regular file"),
+        (
+            "fifo-data",
+            text_.replace(
+                &root()
+                    .join("examples/data/reviews.jsonl")
+                    .display()
+                    .to_string(),
+                &fifo.display().to_string(),
+            ),
+            "not a file you can read",
+        ),
+    ];
+    for (name, body, _) in &hostile {
+        let f = tmp.path().join(format!("{name}.yaml"));
+        std::fs::write(&f, body).unwrap();
+        drop_as_nobody(&d, &f, &format!("{name}.yaml"));
+    }
+    // A FIFO in the spool itself, made by the user.
+    let out = shell_as(
+        NOBODY,
+        &format!("mkfifo {}", d.spool().join("new/spool-fifo.yaml").display()),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+
+    let error = |name: &str| {
+        d.spool()
+            .join("rejected")
+            .join(format!("{name}.yaml.error"))
+    };
+    let t = std::time::Instant::now();
+    let mut slowest_status = std::time::Duration::ZERO;
+    d.wait_until("every hostile file to be rejected", |d| {
+        let s = std::time::Instant::now();
+        d.jobs();
+        slowest_status = slowest_status.max(s.elapsed());
+        hostile
+            .iter()
+            .map(|h| h.0)
+            .chain(["spool-fifo"])
+            .all(|n| error(n).is_file())
+    });
+    let took = t.elapsed();
+    for (name, _, why) in &hostile {
+        let got = std::fs::read_to_string(error(name)).unwrap();
+        assert!(got.contains(why), "{name}: {got}");
+    }
+    assert!(std::fs::read_to_string(error("spool-fifo"))
+        .unwrap()
+        .contains("not a regular file"));
+    let pid = d.child.as_ref().unwrap().id();
+    let peak = peak_rss(pid);
+    eprintln!(
+        "hostile files rejected in {:.2} s; slowest status {:.0} ms; daemon peak RSS {:.1} MiB",
+        took.as_secs_f64(),
+        slowest_status.as_secs_f64() * 1e3,
+        peak as f64 / (1 << 20) as f64
+    );
+    assert!(
+        slowest_status < std::time::Duration::from_secs(2),
+        "status waited {slowest_status:?}"
+    );
+    assert!(peak < 100 << 20, "daemon peak RSS {peak} bytes");
+    // Still serving.
+    let id = nobody_job(&d, tmp.path(), "after", 2);
+    assert_eq!(d.job(id)["state"], "done");
+}

@@ -435,7 +435,9 @@ fn check_nesting(text: &str) -> Result<()> {
                 Some(_) => {}
                 None => match c {
                     '#' if prev == ' ' || prev == '\t' => break,
-                    '"' | '\'' if matches!(prev, ' ' | '\t' | '[' | '{' | ',' | ':') => quote = Some(c),
+                    '"' | '\'' if matches!(prev, ' ' | '\t' | '[' | '{' | ',' | ':') => {
+                        quote = Some(c)
+                    }
                     '[' | '{' => flow += 1,
                     ']' | '}' => flow = flow.saturating_sub(1),
                     '-' | '?' if at_entry && chars.peek().is_none_or(|n| *n == ' ') => compact += 1,
@@ -644,7 +646,10 @@ mod tests {
         assert!(e.contains("nested deeper than 32 levels at line 1"), "{e}");
         assert!(t.elapsed().as_secs_f64() < 1.0, "refused before parsing");
         let compact = format!("a:\n  {}x\n", "- ".repeat(1000));
-        let e = format!("{:#}", JobSpec::parse_with_base(&compact, None).unwrap_err());
+        let e = format!(
+            "{:#}",
+            JobSpec::parse_with_base(&compact, None).unwrap_err()
+        );
         assert!(e.contains("nested deeper") && e.contains("line 2"), "{e}");
         // Brackets in quotes, comments and plain words do not count.
         let many = "[".repeat(40);

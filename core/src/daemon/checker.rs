@@ -111,8 +111,12 @@ pub fn check_main() -> ExitCode {
 /// How a check is run.
 #[derive(Debug, Clone)]
 pub enum Checker {
-    /// `exe check` in a child process (the daemon's `mezod` binary).
-    Process(std::path::PathBuf),
+    /// `exe check` in a child process (the daemon's `mezod` binary), killed
+    /// after `wall` ([`WALL`] in service).
+    Process {
+        exe: std::path::PathBuf,
+        wall: Duration,
+    },
     /// In this process, at once, unprivileged and unbounded: for unit tests
     /// of the daemon, whose test binary has no `check` command.
     InProcess,
@@ -138,11 +142,12 @@ impl Checker {
                 });
                 Ok(())
             }
-            Checker::Process(exe) => {
+            Checker::Process { exe, wall } => {
                 let mut child = spawn_child(exe, &text, run_as)?;
+                let wall = *wall;
                 std::thread::Builder::new()
                     .name("check".into())
-                    .spawn(move || report(collect(&mut child)))?;
+                    .spawn(move || report(collect(&mut child, wall)))?;
                 Ok(())
             }
         }
@@ -186,9 +191,9 @@ fn spawn_child(exe: &Path, text: &str, run_as: Option<Identity>) -> Result<std::
     cmd.spawn().context("starting the intake check")
 }
 
-/// Read a check's answer within [`WALL`], then end its process group and reap it.
-fn collect(child: &mut std::process::Child) -> Verdict {
-    let deadline = Instant::now() + WALL;
+/// Read a check's answer within `wall`, then end its process group and reap it.
+fn collect(child: &mut std::process::Child, wall: Duration) -> Verdict {
+    let deadline = Instant::now() + wall;
     let mut out = child.stdout.take().expect("stdout is piped");
     let mut answer = Vec::new();
     let mut timed_out = false;
@@ -231,8 +236,8 @@ fn collect(child: &mut std::process::Child) -> Verdict {
     if timed_out {
         return Verdict::Rejected {
             why: format!(
-                "checking it took longer than {} s (a FIFO or an unreachable file among its paths?)",
-                WALL.as_secs()
+                "checking it took longer than {:.0} s (a FIFO or an unreachable file among its paths?)",
+                wall.as_secs_f64()
             ),
         };
     }
@@ -258,5 +263,68 @@ fn collect(child: &mut std::process::Child) -> Verdict {
                 _ => "the check ended without an answer (out of memory or killed?)".into(),
             },
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::mpsc;
+
+    /// Run `script` as the check program on `text`; its verdict.
+    fn verdict_of(script: &str, wall: Duration) -> Verdict {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("check.sh");
+        std::fs::write(&exe, format!("#!/bin/sh\n{script}\n")).unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (tx, rx) = mpsc::channel();
+        Checker::Process { exe, wall }
+            .start("job text".into(), None, move |v| tx.send(v).unwrap())
+            .unwrap();
+        rx.recv_timeout(Duration::from_secs(60)).unwrap()
+    }
+
+    fn why(v: Verdict) -> String {
+        match v {
+            Verdict::Rejected { why } => why,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_check_that_hangs_grows_or_babbles_is_cut_off() {
+        // The job text arrives on stdin; an answer on stdout is the verdict.
+        let ok = r#"read line; [ "$line" = "job text" ] && echo '{"rejected":{"why":"seen"}}'"#;
+        assert_eq!(why(verdict_of(ok, WALL)), "seen");
+        // Hangs (a FIFO, a dead NFS mount), with a helper of its own: both killed.
+        let t = Instant::now();
+        let hang = why(verdict_of(
+            "sleep 1000 & sleep 1000",
+            Duration::from_millis(300),
+        ));
+        assert!(hang.contains("took longer than"), "{hang}");
+        assert!(t.elapsed() < Duration::from_secs(10));
+        // Heap beyond the limit: the allocation fails, no answer comes.
+        let grow = why(verdict_of(
+            "exec python3 -c 'b = bytearray(2 << 30); print(len(b))'",
+            WALL,
+        ));
+        assert!(
+            grow.contains("without an answer") || grow.contains("limits"),
+            "{grow}"
+        );
+        // An endless answer is read only up to its bound.
+        let babble = why(verdict_of("yes", WALL));
+        assert!(babble.contains("too long"), "{babble}");
+        // Writing a file is refused (RLIMIT_FSIZE 0: SIGXFSZ ends the check).
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("x");
+        verdict_of(&format!("echo hi > {}", f.display()), WALL);
+        assert_eq!(
+            std::fs::metadata(&f).map_or(0, |m| m.len()),
+            0,
+            "a check wrote a file"
+        );
     }
 }

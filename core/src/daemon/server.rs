@@ -227,9 +227,11 @@ impl Daemon {
             logs_dirty: false,
             last_error: None,
             queued: 0,
-            checker: Checker::Process(
-                std::env::current_exe().context("finding the mezod binary for intake checks")?,
-            ),
+            checker: Checker::Process {
+                exe: std::env::current_exe()
+                    .context("finding the mezod binary for intake checks")?,
+                wall: super::checker::WALL,
+            },
             checking: HashMap::new(),
             intake_backlog: false,
             recheck_at: None,
