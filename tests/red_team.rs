@@ -532,3 +532,46 @@ fn bombs_fifos_and_devices_are_rejected_and_cost_the_daemon_nothing() {
     let id = nobody_job(&d, tmp.path(), "after", 2);
     assert_eq!(d.job(id)["state"], "done");
 }
+
+/// Item 5: a job file whose name is not UTF-8, or holds a newline and a
+/// terminal escape, runs under a safe name shown on one line.
+#[test]
+fn unprintable_names_run_under_safe_ones() {
+    use std::os::unix::ffi::OsStrExt;
+    let (tmp, _) = arena();
+    let d = Daemon::start(tmp.path(), CONFIG);
+    let job = job_file(tmp.path(), "named", 2, 1);
+    let model = model_copy(tmp.path(), "named-model", 0o644);
+    let body = std::fs::read_to_string(&job).unwrap().replace(
+        &fixture("llama").display().to_string(),
+        &model.display().to_string(),
+    );
+    for raw in [&b"caf\xe9.yaml"[..], b"two\nlines\x1b[2J.yaml"] {
+        let name = std::ffi::OsStr::from_bytes(raw);
+        let staged = d.spool().join("tmp").join(name);
+        std::fs::write(&staged, &body).unwrap();
+        std::os::unix::fs::chown(&staged, Some(NOBODY), Some(NOBODY)).unwrap();
+        std::fs::rename(&staged, d.spool().join("new").join(name)).unwrap();
+    }
+    d.wait_until("both jobs to be taken", |d| d.jobs().len() == 2);
+    let mut names: Vec<String> = d
+        .jobs()
+        .iter()
+        .map(|j| j["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["caf_.yaml", "two_lines_[2J.yaml"]);
+    for j in d.jobs() {
+        let id = j["id"].as_u64().unwrap();
+        assert_eq!(d.wait_done(id)["state"], "done");
+        assert_eq!(j["owner_uid"], NOBODY);
+    }
+    let table = mezod_as(0, &d, &["status"]);
+    assert_eq!(
+        text(&table).matches("caf_.yaml").count(),
+        1,
+        "{}",
+        text(&table)
+    );
+    assert!(!d.log().contains("ERROR"), "{}", d.log());
+}

@@ -518,7 +518,7 @@ mod tests {
     use crate::daemon::admission::ScriptedProbe;
     use crate::gpu::GpuInfo;
     use crate::spec::JobSpec;
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     /// One intake pass with checks in this process, and every verdict handled.
     fn intake_and_settle(daemon: &mut Daemon, rx: &Receiver<Event>) {
@@ -638,7 +638,8 @@ mod tests {
     }
 
     /// A client's Lookup name is data, never a path: a name that climbs out
-    /// of the spool finds nothing, whatever file lies there.
+    /// of the spool finds nothing, whatever file lies there; and a verdict is
+    /// told to the file's owner (or root) alone.
     #[test]
     fn a_lookup_name_never_reads_a_file() {
         let tmp = tempfile::tempdir().unwrap();
@@ -657,12 +658,13 @@ mod tests {
             Box::new(ScriptedProbe::default()),
         )
         .unwrap();
-        let peer = control::Peer {
-            uid: 1000,
-            gid: 1000,
+        let peer_as = |uid| control::Peer {
+            uid,
+            gid: uid,
             pid: 1,
         };
-        let lookup = |daemon: &mut Daemon, name: &str| match daemon
+        let peer = peer_as(1000);
+        let lookup_as = |daemon: &mut Daemon, name: &str, peer| match daemon
             .answer(
                 Request::Lookup {
                     name: name.to_string(),
@@ -674,6 +676,7 @@ mod tests {
             Response::Lookup(l) => l,
             other => panic!("{other:?}"),
         };
+        let lookup = |daemon: &mut Daemon, name: &str| lookup_as(daemon, name, peer);
         for name in ["../../secret", "../../secret.error", "/etc/passwd"] {
             assert!(
                 matches!(lookup(&mut daemon, name), Lookup::Pending),
@@ -690,9 +693,22 @@ mod tests {
             .set_modified(old)
             .unwrap();
         intake_and_settle(&mut daemon, &rx);
-        match lookup(&mut daemon, "bad.yaml") {
+        let owner = daemon
+            .spool
+            .root()
+            .join("rejected/bad.yaml")
+            .metadata()
+            .unwrap()
+            .uid();
+        match lookup_as(&mut daemon, "bad.yaml", peer_as(owner)) {
             Lookup::Rejected { reason } => assert!(reason.contains("bad.yaml was rejected")),
             other => panic!("{other:?}"),
+        }
+        if owner != 1000 {
+            assert!(
+                matches!(lookup(&mut daemon, "bad.yaml"), Lookup::Pending),
+                "another user hears nothing of it"
+            );
         }
     }
 }

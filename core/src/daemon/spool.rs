@@ -95,17 +95,70 @@ impl Spool {
         self.root.join("tmp")
     }
 
-    /// Names in `new/` that may be jobs, in name order.
+    /// Names in `new/` that may be jobs, in name order.  A name that is not
+    /// UTF-8 or holds control characters (a newline would split a status
+    /// line) is first renamed, in `new/`, to a safe one.
     pub fn list(&self) -> Result<Vec<String>> {
         let mut names = Vec::new();
         for e in std::fs::read_dir(self.new_dir())? {
-            let name = e?.file_name().to_string_lossy().to_string();
-            if !is_ignored(&name) {
-                names.push(name);
+            let raw = e?.file_name();
+            let lossy = raw.to_string_lossy().to_string();
+            if is_ignored(&lossy) {
+                continue;
+            }
+            if raw
+                .to_str()
+                .is_some_and(|n| !n.chars().any(char::is_control))
+            {
+                names.push(lossy);
+                continue;
+            }
+            match self.rename_to_safe(&raw, &lossy) {
+                Ok(safe) => names.push(safe),
+                Err(e) => tracing::error!("could not rename {lossy:?} in new/: {e:#}"),
             }
         }
         names.sort();
         Ok(names)
+    }
+
+    /// Rename `new/<raw>` to a free name made of `lossy` with each control
+    /// or undecodable character as `_`.
+    fn rename_to_safe(&self, raw: &std::ffi::OsStr, lossy: &str) -> Result<String> {
+        let stem: String = lossy
+            .chars()
+            .map(|c| {
+                if c.is_control() || c == '\u{fffd}' {
+                    '_'
+                } else {
+                    c
+                }
+            })
+            .collect();
+        let new = std::fs::File::open(self.new_dir())?;
+        for n in 0..1000 {
+            let number = if n == 0 {
+                String::new()
+            } else {
+                format!(".{n}")
+            };
+            let safe = durable::fit_file_name("", &stem, &number);
+            match rustix::fs::renameat_with(
+                &new,
+                raw,
+                &new,
+                safe.as_str(),
+                rustix::fs::RenameFlags::NOREPLACE,
+            ) {
+                Ok(()) => {
+                    tracing::info!("renamed a spool file with an unprintable name to {safe:?}");
+                    return Ok(safe);
+                }
+                Err(rustix::io::Errno::EXIST) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        bail!("no free name for {lossy:?}")
     }
 
     /// Was `new/<name>` changed in the last `secs` seconds?  A file copied in
@@ -124,6 +177,13 @@ impl Spool {
         std::fs::symlink_metadata(self.new_dir().join(name))
             .ok()
             .map(|m| m.ino())
+    }
+
+    /// Owner of the entry `new/<name>` (not following a link).
+    pub fn owner(&self, name: &str) -> Option<u32> {
+        std::fs::symlink_metadata(self.new_dir().join(name))
+            .ok()
+            .map(|m| m.uid())
     }
 
     /// Read `new/<name>`: a regular file (never through a symlink) of at most 1 MiB.
@@ -167,11 +227,12 @@ impl Spool {
         })
     }
 
-    /// Move `new/<name>` to `rejected/` with a sidecar saying why.  The
-    /// sidecar comes first: a crash in between only rejects the file again.
-    /// Neither ever lands on an existing name (a rejected `x.error` and a
-    /// rejected `x` would otherwise share one), so nothing is overwritten.
-    pub fn reject(&self, name: &str, why: &str) -> Result<PathBuf> {
+    /// Move `new/<name>` to `rejected/` with a sidecar saying why; returns
+    /// the sidecar and its text.  The sidecar comes first: a crash in between only
+    /// rejects the file again.  Neither ever lands on an existing name (a
+    /// rejected `x.error` and a rejected `x` would otherwise share one), so
+    /// nothing is overwritten.
+    pub fn reject(&self, name: &str, why: &str) -> Result<(PathBuf, String)> {
         let dir = self.root.join("rejected");
         let taken = |p: &Path| p.symlink_metadata().is_ok();
         // `name`, then `.N` on a collision, cut to leave room for `.error`.
@@ -191,10 +252,11 @@ impl Spool {
             n += 1;
             target = dir.join(slot(n));
         }
+        let text = format!("{name} was rejected: {why}\n");
         let error = sidecar(&target);
-        durable::write(&error, format!("{name} was rejected: {why}\n"))?;
+        durable::write(&error, &text)?;
         durable::rename(&self.new_dir().join(name), &target)?;
-        Ok(error)
+        Ok((error, text))
     }
 
     /// Move an accepted file out of `new/`, keeping it for reference.
@@ -277,7 +339,7 @@ mod tests {
         std::fs::write(spool.new_dir().join("coll.error"), "first file").unwrap();
         spool.reject("coll.error", "bad").unwrap();
         std::fs::write(spool.new_dir().join("coll"), "second file").unwrap();
-        let sidecar = spool.reject("coll", "bad too").unwrap();
+        let (sidecar, _) = spool.reject("coll", "bad too").unwrap();
         let rejected = dir.path().join("rejected");
         assert_eq!(
             std::fs::read_to_string(rejected.join("coll.error")).unwrap(),
@@ -315,7 +377,8 @@ mod tests {
         );
         for _ in 0..2 {
             std::fs::write(spool.new_dir().join(&long), "bad").unwrap();
-            let sidecar = spool.reject(&long, "bad").unwrap();
+            let (sidecar, text) = spool.reject(&long, "bad").unwrap();
+            assert_eq!(text, format!("{long} was rejected: bad\n"));
             let name = sidecar.file_name().unwrap().to_str().unwrap().to_string();
             assert!(name.len() <= 255 && name.ends_with(".error"), "{name}");
             assert!(sidecar.is_file());
@@ -326,6 +389,40 @@ mod tests {
                 .unwrap()
                 .count(),
             4
+        );
+    }
+
+    #[test]
+    fn unprintable_names_are_renamed_to_safe_free_ones() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), false).unwrap();
+        let new = spool.new_dir();
+        std::fs::write(new.join("bad_.yaml"), "taken").unwrap();
+        std::fs::write(new.join(std::ffi::OsStr::from_bytes(b"bad\xff.yaml")), "a").unwrap();
+        std::fs::write(new.join("two\nlines\u{1b}[31m.yaml"), "b").unwrap();
+        std::fs::write(new.join(std::ffi::OsStr::from_bytes(b".hidden\xff")), "c").unwrap();
+        assert_eq!(
+            spool.list().unwrap(),
+            vec![
+                "bad_.yaml".to_string(),
+                "bad_.yaml.1".to_string(),
+                "two_lines_[31m.yaml".to_string()
+            ]
+        );
+        assert_eq!(
+            std::fs::read_to_string(new.join("bad_.yaml")).unwrap(),
+            "taken"
+        );
+        assert_eq!(
+            std::fs::read_to_string(new.join("bad_.yaml.1")).unwrap(),
+            "a"
+        );
+        assert_eq!(spool.read("two_lines_[31m.yaml").unwrap().text, "b");
+        assert_eq!(
+            std::fs::read_dir(&new).unwrap().count(),
+            4,
+            "the dotfile stays as it is"
         );
     }
 

@@ -107,10 +107,13 @@ impl Daemon {
             return;
         }
         tracing::warn!("rejected {name}: {why}");
+        // Whoever made the entry in new/ owns the verdict (and alone may ask for it).
+        let owner = self.spool.owner(name);
         match self.spool.reject(name, why) {
-            Ok(error) => {
-                let text = std::fs::read_to_string(&error).unwrap_or(why.to_string());
-                if let Err(e) = self.rejections.insert(name.as_bytes(), text.as_bytes()) {
+            Ok((_, text)) => {
+                let mut record = owner.unwrap_or(0).to_be_bytes().to_vec();
+                record.extend_from_slice(text.as_bytes());
+                if let Err(e) = self.rejections.insert(name.as_bytes(), record) {
                     tracing::error!("could not record the rejection of {name}: {e}");
                 }
             }

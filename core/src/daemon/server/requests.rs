@@ -25,14 +25,24 @@ impl Daemon {
                 }
             }
             Request::Lookup { name } => {
+                // Only the file's owner (or root) hears about it; to anyone
+                // else every name is pending, so a name says nothing.
                 let found = self.table.find_name(&name)?;
                 Response::Lookup(match found {
-                    Some(j) => Lookup::Accepted { id: j.id },
+                    Some(j) if peer.may_manage(j.owner_uid) => Lookup::Accepted { id: j.id },
+                    Some(_) => Lookup::Pending,
                     None => match self.rejections.get(name.as_bytes())? {
-                        Some(reason) => Lookup::Rejected {
-                            reason: String::from_utf8_lossy(&reason).into_owned(),
-                        },
-                        None => Lookup::Pending,
+                        Some(record) if record.len() >= 4 => {
+                            let owner = u32::from_be_bytes(record[..4].try_into()?);
+                            if peer.may_manage(owner) {
+                                Lookup::Rejected {
+                                    reason: String::from_utf8_lossy(&record[4..]).into_owned(),
+                                }
+                            } else {
+                                Lookup::Pending
+                            }
+                        }
+                        _ => Lookup::Pending,
                     },
                 })
             }
