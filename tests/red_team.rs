@@ -575,3 +575,184 @@ fn unprintable_names_run_under_safe_ones() {
     );
     assert!(!d.log().contains("ERROR"), "{}", d.log());
 }
+
+/// A tmpfs mounted for one test, unmounted (lazily) when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .output()
+            .expect("mount");
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs failed (the disk-full test needs root and mount): {}",
+            text(&out)
+        );
+        Tmpfs(at.to_path_buf())
+    }
+
+    /// Fill it to the last byte (again if the daemon gave back its reserve
+    /// meanwhile); returns a filler to remove.
+    fn fill(&self) -> Vec<PathBuf> {
+        static FILLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let mut fillers = Vec::new();
+        for _ in 0..5 {
+            let n = FILLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let f = self.0.join(format!("filler-{n}"));
+            let _ = Command::new("dd")
+                .args(["if=/dev/zero", "bs=64k", "count=1000000"])
+                .arg(format!("of={}", f.display()))
+                .output()
+                .unwrap();
+            fillers.push(f);
+            if rustix_free(&self.0) == 0 {
+                return fillers;
+            }
+        }
+        panic!("could not fill {}", self.0.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+    }
+}
+
+fn rustix_free(path: &Path) -> u64 {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    st.f_bavail * st.f_frsize
+}
+
+/// Item 7: the state disk fills up under a running job.  The daemon keeps
+/// answering, says why in status, holds new files in new/, requeues (not
+/// fails) the job the full disk stopped, and once space returns takes the
+/// file and finishes the job, bit-identical to an uninterrupted run, without
+/// a restart.  Restarts on the full disk and on the freed one open the
+/// database, and a failed job stays failed.
+#[test]
+fn a_full_disk_pauses_the_daemon_and_space_brings_it_back() {
+    let (tmp, _) = arena();
+    let state = Tmpfs::mount(&tmp.path().join("state"), "24m");
+    let config = format!("{CONFIG}disk_reserve_mib: 2\n");
+    let mut d = Daemon::start(tmp.path(), &config);
+    // A job that fails on its own (its data is not a dataset): it must stay failed.
+    let bad_data = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad_data, "not json\n").unwrap();
+    let reviews = root()
+        .join("examples/data/reviews.jsonl")
+        .display()
+        .to_string();
+    let failing = job_file(tmp.path(), "failing", 3, 1);
+    let body = std::fs::read_to_string(&failing)
+        .unwrap()
+        .replace(&reviews, &bad_data.display().to_string());
+    std::fs::write(&failing, body).unwrap();
+    let failed = d.submit(&failing);
+    assert_eq!(d.wait_done(failed)["state"], "failed");
+    let attempts = d.job(failed)["attempts"].clone();
+
+    let long = job_file(tmp.path(), "long", 1500, 3);
+    let expected = solo_sha(&long);
+    let id = d.submit(&long);
+    d.wait_steps(id, 10);
+    let filler = state.fill();
+    // The daemon gives back its reserve; the runaway writer takes that too.
+    d.wait_until("status to say the disk is full", |d| {
+        daemon_status(&d.socket())["mode"]
+            .as_str()
+            .unwrap()
+            .contains("DISK FULL")
+    });
+    let filler2 = state.fill();
+    // A file dropped while the disk is full waits in new/.
+    let later = job_file(tmp.path(), "later", 3, 4);
+    std::fs::copy(&later, d.spool().join("tmp/later.yaml")).unwrap();
+    std::fs::rename(
+        d.spool().join("tmp/later.yaml"),
+        d.spool().join("new/later.yaml"),
+    )
+    .unwrap();
+    d.wait_until("status to say the disk is full", |d| {
+        daemon_status(&d.socket())["mode"]
+            .as_str()
+            .unwrap()
+            .contains("DISK FULL")
+    });
+    d.wait_until("the job to stop on the full disk", |d| {
+        d.job(id)["state"] == "queued"
+    });
+    let rec = d.job(id);
+    assert!(rec["reason"].as_str().unwrap().contains("disk"), "{rec:#}");
+    assert_eq!(
+        rec["failures"], 0,
+        "a full disk is not the job's failure: {rec:#}"
+    );
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(
+        d.spool().join("new/later.yaml").exists(),
+        "intake waits for space"
+    );
+    assert_eq!(d.jobs().len(), 2);
+
+    // Space returns: no restart needed.
+    for f in filler.iter().chain(&filler2) {
+        std::fs::remove_file(f).unwrap();
+    }
+    let freed = std::time::Instant::now();
+    d.wait_until("the waiting file to be taken", |d| d.jobs().len() == 3);
+    eprintln!(
+        "intake back {:.2} s after space returned{}",
+        freed.elapsed().as_secs_f64(),
+        if d.log().contains("reopened the job database") {
+            " (database reopened)"
+        } else {
+            ""
+        }
+    );
+    assert_eq!(d.wait_done(id)["state"], "done", "{:#}", d.job(id));
+    assert_eq!(
+        d.weights_sha(id),
+        expected,
+        "resumed bit-identically after the full disk"
+    );
+    let later_id = d.jobs()[2]["id"].as_u64().unwrap();
+    assert_eq!(d.wait_done(later_id)["state"], "done");
+
+    // A restart on a full disk opens the database and serves status.
+    d.kill9();
+    let filler = state.fill();
+    d.restart(&[]);
+    let status = daemon_status(&d.socket());
+    assert!(
+        status["mode"].as_str().unwrap().contains("DISK FULL"),
+        "{status:#}"
+    );
+    assert_eq!(d.jobs().len(), 3);
+    d.kill9();
+    // And one after space has returned.
+    for f in &filler {
+        std::fs::remove_file(f).unwrap();
+    }
+    d.restart(&[]);
+    assert_eq!(d.jobs().len(), 3);
+    let rec = d.job(failed);
+    assert_eq!(rec["state"], "failed");
+    assert_eq!(
+        rec["attempts"], attempts,
+        "a failed job never runs again by itself"
+    );
+    assert!(!d.log().contains("corrupt"), "{}", d.log());
+}

@@ -14,6 +14,7 @@
 //! snapshot_every: 100              # for jobs that do not set it
 //! retry_limit: 3                   # worker crashes retried before `failed`
 //! retry_backoff_s: 2               # doubled on each retry
+//! disk_reserve_mib: 64             # free space kept on the state and spool disks
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -38,6 +39,9 @@ pub struct DaemonConfig {
     pub snapshot_every: u64,
     pub retry_limit: u32,
     pub retry_backoff_s: f64,
+    /// Free space the daemon keeps on its state and spool disks: below it,
+    /// intake and new starts pause until there is twice as much.
+    pub disk_reserve_mib: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -100,6 +104,7 @@ impl Default for DaemonConfig {
             snapshot_every: 100,
             retry_limit: 3,
             retry_backoff_s: 2.0,
+            disk_reserve_mib: 64,
         }
     }
 }

@@ -79,6 +79,9 @@ struct Index {
     active: BTreeMap<u64, JobRecord>,
     /// Every job in the table.
     count: usize,
+    /// Records the database refused (a full disk): what the daemon knows,
+    /// kept until a reopened database takes them ([`JobTable::unsaved`]).
+    unsaved: BTreeMap<u64, JobRecord>,
 }
 
 impl JobTable {
@@ -126,21 +129,39 @@ impl JobTable {
     }
 
     pub fn put(&self, job: &JobRecord) -> Result<()> {
-        let old = self
-            .jobs
-            .insert(job.id.to_be_bytes(), serde_json::to_vec(job)?)?;
-        if old.is_none() {
-            self.names
-                .insert(job.name.as_bytes(), &job.id.to_be_bytes())?;
-        }
         let mut index = self.index.lock().expect("index lock");
-        index.count += usize::from(old.is_none());
+        // The index follows what the daemon decided even when the disk
+        // refuses the write: status stays true and a reopened database gets
+        // the record then.
         if job.state.is_final() {
             index.active.remove(&job.id);
         } else {
             index.active.insert(job.id, job.clone());
         }
+        let written = serde_json::to_vec(job)
+            .map_err(anyhow::Error::from)
+            .and_then(|bytes| Ok(self.jobs.insert(job.id.to_be_bytes(), bytes)?));
+        let old = match written {
+            Ok(old) => old,
+            Err(e) => {
+                index.unsaved.insert(job.id, job.clone());
+                return Err(e);
+            }
+        };
+        index.unsaved.remove(&job.id);
+        if old.is_none() {
+            index.count += 1;
+            drop(index);
+            self.names
+                .insert(job.name.as_bytes(), &job.id.to_be_bytes())?;
+        }
         Ok(())
+    }
+
+    /// Records the database refused, for a reopened one.
+    pub fn unsaved(&self) -> Vec<JobRecord> {
+        let index = self.index.lock().expect("index lock");
+        index.unsaved.values().cloned().collect()
     }
 
     /// Write and make durable (state changes a crash must not forget).
@@ -151,9 +172,11 @@ impl JobTable {
     }
 
     pub fn get(&self, id: u64) -> Result<Option<JobRecord>> {
-        if let Some(job) = self.index.lock().expect("index lock").active.get(&id) {
+        let index = self.index.lock().expect("index lock");
+        if let Some(job) = index.active.get(&id).or_else(|| index.unsaved.get(&id)) {
             return Ok(Some(job.clone()));
         }
+        drop(index);
         self.jobs
             .get(id.to_be_bytes())?
             .map(|v| serde_json::from_slice(&v).context("reading a job record"))

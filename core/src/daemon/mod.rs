@@ -15,6 +15,7 @@
 //! * [`admission`]: which job starts where (pure, tested with a scripted probe);
 //! * [`worker`]: the worker process and its step-record pipe;
 //! * [`control`]: the Unix-socket protocol of `status`, `cancel`, `logs`, `submit`;
+//! * [`disk`]: free space, the reserve, and what a full disk pauses;
 //! * [`notify`]: systemd's READY / STATUS / WATCHDOG;
 //! * [`server`]: the main loop that ties them together.
 
@@ -22,6 +23,7 @@ pub mod admission;
 pub mod checker;
 pub mod config;
 pub mod control;
+pub mod disk;
 pub mod job_dir;
 pub mod jobs;
 pub mod lifecycle;

@@ -25,6 +25,7 @@ use super::admission::{self, Candidate, Decision, Placed, Pool, Probe, Resources
 use super::checker::{Accepted, Checker, Verdict};
 use super::config::{DaemonConfig, Dirs, WatchMode};
 use super::control::{self, Call, JobView, Lookup, PoolView, Request, Response, StatusReport};
+use super::disk::{self, DiskGuard};
 use super::job_dir::{self, JobDir};
 use super::jobs::{now, JobRecord, JobState, JobTable, Transition};
 use super::notify::Notifier;
@@ -134,6 +135,10 @@ struct Daemon {
     checker: Checker,
     /// Spool files whose check is under way, as read.
     checking: HashMap<String, Dropped>,
+    /// Free space on the state and spool disks.
+    disk: DiskGuard,
+    /// The database failed a write (sled's error is sticky): reopen it.
+    db_failed: bool,
     /// Files were left for a later pass because enough checks were under way.
     intake_backlog: bool,
     /// When to look again at files that might still be being written.
@@ -193,16 +198,13 @@ impl Daemon {
             .with_context(|| format!("creating {}", dirs.runtime.display()))?;
         let jobs = job_dir::prepare_state(&dirs.state)
             .with_context(|| format!("preparing the state folder {}", dirs.state.display()))?;
-        let db = sled::open(dirs.db()).with_context(|| {
-            format!(
-                "opening the job database {} (is another daemon using this state folder?)",
-                dirs.db().display()
-            )
-        })?;
-        std::fs::set_permissions(dirs.db(), std::fs::Permissions::from_mode(0o700))?;
+        let reserve = cfg.disk_reserve_mib << 20;
+        let db = open_db(&dirs, reserve)?;
         let table = JobTable::open(&db)?;
         let claims = db.open_tree("claims")?;
         let rejections = db.open_tree("rejections")?;
+        let mut disk = DiskGuard::new(&dirs.state, &dirs.spool, reserve);
+        disk.check();
         let (tx, rx) = mpsc::channel();
         let daemon = Daemon {
             cfg,
@@ -233,12 +235,28 @@ impl Daemon {
                 wall: super::checker::WALL,
             },
             checking: HashMap::new(),
+            disk,
+            db_failed: false,
             intake_backlog: false,
             recheck_at: None,
             schedule_due: true,
         };
         Ok((daemon, rx))
     }
+}
+
+/// Open the job database (0700), after clearing what a full disk may have
+/// left in it (see `disk`).
+fn open_db(dirs: &Dirs, reserve_bytes: u64) -> Result<sled::Db> {
+    disk::prepare_db(&dirs.db(), &disk::reserve_path(&dirs.state), reserve_bytes)?;
+    let db = sled::open(dirs.db()).with_context(|| {
+        format!(
+            "opening the job database {} (is another daemon using this state folder?)",
+            dirs.db().display()
+        )
+    })?;
+    std::fs::set_permissions(dirs.db(), std::fs::Permissions::from_mode(0o700))?;
+    Ok(db)
 }
 
 fn bind_socket(path: &Path) -> Result<UnixListener> {
@@ -274,10 +292,14 @@ fn listen_for_signals(tx: Sender<Event>) -> Result<signal_hook::iterator::Handle
 impl Daemon {
     // ---- start-up -------------------------------------------------------
 
-    /// After a crash or a graceful stop: every job that was under way is
-    /// queued again (it resumes from its seed log); stale claims are finished.
+    /// After a crash, a graceful stop or a reopened database: every job that
+    /// was under way without a live worker is queued again (it resumes from
+    /// its seed log).
     fn recover(&mut self) -> Result<()> {
         for mut job in self.table.active()? {
+            if self.running.contains_key(&job.id) {
+                continue;
+            }
             if matches!(
                 job.state,
                 JobState::Admitted { .. } | JobState::Running { .. } | JobState::Preempted
@@ -356,9 +378,19 @@ impl Daemon {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
+            if self.disk.check() {
+                self.schedule_due = true;
+            }
+            // Reopened once there is room: a reopen needs to write, and a
+            // failed database still answers status from its index meanwhile.
+            if self.db_failed && self.disk.low().is_none() {
+                let r = self.reopen_db();
+                self.log_error(r);
+            }
             if self.logs_dirty {
-                self.db.flush()?;
+                let r = self.db.flush().context("flushing the job database");
                 self.logs_dirty = false;
+                self.log_error(r.map(|_| ()));
             }
             if let Some(since) = self.stopping {
                 if self.running.is_empty() {
@@ -402,12 +434,53 @@ impl Daemon {
     /// logs each new one and keeps serving.
     fn log_error(&mut self, r: Result<()>) {
         if let Err(e) = r {
+            if e.chain().any(|c| c.downcast_ref::<sled::Error>().is_some()) {
+                self.db_failed = true;
+            }
             let msg = format!("{e:#}");
             if self.last_error.as_deref() != Some(msg.as_str()) {
                 tracing::error!("{msg}");
                 self.last_error = Some(msg);
             }
         }
+    }
+
+    /// Reopen the job database after a failed write.  sled keeps a failed
+    /// database failing and holds its file lock until every handle is gone, so
+    /// every handle is first moved to a throwaway in-memory database, then the
+    /// real one is opened again (with the reserve given back if the disk is
+    /// full).  Step records lost with the failed write are recomputed on
+    /// resume (steps are pure).
+    fn reopen_db(&mut self) -> Result<()> {
+        let unsaved = self.table.unsaved();
+        let placeholder = sled::Config::new()
+            .temporary(true)
+            .open()
+            .context("opening a placeholder database")?;
+        self.swap_db(placeholder)?;
+        let db = open_db(&self.dirs, self.cfg.disk_reserve_mib << 20)?;
+        self.swap_db(db)?;
+        for job in &unsaved {
+            self.table.put(job)?;
+        }
+        self.table.flush()?;
+        self.db_failed = false;
+        tracing::warn!("reopened the job database after a failed write");
+        // Exits the failed database could not record.
+        self.recover()?;
+        self.schedule_due = true;
+        Ok(())
+    }
+
+    fn swap_db(&mut self, db: sled::Db) -> Result<()> {
+        self.table = JobTable::open(&db)?;
+        self.claims = db.open_tree("claims")?;
+        self.rejections = db.open_tree("rejections")?;
+        for (id, r) in self.running.iter_mut() {
+            r.log = SeedLog::in_tree(db.open_tree(format!("seedlog/{id}"))?);
+        }
+        self.db = db;
+        Ok(())
     }
 
     fn handle(&mut self, ev: Event, spool_dirty: &mut bool) -> Result<()> {
@@ -495,6 +568,9 @@ impl Daemon {
 
     fn status_line(&self) -> String {
         let mut s = format!("{} queued, {} running", self.queued, self.running.len());
+        if let Some(why) = self.disk.low() {
+            s.push_str(&format!("; DISK FULL: {why}"));
+        }
         if let Some(res) = &self.resources {
             for g in &res.gpus {
                 s.push_str(&format!(

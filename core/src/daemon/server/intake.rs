@@ -17,6 +17,10 @@ impl Daemon {
     /// file where it is for the next scan and is only logged.
     pub(super) fn intake(&mut self) -> Result<()> {
         self.intake_backlog = false;
+        if self.disk.low().is_some() {
+            // Files wait in new/: nothing can be recorded or moved safely.
+            return Ok(());
+        }
         for name in self.spool.list()? {
             if self.checking.contains_key(&name) {
                 continue;

@@ -150,6 +150,10 @@ impl Daemon {
             }
             None => ("starting".into(), vec![]),
         };
+        let mode = match self.disk.low() {
+            Some(why) => format!("{mode}; DISK FULL: {why}; intake and new starts paused"),
+            None => mode,
+        };
         Ok(StatusReport {
             mode,
             pools,

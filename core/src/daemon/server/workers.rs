@@ -105,6 +105,13 @@ impl Daemon {
                 wants_gpu: job.wants_gpu,
             });
         }
+        if let Some(why) = self.disk.low().map(str::to_string) {
+            self.resources = Some(res);
+            for c in queue {
+                self.set_reason(c.id, format!("waiting for disk space: {why}"))?;
+            }
+            return Ok(());
+        }
         let decisions = admission::plan(&queue, &placed, &res);
         self.resources = Some(res);
         for d in decisions {
@@ -257,12 +264,21 @@ impl Daemon {
         let Some(r) = self.running.remove(&id) else {
             return Ok(());
         };
-        r.log.flush()?;
+        if let Err(e) = r.log.flush() {
+            // The exit is still recorded (in memory at least: see
+            // `JobTable::put`); the records lost are recomputed on resume.
+            tracing::error!("job {id}: {e:#}");
+            self.db_failed = true;
+        }
         let Some(mut job) = self.table.get(id)? else {
             return Ok(());
         };
         job.steps_done = r.log.contiguous()?.len() as u64;
         let code = status.code();
+        if !status.success() {
+            // Measure now: a worker that filled the disk has just failed on it.
+            self.disk.check();
+        }
         if status.success() {
             job.apply(Transition::Finish {
                 at: now(),
@@ -285,6 +301,17 @@ impl Daemon {
                 job.apply(Transition::Preempt)?;
                 job.reason = format!("preempted at step {} by a daemon stop", job.steps_done);
                 tracing::info!("job {id}: preempted at step {}", job.steps_done);
+                self.table.put_durable(&job)
+            }
+            _ if self.disk.low().is_some() => {
+                // Not the job's fault: it resumes once there is room, and
+                // this attempt does not count against its retries.
+                job.apply(Transition::Retry { not_before: now() })?;
+                job.reason = format!(
+                    "stopped at step {} by a full disk; resumes when space returns",
+                    job.steps_done
+                );
+                tracing::warn!("job {id}: {}", job.reason);
                 self.table.put_durable(&job)
             }
             _ => {

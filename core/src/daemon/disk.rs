@@ -1,0 +1,169 @@
+//! A full disk.  The daemon's filesystems (state and spool) are measured every
+//! turn; below the reserve, intake and new starts pause (status says why),
+//! and once there is room again everything resumes by itself.
+//!
+//! The daemon keeps a reserve file of that size in its state folder and gives
+//! it back the moment the disk runs low, so that its own database can still
+//! write: sled's write error is sticky (a database that failed one write fails
+//! every later one until it is reopened), and a start on a full disk leaves an
+//! empty snapshot file behind that stops every later start.  Both are handled
+//! here too: [`prepare_db`] clears the incomplete snapshot and frees the
+//! reserve before an open; the server reopens a database that failed.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+
+use crate::estimate::human_bytes;
+
+/// Free bytes for unprivileged writes on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> Result<u64> {
+    let st = rustix::fs::statvfs(path)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Is `e` (anywhere in its chain) a full disk or a failed write in sled?
+pub fn is_storage_error(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<sled::Error>()
+            .is_some_and(|s| matches!(s, sled::Error::Io(_) | sled::Error::Corruption { .. }))
+            || c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                io.kind() == std::io::ErrorKind::StorageFull
+                    || io.raw_os_error() == Some(libc::ENOSPC)
+                    || io.raw_os_error() == Some(libc::EDQUOT)
+            })
+    })
+}
+
+/// Before opening the database in `db_dir`: remove sled's incomplete
+/// snapshots (`snap.*.generating`, empty when a full disk stopped them; sled
+/// refuses to open beside one) and, if the disk is full, free the reserve.
+pub fn prepare_db(db_dir: &Path, reserve: &Path, reserve_bytes: u64) -> Result<()> {
+    if let Ok(entries) = std::fs::read_dir(db_dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("snap.") && name.ends_with(".generating") {
+                tracing::warn!(
+                    "removing an incomplete database snapshot {name} (left by a full disk)"
+                );
+                std::fs::remove_file(e.path())?;
+            }
+        }
+    }
+    let state = reserve.parent().unwrap_or(Path::new("."));
+    if free_bytes(state).is_ok_and(|f| f < reserve_bytes) && reserve.exists() {
+        tracing::warn!(
+            "the state folder's disk is full: giving back the reserve to open the database"
+        );
+        std::fs::remove_file(reserve)?;
+    }
+    Ok(())
+}
+
+/// The daemon's view of its disks.
+pub struct DiskGuard {
+    /// Folders whose filesystems must have room (state, spool).
+    watched: Vec<PathBuf>,
+    reserve: PathBuf,
+    reserve_bytes: u64,
+    low: Option<String>,
+    /// The reserve could not be made (a filesystem without fallocate): said once.
+    said_no_reserve: bool,
+}
+
+impl DiskGuard {
+    pub fn new(state: &Path, spool: &Path, reserve_bytes: u64) -> Self {
+        Self {
+            watched: vec![state.to_path_buf(), spool.to_path_buf()],
+            reserve: reserve_path(state),
+            reserve_bytes,
+            low: None,
+            said_no_reserve: false,
+        }
+    }
+
+    /// Why the disk is too full for new work, if it is.
+    pub fn low(&self) -> Option<&str> {
+        self.low.as_deref()
+    }
+
+    /// Measure again.  Low below the reserve; room again only at twice the
+    /// reserve (so re-creating the reserve does not make it low at once).
+    /// Returns true when the verdict changed.
+    pub fn check(&mut self) -> bool {
+        let mut low = None;
+        for dir in &self.watched {
+            let Ok(free) = free_bytes(dir) else { continue };
+            let limit = if self.low.is_some() {
+                2 * self.reserve_bytes
+            } else {
+                self.reserve_bytes
+            };
+            if free < limit {
+                low = Some(format!(
+                    "the disk of {} has {} free (the daemon needs {})",
+                    dir.display(),
+                    human_bytes(free),
+                    human_bytes(limit)
+                ));
+                break;
+            }
+        }
+        if low.is_some() {
+            if self.reserve.exists() {
+                match std::fs::remove_file(&self.reserve) {
+                    Ok(()) => tracing::warn!(
+                        "disk full: gave back the reserve {}",
+                        self.reserve.display()
+                    ),
+                    Err(e) => tracing::error!("could not remove {}: {e}", self.reserve.display()),
+                }
+            }
+        } else if !self.reserve.exists() {
+            if let Err(e) = self.make_reserve() {
+                if !self.said_no_reserve {
+                    tracing::warn!(
+                        "could not set aside the disk reserve {}: {e:#}",
+                        self.reserve.display()
+                    );
+                    self.said_no_reserve = true;
+                }
+            }
+        }
+        let changed = low.is_some() != self.low.is_some();
+        match (&low, changed) {
+            (Some(why), true) => tracing::error!("disk full: {why}; intake and new starts pause"),
+            (None, true) => tracing::info!("disk space is back: intake and starts resume"),
+            _ => {}
+        }
+        self.low = low;
+        changed
+    }
+
+    /// Allocate the reserve (real blocks, not a sparse file).
+    fn make_reserve(&self) -> Result<()> {
+        if self.reserve_bytes == 0 {
+            return Ok(());
+        }
+        let tmp = self.reserve.with_extension("partial");
+        let file = std::fs::File::create(&tmp)?;
+        let made = rustix::fs::fallocate(
+            &file,
+            rustix::fs::FallocateFlags::empty(),
+            0,
+            self.reserve_bytes,
+        );
+        if let Err(e) = made {
+            drop(file);
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.into());
+        }
+        std::fs::rename(&tmp, &self.reserve)?;
+        Ok(())
+    }
+}
+
+/// Where the reserve lives: in the state folder, the database's filesystem.
+pub fn reserve_path(state: &Path) -> PathBuf {
+    state.join("reserve")
+}
