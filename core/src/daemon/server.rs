@@ -787,4 +787,86 @@ mod tests {
             );
         }
     }
+
+    /// Requests as an attacker would send them, to a daemon with jobs and a log.
+    mod fuzz_requests {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(300))]
+
+            /// Any request from any uid gets an answer or a refusal, never a
+            /// panic, and reading a log never reads past its bound.
+            #[test]
+            fn any_request_from_anyone_is_answered_or_refused(
+                requests in prop::collection::vec(
+                    prop_oneof![
+                        Just(Request::Hello),
+                        (prop::option::of(0u64..5), prop::option::of(any::<usize>()))
+                            .prop_map(|(id, finished)| Request::Status { id, finished }),
+                        (0u64..5).prop_map(|id| Request::Cancel { id }),
+                        (0u64..5, any::<u64>()).prop_map(|(id, offset)| Request::Logs { id, offset }),
+                        ".{0,300}".prop_map(|name| Request::Lookup { name }),
+                    ],
+                    1..20,
+                ),
+                uid in prop_oneof![Just(0u32), Just(1000u32), any::<u32>()],
+            ) {
+                let (mut daemon, _rx, _tmp) = fuzz_daemon();
+                let peer = control::Peer { uid, gid: uid, pid: 1 };
+                for r in requests {
+                    // Jobs 1 and 2 belong to uids 0 and 1000.
+                    let owner = |id: u64| (id == 2).then_some(1000).or((id == 1).then_some(0));
+                    let guarded = match &r {
+                        Request::Logs { id, .. } | Request::Cancel { id } => owner(*id),
+                        _ => None,
+                    };
+                    let answer = daemon.answer(r, peer);
+                    if let Some(owner) = guarded {
+                        if uid != 0 && uid != owner {
+                            prop_assert!(answer.is_err(), "uid {uid} reached a job of uid {owner}");
+                        }
+                    }
+                    if let Ok(Response::Logs { data, .. }) = answer {
+                        prop_assert!(data.len() <= 1 << 16);
+                    }
+                }
+            }
+        }
+
+        /// A daemon with two jobs (one of uid 1000's) and a log, for fuzzing requests.
+        fn fuzz_daemon() -> (Daemon, Receiver<Event>, tempfile::TempDir) {
+            let tmp = tempfile::tempdir().unwrap();
+            let root = tmp.path();
+            let cfg = DaemonConfig::default();
+            let dirs = cfg.dirs(
+                Some(root.join("spool")),
+                Some(root.join("state")),
+                Some(root.join("run")),
+            );
+            let (daemon, rx) = Daemon::new(
+                cfg,
+                DaemonOptions::default(),
+                dirs,
+                Box::new(ScriptedProbe::default()),
+            )
+            .unwrap();
+            for (id, owner) in [(1u64, 0u32), (2, 1000)] {
+                let mut job: JobRecord = serde_json::from_value(serde_json::json!({
+                    "id": id, "name": format!("j{id}.yaml"), "owner_uid": owner, "owner_gid": owner,
+                    "state": "queued", "priority": 0, "wants_gpu": false, "steps_total": 10,
+                    "steps_done": 0, "submitted_at": 0, "attempts": 0, "failures": 0,
+                    "gpus": [], "reason": "queued", "estimate_bytes": 1, "peak_bytes": 0
+                }))
+                .unwrap();
+                job.id = daemon.table.next_id().unwrap();
+                daemon.table.put_durable(&job).unwrap();
+                let dir = JobDir::prepare(&daemon.jobs, &daemon.dirs.jobs(), job.id, None).unwrap();
+                std::io::Write::write_all(&mut dir.log_for_append().unwrap(), &vec![b'x'; 100_000])
+                    .unwrap();
+            }
+            (daemon, rx, tmp)
+        }
+    }
 }
