@@ -440,7 +440,23 @@ fn mkfifo(path: &Path) {
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0);
 }
 
-/// Item 4: FIFOs, devices and a YAML nesting bomb, in the spool or named by
+/// `job` with a billion-laughs alias bomb (10^8 strings once expanded) in
+/// its data filter, a field that takes lists.
+fn alias_bomb(job: &str) -> String {
+    let mut levels = vec!["l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]".to_string()];
+    for i in 1..9 {
+        let refs = vec![format!("*l{}", i - 1); 10].join(", ");
+        levels.push(format!("l{i}: &l{i} [{refs}]"));
+    }
+    let bombed = job.replace(
+        "max_dev: 16}",
+        &format!("max_dev: 16, filter: {{{}}}}}", levels.join(", ")),
+    );
+    assert_ne!(bombed, job);
+    bombed
+}
+
+/// Item 4: FIFOs, devices, a YAML nesting bomb and an alias bomb, in the spool or named by
 /// a job, are rejected with their reason; the daemon neither blocks nor
 /// grows, answers status meanwhile, and runs the next job.
 #[test]
@@ -465,6 +481,7 @@ fn bombs_fifos_and_devices_are_rejected_and_cost_the_daemon_nothing() {
             "nested deeper than 32",
         ),
         ("zero", random(Path::new("/dev/zero")), "not a regular file"),
+        ("aliases", alias_bomb(&text_), "invalid type"),
         ("fifo-config", random(&fifo), "not a regular file"),
         (
             "fifo-data",

@@ -289,8 +289,11 @@ pub fn drop_job(spool_root: &Path, stem: &str, text: &str) -> Result<String> {
                 tmp.display()
             )
         })?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
+        let written = f.write_all(text.as_bytes()).and_then(|_| f.sync_all());
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e).with_context(|| format!("writing {}", tmp.display()));
+        }
     }
     durable::rename(&tmp, &spool_root.join("new").join(&unique))?;
     Ok(unique)
