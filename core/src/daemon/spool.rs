@@ -8,9 +8,9 @@
 //! job id, plus the file's inode) and the claim is removed only after the
 //! move, so a file found in `new/` with a claim is only moved on.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::durable;
@@ -186,25 +186,21 @@ impl Spool {
             .map(|m| m.uid())
     }
 
-    /// Read `new/<name>`: a regular file (never through a symlink) of at most 1 MiB.
-    /// `Err` holds the plain reason to reject it.
+    /// Read `new/<name>`: a regular file (never through a symlink) of at most
+    /// 1 MiB, opened by its one name in `new/` held open.  `Err` holds the
+    /// plain reason to reject it.
     pub fn read(&self, name: &str) -> std::result::Result<Dropped, String> {
-        let path = self.new_dir().join(name);
-        let meta = std::fs::symlink_metadata(&path).map_err(|e| format!("cannot stat it: {e}"))?;
-        if !meta.file_type().is_file() {
-            return Err(
-                "it is not a regular file (symlinks, folders and devices are refused)".into(),
-            );
-        }
-        let mut file = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&path)
-            .map_err(|e| format!("cannot open it: {e}"))?;
+        let new = crate::safe_fs::Dir::open(&self.new_dir()).map_err(|e| format!("{e:#}"))?;
+        let file = match new.open_regular(name) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Err("it is gone".into()),
+            Err(_) => {
+                return Err(
+                    "it is not a regular file (symlinks, folders and devices are refused)".into(),
+                )
+            }
+        };
         let meta = file.metadata().map_err(|e| e.to_string())?;
-        if !meta.file_type().is_file() {
-            return Err("it is not a regular file".into());
-        }
         if meta.len() > MAX_JOB_FILE_BYTES {
             return Err(format!(
                 "it is {} bytes; job files are at most {} bytes (data belongs in data.train, not in the job file)",
@@ -213,8 +209,7 @@ impl Spool {
             ));
         }
         let mut bytes = Vec::new();
-        (&mut file)
-            .take(MAX_JOB_FILE_BYTES + 1)
+        file.take(MAX_JOB_FILE_BYTES + 1)
             .read_to_end(&mut bytes)
             .map_err(|e| format!("cannot read it: {e}"))?;
         let text = String::from_utf8(bytes).map_err(|_| "it is not UTF-8 text".to_string())?;

@@ -49,6 +49,8 @@ impl Daemon {
             }
             let dropped = match self.spool.read(&name) {
                 Ok(d) => d,
+                // Taken away since the listing: nothing to do.
+                Err(_) if self.spool.inode(&name).is_none() => continue,
                 Err(why) => {
                     self.reject_unless_fresh(&name, &why);
                     continue;
