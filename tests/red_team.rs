@@ -79,19 +79,36 @@ fn owner_and_mode(path: &Path) -> (u32, u32) {
     (m.uid(), m.mode() & 0o7777)
 }
 
-/// A job of user 65534 on a model copy anyone may read; returns its id once ended.
-fn nobody_job(d: &Daemon, dir: &Path, name: &str, steps: u64) -> u64 {
+/// The example reviews, the training data of `job_file`'s jobs.
+fn reviews() -> String {
+    root()
+        .join("examples/data/reviews.jsonl")
+        .display()
+        .to_string()
+}
+
+/// Drop a job of user 65534 on a model copy anyone may read, training on
+/// `data` (default: the example reviews); returns its id once taken.
+fn drop_nobody_job(d: &Daemon, dir: &Path, name: &str, steps: u64, data: Option<&Path>) -> u64 {
     let job = job_file(dir, name, steps, 1);
     let model = model_copy(dir, &format!("{name}-model"), 0o644);
-    let text = std::fs::read_to_string(&job).unwrap().replace(
+    let mut text = std::fs::read_to_string(&job).unwrap().replace(
         &fixture("llama").display().to_string(),
         &model.display().to_string(),
     );
+    if let Some(data) = data {
+        text = text.replace(&reviews(), &data.display().to_string());
+    }
     std::fs::write(&job, text).unwrap();
     let before = d.jobs().len();
     drop_as_nobody(d, &job, &format!("{name}.yaml"));
     d.wait_until("the job to be taken", |d| d.jobs().len() == before + 1);
-    let id = d.jobs()[before]["id"].as_u64().unwrap();
+    d.jobs()[before]["id"].as_u64().unwrap()
+}
+
+/// A job of user 65534 on the example reviews; returns its id once ended.
+fn nobody_job(d: &Daemon, dir: &Path, name: &str, steps: u64) -> u64 {
+    let id = drop_nobody_job(d, dir, name, steps, None);
     d.wait_done(id);
     id
 }
@@ -212,27 +229,9 @@ fn links_planted_between_attempts_take_nothing_over() {
         .collect();
     let d = Daemon::start(tmp.path(), CONFIG);
     // A job that fails at every attempt: its data file is not a dataset.
-    let job = job_file(tmp.path(), "failing", 3, 1);
-    let model = model_copy(tmp.path(), "failing-model", 0o644);
     let bad_data = tmp.path().join("bad.jsonl");
     std::fs::write(&bad_data, "not json\n").unwrap();
-    let text_ = std::fs::read_to_string(&job)
-        .unwrap()
-        .replace(
-            &fixture("llama").display().to_string(),
-            &model.display().to_string(),
-        )
-        .replace(
-            &root()
-                .join("examples/data/reviews.jsonl")
-                .display()
-                .to_string(),
-            &bad_data.display().to_string(),
-        );
-    std::fs::write(&job, text_).unwrap();
-    drop_as_nobody(&d, &job, "failing.yaml");
-    d.wait_until("the job to be taken", |d| d.jobs().len() == 1);
-    let id = d.jobs()[0]["id"].as_u64().unwrap();
+    let id = drop_nobody_job(&d, tmp.path(), "failing", 3, Some(&bad_data));
     let run = d.job_dir(id).join("run");
     // While it retries, plant links to root's files under every name the
     // daemon or the worker might use, in the job folder (refused now: older
@@ -296,10 +295,6 @@ fn intake_sees_only_what_the_owner_may_see() {
     let job = job_file(tmp.path(), "probe", 3, 1);
     let text_ = std::fs::read_to_string(&job).unwrap();
     let llama = fixture("llama").display().to_string();
-    let reviews = root()
-        .join("examples/data/reviews.jsonl")
-        .display()
-        .to_string();
     let private_weights = model_copy(tmp.path(), "private-model", 0o600);
     let probes = [
         (
@@ -312,7 +307,7 @@ fn intake_sees_only_what_the_owner_may_see() {
         ),
         (
             "secret-data",
-            text_.replace(&reviews, &secret.display().to_string()),
+            text_.replace(&reviews(), &secret.display().to_string()),
         ),
         (
             "secret-config",
@@ -356,31 +351,13 @@ fn a_job_runs_with_its_owners_supplementary_groups() {
     let data_dir = tmp.path().join("group-data");
     std::fs::create_dir(&data_dir).unwrap();
     let data = data_dir.join("reviews.jsonl");
-    std::fs::copy(root().join("examples/data/reviews.jsonl"), &data).unwrap();
+    std::fs::copy(reviews(), &data).unwrap();
     std::os::unix::fs::chown(&data_dir, Some(0), Some(group.gid)).unwrap();
     std::os::unix::fs::chown(&data, Some(0), Some(group.gid)).unwrap();
     std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o750)).unwrap();
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o640)).unwrap();
     let d = Daemon::start(tmp.path(), CONFIG);
-    let job = job_file(tmp.path(), "grouped", 2, 1);
-    let model = model_copy(tmp.path(), "grouped-model", 0o644);
-    let text_ = std::fs::read_to_string(&job)
-        .unwrap()
-        .replace(
-            &fixture("llama").display().to_string(),
-            &model.display().to_string(),
-        )
-        .replace(
-            &root()
-                .join("examples/data/reviews.jsonl")
-                .display()
-                .to_string(),
-            &data.display().to_string(),
-        );
-    std::fs::write(&job, text_).unwrap();
-    drop_as_nobody(&d, &job, "grouped.yaml");
-    d.wait_until("the job to be taken", |d| d.jobs().len() == 1);
-    let id = d.jobs()[0]["id"].as_u64().unwrap();
+    let id = drop_nobody_job(&d, tmp.path(), "grouped", 2, Some(&data));
     let rec = d.wait_done(id);
     assert_eq!(
         rec["state"],
@@ -485,13 +462,7 @@ fn bombs_fifos_and_devices_are_rejected_and_cost_the_daemon_nothing() {
         ("fifo-config", random(&fifo), "not a regular file"),
         (
             "fifo-data",
-            text_.replace(
-                &root()
-                    .join("examples/data/reviews.jsonl")
-                    .display()
-                    .to_string(),
-                &fifo.display().to_string(),
-            ),
+            text_.replace(&reviews(), &fifo.display().to_string()),
             "not a file you can read",
         ),
     ];
@@ -668,14 +639,10 @@ fn a_full_disk_pauses_the_daemon_and_space_brings_it_back() {
     // A job that fails on its own (its data is not a dataset): it must stay failed.
     let bad_data = tmp.path().join("bad.jsonl");
     std::fs::write(&bad_data, "not json\n").unwrap();
-    let reviews = root()
-        .join("examples/data/reviews.jsonl")
-        .display()
-        .to_string();
     let failing = job_file(tmp.path(), "failing", 3, 1);
     let body = std::fs::read_to_string(&failing)
         .unwrap()
-        .replace(&reviews, &bad_data.display().to_string());
+        .replace(&reviews(), &bad_data.display().to_string());
     std::fs::write(&failing, body).unwrap();
     let failed = d.submit(&failing);
     assert_eq!(d.wait_done(failed)["state"], "failed");
