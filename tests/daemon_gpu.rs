@@ -172,17 +172,7 @@ impl GpuDaemon {
 
     /// `mezod submit`; returns the job id.
     fn submit(&self, job: &Path) -> u64 {
-        let out = check(
-            mezod()
-                .arg("submit")
-                .arg(job)
-                .arg("--socket")
-                .arg(self.socket())
-                .output()
-                .unwrap(),
-            "mezod submit",
-        );
-        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+        submit_to(&self.socket(), job)
     }
 
     /// The status report over the socket, as JSON.

@@ -63,17 +63,7 @@ impl Daemon {
 
     /// `mezod submit`, as a user types it; returns the job id.
     pub fn submit(&self, job: &Path) -> u64 {
-        let out = check(
-            mezod()
-                .arg("submit")
-                .arg(job)
-                .arg("--socket")
-                .arg(self.socket())
-                .output()
-                .unwrap(),
-            "mezod submit",
-        );
-        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+        submit_to(&self.socket(), job)
     }
 
     pub fn jobs(&self) -> Vec<Value> {

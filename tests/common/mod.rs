@@ -189,6 +189,21 @@ pub fn spawn_daemon(root: &Path, env: &[(&str, &std::ffi::OsStr)], log: &Path) -
     child
 }
 
+/// `mezod submit JOB --socket SOCKET`, as a user types it; returns the job id.
+pub fn submit_to(socket: &Path, job: &Path) -> u64 {
+    let out = check(
+        mezod()
+            .arg("submit")
+            .arg(job)
+            .arg("--socket")
+            .arg(socket)
+            .output()
+            .unwrap(),
+        "mezod submit",
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
 /// The daemon's status report over `socket`, every ended job included, as JSON.
 pub fn daemon_status(socket: &Path) -> serde_json::Value {
     use mezod::daemon::control::{request, Request, Response};
