@@ -168,3 +168,97 @@ fn divergence_fails_naming_the_step_and_never_saves_nan_weights() {
         }
     }
 }
+
+/// The Quick start's form: from a project folder, a job file with paths
+/// relative to itself, `--out` relative to the working folder, Ctrl-C, then
+/// exactly the command mezod printed; and `mezod export --seed-log` on that
+/// run from another working folder.  (Frozen specs once kept the relative
+/// paths and were read back against the run folder.)
+#[test]
+fn ctrl_c_and_the_printed_command_resume_with_relative_paths() {
+    let tmp = tempfile::tempdir().unwrap();
+    let project = tmp.path().join("project");
+    let examples = project.join("examples");
+    std::fs::create_dir_all(examples.join("data")).unwrap();
+    std::fs::copy(
+        root().join("examples/data/reviews.jsonl"),
+        examples.join("data/reviews.jsonl"),
+    )
+    .unwrap();
+    let models = project.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let model = models.join("llama");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in std::fs::read_dir(fixture("llama")).unwrap() {
+        let f = f.unwrap();
+        if f.file_type().unwrap().is_file() {
+            std::fs::copy(f.path(), model.join(f.file_name())).unwrap();
+        }
+    }
+    std::fs::write(
+        examples.join("job.yaml"),
+        "model: {path: ../models/llama, dtype: f32, threads: 1}\n\
+         task: {kind: causal_lm}\n\
+         data: {train: data/reviews.jsonl, text_field: text, dev_fraction: 0.1}\n\
+         mezo: {steps: 200, batch_size: 4, lr: 1.0e-3, eps: 1.0e-3, seed: 7, eval_every: 100, snapshot_every: 40}\n",
+    )
+    .unwrap();
+    let in_project = |args: &[&str]| {
+        let mut c = mezod();
+        c.current_dir(&project).args(args);
+        c
+    };
+    let solo = check(
+        in_project(&["run", "examples/job.yaml", "--out", "runs/solo"])
+            .output()
+            .unwrap(),
+        "uninterrupted run",
+    );
+    drop(solo);
+    let want = sha256(&project.join("runs/solo/model/model.safetensors"));
+
+    let mut child = in_project(&["run", "examples/job.yaml", "--out", "runs/intr"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(wait_for_steps(&mut child, &project.join("runs/intr"), 30));
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let printed = stderr
+        .lines()
+        .find_map(|l| l.split("Resume with: ").nth(1))
+        .unwrap_or_else(|| panic!("no resume command in: {stderr}"))
+        .trim()
+        .to_string();
+    assert_eq!(printed, "mezod run examples/job.yaml --out runs/intr");
+    let args: Vec<&str> = printed.split_whitespace().skip(1).collect();
+    check(
+        in_project(&args).output().unwrap(),
+        "the printed resume command",
+    );
+    assert_eq!(
+        sha256(&project.join("runs/intr/model/model.safetensors")),
+        want,
+        "resumed in the Quick start form, bit-identical"
+    );
+    // The frozen spec names absolute paths, so any working folder can use the run.
+    let frozen = std::fs::read_to_string(project.join("runs/intr/spec.yaml")).unwrap();
+    assert!(
+        frozen.contains(&format!("path: {}", project.display())),
+        "{frozen}"
+    );
+    let exported = mezod()
+        .current_dir(tmp.path())
+        .args([
+            "export",
+            "--seed-log",
+            "project/runs/intr",
+            "-o",
+            "intr.mezo",
+        ])
+        .output()
+        .unwrap();
+    check(exported, "mezod export from another folder");
+}

@@ -474,7 +474,16 @@ impl JobSpec {
                 bail!("workdir must be an absolute path, not {}", w.display());
             }
         }
-        let base = spec.workdir.clone().or_else(|| base.map(Path::to_path_buf));
+        // Absolute from here on: the spec is frozen into run folders and read
+        // back from other working folders (a resume printed as
+        // `mezod run examples/job.yaml …` must find the same files).
+        let base = match spec.workdir.clone().or_else(|| base.map(Path::to_path_buf)) {
+            Some(b) => Some(
+                std::path::absolute(&b)
+                    .with_context(|| format!("making {} absolute", b.display()))?,
+            ),
+            None => None,
+        };
         let abs = |p: &mut PathBuf, field: &str| -> Result<()> {
             if p.is_relative() {
                 match &base {
