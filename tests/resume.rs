@@ -262,3 +262,39 @@ fn ctrl_c_and_the_printed_command_resume_with_relative_paths() {
         .unwrap();
     check(exported, "mezod export from another folder");
 }
+
+/// Running a finished run again shows its result and changes nothing: the
+/// wall time and speed it measured stay (a no-op rerun once rewrote them).
+#[test]
+fn a_finished_run_run_again_keeps_its_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = causal_job(
+        tmp.path(),
+        "llama",
+        "steps: 20, batch_size: 2, lr: 1.0e-3, seed: 1",
+    );
+    let run = tmp.path().join("run");
+    let first = run_to_end(&job, &run, "first run");
+    let result = std::fs::read(run.join("result.json")).unwrap();
+    let weights = sha256(&run.join("model/model.safetensors"));
+    let again = run_to_end(&job, &run, "the same command again");
+    assert_eq!(
+        std::fs::read(run.join("result.json")).unwrap(),
+        result,
+        "result.json rewritten by a rerun"
+    );
+    assert_eq!(sha256(&run.join("model/model.safetensors")), weights);
+    let done = |o: &std::process::Output| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find(|l| l.starts_with("done:"))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(!done(&first).is_empty());
+    assert_eq!(
+        done(&again),
+        done(&first),
+        "the rerun prints the result it has"
+    );
+}

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::baselines::{self, Baselines};
 use crate::data::task::{Evaluation, Task};
@@ -70,7 +70,7 @@ pub enum Outcome {
     },
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunResult {
     pub metric: String,
     pub zero_shot: Option<f64>,
@@ -357,6 +357,19 @@ fn claim_out_dir(out: &Path, spec: &JobSpec, fp: &Fingerprint, force: bool) -> R
     Ok(())
 }
 
+/// The result of a run in `out` that has already done all of `spec`'s steps.
+fn finished_result(out: &Path, spec: &JobSpec, log: &dyn StepLog) -> Result<Option<RunResult>> {
+    let path = out.join("result.json");
+    if !path.is_file() || !out.join("model").is_dir() {
+        return Ok(None);
+    }
+    let Ok(result) = serde_json::from_str::<RunResult>(&std::fs::read_to_string(&path)?) else {
+        return Ok(None);
+    };
+    let finished = result.steps == spec.steps() && log.contiguous()?.len() as u64 >= spec.steps();
+    Ok(finished.then_some(result))
+}
+
 /// Run (or resume) the job in `spec_path`, writing into `out`, with the seed
 /// log in `out/seedlog` (sled).
 pub fn run(spec_path: &Path, out: &Path, opts: &RunOptions) -> Result<Outcome> {
@@ -388,6 +401,15 @@ pub fn run_with_log(
         .unwrap_or_else(|| Rng::default_for(&device_name));
     let fp = Fingerprint::current(&device_name, spec.model.dtype, threads, rng);
     claim_out_dir(out, &spec, &fp, opts.force)?;
+    if let Some(result) = finished_result(out, &spec, &*log)? {
+        // Run again as it was: the result stands as measured (a rerun must
+        // not replace its wall time by that of a no-op).
+        tracing::info!(
+            "{} has finished already; its result stays as it was (choose another --out to run again)",
+            out.display()
+        );
+        return Ok(Outcome::Completed(result));
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     let signal_no = Arc::new(std::sync::atomic::AtomicI32::new(0));
