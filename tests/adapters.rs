@@ -295,11 +295,17 @@ fn lora_and_prefix_fine_tunes_travel_as_mezo_files() {
                 .unwrap(),
             "mezod apply --force",
         );
-        // A resume that would start elsewhere is refused too.
+        // A resume that would start elsewhere is refused too (the export is
+        // removed so that there is something to resume: a finished run run
+        // again only shows its result).
         std::fs::write(run.join("initial.sha256"), "0".repeat(64)).unwrap();
+        let model_dir = run.join("model");
+        let kept = tmp.path().join(format!("{tuning}-model-kept"));
+        std::fs::rename(&model_dir, &kept).unwrap();
         let resumed = mezod_run(&job, &run);
         assert!(!resumed.status.success());
         assert!(String::from_utf8_lossy(&resumed.stderr).contains("starting"));
+        std::fs::rename(&kept, &model_dir).unwrap();
         let py = python()
             .arg(root().join("scripts/mezo_rebuild.py"))
             .arg(&file)
