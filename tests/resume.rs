@@ -131,8 +131,47 @@ fn a_changed_spec_is_refused_and_the_run_left_alone() {
     .unwrap();
     let out = mezod_run(&job, &run);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("different job spec"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("different job spec"), "{stderr}");
+    assert!(
+        stderr.contains("mezo.seed: 1 → 2"),
+        "says what changed: {stderr}"
+    );
     assert_eq!(sha256(&run.join("model/model.safetensors")), before);
+}
+
+/// A run that failed before its first step takes an edited job file without
+/// ceremony (no `rm -rf` of its folder).
+#[test]
+fn a_run_without_steps_takes_an_edited_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = causal_job(
+        tmp.path(),
+        "llama",
+        "steps: 5, batch_size: 2, lr: 1.0e-3, seed: 1",
+    );
+    let good = std::fs::read_to_string(&job).unwrap();
+    let bad_data = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad_data, "not json\n").unwrap();
+    let reviews = root()
+        .join("examples/data/reviews.jsonl")
+        .display()
+        .to_string();
+    std::fs::write(
+        &job,
+        good.replace(&reviews, &bad_data.display().to_string()),
+    )
+    .unwrap();
+    let run = tmp.path().join("run");
+    let failed = mezod_run(&job, &run);
+    assert!(!failed.status.success());
+    assert!(
+        run.join("spec.yaml").is_file(),
+        "the folder was claimed before the failure"
+    );
+    std::fs::write(&job, &good).unwrap();
+    run_to_end(&job, &run, "the edited job in the same folder");
+    assert!(run.join("model/model.safetensors").is_file());
 }
 
 #[test]

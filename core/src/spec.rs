@@ -641,6 +641,43 @@ impl JobSpec {
     pub fn to_yaml(&self) -> String {
         serde_yaml::to_string(self).expect("a parsed spec serializes")
     }
+
+    /// Each field that differs from `newer`, as `path: old → new`.
+    pub fn differences(&self, newer: &JobSpec) -> Vec<String> {
+        fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, String>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    for (k, v) in m {
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        flatten(&key, v, out);
+                    }
+                }
+                other => {
+                    out.insert(prefix.to_string(), other.to_string());
+                }
+            }
+        }
+        let (mut old, mut new) = (BTreeMap::new(), BTreeMap::new());
+        let json = |s: &JobSpec| serde_json::to_value(s).expect("a parsed spec serializes");
+        flatten("", &json(self), &mut old);
+        flatten("", &json(newer), &mut new);
+        let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+        let none = "(unset)".to_string();
+        keys.into_iter()
+            .filter(|k| old.get(*k) != new.get(*k))
+            .map(|k| {
+                format!(
+                    "{k}: {} → {}",
+                    old.get(k).unwrap_or(&none),
+                    new.get(k).unwrap_or(&none)
+                )
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

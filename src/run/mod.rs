@@ -323,7 +323,13 @@ fn frozen_rng(out: &Path) -> Option<Rng> {
 }
 
 /// Check the frozen spec and fingerprint of an existing run directory, or freeze them.
-fn claim_out_dir(out: &Path, spec: &JobSpec, fp: &Fingerprint, force: bool) -> Result<()> {
+fn claim_out_dir(
+    out: &Path,
+    spec: &JobSpec,
+    fp: &Fingerprint,
+    force: bool,
+    steps_recorded: u64,
+) -> Result<()> {
     std::fs::create_dir_all(out)
         .with_context(|| format!("creating output directory {}", out.display()))?;
     let frozen = out.join("spec.yaml");
@@ -331,10 +337,23 @@ fn claim_out_dir(out: &Path, spec: &JobSpec, fp: &Fingerprint, force: bool) -> R
         let old = JobSpec::parse(&std::fs::read_to_string(&frozen)?, out)
             .with_context(|| format!("reading the frozen spec {}", frozen.display()))?;
         if &old != spec {
-            bail!(
-                "{} holds a run of a different job spec; to start afresh choose another --out or delete that directory",
+            let changes = old.differences(spec).join("; ");
+            if steps_recorded > 0 {
+                bail!(
+                    "{} holds a run of a different job spec ({changes}); to start afresh choose \
+                     another --out or delete that directory",
+                    out.display()
+                );
+            }
+            // Nothing was trained yet (a run that failed before its first
+            // step): the edited job simply takes the folder over.
+            tracing::info!(
+                "{} has no step recorded: the edited job file replaces the one it was started with ({changes})",
                 out.display()
             );
+            durable::write(&frozen, spec.to_yaml())?;
+            let _ = std::fs::remove_file(out.join(tune_file::INITIAL_SHA256));
+            let _ = std::fs::remove_file(out.join("fingerprint.json"));
         }
     } else {
         durable::write(&frozen, spec.to_yaml())?;
@@ -400,7 +419,7 @@ pub fn run_with_log(
         .or_else(|| frozen_rng(out))
         .unwrap_or_else(|| Rng::default_for(&device_name));
     let fp = Fingerprint::current(&device_name, spec.model.dtype, threads, rng);
-    claim_out_dir(out, &spec, &fp, opts.force)?;
+    claim_out_dir(out, &spec, &fp, opts.force, log.contiguous()?.len() as u64)?;
     if let Some(result) = finished_result(out, &spec, &*log)? {
         // Run again as it was: the result stands as measured (a rerun must
         // not replace its wall time by that of a no-op).
