@@ -69,15 +69,15 @@ fn jobs_are_accepted_or_rejected_and_every_file_lands_once() {
 
     // A file that fails its checks while fresh (perhaps still being copied in)
     // is looked at again after the settle time: wait for every verdict.
+    // (The sidecar is written before the file moves: wait for the move too.)
     d.wait_until("a rejection for every bad file", |d| {
         bad.iter()
             .map(|(name, _)| *name)
             .chain(["link.yaml"])
             .all(|name| {
-                d.spool()
-                    .join("rejected")
-                    .join(format!("{name}.error"))
-                    .is_file()
+                let rejected = d.spool().join("rejected");
+                rejected.join(format!("{name}.error")).is_file()
+                    && rejected.join(name).symlink_metadata().is_ok()
             })
     });
     let error = |name: &str| {
