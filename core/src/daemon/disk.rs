@@ -22,19 +22,6 @@ pub fn free_bytes(path: &Path) -> Result<u64> {
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
-/// Is `e` (anywhere in its chain) a full disk or a failed write in sled?
-pub fn is_storage_error(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<sled::Error>()
-            .is_some_and(|s| matches!(s, sled::Error::Io(_) | sled::Error::Corruption { .. }))
-            || c.downcast_ref::<std::io::Error>().is_some_and(|io| {
-                io.kind() == std::io::ErrorKind::StorageFull
-                    || io.raw_os_error() == Some(libc::ENOSPC)
-                    || io.raw_os_error() == Some(libc::EDQUOT)
-            })
-    })
-}
-
 /// Before opening the database in `db_dir`: remove sled's incomplete
 /// snapshots (`snap.*.generating`, empty when a full disk stopped them; sled
 /// refuses to open beside one) and, if the disk is full, free the reserve.
@@ -67,8 +54,9 @@ pub struct DiskGuard {
     reserve: PathBuf,
     reserve_bytes: u64,
     low: Option<String>,
-    /// The reserve could not be made (a filesystem without fallocate): said once.
-    said_no_reserve: bool,
+    /// The reserve could not be made (a filesystem without fallocate, or
+    /// too little room): not tried again until the disk has been low.
+    reserve_failed: bool,
 }
 
 impl DiskGuard {
@@ -78,7 +66,7 @@ impl DiskGuard {
             reserve: reserve_path(state),
             reserve_bytes,
             low: None,
-            said_no_reserve: false,
+            reserve_failed: false,
         }
     }
 
@@ -119,15 +107,14 @@ impl DiskGuard {
                     Err(e) => tracing::error!("could not remove {}: {e}", self.reserve.display()),
                 }
             }
-        } else if !self.reserve.exists() {
+            self.reserve_failed = false;
+        } else if !self.reserve_failed && !self.reserve.exists() {
             if let Err(e) = self.make_reserve() {
-                if !self.said_no_reserve {
-                    tracing::warn!(
-                        "could not set aside the disk reserve {}: {e:#}",
-                        self.reserve.display()
-                    );
-                    self.said_no_reserve = true;
-                }
+                tracing::warn!(
+                    "could not set aside the disk reserve {}: {e:#}",
+                    self.reserve.display()
+                );
+                self.reserve_failed = true;
             }
         }
         let changed = low.is_some() != self.low.is_some();

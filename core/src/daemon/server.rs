@@ -364,6 +364,7 @@ impl Daemon {
         let mut last_extend = Instant::now() - Duration::from_secs(60);
         let mut spool_dirty = false;
         let mut last_schedule = Instant::now();
+        let mut last_disk_check = Instant::now();
         loop {
             let wait = self.notifier.ping_interval().map_or(TICK, |p| p.min(TICK));
             match rx.recv_timeout(wait) {
@@ -378,8 +379,13 @@ impl Daemon {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            if self.disk.check() {
-                self.schedule_due = true;
+            // Once a tick, not on every step record (a worker's exit measures
+            // at once: see `on_exit`).
+            if last_disk_check.elapsed() >= TICK {
+                last_disk_check = Instant::now();
+                if self.disk.check() {
+                    self.schedule_due = true;
+                }
             }
             // Reopened once there is room: a reopen needs to write, and a
             // failed database still answers status from its index meanwhile.

@@ -356,7 +356,7 @@ impl Daemon {
         };
         job.apply(Transition::Fail { at: now() })?;
         job.reason = reason.to_string();
-        let dir = JobDir::prepare(&self.jobs, &self.dirs.jobs(), id, None)?;
+        let dir = JobDir::open(&self.jobs, &self.dirs.jobs(), id)?;
         let mut text = format!("job {id} ({}) failed: {reason}\n", job.name);
         if with_log {
             text.push_str("\nlast lines of its log:\n");
