@@ -8,6 +8,7 @@ pub mod baselines;
 pub mod bench;
 pub mod data;
 pub mod estimate;
+pub mod inspect;
 pub mod mezo;
 pub mod model;
 pub mod run;

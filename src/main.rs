@@ -79,6 +79,14 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Check a job before spending GPU hours on it: split sizes and labels,
+    /// prompts and answers as the model reads them (text, token ids, pieces),
+    /// sequence lengths against max_length, the memory estimate, warnings.
+    ///
+    /// Example: `mezod inspect examples/classification.yaml` (`--json` for a
+    /// JSON object).  Exits 1 when the job cannot run (a missing file, a row
+    /// without the fields the task needs); warnings do not change the status.
+    Inspect(mezod::inspect::InspectArgs),
     /// Time forward passes, MeZO steps or replays on a fixed synthetic batch
     /// (one JSON line: seconds per iteration, peak RSS). `make bench` compares them.
     Bench(mezod::bench::BenchArgs),
@@ -211,6 +219,15 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 tune.steps.len(),
                 source.describe()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Inspect(args) => {
+            let report = mezod::inspect::inspect(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                mezod::inspect::print(&report);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(args) => {

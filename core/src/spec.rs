@@ -478,6 +478,8 @@ impl JobSpec {
         // back from other working folders (a resume printed as
         // `mezod run examples/job.yaml …` must find the same files).
         let base = match spec.workdir.clone().or_else(|| base.map(Path::to_path_buf)) {
+            // `job.yaml`'s folder is the empty path: the working folder.
+            Some(b) if b.as_os_str().is_empty() => Some(std::env::current_dir()?),
             Some(b) => Some(
                 std::path::absolute(&b)
                     .with_context(|| format!("making {} absolute", b.display()))?,
@@ -725,6 +727,13 @@ mod tests {
             JobSpec::parse(&s.to_yaml(), Path::new("/elsewhere")).unwrap(),
             s
         );
+    }
+
+    #[test]
+    fn a_job_file_named_without_a_folder_takes_the_working_folder() {
+        // `mezod run job.yaml`: the file's folder is the empty path.
+        let s = JobSpec::parse(MINIMAL, Path::new("")).unwrap();
+        assert_eq!(s.model.path, std::env::current_dir().unwrap().join("m"));
     }
 
     #[test]

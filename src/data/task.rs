@@ -11,6 +11,14 @@
 //!   above.  Other task kinds need a causal LM.
 //!
 //! Sequences are left-padded with attention masks.
+//!
+//! **One spacing rule for answers** (classification, multiple choice, ICL
+//! demonstrations, generation golds): an answer is the prompt with its
+//! trailing spaces dropped, one space, and the word with its surrounding
+//! whitespace trimmed.  So `" great"`, `"great"` and `"great "` are the same
+//! answer with the same token ids: a word written with its own leading space
+//! must not become a stray space token plus the word, which costs a byte-level
+//! BPE model (GPT-2, LLaMA 3, SmolLM2) several points of accuracy.
 
 use std::collections::BTreeMap;
 
@@ -79,6 +87,18 @@ pub struct Evaluation {
 struct ChoiceItem {
     seqs: Vec<(Vec<i64>, usize)>,
     gold: usize,
+}
+
+/// One example as the model reads it (see [`Task::render`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Rendering {
+    pub prompt: String,
+    /// Each candidate answer: its text and its token ids.
+    pub answers: Vec<(String, Vec<i64>)>,
+    /// The right answer's index (choice and generation tasks).
+    pub gold: Option<usize>,
+    /// Tokens of the longest sequence before `max_length` cuts it.
+    pub tokens: usize,
 }
 
 /// A masked LM's mask token: its text (what `{mask}` becomes) and its id.
@@ -173,8 +193,12 @@ impl Task {
                 let mut words: Vec<String> = Vec::new();
                 let mut class_of = BTreeMap::new();
                 for (label, word) in &label_words {
+                    let word = word.trim();
+                    if word.is_empty() {
+                        bail!("task.label_words: the word for label {label:?} is empty");
+                    }
                     let idx = words.iter().position(|w| w == word).unwrap_or_else(|| {
-                        words.push(word.clone());
+                        words.push(word.to_string());
                         words.len() - 1
                     });
                     class_of.insert(label.clone(), idx);
@@ -328,7 +352,8 @@ impl Task {
         {
             return fill_template(&t.replace(MASK, &mask.text), ex);
         }
-        match self {
+        // The answer follows after one space (the module's spacing rule).
+        let text = match self {
             Task::Generation { template: t, .. }
             | Task::Choice {
                 prompt: Prompt::Template(t),
@@ -355,15 +380,16 @@ impl Task {
                 Ok(format!("{premise} {joiner}"))
             }
             Task::CausalLm { .. } => unreachable!(),
-        }
+        }?;
+        Ok(text.trim_end_matches([' ', '\t']).to_string())
     }
 
-    /// The candidate answers of `ex` (each with its leading space) and the
-    /// index of the right one.
+    /// The candidate answers of `ex` — each its one leading space and the
+    /// trimmed word (the module's spacing rule) — and the index of the right one.
     fn answers(&self, ex: &Example) -> Result<(Vec<String>, usize)> {
         if let Task::Generation { .. } = self {
             let golds = self.golds(ex)?;
-            return Ok((golds.iter().map(|g| format!(" {g}")).collect(), 0));
+            return Ok((golds.iter().map(|g| answer_text(g)).collect(), 0));
         }
         let Task::Choice {
             candidates,
@@ -383,7 +409,7 @@ impl Task {
                         class_of.keys().cloned().collect::<Vec<_>>().join(", ")
                     )
                 })?;
-                (words.iter().map(|w| format!(" {w}")).collect(), gold)
+                (words.iter().map(|w| answer_text(w)).collect(), gold)
             }
             Candidates::Fields(fields) => {
                 let answers = fields
@@ -391,9 +417,9 @@ impl Task {
                     .map(|f| {
                         let a = get(ex, f)?;
                         Ok(if matches!(prompt, Prompt::Copa) {
-                            format!(" {}", lower_first(a))
+                            answer_text(&lower_first(a.trim()))
                         } else {
-                            format!(" {a}")
+                            answer_text(a)
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
@@ -429,7 +455,8 @@ impl Task {
         }
     }
 
-    fn max_length(&self) -> usize {
+    /// The longest sequence fed (after [`Task::limit_length`]).
+    pub fn max_length(&self) -> usize {
         match self {
             Task::CausalLm { max_length, .. }
             | Task::Choice { max_length, .. }
@@ -540,6 +567,93 @@ impl Task {
             seqs.push((ids[ids.len() - keep..].to_vec(), ans.len()));
         }
         Ok(ChoiceItem { seqs, gold })
+    }
+
+    /// `ex` as the model reads it (for `mezod inspect`): the prompt, each
+    /// candidate answer with its token ids, which one is right, and how many
+    /// tokens its longest sequence takes before `max_length` cuts it.
+    pub fn render(&self, model: &LanguageModel, ex: &Example) -> Result<Rendering> {
+        let tokenizer = &model.tokenizer;
+        if let Task::CausalLm { field, .. } = self {
+            let text = get(ex, field)?;
+            return Ok(Rendering {
+                prompt: text.to_string(),
+                answers: Vec::new(),
+                gold: None,
+                tokens: tokenizer.encode(text, true)?.len(),
+            });
+        }
+        let mask = self.mask_token(model)?;
+        let prompt = self.context_text(ex, mask.as_ref())?;
+        let context = tokenizer.encode(&prompt, true)?.len();
+        let (texts, gold) = self.answers(ex)?;
+        let ids = match &mask {
+            // A masked LM reads one token per label word, at its mask.
+            Some(_) => self
+                .label_ids(model)?
+                .into_iter()
+                .map(|id| vec![id])
+                .collect(),
+            None => texts
+                .iter()
+                .map(|a| tokenizer.encode(a, false))
+                .collect::<Result<Vec<_>>>()?,
+        };
+        let longest = if mask.is_some() {
+            0
+        } else {
+            ids.iter().map(Vec::len).max().unwrap_or(0)
+        };
+        Ok(Rendering {
+            prompt,
+            answers: texts.into_iter().zip(ids).collect(),
+            gold: Some(gold),
+            tokens: context + longest,
+        })
+    }
+
+    /// The class index of each label value (classification), for counting
+    /// labels per class; None for other tasks.
+    pub fn classes_by_label(&self) -> Option<(&[String], &BTreeMap<String, usize>)> {
+        match self {
+            Task::Choice {
+                candidates: Candidates::Words { words, class_of },
+                ..
+            } => Some((words, class_of)),
+            _ => None,
+        }
+    }
+
+    /// The field that holds each example's right answer (choice tasks).
+    pub fn label_field(&self) -> Option<&str> {
+        match self {
+            Task::Choice { label_field, .. } => Some(label_field),
+            _ => None,
+        }
+    }
+
+    /// Each classification answer word as the model reads it after a prompt
+    /// (a masked LM: at its mask), with its token ids.
+    pub fn answer_word_ids(&self, model: &LanguageModel) -> Result<Vec<(String, Vec<i64>)>> {
+        let Some((words, _)) = self.classes_by_label() else {
+            return Ok(Vec::new());
+        };
+        if self.mask_token(model)?.is_some() {
+            let ids = self.label_ids(model)?;
+            return Ok(words
+                .iter()
+                .zip(ids)
+                .map(|(w, id)| (answer_text(w), vec![id]))
+                .collect());
+        }
+        words
+            .iter()
+            .map(|w| {
+                let text = answer_text(w);
+                let ids = model.tokenizer.encode(&text, false)?;
+                Ok((text, ids))
+            })
+            .collect()
     }
 
     /// Linear-probe features of a batch: the final hidden state (f32) at the
@@ -685,7 +799,7 @@ impl Task {
         words
             .iter()
             .map(|w| {
-                let word = format!(" {}", w.trim());
+                let word = answer_text(w);
                 match model.tokenizer.encode(&word, false)?.as_slice() {
                     [id] => Ok(*id),
                     ids => bail!(
@@ -917,6 +1031,11 @@ fn keys(ex: &Example) -> String {
     ex.keys().cloned().collect::<Vec<_>>().join(", ")
 }
 
+/// What follows a prompt as an answer: one space and the trimmed word.
+fn answer_text(word: &str) -> String {
+    format!(" {}", word.trim())
+}
+
 fn lower_first(s: &str) -> String {
     let mut c = s.chars();
     match c.next() {
@@ -934,6 +1053,95 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    fn task(yaml_task: &str) -> Task {
+        let spec = JobSpec::parse(
+            &format!(
+                "model: {{path: m}}\ntask: {yaml_task}\n\
+                 data: {{train: t.jsonl}}\nmezo: {{steps: 1, lr: 0}}\n"
+            ),
+            std::path::Path::new("/"),
+        )
+        .unwrap();
+        Task::from_spec(&spec).unwrap()
+    }
+
+    /// A byte-level BPE tokenizer (GPT-2's kind, as SmolLM2's and LLaMA 3's).
+    fn byte_level_model() -> LanguageModel {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2");
+        LanguageModel::load(&dir, crate::model::Dtype::F32, tch::Device::Cpu).unwrap()
+    }
+
+    /// The answer part of each candidate's token ids.
+    fn answer_ids(task: &Task, model: &LanguageModel, ex: &Example) -> Vec<Vec<i64>> {
+        let item = task.encode_choice(model, ex).unwrap();
+        item.seqs
+            .iter()
+            .map(|(ids, n)| ids[ids.len() - n..].to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn an_answer_is_one_space_and_the_trimmed_word_whatever_the_job_wrote() {
+        let model = byte_level_model();
+        let enc = |t: &str| model.tokenizer.encode(t, false).unwrap();
+        // The fixture tells one space from two (else this test could not fail).
+        assert_ne!(enc(" great"), enc("  great"));
+        let want = vec![enc(" terrible"), enc(" great")];
+        let ex = example("Fine.", "1");
+        for words in [
+            "{\"0\": terrible, \"1\": great}",
+            "{\"0\": \" terrible\", \"1\": \" great\"}",
+            "{\"0\": \"terrible \", \"1\": \" great \"}",
+        ] {
+            for template in ["\"{text} It was\"", "\"{text} It was \""] {
+                let t = task(&format!(
+                    "{{kind: classification, template: {template}, label_words: {words}}}"
+                ));
+                assert_eq!(
+                    answer_ids(&t, &model, &ex),
+                    want,
+                    "{words} after {template}"
+                );
+                let item = t.encode_choice(&model, &ex).unwrap();
+                assert_eq!(
+                    item.seqs[1].0,
+                    model.tokenizer.encode("Fine. It was great", true).unwrap(),
+                    "the prompt and the answer read as one text ({words}, {template})"
+                );
+                // Demonstrations follow the same rule.
+                let icl = t
+                    .with_demonstrations(&[&example("Loved it.", "1")])
+                    .unwrap();
+                assert_eq!(
+                    icl.context_text(&ex, None).unwrap(),
+                    "Loved it. It was great\n\nFine. It was"
+                );
+            }
+        }
+        // Multiple choice: the answers are fields of the example, spaced alike.
+        let mc = task("{kind: multiple_choice, template: \"{q}\", choices: [a, b]}");
+        let row = |a: &str, b: &str| -> Example {
+            [("q", "Pick one:"), ("a", a), ("b", b), ("label", "0")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let plain = answer_ids(&mc, &model, &row("red", "blue"));
+        assert_eq!(plain, vec![enc(" red"), enc(" blue")]);
+        assert_eq!(answer_ids(&mc, &model, &row(" red", "blue\n")), plain);
+        // Generation: the gold answer a model is taught is spaced alike.
+        let gen = task("{kind: generation, template: \"Q: {q} A:\", answer_field: a}");
+        let gold = |a: &str| -> Vec<Vec<i64>> {
+            let ex: Example = [("q", "Capital?"), ("a", a)]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            answer_ids(&gen, &model, &ex)[..1].to_vec()
+        };
+        assert_eq!(gold("Paris"), vec![enc(" Paris")]);
+        assert_eq!(gold("  Paris "), gold("Paris"));
     }
 
     #[test]

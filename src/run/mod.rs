@@ -464,6 +464,14 @@ pub fn run_with_log(
     task.check(&model, &splits.train, "training")?;
     task.check(&model, &splits.dev, "dev")?;
     task.check(&model, &splits.test, "test")?;
+    for (answer, ids) in task.answer_word_ids(&model)? {
+        if ids.len() > 1 {
+            tracing::info!(
+                "the answer {answer:?} is {} tokens for this tokenizer: it is scored by their mean log-probability",
+                ids.len()
+            );
+        }
+    }
     tracing::info!(
         "{} ({} trainable parameters, {:?} on {}, rng {:?}), {} train / {} dev / {} test examples",
         spec.model.describe(),

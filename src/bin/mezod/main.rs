@@ -27,7 +27,7 @@ training needs the memory of inference. Every step's seed and projected gradient
 interrupted run resumes bit-identically.\n\nStart with `mezod forward --model DIR --text \"...\"` to \
 check that a checkpoint loads, then `mezod run job.yaml`. On a shared server, run `mezod daemon` (or \
 the systemd unit) and hand it jobs with `mezod submit job.yaml`; follow them with `mezod status` and \
-`mezod logs ID --follow`.\n\nrun, forward, export, apply and bench are carried out by the engine, \
+`mezod logs ID --follow`.\n\nrun, forward, export, apply, inspect and bench are carried out by the engine, \
 mezod-engine, installed beside mezod (or named by MEZOD_ENGINE); `mezod run --help` shows its options. \
 MEZOD_LOG sets the log level (error, warn, info, debug)."
 )]
@@ -57,6 +57,10 @@ enum Command {
     /// Rebuild fine-tuned weights from a .mezo file and its base model.
     #[command(disable_help_flag = true)]
     Apply(EngineArgs),
+    /// Check a job before running it: splits, labels, prompts and answers as
+    /// token ids, lengths against max_length, memory, warnings.
+    #[command(disable_help_flag = true)]
+    Inspect(EngineArgs),
     /// Time forward passes, MeZO steps or replays on a fixed synthetic batch.
     #[command(disable_help_flag = true)]
     Bench(EngineArgs),
@@ -173,6 +177,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Forward(a) => hand_to_engine("forward", a),
         Command::Export(a) => hand_to_engine("export", a),
         Command::Apply(a) => hand_to_engine("apply", a),
+        Command::Inspect(a) => hand_to_engine("inspect", a),
         Command::Bench(a) => hand_to_engine("bench", a),
         Command::Daemon {
             config,
