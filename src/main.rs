@@ -42,9 +42,15 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
         /// Resume even if this machine's determinism fingerprint differs from the run's
-        /// (the result is then no longer bit-identical to an uninterrupted run).
+        /// (the result is then no longer bit-identical to an uninterrupted run),
+        /// and write into an output directory that holds other files.
         #[arg(long)]
         force: bool,
+        /// Discard the run in the output directory (its recorded steps,
+        /// snapshots, metrics, results and weights; other files stay) and
+        /// start afresh there, e.g. after editing the job file.
+        #[arg(long)]
+        restart: bool,
     },
     /// Write a run's fine-tune as a .mezo file: the base model's identity and
     /// each step's seed and projected gradient, kilobytes for any model size.
@@ -72,10 +78,14 @@ enum Command {
         /// random-weight base [default: the path recorded in the file].
         #[arg(long)]
         base: Option<PathBuf>,
+        /// Output directory for the model (config.json, model.safetensors,
+        /// tokenizer files, and mezod-apply.json saying where it came from):
+        /// absent, empty, or written by an earlier apply.
         #[arg(short, long)]
         output: PathBuf,
         /// Apply even where the rebuilt weights would not be identical (another
-        /// libtorch for `rng: torch`, a differing config.json).
+        /// libtorch for `rng: torch`, a differing config.json), and write into
+        /// an output directory that holds other files.
         #[arg(long)]
         force: bool,
     },
@@ -128,10 +138,16 @@ fn main() -> ExitCode {
 
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Run { job, out, force } => {
+        Command::Run {
+            job,
+            out,
+            force,
+            restart,
+        } => {
             let out = out.unwrap_or_else(|| default_out_dir(&job));
             let opts = RunOptions {
                 force,
+                restart,
                 progress: std::io::stderr().is_terminal(),
                 ..Default::default()
             };
@@ -199,7 +215,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             output,
             force,
         } => {
-            let tune = mezod::run::tune_file::TuneFile::read(&tune)?;
+            mezod::run::out_dir::check_apply_output(&output, force)?;
+            let tune_path = tune;
+            let tune = mezod::run::tune_file::TuneFile::read(&tune_path)?;
             let source = tune.base_source(base.as_deref());
             // The run's thread count: a prefix's initial activations come from
             // a forward pass, whose last bits may depend on how it is split.
@@ -213,6 +231,15 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             .with_context(|| format!("loading the base {}", source.describe()))?;
             tune.apply(&model, &source, force)?;
             mezod::model::export::export_hf(&model, &output)?;
+            let record = serde_json::json!({
+                "tune": std::path::absolute(&tune_path)?,
+                "steps": tune.steps.len(),
+                "base": source.describe(),
+            });
+            mezod_core::durable::write(
+                &output.join(mezod::run::out_dir::APPLY_RECORD),
+                serde_json::to_string_pretty(&record)?,
+            )?;
             eprintln!(
                 "{}: {} steps applied to {}",
                 output.display(),

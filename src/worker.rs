@@ -78,6 +78,7 @@ pub fn worker_main(args: WorkerArgs) -> Result<ExitCode> {
     };
     let opts = RunOptions {
         force: false,
+        restart: false,
         progress: false,
         threads: Some(args.threads),
         device: args.device,

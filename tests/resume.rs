@@ -337,3 +337,94 @@ fn a_finished_run_run_again_keeps_its_result() {
         "the rerun prints the result it has"
     );
 }
+
+/// `--restart` discards the run in the folder, says what it discarded, keeps
+/// the user's own files, and starts afresh: the result is that of a run of
+/// the edited job in a new folder.
+#[test]
+fn restart_discards_the_run_and_starts_the_edited_job_afresh() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = causal_job(
+        tmp.path(),
+        "opt",
+        "steps: 3, batch_size: 2, lr: 1.0e-3, seed: 1",
+    );
+    let run = tmp.path().join("run");
+    run_to_end(&job, &run, "first run");
+    std::fs::write(run.join("notes.txt"), "mine").unwrap();
+    let edited = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("seed: 1", "seed: 2");
+    std::fs::write(&job, &edited).unwrap();
+    let refused = mezod_run(&job, &run);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("pass --restart"), "offers the way out: {stderr}");
+
+    let out = check(
+        mezod()
+            .arg("run")
+            .arg(&job)
+            .arg("--out")
+            .arg(&run)
+            .arg("--restart")
+            .output()
+            .unwrap(),
+        "run --restart",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--restart: discarded 3 recorded steps of"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(run.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    let fresh = tmp.path().join("fresh");
+    run_to_end(&job, &fresh, "the edited job in a new folder");
+    assert_eq!(
+        sha256(&run.join("model/model.safetensors")),
+        sha256(&fresh.join("model/model.safetensors")),
+        "a restarted run is a run from step 0"
+    );
+    assert_eq!(step_lines(&run), 3, "no step of the old run is left");
+}
+
+/// `mezod run --out DIR` refuses a folder that holds other things and no run
+/// (a model folder, a home folder) unless --force, and touches nothing there.
+#[test]
+fn a_folder_that_is_not_a_run_is_refused_unless_forced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = causal_job(
+        tmp.path(),
+        "opt",
+        "steps: 2, batch_size: 2, lr: 1.0e-3, seed: 1",
+    );
+    let theirs = tmp.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::fs::write(theirs.join("thesis.tex"), "x").unwrap();
+    let out = mezod_run(&job, &theirs);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is not empty and holds no mezod run (it has thesis.tex)")
+            && stderr.contains("--force"),
+        "{stderr}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&theirs).unwrap().collect();
+    assert_eq!(left.len(), 1, "nothing was written there");
+    check(
+        mezod()
+            .arg("run")
+            .arg(&job)
+            .arg("--out")
+            .arg(&theirs)
+            .arg("--force")
+            .output()
+            .unwrap(),
+        "run --force",
+    );
+    assert!(theirs.join("model/model.safetensors").is_file());
+    // Now it holds a run: resumed without --force.
+    run_to_end(&job, &theirs, "the run again");
+}

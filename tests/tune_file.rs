@@ -181,3 +181,48 @@ fn apply_refuses_another_base_and_a_changed_config_without_force() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a .mezo file"));
 }
+
+/// `mezod apply -o DIR` writes only into an absent or empty folder or one an
+/// earlier apply wrote (it says so in mezod-apply.json); a model folder given
+/// by mistake is refused and left as it was, unless --force.
+#[test]
+fn apply_refuses_a_folder_it_did_not_write_unless_forced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = causal_job(
+        tmp.path(),
+        "llama",
+        "steps: 2, batch_size: 2, lr: 1.0e-3, seed: 1",
+    );
+    let run = tmp.path().join("run");
+    run_to_end(&job, &run, "mezod run");
+    let file = tmp.path().join("tune.mezo");
+    export(&run, &file, &["--step", "2"]);
+
+    let base_copy = tmp.path().join("base-copy");
+    std::fs::create_dir(&base_copy).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixture("llama").join(f), base_copy.join(f)).unwrap();
+    }
+    let before = sha256(&base_copy.join("model.safetensors"));
+    let out = apply(&file, &base_copy, &[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not written by mezod apply (it has config.json, model.safetensors, tokenizer.json)"),
+        "{stderr}"
+    );
+    assert_eq!(sha256(&base_copy.join("model.safetensors")), before);
+
+    let applied = tmp.path().join("applied");
+    check(apply(&file, &applied, &[]), "apply into a new folder");
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(applied.join("mezod-apply.json")).unwrap())
+            .unwrap();
+    assert_eq!(record["steps"], 2);
+    check(apply(&file, &applied, &[]), "apply again into its own folder");
+    check(apply(&file, &base_copy, &["--force"]), "apply --force");
+    assert_eq!(
+        sha256(&base_copy.join("model.safetensors")),
+        sha256(&applied.join("model.safetensors"))
+    );
+}

@@ -9,6 +9,7 @@
 
 pub mod fingerprint;
 pub mod metrics;
+pub mod out_dir;
 pub mod plot;
 pub use mezod_core::seedlog;
 pub mod snapshot;
@@ -44,8 +45,11 @@ pub const DEFAULT_SNAPSHOT_EVERY: u64 = 100;
 /// Options of a run beyond the job file.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
-    /// Resume even though the determinism fingerprint differs (no longer bit-identical).
+    /// Resume even though the determinism fingerprint differs (no longer
+    /// bit-identical), and write into a folder that holds something else.
     pub force: bool,
+    /// Discard the run in the output folder and start afresh there.
+    pub restart: bool,
     /// Show a progress bar (a terminal); otherwise log lines.
     pub progress: bool,
     /// CPU threads when the job does not set `model.threads` (default: all cores).
@@ -340,8 +344,9 @@ fn claim_out_dir(
             let changes = old.differences(spec).join("; ");
             if steps_recorded > 0 {
                 bail!(
-                    "{} holds a run of a different job spec ({changes}); to start afresh choose \
-                     another --out or delete that directory",
+                    "{} holds a run of a different job spec ({changes}); to start afresh there \
+                     pass --restart (its {steps_recorded} recorded steps are discarded), or choose \
+                     another --out",
                     out.display()
                 );
             }
@@ -392,10 +397,15 @@ fn finished_result(out: &Path, spec: &JobSpec, log: &dyn StepLog) -> Result<Opti
 /// Run (or resume) the job in `spec_path`, writing into `out`, with the seed
 /// log in `out/seedlog` (sled).
 pub fn run(spec_path: &Path, out: &Path, opts: &RunOptions) -> Result<Outcome> {
+    let spec = JobSpec::load(spec_path)?;
+    out_dir::check_is_a_run_folder(out, opts.force)?;
+    if opts.restart {
+        tracing::warn!("{}", out_dir::discard_run(out)?);
+    }
     std::fs::create_dir_all(out)
         .with_context(|| format!("creating output directory {}", out.display()))?;
     let log = SeedLog::open(&out.join("seedlog"))?;
-    run_with_log(JobSpec::load(spec_path)?, out, opts, Box::new(log))
+    run_with_log(spec, out, opts, Box::new(log))
 }
 
 /// Run (or resume) the job with step records going to `log`.

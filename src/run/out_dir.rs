@@ -1,0 +1,218 @@
+//! Output folders: which folders a run (`mezod run --out DIR`) and a rebuilt
+//! model (`mezod apply -o DIR`) may write into, and starting a run afresh in
+//! its own folder (`--restart`).
+//!
+//! A run writes a dozen names into its folder and, with `--restart`, removes
+//! them again; a folder that holds other things is somebody else's (a model
+//! directory, a home folder typed by mistake) and is refused unless the user
+//! says `--force`.  Only the names listed here are ever removed: a file the
+//! user put beside a run stays.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+use super::tune_file::INITIAL_SHA256;
+use super::seedlog::SeedLog;
+
+/// Every name a run writes into its folder.
+pub const RUN_FILES: &[&str] = &[
+    "spec.yaml",
+    "fingerprint.json",
+    "seedlog",
+    "snapshots",
+    "metrics.jsonl",
+    "zero_shot_test.json",
+    "baselines.json",
+    "result.json",
+    "model",
+    "adapter",
+    "loss.svg",
+    INITIAL_SHA256,
+];
+
+/// Whether `name` is written by a run: one of [`RUN_FILES`], or the
+/// temporary of a durable write of one (`.NAME.partial`).
+fn is_run_file(name: &str) -> bool {
+    let name = name
+        .strip_prefix('.')
+        .and_then(|n| n.strip_suffix(".partial"))
+        .unwrap_or(name);
+    RUN_FILES.contains(&name)
+}
+
+/// The entries of `out` a run did not write (none when it does not exist).
+fn foreign_entries(out: &Path) -> Result<Vec<String>> {
+    let entries = match std::fs::read_dir(out) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", out.display())),
+    };
+    let mut foreign = Vec::new();
+    for entry in entries {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if !is_run_file(&name) {
+            foreign.push(name);
+        }
+    }
+    foreign.sort();
+    Ok(foreign)
+}
+
+/// Refuse to run in a folder that holds something and no run of ours, unless `force`.
+pub fn check_is_a_run_folder(out: &Path, force: bool) -> Result<()> {
+    if out.join("spec.yaml").is_file() {
+        return Ok(());
+    }
+    let foreign = foreign_entries(out)?;
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    if force {
+        tracing::warn!(
+            "{} is not empty and holds no run; writing into it as --force says",
+            out.display()
+        );
+        return Ok(());
+    }
+    bail!(
+        "{} is not empty and holds no mezod run (it has {}); choose another --out, or pass \
+         --force to write the run beside what is there",
+        out.display(),
+        listing(&foreign)
+    )
+}
+
+/// `--restart`: remove everything a run wrote into `out` (its steps,
+/// snapshots, metrics, results and weights), so the next start begins at
+/// step 0.  Returns what was discarded, for the user to read.
+pub fn discard_run(out: &Path) -> Result<String> {
+    if !out.join("spec.yaml").is_file() {
+        return Ok(format!("{} holds no run: nothing to discard", out.display()));
+    }
+    let steps = if out.join("seedlog").is_dir() {
+        // Counted before removal, and closed again (sled holds a lock).
+        SeedLog::open(&out.join("seedlog"))?.contiguous()?.len()
+    } else {
+        0
+    };
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(out).with_context(|| format!("reading {}", out.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !is_run_file(&name) {
+            continue;
+        }
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        }
+        .with_context(|| format!("removing {}", path.display()))?;
+        removed.push(name);
+    }
+    removed.sort();
+    Ok(format!(
+        "--restart: discarded {steps} recorded step{} of {} ({})",
+        if steps == 1 { "" } else { "s" },
+        out.display(),
+        listing(&removed)
+    ))
+}
+
+/// What `mezod apply` leaves in its output folder besides the model: where
+/// the weights came from, and the mark that the folder is apply's to rewrite.
+pub const APPLY_RECORD: &str = "mezod-apply.json";
+
+/// Refuse to write a rebuilt model into a folder that holds something and
+/// was not written by `mezod apply` (a base model folder given as `-o` by
+/// mistake would get a second set of weights), unless `force`.
+pub fn check_apply_output(out: &Path, force: bool) -> Result<()> {
+    if out.join(APPLY_RECORD).is_file() || force {
+        return Ok(());
+    }
+    let entries = match std::fs::read_dir(out) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", out.display())),
+    };
+    let mut names = entries
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<Vec<_>>>()?;
+    if names.is_empty() {
+        return Ok(());
+    }
+    names.sort();
+    bail!(
+        "{} is not empty and was not written by mezod apply (it has {}); choose another -o, \
+         or pass --force to write the model into it",
+        out.display(),
+        listing(&names)
+    )
+}
+
+/// `a, b, c` — at most 8 names, then how many more.
+fn listing(names: &[String]) -> String {
+    let mut shown: Vec<String> = names.iter().take(8).cloned().collect();
+    if names.len() > 8 {
+        shown.push(format!("and {} more", names.len() - 8));
+    }
+    shown.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_folder_is_one_that_holds_a_run_or_only_what_a_run_writes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("runs/x");
+        check_is_a_run_folder(&out, false).unwrap(); // not there yet
+        std::fs::create_dir_all(out.join("seedlog")).unwrap();
+        std::fs::write(out.join(".spec.yaml.partial"), "").unwrap();
+        check_is_a_run_folder(&out, false).unwrap(); // a run that died at its start
+        std::fs::write(out.join("config.json"), "{}").unwrap();
+        let e = check_is_a_run_folder(&out, false).unwrap_err().to_string();
+        assert!(e.contains("holds no mezod run (it has config.json)"), "{e}");
+        check_is_a_run_folder(&out, true).unwrap();
+        std::fs::write(out.join("spec.yaml"), "").unwrap();
+        check_is_a_run_folder(&out, false).unwrap();
+    }
+
+    #[test]
+    fn apply_writes_only_into_an_empty_folder_or_its_own() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("model");
+        check_apply_output(&out, false).unwrap();
+        std::fs::create_dir(&out).unwrap();
+        check_apply_output(&out, false).unwrap();
+        std::fs::write(out.join("model.safetensors"), "").unwrap();
+        let e = check_apply_output(&out, false).unwrap_err().to_string();
+        assert!(e.contains("not written by mezod apply (it has model.safetensors)"), "{e}");
+        check_apply_output(&out, true).unwrap();
+        std::fs::write(out.join(APPLY_RECORD), "{}").unwrap();
+        check_apply_output(&out, false).unwrap();
+    }
+
+    #[test]
+    fn a_restart_removes_what_the_run_wrote_and_nothing_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path();
+        for dir in ["snapshots", "model"] {
+            std::fs::create_dir_all(out.join(dir)).unwrap();
+            std::fs::write(out.join(dir).join("f"), "x").unwrap();
+        }
+        for file in ["spec.yaml", "metrics.jsonl", "result.json", "notes.txt"] {
+            std::fs::write(out.join(file), "x").unwrap();
+        }
+        let said = discard_run(out).unwrap();
+        assert!(said.contains("discarded 0 recorded steps"), "{said}");
+        let left: Vec<String> = std::fs::read_dir(out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["notes.txt"]);
+    }
+}
