@@ -358,7 +358,10 @@ fn restart_discards_the_run_and_starts_the_edited_job_afresh() {
     std::fs::write(&job, &edited).unwrap();
     let refused = mezod_run(&job, &run);
     let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(stderr.contains("pass --restart"), "offers the way out: {stderr}");
+    assert!(
+        stderr.contains("pass --restart"),
+        "offers the way out: {stderr}"
+    );
 
     let out = check(
         mezod()

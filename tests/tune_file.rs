@@ -208,7 +208,9 @@ fn apply_refuses_a_folder_it_did_not_write_unless_forced() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("not written by mezod apply (it has config.json, model.safetensors, tokenizer.json)"),
+        stderr.contains(
+            "not written by mezod apply (it has config.json, model.safetensors, tokenizer.json)"
+        ),
         "{stderr}"
     );
     assert_eq!(sha256(&base_copy.join("model.safetensors")), before);
@@ -219,7 +221,10 @@ fn apply_refuses_a_folder_it_did_not_write_unless_forced() {
         serde_json::from_str(&std::fs::read_to_string(applied.join("mezod-apply.json")).unwrap())
             .unwrap();
     assert_eq!(record["steps"], 2);
-    check(apply(&file, &applied, &[]), "apply again into its own folder");
+    check(
+        apply(&file, &applied, &[]),
+        "apply again into its own folder",
+    );
     check(apply(&file, &base_copy, &["--force"]), "apply --force");
     assert_eq!(
         sha256(&base_copy.join("model.safetensors")),

@@ -741,12 +741,76 @@ impl Task {
             let lp = model.net.head(&h).log_softmax(-1, Kind::Float);
             return Ok((lp.index_select(1, &labels.to_device(lp.device())), gold));
         }
+        if let Some(answer_ids) = self.one_token_answers(model)? {
+            return self.shared_prompt_scores(model, batch, &answer_ids);
+        }
+        self.per_candidate_scores(model, batch)
+    }
+
+    /// Scores with one sequence per candidate: the prompt and the answer,
+    /// whose tokens' mean log-probability is the score.
+    fn per_candidate_scores(
+        &self,
+        model: &LanguageModel,
+        batch: &[&Example],
+    ) -> Result<(Tensor, Vec<i64>)> {
         let items = batch
             .iter()
             .map(|ex| self.encode_choice(model, ex))
             .collect::<Result<Vec<_>>>()?;
         let gold = items.iter().map(|i| i.gold as i64).collect();
         Ok((self.choice_scores(model, &items), gold))
+    }
+
+    /// The token of each classification answer when every answer is one
+    /// token (` great`/` terrible`, the common case); None otherwise.
+    fn one_token_answers(&self, model: &LanguageModel) -> Result<Option<Vec<i64>>> {
+        let Task::Choice {
+            candidates: Candidates::Words { .. },
+            ..
+        } = self
+        else {
+            return Ok(None);
+        };
+        let mut ids = Vec::new();
+        for (_, word_ids) in self.answer_word_ids(model)? {
+            match word_ids.as_slice() {
+                [id] => ids.push(*id),
+                _ => return Ok(None),
+            }
+        }
+        Ok(Some(ids))
+    }
+
+    /// Scores when every answer is one token after the same prompt: one
+    /// sequence per example, and each class's score is the log-probability
+    /// of its token at the prompt's last position — what one sequence per
+    /// candidate computes (the same context, cut to leave room for the
+    /// answer), for 1/classes of the forward passes.
+    fn shared_prompt_scores(
+        &self,
+        model: &LanguageModel,
+        batch: &[&Example],
+        answer_ids: &[i64],
+    ) -> Result<(Tensor, Vec<i64>)> {
+        let keep = self.max_length().saturating_sub(1).max(1);
+        let mut seqs = Vec::with_capacity(batch.len());
+        let mut gold = Vec::with_capacity(batch.len());
+        for ex in batch {
+            let ids = model
+                .tokenizer
+                .encode(&self.context_text(ex, None)?, true)?;
+            seqs.push(ids[ids.len().saturating_sub(keep)..].to_vec());
+            gold.push(self.answers(ex)?.1 as i64);
+        }
+        let (ids, mask) = pad_left(&seqs, model.tokenizer.pad_id);
+        let t = ids.size()[1];
+        let lp = model
+            .logits_at(&ids, &mask, t - 1, 1)
+            .squeeze_dim(1)
+            .log_softmax(-1, Kind::Float);
+        let answers = Tensor::from_slice(answer_ids).to_device(lp.device());
+        Ok((lp.index_select(1, &answers), gold))
     }
 
     /// The scores of a choice task's classes `[batch, classes]`: the mean
@@ -1142,6 +1206,71 @@ mod tests {
         };
         assert_eq!(gold("Paris"), vec![enc(" Paris")]);
         assert_eq!(gold("  Paris "), gold("Paris"));
+    }
+
+    #[test]
+    fn one_token_answers_are_scored_from_one_sequence_as_from_one_per_candidate() {
+        let model = byte_level_model();
+        // Words that are one token of the fixture's small vocabulary.
+        let one_token: Vec<String> = ["t", "g", "a", "s", "c", "b", "m", "re", "o"]
+            .iter()
+            .filter(|w| {
+                model
+                    .tokenizer
+                    .encode(&format!(" {w}"), false)
+                    .unwrap()
+                    .len()
+                    == 1
+            })
+            .take(3)
+            .map(|w| w.to_string())
+            .collect();
+        assert_eq!(one_token.len(), 3, "the fixture has one-token words");
+        let rows: Vec<Example> = [
+            ("A short one.", "0"),
+            (
+                "This review is a good deal longer than the others in the batch.",
+                "1",
+            ),
+            ("Meh.", "2"),
+            (
+                "Long enough to be cut by the limit below: "
+                    .repeat(4)
+                    .as_str(),
+                "1",
+            ),
+        ]
+        .iter()
+        .map(|(t, l)| example(t, l))
+        .collect();
+        let batch: Vec<&Example> = rows.iter().collect();
+        let words = format!(
+            "{{\"0\": {}, \"1\": {}, \"2\": {}}}",
+            one_token[0], one_token[1], one_token[2]
+        );
+        let mut t = task(&format!(
+            "{{kind: classification, template: sst2, label_words: {words}}}"
+        ));
+        t.limit_length(48);
+        let answer_ids = t
+            .one_token_answers(&model)
+            .unwrap()
+            .expect("one token each");
+        let _guard = tch::no_grad_guard();
+        let (shared, gold_a) = t.shared_prompt_scores(&model, &batch, &answer_ids).unwrap();
+        let (each, gold_b) = t.per_candidate_scores(&model, &batch).unwrap();
+        assert_eq!(gold_a, gold_b);
+        assert_eq!(shared.size(), [4, 3]);
+        let diff = (&shared - &each).abs().max().double_value(&[]);
+        assert!(diff <= 1e-5, "scores differ by {diff}");
+        // The task's own scoring takes the one-sequence path.
+        let (scores, _) = t.scores_and_gold(&model, &batch).unwrap();
+        assert_eq!((scores - &shared).abs().max().double_value(&[]), 0.0);
+        // A word of two tokens keeps one sequence per candidate.
+        let two = task(
+            "{kind: classification, template: sst2, label_words: {\"0\": terrible, \"1\": great}}",
+        );
+        assert!(two.one_token_answers(&model).unwrap().is_none());
     }
 
     #[test]

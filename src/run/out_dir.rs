@@ -12,8 +12,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use super::tune_file::INITIAL_SHA256;
 use super::seedlog::SeedLog;
+use super::tune_file::INITIAL_SHA256;
 
 /// Every name a run writes into its folder.
 pub const RUN_FILES: &[&str] = &[
@@ -88,7 +88,10 @@ pub fn check_is_a_run_folder(out: &Path, force: bool) -> Result<()> {
 /// step 0.  Returns what was discarded, for the user to read.
 pub fn discard_run(out: &Path) -> Result<String> {
     if !out.join("spec.yaml").is_file() {
-        return Ok(format!("{} holds no run: nothing to discard", out.display()));
+        return Ok(format!(
+            "{} holds no run: nothing to discard",
+            out.display()
+        ));
     }
     let steps = if out.join("seedlog").is_dir() {
         // Counted before removal, and closed again (sled holds a lock).
@@ -190,7 +193,10 @@ mod tests {
         check_apply_output(&out, false).unwrap();
         std::fs::write(out.join("model.safetensors"), "").unwrap();
         let e = check_apply_output(&out, false).unwrap_err().to_string();
-        assert!(e.contains("not written by mezod apply (it has model.safetensors)"), "{e}");
+        assert!(
+            e.contains("not written by mezod apply (it has model.safetensors)"),
+            "{e}"
+        );
         check_apply_output(&out, true).unwrap();
         std::fs::write(out.join(APPLY_RECORD), "{}").unwrap();
         check_apply_output(&out, false).unwrap();
