@@ -1,0 +1,150 @@
+//! The README's command blocks marked `sh test:NAME` run here exactly as
+//! written — read from README.md, not copied — so the README cannot drift
+//! from what mezod does.  They run as a user types them: with `sh`, from a
+//! folder shaped like the repository root (its `examples/` and `tests/`
+//! linked in, so every relative path means what it means there, while the
+//! `runs/` they write stays out of the checkout), with `target/release` on
+//! `PATH`.
+
+mod common;
+use common::*;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// The commands of the README block marked `test:NAME`: comments dropped,
+/// one command per line.
+fn readme_block(name: &str) -> Vec<String> {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let mut lines = readme.lines();
+    let marker = format!("test:{name}");
+    lines
+        .find(|l| l.starts_with("```") && l.split_whitespace().any(|w| w == marker))
+        .unwrap_or_else(|| panic!("README.md has no block marked {marker}"));
+    lines
+        .take_while(|l| !l.starts_with("```"))
+        .map(strip_comment)
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// A shell line without its `# comment` (a `#` inside quotes is text).
+fn strip_comment(line: &str) -> String {
+    let mut quote = None;
+    for (i, c) in line.char_indices() {
+        match (c, quote) {
+            ('"' | '\'', None) => quote = Some(c),
+            (q, Some(open)) if q == open => quote = None,
+            ('#', None) if i == 0 || line[..i].ends_with(char::is_whitespace) => {
+                return line[..i].trim().to_string()
+            }
+            _ => {}
+        }
+    }
+    line.trim().to_string()
+}
+
+/// A folder shaped like the repository root for the README's relative paths.
+fn repo_like_root() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["examples", "tests"] {
+        std::os::unix::fs::symlink(root().join(name), tmp.path().join(name)).unwrap();
+    }
+    tmp
+}
+
+/// `sh -c LINE` in `dir` with the built binaries first on PATH.
+fn shell(dir: &Path, line: &str) -> Command {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_mezod"));
+    let path = format!(
+        "{}:{}",
+        bin.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(line)
+        .current_dir(dir)
+        .env("PATH", path)
+        .env("MEZOD_LOG", "info");
+    c
+}
+
+fn run_line(dir: &Path, line: &str) -> std::process::Output {
+    check(shell(dir, line).output().unwrap(), line)
+}
+
+#[test]
+fn quick_start_interrupted_and_resumed_by_the_printed_command_then_exported_and_applied() {
+    let tmp = repo_like_root();
+    let dir = tmp.path();
+    let quick = readme_block("quick-start");
+    assert_eq!(quick.len(), 3, "{quick:?}");
+    let forward = run_line(dir, &quick[0]);
+    assert!(String::from_utf8_lossy(&forward.stdout).contains("mean next-token cross-entropy"));
+    let inspect = run_line(dir, &quick[1]);
+    assert!(String::from_utf8_lossy(&inspect.stdout).contains("answer words"));
+
+    // The run, stopped by Ctrl-C (SIGINT) part way.
+    let run_cmd = &quick[2];
+    let out_dir = run_cmd
+        .split_whitespace()
+        .skip_while(|w| *w != "--out")
+        .nth(1)
+        .expect("the run names its --out");
+    let run = dir.join(out_dir);
+    let mut child = shell(dir, &format!("exec {run_cmd}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for_steps(&mut child, &run, 20),
+        "the run stopped early"
+    );
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let stopped = child.wait_with_output().unwrap();
+    assert_eq!(stopped.status.code(), Some(130), "Ctrl-C exits 130");
+    let said = String::from_utf8_lossy(&stopped.stderr);
+    let resume = said
+        .lines()
+        .find_map(|l| l.split("Resume with: ").nth(1))
+        .unwrap_or_else(|| panic!("no resume command printed: {said}"))
+        .trim()
+        .to_string();
+    assert_eq!(&resume, run_cmd, "the resume command is the command typed");
+    run_line(dir, &resume);
+
+    // The same job uninterrupted, beside it: the same weights, byte for byte.
+    let solo_cmd = run_cmd.replace(out_dir, "runs/solo");
+    run_line(dir, &solo_cmd);
+    let weights = |run: &Path| sha256(&run.join("model/model.safetensors"));
+    assert_eq!(weights(&run), weights(&dir.join("runs/solo")));
+
+    // Export and apply as the README writes them: the model rebuilt bit for bit.
+    let export_apply = readme_block("export-apply");
+    assert_eq!(export_apply.len(), 2, "{export_apply:?}");
+    for line in &export_apply {
+        run_line(dir, line);
+    }
+    let applied = export_apply[1]
+        .split_whitespace()
+        .skip_while(|w| *w != "-o")
+        .nth(1)
+        .unwrap();
+    assert_eq!(
+        sha256(&dir.join(applied).join("model.safetensors")),
+        weights(&run),
+        "apply rebuilds the run's exported weights"
+    );
+}
+
+#[test]
+fn comments_are_dropped_but_quoted_hashes_kept() {
+    assert_eq!(strip_comment("mezod status   # the queue"), "mezod status");
+    assert_eq!(
+        strip_comment("mezod forward --text \"a # b\" # c"),
+        "mezod forward --text \"a # b\""
+    );
+    assert_eq!(strip_comment("# only a comment"), "");
+}
