@@ -57,6 +57,8 @@ pub struct RunOptions {
     pub snapshot_every: Option<u64>,
     /// The admission estimate of this job's peak memory, recorded in result.json.
     pub memory_estimate: Option<u64>,
+    /// The job file the run was started from, if any (it names the run).
+    pub job_file: Option<PathBuf>,
 }
 
 /// How a run ended.
@@ -109,6 +111,23 @@ pub fn default_out_dir(spec_path: &Path) -> PathBuf {
     PathBuf::from("runs").join(stem)
 }
 
+/// The job's name as people see it (the chart's title): the job file's stem,
+/// else the run folder's name, or `job ID` for a daemon job's run folder
+/// (`jobs/ID/run`).  Every place that names a run asks here.
+pub fn job_name(job_file: Option<&Path>, out: &Path) -> String {
+    let name = |p: &Path| p.file_stem().map(|s| s.to_string_lossy().into_owned());
+    if let Some(stem) = job_file.and_then(name) {
+        return stem;
+    }
+    let folder = name(out).unwrap_or_else(|| "run".into());
+    match out.parent().and_then(name) {
+        Some(id) if folder == mezod_core::daemon::job_dir::RUN && id.parse::<u64>().is_ok() => {
+            format!("job {id}")
+        }
+        _ => folder,
+    }
+}
+
 /// Peak resident memory of this process (VmHWM), bytes.
 pub fn peak_rss_bytes() -> u64 {
     crate::procfs::kb_field("/proc/self/status", "VmHWM")
@@ -134,6 +153,8 @@ fn measured_peak(device: &str) -> (u64, String) {
 struct Job {
     spec: JobSpec,
     out: PathBuf,
+    /// See [`job_name`].
+    name: String,
     model: LanguageModel,
     task: Task,
     train: Vec<Example>,
@@ -395,7 +416,11 @@ pub fn run(spec_path: &Path, out: &Path, opts: &RunOptions) -> Result<Outcome> {
     std::fs::create_dir_all(out)
         .with_context(|| format!("creating output directory {}", out.display()))?;
     let log = SeedLog::open(&out.join("seedlog"))?;
-    run_with_log(JobSpec::load(spec_path)?, out, opts, Box::new(log))
+    let opts = RunOptions {
+        job_file: Some(spec_path.to_path_buf()),
+        ..opts.clone()
+    };
+    run_with_log(JobSpec::load(spec_path)?, out, &opts, Box::new(log))
 }
 
 /// Run (or resume) the job with step records going to `log`.
@@ -487,6 +512,7 @@ pub fn run_with_log(
     let mut job = Job {
         spec,
         out: out.to_path_buf(),
+        name: job_name(opts.job_file.as_deref(), out),
         model,
         task,
         train: splits.train,
@@ -709,11 +735,14 @@ fn finish(
         .iter()
         .map(|r| (r.step, r.loss_plus))
         .collect();
-    let eval_points: Vec<(u64, f64)> = evals.iter().map(|e| (e.step, e.loss)).collect();
-    durable::write(
-        &job.out.join("loss.svg"),
-        plot::loss_curve_svg(&train_points, &eval_points, "loss"),
-    )?;
+    let dev_points: Vec<(u64, f64)> = evals.iter().map(|e| (e.step, e.value)).collect();
+    let chart = plot::LossChart {
+        title: &job.name,
+        train: &train_points,
+        dev: &dev_points,
+        dev_metric: job.task.metric_name(),
+    };
+    durable::write(&job.out.join("loss.svg"), plot::loss_chart_svg(&chart)?)?;
     let (peak_memory_bytes, peak_memory_source) = measured_peak(&job.device);
     let result = RunResult {
         metric: job.task.metric_name().into(),
@@ -756,6 +785,15 @@ fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_is_named_by_its_job_file_else_its_folder() {
+        let out = Path::new("runs/elsewhere");
+        assert_eq!(job_name(Some(Path::new("jobs/sst2.yaml")), out), "sst2");
+        assert_eq!(job_name(None, out), "elsewhere");
+        assert_eq!(job_name(None, Path::new("/state/jobs/12/run")), "job 12");
+        assert_eq!(job_name(None, Path::new("mine/run")), "run");
+    }
 
     #[test]
     fn a_run_keeps_the_generator_it_started_with() {
