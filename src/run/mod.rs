@@ -10,6 +10,7 @@
 pub mod fingerprint;
 pub mod metrics;
 pub mod plot;
+pub mod progress;
 pub use mezod_core::seedlog;
 pub mod snapshot;
 pub mod tune_file;
@@ -36,6 +37,7 @@ use crate::spec::{JobSpec, Mode};
 use fingerprint::Fingerprint;
 use metrics::{EvalLine, MetricsFile};
 use mezod_core::durable;
+use progress::Progress;
 use seedlog::{Direction, SeedLog, StepLog, StepRecord};
 
 /// Snapshot interval when neither the job nor the daemon sets one.
@@ -166,6 +168,7 @@ struct Job {
     z: ZSweep,
     device: String,
     memory_estimate: Option<u64>,
+    progress: Progress,
 }
 
 impl Job {
@@ -309,15 +312,26 @@ impl Job {
             .unwrap_or(self.spec.mezo.batch_size)
     }
 
+    /// Metric and loss of the weights at `step` on a split, showing progress.
+    fn evaluate_split(&self, split: &str, step: u64) -> Result<Evaluation> {
+        let examples = if split == "test" {
+            &self.test
+        } else {
+            &self.dev
+        };
+        let mut shown = self.progress.evaluation(split, step, examples.len());
+        self.task
+            .evaluate_with(&self.model, examples, self.eval_batch_size(), |n| {
+                shown.update(n)
+            })
+            .with_context(|| format!("evaluating on the {split} split at step {step}"))
+    }
+
     fn evaluate(&mut self, step: u64) -> Result<Option<Evaluation>> {
         if self.dev.is_empty() {
             return Ok(None);
         }
-        let bs = self.eval_batch_size();
-        let e = self
-            .task
-            .evaluate(&self.model, &self.dev, bs)
-            .with_context(|| format!("evaluating at step {step}"))?;
+        let e = self.evaluate_split("dev", step)?;
         self.metrics.eval(&EvalLine {
             step,
             metric: self.task.metric_name().into(),
@@ -506,6 +520,7 @@ pub fn run_with_log(
     log.truncate_from(done)?;
     let (data_seed, batch_size, n_train) =
         (spec.data_seed(), spec.mezo.batch_size, splits.train.len());
+    let spec_steps = spec.steps();
     let metrics = MetricsFile::open(&out.join("metrics.jsonl"), &records, |step| {
         batch_indices(data_seed, step, batch_size, n_train)
     })?;
@@ -523,6 +538,7 @@ pub fn run_with_log(
         z: ZSweep::new(rng, threads as usize),
         device: device_name,
         memory_estimate: opts.memory_estimate,
+        progress: Progress::new(opts.progress, done, spec_steps),
     };
 
     // Resume: newest valid snapshot, then replay the rest of the log.
@@ -543,10 +559,7 @@ pub fn run_with_log(
     }
     if done == 0 && !job.test.is_empty() && read_zero_shot_test(out).is_none() {
         // The base model on the test split, once, for the comparison at the end.
-        let e = job
-            .task
-            .evaluate(&job.model, &job.test, job.eval_batch_size())
-            .context("evaluating the base model on the test split")?;
+        let e = job.evaluate_split("test", 0)?;
         tracing::info!("step 0: test {} {:.4}", job.task.metric_name(), e.metric);
         durable::write(
             &out.join("zero_shot_test.json"),
@@ -566,9 +579,8 @@ pub fn run_with_log(
         job.evaluate(done)?; // stopped between a step and its evaluation
     }
     let total = job.spec.steps();
-    let bar = opts.progress.then(|| progress_bar(total, done));
+    job.progress.start_steps(done);
     let train_start = Instant::now();
-    let log_every = (total / 20).max(1);
     let snapshot_every = job
         .spec
         .mezo
@@ -577,20 +589,11 @@ pub fn run_with_log(
         .unwrap_or(DEFAULT_SNAPSHOT_EVERY);
     for step in done..total {
         if stop.load(Ordering::SeqCst) {
-            return interrupted(&job, step, &snap_dir, signal_no.load(Ordering::SeqCst), bar);
+            return interrupted(&job, step, &snap_dir, signal_no.load(Ordering::SeqCst));
         }
         let rec = job.train_step(step)?;
         let n = step + 1;
-        if let Some(b) = &bar {
-            b.set_position(n);
-            b.set_message(format!("{:.4}", rec.loss_plus));
-        } else if n % log_every == 0 || n == total {
-            tracing::info!(
-                "step {n}/{total}: loss {:.4}, projected grad {:+.4e}",
-                rec.loss_plus,
-                rec.projected_grad
-            );
-        }
+        job.progress.step(n, rec.loss_plus, rec.projected_grad);
         if job.spec.mezo.eval_every > 0 && n % job.spec.mezo.eval_every == 0 && n < total {
             job.evaluate(n)?;
         }
@@ -598,35 +601,13 @@ pub fn run_with_log(
             snapshot::save(&snap_dir, n, &job.model.params, 2)?;
         }
     }
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
     let trained = total - done;
     let train_secs = train_start.elapsed().as_secs_f64();
     finish(job, done, from, trained, train_secs, started, fp).map(Outcome::Completed)
 }
 
-fn progress_bar(total: u64, done: u64) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(total).with_position(done);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} steps  {per_sec}  loss {msg}  ETA {eta}",
-        )
-        .expect("a valid template"),
-    );
-    bar
-}
-
-fn interrupted(
-    job: &Job,
-    step: u64,
-    snap_dir: &Path,
-    signal: i32,
-    bar: Option<indicatif::ProgressBar>,
-) -> Result<Outcome> {
-    if let Some(b) = bar {
-        b.abandon();
-    }
+fn interrupted(job: &Job, step: u64, snap_dir: &Path, signal: i32) -> Result<Outcome> {
+    job.progress.abandon();
     snapshot::save(snap_dir, step, &job.model.params, 2)?;
     Ok(Outcome::Interrupted { step, signal })
 }
@@ -717,10 +698,7 @@ fn finish(
     let test = if job.test.is_empty() {
         None
     } else {
-        let e = job
-            .task
-            .evaluate(&job.model, &job.test, job.eval_batch_size())
-            .context("evaluating on the test split")?;
+        let e = job.evaluate_split("test", best_step)?;
         tracing::info!(
             "test {} of the exported weights (step {best_step}): {:.4}",
             job.task.metric_name(),
@@ -779,6 +757,7 @@ fn finish(
         &job.out.join("result.json"),
         serde_json::to_string_pretty(&result)?,
     )?;
+    job.progress.finish();
     Ok(result)
 }
 
