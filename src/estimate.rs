@@ -160,6 +160,57 @@ mod tests {
         JobSpec::parse(&text, Path::new("/")).unwrap().tuning()
     }
 
+    /// A classification job on `fixture` reading `max_length` tokens.
+    fn classification(fixture: &str, max_length: usize, tuning: &str) -> JobSpec {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        JobSpec::parse(
+            &format!(
+                "{tuning}model: {{path: tests/fixtures/{fixture}}}\n\
+                 task: {{kind: classification, template: sst2, max_length: {max_length}}}\n\
+                 data: {{train: examples/data/reviews.jsonl}}\nmezo: {{steps: 1, batch_size: 16, lr: 1.0e-3}}\n"
+            ),
+            root,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn activations_are_sized_at_the_positions_the_model_reads() {
+        // OPT's table has 64 positions: a max_length of 512 reads 64 tokens.
+        let at = |fixture, n, tuning| estimate(&classification(fixture, n, tuning), false).unwrap();
+        assert_eq!(at("opt", 512, ""), at("opt", 64, ""));
+        assert!(at("opt", 32, "").activations < at("opt", 64, "").activations);
+        // 16 sequences × 2 candidates × 64 tokens × (6 × 16 + 3 × 64) + the attention
+        // scores (2 × 32 × 4 heads × 64²), at 4 bytes.
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(
+                classification("opt", 512, "")
+                    .model
+                    .path
+                    .join("config.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let (h, i, heads) = (
+            cfg["hidden_size"].as_u64().unwrap(),
+            cfg["ffn_dim"].as_u64().unwrap(),
+            cfg["num_attention_heads"].as_u64().unwrap(),
+        );
+        assert_eq!(
+            at("opt", 512, "").activations,
+            4 * (32 * 64 * (6 * h + 3 * i) + 2 * 32 * heads * 64 * 64)
+        );
+        // A prefix takes the first positions.
+        assert_eq!(
+            at("opt", 512, "tuning: prefix\nprefix: {tokens: 8}\n").activations,
+            at("opt", 56, "").activations
+        );
+        // RoBERTa's 66 rows hold 64 positions; rotary LLaMA reads every token asked for.
+        assert_eq!(at("roberta", 512, ""), at("roberta", 64, ""));
+        assert!(at("llama", 512, "").activations > at("llama", 128, "").activations);
+    }
+
     #[test]
     fn weights_equal_the_stored_parameter_bytes() {
         let s = spec(1, "f32");

@@ -133,7 +133,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    mezod_core::cli::main(|| dispatch(Cli::parse()))
+    mezod_core::cli::main_logging_to(mezod::run::progress::LogWriter, || dispatch(Cli::parse()))
 }
 
 fn dispatch(cli: Cli) -> Result<ExitCode> {

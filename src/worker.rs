@@ -84,6 +84,7 @@ pub fn worker_main(args: WorkerArgs) -> Result<ExitCode> {
         device: args.device,
         snapshot_every: Some(args.snapshot_every),
         memory_estimate: Some(args.estimate),
+        job_file: None,
     };
     match run_with_log(spec, &args.out, &opts, Box::new(log))? {
         Outcome::Completed(r) => {

@@ -2,6 +2,8 @@
 //! transformers, classification and multiple-choice jobs, bad job files.
 
 mod common;
+#[path = "common/svg.rs"]
+mod svg;
 use common::*;
 
 #[test]
@@ -146,8 +148,44 @@ fn classification_job_reports_zero_shot_best_and_final_accuracy() {
         serde_json::from_str(&std::fs::read_to_string(run.join("zero_shot_test.json")).unwrap())
             .unwrap();
     assert_eq!(r["zero_shot_test"].as_f64().unwrap(), base);
+    // The admission estimate covers the measured peak without doubling it: the
+    // activations are sized at OPT's 64 positions, not the 512 tokens asked for.
+    let estimate = check(
+        mezod()
+            .arg("estimate")
+            .arg(&job_copy)
+            .arg("--json")
+            .output()
+            .unwrap(),
+        "estimate",
+    );
+    let estimate = serde_json::from_slice::<serde_json::Value>(&estimate.stdout).unwrap()["total"]
+        .as_f64()
+        .unwrap();
+    let peak = r["peak_memory_bytes"].as_f64().unwrap();
+    assert!(
+        estimate >= 0.95 * peak && estimate <= 1.25 * peak,
+        "estimate {:.0} MiB against a peak of {:.0} MiB",
+        estimate / 1048576.0,
+        peak / 1048576.0
+    );
+    // The chart renders: named by the job file, with the dev accuracy on its own axis.
     let svg = std::fs::read_to_string(run.join("loss.svg")).unwrap();
-    assert!(svg.starts_with("<svg") && svg.contains("polyline"));
+    let texts = svg::texts(&svg);
+    for text in [
+        "classification",
+        "dev accuracy (right axis)",
+        "training loss (loss+)",
+    ] {
+        assert!(
+            texts.iter().any(|t| t == text),
+            "loss.svg lacks {text:?}: {texts:?}"
+        );
+    }
+    let picture = svg::render(&svg);
+    let size = (picture.pixmap.width(), picture.pixmap.height());
+    assert_eq!(size, (mezod::run::plot::WIDTH, mezod::run::plot::HEIGHT));
+    assert!(svg::inked(&picture.pixmap) > (size.0 * size.1 / 100) as usize);
 }
 
 #[test]

@@ -184,6 +184,20 @@ fn sigterm_exits_zero_quickly_and_a_restart_resumes_exactly() {
         .and_then(|s| s.trim_end_matches(" ---").parse().ok())
         .unwrap_or_else(|| panic!("{log}"));
     assert!(from >= 50, "resumed from step {from}");
+    // `mezod logs --follow` reads this file: plain lines, each attempt's pace
+    // of its own steps, evaluations announced as they start.
+    assert!(!log.contains('\r'), "carriage returns in worker.log");
+    let second = log.split("--- attempt 2").nth(1).unwrap();
+    let steps = second
+        .lines()
+        .filter(|l| l.contains(" steps/s, elapsed ") && l.contains(", ETA "));
+    assert!(steps.count() >= 2, "{second}");
+    assert!(
+        second
+            .lines()
+            .any(|l| l.contains("evaluating") && l.contains("dev examples")),
+        "{second}"
+    );
 }
 
 #[test]

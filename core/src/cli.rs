@@ -8,12 +8,21 @@ use std::process::ExitCode;
 /// Set up logging and crash points, run `command`, and turn its error into
 /// the user's one line.
 pub fn main(command: impl FnOnce() -> anyhow::Result<ExitCode>) -> ExitCode {
+    main_logging_to(std::io::stderr, command)
+}
+
+/// [`main`] with log lines written through `writer` (stderr underneath: the
+/// engine's lifts its progress bar off the terminal for each line).
+pub fn main_logging_to<W>(writer: W, command: impl FnOnce() -> anyhow::Result<ExitCode>) -> ExitCode
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MEZOD_LOG")
                 .unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     crate::crash::setup();

@@ -26,7 +26,8 @@
 //! masked LM reads one sequence per example).
 //! Positions with logits = all tokens for causal LM; for answer scoring only
 //! the answer's, counted as at most 8 tokens; a masked LM's mask token alone.
-//! Tokens = `task.max_length`, an upper bound: setting it close to the data's
+//! Tokens = `task.max_length` (cut to the model's learned positions, as the
+//! engine cuts sequences), an upper bound: setting it close to the data's
 //! real lengths gets a job admitted sooner.  The safety margin is the
 //! daemon's, added on top when admitting.
 
@@ -37,15 +38,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::gguf_header::{is_gguf, read_header};
 use crate::mezo_options::{Rng, DEFAULT_CHUNK};
-use crate::model_ref::{is_masked_lm, ModelSource};
+use crate::model_ref::{is_masked_lm, learned_positions, ModelSource};
 use crate::spec::{JobSpec, TaskKind};
 use crate::tuning::{default_lora_targets, is_target, Tuning};
 use crate::weight_files::safetensors_shapes;
 
 /// CUDA context, cuBLAS workspaces and caching-allocator slack.
 pub const GPU_RUNTIME_BYTES: u64 = 768 << 20;
-/// Resident libtorch, tokenizer and process overhead on CPU.
-pub const CPU_RUNTIME_BYTES: u64 = 320 << 20;
+/// Resident libtorch, tokenizer and process overhead on CPU: two-step jobs on
+/// the tiny test models (under 6 MiB of weights, activations and logits)
+/// peak at 360–368 MiB VmHWM with torch 2.11.
+pub const CPU_RUNTIME_BYTES: u64 = 384 << 20;
 
 /// Answer tokens assumed per candidate when sizing the logits of answer scoring.
 const ANSWER_POSITIONS: u64 = 8;
@@ -114,20 +117,25 @@ pub fn estimate_with(
     gpu: bool,
     shapes_of_config: impl Fn(&Path) -> Result<Shapes>,
 ) -> Result<Footprint> {
-    let (cfg, shapes) = match spec.model.source() {
+    let (config, shapes) = match spec.model.source() {
         ModelSource::Pretrained(path) if is_gguf(&path) => {
             let header = read_header(&path)?;
-            let cfg = serde_json::from_value(header.config).context("GGUF metadata")?;
-            (cfg, header.shapes)
+            (header.config, header.shapes)
         }
         ModelSource::Pretrained(dir) => {
-            let cfg = read_shape_config(&dir.join("config.json"))?;
-            (cfg, safetensors_shapes(&dir)?)
+            let path = dir.join("config.json");
+            (read_config(&path)?, safetensors_shapes(&dir)?)
         }
         ModelSource::Random { config, .. } | ModelSource::Shapes { config } => {
-            (read_shape_config(&config)?, shapes_of_config(&config)?)
+            (read_config(&config)?, shapes_of_config(&config)?)
         }
     };
+    let cfg: ShapeConfig = serde_json::from_value(config.clone()).with_context(|| {
+        format!(
+            "the config of {} lacks the sizes needed to estimate memory (hidden size, heads, vocabulary)",
+            spec.model.describe()
+        )
+    })?;
     let elem = spec.model.dtype.bytes() as u64;
     let device = if gpu { "cuda" } else { "cpu" };
     let rng = spec.mezo.rng.unwrap_or_else(|| Rng::default_for(device));
@@ -153,7 +161,7 @@ pub fn estimate_with(
         .batch_size
         .max(spec.mezo.eval_batch_size.unwrap_or(0)) as u64;
     let seqs = batch * candidates;
-    let tokens = spec.task.max_length as u64;
+    let tokens = tokens_per_sequence(spec, &config);
     let hidden = cfg.hidden_size;
     let inter = cfg.intermediate_size.unwrap_or(4 * hidden);
     let logit_positions = match spec.task.kind {
@@ -220,14 +228,25 @@ fn adapter_sizes(
     }
 }
 
-fn read_shape_config(path: &Path) -> Result<ShapeConfig> {
+fn read_config(path: &Path) -> Result<serde_json::Value> {
     let text = crate::safe_fs::read_user_text(path, crate::safe_fs::MAX_JSON_BYTES)?;
-    serde_json::from_str(&text).with_context(|| {
-        format!(
-            "{} lacks the sizes needed to estimate memory (hidden size, heads, vocabulary)",
-            path.display()
-        )
-    })
+    serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Tokens per sequence: `task.max_length`, cut to the positions a model with
+/// learned position embeddings has (less a prefix's slots), as the engine
+/// cuts its sequences; activations grow with its square, so a `max_length`
+/// beyond the model's table would be counted many times over.
+fn tokens_per_sequence(spec: &JobSpec, config: &serde_json::Value) -> u64 {
+    let max_length = spec.task.max_length as u64;
+    let Some(positions) = learned_positions(config) else {
+        return max_length;
+    };
+    let prefix = match spec.tuning() {
+        Tuning::Prefix(p) => p.tokens.max(0) as u64,
+        _ => 0,
+    };
+    max_length.min(positions.saturating_sub(prefix))
 }
 
 /// Bytes for messages: GiB with two decimals, MiB below one GiB.

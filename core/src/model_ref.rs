@@ -90,3 +90,47 @@ pub const MASKED_LM_TYPES: [&str; 2] = ["bert", "roberta"];
 pub fn is_masked_lm(model_type: &str) -> bool {
     MASKED_LM_TYPES.contains(&model_type)
 }
+
+/// The longest sequence a model can read, from its `config.json`, where it
+/// learned a table of position embeddings: OPT (`max_position_embeddings`),
+/// GPT-2 (`n_positions`), BERT, and RoBERTa (whose first `pad_token_id + 1`
+/// rows are never used by real tokens).  Rotary models (the LLaMA family)
+/// have no hard limit: `None`.  The engine cuts sequences to this and the
+/// memory estimate sizes activations by it, so both read it here.
+pub fn learned_positions(config: &serde_json::Value) -> Option<u64> {
+    let get = |key: &str| config.get(key)?.as_u64();
+    match config.get("model_type")?.as_str()? {
+        "opt" | "bert" => get("max_position_embeddings"),
+        "gpt2" => get("n_positions"),
+        "roberta" => {
+            let pad = get("pad_token_id").unwrap_or(1);
+            Some(get("max_position_embeddings")?.saturating_sub(pad + 1))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_positions(name: &str) -> Option<u64> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(name)
+            .join("config.json");
+        learned_positions(&serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap())
+    }
+
+    #[test]
+    fn learned_position_tables_limit_length_and_rotary_models_do_not() {
+        for name in ["opt", "opt-postln", "gpt2", "bert"] {
+            assert_eq!(fixture_positions(name), Some(64), "{name}");
+        }
+        // RoBERTa's table has 66 rows; the first two (padding index 1, plus one) are unused.
+        assert_eq!(fixture_positions("roberta"), Some(64));
+        for name in ["llama", "llama3", "mistral", "qwen2"] {
+            assert_eq!(fixture_positions(name), None, "{name}");
+        }
+    }
+}

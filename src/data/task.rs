@@ -1007,6 +1007,18 @@ impl Task {
         examples: &[Example],
         batch_size: usize,
     ) -> Result<Evaluation> {
+        self.evaluate_with(model, examples, batch_size, |_| {})
+    }
+
+    /// [`Task::evaluate`], telling `done` how many examples are evaluated
+    /// after each batch (a long evaluation shows its progress).
+    pub fn evaluate_with(
+        &self,
+        model: &LanguageModel,
+        examples: &[Example],
+        batch_size: usize,
+        mut done: impl FnMut(usize),
+    ) -> Result<Evaluation> {
         let _guard = tch::no_grad_guard();
         let (mut loss_sum, mut score, mut n) = (0.0, 0f64, 0usize);
         for chunk in examples.chunks(batch_size.max(1)) {
@@ -1018,6 +1030,7 @@ impl Task {
                 _ => c as f64,
             };
             n += chunk.len();
+            done(n);
         }
         let loss = loss_sum / n.max(1) as f64;
         let metric = if self.higher_is_better() {

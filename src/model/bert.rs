@@ -72,16 +72,6 @@ impl BertConfig {
         self.pad_token_id.unwrap_or(1)
     }
 
-    /// The longest sequence the position table covers (RoBERTa's first
-    /// `padding_idx + 1` rows are never used by real tokens).
-    pub fn max_positions(&self) -> i64 {
-        if self.roberta() {
-            self.max_position_embeddings - self.padding_idx() - 1
-        } else {
-            self.max_position_embeddings
-        }
-    }
-
     /// Module names of the checkpoint: the encoder's prefix and the MLM head's
     /// (bias, transform dense, transform norm).
     fn names(&self) -> (&'static str, [&'static str; 3]) {

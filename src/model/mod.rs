@@ -325,22 +325,14 @@ impl LanguageModel {
     }
 
     /// The longest sequence the model can read, where it has learned position
-    /// embeddings (OPT, GPT-2); rotary models have no hard limit.
+    /// embeddings (OPT, GPT-2, BERT, RoBERTa; see
+    /// [`mezod_core::model_ref::learned_positions`]), less a prefix's slots;
+    /// rotary models have no hard limit.
     pub fn max_positions(&self) -> Option<usize> {
         let cfg: serde_json::Value = serde_json::from_str(&self.config_text).ok()?;
+        let learned = mezod_core::model_ref::learned_positions(&cfg)? as usize;
         // A prefix takes the first positions.
         let prefix = self.net.kv_prefix().map_or(0, |p| p.len()) as usize;
-        let learned = if self.is_masked_lm() {
-            let c: bert::BertConfig = serde_json::from_value(cfg).ok()?;
-            c.max_positions() as usize
-        } else {
-            let key = match self.model_type.as_str() {
-                "opt" => "max_position_embeddings",
-                "gpt2" => "n_positions",
-                _ => return None,
-            };
-            cfg[key].as_u64()? as usize
-        };
         Some(learned.saturating_sub(prefix))
     }
 

@@ -11,6 +11,7 @@ pub mod fingerprint;
 pub mod metrics;
 pub mod out_dir;
 pub mod plot;
+pub mod progress;
 pub use mezod_core::seedlog;
 pub mod snapshot;
 pub mod tune_file;
@@ -37,6 +38,7 @@ use crate::spec::{JobSpec, Mode};
 use fingerprint::Fingerprint;
 use metrics::{EvalLine, MetricsFile};
 use mezod_core::durable;
+use progress::Progress;
 use seedlog::{Direction, SeedLog, StepLog, StepRecord};
 
 /// Snapshot interval when neither the job nor the daemon sets one.
@@ -61,6 +63,8 @@ pub struct RunOptions {
     pub snapshot_every: Option<u64>,
     /// The admission estimate of this job's peak memory, recorded in result.json.
     pub memory_estimate: Option<u64>,
+    /// The job file the run was started from, if any (it names the run).
+    pub job_file: Option<PathBuf>,
 }
 
 /// How a run ended.
@@ -113,6 +117,23 @@ pub fn default_out_dir(spec_path: &Path) -> PathBuf {
     PathBuf::from("runs").join(stem)
 }
 
+/// The job's name as people see it (the chart's title): the job file's stem,
+/// else the run folder's name, or `job ID` for a daemon job's run folder
+/// (`jobs/ID/run`).  Every place that names a run asks here.
+pub fn job_name(job_file: Option<&Path>, out: &Path) -> String {
+    let name = |p: &Path| p.file_stem().map(|s| s.to_string_lossy().into_owned());
+    if let Some(stem) = job_file.and_then(name) {
+        return stem;
+    }
+    let folder = name(out).unwrap_or_else(|| "run".into());
+    match out.parent().and_then(name) {
+        Some(id) if folder == mezod_core::daemon::job_dir::RUN && id.parse::<u64>().is_ok() => {
+            format!("job {id}")
+        }
+        _ => folder,
+    }
+}
+
 /// Peak resident memory of this process (VmHWM), bytes.
 pub fn peak_rss_bytes() -> u64 {
     crate::procfs::kb_field("/proc/self/status", "VmHWM")
@@ -138,6 +159,8 @@ fn measured_peak(device: &str) -> (u64, String) {
 struct Job {
     spec: JobSpec,
     out: PathBuf,
+    /// See [`job_name`].
+    name: String,
     model: LanguageModel,
     task: Task,
     train: Vec<Example>,
@@ -149,6 +172,7 @@ struct Job {
     z: ZSweep,
     device: String,
     memory_estimate: Option<u64>,
+    progress: Progress,
 }
 
 impl Job {
@@ -292,15 +316,26 @@ impl Job {
             .unwrap_or(self.spec.mezo.batch_size)
     }
 
+    /// Metric and loss of the weights at `step` on a split, showing progress.
+    fn evaluate_split(&self, split: &str, step: u64) -> Result<Evaluation> {
+        let examples = if split == "test" {
+            &self.test
+        } else {
+            &self.dev
+        };
+        let mut shown = self.progress.evaluation(split, step, examples.len());
+        self.task
+            .evaluate_with(&self.model, examples, self.eval_batch_size(), |n| {
+                shown.update(n)
+            })
+            .with_context(|| format!("evaluating on the {split} split at step {step}"))
+    }
+
     fn evaluate(&mut self, step: u64) -> Result<Option<Evaluation>> {
         if self.dev.is_empty() {
             return Ok(None);
         }
-        let bs = self.eval_batch_size();
-        let e = self
-            .task
-            .evaluate(&self.model, &self.dev, bs)
-            .with_context(|| format!("evaluating at step {step}"))?;
+        let e = self.evaluate_split("dev", step)?;
         self.metrics.eval(&EvalLine {
             step,
             metric: self.task.metric_name().into(),
@@ -405,7 +440,11 @@ pub fn run(spec_path: &Path, out: &Path, opts: &RunOptions) -> Result<Outcome> {
     std::fs::create_dir_all(out)
         .with_context(|| format!("creating output directory {}", out.display()))?;
     let log = SeedLog::open(&out.join("seedlog"))?;
-    run_with_log(spec, out, opts, Box::new(log))
+    let opts = RunOptions {
+        job_file: Some(spec_path.to_path_buf()),
+        ..opts.clone()
+    };
+    run_with_log(spec, out, &opts, Box::new(log))
 }
 
 /// Run (or resume) the job with step records going to `log`.
@@ -499,12 +538,14 @@ pub fn run_with_log(
     log.truncate_from(done)?;
     let (data_seed, batch_size, n_train) =
         (spec.data_seed(), spec.mezo.batch_size, splits.train.len());
+    let spec_steps = spec.steps();
     let metrics = MetricsFile::open(&out.join("metrics.jsonl"), &records, |step| {
         batch_indices(data_seed, step, batch_size, n_train)
     })?;
     let mut job = Job {
         spec,
         out: out.to_path_buf(),
+        name: job_name(opts.job_file.as_deref(), out),
         model,
         task,
         train: splits.train,
@@ -515,6 +556,7 @@ pub fn run_with_log(
         z: ZSweep::new(rng, threads as usize),
         device: device_name,
         memory_estimate: opts.memory_estimate,
+        progress: Progress::new(opts.progress, done, spec_steps),
     };
 
     // Resume: newest valid snapshot, then replay the rest of the log.
@@ -535,10 +577,7 @@ pub fn run_with_log(
     }
     if done == 0 && !job.test.is_empty() && read_zero_shot_test(out).is_none() {
         // The base model on the test split, once, for the comparison at the end.
-        let e = job
-            .task
-            .evaluate(&job.model, &job.test, job.eval_batch_size())
-            .context("evaluating the base model on the test split")?;
+        let e = job.evaluate_split("test", 0)?;
         tracing::info!("step 0: test {} {:.4}", job.task.metric_name(), e.metric);
         durable::write(
             &out.join("zero_shot_test.json"),
@@ -558,9 +597,8 @@ pub fn run_with_log(
         job.evaluate(done)?; // stopped between a step and its evaluation
     }
     let total = job.spec.steps();
-    let bar = opts.progress.then(|| progress_bar(total, done));
+    job.progress.start_steps(done);
     let train_start = Instant::now();
-    let log_every = (total / 20).max(1);
     let snapshot_every = job
         .spec
         .mezo
@@ -569,20 +607,11 @@ pub fn run_with_log(
         .unwrap_or(DEFAULT_SNAPSHOT_EVERY);
     for step in done..total {
         if stop.load(Ordering::SeqCst) {
-            return interrupted(&job, step, &snap_dir, signal_no.load(Ordering::SeqCst), bar);
+            return interrupted(&job, step, &snap_dir, signal_no.load(Ordering::SeqCst));
         }
         let rec = job.train_step(step)?;
         let n = step + 1;
-        if let Some(b) = &bar {
-            b.set_position(n);
-            b.set_message(format!("{:.4}", rec.loss_plus));
-        } else if n % log_every == 0 || n == total {
-            tracing::info!(
-                "step {n}/{total}: loss {:.4}, projected grad {:+.4e}",
-                rec.loss_plus,
-                rec.projected_grad
-            );
-        }
+        job.progress.step(n, rec.loss_plus, rec.projected_grad);
         if job.spec.mezo.eval_every > 0 && n % job.spec.mezo.eval_every == 0 && n < total {
             job.evaluate(n)?;
         }
@@ -590,35 +619,13 @@ pub fn run_with_log(
             snapshot::save(&snap_dir, n, &job.model.params, 2)?;
         }
     }
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
     let trained = total - done;
     let train_secs = train_start.elapsed().as_secs_f64();
     finish(job, done, from, trained, train_secs, started, fp).map(Outcome::Completed)
 }
 
-fn progress_bar(total: u64, done: u64) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(total).with_position(done);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} steps  {per_sec}  loss {msg}  ETA {eta}",
-        )
-        .expect("a valid template"),
-    );
-    bar
-}
-
-fn interrupted(
-    job: &Job,
-    step: u64,
-    snap_dir: &Path,
-    signal: i32,
-    bar: Option<indicatif::ProgressBar>,
-) -> Result<Outcome> {
-    if let Some(b) = bar {
-        b.abandon();
-    }
+fn interrupted(job: &Job, step: u64, snap_dir: &Path, signal: i32) -> Result<Outcome> {
+    job.progress.abandon();
     snapshot::save(snap_dir, step, &job.model.params, 2)?;
     Ok(Outcome::Interrupted { step, signal })
 }
@@ -709,10 +716,7 @@ fn finish(
     let test = if job.test.is_empty() {
         None
     } else {
-        let e = job
-            .task
-            .evaluate(&job.model, &job.test, job.eval_batch_size())
-            .context("evaluating on the test split")?;
+        let e = job.evaluate_split("test", best_step)?;
         tracing::info!(
             "test {} of the exported weights (step {best_step}): {:.4}",
             job.task.metric_name(),
@@ -727,11 +731,14 @@ fn finish(
         .iter()
         .map(|r| (r.step, r.loss_plus))
         .collect();
-    let eval_points: Vec<(u64, f64)> = evals.iter().map(|e| (e.step, e.loss)).collect();
-    durable::write(
-        &job.out.join("loss.svg"),
-        plot::loss_curve_svg(&train_points, &eval_points, "loss"),
-    )?;
+    let dev_points: Vec<(u64, f64)> = evals.iter().map(|e| (e.step, e.value)).collect();
+    let chart = plot::LossChart {
+        title: &job.name,
+        train: &train_points,
+        dev: &dev_points,
+        dev_metric: job.task.metric_name(),
+    };
+    durable::write(&job.out.join("loss.svg"), plot::loss_chart_svg(&chart)?)?;
     let (peak_memory_bytes, peak_memory_source) = measured_peak(&job.device);
     let result = RunResult {
         metric: job.task.metric_name().into(),
@@ -768,12 +775,22 @@ fn finish(
         &job.out.join("result.json"),
         serde_json::to_string_pretty(&result)?,
     )?;
+    job.progress.finish();
     Ok(result)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_is_named_by_its_job_file_else_its_folder() {
+        let out = Path::new("runs/elsewhere");
+        assert_eq!(job_name(Some(Path::new("jobs/sst2.yaml")), out), "sst2");
+        assert_eq!(job_name(None, out), "elsewhere");
+        assert_eq!(job_name(None, Path::new("/state/jobs/12/run")), "job 12");
+        assert_eq!(job_name(None, Path::new("mine/run")), "run");
+    }
 
     #[test]
     fn a_run_keeps_the_generator_it_started_with() {
