@@ -55,7 +55,7 @@ start_daemon() {
     done
 }
 field() { # id field
-    "$MEZOD" status "$1" --json --socket "$SOCK" | "$PY" -c "import json,sys; print(json.load(sys.stdin)['jobs'][0]['$2'])"
+    "$MEZOD" status "$1" --json --socket "$SOCK" | "$PY" -c "import json,sys; print(json.load(sys.stdin)['$2'])"
 }
 wait_for() { # id what predicate-on-(state steps)
     local i=0

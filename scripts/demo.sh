@@ -38,7 +38,7 @@ RUN=$DIR/state/jobs/$ID/run
 .venv/bin/python - "$RUN" "$DIR/status.json" <<'PY'
 import json, sys
 run, status = sys.argv[1], sys.argv[2]
-job = json.load(open(status))["jobs"][0]
+job = json.load(open(status))
 if job["state"] != "done":
     print(f"job {job['id']} ended {job['state']}: {job['reason']}")
     sys.exit(1)

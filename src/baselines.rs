@@ -37,6 +37,34 @@ pub struct BaselineScore {
     pub test: Option<f64>,
 }
 
+/// A score as a person reads it: four decimals, or "-" where there is none.
+pub fn show_score(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.4}"))
+}
+
+impl std::fmt::Display for BaselineScore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "dev {}, test {}",
+            show_score(self.dev),
+            show_score(self.test)
+        )
+    }
+}
+
+#[cfg(test)]
+mod score_tests {
+    #[test]
+    fn scores_read_as_numbers_or_a_dash() {
+        let s = super::BaselineScore {
+            dev: Some(0.5833333134651184),
+            test: None,
+        };
+        assert_eq!(s.to_string(), "dev 0.5833, test -");
+    }
+}
+
 /// The task with `k` demonstrations drawn (seeded) from `train`.
 pub fn icl_task(task: &Task, train: &[Example], k: usize, seed: u64) -> Result<Task> {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);

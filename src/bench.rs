@@ -39,21 +39,28 @@ pub struct BenchArgs {
     /// (any size without a download, e.g. bench/configs/opt-6.7b.json).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Seed of the random weights of --config.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// `cpu` or `cuda[:N]`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// What to time: a forward pass, a live MeZO step, or a replayed one.
     #[arg(long, value_enum)]
     pub mode: BenchMode,
+    /// Sequences per batch.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
+    /// Tokens per sequence.
     #[arg(long, default_value_t = 64)]
     pub tokens: usize,
+    /// Timed iterations (after one untimed warm-up).
     #[arg(long, default_value_t = 5)]
     pub iters: usize,
+    /// CPU threads for libtorch.
     #[arg(long, default_value_t = 2)]
     pub threads: i32,
+    /// Parameter dtype: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: Dtype,
     /// Generator of z: fast (counter-based, parallel) or torch (PyTorch's);

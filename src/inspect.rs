@@ -130,13 +130,12 @@ pub fn inspect(args: &InspectArgs) -> Result<Report> {
 
     let answer_words = describe_answer_words(&task, &model)?;
     let mut reports = Vec::new();
-    for (name, examples) in [
-        ("train", &splits.train),
-        ("dev", &splits.dev),
-        ("test", &splits.test),
+    for (name, split, examples) in [
+        ("train", "training", &splits.train),
+        ("dev", "dev", &splits.dev),
+        ("test", "test", &splits.test),
     ] {
-        let report = split_report(name, examples, &task, &model)
-            .with_context(|| format!("the {name} split"))?;
+        let report = split_report(name, examples, &task, &model, |i| splits.origin(split, i))?;
         if report.cut > 0 {
             warnings.push(format!(
                 "{} of {} {name} examples are longer than max_length {} and lose their beginning",
@@ -278,6 +277,7 @@ fn split_report(
     examples: &[Example],
     task: &Task,
     model: &LanguageModel,
+    origin: impl Fn(usize) -> String,
 ) -> Result<SplitReport> {
     let mut labels = BTreeMap::new();
     if let Some(field) = task.label_field() {
@@ -292,9 +292,7 @@ fn split_report(
     let mut lengths = Vec::with_capacity(examples.len());
     let mut shown = Vec::new();
     for (i, ex) in examples.iter().enumerate() {
-        let r: Rendering = task
-            .render(model, ex)
-            .with_context(|| format!("example {}", i + 1))?;
+        let r: Rendering = task.render(model, ex).with_context(|| origin(i))?;
         lengths.push(r.tokens);
         if shown.len() < SHOWN {
             shown.push(Shown {

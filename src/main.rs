@@ -35,11 +35,12 @@ enum Command {
     /// adapter/, a PEFT adapter). Ctrl-C or SIGTERM finish the current
     /// step and exit; a second signal exits at once. Either way, rerunning resumes
     /// exactly.
+    #[command(after_help = "Example: mezod run examples/sst2.yaml --out runs/sst2")]
     Run {
         /// The job file (YAML; see the README for every field).
         job: PathBuf,
         /// Output directory [default: runs/<job file stem>].
-        #[arg(long)]
+        #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
         /// Resume even if this machine's determinism fingerprint differs from the run's
         /// (the result is then no longer bit-identical to an uninterrupted run),
@@ -58,30 +59,35 @@ enum Command {
     /// RUN is the --out folder of `mezod run` (or a daemon job's run folder,
     /// <state>/jobs/<id>/run). By default the file holds the steps of the
     /// exported weights (the best step when the run has finished).
+    #[command(after_help = "Example: mezod export runs/sst2 -o sst2.mezo")]
     Export {
+        /// The run folder.
         run: PathBuf,
-        /// Export the seed log (the only kind of export so far).
-        #[arg(long)]
+        /// Accepted and ignored: the seed log is what export writes.
+        #[arg(long, hide = true)]
         seed_log: bool,
         /// Output file (e.g. tune.mezo).
-        #[arg(short, long)]
+        #[arg(short, long, value_name = "FILE")]
         output: PathBuf,
-        /// Export steps 0..N instead of the exported weights' steps.
-        #[arg(long)]
+        /// Export steps 0..N instead of the exported weights' steps
+        /// [default: the exported weights' steps].
+        #[arg(long, value_name = "N")]
         step: Option<u64>,
     },
     /// Rebuild fine-tuned weights from a .mezo file and its base model, bit for
     /// bit as the run had them, and write them as a Hugging Face directory.
+    #[command(after_help = "Example: mezod apply sst2.mezo -o sst2-model")]
     Apply {
+        /// The .mezo file (from `mezod export`).
         tune: PathBuf,
         /// The base: a model directory, a .gguf file, or the config.json of a
         /// random-weight base [default: the path recorded in the file].
-        #[arg(long)]
+        #[arg(long, value_name = "PATH")]
         base: Option<PathBuf>,
-        /// Output directory for the model (config.json, model.safetensors,
-        /// tokenizer files, and mezod-apply.json saying where it came from):
-        /// absent, empty, or written by an earlier apply.
-        #[arg(short, long)]
+        /// Where to write the fine-tuned model (a Hugging Face directory, with
+        /// mezod-apply.json saying where it came from): absent, empty, or
+        /// written by an earlier apply.
+        #[arg(short, long, value_name = "DIR")]
         output: PathBuf,
         /// Apply even where the rebuilt weights would not be identical (another
         /// libtorch for `rng: torch`, a differing config.json), and write into
@@ -99,6 +105,9 @@ enum Command {
     Inspect(mezod::inspect::InspectArgs),
     /// Time forward passes, MeZO steps or replays on a fixed synthetic batch
     /// (one JSON line: seconds per iteration, peak RSS). `make bench` compares them.
+    #[command(
+        after_help = "Example: mezod bench --config bench/configs/opt-1.3b.json --mode step"
+    )]
     Bench(mezod::bench::BenchArgs),
     /// Internal: one job's worker process, started by the daemon.
     #[command(hide = true)]
@@ -109,9 +118,12 @@ enum Command {
     Shapes { config: PathBuf },
     /// Load a model and print token ids, the mean next-token loss and the top next
     /// tokens (a masked LM: the top tokens at its mask token).
+    #[command(
+        after_help = "Example: mezod forward --model tests/fixtures/llama --text \"The movie was\""
+    )]
     Forward {
-        /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
-        #[arg(long)]
+        /// Hugging Face model directory (config.json, safetensors, tokenizer.json) or a .gguf file.
+        #[arg(long, value_name = "PATH")]
         model: PathBuf,
         /// Text to tokenize (special tokens added as the tokenizer does).
         #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
@@ -119,8 +131,10 @@ enum Command {
         /// Token ids, comma-separated, used as given.
         #[arg(long, value_delimiter = ',')]
         ids: Option<Vec<i64>>,
+        /// Parameter dtype: f32, bf16 or f16.
         #[arg(long, default_value = "f32")]
         dtype: Dtype,
+        /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
         /// How many next-token candidates to show.
@@ -133,7 +147,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    mezod_core::cli::main_logging_to(mezod::run::progress::LogWriter, || dispatch(Cli::parse()))
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Worker(_)) {
+        // Printing commands end quietly when their reader goes (`| head`).
+        mezod_core::cli::exit_on_closed_stdout();
+    }
+    mezod_core::cli::main_logging_to(mezod::run::progress::LogWriter, || dispatch(cli))
 }
 
 fn dispatch(cli: Cli) -> Result<ExitCode> {
@@ -186,14 +205,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Export {
-            run,
-            seed_log,
-            output,
-            step,
+            run, output, step, ..
         } => {
-            if !seed_log {
-                anyhow::bail!("say what to export: --seed-log (a .mezo file)");
-            }
             let tune = mezod::run::tune_file::export(&run, step)?;
             tune.write(&output)?;
             eprintln!(

@@ -12,7 +12,9 @@ use anyhow::{Context, Result};
 
 use crate::run::seedlog::{StepLog, StepRecord};
 use crate::run::{run_with_log, Outcome, RunOptions};
-use mezod_core::daemon::worker::{decode_input, encode};
+use mezod_core::daemon::worker::{
+    decode_input, encode, encode_job_error, is_transient, JOB_ERROR_EXIT,
+};
 use mezod_core::spec::JobSpec;
 
 /// The worker's side of the log: earlier records from the daemon, new
@@ -56,7 +58,9 @@ pub struct WorkerArgs {
 }
 
 /// Body of `mezod-engine worker`: run the job with the daemon's log; exit 0 when
-/// done, 128+signal when stopped at a step boundary.
+/// done, 128+signal when stopped at a step boundary, [`JOB_ERROR_EXIT`] when
+/// the job itself failed (its reason on stdout for the daemon), 1 on a
+/// failure a retry may cure.
 pub fn worker_main(args: WorkerArgs) -> Result<ExitCode> {
     // What this process was given, as it sees it: which GPU it may use.
     tracing::info!(
@@ -70,8 +74,27 @@ pub fn worker_main(args: WorkerArgs) -> Result<ExitCode> {
         .read_to_end(&mut input)
         .context("reading the job from the daemon")?;
     let (text, records) = decode_input(&input)?;
+    match run_job(&text, records, args) {
+        Ok(code) => Ok(code),
+        Err(e) if is_transient(&e) => Err(e),
+        Err(e) => {
+            // The job's own error: the same inputs would fail again, so the
+            // daemon is told why and fails the job instead of retrying it.
+            let message = format!("{e:#}");
+            eprintln!("error: {message}");
+            let mut out = std::io::stdout().lock();
+            let _ = out
+                .write_all(encode_job_error(&message).as_bytes())
+                .and_then(|_| out.flush());
+            Ok(ExitCode::from(JOB_ERROR_EXIT))
+        }
+    }
+}
+
+/// Run the job of the worker's input with the daemon's log.
+fn run_job(text: &str, records: Vec<StepRecord>, args: WorkerArgs) -> Result<ExitCode> {
     // The daemon's spool accepts only absolute paths (or a `workdir`).
-    let spec = JobSpec::parse_with_base(&text, None)?;
+    let spec = JobSpec::parse_with_base(text, None)?;
     let log = PipeLog {
         records,
         out: std::io::stdout(),
@@ -89,10 +112,10 @@ pub fn worker_main(args: WorkerArgs) -> Result<ExitCode> {
     match run_with_log(spec, &args.out, &opts, Box::new(log))? {
         Outcome::Completed(r) => {
             tracing::info!(
-                "done: {} steps, dev {} best {:?} (step {})",
+                "done: {} steps, dev {} best {} (step {})",
                 r.steps,
                 r.metric,
-                r.best,
+                crate::baselines::show_score(r.best),
                 r.best_step
             );
             Ok(ExitCode::SUCCESS)

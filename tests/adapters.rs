@@ -136,6 +136,11 @@ fn lora_lowers_the_loss_resumes_exactly_and_its_peft_adapter_equals_the_merged_m
             (config["r"].as_i64(), config["lora_alpha"].as_f64()),
             (Some(8), Some(16.0))
         );
+        assert_eq!(
+            config["base_model_name_or_path"].as_str(),
+            Some(fixture(arch).to_str().unwrap()),
+            "the adapter records its base"
+        );
         check(
             python()
                 .arg(root().join("scripts/check_peft_adapter.py"))
@@ -233,7 +238,7 @@ fn lora_and_prefix_fine_tunes_travel_as_mezo_files() {
             mezod()
                 .args(["export"])
                 .arg(&run)
-                .args(["--seed-log", "-o"])
+                .args(["-o"])
                 .arg(&file)
                 .output()
                 .unwrap(),

@@ -220,8 +220,11 @@ fn a_killed_worker_is_retried_and_still_exact() {
     assert!(log.contains("--- attempt 2"), "{log}");
 }
 
+/// A job that cannot succeed (here its loss is not finite: the same steps
+/// diverge the same way every time) fails at its first attempt, with its
+/// own error as the reason, not a worker's exit status.
 #[test]
-fn a_job_that_always_fails_ends_failed_with_its_log_tail() {
+fn a_job_that_cannot_succeed_fails_at_once_with_its_reason() {
     let tmp = tempfile::tempdir().unwrap();
     let d = Daemon::start(tmp.path(), CONFIG);
     let job = job_file(tmp.path(), "nan", 50, 3);
@@ -232,13 +235,47 @@ fn a_job_that_always_fails_ends_failed_with_its_log_tail() {
     let id = d.submit(&job);
     let rec = d.wait_done(id);
     assert_eq!(rec["state"], "failed", "{rec:#}");
-    assert_eq!(rec["failures"], 3, "first try and two retries");
+    assert_eq!(
+        (rec["attempts"].as_u64(), rec["failures"].as_u64()),
+        (Some(1), Some(1)),
+        "not retried: {rec:#}"
+    );
+    let reason = rec["reason"].as_str().unwrap();
+    assert!(reason.contains("non-finite"), "{reason}");
+    assert!(!reason.contains("exited with status"), "{reason}");
     let error = std::fs::read_to_string(d.job_dir(id).join("error")).unwrap();
-    assert!(error.contains("gave up after 3 attempts"), "{error}");
-    assert!(error.contains("non-finite"), "{error}");
+    assert!(
+        error.contains("non-finite") && error.contains("last lines of its log"),
+        "{error}"
+    );
     // The daemon is unharmed and serves the next job.
     let ok = d.submit(&job_file(tmp.path(), "fine", 10, 1));
     assert_eq!(d.wait_done(ok)["state"], "done");
+}
+
+/// A worker that crashes (here: aborts at its first snapshot, every attempt)
+/// is retried up to the limit, and then the job fails saying so.
+#[test]
+fn a_crashing_worker_is_retried_up_to_the_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with_env(
+        tmp.path(),
+        CONFIG,
+        &[("FAILPOINTS", "snapshot-before-hash=return".into())],
+    );
+    assert!(
+        d.log().contains("crash points armed"),
+        "this build has no crash points: build with --features failpoints (make test does)"
+    );
+    let id = d.submit(&job_file(tmp.path(), "crashes", 1000, 3));
+    let rec = d.wait_done(id);
+    assert_eq!(rec["state"], "failed", "{rec:#}");
+    assert_eq!(rec["failures"], 3, "first try and two retries: {rec:#}");
+    let reason = rec["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("killed by signal 6") && reason.contains("gave up after 3 attempts"),
+        "{reason}"
+    );
 }
 
 #[test]
@@ -405,7 +442,9 @@ fn a_crash_between_recording_and_moving_a_file_never_starts_it_twice() {
         table
             .put_durable(&mezod::daemon::jobs::JobRecord {
                 id,
-                name: "claimed.yaml".into(),
+                name: "claimed".into(),
+                spool_name: "claimed.yaml".into(),
+                summary: String::new(),
                 owner_uid: 0,
                 owner_gid: 0,
                 state: mezod::daemon::jobs::JobState::Queued { not_before: None },

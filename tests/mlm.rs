@@ -174,8 +174,13 @@ fn an_explicit_mask_placeholder_puts_the_answer_where_it_says() {
 fn masked_lms_refuse_what_they_cannot_do_clearly() {
     let bert = load("bert");
     let exs = examples();
-    let err =
-        |t: &Task, m: &LanguageModel| format!("{:#}", t.check(m, &exs, "training").unwrap_err());
+    let err = |t: &Task, m: &LanguageModel| {
+        format!(
+            "{:#}",
+            t.check(m, &exs, |i| format!("training example {}", i + 1))
+                .unwrap_err()
+        )
+    };
     for yaml in [
         "{kind: causal_lm}",
         "{kind: multiple_choice, template: copa}",

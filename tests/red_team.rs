@@ -542,13 +542,18 @@ fn unprintable_names_run_under_safe_ones() {
         std::fs::rename(&staged, d.spool().join("new").join(name)).unwrap();
     }
     d.wait_until("both jobs to be taken", |d| d.jobs().len() == 2);
-    let mut names: Vec<String> = d
-        .jobs()
-        .iter()
-        .map(|j| j["name"].as_str().unwrap().to_string())
-        .collect();
-    names.sort();
-    assert_eq!(names, ["caf_.yaml", "two_lines_[2J.yaml"]);
+    let names = |key: &str| {
+        let mut names: Vec<String> = d
+            .jobs()
+            .iter()
+            .map(|j| j[key].as_str().unwrap().to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(names("spool_name"), ["caf_.yaml", "two_lines_[2J.yaml"]);
+    // Named after the (safe) file name without its extension.
+    assert_eq!(names("name"), ["caf_", "two_lines_[2J"]);
     for j in d.jobs() {
         let id = j["id"].as_u64().unwrap();
         assert_eq!(d.wait_done(id)["state"], "done");
@@ -556,7 +561,7 @@ fn unprintable_names_run_under_safe_ones() {
     }
     let table = mezod_as(0, &d, &["status"]);
     assert_eq!(
-        text(&table).matches("caf_.yaml").count(),
+        text(&table).matches("caf_ —").count(),
         1,
         "{}",
         text(&table)

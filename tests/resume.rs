@@ -210,7 +210,7 @@ fn divergence_fails_naming_the_step_and_never_saves_nan_weights() {
 
 /// The Quick start's form: from a project folder, a job file with paths
 /// relative to itself, `--out` relative to the working folder, Ctrl-C, then
-/// exactly the command mezod printed; and `mezod export --seed-log` on that
+/// exactly the command mezod printed; and `mezod export` on that
 /// run from another working folder.  (Frozen specs once kept the relative
 /// paths and were read back against the run folder.)
 #[test]
@@ -290,13 +290,7 @@ fn ctrl_c_and_the_printed_command_resume_with_relative_paths() {
     );
     let exported = mezod()
         .current_dir(tmp.path())
-        .args([
-            "export",
-            "--seed-log",
-            "project/runs/intr",
-            "-o",
-            "intr.mezo",
-        ])
+        .args(["export", "project/runs/intr", "-o", "intr.mezo"])
         .output()
         .unwrap();
     check(exported, "mezod export from another folder");

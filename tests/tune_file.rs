@@ -1,4 +1,4 @@
-//! A fine-tune in kilobytes: `mezod export --seed-log` writes a `.mezo` file,
+//! A fine-tune in kilobytes: `mezod export` writes a `.mezo` file,
 //! `mezod apply` and `scripts/mezo_rebuild.py` (PyTorch, no mezod) rebuild the
 //! fine-tuned weights from it, bit-identical to what the run exported, with
 //! either generator of z; a different base is refused.
@@ -32,7 +32,6 @@ fn export(run: &Path, file: &Path, extra: &[&str]) {
         mezod()
             .arg("export")
             .arg(run)
-            .arg("--seed-log")
             .arg("-o")
             .arg(file)
             .args(extra)

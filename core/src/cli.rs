@@ -1,6 +1,7 @@
 //! What both binaries do around their commands: logging to stderr at the
 //! level `MEZOD_LOG` names (default `info`), crash points when built with
-//! them, and one plain `error: …` line with exit status 1 on failure.
+//! them, one plain `error: …` line with exit status 1 on failure, and a
+//! quiet end when a reader closes stdout early.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -32,5 +33,17 @@ where
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// End the process quietly, as `cat` or `ls` do, when whoever reads stdout
+/// has gone (`mezod status --json | head`).  Rust ignores SIGPIPE, so a
+/// write to a closed pipe fails and `println!` panics; the default action
+/// ends the process instead.  For commands that print, never for the daemon
+/// (a client that hangs up must not end it) or its workers.
+pub fn exit_on_closed_stdout() {
+    // SAFETY: setting a signal's disposition to its default has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

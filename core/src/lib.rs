@@ -7,12 +7,14 @@
 pub mod cli;
 pub mod crash;
 pub mod daemon;
+pub mod data_file;
 pub mod durable;
 pub mod engine;
 pub mod estimate;
 pub mod gguf_header;
 pub mod gpu;
 pub mod identity;
+pub mod job_check;
 pub mod mezo_options;
 pub mod model_ref;
 pub mod procfs;

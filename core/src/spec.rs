@@ -15,9 +15,26 @@ use crate::tuning::{LoraConfig, PrefixConfig, Tuning};
 /// short of "forever" (a daemon job that never ends holds its GPU for good).
 pub const MAX_STEPS: u64 = 10_000_000;
 
+/// The longest job `name:`: a table column, not a description.
+pub const MAX_NAME_CHARS: usize = 100;
+
+/// `text` as a job name: control characters become `_`, cut to
+/// [`MAX_NAME_CHARS`] characters (what `mezod submit` makes of a file's stem).
+pub fn as_job_name(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { '_' } else { c })
+        .take(MAX_NAME_CHARS)
+        .collect()
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
+    /// What `mezod status` calls the job (default: the job file's name
+    /// without its extension; `mezod submit` writes that in).  Plain text of
+    /// at most [`MAX_NAME_CHARS`] characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// Folder that relative paths are taken from (default: the job file's own
     /// folder).  `mezod submit` fills it in, because a job dropped into the
     /// spool no longer sits beside its data.
@@ -524,6 +541,13 @@ impl JobSpec {
     }
 
     fn validate(&self) -> Result<()> {
+        if let Some(name) = &self.name {
+            if name.trim().is_empty() || as_job_name(name) != *name {
+                bail!(
+                    "name must be plain text of 1 to {MAX_NAME_CHARS} characters, without control characters"
+                );
+            }
+        }
         self.model.validate()?;
         if self.mode.is_empty() {
             bail!("mode must list at least one of zero_shot, icl, linear_probe, mezo");
@@ -636,6 +660,24 @@ impl JobSpec {
         }
     }
 
+    /// One line about what the job runs, for `mezod status ID`.
+    pub fn summary(&self) -> String {
+        let task = serde_json::to_value(self.task.kind).expect("a task kind serializes");
+        let tuning = serde_json::to_value(self.tuning).expect("a tuning kind serializes");
+        let dtype = serde_json::to_value(self.model.dtype).expect("a dtype serializes");
+        format!(
+            "{} ({} on {}), {} with {} tuning, {} steps of batch {} at lr {}",
+            self.model.describe(),
+            dtype.as_str().unwrap_or("?"),
+            self.model.device,
+            task.as_str().unwrap_or("?"),
+            tuning.as_str().unwrap_or("?"),
+            self.steps(),
+            self.mezo.batch_size,
+            self.mezo.lr
+        )
+    }
+
     pub fn data_seed(&self) -> u64 {
         self.mezo.data_seed.unwrap_or(self.mezo.seed)
     }
@@ -714,6 +756,26 @@ mod tests {
 
     const MINIMAL: &str = "model: {path: m, dtype: f32}\ntask: {kind: causal_lm}\n\
         data: {train: train.jsonl, text_field: text}\nmezo: {steps: 30, batch_size: 1, lr: 1.0e-3, eps: 1.0e-3, seed: 7}\n";
+
+    #[test]
+    fn a_job_name_is_plain_text_and_defaults_to_none() {
+        assert_eq!(JobSpec::parse(MINIMAL, Path::new("/j")).unwrap().name, None);
+        let named =
+            JobSpec::parse(&format!("name: sst2 sweep\n{MINIMAL}"), Path::new("/j")).unwrap();
+        assert_eq!(named.name.as_deref(), Some("sst2 sweep"));
+        for bad in ["\"\"", "\"a\\nb\"", &"x".repeat(MAX_NAME_CHARS + 1)] {
+            let e = JobSpec::parse(&format!("name: {bad}\n{MINIMAL}"), Path::new("/j"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("name must be plain text"), "{bad}: {e}");
+        }
+        assert_eq!(as_job_name("a\tb\u{1b}[2J"), "a_b_[2J");
+        let s = JobSpec::parse(MINIMAL, Path::new("/j")).unwrap().summary();
+        assert_eq!(
+            s,
+            "/j/m (f32 on cpu), causal_lm with full tuning, 30 steps of batch 1 at lr 0.001"
+        );
+    }
 
     #[test]
     fn minimal_spec_parses_with_defaults_and_absolute_paths() {

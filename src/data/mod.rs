@@ -1,102 +1,29 @@
-//! Datasets: JSONL or CSV rows as string fields (optionally bzip2-compressed),
-//! row filters, and the seeded train/dev/test split.
+//! Datasets: JSONL or CSV rows as string fields (optionally bzip2-compressed;
+//! read by `mezod_core::data_file`, each row with its file and line), row
+//! filters, and the seeded train/dev/test split.
 
 pub mod squad;
 pub mod task;
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
+pub use mezod_core::data_file::{Example, Origin};
+
 use crate::spec::DataSpec;
 
-/// One row, every value as text (numbers and booleans as written).
-pub type Example = BTreeMap<String, String>;
-
-/// Read a data file: `.jsonl`/`.json`, `.csv`, `.tsv`, each optionally `.bz2`.
+/// Read every row of a data file: `.jsonl`/`.json`, `.csv`, `.tsv`, each optionally `.bz2`.
 pub fn load_examples(path: &Path) -> Result<Vec<Example>> {
-    let lower = path.to_string_lossy().to_lowercase();
-    let (name, compressed) = match lower.strip_suffix(".bz2") {
-        Some(inner) => (inner.to_string(), true),
-        None => (lower.clone(), false),
-    };
-    let mut bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    if compressed {
-        let mut out = Vec::new();
-        bzip2::read::BzDecoder::new(&bytes[..])
-            .read_to_end(&mut out)
-            .with_context(|| format!("{}: not valid bzip2 data", path.display()))?;
-        bytes = out;
-    }
-    let rows = if name.ends_with(".csv") {
-        read_csv(path, &bytes, b',')
-    } else if name.ends_with(".tsv") {
-        read_csv(path, &bytes, b'\t')
-    } else if name.ends_with(".jsonl") || name.ends_with(".json") {
-        read_jsonl(path, &bytes)
-    } else {
-        bail!(
-            "{}: unknown data format (use .jsonl, .csv or .tsv, optionally .bz2)",
-            path.display()
-        )
-    }?;
-    if rows.is_empty() {
-        bail!("{} holds no examples", path.display());
-    }
-    Ok(rows)
+    Ok(load_rows(path)?.into_iter().map(|(_, ex)| ex).collect())
 }
 
-fn read_jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<Example>> {
-    let text = std::str::from_utf8(bytes)
-        .with_context(|| format!("{} is not UTF-8 text", path.display()))?;
-    let mut rows = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let value: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{} line {}: not valid JSON", path.display(), i + 1))?;
-        let obj = value.as_object().with_context(|| {
-            format!("{} line {}: expected a JSON object", path.display(), i + 1)
-        })?;
-        let row = obj
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    v.as_str()
-                        .map(str::to_string)
-                        .unwrap_or_else(|| v.to_string()),
-                )
-            })
-            .collect();
-        rows.push(row);
-    }
-    Ok(rows)
-}
-
-fn read_csv(path: &Path, bytes: &[u8], delimiter: u8) -> Result<Vec<Example>> {
-    let mut reader = csv::ReaderBuilder::new()
-        .delimiter(delimiter)
-        .from_reader(bytes);
-    let headers = reader.headers()?.clone();
-    let mut rows = Vec::new();
-    for (i, rec) in reader.records().enumerate() {
-        let rec = rec.with_context(|| format!("{} row {}", path.display(), i + 2))?;
-        rows.push(
-            headers
-                .iter()
-                .zip(rec.iter())
-                .map(|(h, v)| (h.to_string(), v.to_string()))
-                .collect(),
-        );
-    }
-    Ok(rows)
+fn load_rows(path: &Path) -> Result<Vec<(Origin, Example)>> {
+    mezod_core::data_file::read_rows(path, None)
 }
 
 /// Training, development and test examples.
@@ -105,15 +32,37 @@ pub struct Splits {
     pub dev: Vec<Example>,
     /// Empty unless the job names a test file or a test fraction.
     pub test: Vec<Example>,
+    /// Where each example of train, dev and test came from (file and line),
+    /// beside them so that the examples stay plain maps of fields.
+    pub origins: [Vec<Origin>; 3],
+}
+
+impl Splits {
+    /// Where example `i` of `split` ("training", "dev" or "test") is, for errors.
+    pub fn origin(&self, split: &str, i: usize) -> String {
+        let at = match split {
+            "training" => 0,
+            "dev" => 1,
+            _ => 2,
+        };
+        match self.origins[at].get(i) {
+            Some(origin) => format!("{origin} ({split} example)"),
+            None => format!("{split} example {}", i + 1),
+        }
+    }
 }
 
 /// Rows whose fields pass every filter (`field: [allowed values]`).
-fn filtered(rows: Vec<Example>, spec: &DataSpec, path: &Path) -> Result<Vec<Example>> {
+fn filtered(
+    rows: Vec<(Origin, Example)>,
+    spec: &DataSpec,
+    path: &Path,
+) -> Result<Vec<(Origin, Example)>> {
     if spec.filter.is_empty() {
         return Ok(rows);
     }
     for field in spec.filter.keys() {
-        if !rows[0].contains_key(field) {
+        if !rows[0].1.contains_key(field) {
             bail!(
                 "data.filter names field {field:?}, which {} lacks",
                 path.display()
@@ -122,7 +71,7 @@ fn filtered(rows: Vec<Example>, spec: &DataSpec, path: &Path) -> Result<Vec<Exam
     }
     Ok(rows
         .into_iter()
-        .filter(|r| {
+        .filter(|(_, r)| {
             spec.filter
                 .iter()
                 .all(|(f, allowed)| r.get(f).is_some_and(|v| allowed.contains(v)))
@@ -134,7 +83,7 @@ fn filtered(rows: Vec<Example>, spec: &DataSpec, path: &Path) -> Result<Vec<Exam
 /// held out of train (test first, then dev, from one shuffle).
 /// `label_field` names the classes for `per_class` sampling when it names no field.
 pub fn load_splits(spec: &DataSpec, label_field: &str) -> Result<Splits> {
-    let mut train = filtered(load_examples(&spec.train)?, spec, &spec.train)?;
+    let mut train = filtered(load_rows(&spec.train)?, spec, &spec.train)?;
     let per_class = spec.per_class.as_ref().map(|p| {
         (
             p.k,
@@ -142,18 +91,15 @@ pub fn load_splits(spec: &DataSpec, label_field: &str) -> Result<Splits> {
         )
     });
     if let Some((_, field)) = &per_class {
-        // Named before shuffling, so the row number is the file's (after `filter`).
-        if let Some(i) = train.iter().position(|ex| !ex.contains_key(field)) {
-            bail!(
-                "data.per_class: training example {} of {} has no field {field:?}",
-                i + 1,
-                spec.train.display()
-            );
+        if let Some((at, _)) = train.iter().find(|(_, ex)| !ex.contains_key(field)) {
+            bail!("{at}: no field {field:?} (data.per_class needs it in every training example)");
         }
     }
-    let load = |p: &Path| -> Result<Vec<Example>> { filtered(load_examples(p)?, spec, p) };
+    let load = |p: &Path| -> Result<Vec<(Origin, Example)>> { filtered(load_rows(p)?, spec, p) };
     let hold_out_test = spec.test.is_none() && spec.test_fraction > 0.0;
     if spec.dev.is_none() || hold_out_test || spec.per_class.is_some() {
+        // The permutation depends only on the length and the seed: rows
+        // shuffle exactly as the bare examples did.
         let mut rng = ChaCha20Rng::seed_from_u64(spec.split_seed);
         train.shuffle(&mut rng);
     }
@@ -194,30 +140,41 @@ pub fn load_splits(spec: &DataSpec, label_field: &str) -> Result<Splits> {
     if train.is_empty() {
         bail!("no training examples left after the split");
     }
-    Ok(Splits { train, dev, test })
+    let [(train_at, train), (dev_at, dev), (test_at, test)] =
+        [train, dev, test].map(|rows| rows.into_iter().unzip::<_, _, Vec<_>, Vec<_>>());
+    Ok(Splits {
+        train,
+        dev,
+        test,
+        origins: [train_at, dev_at, test_at],
+    })
 }
 
-/// Keep in `examples` the first `k` of each value of `field` (in their order);
+/// Keep in `rows` the first `k` of each value of `field` (in their order);
 /// return the others, in order.  A class with fewer than `k` is kept whole,
 /// with a warning.
-fn take_per_class(examples: &mut Vec<Example>, k: usize, field: &str) -> Vec<Example> {
+fn take_per_class(
+    rows: &mut Vec<(Origin, Example)>,
+    k: usize,
+    field: &str,
+) -> Vec<(Origin, Example)> {
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     let mut kept = Vec::new();
     let mut rest = Vec::new();
-    for ex in std::mem::take(examples) {
-        let value = ex.get(field).cloned().unwrap_or_default();
+    for row in std::mem::take(rows) {
+        let value = row.1.get(field).cloned().unwrap_or_default();
         let n = seen.entry(value).or_default();
         if *n < k {
             *n += 1;
-            kept.push(ex);
+            kept.push(row);
         } else {
-            rest.push(ex);
+            rest.push(row);
         }
     }
     for (value, n) in seen.iter().filter(|(_, &n)| n < k) {
         tracing::warn!("data.per_class: class {field} = {value:?} has only {n} examples for {k}");
     }
-    *examples = kept;
+    *rows = kept;
     rest
 }
 
@@ -288,6 +245,20 @@ mod tests {
         assert_eq!((a.train.len(), a.dev.len()), (45, 5));
         assert_eq!(a.dev, b.dev);
         assert!(a.dev.iter().all(|d| !a.train.contains(d)));
+        // Each example still knows its line after the shuffle ("row i" is on line i + 1).
+        for (split, examples) in [("training", &a.train), ("dev", &a.dev)] {
+            for (i, ex) in examples.iter().enumerate() {
+                let line: usize = ex["text"]
+                    .trim_start_matches("row ")
+                    .parse::<usize>()
+                    .unwrap()
+                    + 1;
+                assert_eq!(
+                    a.origin(split, i),
+                    format!("{} line {line} ({split} example)", j.display())
+                );
+            }
+        }
     }
 
     #[test]
@@ -333,7 +304,10 @@ mod tests {
             ..spec
         };
         let e = load_splits(&missing, "label").err().unwrap().to_string();
-        assert!(e.contains("\"label\"") && e.contains("example 1 of"), "{e}");
+        assert!(
+            e.contains("\"label\"") && e.contains("a.jsonl line "),
+            "{e}"
+        );
     }
 
     #[test]

@@ -261,7 +261,13 @@ impl Task {
     /// Check every example up front so a bad row fails the job before training, naming the row.
     /// A masked LM is checked here too: only classification, a mask token,
     /// single-token label words.
-    pub fn check(&self, model: &LanguageModel, examples: &[Example], split: &str) -> Result<()> {
+    /// `origin(i)` says where example `i` is (its file and line).
+    pub fn check(
+        &self,
+        model: &LanguageModel,
+        examples: &[Example],
+        origin: impl Fn(usize) -> String,
+    ) -> Result<()> {
         let mask = self.mask_token(model)?;
         if mask.is_some() {
             self.label_ids(model)?;
@@ -277,7 +283,7 @@ impl Task {
                     self.encode_choice(model, ex).map(|_| ())
                 }
             };
-            res.with_context(|| format!("{split} example {}", i + 1))?;
+            res.with_context(|| origin(i))?;
         }
         Ok(())
     }

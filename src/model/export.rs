@@ -148,6 +148,9 @@ pub fn export_peft_adapter(model: &LanguageModel, out: &Path) -> Result<()> {
     } else {
         "CAUSAL_LM".into()
     };
+    // Where the base came from, as PEFT records it (the folder, GGUF file or
+    // random-weight config's folder the run loaded).
+    let base = model.dir.display().to_string();
     let (tensors, config) = match &model.tuning {
         Tuning::Lora(cfg) => {
             let tensors: Vec<(String, Tensor)> = model
@@ -173,7 +176,7 @@ pub fn export_peft_adapter(model: &LanguageModel, out: &Path) -> Result<()> {
                 "init_lora_weights": true,
                 "inference_mode": true,
                 "modules_to_save": null,
-                "base_model_name_or_path": null,
+                "base_model_name_or_path": base,
             });
             (tensors, config)
         }
@@ -201,7 +204,7 @@ pub fn export_peft_adapter(model: &LanguageModel, out: &Path) -> Result<()> {
                 "encoder_hidden_size": heads * d,
                 "prefix_projection": false,
                 "inference_mode": true,
-                "base_model_name_or_path": null,
+                "base_model_name_or_path": base,
             });
             (vec![("prompt_embeddings".to_string(), embeddings)], config)
         }

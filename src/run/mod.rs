@@ -286,22 +286,14 @@ impl Job {
                 .unwrap_or(self.spec.mezo.seed);
             let score = baselines::icl(&self.task, &self.model, splits, k, seed, bs)
                 .context("the icl baseline")?;
-            tracing::info!(
-                "icl ({k} demonstrations): dev {:?}, test {:?}",
-                score.dev,
-                score.test
-            );
+            tracing::info!("icl ({k} demonstrations): {score}");
             b.icl = Some(score);
             b.icl_k = Some(k);
         }
         if wanted(Mode::LinearProbe) {
             let (score, fit) = baselines::linear_probe(&self.task, &self.model, splits, bs)
                 .context("the linear_probe baseline")?;
-            tracing::info!(
-                "linear probe: dev {:?}, test {:?} (train {fit:.4})",
-                score.dev,
-                score.test
-            );
+            tracing::info!("linear probe: {score} (train {fit:.4})");
             b.linear_probe = Some(score);
             b.linear_probe_train = Some(fit);
         }
@@ -510,9 +502,9 @@ pub fn run_with_log(
         }
         task.limit_length(limit);
     }
-    task.check(&model, &splits.train, "training")?;
-    task.check(&model, &splits.dev, "dev")?;
-    task.check(&model, &splits.test, "test")?;
+    task.check(&model, &splits.train, |i| splits.origin("training", i))?;
+    task.check(&model, &splits.dev, |i| splits.origin("dev", i))?;
+    task.check(&model, &splits.test, |i| splits.origin("test", i))?;
     for (answer, ids) in task.answer_word_ids(&model)? {
         if ids.len() > 1 {
             tracing::info!(

@@ -210,6 +210,8 @@ pub fn daemon_status(socket: &Path) -> serde_json::Value {
     let all = Request::Status {
         id: None,
         finished: Some(usize::MAX),
+        states: vec![],
+        owner: None,
     };
     match request(socket, &all).unwrap() {
         Response::Status(r) => serde_json::to_value(r).unwrap(),

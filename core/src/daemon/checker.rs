@@ -51,9 +51,16 @@ pub struct Accepted {
     pub priority: i32,
     pub steps: u64,
     pub estimate_bytes: u64,
+    /// The job file's `name:`, if it has one.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// [`JobSpec::summary`]: the daemon itself never parses a job file.
+    #[serde(default)]
+    pub summary: String,
 }
 
-/// Check a job file's text: the spec, the files it names, its memory.
+/// Check a job file's text: the spec, the files it names, its memory, and
+/// everything else a worker would fail on (`job_check`).
 pub fn check_text(text: &str) -> Result<Accepted> {
     let spec = JobSpec::parse_with_base(text, None)?;
     if !spec.data.train.is_file() {
@@ -70,11 +77,14 @@ pub fn check_text(text: &str) -> Result<Accepted> {
     let wants_gpu = spec.model.device.starts_with("cuda");
     let footprint =
         estimate(&spec, wants_gpu).with_context(|| format!("model {}", spec.model.describe()))?;
+    crate::job_check::check(&spec)?;
     Ok(Accepted {
         wants_gpu,
         priority: spec.priority,
         steps: spec.mezo.steps,
         estimate_bytes: footprint.total(),
+        summary: spec.summary(),
+        name: spec.name,
     })
 }
 

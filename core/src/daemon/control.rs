@@ -24,19 +24,45 @@ pub enum Request {
     /// The daemon's spool and version.
     Hello,
     /// One job, or every active job and the `finished` newest ended ones
-    /// (default [`DEFAULT_FINISHED_SHOWN`]).
+    /// (default [`DEFAULT_FINISHED_SHOWN`]), of the given states and owner
+    /// if named.
     Status {
         id: Option<u64>,
         #[serde(default)]
         finished: Option<usize>,
+        /// Only jobs in these states (`queued`, `running`, `failed`, …).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        states: Vec<String>,
+        /// Only jobs of this uid.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<u32>,
+    },
+    /// One job in detail (its owner or root see its files, summary and error).
+    Show {
+        id: u64,
     },
     Cancel {
         id: u64,
     },
-    /// Bytes of the job's log from `offset` on.
+    /// Queue a failed or cancelled job again (it resumes from its seed log).
+    Restart {
+        id: u64,
+    },
+    /// Forget ended jobs (`ids`, or all of the asker's when empty); with
+    /// `purge` their folders go too.
+    Clean {
+        #[serde(default)]
+        ids: Vec<u64>,
+        #[serde(default)]
+        purge: bool,
+    },
+    /// Bytes of the job's log from `offset` on; with `tail`, its last `tail`
+    /// lines instead (and the log's length as the next offset).
     Logs {
         id: u64,
         offset: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tail: Option<usize>,
     },
     /// What became of a file dropped into the spool.
     Lookup {
@@ -52,9 +78,18 @@ pub enum Response {
         version: String,
     },
     Status(StatusReport),
+    Job(Box<JobDetail>),
     Cancelled {
         id: u64,
         state: String,
+    },
+    Restarted {
+        id: u64,
+        from_step: u64,
+    },
+    Cleaned {
+        ids: Vec<u64>,
+        purged: bool,
     },
     Logs {
         data: String,
@@ -102,6 +137,32 @@ pub struct JobView {
     pub steps_per_s: Option<f64>,
     pub eta_s: Option<f64>,
 }
+
+/// One job in detail: `mezod status ID`.  The paths, summary and error
+/// are given to the job's owner and root only.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobDetail {
+    #[serde(flatten)]
+    pub view: JobView,
+    /// The job file as the daemon accepted it.
+    pub job_file: Option<PathBuf>,
+    /// What the worker writes (the owner's).
+    pub run_dir: Option<PathBuf>,
+    /// The last lines of the job's error file, if it failed.
+    #[serde(default)]
+    pub error_tail: Vec<String>,
+}
+
+/// States a `Status` request may filter on.
+pub const STATES: [&str; 7] = [
+    "queued",
+    "admitted",
+    "running",
+    "preempted",
+    "done",
+    "failed",
+    "cancelled",
+];
 
 /// Who is on the other end of a connection, as the kernel says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,6 +363,8 @@ mod tests {
             &Request::Status {
                 id: Some(3),
                 finished: None,
+                states: vec![],
+                owner: None,
             },
         )
         .unwrap();

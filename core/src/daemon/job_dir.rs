@@ -110,6 +110,24 @@ impl JobDir {
         self.dir.write(ERROR, text.as_bytes(), PRIVATE)
     }
 
+    /// The error file's last `lines` lines (none when the job has not failed).
+    pub fn error_tail(&self, lines: usize) -> Vec<String> {
+        self.tail(ERROR, lines)
+    }
+
+    /// A restarted job has no error (until it fails again).
+    pub fn remove_error(&self) -> Result<()> {
+        self.dir.remove(ERROR)
+    }
+
+    /// The log's length in bytes (0 when there is none).
+    pub fn log_len(&self) -> u64 {
+        match self.dir.open_regular(LOG) {
+            Ok(Some(f)) => f.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        }
+    }
+
     /// The log, for appending (the worker's stderr).
     pub fn log_for_append(&self) -> Result<File> {
         self.dir.append(LOG, PRIVATE)
@@ -125,9 +143,14 @@ impl JobDir {
         Ok(data)
     }
 
-    /// The last `lines` lines of the log.
+    /// The last `lines` lines of the log (of its last 64 KiB).
     pub fn log_tail(&self, lines: usize) -> Vec<String> {
-        let Ok(Some(mut f)) = self.dir.open_regular(LOG) else {
+        self.tail(LOG, lines)
+    }
+
+    /// The last `lines` lines of the daemon's file `name`, read from its end.
+    fn tail(&self, name: &str, lines: usize) -> Vec<String> {
+        let Ok(Some(mut f)) = self.dir.open_regular(name) else {
             return vec![];
         };
         // The tail only: a log may be gigabytes.

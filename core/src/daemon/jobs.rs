@@ -15,8 +15,16 @@ pub use super::lifecycle::{IllegalTransition, JobState, Transition};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
     pub id: u64,
-    /// The file name it had in the spool.
+    /// What `mezod status` calls it: the job file's `name:`, else the
+    /// dropped file's name without its extension.
     pub name: String,
+    /// The file name it had in the spool (what `mezod submit` asks about).
+    /// Empty in records of older versions, whose `name` was the spool name.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub spool_name: String,
+    /// One line about what it runs (model, task, tuning, steps), from its check.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub summary: String,
     pub owner_uid: u32,
     pub owner_gid: u32,
     #[serde(flatten)]
@@ -45,6 +53,15 @@ pub struct JobRecord {
 }
 
 impl JobRecord {
+    /// The spool name it was made from (the index key of [`JobTable::find_name`]).
+    pub fn spool_key(&self) -> &str {
+        if self.spool_name.is_empty() {
+            &self.name
+        } else {
+            &self.spool_name
+        }
+    }
+
     /// Move to the state after `t`, or refuse (the record is then unchanged).
     pub fn apply(&mut self, t: Transition) -> Result<(), IllegalTransition> {
         self.state = self.state.next(t)?;
@@ -99,10 +116,10 @@ impl JobTable {
             if !job.state.is_final() {
                 index.active.insert(job.id, job.clone());
             }
-            if !table.names.contains_key(job.name.as_bytes())? {
+            if !table.names.contains_key(job.spool_key().as_bytes())? {
                 table
                     .names
-                    .insert(job.name.as_bytes(), &job.id.to_be_bytes())?;
+                    .insert(job.spool_key().as_bytes(), &job.id.to_be_bytes())?;
             }
         }
         *table.index.lock().expect("index lock") = index;
@@ -153,7 +170,7 @@ impl JobTable {
             index.count += 1;
             drop(index);
             self.names
-                .insert(job.name.as_bytes(), &job.id.to_be_bytes())?;
+                .insert(job.spool_key().as_bytes(), &job.id.to_be_bytes())?;
         }
         Ok(())
     }
@@ -197,18 +214,54 @@ impl JobTable {
 
     /// Up to `n` ended jobs, newest first.
     pub fn recent_finished(&self, n: usize) -> Result<Vec<JobRecord>> {
+        Ok(self.recent_finished_matching(n, None)?.0)
+    }
+
+    /// Up to `n` ended jobs that pass `keep` (all, without it), newest
+    /// first, and how many more pass it.  Without `keep` the count comes
+    /// from the index and the scan stops at `n`; with it every ended job is
+    /// read once.
+    pub fn recent_finished_matching(
+        &self,
+        n: usize,
+        keep: Option<&dyn Fn(&JobRecord) -> bool>,
+    ) -> Result<(Vec<JobRecord>, usize)> {
         let mut out = Vec::new();
+        let mut more = 0;
         for entry in self.jobs.iter().rev() {
-            if out.len() >= n {
+            if out.len() >= n && keep.is_none() {
                 break;
             }
             let (_, v) = entry?;
             let job: JobRecord = serde_json::from_slice(&v).context("reading a job record")?;
-            if job.state.is_final() {
+            if !job.state.is_final() || !keep.is_none_or(|k| k(&job)) {
+                continue;
+            }
+            if out.len() < n {
                 out.push(job);
+            } else {
+                more += 1;
             }
         }
-        Ok(out)
+        if keep.is_none() {
+            let (count, active) = self.counts();
+            more = count.saturating_sub(active + out.len());
+        }
+        Ok((out, more))
+    }
+
+    /// Forget an ended job: its record and its spool name (its seed log
+    /// and folder are the caller's to remove).
+    pub fn remove(&self, job: &JobRecord) -> Result<()> {
+        let mut index = self.index.lock().expect("index lock");
+        if self.jobs.remove(job.id.to_be_bytes())?.is_some() {
+            index.count = index.count.saturating_sub(1);
+        }
+        index.active.remove(&job.id);
+        index.unsaved.remove(&job.id);
+        drop(index);
+        self.names.remove(job.spool_key().as_bytes())?;
+        Ok(())
     }
 
     /// (jobs in the table, of which active).
@@ -262,7 +315,9 @@ mod tests {
     fn record(id: u64, state: JobState) -> JobRecord {
         JobRecord {
             id,
-            name: format!("job-{id}.yaml"),
+            name: format!("job-{id}"),
+            spool_name: format!("job-{id}.yaml"),
+            summary: String::new(),
             owner_uid: 1000,
             owner_gid: 1000,
             state,
@@ -314,5 +369,39 @@ mod tests {
         let table = JobTable::open(&db).unwrap();
         assert_eq!(table.counts(), (6, 2));
         assert_eq!(table.find_name("job-5.yaml").unwrap().unwrap().id, 5);
+        // Filtered: the newest matching, and how many more match.
+        let odd = |j: &JobRecord| j.id % 2 == 1;
+        let (some, more) = table.recent_finished_matching(1, Some(&odd)).unwrap();
+        assert_eq!((some[0].id, more), (3, 0));
+        let (_, more) = table.recent_finished_matching(1, None).unwrap();
+        assert_eq!(more, 3);
+        // Forgotten: gone from the table, its count and its spool name.
+        table.remove(&table.get(4).unwrap().unwrap()).unwrap();
+        assert_eq!(table.counts(), (5, 2));
+        assert!(table.get(4).unwrap().is_none());
+        assert!(table.find_name("job-4.yaml").unwrap().is_none());
+        assert_eq!(table.next_id().unwrap(), 7, "ids are never reused");
+    }
+
+    /// Records of older versions: `name` was the spool name, and still finds the job.
+    #[test]
+    fn an_old_record_is_found_by_its_spool_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let mut old =
+            serde_json::to_value(record(1, JobState::Queued { not_before: None })).unwrap();
+        old["name"] = "causal-lm-1796-17693.yaml".into();
+        old.as_object_mut().unwrap().remove("spool_name");
+        old.as_object_mut().unwrap().remove("summary");
+        db.open_tree("jobs")
+            .unwrap()
+            .insert(1u64.to_be_bytes(), serde_json::to_vec(&old).unwrap())
+            .unwrap();
+        let table = JobTable::open(&db).unwrap();
+        let job = table
+            .find_name("causal-lm-1796-17693.yaml")
+            .unwrap()
+            .unwrap();
+        assert_eq!((job.id, job.spool_name.as_str()), (1, ""));
     }
 }

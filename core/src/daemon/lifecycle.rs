@@ -15,7 +15,12 @@
 //!  cancel: queued | admitted | running | preempted ──▶ cancelled
 //!  fail:   queued (never fits) | admitted (cannot start) | running ──▶ failed
 //!  requeue (daemon start): admitted | running | preempted ──▶ queued
+//!  restart (`mezod restart`): failed | cancelled ──▶ queued
 //! ```
+//!
+//! A restarted job keeps its id, folder and seed log: it resumes where it
+//! stopped.  A done job is not restarted (its result stands; submit the
+//! job again for another run).
 
 use serde::{Deserialize, Serialize};
 
@@ -78,6 +83,8 @@ pub enum Transition {
     Fail { at: u64 },
     /// Its owner or root cancelled it.
     Cancel { at: u64, by_uid: u32 },
+    /// Its owner or root queued a failed or cancelled job again.
+    Restart,
 }
 
 /// A move the lifecycle does not allow.
@@ -155,6 +162,7 @@ impl JobState {
                 finished_at: at,
                 by_uid,
             },
+            (S::Failed { .. } | S::Cancelled { .. }, T::Restart) => S::Queued { not_before: None },
             (from, t) => {
                 return Err(IllegalTransition {
                     from: from.name(),
@@ -176,6 +184,7 @@ impl Transition {
             Transition::Finish { .. } => "finish",
             Transition::Fail { .. } => "fail",
             Transition::Cancel { .. } => "be cancelled",
+            Transition::Restart => "be restarted",
         }
     }
 }
@@ -229,6 +238,7 @@ mod tests {
                 at: 8,
                 by_uid: 1000,
             },
+            Transition::Restart,
         ]
     }
 
@@ -237,15 +247,15 @@ mod tests {
     #[test]
     fn every_edge_of_the_lifecycle_is_legal_or_refused_as_the_table_says() {
         #[rustfmt::skip]
-        let table: [[&str; 8]; 7] = [
-            //  admit       start      preempt      requeue   retry     finish  fail      cancel
-            ["admitted", "-",       "-",         "-",      "-",      "-",    "failed", "cancelled"], // queued
-            ["-",        "running", "preempted", "queued", "queued", "-",    "failed", "cancelled"], // admitted
-            ["-",        "-",       "preempted", "queued", "queued", "done", "failed", "cancelled"], // running
-            ["-",        "-",       "-",         "queued", "-",      "-",    "-",      "cancelled"], // preempted
-            ["-",        "-",       "-",         "-",      "-",      "-",    "-",      "-"        ], // done
-            ["-",        "-",       "-",         "-",      "-",      "-",    "-",      "-"        ], // failed
-            ["-",        "-",       "-",         "-",      "-",      "-",    "-",      "-"        ], // cancelled
+        let table: [[&str; 9]; 7] = [
+            //  admit       start      preempt      requeue   retry     finish  fail      cancel       restart
+            ["admitted", "-",       "-",         "-",      "-",      "-",    "failed", "cancelled", "-"     ], // queued
+            ["-",        "running", "preempted", "queued", "queued", "-",    "failed", "cancelled", "-"     ], // admitted
+            ["-",        "-",       "preempted", "queued", "queued", "done", "failed", "cancelled", "-"     ], // running
+            ["-",        "-",       "-",         "queued", "-",      "-",    "-",      "cancelled", "-"     ], // preempted
+            ["-",        "-",       "-",         "-",      "-",      "-",    "-",      "-",         "-"     ], // done
+            ["-",        "-",       "-",         "-",      "-",      "-",    "-",      "-",         "queued"], // failed
+            ["-",        "-",       "-",         "-",      "-",      "-",    "-",      "-",         "queued"], // cancelled
         ];
         for (state, row) in states().into_iter().zip(table) {
             for (t, expected) in transitions().into_iter().zip(row) {

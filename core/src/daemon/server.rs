@@ -24,7 +24,9 @@ use notify::Watcher;
 use super::admission::{self, Candidate, Decision, Placed, Pool, Probe, Resources};
 use super::checker::{Accepted, Checker, Verdict};
 use super::config::{DaemonConfig, Dirs, WatchMode};
-use super::control::{self, Call, JobView, Lookup, PoolView, Request, Response, StatusReport};
+use super::control::{
+    self, Call, JobDetail, JobView, Lookup, PoolView, Request, Response, StatusReport,
+};
 use super::disk::{self, DiskGuard};
 use super::job_dir::{self, JobDir};
 use super::jobs::{now, JobRecord, JobState, JobTable, Transition};
@@ -82,6 +84,8 @@ struct Running {
     log: SeedLog,
     /// (time, steps done) over the last minute, for steps/s and ETA.
     progress: VecDeque<(Instant, u64)>,
+    /// Why the job cannot succeed, as its worker said before exiting.
+    job_error: Option<String>,
 }
 
 impl Running {
@@ -498,6 +502,11 @@ impl Daemon {
             Event::Signal(sig) if sig == signal_hook::consts::SIGHUP => self.reload(),
             Event::Signal(sig) => self.shutdown(sig)?,
             Event::Worker(id, WorkerEvent::Record(rec)) => self.on_record(id, rec)?,
+            Event::Worker(id, WorkerEvent::JobError(message)) => {
+                if let Some(r) = self.running.get_mut(&id) {
+                    r.job_error = Some(message);
+                }
+            }
             Event::Worker(id, WorkerEvent::Exited(status)) => {
                 self.schedule_due = true;
                 self.on_exit(id, status)?
@@ -809,10 +818,25 @@ mod tests {
                 requests in prop::collection::vec(
                     prop_oneof![
                         Just(Request::Hello),
-                        (prop::option::of(0u64..5), prop::option::of(any::<usize>()))
-                            .prop_map(|(id, finished)| Request::Status { id, finished }),
+                        (
+                            prop::option::of(0u64..5),
+                            prop::option::of(any::<usize>()),
+                            prop::collection::vec(".{0,12}|failed|queued", 0..3),
+                            prop::option::of(any::<u32>()),
+                        )
+                            .prop_map(|(id, finished, states, owner)| Request::Status {
+                                id,
+                                finished,
+                                states,
+                                owner,
+                            }),
+                        (0u64..5).prop_map(|id| Request::Show { id }),
                         (0u64..5).prop_map(|id| Request::Cancel { id }),
-                        (0u64..5, any::<u64>()).prop_map(|(id, offset)| Request::Logs { id, offset }),
+                        (0u64..5).prop_map(|id| Request::Restart { id }),
+                        (prop::collection::vec(0u64..5, 0..3), any::<bool>())
+                            .prop_map(|(ids, purge)| Request::Clean { ids, purge }),
+                        (0u64..5, any::<u64>(), prop::option::of(0usize..1000))
+                            .prop_map(|(id, offset, tail)| Request::Logs { id, offset, tail }),
                         ".{0,300}".prop_map(|name| Request::Lookup { name }),
                     ],
                     1..20,
@@ -825,7 +849,12 @@ mod tests {
                     // Jobs 1 and 2 belong to uids 0 and 1000.
                     let owner = |id: u64| (id == 2).then_some(1000).or((id == 1).then_some(0));
                     let guarded = match &r {
-                        Request::Logs { id, .. } | Request::Cancel { id } => owner(*id),
+                        Request::Logs { id, .. }
+                        | Request::Cancel { id }
+                        | Request::Restart { id } => owner(*id),
+                        Request::Clean { ids, .. } => ids.iter().find_map(|id| {
+                            owner(*id).filter(|&o| uid != 0 && uid != o)
+                        }),
                         _ => None,
                     };
                     let answer = daemon.answer(r, peer);
@@ -834,8 +863,15 @@ mod tests {
                             prop_assert!(answer.is_err(), "uid {uid} reached a job of uid {owner}");
                         }
                     }
-                    if let Ok(Response::Logs { data, .. }) = answer {
+                    if let Ok(Response::Logs { data, .. }) = &answer {
                         prop_assert!(data.len() <= 1 << 16);
+                    }
+                    // Another user's job shows no files, summary or error.
+                    if let Ok(Response::Job(d)) = &answer {
+                        if uid != 0 && uid != d.view.job.owner_uid {
+                            prop_assert!(d.job_file.is_none() && d.run_dir.is_none());
+                            prop_assert!(d.error_tail.is_empty() && d.view.job.summary.is_empty());
+                        }
                     }
                 }
             }

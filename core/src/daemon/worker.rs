@@ -15,9 +15,16 @@
 //! daemon makes each durable in its sled database.  The worker's stderr is the
 //! job's log.  Workers die with the daemon (`PR_SET_PDEATHSIG`) and stop at a
 //! step boundary on SIGTERM.
+//!
+//! How a worker ends tells the daemon whether trying again can help.  A job
+//! that cannot succeed (a model it cannot load, a row its task cannot use, a
+//! loss that is not finite: the same inputs fail the same way every time)
+//! says why on stdout, `E <JSON string>`, and exits with [`JOB_ERROR_EXIT`]:
+//! the daemon fails it at once with that reason.  Anything else (a signal, an
+//! OOM kill, a crash, running out of memory or disk) is retried.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -33,7 +40,67 @@ use crate::seedlog::StepRecord;
 #[derive(Debug)]
 pub enum WorkerEvent {
     Record(StepRecord),
+    /// Why the job cannot succeed (sent before an exit with [`JOB_ERROR_EXIT`]).
+    JobError(String),
     Exited(ExitStatus),
+}
+
+/// A worker's exit status when the job itself failed (its own error, which
+/// would recur on every retry).  65 is sysexits' EX_DATAERR: not 1 (any
+/// uncaught error), 101 (a Rust panic) or 128 + a signal.
+pub const JOB_ERROR_EXIT: u8 = 65;
+
+/// The longest line read from a worker (a step record with many n-SPSA
+/// directions is a few kilobytes); a longer one is skipped, not buffered.
+const MAX_LINE: usize = 1 << 20;
+/// The longest job error kept as a job's reason.
+pub const MAX_JOB_ERROR: usize = 4 << 10;
+
+/// The line that tells the daemon why the job failed.
+pub fn encode_job_error(message: &str) -> String {
+    format!(
+        "E {}\n",
+        serde_json::to_string(message).expect("a string serializes")
+    )
+}
+
+/// The message of an `E` line, cut to [`MAX_JOB_ERROR`] bytes.
+pub fn decode_job_error(line: &str) -> Option<String> {
+    let mut message: String = serde_json::from_str(line.trim_end().strip_prefix("E ")?).ok()?;
+    if message.len() > MAX_JOB_ERROR {
+        let mut cut = MAX_JOB_ERROR;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push('…');
+    }
+    Some(message)
+}
+
+/// Whether an error may go away on a retry: memory or disk ran out (the
+/// daemon's disk guard handles a full disk of its own), or the daemon went
+/// away.  Everything else a job reports is its own and would recur.
+pub fn is_transient(e: &anyhow::Error) -> bool {
+    use std::io::ErrorKind as K;
+    let io = e.chain().filter_map(|c| c.downcast_ref::<std::io::Error>());
+    if io.into_iter().any(|io| {
+        matches!(
+            io.kind(),
+            K::StorageFull | K::QuotaExceeded | K::OutOfMemory | K::BrokenPipe
+        )
+    }) {
+        return true;
+    }
+    // libtorch's errors arrive as text.
+    let text = format!("{e:#}").to_lowercase();
+    [
+        "out of memory",
+        "no space left on device",
+        "disk quota exceeded",
+    ]
+    .iter()
+    .any(|m| text.contains(m))
 }
 
 /// Everything needed to start one job's worker.
@@ -243,16 +310,55 @@ pub fn spawn(
     std::thread::Builder::new()
         .name(format!("worker-{pid}"))
         .spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(rec) = decode(&line) {
+            let mut reader = BufReader::new(stdout);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match (&mut reader)
+                    .take(MAX_LINE as u64)
+                    .read_until(b'\n', &mut line)
+                {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) if !line.ends_with(b"\n") && line.len() >= MAX_LINE => {
+                        // Too long to be ours: skip to the end of the line.
+                        let _ = skip_line(&mut reader);
+                        continue;
+                    }
+                    Ok(_) => {}
+                }
+                let Ok(text) = std::str::from_utf8(&line) else {
+                    continue;
+                };
+                if let Some(rec) = decode(text) {
                     report(WorkerEvent::Record(rec));
+                } else if let Some(message) = decode_job_error(text) {
+                    report(WorkerEvent::JobError(message));
                 }
             }
             let status = child.wait().expect("waiting for a child of ours");
             report(WorkerEvent::Exited(status));
         })?;
     Ok(handle)
+}
+
+/// Read and drop the rest of a line.
+fn skip_line(reader: &mut impl BufRead) -> std::io::Result<()> {
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                reader.consume(i + 1);
+                return Ok(());
+            }
+            None => {
+                let n = buf.len();
+                reader.consume(n);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -296,6 +402,33 @@ mod tests {
         let back = decode(&encode(&nspsa)).unwrap();
         assert_eq!(back.to_bytes(), nspsa.to_bytes(), "bits, NaN included");
         assert_eq!(back.seeds(), vec![u64::MAX >> 12, 3, 4]);
+    }
+
+    #[test]
+    fn a_job_error_crosses_the_pipe_cut_to_its_bound() {
+        let line = encode_job_error("data.jsonl line 21: no field \"text\"\nsecond line");
+        assert_eq!(line.lines().count(), 1, "one line on the pipe");
+        assert_eq!(
+            decode_job_error(&line).unwrap(),
+            "data.jsonl line 21: no field \"text\"\nsecond line"
+        );
+        assert!(decode(&line).is_none() && decode_job_error("R 00").is_none());
+        let long = decode_job_error(&encode_job_error(&"é".repeat(MAX_JOB_ERROR))).unwrap();
+        assert!(long.len() <= MAX_JOB_ERROR + '…'.len_utf8() && long.ends_with('…'));
+    }
+
+    #[test]
+    fn only_memory_disk_and_a_lost_daemon_are_transient() {
+        let io = |kind| anyhow::Error::from(std::io::Error::from(kind)).context("writing");
+        assert!(is_transient(&io(std::io::ErrorKind::StorageFull)));
+        assert!(is_transient(&io(std::io::ErrorKind::BrokenPipe)));
+        assert!(is_transient(&anyhow::anyhow!(
+            "CUDA out of memory. Tried to allocate 2.00 GiB"
+        )));
+        assert!(!is_transient(&io(std::io::ErrorKind::NotFound)));
+        assert!(!is_transient(&anyhow::anyhow!(
+            "model_type \"falcon\" is not supported"
+        )));
     }
 
     #[test]

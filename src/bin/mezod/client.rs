@@ -1,4 +1,5 @@
-//! The client side of the daemon: `mezod submit | status | cancel | logs`.
+//! The client side of the daemon: `mezod submit | status | cancel | restart |
+//! clean | logs`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -6,10 +7,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use mezod_core::daemon::control::{default_socket, request, Lookup, Request, Response};
+use mezod_core::daemon::control::{
+    default_socket, request, JobDetail, JobView, Lookup, Request, Response,
+};
+use mezod_core::daemon::jobs::JobState;
 use mezod_core::daemon::spool::drop_job;
 use mezod_core::estimate::human_bytes;
-use mezod_core::spec::JobSpec;
+use mezod_core::spec::{as_job_name, JobSpec};
 
 fn socket_or_default(socket: Option<PathBuf>) -> PathBuf {
     socket.unwrap_or_else(default_socket)
@@ -22,23 +26,33 @@ fn expect_ok(r: Response) -> Result<Response> {
     }
 }
 
-/// The job text as it goes into the spool: checked, with relative paths
-/// pinned by a `workdir:` line (the spool is not where the data lives).
+/// The job text as it goes into the spool: with relative paths pinned by a
+/// `workdir:` line (the spool is not where the data lives) and, unless it
+/// has one, a `name:` from the file's name (the spool's is a temporary one).
 fn spool_text(job: &Path) -> Result<String> {
     let text =
         std::fs::read_to_string(job).with_context(|| format!("reading {}", job.display()))?;
     let spec = JobSpec::load(job)?;
-    if spec.workdir.is_some() {
-        return Ok(text);
+    let mut lines = String::new();
+    if spec.workdir.is_none() {
+        let dir = std::fs::canonicalize(job)?
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("/"));
+        lines.push_str(&format!("workdir: {}\n", serde_json::to_string(&dir)?));
     }
-    let dir = std::fs::canonicalize(job)?
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("/"));
-    let line = format!("workdir: {}\n", serde_json::to_string(&dir)?);
+    if spec.name.is_none() {
+        let stem = job
+            .file_stem()
+            .map_or("job".into(), |s| s.to_string_lossy());
+        lines.push_str(&format!(
+            "name: {}\n",
+            serde_json::to_string(&as_job_name(&stem))?
+        ));
+    }
     Ok(match text.strip_prefix("---\n") {
-        Some(rest) => format!("---\n{line}{rest}"),
-        None => format!("{line}{text}"),
+        Some(rest) => format!("---\n{lines}{rest}"),
+        None => format!("{lines}{text}"),
     })
 }
 
@@ -49,6 +63,10 @@ pub fn submit(
     wait: f64,
 ) -> Result<ExitCode> {
     let text = spool_text(job)?;
+    // Everything the daemon's intake would refuse it for, found here, as
+    // you, before anything is queued.
+    mezod_core::daemon::checker::check_text(&text)
+        .with_context(|| format!("{} cannot run", job.display()))?;
     let socket = socket_or_default(socket);
     let spool = match spool {
         Some(s) => s,
@@ -86,15 +104,25 @@ pub fn submit(
     }
 }
 
-pub fn status(
-    id: Option<u64>,
-    finished: Option<usize>,
-    json: bool,
-    socket: Option<PathBuf>,
-) -> Result<ExitCode> {
+/// Which jobs `mezod status` lists.
+pub struct Listing {
+    /// Ended jobs shown, newest first.
+    pub finished: usize,
+    pub states: Vec<String>,
+    /// A user name or uid.
+    pub user: Option<String>,
+}
+
+pub fn status(listing: Listing, json: bool, socket: Option<PathBuf>) -> Result<ExitCode> {
+    let owner = listing.user.as_deref().map(uid_of).transpose()?;
     let Response::Status(report) = expect_ok(request(
         &socket_or_default(socket),
-        &Request::Status { id, finished },
+        &Request::Status {
+            id: None,
+            finished: Some(listing.finished),
+            states: listing.states,
+            owner,
+        },
     )?)?
     else {
         bail!("unexpected answer from the daemon");
@@ -115,14 +143,15 @@ pub fn status(
     }
     println!(
         "{:>4}  {:<8} {:<10} {:>11} {:>8} {:>8} {:>10} {:>10} {:>8}  {}",
-        "ID", "OWNER", "STATE", "STEP", "STEPS/S", "LOSS", "ESTIMATE", "PEAK", "ETA", "NAME / WHY"
+        "ID", "OWNER", "STATE", "STEP", "STEPS/S", "LOSS", "ESTIMATE", "PEAK", "ETA", "NAME — WHY"
     );
+    let mut names = UserNames::default();
     for v in &report.jobs {
         let j = &v.job;
         println!(
             "{:>4}  {:<8} {:<10} {:>11} {:>8} {:>8} {:>10} {:>10} {:>8}  {} — {}",
             j.id,
-            user_name(j.owner_uid),
+            names.of(j.owner_uid),
             j.state.to_string(),
             format!("{}/{}", j.steps_done, j.steps_total),
             v.steps_per_s.map_or("-".into(), |r| format!("{r:.2}")),
@@ -135,34 +164,236 @@ pub fn status(
             },
             v.eta_s.map_or("-".into(), format_duration),
             j.name,
-            j.reason
+            one_line(&j.reason, 100)
         );
     }
     if report.finished_not_shown > 0 {
         println!(
-            "… and {} older ended job(s) (`mezod status --all`, or `--last N`)",
+            "… and {} older ended job(s) (`mezod status --all`, `--last N`; `mezod clean` forgets them)",
             report.finished_not_shown
         );
     }
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn cancel(id: u64, socket: Option<PathBuf>) -> Result<ExitCode> {
+/// `text`'s first line, cut to `max` characters: a table row stays one row
+/// (`mezod status ID` shows all of it).
+fn one_line(text: &str, max: usize) -> String {
+    let first = text.lines().next().unwrap_or("");
+    let mut out: String = first.chars().take(max).collect();
+    if out.len() < text.len() {
+        out.push('…');
+    }
+    out
+}
+
+/// `mezod status ID`: one job in detail.
+pub fn show(id: u64, json: bool, socket: Option<PathBuf>) -> Result<ExitCode> {
+    let Response::Job(detail) =
+        expect_ok(request(&socket_or_default(socket), &Request::Show { id })?)?
+    else {
+        bail!("unexpected answer from the daemon");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&detail)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    print!("{}", describe(&detail, now()));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn now() -> u64 {
+    mezod_core::daemon::jobs::now()
+}
+
+/// The detail view, as text.
+fn describe(d: &JobDetail, now: u64) -> String {
+    let JobView {
+        job: j,
+        steps_per_s,
+        eta_s,
+    } = &d.view;
+    let mut out = format!("job {}: {}\n", j.id, j.name);
+    let mut row = |label: &str, value: String| {
+        out.push_str(&format!("  {label:<11}{value}\n"));
+    };
+    row(
+        "owner",
+        format!(
+            "{} (uid {})",
+            UserNames::default().of(j.owner_uid),
+            j.owner_uid
+        ),
+    );
+    let mut reason = j.reason.lines();
+    row(
+        "state",
+        format!("{}: {}", j.state, reason.next().unwrap_or("")),
+    );
+    for more in reason {
+        row("", more.to_string());
+    }
+    let mut steps = format!("{}/{}", j.steps_done, j.steps_total);
+    if let Some(l) = j.last_loss {
+        steps.push_str(&format!(", last loss {l:.4}"));
+    }
+    if let Some(r) = steps_per_s {
+        steps.push_str(&format!(", {r:.2} steps/s"));
+    }
+    if let Some(e) = eta_s {
+        steps.push_str(&format!(", {} to go", format_duration(*e)));
+    }
+    row("steps", steps);
+    row(
+        "attempts",
+        format!("{} ({} failed)", j.attempts, j.failures),
+    );
+    row("submitted", when(j.submitted_at, now));
+    if let Some(t) = j.started_at {
+        row("started", when(t, now));
+    }
+    if let Some(t) = j.state.finished_at() {
+        row("ended", when(t, now));
+    }
+    row(
+        "memory",
+        format!(
+            "estimate {}, peak {}",
+            human_bytes(j.estimate_bytes),
+            if j.peak_bytes > 0 {
+                human_bytes(j.peak_bytes)
+            } else {
+                "-".into()
+            }
+        ),
+    );
+    if !j.gpus.is_empty() {
+        row("gpus", j.gpus.join(", "));
+    }
+    if !j.summary.is_empty() {
+        row("runs", j.summary.clone());
+    }
+    if let Some(p) = &d.job_file {
+        row("job file", p.display().to_string());
+    }
+    if let Some(p) = &d.run_dir {
+        row("run folder", p.display().to_string());
+    }
+    if let JobState::Done {
+        result: Some(serde_json::Value::Object(r)),
+        ..
+    } = &j.state
+    {
+        let shown: Vec<String> = r
+            .iter()
+            .map(|(k, v)| match v.as_f64() {
+                Some(x) if v.is_f64() => format!("{k} {x:.4}"),
+                _ => format!("{k} {}", v.as_str().map_or(v.to_string(), str::to_string)),
+            })
+            .collect();
+        row("result", shown.join(", "));
+    }
+    if !d.error_tail.is_empty() {
+        out.push_str("  error:\n");
+        for l in &d.error_tail {
+            out.push_str(&format!("    {l}\n"));
+        }
+    }
+    out
+}
+
+/// A time as UTC and how long ago.
+fn when(t: u64, now: u64) -> String {
+    let (days, secs) = (t / 86_400, t % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC ({} ago)",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60,
+        format_duration(now.saturating_sub(t) as f64)
+    )
+}
+
+/// Cancel each job; every one is tried, and the exit status says whether all were.
+pub fn cancel(ids: &[u64], socket: Option<PathBuf>) -> Result<ExitCode> {
+    let socket = socket_or_default(socket);
+    let mut code = ExitCode::SUCCESS;
+    for &id in ids {
+        match request(&socket, &Request::Cancel { id }).and_then(expect_ok) {
+            Ok(Response::Cancelled { id, state }) => println!("job {id}: {state}"),
+            Ok(other) => bail!("unexpected answer {other:?}"),
+            Err(e) => {
+                eprintln!("error: job {id}: {e:#}");
+                code = ExitCode::FAILURE;
+            }
+        }
+    }
+    Ok(code)
+}
+
+pub fn restart(id: u64, socket: Option<PathBuf>) -> Result<ExitCode> {
     match expect_ok(request(
         &socket_or_default(socket),
-        &Request::Cancel { id },
+        &Request::Restart { id },
     )?)? {
-        Response::Cancelled { id, state } => println!("job {id}: {state}"),
+        Response::Restarted { id, from_step } => {
+            println!("job {id}: queued again; resumes from step {from_step}")
+        }
         other => bail!("unexpected answer {other:?}"),
     }
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn logs(id: u64, follow: bool, socket: Option<PathBuf>) -> Result<ExitCode> {
+pub fn clean(ids: Vec<u64>, purge: bool, socket: Option<PathBuf>) -> Result<ExitCode> {
+    match expect_ok(request(
+        &socket_or_default(socket),
+        &Request::Clean { ids, purge },
+    )?)? {
+        Response::Cleaned { ids, purged } => {
+            let what = if purged {
+                "forgotten, folders deleted"
+            } else {
+                "forgotten, folders kept"
+            };
+            match ids.len() {
+                0 => println!("no ended jobs to clean"),
+                n => {
+                    let list: Vec<String> = ids.iter().map(u64::to_string).collect();
+                    println!("{n} job(s) {what}: {}", list.join(" "));
+                }
+            }
+        }
+        other => bail!("unexpected answer {other:?}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn logs(
+    id: u64,
+    lines: Option<usize>,
+    follow: bool,
+    socket: Option<PathBuf>,
+) -> Result<ExitCode> {
     let socket = socket_or_default(socket);
     let mut offset = 0;
+    let mut tail = lines;
     loop {
-        match expect_ok(request(&socket, &Request::Logs { id, offset })?)? {
+        let ask = Request::Logs {
+            id,
+            offset,
+            tail: tail.take(),
+        };
+        match expect_ok(request(&socket, &ask)?)? {
             Response::Logs {
                 data,
                 offset: next,
@@ -191,13 +422,61 @@ fn format_duration(secs: f64) -> String {
     }
 }
 
-fn user_name(uid: u32) -> String {
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    passwd
+/// User names from /etc/passwd, read once per command.
+#[derive(Default)]
+struct UserNames(Option<Vec<(String, u32)>>);
+
+impl UserNames {
+    fn of(&mut self, uid: u32) -> String {
+        self.0
+            .get_or_insert_with(passwd)
+            .iter()
+            .find(|(_, u)| *u == uid)
+            .map_or_else(|| uid.to_string(), |(n, _)| n.clone())
+    }
+}
+
+/// (name, uid) of every user in /etc/passwd.
+fn passwd() -> Vec<(String, u32)> {
+    std::fs::read_to_string("/etc/passwd")
+        .unwrap_or_default()
         .lines()
-        .find_map(|l| {
+        .filter_map(|l| {
             let f: Vec<&str> = l.split(':').collect();
-            (f.len() > 2 && f[2] == uid.to_string()).then(|| f[0].to_string())
+            Some((f.first()?.to_string(), f.get(2)?.parse().ok()?))
         })
-        .unwrap_or_else(|| uid.to_string())
+        .collect()
+}
+
+/// The uid of a user name, or a uid as given.
+fn uid_of(user: &str) -> Result<u32> {
+    if let Ok(uid) = user.parse() {
+        return Ok(uid);
+    }
+    passwd()
+        .into_iter()
+        .find(|(n, _)| n == user)
+        .map(|(_, uid)| uid)
+        .with_context(|| format!("no user {user:?} (give a name from /etc/passwd or a uid)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_read_as_utc_dates() {
+        assert_eq!(when(0, 90), "1970-01-01 00:00:00 UTC (1m30s ago)");
+        assert_eq!(
+            when(1_796_070_228, 1_796_070_228 + 7200),
+            "2026-11-30 20:23:48 UTC (2h00m ago)"
+        );
+    }
+
+    #[test]
+    fn a_table_row_stays_one_line() {
+        assert_eq!(one_line("a\nb", 10), "a…");
+        assert_eq!(one_line("abcdef", 3), "abc…");
+        assert_eq!(one_line("abc", 3), "abc");
+    }
 }

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+use mezod_core::daemon::control::DEFAULT_FINISHED_SHOWN;
 use mezod_core::estimate::human_bytes;
 
 mod client;
@@ -28,8 +29,13 @@ interrupted run resumes bit-identically.\n\nStart with `mezod forward --model DI
 check that a checkpoint loads, then `mezod run job.yaml`. On a shared server, run `mezod daemon` (or \
 the systemd unit) and hand it jobs with `mezod submit job.yaml`; follow them with `mezod status` and \
 `mezod logs ID --follow`.\n\nrun, forward, export, apply, inspect and bench are carried out by the engine, \
-mezod-engine, installed beside mezod (or named by MEZOD_ENGINE); `mezod run --help` shows its options. \
-MEZOD_LOG sets the log level (error, warn, info, debug)."
+mezod-engine, installed beside mezod (or named by MEZOD_ENGINE); `mezod run --help` shows its options.",
+    after_help = "Environment:\n  \
+MEZOD_LOG      log level on stderr: error, warn, info (default) or debug; also per module, \
+e.g. info,mezod_core::daemon=debug\n  \
+MEZOD_SOCKET   the daemon's control socket (see --socket)\n  \
+MEZOD_ENGINE   the engine binary [default: mezod-engine beside mezod]\n\n\
+Example: mezod completions bash > /etc/bash_completion.d/mezod"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -73,86 +79,172 @@ enum Command {
     /// stop workers at a step boundary and exit 0 (a second signal stops at
     /// once); SIGHUP reloads the config and rescans. Folders default to
     /// systemd's StateDirectory/RuntimeDirectory, else ./var/.
+    #[command(after_help = "Example: mezod daemon --config /etc/mezod/daemon.yaml")]
     Daemon {
-        /// Daemon config (YAML: folders, GPUs, margin, slots, retries; see the README).
-        #[arg(long)]
+        /// Daemon config (YAML: folders, GPUs, margin, slots, retries; see the README)
+        /// [default: built-in defaults].
+        #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
-        /// Spool folder (new/, tmp/, cur/, rejected/).
-        #[arg(long)]
+        /// Spool folder (new/, tmp/, cur/, rejected/)
+        /// [default: the config's, else $STATE_DIRECTORY/spool or ./var/spool].
+        #[arg(long, value_name = "DIR")]
         spool: Option<PathBuf>,
-        /// State folder (job database, one folder per job with its run and log).
-        #[arg(long)]
+        /// State folder (job database, one folder per job with its run and log)
+        /// [default: the config's, else $STATE_DIRECTORY or ./var/state].
+        #[arg(long, value_name = "DIR")]
         state: Option<PathBuf>,
-        /// Runtime folder (the control socket mezod.sock).
-        #[arg(long)]
+        /// Runtime folder (the control socket mezod.sock)
+        /// [default: the config's, else $RUNTIME_DIRECTORY or ./var/run].
+        #[arg(long, value_name = "DIR")]
         runtime: Option<PathBuf>,
     },
     /// Hand a job file to the daemon; prints the job id.
     ///
-    /// The file is checked here first, relative paths are pinned with a
-    /// `workdir:` line, and it is renamed atomically into the daemon's spool.
+    /// The file is checked here first, as you (model type, weights, tokenizer,
+    /// data and the fields the task needs): a job that could not run is refused
+    /// with the reason and nothing is queued. Relative paths are pinned with a
+    /// `workdir:` line, the job is named after the file unless it has a `name:`,
+    /// and it is renamed atomically into the daemon's spool.
+    #[command(after_help = "Example: mezod submit examples/sst2.yaml")]
     Submit {
+        /// The job file (YAML; see the README for every field).
         job: PathBuf,
         /// The daemon's spool folder [default: asked from the daemon].
-        #[arg(long)]
+        #[arg(long, value_name = "DIR")]
         spool: Option<PathBuf>,
-        #[arg(long)]
-        socket: Option<PathBuf>,
+        #[command(flatten)]
+        socket: SocketArg,
         /// Seconds to wait for the daemon to accept or reject it.
-        #[arg(long, default_value_t = 30.0)]
+        #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
         wait: f64,
     },
-    /// Show the queue, or one job: state, step, speed, loss, memory, ETA, and why it waits.
+    /// Show the queue, or one job in detail.
     ///
-    /// Lists every job that has not ended and the 20 newest that have.
-    ///
-    /// Example: `mezod status`, `mezod status 7`, `mezod status --last 100 --json`
+    /// Without an ID: every job that has not ended and the newest ended ones
+    /// (id, owner, state, step, speed, loss, memory, ETA, name and why it waits
+    /// or how it ended). With an ID: that job's name, owner, state and reason,
+    /// attempts, times, job file and run folder, what it runs, and its result
+    /// or the end of its error.
+    #[command(after_help = "Examples:\n  mezod status\n  mezod status 7\n  \
+                            mezod status --state failed --user alice --last 100\n  \
+                            mezod status --json | head")]
     Status {
-        /// One job's id.
+        /// One job's id: show it in detail.
         id: Option<u64>,
-        /// Also list the N newest ended jobs [default: 20].
-        #[arg(long, value_name = "N", conflicts_with = "all")]
-        last: Option<usize>,
-        /// List every ended job too.
+        /// Only jobs in this state (queued, admitted, running, preempted, done,
+        /// failed, cancelled); repeat or separate with commas for several.
+        #[arg(long, value_name = "STATE", value_delimiter = ',')]
+        state: Vec<String>,
+        /// Only jobs of this user (a name or a uid).
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
+        /// List the N newest ended jobs (jobs not yet ended are always listed).
+        #[arg(long, value_name = "N", default_value_t = DEFAULT_FINISHED_SHOWN, conflicts_with = "all")]
+        last: usize,
+        /// List every ended job.
         #[arg(long)]
         all: bool,
-        /// One JSON object (pools, jobs) instead of the table.
+        /// Print JSON (the report, or the one job) instead of the table.
         #[arg(long)]
         json: bool,
-        #[arg(long)]
-        socket: Option<PathBuf>,
+        #[command(flatten)]
+        socket: SocketArg,
     },
-    /// Cancel a job (its owner or root): a running one stops at its next step.
+    /// Cancel jobs (their owner or root): a running one stops at its next step.
+    #[command(after_help = "Example: mezod cancel 7 8 9")]
     Cancel {
+        /// The jobs' ids.
+        #[arg(required = true, value_name = "ID")]
+        ids: Vec<u64>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Queue a failed or cancelled job again under its id; it resumes from its seed log.
+    ///
+    /// Its owner or root only. The job runs the job file it was accepted with;
+    /// its steps so far are kept, and its retries start again from zero.
+    #[command(after_help = "Example: mezod restart 7")]
+    Restart {
+        /// The job's id.
         id: u64,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Forget ended jobs (done, failed, cancelled): they leave `mezod status`.
+    ///
+    /// Without IDs, every ended job of yours (root: of everyone). Their folders
+    /// (job file, log, run folder with the weights) are kept unless --purge.
+    #[command(after_help = "Examples:\n  mezod clean\n  mezod clean 3 4 --purge")]
+    Clean {
+        /// The jobs' ids [default: every ended job of yours].
+        #[arg(value_name = "ID")]
+        ids: Vec<u64>,
+        /// Delete their folders too (outputs included).
         #[arg(long)]
-        socket: Option<PathBuf>,
+        purge: bool,
+        #[command(flatten)]
+        socket: SocketArg,
     },
     /// Print a job's log (its owner or root).
+    #[command(after_help = "Examples:\n  mezod logs 7\n  mezod logs 7 -n 20 --follow")]
     Logs {
+        /// The job's id.
         id: u64,
+        /// Only the last N lines [default: the whole log].
+        #[arg(short = 'n', long = "lines", value_name = "N")]
+        lines: Option<usize>,
         /// Keep printing until the job ends.
         #[arg(long, short)]
         follow: bool,
-        #[arg(long)]
-        socket: Option<PathBuf>,
+        #[command(flatten)]
+        socket: SocketArg,
     },
     /// Internal: the daemon's intake check of a job file (text on stdin, verdict on stdout).
     #[command(hide = true)]
     Check,
     /// Estimate a job's peak memory, as the daemon's admission control does.
+    ///
+    /// Also runs the checks `mezod submit` runs (model type, weights,
+    /// tokenizer, data) and exits with status 1 if any fails.
+    #[command(after_help = "Example: mezod estimate examples/sst2.yaml --gpu")]
     Estimate {
+        /// The job file.
         job: PathBuf,
         /// Size it for a GPU (CUDA context included) instead of the job's own device.
         #[arg(long)]
         gpu: bool,
+        /// Print JSON (each part in bytes, the total, the problems found).
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Examples:\n  mezod completions bash > /etc/bash_completion.d/mezod\n  \
+                            mezod completions zsh > ~/.zfunc/_mezod\n  \
+                            mezod completions fish > ~/.config/fish/completions/mezod.fish"
+    )]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Where the daemon listens.
+#[derive(clap::Args)]
+struct SocketArg {
+    /// The daemon's control socket [default: $MEZOD_SOCKET, else
+    /// ./var/run/mezod.sock if present, else /run/mezod/mezod.sock].
+    #[arg(long = "socket", value_name = "PATH")]
+    path: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
-    mezod_core::cli::main(|| dispatch(Cli::parse()))
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Daemon { .. } | Command::Check) {
+        // Printing commands end quietly when their reader goes (`| head`).
+        mezod_core::cli::exit_on_closed_stdout();
+    }
+    mezod_core::cli::main(|| dispatch(cli))
 }
 
 /// Become the engine with the same subcommand and arguments: its exit status,
@@ -198,31 +290,83 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             spool,
             socket,
             wait,
-        } => client::submit(&job, spool, socket, wait),
+        } => client::submit(&job, spool, socket.path, wait),
         Command::Check => Ok(mezod_core::daemon::checker::check_main()),
         Command::Estimate { job, gpu, json } => estimate(job, gpu, json),
         Command::Status {
-            id,
+            id: Some(id),
+            json,
+            socket,
+            ..
+        } => client::show(id, json, socket.path),
+        Command::Status {
+            id: None,
+            state,
+            user,
             last,
             all,
             json,
             socket,
-        } => client::status(id, if all { Some(usize::MAX) } else { last }, json, socket),
-        Command::Cancel { id, socket } => client::cancel(id, socket),
-        Command::Logs { id, follow, socket } => client::logs(id, follow, socket),
+        } => client::status(
+            client::Listing {
+                finished: if all { usize::MAX } else { last },
+                states: state,
+                user,
+            },
+            json,
+            socket.path,
+        ),
+        Command::Cancel { ids, socket } => client::cancel(&ids, socket.path),
+        Command::Restart { id, socket } => client::restart(id, socket.path),
+        Command::Clean { ids, purge, socket } => client::clean(ids, purge, socket.path),
+        Command::Logs {
+            id,
+            lines,
+            follow,
+            socket,
+        } => client::logs(id, lines, follow, socket.path),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "mezod",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
+/// The estimate, then every problem `mezod submit` would refuse the job
+/// for (on stderr); exit status 1 if there is one.
 fn estimate(job: PathBuf, gpu: bool, json: bool) -> Result<ExitCode> {
     let spec = mezod_core::spec::JobSpec::load(&job)?;
     let gpu = gpu || spec.model.device.starts_with("cuda");
     let f = mezod_core::estimate::estimate(&spec, gpu)?;
+    let problems: Vec<String> = mezod_core::job_check::problems(&spec)
+        .iter()
+        .map(|e| format!("{e:#}"))
+        .collect();
+    let code = if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    };
     if json {
         let mut v = serde_json::to_value(f)?;
         v["total"] = f.total().into();
+        v["problems"] = problems.clone().into();
         println!("{v}");
-        return Ok(ExitCode::SUCCESS);
+    } else {
+        print_estimate(&f, gpu);
     }
+    for p in &problems {
+        eprintln!("error: {p}");
+    }
+    Ok(code)
+}
+
+fn print_estimate(f: &mezod_core::estimate::Footprint, gpu: bool) {
     println!("weights         {:>12}", human_bytes(f.weights));
     println!(
         "largest tensor  {:>12}  (the z temporary)",
@@ -246,5 +390,4 @@ fn estimate(job: PathBuf, gpu: bool, json: bool) -> Result<ExitCode> {
         "total           {:>12}  (the daemon adds its margin)",
         human_bytes(f.total())
     );
-    Ok(ExitCode::SUCCESS)
 }

@@ -140,7 +140,12 @@ impl Daemon {
         dir.write_spec(&dropped.text)?;
         let job = JobRecord {
             id,
-            name: name.to_string(),
+            name: accepted.name.clone().unwrap_or_else(|| {
+                let stem = std::path::Path::new(name).file_stem().unwrap_or_default();
+                crate::spec::as_job_name(&stem.to_string_lossy())
+            }),
+            spool_name: name.to_string(),
+            summary: accepted.summary.clone(),
             owner_uid: dropped.uid,
             owner_gid: dropped.gid,
             state: JobState::Queued { not_before: None },

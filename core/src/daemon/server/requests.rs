@@ -11,9 +11,38 @@ impl Daemon {
                 spool: self.dirs.spool.clone(),
                 version: env!("CARGO_PKG_VERSION").into(),
             },
-            Request::Status { id, finished } => Response::Status(self.report(id, finished)?),
+            Request::Status {
+                id,
+                finished,
+                states,
+                owner,
+            } => {
+                let filter = StatusFilter::new(states, owner)?;
+                Response::Status(self.report(id, finished, &filter, peer)?)
+            }
+            Request::Show { id } => Response::Job(Box::new(self.show(id, peer)?)),
             Request::Cancel { id } => self.cancel(id, peer)?,
-            Request::Logs { id, offset } => {
+            Request::Restart { id } => self.restart(id, peer)?,
+            Request::Clean { ids, purge } => self.clean(ids, purge, peer)?,
+            Request::Logs {
+                id,
+                offset,
+                tail: Some(lines),
+            } => {
+                let job = self.owned_job(id, peer)?;
+                let dir = JobDir::open(&self.jobs, &self.dirs.jobs(), id)?;
+                let _ = offset;
+                let mut data = dir.log_tail(lines).join("\n");
+                if !data.is_empty() {
+                    data.push('\n');
+                }
+                Response::Logs {
+                    offset: dir.log_len(),
+                    finished: job.state.is_final(),
+                    data,
+                }
+            }
+            Request::Logs { id, offset, .. } => {
                 let job = self.owned_job(id, peer)?;
                 let data =
                     JobDir::open(&self.jobs, &self.dirs.jobs(), id)?.read_log(offset, 1 << 16)?;
@@ -87,12 +116,132 @@ impl Daemon {
         })
     }
 
-    /// One job, or the active jobs and the newest `finished` ended ones: the
-    /// answer's size follows the active jobs, not the table's history.
+    /// Queue a failed or cancelled job again under its id: its worker
+    /// resumes from the seed log and run folder it left.
+    pub(super) fn restart(&mut self, id: u64, peer: control::Peer) -> Result<Response> {
+        let mut job = self.owned_job(id, peer)?;
+        job.apply(Transition::Restart)
+            .map_err(|e| anyhow::anyhow!("job {id}: {e} (only failed or cancelled jobs are)"))?;
+        let log = SeedLog::in_tree(self.db.open_tree(format!("seedlog/{id}"))?);
+        job.steps_done = (log.contiguous()?.len() as u64).min(job.steps_total);
+        job.failures = 0;
+        job.reason = format!(
+            "restarted by uid {}; resumes from step {}",
+            peer.uid, job.steps_done
+        );
+        JobDir::open(&self.jobs, &self.dirs.jobs(), id)?.remove_error()?;
+        self.table.put_durable(&job)?;
+        self.schedule_due = true;
+        tracing::info!("job {id}: {}", job.reason);
+        Ok(Response::Restarted {
+            id,
+            from_step: job.steps_done,
+        })
+    }
+
+    /// Forget ended jobs: `ids`, or (none named) every ended job the asker
+    /// may manage.  Their seed logs go; their folders stay unless `purge`.
+    pub(super) fn clean(
+        &mut self,
+        ids: Vec<u64>,
+        purge: bool,
+        peer: control::Peer,
+    ) -> Result<Response> {
+        let jobs = if ids.is_empty() {
+            let mine = |j: &JobRecord| peer.may_manage(j.owner_uid);
+            self.table
+                .recent_finished_matching(usize::MAX, Some(&mine))?
+                .0
+        } else {
+            let mut jobs = Vec::new();
+            for id in ids {
+                let job = self.owned_job(id, peer)?;
+                if !job.state.is_final() {
+                    bail!(
+                        "job {id} is {}: only ended jobs are cleaned (cancel it first)",
+                        job.state
+                    );
+                }
+                jobs.push(job);
+            }
+            jobs
+        };
+        let mut cleaned = Vec::new();
+        for job in jobs {
+            self.table.remove(&job)?;
+            self.db.drop_tree(format!("seedlog/{}", job.id))?;
+            if purge {
+                // std's remove_dir_all opens each folder without following
+                // links (openat, O_NOFOLLOW), so a link the owner leaves in
+                // run/ is removed, never followed.
+                let path = self.dirs.job(job.id);
+                if let Err(e) = std::fs::remove_dir_all(&path) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::error!("job {}: removing {}: {e}", job.id, path.display());
+                    }
+                }
+            }
+            cleaned.push(job.id);
+        }
+        self.table.flush()?;
+        cleaned.sort_unstable();
+        if !cleaned.is_empty() {
+            tracing::info!("forgot jobs {cleaned:?} for uid {}", peer.uid);
+        }
+        Ok(Response::Cleaned {
+            ids: cleaned,
+            purged: purge,
+        })
+    }
+
+    /// A job as `peer` may see it: another user's failed job does not show
+    /// why it failed (a job's error may quote its paths and data).
+    fn view(&self, mut job: JobRecord, peer: control::Peer) -> JobView {
+        if !peer.may_manage(job.owner_uid) {
+            if matches!(job.state, JobState::Failed { .. }) {
+                job.reason = "failed (its owner sees why)".into();
+            }
+            job.summary.clear();
+        }
+        let rate = self.running.get(&job.id).and_then(Running::steps_per_s);
+        JobView {
+            eta_s: rate.map(|r| job.steps_total.saturating_sub(job.steps_done) as f64 / r),
+            steps_per_s: rate,
+            job,
+        }
+    }
+
+    /// One job in detail; its files and error to its owner and root only.
+    pub(super) fn show(&self, id: u64, peer: control::Peer) -> Result<JobDetail> {
+        let job = self
+            .table
+            .get(id)?
+            .with_context(|| format!("no job {id}"))?;
+        let mine = peer.may_manage(job.owner_uid);
+        let error_tail = match (&job.state, mine) {
+            (JobState::Failed { .. }, true) => JobDir::open(&self.jobs, &self.dirs.jobs(), id)
+                .map(|d| d.error_tail(ERROR_TAIL_LINES + 5))
+                .unwrap_or_default(),
+            _ => vec![],
+        };
+        let dir = self.dirs.job(id);
+        Ok(JobDetail {
+            job_file: mine.then(|| dir.join(job_dir::SPEC)),
+            run_dir: mine.then(|| dir.join(job_dir::RUN)),
+            error_tail,
+            view: self.view(job, peer),
+        })
+    }
+
+    /// One job, or the active jobs and the newest `finished` ended ones
+    /// that pass `filter`: the answer's size follows the active jobs, not
+    /// the table's history.
     pub(super) fn report(
         &mut self,
         id: Option<u64>,
         finished: Option<usize>,
+        filter: &StatusFilter,
+        peer: control::Peer,
     ) -> Result<StatusReport> {
         let mut finished_not_shown = 0;
         let jobs = match id {
@@ -101,28 +250,24 @@ impl Daemon {
                 .get(id)?
                 .with_context(|| format!("no job {id}"))?],
             None => {
-                let mut jobs = self.table.active()?;
-                let recent = self
+                let mut jobs: Vec<JobRecord> = self
                     .table
-                    .recent_finished(finished.unwrap_or(control::DEFAULT_FINISHED_SHOWN))?;
-                let (count, active) = self.table.counts();
-                finished_not_shown = count - active - recent.len();
+                    .active()?
+                    .into_iter()
+                    .filter(|j| filter.keeps(j))
+                    .collect();
+                let keep = |j: &JobRecord| filter.keeps(j);
+                let (recent, more) = self.table.recent_finished_matching(
+                    finished.unwrap_or(control::DEFAULT_FINISHED_SHOWN),
+                    (!filter.is_empty()).then_some(&keep as &dyn Fn(&JobRecord) -> bool),
+                )?;
+                finished_not_shown = more;
                 jobs.extend(recent);
                 jobs.sort_by_key(|j| j.id);
                 jobs
             }
         };
-        let views = jobs
-            .into_iter()
-            .map(|job| {
-                let rate = self.running.get(&job.id).and_then(Running::steps_per_s);
-                JobView {
-                    eta_s: rate.map(|r| (job.steps_total - job.steps_done) as f64 / r),
-                    steps_per_s: rate,
-                    job,
-                }
-            })
-            .collect();
+        let views = jobs.into_iter().map(|job| self.view(job, peer)).collect();
         let (mode, pools) = match &self.resources {
             Some(res) => {
                 let count = |p: &Pool| self.running.values().filter(|r| &r.pool == p).count();
@@ -160,5 +305,36 @@ impl Daemon {
             jobs: views,
             finished_not_shown,
         })
+    }
+}
+
+/// Which jobs a `Status` request lists.
+#[derive(Debug, Default)]
+pub(super) struct StatusFilter {
+    states: Vec<String>,
+    owner: Option<u32>,
+}
+
+impl StatusFilter {
+    pub(super) fn new(states: Vec<String>, owner: Option<u32>) -> Result<Self> {
+        if let Some(bad) = states
+            .iter()
+            .find(|s| !control::STATES.contains(&s.as_str()))
+        {
+            bail!(
+                "no state {bad:?}: the states are {}",
+                control::STATES.join(", ")
+            );
+        }
+        Ok(Self { states, owner })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.states.is_empty() && self.owner.is_none()
+    }
+
+    fn keeps(&self, job: &JobRecord) -> bool {
+        (self.states.is_empty() || self.states.iter().any(|s| s == job.state.name()))
+            && self.owner.is_none_or(|uid| uid == job.owner_uid)
     }
 }

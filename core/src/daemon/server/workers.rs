@@ -183,6 +183,7 @@ impl Daemon {
                         settled: false,
                         log,
                         progress: VecDeque::new(),
+                        job_error: None,
                     },
                 );
             }
@@ -313,6 +314,15 @@ impl Daemon {
                 );
                 tracing::warn!("job {id}: {}", job.reason);
                 self.table.put_durable(&job)
+            }
+            _ if code == Some(i32::from(worker::JOB_ERROR_EXIT)) => {
+                // Its own error: a retry would meet it again.
+                job.failures += 1;
+                self.table.put(&job)?;
+                let reason = r.job_error.unwrap_or_else(|| {
+                    format!("the job failed without saying why (see `mezod logs {id}`)")
+                });
+                self.fail(id, &reason, true)
             }
             _ => {
                 let how = match (code, status.signal()) {
