@@ -148,3 +148,127 @@ fn comments_are_dropped_but_quoted_hashes_kept() {
     );
     assert_eq!(strip_comment("# only a comment"), "");
 }
+
+/// Stops a background command of a README block when the test ends, however it ends.
+struct Background(std::process::Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_daemon_session_runs_as_written() {
+    let tmp = repo_like_root();
+    let dir = tmp.path();
+    let session = readme_block("daemon");
+    let mut daemon = None;
+    let mut said = Vec::new();
+    for line in &session {
+        if let Some(background) = line.strip_suffix('&') {
+            let child = shell(dir, &format!("exec {}", background.trim()))
+                .stderr(std::fs::File::create(dir.join("daemon.log")).unwrap())
+                .spawn()
+                .unwrap();
+            daemon = Some(Background(child));
+            // Clients find it at ./var/run/mezod.sock once it serves.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while !dir.join("var/run/mezod.sock").exists() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the daemon did not start"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            continue;
+        }
+        let out = run_line(dir, line);
+        said.push((
+            line.clone(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ));
+    }
+    assert!(daemon.is_some(), "the session starts a daemon");
+    let output_of = |prefix: &str| -> &str {
+        &said
+            .iter()
+            .find(|(l, _)| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` in the session"))
+            .1
+    };
+    assert_eq!(
+        output_of("mezod submit examples/causal-lm.yaml").trim(),
+        "1"
+    );
+    assert_eq!(
+        output_of("mezod submit examples/classification.yaml").trim(),
+        "2"
+    );
+    assert!(output_of("mezod logs 1 --follow").contains("done"));
+    let detail = output_of("mezod status 1");
+    assert!(
+        detail.contains("causal-lm") && detail.contains("done"),
+        "{detail}"
+    );
+    assert!(std::fs::read_to_string(dir.join("mezod.bash"))
+        .unwrap()
+        .contains("complete"));
+    // Job 2, cancelled and restarted, runs to its end.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    loop {
+        let out = run_line(dir, "mezod status 2 --json");
+        let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let state = job["state"]["state"]
+            .as_str()
+            .or(job["state"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        if state == "done" {
+            break;
+        }
+        assert!(
+            !["failed", "cancelled"].contains(&state.as_str()),
+            "job 2 ended {state}: {job}"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job 2 did not finish: {job}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// `make demo-small`'s commands, read from the Makefile, run as written.
+#[test]
+fn make_demo_small_runs_as_written() {
+    let makefile = std::fs::read_to_string(root().join("Makefile")).unwrap();
+    let recipe: Vec<String> = makefile
+        .lines()
+        .skip_while(|l| !l.starts_with("demo-small:"))
+        .skip(1)
+        .take_while(|l| l.starts_with('\t'))
+        .filter(|l| l.contains("$(MEZOD)"))
+        .map(|l| l.trim().replace("$(MEZOD)", "mezod"))
+        .collect();
+    assert_eq!(recipe.len(), 2, "{recipe:?}");
+    let tmp = repo_like_root();
+    for line in &recipe {
+        run_line(tmp.path(), line);
+        let out = line
+            .split_whitespace()
+            .skip_while(|w| *w != "--out")
+            .nth(1)
+            .unwrap();
+        let run = tmp.path().join(out);
+        for file in [
+            "result.json",
+            "metrics.jsonl",
+            "loss.svg",
+            "model/model.safetensors",
+        ] {
+            assert!(run.join(file).is_file(), "{line}: no {file}");
+        }
+    }
+}
