@@ -148,8 +148,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Worker(_)) {
-        // Printing commands end quietly when their reader goes (`| head`).
+    if !matches!(cli.command, Command::Worker(_) | Command::Run { .. }) {
+        // Printing commands end quietly when their reader goes (`| head`);
+        // a run keeps training (and saving) whoever stops reading its output.
         mezod_core::cli::exit_on_closed_stdout();
     }
     mezod_core::cli::main_logging_to(mezod::run::progress::LogWriter, || dispatch(cli))

@@ -419,6 +419,7 @@ fn help_describes_every_argument_and_completions_are_printed() {
         "export",
         "apply",
         "forward",
+        "inspect",
         "bench",
     ] {
         let help = stdout(&check(mezod().args([sub, "--help"]).output().unwrap(), sub));

@@ -227,11 +227,14 @@ fn links_planted_between_attempts_take_nothing_over() {
             p
         })
         .collect();
-    let d = Daemon::start(tmp.path(), CONFIG);
-    // A job that fails at every attempt: its data file is not a dataset.
-    let bad_data = tmp.path().join("bad.jsonl");
-    std::fs::write(&bad_data, "not json\n").unwrap();
-    let id = drop_nobody_job(&d, tmp.path(), "failing", 3, Some(&bad_data));
+    // A job whose worker crashes at every attempt (at its first snapshot's
+    // hash), so the daemon retries it: a job's own error would fail at once.
+    let d = Daemon::start_with_env(
+        tmp.path(),
+        CONFIG,
+        &[("FAILPOINTS", "snapshot-before-hash=return".into())],
+    );
+    let id = drop_nobody_job(&d, tmp.path(), "failing", 30, None);
     let run = d.job_dir(id).join("run");
     // While it retries, plant links to root's files under every name the
     // daemon or the worker might use, in the job folder (refused now: older
@@ -641,9 +644,17 @@ fn a_full_disk_pauses_the_daemon_and_space_brings_it_back() {
     let state = Tmpfs::mount(&tmp.path().join("state"), "24m");
     let config = format!("{CONFIG}disk_reserve_mib: 2\n");
     let mut d = Daemon::start(tmp.path(), &config);
-    // A job that fails on its own (its data is not a dataset): it must stay failed.
+    // A job that fails on its own (row 250 of its data is not JSON, past the
+    // rows checked before it runs): it must stay failed.
     let bad_data = tmp.path().join("bad.jsonl");
-    std::fs::write(&bad_data, "not json\n").unwrap();
+    let good: Vec<String> = std::fs::read_to_string(reviews())
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let mut rows: Vec<String> = good.iter().cycle().take(300).cloned().collect();
+    rows[249] = "not json".into();
+    std::fs::write(&bad_data, rows.join("\n") + "\n").unwrap();
     let failing = job_file(tmp.path(), "failing", 3, 1);
     let body = std::fs::read_to_string(&failing)
         .unwrap()

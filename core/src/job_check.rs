@@ -242,13 +242,16 @@ pub fn fields_needed(spec: &JobSpec) -> Vec<(String, String)> {
 }
 
 /// The data file reads, and its first rows have every field the task needs.
-/// (Rows outside a `data.filter` are not the task's, so filter fields alone
-/// are asked of every row.)
+/// Rows outside a `data.filter` are not the task's; as the engine does, the
+/// first row must have each filter field, and later rows without one are
+/// simply filtered out.
 fn check_data(spec: &JobSpec, path: &Path) -> Result<()> {
     let rows = read_rows(path, Some(ROWS_CHECKED))?;
-    for field in spec.data.filter.keys() {
-        if let Some((at, _)) = rows.iter().find(|(_, r)| !r.contains_key(field)) {
-            bail!("{at}: no field {field:?} (data.filter names it)");
+    if let Some((at, first)) = rows.first() {
+        for field in spec.data.filter.keys() {
+            if !first.contains_key(field) {
+                bail!("{at}: no field {field:?} (data.filter names it)");
+            }
         }
     }
     let kept = rows.iter().filter(|(_, r)| {
@@ -307,6 +310,29 @@ mod tests {
 
     fn problem(spec: &JobSpec) -> String {
         check(spec).map_or_else(|e| e.to_string(), |_| "no problem".into())
+    }
+
+    #[test]
+    fn a_filter_field_is_asked_of_the_first_row_as_the_engine_asks_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = model(tmp.path(), |_| {});
+        let data = tmp.path().join("rows.jsonl");
+        let with_filter = |first: &str| {
+            std::fs::write(&data, format!("{first}\n{{\"text\": \"no kind here\"}}\n")).unwrap();
+            let mut s = spec(&model, &data, "{kind: causal_lm}");
+            s.data.filter.insert("kind".into(), vec!["a".into()]);
+            problem(&s)
+        };
+        // Later rows without the field are filtered out by the engine: fine.
+        assert_eq!(
+            with_filter("{\"text\": \"x\", \"kind\": \"a\"}"),
+            "no problem"
+        );
+        let e = with_filter("{\"text\": \"x\"}");
+        assert!(
+            e.contains("no field \"kind\" (data.filter names it)"),
+            "{e}"
+        );
     }
 
     #[test]

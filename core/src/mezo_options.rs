@@ -15,6 +15,16 @@ pub enum Rng {
     Torch,
 }
 
+/// As job files write it: `fast`, `torch`.
+impl std::fmt::Display for Rng {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Rng::Fast => "fast",
+            Rng::Torch => "torch",
+        })
+    }
+}
+
 impl Rng {
     /// `fast` on CPU, `torch` on GPUs.
     pub fn default_for(device: &str) -> Rng {

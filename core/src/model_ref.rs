@@ -26,6 +26,17 @@ impl Dtype {
     }
 }
 
+/// As job files write it: `f32`, `bf16`, `f16`.
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+        })
+    }
+}
+
 impl FromStr for Dtype {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {

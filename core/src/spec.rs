@@ -18,13 +18,29 @@ pub const MAX_STEPS: u64 = 10_000_000;
 /// The longest job `name:`: a table column, not a description.
 pub const MAX_NAME_CHARS: usize = 100;
 
-/// `text` as a job name: control characters become `_`, cut to
+/// `text` as a job name: control and invisible format characters become `_`, cut to
 /// [`MAX_NAME_CHARS`] characters (what `mezod submit` makes of a file's stem).
 pub fn as_job_name(text: &str) -> String {
     text.chars()
-        .map(|c| if c.is_control() { '_' } else { c })
+        .map(|c| {
+            if c.is_control() || is_invisible_format(c) {
+                '_'
+            } else {
+                c
+            }
+        })
         .take(MAX_NAME_CHARS)
         .collect()
+}
+
+/// Characters that change how the text around them is shown without being
+/// seen: bidirectional overrides and isolates, zero-width characters.  In a
+/// name every user's `mezod status` prints, one user could otherwise make a
+/// job's line read as something else.
+fn is_invisible_format(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -686,6 +702,18 @@ impl JobSpec {
         serde_yaml::to_string(self).expect("a parsed spec serializes")
     }
 
+    /// Whether `other` computes what this job computes: the same in every
+    /// field but its `name` and `priority`, which only label and order it (a
+    /// run renamed in its job file resumes).
+    pub fn computes_the_same_as(&self, other: &JobSpec) -> bool {
+        let unlabelled = |s: &JobSpec| JobSpec {
+            name: None,
+            priority: 0,
+            ..s.clone()
+        };
+        unlabelled(self) == unlabelled(other)
+    }
+
     /// Each field that differs from `newer`, as `path: old → new`.
     pub fn differences(&self, newer: &JobSpec) -> Vec<String> {
         fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, String>) {
@@ -770,6 +798,7 @@ mod tests {
             assert!(e.contains("name must be plain text"), "{bad}: {e}");
         }
         assert_eq!(as_job_name("a\tb\u{1b}[2J"), "a_b_[2J");
+        assert_eq!(as_job_name("abc\u{202E}gpj.exe\u{200B}"), "abc_gpj.exe_");
         let s = JobSpec::parse(MINIMAL, Path::new("/j")).unwrap().summary();
         assert_eq!(
             s,
@@ -796,6 +825,21 @@ mod tests {
         // `mezod run job.yaml`: the file's folder is the empty path.
         let s = JobSpec::parse(MINIMAL, Path::new("")).unwrap();
         assert_eq!(s.model.path, std::env::current_dir().unwrap().join("m"));
+    }
+
+    #[test]
+    fn a_name_or_priority_does_not_change_what_a_job_computes() {
+        let base = JobSpec::parse(MINIMAL, Path::new("/jobs")).unwrap();
+        let labelled = JobSpec::parse(
+            &format!("name: mine\npriority: 5\n{MINIMAL}"),
+            Path::new("/jobs"),
+        )
+        .unwrap();
+        assert_ne!(base, labelled);
+        assert!(base.computes_the_same_as(&labelled));
+        let reseeded =
+            JobSpec::parse(&MINIMAL.replace("seed: 7", "seed: 8"), Path::new("/jobs")).unwrap();
+        assert!(!base.computes_the_same_as(&reseeded));
     }
 
     #[test]

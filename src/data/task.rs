@@ -748,7 +748,9 @@ impl Task {
             return Ok((lp.index_select(1, &labels.to_device(lp.device())), gold));
         }
         if let Some(answer_ids) = self.one_token_answers(model)? {
-            return self.shared_prompt_scores(model, batch, &answer_ids);
+            if let Some(scores) = self.shared_prompt_scores(model, batch, &answer_ids)? {
+                return Ok(scores);
+            }
         }
         self.per_candidate_scores(model, batch)
     }
@@ -798,7 +800,7 @@ impl Task {
         model: &LanguageModel,
         batch: &[&Example],
         answer_ids: &[i64],
-    ) -> Result<(Tensor, Vec<i64>)> {
+    ) -> Result<Option<(Tensor, Vec<i64>)>> {
         let keep = self.max_length().saturating_sub(1).max(1);
         let mut seqs = Vec::with_capacity(batch.len());
         let mut gold = Vec::with_capacity(batch.len());
@@ -806,6 +808,11 @@ impl Task {
             let ids = model
                 .tokenizer
                 .encode(&self.context_text(ex, None)?, true)?;
+            if ids.is_empty() {
+                // An empty prompt (no BOS token either) has no position to
+                // read the answer from: one sequence per candidate instead.
+                return Ok(None);
+            }
             seqs.push(ids[ids.len().saturating_sub(keep)..].to_vec());
             gold.push(self.answers(ex)?.1 as i64);
         }
@@ -816,7 +823,7 @@ impl Task {
             .squeeze_dim(1)
             .log_softmax(-1, Kind::Float);
         let answers = Tensor::from_slice(answer_ids).to_device(lp.device());
-        Ok((lp.index_select(1, &answers), gold))
+        Ok(Some((lp.index_select(1, &answers), gold)))
     }
 
     /// The scores of a choice task's classes `[batch, classes]`: the mean
@@ -1276,7 +1283,10 @@ mod tests {
             .unwrap()
             .expect("one token each");
         let _guard = tch::no_grad_guard();
-        let (shared, gold_a) = t.shared_prompt_scores(&model, &batch, &answer_ids).unwrap();
+        let (shared, gold_a) = t
+            .shared_prompt_scores(&model, &batch, &answer_ids)
+            .unwrap()
+            .expect("no empty prompt");
         let (each, gold_b) = t.per_candidate_scores(&model, &batch).unwrap();
         assert_eq!(gold_a, gold_b);
         assert_eq!(shared.size(), [4, 3]);

@@ -36,9 +36,28 @@ impl Fingerprint {
             },
             gpu,
             torch: env!("MEZOD_TORCH_VERSION").to_string(),
-            dtype: format!("{dtype:?}").to_lowercase(),
+            dtype: dtype.to_string(),
             threads,
             rng,
         }
+    }
+}
+
+/// As a person reads it: `cpu, torch 2.11.0, f32, 2 threads, rng fast`.
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.device)?;
+        if let Some(gpu) = &self.gpu {
+            write!(f, " ({gpu})")?;
+        }
+        write!(
+            f,
+            ", torch {}, {}, {} thread{}, rng {}",
+            self.torch,
+            self.dtype,
+            self.threads,
+            if self.threads == 1 { "" } else { "s" },
+            self.rng
+        )
     }
 }

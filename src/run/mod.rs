@@ -117,10 +117,13 @@ pub fn default_out_dir(spec_path: &Path) -> PathBuf {
     PathBuf::from("runs").join(stem)
 }
 
-/// The job's name as people see it (the chart's title): the job file's stem,
-/// else the run folder's name, or `job ID` for a daemon job's run folder
-/// (`jobs/ID/run`).  Every place that names a run asks here.
-pub fn job_name(job_file: Option<&Path>, out: &Path) -> String {
+/// The job's name as people see it (the chart's title): its `name:`, else
+/// the job file's stem, else the run folder's name, or `job ID` for a daemon
+/// job's run folder (`jobs/ID/run`).  Every place that names a run asks here.
+pub fn job_name(named: Option<&str>, job_file: Option<&Path>, out: &Path) -> String {
+    if let Some(named) = named {
+        return named.to_string();
+    }
     let name = |p: &Path| p.file_stem().map(|s| s.to_string_lossy().into_owned());
     if let Some(stem) = job_file.and_then(name) {
         return stem;
@@ -367,7 +370,10 @@ fn claim_out_dir(
     if frozen.is_file() {
         let old = JobSpec::parse(&std::fs::read_to_string(&frozen)?, out)
             .with_context(|| format!("reading the frozen spec {}", frozen.display()))?;
-        if &old != spec {
+        if old.computes_the_same_as(spec) && &old != spec {
+            // A new name or priority: the run goes on under it.
+            durable::write(&frozen, spec.to_yaml())?;
+        } else if &old != spec {
             let changes = old.differences(spec).join("; ");
             if steps_recorded > 0 {
                 bail!(
@@ -396,11 +402,11 @@ fn claim_out_dir(
         if &old != fp {
             if !force {
                 bail!(
-                    "this run was started with determinism fingerprint {old:?} but this machine has {fp:?}; \
+                    "this run was started with determinism fingerprint {old} but this machine has {fp}; \
                      resuming would not be bit-identical. Pass --force to resume anyway."
                 );
             }
-            tracing::warn!("RESUMING WITH A DIFFERENT FINGERPRINT ({old:?} → {fp:?}): weights will NOT be bit-identical to an uninterrupted run");
+            tracing::warn!("RESUMING WITH A DIFFERENT FINGERPRINT ({old} → {fp}): weights will NOT be bit-identical to an uninterrupted run");
         }
     } else {
         durable::write(&fp_path, serde_json::to_string_pretty(fp)?)?;
@@ -514,7 +520,7 @@ pub fn run_with_log(
         }
     }
     tracing::info!(
-        "{} ({} trainable parameters, {:?} on {}, rng {:?}), {} train / {} dev / {} test examples",
+        "{} ({} trainable parameters, {} on {}, rng {}), {} train / {} dev / {} test examples",
         spec.model.describe(),
         model.params.numel(),
         spec.model.dtype,
@@ -534,10 +540,11 @@ pub fn run_with_log(
     let metrics = MetricsFile::open(&out.join("metrics.jsonl"), &records, |step| {
         batch_indices(data_seed, step, batch_size, n_train)
     })?;
+    let name = job_name(spec.name.as_deref(), opts.job_file.as_deref(), out);
     let mut job = Job {
         spec,
         out: out.to_path_buf(),
-        name: job_name(opts.job_file.as_deref(), out),
+        name,
         model,
         task,
         train: splits.train,
@@ -778,10 +785,20 @@ mod tests {
     #[test]
     fn a_run_is_named_by_its_job_file_else_its_folder() {
         let out = Path::new("runs/elsewhere");
-        assert_eq!(job_name(Some(Path::new("jobs/sst2.yaml")), out), "sst2");
-        assert_eq!(job_name(None, out), "elsewhere");
-        assert_eq!(job_name(None, Path::new("/state/jobs/12/run")), "job 12");
-        assert_eq!(job_name(None, Path::new("mine/run")), "run");
+        assert_eq!(
+            job_name(None, Some(Path::new("jobs/sst2.yaml")), out),
+            "sst2"
+        );
+        assert_eq!(job_name(None, None, out), "elsewhere");
+        assert_eq!(
+            job_name(None, None, Path::new("/state/jobs/12/run")),
+            "job 12"
+        );
+        assert_eq!(job_name(None, None, Path::new("mine/run")), "run");
+        assert_eq!(
+            job_name(Some("sentiment"), None, Path::new("/state/jobs/12/run")),
+            "sentiment"
+        );
     }
 
     #[test]

@@ -31,17 +31,30 @@ pub const RUN_FILES: &[&str] = &[
     INITIAL_SHA256,
 ];
 
-/// Whether `name` is written by a run: one of [`RUN_FILES`], or the
-/// temporary of a durable write of one (`.NAME.partial`).
-fn is_run_file(name: &str) -> bool {
-    let name = name
-        .strip_prefix('.')
+/// What a run writes before its `spec.yaml`: a folder holding only these
+/// (or their temporaries) is a run that died at its start.
+const START_FILES: &[&str] = &["seedlog", "fingerprint.json", "spec.yaml"];
+
+/// `name` without the marks of a durable write's temporary (`.NAME.partial`).
+fn durable_target(name: &str) -> &str {
+    name.strip_prefix('.')
         .and_then(|n| n.strip_suffix(".partial"))
-        .unwrap_or(name);
-    RUN_FILES.contains(&name)
+        .unwrap_or(name)
 }
 
-/// The entries of `out` a run did not write (none when it does not exist).
+/// Whether `name` is written by a run: one of [`RUN_FILES`] or its temporary.
+fn is_run_file(name: &str) -> bool {
+    RUN_FILES.contains(&durable_target(name))
+}
+
+/// Whether `out` holds a run: a `spec.yaml` that reads as a job.
+fn holds_a_run(out: &Path) -> bool {
+    std::fs::read_to_string(out.join("spec.yaml"))
+        .is_ok_and(|text| crate::spec::JobSpec::parse(&text, out).is_ok())
+}
+
+/// The entries of `out` a run does not write before it starts (none when
+/// it does not exist).
 fn foreign_entries(out: &Path) -> Result<Vec<String>> {
     let entries = match std::fs::read_dir(out) {
         Ok(e) => e,
@@ -51,7 +64,7 @@ fn foreign_entries(out: &Path) -> Result<Vec<String>> {
     let mut foreign = Vec::new();
     for entry in entries {
         let name = entry?.file_name().to_string_lossy().into_owned();
-        if !is_run_file(&name) {
+        if !START_FILES.contains(&durable_target(&name)) {
             foreign.push(name);
         }
     }
@@ -61,7 +74,7 @@ fn foreign_entries(out: &Path) -> Result<Vec<String>> {
 
 /// Refuse to run in a folder that holds something and no run of ours, unless `force`.
 pub fn check_is_a_run_folder(out: &Path, force: bool) -> Result<()> {
-    if out.join("spec.yaml").is_file() {
+    if holds_a_run(out) {
         return Ok(());
     }
     let foreign = foreign_entries(out)?;
@@ -87,7 +100,7 @@ pub fn check_is_a_run_folder(out: &Path, force: bool) -> Result<()> {
 /// snapshots, metrics, results and weights), so the next start begins at
 /// step 0.  Returns what was discarded, for the user to read.
 pub fn discard_run(out: &Path) -> Result<String> {
-    if !out.join("spec.yaml").is_file() {
+    if !holds_a_run(out) {
         return Ok(format!(
             "{} holds no run: nothing to discard",
             out.display()
@@ -99,22 +112,27 @@ pub fn discard_run(out: &Path) -> Result<String> {
     } else {
         0
     };
-    let mut removed = Vec::new();
+    let mut names = Vec::new();
     for entry in std::fs::read_dir(out).with_context(|| format!("reading {}", out.display()))? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !is_run_file(&name) {
-            continue;
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if is_run_file(&name) {
+            names.push(name);
         }
-        let path = entry.path();
-        if entry.file_type()?.is_dir() {
+    }
+    // spec.yaml last: until it goes the folder is still a run, so a removal
+    // cut short leaves a run to restart again, never a bare seed log that
+    // the next job would take for its own.
+    names.sort_by_key(|n| (n == "spec.yaml", n.clone()));
+    for name in &names {
+        let path = out.join(name);
+        if path.symlink_metadata()?.is_dir() {
             std::fs::remove_dir_all(&path)
         } else {
             std::fs::remove_file(&path)
         }
         .with_context(|| format!("removing {}", path.display()))?;
-        removed.push(name);
     }
+    let mut removed = names;
     removed.sort();
     Ok(format!(
         "--restart: discarded {steps} recorded step{} of {} ({})",
@@ -168,6 +186,9 @@ fn listing(names: &[String]) -> String {
 mod tests {
     use super::*;
 
+    const SPEC: &str = "model: {path: /m}\ntask: {kind: causal_lm}\n\
+        data: {train: /t.jsonl}\nmezo: {steps: 1, lr: 1.0e-3}\n";
+
     #[test]
     fn a_run_folder_is_one_that_holds_a_run_or_only_what_a_run_writes() {
         let tmp = tempfile::tempdir().unwrap();
@@ -176,11 +197,13 @@ mod tests {
         std::fs::create_dir_all(out.join("seedlog")).unwrap();
         std::fs::write(out.join(".spec.yaml.partial"), "").unwrap();
         check_is_a_run_folder(&out, false).unwrap(); // a run that died at its start
-        std::fs::write(out.join("config.json"), "{}").unwrap();
+                                                     // A model folder is not a run's, nor does a stray spec.yaml make one.
+        std::fs::create_dir(out.join("model")).unwrap();
+        std::fs::write(out.join("spec.yaml"), "not a job").unwrap();
         let e = check_is_a_run_folder(&out, false).unwrap_err().to_string();
-        assert!(e.contains("holds no mezod run (it has config.json)"), "{e}");
+        assert!(e.contains("holds no mezod run (it has model)"), "{e}");
         check_is_a_run_folder(&out, true).unwrap();
-        std::fs::write(out.join("spec.yaml"), "").unwrap();
+        std::fs::write(out.join("spec.yaml"), SPEC).unwrap();
         check_is_a_run_folder(&out, false).unwrap();
     }
 
@@ -210,9 +233,14 @@ mod tests {
             std::fs::create_dir_all(out.join(dir)).unwrap();
             std::fs::write(out.join(dir).join("f"), "x").unwrap();
         }
-        for file in ["spec.yaml", "metrics.jsonl", "result.json", "notes.txt"] {
+        for file in ["metrics.jsonl", "result.json", "notes.txt"] {
             std::fs::write(out.join(file), "x").unwrap();
         }
+        // No run: nothing goes.
+        std::fs::write(out.join("spec.yaml"), "not a job").unwrap();
+        assert!(discard_run(out).unwrap().contains("nothing to discard"));
+        assert!(out.join("model/f").is_file());
+        std::fs::write(out.join("spec.yaml"), SPEC).unwrap();
         let said = discard_run(out).unwrap();
         assert!(said.contains("discarded 0 recorded steps"), "{said}");
         let left: Vec<String> = std::fs::read_dir(out)

@@ -333,7 +333,7 @@ impl TuneFile {
     pub fn apply(&self, model: &LanguageModel, source: &ModelSource, force: bool) -> Result<()> {
         if model.dtype != self.dtype {
             bail!(
-                "the base is loaded as {:?} but the fine-tune was made in {:?}",
+                "the base is loaded as {} but the fine-tune was made in {}",
                 model.dtype,
                 self.dtype
             );
@@ -385,14 +385,10 @@ impl TuneFile {
                 || here.gpu != self.fingerprint.gpu;
             if differs && !force {
                 bail!(
-                    "the fine-tune drew z with torch on {:?} (torch {}, {:?}); here: {:?} (torch {}, {:?}). \
+                    "the fine-tune drew z with torch on {}; here: {}. \
                      The rebuilt weights would not be identical; pass --force to apply anyway",
-                    self.fingerprint.device,
-                    self.fingerprint.torch,
-                    self.fingerprint.gpu,
-                    here.device,
-                    here.torch,
-                    here.gpu
+                    self.fingerprint,
+                    here
                 );
             }
         }

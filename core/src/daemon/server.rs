@@ -68,7 +68,14 @@ const ERROR_TAIL_LINES: usize = 20;
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum StopReason {
     Shutdown,
-    Cancel { by_uid: u32 },
+    Cancel {
+        by_uid: u32,
+    },
+    /// Cancelled, then restarted before its worker stopped: queued again
+    /// once it has.
+    Restart {
+        by_uid: u32,
+    },
 }
 
 /// A job whose worker process is alive.
@@ -819,7 +826,7 @@ mod tests {
                     prop_oneof![
                         Just(Request::Hello),
                         (
-                            prop::option::of(0u64..5),
+                            prop::option::of(0u64..8),
                             prop::option::of(any::<usize>()),
                             prop::collection::vec(".{0,12}|failed|queued", 0..3),
                             prop::option::of(any::<u32>()),
@@ -830,12 +837,12 @@ mod tests {
                                 states,
                                 owner,
                             }),
-                        (0u64..5).prop_map(|id| Request::Show { id }),
-                        (0u64..5).prop_map(|id| Request::Cancel { id }),
-                        (0u64..5).prop_map(|id| Request::Restart { id }),
-                        (prop::collection::vec(0u64..5, 0..3), any::<bool>())
+                        (0u64..8).prop_map(|id| Request::Show { id }),
+                        (0u64..8).prop_map(|id| Request::Cancel { id }),
+                        (0u64..8).prop_map(|id| Request::Restart { id }),
+                        (prop::collection::vec(0u64..8, 0..3), any::<bool>())
                             .prop_map(|(ids, purge)| Request::Clean { ids, purge }),
-                        (0u64..5, any::<u64>(), prop::option::of(0usize..1000))
+                        (0u64..8, any::<u64>(), prop::option::of(0usize..1000))
                             .prop_map(|(id, offset, tail)| Request::Logs { id, offset, tail }),
                         ".{0,300}".prop_map(|name| Request::Lookup { name }),
                     ],
@@ -846,8 +853,11 @@ mod tests {
                 let (mut daemon, _rx, _tmp) = fuzz_daemon();
                 let peer = control::Peer { uid, gid: uid, pid: 1 };
                 for r in requests {
-                    // Jobs 1 and 2 belong to uids 0 and 1000.
-                    let owner = |id: u64| (id == 2).then_some(1000).or((id == 1).then_some(0));
+                    // Odd jobs belong to uid 0, even ones to uid 1000 (1-2
+                    // queued, 3-4 failed, 5-6 cancelled: restart and clean
+                    // reach their ownership check only on ended jobs).
+                    let owner =
+                        |id: u64| (1..=6).contains(&id).then_some(if id % 2 == 0 { 1000 } else { 0 });
                     let guarded = match &r {
                         Request::Logs { id, .. }
                         | Request::Cancel { id }
@@ -857,7 +867,16 @@ mod tests {
                         }),
                         _ => None,
                     };
+                    // Nobody but root and the owner removes or requeues a
+                    // job, and root's `clean` without ids takes only its own.
+                    let bound = uid != 0
+                        || matches!(&r, Request::Clean { ids, .. } if ids.is_empty());
+                    let others_before = others_jobs(&daemon, uid);
                     let answer = daemon.answer(r, peer);
+                    let others_after = others_jobs(&daemon, uid);
+                    if bound {
+                        prop_assert_eq!(&others_before, &others_after, "uid {} changed others' jobs", uid);
+                    }
                     if let Some(owner) = guarded {
                         if uid != 0 && uid != owner {
                             prop_assert!(answer.is_err(), "uid {uid} reached a job of uid {owner}");
@@ -877,7 +896,17 @@ mod tests {
             }
         }
 
-        /// A daemon with two jobs (one of uid 1000's) and a log, for fuzzing requests.
+        /// (id, state) of every job not owned by `uid`.
+        fn others_jobs(daemon: &Daemon, uid: u32) -> Vec<(u64, String)> {
+            (1..=6)
+                .filter_map(|id| daemon.table.get(id).ok().flatten())
+                .filter(|j| j.owner_uid != uid)
+                .map(|j| (j.id, j.state.to_string()))
+                .collect()
+        }
+
+        /// A daemon with six jobs (queued, failed and cancelled ones of uid 0
+        /// and of uid 1000) and their logs, for fuzzing requests.
         fn fuzz_daemon() -> (Daemon, Receiver<Event>, tempfile::TempDir) {
             let tmp = tempfile::tempdir().unwrap();
             let root = tmp.path();
@@ -894,7 +923,14 @@ mod tests {
                 Box::new(ScriptedProbe::default()),
             )
             .unwrap();
-            for (id, owner) in [(1u64, 0u32), (2, 1000)] {
+            for (id, owner) in [
+                (1u64, 0u32),
+                (2, 1000),
+                (3, 0),
+                (4, 1000),
+                (5, 0),
+                (6, 1000),
+            ] {
                 let mut job: JobRecord = serde_json::from_value(serde_json::json!({
                     "id": id, "name": format!("j{id}.yaml"), "owner_uid": owner, "owner_gid": owner,
                     "state": "queued", "priority": 0, "wants_gpu": false, "steps_total": 10,
@@ -903,6 +939,16 @@ mod tests {
                 }))
                 .unwrap();
                 job.id = daemon.table.next_id().unwrap();
+                match id {
+                    3 | 4 => job.apply(Transition::Fail { at: 1 }).unwrap(),
+                    5 | 6 => job
+                        .apply(Transition::Cancel {
+                            at: 1,
+                            by_uid: owner,
+                        })
+                        .unwrap(),
+                    _ => {}
+                }
                 daemon.table.put_durable(&job).unwrap();
                 let dir = JobDir::prepare(&daemon.jobs, &daemon.dirs.jobs(), job.id, None).unwrap();
                 std::io::Write::write_all(&mut dir.log_for_append().unwrap(), &vec![b'x'; 100_000])

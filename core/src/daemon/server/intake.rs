@@ -140,10 +140,16 @@ impl Daemon {
         dir.write_spec(&dropped.text)?;
         let job = JobRecord {
             id,
-            name: accepted.name.clone().unwrap_or_else(|| {
-                let stem = std::path::Path::new(name).file_stem().unwrap_or_default();
-                crate::spec::as_job_name(&stem.to_string_lossy())
-            }),
+            // The check ran as the file's owner, who could forge its answer:
+            // the name every user's status shows is made plain here.
+            name: accepted
+                .name
+                .as_deref()
+                .map(crate::spec::as_job_name)
+                .unwrap_or_else(|| {
+                    let stem = std::path::Path::new(name).file_stem().unwrap_or_default();
+                    crate::spec::as_job_name(&stem.to_string_lossy())
+                }),
             spool_name: name.to_string(),
             summary: accepted.summary.clone(),
             owner_uid: dropped.uid,

@@ -120,6 +120,17 @@ impl Daemon {
     /// resumes from the seed log and run folder it left.
     pub(super) fn restart(&mut self, id: u64, peer: control::Peer) -> Result<Response> {
         let mut job = self.owned_job(id, peer)?;
+        if let Some(r) = self.running.get_mut(&id) {
+            if matches!(r.stop, Some(StopReason::Cancel { .. })) {
+                // Cancelled a moment ago and still stopping: it is queued
+                // again as soon as its worker has stopped.
+                r.stop = Some(StopReason::Restart { by_uid: peer.uid });
+                return Ok(Response::Restarted {
+                    id,
+                    from_step: job.steps_done,
+                });
+            }
+        }
         job.apply(Transition::Restart)
             .map_err(|e| anyhow::anyhow!("job {id}: {e} (only failed or cancelled jobs are)"))?;
         let log = SeedLog::in_tree(self.db.open_tree(format!("seedlog/{id}"))?);
@@ -139,8 +150,10 @@ impl Daemon {
         })
     }
 
-    /// Forget ended jobs: `ids`, or (none named) every ended job the asker
-    /// may manage.  Their seed logs go; their folders stay unless `purge`.
+    /// Forget ended jobs: `ids`, or (none named) every ended job of the
+    /// asker's own — root's too: other users' jobs go only when named.
+    /// Their seed logs go; their folders stay unless `purge`, and a job whose
+    /// folder cannot be removed is kept (and named in the error).
     pub(super) fn clean(
         &mut self,
         ids: Vec<u64>,
@@ -148,7 +161,7 @@ impl Daemon {
         peer: control::Peer,
     ) -> Result<Response> {
         let jobs = if ids.is_empty() {
-            let mine = |j: &JobRecord| peer.may_manage(j.owner_uid);
+            let mine = |j: &JobRecord| j.owner_uid == peer.uid;
             self.table
                 .recent_finished_matching(usize::MAX, Some(&mine))?
                 .0
@@ -167,10 +180,11 @@ impl Daemon {
             jobs
         };
         let mut cleaned = Vec::new();
+        let mut kept = Vec::new();
         for job in jobs {
-            self.table.remove(&job)?;
-            self.db.drop_tree(format!("seedlog/{}", job.id))?;
             if purge {
+                // First the folder, then the record: a folder that stays
+                // keeps its record, so a later clean can still reach it.
                 // std's remove_dir_all opens each folder without following
                 // links (openat, O_NOFOLLOW), so a link the owner leaves in
                 // run/ is removed, never followed.
@@ -178,15 +192,35 @@ impl Daemon {
                 if let Err(e) = std::fs::remove_dir_all(&path) {
                     if e.kind() != std::io::ErrorKind::NotFound {
                         tracing::error!("job {}: removing {}: {e}", job.id, path.display());
+                        kept.push(format!("job {}: removing its folder: {e}", job.id));
+                        continue;
                     }
                 }
             }
+            self.table.remove(&job)?;
+            self.db.drop_tree(format!("seedlog/{}", job.id))?;
             cleaned.push(job.id);
         }
         self.table.flush()?;
+        if !kept.is_empty() {
+            bail!(
+                "{} (cleaned: {})",
+                kept.join("; "),
+                if cleaned.is_empty() {
+                    "none".to_string()
+                } else {
+                    cleaned
+                        .iter()
+                        .map(u64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            );
+        }
         cleaned.sort_unstable();
         if !cleaned.is_empty() {
-            tracing::info!("forgot jobs {cleaned:?} for uid {}", peer.uid);
+            let ids: Vec<String> = cleaned.iter().map(u64::to_string).collect();
+            tracing::info!("forgot jobs {} for uid {}", ids.join(", "), peer.uid);
         }
         Ok(Response::Cleaned {
             ids: cleaned,

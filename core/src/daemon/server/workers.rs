@@ -298,6 +298,16 @@ impl Daemon {
                 tracing::info!("job {id}: cancelled");
                 self.table.put_durable(&job)
             }
+            Some(StopReason::Restart { by_uid }) => {
+                job.apply(Transition::Requeue)?;
+                job.reason = format!(
+                    "restarted by uid {by_uid}; resumes from step {}",
+                    job.steps_done
+                );
+                tracing::info!("job {id}: {}", job.reason);
+                self.schedule_due = true;
+                self.table.put_durable(&job)
+            }
             Some(StopReason::Shutdown) if self.stopping.is_some() => {
                 job.apply(Transition::Preempt)?;
                 job.reason = format!("preempted at step {} by a daemon stop", job.steps_done);
