@@ -48,6 +48,32 @@ impl Identity {
     }
 }
 
+/// The name of `uid` as the system's user database (NSS: files, LDAP,
+/// SSSD…) knows it.
+pub fn name_of(uid: u32) -> Option<String> {
+    Some(user_name(uid)?.to_string_lossy().into_owned())
+}
+
+/// The uid of a user name, from the system's user database (NSS).
+pub fn uid_named(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0 as libc::c_char; 16 << 10];
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwnam_r reads the NUL-terminated name and writes into pwd
+    // and buf, both owned here and sized as passed.
+    let r = unsafe {
+        libc::getpwnam_r(
+            name.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    (r == 0 && !found.is_null()).then_some(pwd.pw_uid)
+}
+
 fn user_name(uid: u32) -> Option<std::ffi::CString> {
     let mut buf = vec![0 as libc::c_char; 16 << 10];
     let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };

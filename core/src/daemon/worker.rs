@@ -79,15 +79,26 @@ pub fn decode_job_error(line: &str) -> Option<String> {
 }
 
 /// Whether an error may go away on a retry: memory or disk ran out (the
-/// daemon's disk guard handles a full disk of its own), or the daemon went
-/// away.  Everything else a job reports is its own and would recur.
+/// daemon's disk guard handles a full disk of its own), the daemon went away,
+/// the storage or the GPU faulted (an I/O error other than a missing,
+/// forbidden or malformed file; a CUDA, cuBLAS, cuDNN or NCCL error).  What
+/// remains — a bad row, a wrong config, a non-finite loss, a missing file —
+/// is the job's own and would recur.
 pub fn is_transient(e: &anyhow::Error) -> bool {
     use std::io::ErrorKind as K;
     let io = e.chain().filter_map(|c| c.downcast_ref::<std::io::Error>());
     if io.into_iter().any(|io| {
-        matches!(
+        !matches!(
             io.kind(),
-            K::StorageFull | K::QuotaExceeded | K::OutOfMemory | K::BrokenPipe
+            K::NotFound
+                | K::PermissionDenied
+                | K::InvalidData
+                | K::InvalidInput
+                | K::AlreadyExists
+                | K::UnexpectedEof
+                | K::IsADirectory
+                | K::NotADirectory
+                | K::Unsupported
         )
     }) {
         return true;
@@ -98,6 +109,15 @@ pub fn is_transient(e: &anyhow::Error) -> bool {
         "out of memory",
         "no space left on device",
         "disk quota exceeded",
+        "input/output error",
+        "stale file handle",
+        "cuda error",
+        "cuda driver",
+        "no cuda gpus are available",
+        "cublas_status",
+        "cudnn_status",
+        "nccl",
+        "ecc error",
     ]
     .iter()
     .any(|m| text.contains(m))
@@ -418,10 +438,27 @@ mod tests {
     }
 
     #[test]
-    fn only_memory_disk_and_a_lost_daemon_are_transient() {
+    fn faults_of_memory_disk_storage_gpu_and_daemon_are_transient() {
         let io = |kind| anyhow::Error::from(std::io::Error::from(kind)).context("writing");
         assert!(is_transient(&io(std::io::ErrorKind::StorageFull)));
         assert!(is_transient(&io(std::io::ErrorKind::BrokenPipe)));
+        // EIO and ESTALE from a network filesystem.
+        assert!(is_transient(
+            &anyhow::Error::from(std::io::Error::from_raw_os_error(libc::EIO)).context("reading")
+        ));
+        assert!(is_transient(&anyhow::Error::from(
+            std::io::Error::from_raw_os_error(libc::ESTALE)
+        )));
+        assert!(is_transient(&anyhow::anyhow!(
+            "CUDA error: an illegal memory access was encountered"
+        )));
+        assert!(is_transient(&anyhow::anyhow!(
+            "CUBLAS_STATUS_EXECUTION_FAILED"
+        )));
+        assert!(!is_transient(&io(std::io::ErrorKind::PermissionDenied)));
+        assert!(!is_transient(&anyhow::anyhow!(
+            "data.jsonl line 21: no field \"text\""
+        )));
         assert!(is_transient(&anyhow::anyhow!(
             "CUDA out of memory. Tried to allocate 2.00 GiB"
         )));

@@ -422,30 +422,20 @@ fn format_duration(secs: f64) -> String {
     }
 }
 
-/// User names from /etc/passwd, read once per command.
+/// User names from the system's user database (NSS), each looked up once
+/// per command.
 #[derive(Default)]
-struct UserNames(Option<Vec<(String, u32)>>);
+struct UserNames(std::collections::HashMap<u32, String>);
 
 impl UserNames {
     fn of(&mut self, uid: u32) -> String {
         self.0
-            .get_or_insert_with(passwd)
-            .iter()
-            .find(|(_, u)| *u == uid)
-            .map_or_else(|| uid.to_string(), |(n, _)| n.clone())
+            .entry(uid)
+            .or_insert_with(|| {
+                mezod_core::identity::name_of(uid).unwrap_or_else(|| uid.to_string())
+            })
+            .clone()
     }
-}
-
-/// (name, uid) of every user in /etc/passwd.
-fn passwd() -> Vec<(String, u32)> {
-    std::fs::read_to_string("/etc/passwd")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            Some((f.first()?.to_string(), f.get(2)?.parse().ok()?))
-        })
-        .collect()
 }
 
 /// The uid of a user name, or a uid as given.
@@ -453,11 +443,8 @@ fn uid_of(user: &str) -> Result<u32> {
     if let Ok(uid) = user.parse() {
         return Ok(uid);
     }
-    passwd()
-        .into_iter()
-        .find(|(n, _)| n == user)
-        .map(|(_, uid)| uid)
-        .with_context(|| format!("no user {user:?} (give a name from /etc/passwd or a uid)"))
+    mezod_core::identity::uid_named(user)
+        .with_context(|| format!("no user {user:?} (give a user name or a uid)"))
 }
 
 #[cfg(test)]
