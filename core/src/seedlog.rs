@@ -62,7 +62,7 @@ impl StepRecord {
     }
 
     pub fn from_bytes(b: &[u8]) -> Option<Self> {
-        if b.len() < RECORD_BYTES || (b.len() - RECORD_BYTES) % DIRECTION_BYTES != 0 {
+        if b.len() < RECORD_BYTES || !(b.len() - RECORD_BYTES).is_multiple_of(DIRECTION_BYTES) {
             return None;
         }
         let f = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());

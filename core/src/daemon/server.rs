@@ -857,7 +857,7 @@ mod tests {
                     // queued, 3-4 failed, 5-6 cancelled: restart and clean
                     // reach their ownership check only on ended jobs).
                     let owner =
-                        |id: u64| (1..=6).contains(&id).then_some(if id % 2 == 0 { 1000 } else { 0 });
+                        |id: u64| (1..=6).contains(&id).then_some(if id.is_multiple_of(2) { 1000 } else { 0 });
                     let guarded = match &r {
                         Request::Logs { id, .. }
                         | Request::Cancel { id }
