@@ -3,7 +3,10 @@
 //!
 //! The batch is `batch × tokens` token ids from a fixed formula that the
 //! Python reference (`bench/reference_step.py`) reproduces, with the mean
-//! next-token cross-entropy as the loss: the same work on both sides.
+//! next-token cross-entropy as the loss: the same work on both sides.  With
+//! `--job`, it is instead the first `batch` training examples of a job and
+//! the job's own loss (e.g. a classification task's candidates), scored as
+//! `--scoring` says.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -12,7 +15,8 @@ use anyhow::Result;
 use serde::Serialize;
 use tch::Device;
 
-use crate::data::task::causal_lm_loss;
+use crate::data::task::{causal_lm_loss, Task};
+use crate::data::{load_splits, Example};
 use crate::estimate::estimate;
 use crate::mezo::{mezo_step, step_seed, Gradient, Rng, StepConfig, ZSweep};
 use crate::model::adapters::{LoraConfig, PrefixConfig, Tuning};
@@ -30,11 +34,28 @@ pub enum BenchMode {
     Replay,
 }
 
+/// How a classification job's candidates are scored (`--job` only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scoring {
+    /// As jobs do: one sequence per example when every answer is one token.
+    Shared,
+    /// One sequence per candidate answer always (the path the shared one replaced).
+    PerCandidate,
+}
+
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Hugging Face model directory or GGUF file.
-    #[arg(long, required_unless_present = "config", conflicts_with = "config")]
+    #[arg(long, required_unless_present_any = ["config", "job"], conflicts_with_all = ["config", "job"])]
     pub model: Option<PathBuf>,
+    /// Instead of --model: a job file; its model, its task's loss on its
+    /// first --batch training examples (--tokens is unused).
+    #[arg(long, conflicts_with = "config")]
+    pub job: Option<PathBuf>,
+    /// With --job: how a classification task's candidates are scored.
+    #[arg(long, value_enum, default_value = "shared", requires = "job")]
+    pub scoring: Scoring,
     /// Instead of --model: a config.json, with random weights from --seed
     /// (any size without a download, e.g. bench/configs/opt-6.7b.json).
     #[arg(long)]
@@ -74,21 +95,31 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
-    fn source(&self) -> ModelSource {
-        match (&self.model, &self.config) {
+    fn source(&self) -> Result<ModelSource> {
+        if let Some(job) = &self.job {
+            return Ok(JobSpec::load(job)?.model.source());
+        }
+        Ok(match (&self.model, &self.config) {
             (Some(m), _) => ModelSource::Pretrained(m.clone()),
             (None, Some(c)) => ModelSource::Random {
                 config: c.clone(),
                 seed: self.seed,
             },
-            (None, None) => unreachable!("clap requires --model or --config"),
-        }
+            (None, None) => unreachable!("clap requires --model, --config or --job"),
+        })
     }
 
     /// The job admission control would size for this batch (causal LM, every
     /// sequence `tokens` long).
     fn as_job(&self) -> Result<JobSpec> {
-        let source = match self.source() {
+        if let Some(job) = &self.job {
+            let mut spec = JobSpec::load(job)?;
+            spec.mezo.batch_size = self.batch;
+            spec.model.device = self.device.clone();
+            spec.model.dtype = self.dtype;
+            return Ok(spec);
+        }
+        let source = match self.source()? {
             ModelSource::Pretrained(p) => format!("path: {}", p.display()),
             ModelSource::Random { config, seed } => {
                 format!("config: {}, init: random, seed: {seed}", config.display())
@@ -108,6 +139,8 @@ impl BenchArgs {
 #[derive(Debug, Serialize)]
 pub struct BenchResult {
     pub mode: BenchMode,
+    /// With `--job`: how its candidates were scored.
+    pub scoring: Option<Scoring>,
     pub rng: Rng,
     pub device: String,
     pub dtype: Dtype,
@@ -155,7 +188,20 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
         }),
         TuningKind::Prefix => Tuning::Prefix(PrefixConfig { tokens: 5, seed: 0 }),
     };
-    let model = LanguageModel::open_tuned(&args.source(), args.dtype, device, &tuning)?;
+    let model = LanguageModel::open_tuned(&args.source()?, args.dtype, device, &tuning)?;
+    let job_batch = match &args.job {
+        Some(job) => Some(job_batch(job, args, &model)?),
+        None => None,
+    };
+    let loss_of = |model: &LanguageModel, seqs: &[Vec<i64>]| -> Result<f64> {
+        match &job_batch {
+            Some((task, examples)) => {
+                let batch: Vec<&Example> = examples.iter().collect();
+                task.loss(model, &batch)
+            }
+            None => causal_lm_loss(model, seqs),
+        }
+    };
     let rng = args.rng.unwrap_or_else(|| Rng::default_for(&args.device));
     let config: serde_json::Value = serde_json::from_str(&model.config_text)?;
     let vocab = config["vocab_size"].as_i64().unwrap_or(1000);
@@ -179,12 +225,12 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
         match args.mode {
             BenchMode::Forward => {
                 let _guard = tch::no_grad_guard();
-                last_loss = Some(causal_lm_loss(&model, &seqs)?);
+                last_loss = Some(loss_of(&model, &seqs)?);
             }
             BenchMode::Step => {
                 let mut loss = || {
                     let t = Instant::now();
-                    let l = causal_lm_loss(&model, &seqs);
+                    let l = loss_of(&model, &seqs);
                     sync();
                     if i > 0 {
                         forward_secs += t.elapsed().as_secs_f64();
@@ -226,6 +272,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
     drop(once);
     Ok(BenchResult {
         mode: args.mode,
+        scoring: args.job.as_ref().map(|_| args.scoring),
         rng,
         device: args.device.clone(),
         dtype: args.dtype,
@@ -243,6 +290,26 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
         forward_seconds_in_step: (args.mode == BenchMode::Step)
             .then(|| forward_secs / args.iters as f64),
     })
+}
+
+/// A job's task (cut to the model's positions; candidates scored as
+/// `--scoring` says) and its first `--batch` training examples.
+fn job_batch(
+    job: &std::path::Path,
+    args: &BenchArgs,
+    model: &LanguageModel,
+) -> Result<(Task, Vec<Example>)> {
+    let spec = JobSpec::load(job)?;
+    let mut task = Task::from_spec(&spec)?;
+    if let Some(limit) = model.max_positions() {
+        task.limit_length(limit);
+    }
+    if args.scoring == Scoring::PerCandidate {
+        task.score_per_candidate();
+    }
+    let mut train = load_splits(&spec.data, &spec.task.label_field)?.train;
+    train.truncate(args.batch);
+    Ok((task, train))
 }
 
 #[cfg(test)]

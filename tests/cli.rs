@@ -298,3 +298,59 @@ fn the_gpu_daemon_script_runs_end_to_end_in_its_cpu_dry_run() {
     let last = stdout.lines().last().unwrap_or("");
     assert!(last.contains("weights identical"), "{stdout}");
 }
+
+/// `mezod bench --job` times a job's own loss; `--scoring per-candidate`
+/// forces one sequence per candidate, and both ways give the same loss.
+#[test]
+fn bench_of_a_job_scores_candidates_either_way_to_the_same_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tmp.path().join("job.yaml");
+    // " t" and " g" are one token each in the GPT-2 fixture's vocabulary.
+    std::fs::write(
+        &job,
+        format!(
+            "model: {{path: {}}}\ntask: {{kind: classification, template: sst2, \
+             label_words: {{\"0\": t, \"1\": g}}}}\ndata: {{train: {}}}\nmezo: {{steps: 1, lr: 1.0e-3}}\n",
+            fixture("gpt2").display(),
+            root().join("examples/data/reviews.jsonl").display()
+        ),
+    )
+    .unwrap();
+    let bench = |scoring: &str| -> serde_json::Value {
+        let out = check(
+            mezod()
+                .args([
+                    "bench",
+                    "--mode",
+                    "forward",
+                    "--batch",
+                    "6",
+                    "--iters",
+                    "1",
+                    "--scoring",
+                    scoring,
+                    "--job",
+                ])
+                .arg(&job)
+                .output()
+                .unwrap(),
+            "bench --job",
+        );
+        serde_json::from_str(
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .lines()
+                .last()
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let (each, shared) = (bench("per-candidate"), bench("shared"));
+    assert_eq!(each["scoring"], "per-candidate");
+    assert_eq!(shared["scoring"], "shared");
+    let (a, b) = (
+        each["last_loss"].as_f64().unwrap(),
+        shared["last_loss"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() <= 1e-5, "{a} vs {b}");
+}

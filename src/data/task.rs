@@ -66,6 +66,10 @@ pub enum Task {
         /// Classification's prompt for a masked LM: the template with a `{mask}`
         /// where the label word goes (None for multiple choice).
         mask_template: Option<String>,
+        /// Score one sequence per candidate even where every answer is one
+        /// token (`mezod bench --scoring per-candidate`: the path one
+        /// sequence per example replaced, for comparison).
+        per_candidate: bool,
     },
     Generation {
         template: String,
@@ -213,6 +217,7 @@ impl Task {
                     max_length,
                     demos: Vec::new(),
                     mask_template: Some(mask_template),
+                    per_candidate: false,
                 }
             }
             TaskKind::MultipleChoice => {
@@ -240,6 +245,7 @@ impl Task {
                     max_length,
                     demos: Vec::new(),
                     mask_template: None,
+                    per_candidate: false,
                 }
             }
         })
@@ -575,6 +581,14 @@ impl Task {
         Ok(ChoiceItem { seqs, gold })
     }
 
+    /// Score one sequence per candidate always (for benchmarks that compare
+    /// it with one sequence per example).
+    pub fn score_per_candidate(&mut self) {
+        if let Task::Choice { per_candidate, .. } = self {
+            *per_candidate = true;
+        }
+    }
+
     /// `ex` as the model reads it (for `mezod inspect`): the prompt, each
     /// candidate answer with its token ids, which one is right, and how many
     /// tokens its longest sequence takes before `max_length` cuts it.
@@ -775,6 +789,7 @@ impl Task {
     fn one_token_answers(&self, model: &LanguageModel) -> Result<Option<Vec<i64>>> {
         let Task::Choice {
             candidates: Candidates::Words { .. },
+            per_candidate: false,
             ..
         } = self
         else {
