@@ -203,6 +203,9 @@ mod tests {
 
     #[test]
     fn prefix_widens_keys_values_and_mask() {
+        // torch's generator is process-wide: draws here would shift another
+        // test's seeded draws.
+        let _rng = crate::torch_rng_lock();
         let mut p = KvPrefix::default();
         let opts = (Kind::Float, Device::Cpu);
         let (k, v) = (
