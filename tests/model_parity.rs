@@ -403,3 +403,35 @@ fn masked_lms_know_their_mask_token_and_positions() {
     assert!(!opt.is_masked_lm());
     assert!(opt.mask_token().is_err());
 }
+
+/// The model types intake accepts are the ones the engine loads: each has a
+/// fixture of that `model_type` that opens, and any other is refused naming them.
+#[test]
+fn every_accepted_model_type_loads_and_no_other() {
+    for model_type in mezod_core::model_ref::MODEL_TYPES {
+        let dir = fixture(model_type);
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(config["model_type"], model_type);
+        mezod::model::LanguageModel::load(&dir, mezod::model::Dtype::F32, tch::Device::Cpu)
+            .unwrap_or_else(|e| panic!("{model_type}: {e:#}"));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixture("llama").join(f), tmp.path().join(f)).unwrap();
+    }
+    let text = std::fs::read_to_string(tmp.path().join("config.json"))
+        .unwrap()
+        .replace("\"llama\"", "\"falcon\"");
+    std::fs::write(tmp.path().join("config.json"), text).unwrap();
+    let e =
+        mezod::model::LanguageModel::load(tmp.path(), mezod::model::Dtype::F32, tch::Device::Cpu)
+            .err()
+            .expect("falcon is refused");
+    assert!(
+        format!("{e:#}")
+            .contains("not supported (opt, gpt2, llama, mistral, qwen2, bert, roberta)"),
+        "{e:#}"
+    );
+}

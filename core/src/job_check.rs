@@ -17,15 +17,10 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::data_file::read_rows;
 use crate::gguf_header::{is_gguf, read_header};
-use crate::model_ref::ModelSource;
+use crate::model_ref::{ModelSource, MODEL_TYPES};
 use crate::safe_fs::{read_user_text, MAX_JSON_BYTES};
 use crate::spec::{JobSpec, TaskKind};
 use crate::weight_files::safetensors_shapes;
-
-/// The `model_type`s the engine has an architecture for (`src/model/`).
-pub const MODEL_TYPES: [&str; 7] = [
-    "opt", "gpt2", "llama", "mistral", "qwen2", "bert", "roberta",
-];
 
 /// Data rows read by a check: enough to catch a file of the wrong shape,
 /// bounded so a check stays quick on any data size.  A bad row further down

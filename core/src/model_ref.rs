@@ -94,6 +94,12 @@ impl ModelSource {
     }
 }
 
+/// The `model_type`s the engine has an architecture for (`src/model/`):
+/// what intake accepts and what the engine's dispatch names when it refuses.
+pub const MODEL_TYPES: [&str; 7] = [
+    "opt", "gpt2", "llama", "mistral", "qwen2", "bert", "roberta",
+];
+
 /// Model types that are masked language models (the engine's `model/bert.rs`).
 pub const MASKED_LM_TYPES: [&str; 2] = ["bert", "roberta"];
 

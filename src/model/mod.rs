@@ -208,9 +208,9 @@ impl LanguageModel {
                 &mut w,
             )?),
             other => bail!(
-                "model_type {other:?} in {} is not supported (opt, gpt2, llama, mistral, qwen2; \
-                 masked LMs: bert, roberta)",
-                config_path.display()
+                "model_type {other:?} in {} is not supported ({})",
+                config_path.display(),
+                mezod_core::model_ref::MODEL_TYPES.join(", ")
             ),
         };
         let loaded = w.finish()?;
