@@ -54,3 +54,86 @@ impl LrSchedule {
         }
     }
 }
+
+/// How a step turns forward passes into an update (`mezo.estimator`).
+/// Every estimator logs what its update needs, so live and replayed steps run
+/// the same operations on the weights and a resume is bit-identical.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Estimator {
+    /// MeZO (Malladi et al., 2023): two-sided difference along one direction
+    /// (or the average of `directions`, n-SPSA).
+    #[default]
+    Mezo,
+    /// FZOO (Dang et al., 2025): the loss at θ, then one-sided differences along
+    /// N ±1 directions, the update divided by the spread of the N losses.
+    Fzoo,
+    /// Sparse MeZO (Liu et al., 2024): MeZO that perturbs and updates only the
+    /// small-magnitude weights of each tensor.
+    Sparse,
+}
+
+impl Estimator {
+    pub fn is_mezo(&self) -> bool {
+        *self == Estimator::Mezo
+    }
+
+    /// Training forward passes per step with `directions` directions.
+    pub fn forward_passes(self, directions: usize) -> usize {
+        match self {
+            Estimator::Mezo | Estimator::Sparse => 2 * directions,
+            Estimator::Fzoo => directions + 1,
+        }
+    }
+
+    /// The direction distribution a job gets unless it names one: FZOO's
+    /// analysis is for ±1 directions; MeZO's for Gaussian ones.
+    pub fn default_perturbation(self) -> Perturbation {
+        match self {
+            Estimator::Fzoo => Perturbation::Rademacher,
+            Estimator::Mezo | Estimator::Sparse => Perturbation::Gaussian,
+        }
+    }
+}
+
+/// As job files write it: `mezo`, `fzoo`, `sparse`.
+impl std::fmt::Display for Estimator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Estimator::Mezo => "mezo",
+            Estimator::Fzoo => "fzoo",
+            Estimator::Sparse => "sparse",
+        })
+    }
+}
+
+/// The distribution of each element of a direction z (`mezo.perturbation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Perturbation {
+    /// Standard normal.
+    #[default]
+    Gaussian,
+    /// ±1 with equal odds: one random bit per element, no transform.
+    Rademacher,
+}
+
+impl Perturbation {
+    pub fn is_gaussian(&self) -> bool {
+        *self == Perturbation::Gaussian
+    }
+}
+
+/// As job files write it: `gaussian`, `rademacher`.
+impl std::fmt::Display for Perturbation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Perturbation::Gaussian => "gaussian",
+            Perturbation::Rademacher => "rademacher",
+        })
+    }
+}
+
+/// Sparse MeZO's default: each step perturbs the 25 % smallest-magnitude
+/// weights of every tensor.
+pub const DEFAULT_SPARSITY: f64 = 0.75;

@@ -22,6 +22,12 @@ pub struct StepRecord {
     /// n-SPSA (`mezo.directions` > 1): the step's further directions, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub more: Vec<Direction>,
+    /// FZOO: σ, the spread (population standard deviation) of the N perturbed
+    /// losses, which divides the update.  There, each direction's `loss_plus` is
+    /// its perturbed loss, `loss_minus` the loss at θ, and `projected_grad`
+    /// their one-sided difference over ε.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<f64>,
 }
 
 /// One further direction of an n-SPSA step.
@@ -35,10 +41,15 @@ pub struct Direction {
 
 /// Fixed little-endian layout: exact f64 bits (a text round trip could move the
 /// last bit of a projected gradient, and replay would drift).  48 bytes for a
-/// one-direction step, then 32 per further direction (so logs written before
-/// n-SPSA existed read unchanged).
+/// one-direction step, then 32 per further direction, then for FZOO a 16-byte
+/// trailer (a tag and σ); the lengths never collide (48 + 32k, or + 16), so
+/// logs written before n-SPSA or FZOO existed read unchanged.
 pub const RECORD_BYTES: usize = 48;
 const DIRECTION_BYTES: usize = 32;
+const SPREAD_BYTES: usize = 16;
+/// The trailer's tag, "spread" in ASCII: a record cut in the wrong place is
+/// refused rather than read as σ.
+const SPREAD_TAG: u64 = u64::from_le_bytes(*b"spread\0\0");
 
 impl StepRecord {
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -58,15 +69,26 @@ impl StepRecord {
                 d.loss_minus.to_bits(),
             ]);
         }
+        if let Some(spread) = self.spread {
+            fields.extend([SPREAD_TAG, spread.to_bits()]);
+        }
         fields.iter().flat_map(|f| f.to_le_bytes()).collect()
     }
 
     pub fn from_bytes(b: &[u8]) -> Option<Self> {
-        if b.len() < RECORD_BYTES || !(b.len() - RECORD_BYTES).is_multiple_of(DIRECTION_BYTES) {
-            return None;
-        }
+        let rest = b.len().checked_sub(RECORD_BYTES)?;
+        let (directions, spread_at) = match rest % DIRECTION_BYTES {
+            0 => (rest / DIRECTION_BYTES, None),
+            SPREAD_BYTES => (rest / DIRECTION_BYTES, Some(b.len() - SPREAD_BYTES)),
+            _ => return None,
+        };
         let f = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
-        let more = (0..(b.len() - RECORD_BYTES) / DIRECTION_BYTES)
+        let spread = match spread_at {
+            Some(at) if f(at / 8) == SPREAD_TAG => Some(f64::from_bits(f(at / 8 + 1))),
+            Some(_) => return None,
+            None => None,
+        };
+        let more = (0..directions)
             .map(|k| {
                 let at = RECORD_BYTES / 8 + 4 * k;
                 Direction {
@@ -85,6 +107,7 @@ impl StepRecord {
             loss_minus: f64::from_bits(f(4)),
             lr: f64::from_bits(f(5)),
             more,
+            spread,
         })
     }
 
@@ -218,7 +241,30 @@ mod tests {
                     loss_minus: 4.0,
                 })
                 .collect(),
+            spread: None,
         }
+    }
+
+    #[test]
+    fn an_fzoo_record_keeps_its_spread_exactly_and_a_cut_one_is_refused() {
+        let mut fzoo = rec(3);
+        fzoo.spread = Some(0.1 + 0.2); // a value whose decimal form is long
+        let bytes = fzoo.to_bytes();
+        assert_eq!(bytes.len(), RECORD_BYTES + 32 + 16);
+        assert_eq!(StepRecord::from_bytes(&bytes), Some(fzoo.clone()));
+        for cut in [8, 16, 24] {
+            assert_eq!(
+                StepRecord::from_bytes(&bytes[..bytes.len() - cut]),
+                None,
+                "{cut}"
+            );
+        }
+        let mut wrong_tag = bytes.clone();
+        wrong_tag[RECORD_BYTES + 32] ^= 1;
+        assert_eq!(StepRecord::from_bytes(&wrong_tag), None);
+        let json = serde_json::to_string(&fzoo).unwrap();
+        assert_eq!(serde_json::from_str::<StepRecord>(&json).unwrap(), fzoo);
+        assert!(!serde_json::to_string(&rec(3)).unwrap().contains("spread"));
     }
 
     #[test]

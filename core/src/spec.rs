@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::mezo_options::{LrSchedule, Rng};
+use crate::mezo_options::{Estimator, LrSchedule, Perturbation, Rng, DEFAULT_SPARSITY};
 use crate::model_ref::{Dtype, ModelSource};
 use crate::tuning::{LoraConfig, PrefixConfig, Tuning};
 
@@ -384,10 +384,23 @@ pub struct MezoSpec {
     pub eval_every: u64,
     #[serde(default)]
     pub eval_batch_size: Option<usize>,
-    /// n-SPSA: directions per step, each measured at the same weights, their
-    /// projected gradients averaged (1: plain MeZO).
+    /// How forward passes become an update: `mezo` (the default), `fzoo` or
+    /// `sparse` (the README gives each one's rule).
+    #[serde(default, skip_serializing_if = "Estimator::is_mezo")]
+    pub estimator: Estimator,
+    /// Directions per step.  MeZO: n-SPSA, each measured at the same weights,
+    /// their projected gradients averaged (1: plain MeZO).  FZOO: the N
+    /// one-sided directions (at least 2: the update is divided by their spread).
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub directions: usize,
+    /// Each element of z: `gaussian` or `rademacher` (±1); default: rademacher
+    /// for fzoo, gaussian otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perturbation: Option<Perturbation>,
+    /// `sparse`: the fraction of each tensor's weights (the largest in
+    /// magnitude) a step leaves alone; default 0.75.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparsity: Option<f64>,
     /// What the two forward passes measure: `loss` (cross-entropy), or
     /// `accuracy` (−accuracy of the batch's candidate scoring: MeZO needs no
     /// gradient, so a non-differentiable metric can be the objective).
@@ -402,6 +415,19 @@ pub struct MezoSpec {
     /// default 100, or the daemon's `snapshot_every`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_every: Option<u64>,
+}
+
+impl MezoSpec {
+    /// The job's direction distribution (its own, or its estimator's default).
+    pub fn perturbation(&self) -> Perturbation {
+        self.perturbation
+            .unwrap_or_else(|| self.estimator.default_perturbation())
+    }
+
+    /// `sparse`: the fraction of each tensor a step leaves alone.
+    pub fn sparsity(&self) -> f64 {
+        self.sparsity.unwrap_or(DEFAULT_SPARSITY)
+    }
 }
 
 fn cpu() -> String {
@@ -601,6 +627,22 @@ impl JobSpec {
         if !(1..=64).contains(&m.directions) {
             bail!("mezo.directions must be between 1 and 64 (the paper's n-SPSA uses a few)");
         }
+        if m.estimator == Estimator::Fzoo && m.directions < 2 {
+            bail!(
+                "mezo.estimator: fzoo needs mezo.directions of at least 2 (its N one-sided \
+                 directions: the update is divided by the spread of their N losses); try 8"
+            );
+        }
+        match m.sparsity {
+            Some(_) if m.estimator != Estimator::Sparse => {
+                bail!("mezo.sparsity is a setting of mezo.estimator: sparse")
+            }
+            Some(s) if !(s.is_finite() && (0.0..1.0).contains(&s)) => bail!(
+                "mezo.sparsity must be in [0, 1): the fraction of each tensor's weights a step \
+                 leaves alone (Sparse MeZO's default here: {DEFAULT_SPARSITY})"
+            ),
+            _ => {}
+        }
         if m.batch_size == 0 {
             bail!("mezo.batch_size must be at least 1");
         }
@@ -691,7 +733,10 @@ impl JobSpec {
             self.steps(),
             self.mezo.batch_size,
             self.mezo.lr
-        )
+        ) + &match self.mezo.estimator {
+            Estimator::Mezo => String::new(),
+            e => format!(" ({e})"),
+        }
     }
 
     pub fn data_seed(&self) -> u64 {

@@ -1,14 +1,90 @@
-//! The MeZO step (Malladi et al., 2023, Algorithm 1), in place, without autograd.
+//! The MeZO step (Malladi et al., 2023, Algorithm 1), in place, without autograd,
+//! and the estimators beside it (`mezo.estimator`): n-SPSA, Sparse MeZO, FZOO.
 //!
-//! z is never stored: it is regenerated from the step seed in each of the three
+//! z is never stored: it is regenerated from the step seed in each of the
 //! passes over the parameters (same seed, same canonical order, same draws).
 //! Live training and replay of a logged step run the very same passes with the
 //! same floating-point operations, so replay reproduces the weights bit for bit
 //! even in bf16/f16, where `+ε` then `−2ε` then `+ε` does not restore θ exactly.
 
+use super::mask::Mask;
 use super::sweep::{Update, ZSweep};
 use crate::model::ParamList;
 use anyhow::{bail, Result};
+use mezod_core::mezo_options::Estimator;
+
+/// A job's estimator with its settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Method {
+    /// MeZO, or n-SPSA with several directions.
+    Mezo,
+    /// MeZO on the weights a [`Mask`] selects at the start of each step.
+    Sparse { sparsity: f64 },
+    /// FZOO: one-sided differences from the loss at θ, scaled by 1/σ.
+    Fzoo,
+}
+
+impl Method {
+    pub fn of(spec: &mezod_core::spec::MezoSpec) -> Method {
+        Method::from_parts(spec.estimator, Some(spec.sparsity()))
+    }
+
+    /// From an estimator and, for `sparse`, its sparsity (default if absent).
+    pub fn from_parts(estimator: Estimator, sparsity: Option<f64>) -> Method {
+        match estimator {
+            Estimator::Mezo => Method::Mezo,
+            Estimator::Sparse => Method::Sparse {
+                sparsity: sparsity.unwrap_or(mezod_core::mezo_options::DEFAULT_SPARSITY),
+            },
+            Estimator::Fzoo => Method::Fzoo,
+        }
+    }
+
+    /// The step's mask, computed from the weights as the step finds them.
+    fn mask(&self, params: &ParamList) -> Option<Mask> {
+        match *self {
+            Method::Sparse { sparsity } => Some(Mask::of(params, sparsity)),
+            Method::Mezo | Method::Fzoo => None,
+        }
+    }
+}
+
+/// What a live step measured: one outcome per direction, and FZOO's σ.
+#[derive(Debug, Clone)]
+pub struct Measured {
+    pub outcomes: Vec<StepOutcome>,
+    pub spread: Option<f64>,
+}
+
+/// One live step of `method` along the directions of `seeds`.
+pub fn live_step(
+    params: &ParamList,
+    z: &ZSweep,
+    method: Method,
+    seeds: &[u64],
+    cfg: &StepConfig,
+    loss: &mut dyn FnMut() -> Result<f64>,
+) -> Result<Measured> {
+    let mask = method.mask(params);
+    let mask = mask.as_ref();
+    match (method, seeds) {
+        (Method::Fzoo, _) => fzoo_step(params, z, seeds, cfg, Losses::Measure(loss)),
+        (_, [seed]) => {
+            masked_mezo_step(params, z, mask, *seed, cfg, Gradient::Measure(loss)).map(|o| {
+                Measured {
+                    outcomes: vec![o],
+                    spread: None,
+                }
+            })
+        }
+        _ => masked_spsa_step(params, z, mask, seeds, cfg, Gradients::Measure(loss)).map(|o| {
+            Measured {
+                outcomes: o,
+                spread: None,
+            }
+        }),
+    }
+}
 
 /// Hyperparameters of one step.
 #[derive(Debug, Clone, Copy)]
@@ -35,14 +111,21 @@ pub struct StepOutcome {
 }
 
 /// Pass 1 and 2: `p += scale·z`.
-fn perturb(params: &ParamList, z: &ZSweep, seed: u64, scale: f64) {
-    z.apply(params, seed, |_| Update::add(scale));
+fn perturb(params: &ParamList, z: &ZSweep, mask: Option<&Mask>, seed: u64, scale: f64) {
+    z.apply_masked(params, seed, mask, |_| Update::add(scale));
 }
 
 /// Pass 3: restore θ and apply the update in one sweep:
 /// `p ← (1 − η·λ)·(p + εz) − η·g·z` (λ only where weight decay applies).
-fn restore_and_update(params: &ParamList, z: &ZSweep, seed: u64, cfg: &StepConfig, g: f64) {
-    z.apply(params, seed, |decays| {
+fn restore_and_update(
+    params: &ParamList,
+    z: &ZSweep,
+    mask: Option<&Mask>,
+    seed: u64,
+    cfg: &StepConfig,
+    g: f64,
+) {
+    z.apply_masked(params, seed, mask, |decays| {
         if cfg.weight_decay != 0.0 && decays {
             Update {
                 keep: 1.0 - cfg.lr * cfg.weight_decay,
@@ -66,17 +149,29 @@ pub fn mezo_step(
     cfg: &StepConfig,
     gradient: Gradient,
 ) -> Result<StepOutcome> {
+    masked_mezo_step(params, z, None, seed, cfg, gradient)
+}
+
+/// [`mezo_step`] with z zeroed outside `mask` (Sparse MeZO).
+fn masked_mezo_step(
+    params: &ParamList,
+    z: &ZSweep,
+    mask: Option<&Mask>,
+    seed: u64,
+    cfg: &StepConfig,
+    gradient: Gradient,
+) -> Result<StepOutcome> {
     let _guard = tch::no_grad_guard();
-    perturb(params, z, seed, cfg.eps);
+    perturb(params, z, mask, seed, cfg.eps);
     let (loss_plus, loss_minus, g) = match gradient {
         Gradient::Measure(loss) => {
             let plus = loss();
-            perturb(params, z, seed, -2.0 * cfg.eps);
+            perturb(params, z, mask, seed, -2.0 * cfg.eps);
             let minus = loss();
             let (plus, minus) = match (plus, minus) {
                 (Ok(p), Ok(m)) if p.is_finite() && m.is_finite() => (p, m),
                 (p, m) => {
-                    restore_and_update(params, z, seed, cfg, 0.0);
+                    restore_and_update(params, z, mask, seed, cfg, 0.0);
                     let show = |r: Result<f64>| {
                         r.map(|v| v.to_string())
                             .unwrap_or_else(|e| format!("error: {e:#}"))
@@ -91,11 +186,11 @@ pub fn mezo_step(
             (plus, minus, (plus - minus) / (2.0 * cfg.eps))
         }
         Gradient::Logged(g) => {
-            perturb(params, z, seed, -2.0 * cfg.eps);
+            perturb(params, z, mask, seed, -2.0 * cfg.eps);
             (f64::NAN, f64::NAN, g)
         }
     };
-    restore_and_update(params, z, seed, cfg, g);
+    restore_and_update(params, z, mask, seed, cfg, g);
     Ok(StepOutcome {
         projected_grad: g,
         loss_plus,
@@ -120,18 +215,30 @@ pub fn spsa_step(
     z: &ZSweep,
     seeds: &[u64],
     cfg: &StepConfig,
+    gradients: Gradients,
+) -> Result<Vec<StepOutcome>> {
+    masked_spsa_step(params, z, None, seeds, cfg, gradients)
+}
+
+/// [`spsa_step`] with z zeroed outside `mask` (Sparse MeZO).
+fn masked_spsa_step(
+    params: &ParamList,
+    z: &ZSweep,
+    mask: Option<&Mask>,
+    seeds: &[u64],
+    cfg: &StepConfig,
     mut gradients: Gradients,
 ) -> Result<Vec<StepOutcome>> {
     let _guard = tch::no_grad_guard();
     let mut outcomes = Vec::with_capacity(seeds.len());
     for (j, &seed) in seeds.iter().enumerate() {
-        perturb(params, z, seed, cfg.eps);
+        perturb(params, z, mask, seed, cfg.eps);
         let outcome = match &mut gradients {
             Gradients::Measure(loss) => {
                 let plus = loss();
-                perturb(params, z, seed, -2.0 * cfg.eps);
+                perturb(params, z, mask, seed, -2.0 * cfg.eps);
                 let minus = loss();
-                perturb(params, z, seed, cfg.eps);
+                perturb(params, z, mask, seed, cfg.eps);
                 match (plus, minus) {
                     (Ok(p), Ok(m)) if p.is_finite() && m.is_finite() => StepOutcome {
                         projected_grad: (p - m) / (2.0 * cfg.eps),
@@ -146,8 +253,8 @@ pub fn spsa_step(
                 }
             }
             Gradients::Logged(grads) => {
-                perturb(params, z, seed, -2.0 * cfg.eps);
-                perturb(params, z, seed, cfg.eps);
+                perturb(params, z, mask, seed, -2.0 * cfg.eps);
+                perturb(params, z, mask, seed, cfg.eps);
                 StepOutcome {
                     projected_grad: grads[j],
                     loss_plus: f64::NAN,
@@ -158,35 +265,159 @@ pub fn spsa_step(
         outcomes.push(outcome);
     }
     let n = seeds.len() as f64;
-    for (j, (&seed, out)) in seeds.iter().zip(&outcomes).enumerate() {
-        z.apply(params, seed, |decays| Update {
+    let posts: Vec<f64> = outcomes
+        .iter()
+        .map(|o| -cfg.lr * o.projected_grad / n)
+        .collect();
+    apply_updates(params, z, mask, seeds, cfg, &posts);
+    Ok(outcomes)
+}
+
+/// The update passes of a step with several directions, one per direction:
+/// `p ← p + post_j·z_j`, weight decay `(1 − ηλ)` with the first.
+fn apply_updates(
+    params: &ParamList,
+    z: &ZSweep,
+    mask: Option<&Mask>,
+    seeds: &[u64],
+    cfg: &StepConfig,
+    posts: &[f64],
+) {
+    for (j, (&seed, &post)) in seeds.iter().zip(posts).enumerate() {
+        z.apply_masked(params, seed, mask, |decays| Update {
             keep: if j == 0 && cfg.weight_decay != 0.0 && decays {
                 1.0 - cfg.lr * cfg.weight_decay
             } else {
                 1.0
             },
             pre: 0.0,
-            post: -cfg.lr * out.projected_grad / n,
+            post,
         });
     }
-    Ok(outcomes)
 }
 
-/// Re-apply one logged step (one direction or n) without any forward pass.
-pub fn replay_step(
+/// Where FZOO's losses come from.
+pub enum Losses<'a> {
+    /// Live training: the loss at θ, then at θ + εu_i for every direction.
+    Measure(&'a mut dyn FnMut() -> Result<f64>),
+    /// Replay: each direction's one-sided projected gradient and σ, as logged.
+    Logged { grads: &'a [f64], spread: f64 },
+}
+
+/// σ: the population standard deviation of the N perturbed losses.
+pub fn spread_of(losses: &[f64]) -> f64 {
+    let n = losses.len() as f64;
+    let mean = losses.iter().sum::<f64>() / n;
+    (losses.iter().map(|l| (l - mean) * (l - mean)).sum::<f64>() / n).sqrt()
+}
+
+/// FZOO's coefficient of direction j: `−η·g_j / (N·σ)`; no step when σ is 0
+/// (every perturbed loss equal: the directions carry no information).
+pub fn fzoo_post(lr: f64, g: f64, n: usize, spread: f64) -> f64 {
+    if spread > 0.0 {
+        -lr * g / (n as f64 * spread)
+    } else {
+        0.0
+    }
+}
+
+/// One FZOO step (Dang et al., 2025): `l₀ = L(θ)`; for each of the N
+/// directions u_i, `l_i = L(θ + εu_i)` (then `−εu_i` back); `g_i = (l_i − l₀)/ε`,
+/// σ the spread of the l_i, and `θ ← θ − η/(N·σ)·Σ g_i·u_i`.  N + 1 forward
+/// passes and 3N sweeps; replay runs the same sweeps from the logged g_i and σ.
+pub fn fzoo_step(
     params: &ParamList,
     z: &ZSweep,
     seeds: &[u64],
+    cfg: &StepConfig,
+    losses: Losses,
+) -> Result<Measured> {
+    let _guard = tch::no_grad_guard();
+    let (outcomes, spread) = match losses {
+        Losses::Measure(loss) => {
+            let base = loss()?;
+            let mut perturbed = Vec::with_capacity(seeds.len());
+            for &seed in seeds {
+                perturb(params, z, None, seed, cfg.eps);
+                let l = loss();
+                perturb(params, z, None, seed, -cfg.eps);
+                perturbed.push(l);
+            }
+            let perturbed: Vec<f64> = match perturbed.into_iter().collect::<Result<Vec<_>>>() {
+                Ok(l) if base.is_finite() && l.iter().all(|l| l.is_finite()) => l,
+                other => bail!(
+                    "non-finite loss (at θ: {base}, perturbed: {}); weights left as they were",
+                    other
+                        .map(|l| format!("{l:?}"))
+                        .unwrap_or_else(|e| format!("error: {e:#}"))
+                ),
+            };
+            let outcomes: Vec<StepOutcome> = perturbed
+                .iter()
+                .map(|&l| StepOutcome {
+                    projected_grad: (l - base) / cfg.eps,
+                    loss_plus: l,
+                    loss_minus: base,
+                })
+                .collect();
+            (outcomes, spread_of(&perturbed))
+        }
+        Losses::Logged { grads, spread } => {
+            for &seed in seeds {
+                perturb(params, z, None, seed, cfg.eps);
+                perturb(params, z, None, seed, -cfg.eps);
+            }
+            let outcomes: Vec<StepOutcome> = grads
+                .iter()
+                .map(|&g| StepOutcome {
+                    projected_grad: g,
+                    loss_plus: f64::NAN,
+                    loss_minus: f64::NAN,
+                })
+                .collect();
+            (outcomes, spread)
+        }
+    };
+    let posts: Vec<f64> = outcomes
+        .iter()
+        .map(|o| fzoo_post(cfg.lr, o.projected_grad, seeds.len(), spread))
+        .collect();
+    apply_updates(params, z, None, seeds, cfg, &posts);
+    Ok(Measured {
+        outcomes,
+        spread: Some(spread),
+    })
+}
+
+/// Re-apply one logged step of `method` without any forward pass.
+pub fn replay_step(
+    params: &ParamList,
+    z: &ZSweep,
+    method: Method,
+    seeds: &[u64],
     grads: &[f64],
+    spread: Option<f64>,
     cfg: &StepConfig,
 ) -> Result<()> {
     if seeds.len() != grads.len() || seeds.is_empty() {
         bail!("a logged step needs one projected gradient per seed");
     }
-    if seeds.len() == 1 {
-        mezo_step(params, z, seeds[0], cfg, Gradient::Logged(grads[0]))?;
-    } else {
-        spsa_step(params, z, seeds, cfg, Gradients::Logged(grads))?;
+    let mask = method.mask(params);
+    let mask = mask.as_ref();
+    match (method, spread) {
+        (Method::Fzoo, Some(spread)) => {
+            fzoo_step(params, z, seeds, cfg, Losses::Logged { grads, spread })?;
+        }
+        (Method::Fzoo, None) => bail!("an fzoo step was logged without its spread σ"),
+        (_, Some(_)) => {
+            bail!("a logged step has FZOO's spread but the job's estimator is not fzoo")
+        }
+        _ if seeds.len() == 1 => {
+            masked_mezo_step(params, z, mask, seeds[0], cfg, Gradient::Logged(grads[0]))?;
+        }
+        _ => {
+            masked_spsa_step(params, z, mask, seeds, cfg, Gradients::Logged(grads))?;
+        }
     }
     Ok(())
 }
@@ -194,7 +425,7 @@ pub fn replay_step(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mezo::sweep::{Rng, DEFAULT_CHUNK};
+    use crate::mezo::sweep::{Perturbation, Rng, DEFAULT_CHUNK};
     use crate::model::{Param, ParamList};
     use tch::{Device, Kind, Tensor};
 
@@ -380,7 +611,7 @@ mod tests {
         for (rng, kind) in [(Rng::Torch, Kind::Double), (Rng::Fast, Kind::Float)] {
             let p = params(kind);
             let before = copy(&p);
-            perturb(&p, &ZSweep::new(rng, 2), 42, 1.0);
+            perturb(&p, &ZSweep::new(rng, 2), None, 42, 1.0);
             for ((new, old), z) in p.iter().zip(before.iter()).zip(drawn_z(rng, &before, 42)) {
                 let err = (&new.tensor - &old.tensor - z)
                     .abs()
@@ -406,7 +637,8 @@ mod tests {
                             .unwrap();
                     assert_eq!(outs.len(), 3);
                     let grads: Vec<f64> = outs.iter().map(|o| o.projected_grad).collect();
-                    replay_step(&replayed, &z, &seeds, &grads, &DECAYED).unwrap();
+                    replay_step(&replayed, &z, Method::Mezo, &seeds, &grads, None, &DECAYED)
+                        .unwrap();
                 }
                 assert!(same(&live, &replayed), "{rng:?} {kind:?}: replay drifted");
                 assert!(
@@ -423,7 +655,16 @@ mod tests {
             lr: 0.1,
             weight_decay: 0.5,
         };
-        replay_step(&p, &torch(), &[7, 8], &[2.0, -1.0], &cfg).unwrap();
+        replay_step(
+            &p,
+            &torch(),
+            Method::Mezo,
+            &[7, 8],
+            &[2.0, -1.0],
+            None,
+            &cfg,
+        )
+        .unwrap();
         let (z7, z8) = (
             drawn_z(Rng::Torch, &before, 7),
             drawn_z(Rng::Torch, &before, 8),
@@ -451,6 +692,226 @@ mod tests {
         assert!(err.to_string().contains("non-finite"));
         for (a, b) in p.iter().zip(before.iter()) {
             assert!((&a.tensor - &b.tensor).abs().max().double_value(&[]) < 1e-12);
+        }
+    }
+
+    /// z as a sweep with `perturbation` draws it (torch's or the fast generator's).
+    fn drawn(rng: Rng, perturbation: Perturbation, p: &ParamList, seed: u64) -> Vec<Tensor> {
+        match (rng, perturbation) {
+            (_, Perturbation::Gaussian) => drawn_z(rng, p, seed),
+            (Rng::Torch, Perturbation::Rademacher) => {
+                tch::manual_seed(seed as i64);
+                p.iter()
+                    .map(|q| q.tensor.randint_like(2) * 2.0 - 1.0)
+                    .collect()
+            }
+            (Rng::Fast, Perturbation::Rademacher) => p
+                .iter()
+                .enumerate()
+                .map(|(i, q)| {
+                    let mut z = vec![0f32; q.tensor.numel()];
+                    crate::mezo::fast_rng::fill_signs(seed, i as u32, 0, &mut z);
+                    Tensor::from_slice(&z)
+                        .to_kind(q.tensor.kind())
+                        .view(q.tensor.size().as_slice())
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn every_estimator_replays_bit_identically_to_live_training() {
+        let _rng = crate::torch_rng_lock();
+        let methods = [
+            (Method::Mezo, 1),
+            (Method::Mezo, 3),
+            (Method::Sparse { sparsity: 0.75 }, 1),
+            (Method::Sparse { sparsity: 0.5 }, 2),
+            (Method::Fzoo, 4),
+        ];
+        for rng in [Rng::Torch, Rng::Fast] {
+            for perturbation in [Perturbation::Gaussian, Perturbation::Rademacher] {
+                let z = ZSweep::new(rng, 2).with_perturbation(perturbation);
+                for (method, n) in methods {
+                    for kind in [Kind::Float, Kind::BFloat16] {
+                        let live = params(kind);
+                        let replayed = copy(&live);
+                        for step in 0..3u64 {
+                            let seeds: Vec<u64> = (0..n).map(|j| 100 * step + j).collect();
+                            let mut loss = quadratic_loss(&live);
+                            let m =
+                                live_step(&live, &z, method, &seeds, &DECAYED, &mut loss).unwrap();
+                            assert_eq!(m.outcomes.len(), n as usize);
+                            assert_eq!(m.spread.is_some(), method == Method::Fzoo);
+                            let grads: Vec<f64> =
+                                m.outcomes.iter().map(|o| o.projected_grad).collect();
+                            replay_step(&replayed, &z, method, &seeds, &grads, m.spread, &DECAYED)
+                                .unwrap();
+                        }
+                        let what = format!("{rng:?} {perturbation:?} {method:?}×{n} {kind:?}");
+                        assert!(same(&live, &replayed), "{what}: replay drifted");
+                        assert!(!same(&live, &params(kind)), "{what}: nothing changed");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_replay_refuses_a_record_of_another_estimator() {
+        let p = params(Kind::Float);
+        let e = replay_step(
+            &p,
+            &torch(),
+            Method::Fzoo,
+            &[1, 2],
+            &[0.5, 0.5],
+            None,
+            &DECAYED,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("spread"), "{e}");
+        let e = replay_step(
+            &p,
+            &torch(),
+            Method::Mezo,
+            &[1],
+            &[0.5],
+            Some(1.0),
+            &DECAYED,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("not fzoo"), "{e}");
+    }
+
+    #[test]
+    fn fzoo_follows_its_rule() {
+        let _rng = crate::torch_rng_lock();
+        // θ ← (1 − ηλ)·θ − η/(N·σ)·Σ g_i·u_i with g_i = (L(θ + εu_i) − L(θ))/ε,
+        // σ the population standard deviation of the L(θ + εu_i), u_i = ±1.
+        for rng in [Rng::Torch, Rng::Fast] {
+            let z = ZSweep::new(rng, 2).with_perturbation(Perturbation::Rademacher);
+            let kind = if rng == Rng::Torch {
+                Kind::Double
+            } else {
+                Kind::Float
+            };
+            let p = params(kind);
+            let before = copy(&p);
+            let seeds = [11u64, 12, 13, 14];
+            let cfg = StepConfig {
+                eps: 1e-3,
+                lr: 0.05,
+                weight_decay: 0.5,
+            };
+            let mut loss = quadratic_loss(&p);
+            let m = live_step(&p, &z, Method::Fzoo, &seeds, &cfg, &mut loss).unwrap();
+            // The loss as `quadratic_loss` computes it, at weights of the params' kind.
+            let w0 = before.0[0].tensor.shallow_clone();
+            let l = |t: &Tensor| {
+                t.to_kind(Kind::Float)
+                    .pow_tensor_scalar(2)
+                    .sum(Kind::Float)
+                    .double_value(&[])
+            };
+            let us: Vec<Vec<Tensor>> = seeds
+                .iter()
+                .map(|&s| drawn(rng, Perturbation::Rademacher, &before, s))
+                .collect();
+            for u in &us {
+                let values = Vec::<f64>::try_from(u[0].to_kind(Kind::Double).view([-1])).unwrap();
+                assert!(values.iter().all(|v| *v == 1.0 || *v == -1.0));
+            }
+            let base = l(&w0);
+            let perturbed: Vec<f64> = us.iter().map(|u| l(&(&w0 + &u[0] * 1e-3))).collect();
+            let sigma = spread_of(&perturbed);
+            for (o, lp) in m.outcomes.iter().zip(&perturbed) {
+                let g = (lp - base) / 1e-3;
+                assert!(
+                    (o.projected_grad - g).abs() < 1e-3 * (1.0 + g.abs()),
+                    "{rng:?}: {} vs {g}",
+                    o.projected_grad
+                );
+            }
+            assert!((m.spread.unwrap() - sigma).abs() < 1e-3 * sigma, "{rng:?}");
+            let n = seeds.len() as f64;
+            let sigma = m.spread.unwrap();
+            for (i, (new, old)) in p.iter().zip(before.iter()).enumerate() {
+                let keep = if old.decays { 1.0 - 0.05 * 0.5 } else { 1.0 };
+                let mut want = old.tensor.to_kind(Kind::Double) * keep;
+                for (u, o) in us.iter().zip(&m.outcomes) {
+                    want -= u[i].to_kind(Kind::Double) * (0.05 * o.projected_grad / (n * sigma));
+                }
+                let err = (new.tensor.to_kind(Kind::Double) - want)
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                assert!(err < 1e-5, "{rng:?} {}: {err}", new.name);
+            }
+        }
+    }
+
+    #[test]
+    fn sparse_moves_only_the_small_weights_and_those_by_the_mezo_rule() {
+        let _rng = crate::torch_rng_lock();
+        for rng in [Rng::Torch, Rng::Fast] {
+            let p = params(Kind::Float);
+            let before = copy(&p);
+            let cfg = StepConfig {
+                eps: 1e-3,
+                lr: 0.1,
+                weight_decay: 0.0,
+            };
+            let method = Method::Sparse { sparsity: 0.75 };
+            replay_step(&p, &ZSweep::new(rng, 2), method, &[7], &[2.0], None, &cfg).unwrap();
+            let zs = drawn_z(rng, &before, 7);
+            for ((new, old), z) in p.iter().zip(before.iter()).zip(zs) {
+                let h = crate::mezo::mask::threshold(&old.tensor, 0.25);
+                let small = old.tensor.abs().le(h);
+                let moved = new.tensor.ne_tensor(&old.tensor);
+                assert!(
+                    moved
+                        .logical_and(&small.logical_not())
+                        .sum(Kind::Int64)
+                        .int64_value(&[])
+                        == 0,
+                    "{rng:?} {}: a large weight moved",
+                    new.name
+                );
+                let want = &old.tensor - &z * small.to_kind(Kind::Float) * 0.2;
+                let err = (&new.tensor - want).abs().max().double_value(&[]);
+                assert!(err < 1e-6, "{rng:?} {}: {err}", new.name);
+                let frac = small
+                    .to_kind(Kind::Float)
+                    .mean(Kind::Float)
+                    .double_value(&[]);
+                assert!((0.2..0.35).contains(&frac), "{}: {frac}", new.name);
+            }
+        }
+    }
+
+    #[test]
+    fn rademacher_directions_are_the_same_for_any_thread_count_and_chunk_size() {
+        let _rng = crate::torch_rng_lock();
+        let zeros = || {
+            ParamList(vec![Param {
+                name: "w".into(),
+                tensor: Tensor::zeros([300, 257], (Kind::Float, Device::Cpu)),
+                decays: true,
+            }])
+        };
+        let reference = zeros();
+        ZSweep::new(Rng::Fast, 1)
+            .with_perturbation(Perturbation::Rademacher)
+            .apply(&reference, 5, |_| Update::add(1.0));
+        let want = drawn(Rng::Fast, Perturbation::Rademacher, &reference, 5);
+        assert!(reference.0[0].tensor.equal(&want[0]));
+        for (threads, chunk) in [(2, DEFAULT_CHUNK), (2, 77), (1, 1000)] {
+            let other = zeros();
+            ZSweep::with_chunk(Rng::Fast, threads, chunk)
+                .with_perturbation(Perturbation::Rademacher)
+                .apply(&other, 5, |_| Update::add(1.0));
+            assert!(same(&reference, &other), "{threads} threads, chunk {chunk}");
         }
     }
 }

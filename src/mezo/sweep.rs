@@ -9,12 +9,18 @@
 //!   threads.  torch's CPU generator is serial and needs a temporary the size of the
 //!   tensor; this one is parallel, needs one chunk per thread and gives the same z
 //!   for any thread count or chunk size.  The default on CPU.
+//!
+//! Each element of z is standard normal or, with `mezo.perturbation:
+//! rademacher`, ±1 (torch: `randint_like(p, 2)·2 − 1`; fast: one Philox bit per
+//! element).  Sparse MeZO's [`Mask`] zeroes z outside the step's mask before it
+//! is added, in every pass and with either generator.
 
 use tch::{Device, Kind, Tensor};
 
-use super::fast_rng::fill_normals;
+use super::fast_rng::{fill_normals, fill_signs};
+use super::mask::Mask;
 use crate::model::ParamList;
-pub use mezod_core::mezo_options::{Rng, DEFAULT_CHUNK};
+pub use mezod_core::mezo_options::{Perturbation, Rng, DEFAULT_CHUNK};
 
 /// `p ← keep·(p + pre·z) + post·z` for one tensor.  Perturbations have
 /// `keep = 1, pre = 0`; only the final update with weight decay uses all three.
@@ -41,23 +47,26 @@ impl Update {
 /// Draws z and applies updates with it.
 pub struct ZSweep {
     rng: Rng,
+    perturbation: Perturbation,
     threads: usize,
     chunk: usize,
 }
 
 /// A contiguous f32 CPU tensor's storage, shared by the pass's threads, each
 /// writing only its own chunks.
-struct SharedF32 {
+struct SharedF32<'m> {
     ptr: *mut f32,
     len: usize,
     stream: u32,
     update: Update,
+    /// The tensor's packed mask bits, when the step has a mask.
+    mask: Option<&'m [u8]>,
 }
 
 // SAFETY: the threads of one pass write disjoint chunks of each tensor, and
 // nothing else touches the parameters during a pass (one step at a time).
-unsafe impl Send for SharedF32 {}
-unsafe impl Sync for SharedF32 {}
+unsafe impl Send for SharedF32<'_> {}
+unsafe impl Sync for SharedF32<'_> {}
 
 impl ZSweep {
     pub fn new(rng: Rng, threads: usize) -> ZSweep {
@@ -68,8 +77,17 @@ impl ZSweep {
     pub fn with_chunk(rng: Rng, threads: usize, chunk: usize) -> ZSweep {
         ZSweep {
             rng,
+            perturbation: Perturbation::Gaussian,
             threads: threads.max(1),
             chunk: chunk.max(1),
+        }
+    }
+
+    /// The same sweep drawing z from `perturbation`.
+    pub fn with_perturbation(self, perturbation: Perturbation) -> ZSweep {
+        ZSweep {
+            perturbation,
+            ..self
         }
     }
 
@@ -77,15 +95,42 @@ impl ZSweep {
         self.rng
     }
 
+    pub fn perturbation(&self) -> Perturbation {
+        self.perturbation
+    }
+
     /// One pass: for each tensor (in canonical order, tensor `i` is stream `i`),
     /// `update(param)` gives its coefficients.
     pub fn apply(&self, params: &ParamList, seed: u64, update: impl Fn(bool) -> Update) {
+        self.apply_masked(params, seed, None, update)
+    }
+
+    /// [`apply`](Self::apply) with z zeroed where `mask` is clear.
+    pub fn apply_masked(
+        &self,
+        params: &ParamList,
+        seed: u64,
+        mask: Option<&Mask>,
+        update: impl Fn(bool) -> Update,
+    ) {
         let _guard = tch::no_grad_guard();
         match self.rng {
             Rng::Torch => {
                 tch::manual_seed(seed as i64);
-                for p in params.iter() {
-                    let z = p.tensor.randn_like();
+                for (i, p) in params.iter().enumerate() {
+                    let mut z = match self.perturbation {
+                        Perturbation::Gaussian => p.tensor.randn_like(),
+                        Perturbation::Rademacher => {
+                            let mut z = p.tensor.randint_like(2);
+                            let _ = z.g_mul_scalar_(2.0);
+                            let _ = z.g_sub_scalar_(1.0);
+                            z
+                        }
+                    };
+                    if let Some(mask) = mask {
+                        let m = mask.whole(i, p.tensor.numel() as i64);
+                        let _ = z.g_mul_(&m.view(p.tensor.size().as_slice()));
+                    }
                     apply_torch(&p.tensor, z, update(p.decays));
                 }
             }
@@ -100,13 +145,22 @@ impl ZSweep {
                             len: t.numel(),
                             stream: stream as u32,
                             update: u,
+                            mask: mask.map(|m| m.host_bytes(stream)),
                         });
                     } else {
-                        self.apply_fast_any(t, seed, stream as u32, u);
+                        self.apply_fast_any(t, seed, stream as u32, u, mask);
                     }
                 }
                 self.apply_fast_f32(&cpu_f32, seed);
             }
+        }
+    }
+
+    /// Elements `start ..` of the fast generator's z for tensor `stream`.
+    fn fill(&self, seed: u64, stream: u32, start: u64, out: &mut [f32]) {
+        match self.perturbation {
+            Perturbation::Gaussian => fill_normals(seed, stream, start, out),
+            Perturbation::Rademacher => fill_signs(seed, stream, start, out),
         }
     }
 
@@ -134,7 +188,14 @@ impl ZSweep {
                     // other thread takes this chunk (see SharedF32).
                     let part = unsafe { std::slice::from_raw_parts_mut(x.ptr.add(start), len) };
                     let z = &mut z[..len];
-                    fill_normals(seed, x.stream, start as u64, z);
+                    self.fill(seed, x.stream, start as u64, z);
+                    if let Some(bits) = x.mask {
+                        // z·0 or z·1, as the tensor path's `z *= mask` computes it.
+                        for (k, z) in z.iter_mut().enumerate() {
+                            let e = start + k;
+                            *z *= ((bits[e / 8] >> (e % 8)) & 1) as f32;
+                        }
+                    }
                     if plain {
                         for (p, z) in part.iter_mut().zip(z.iter()) {
                             *p += post * z;
@@ -158,23 +219,35 @@ impl ZSweep {
 
     /// Other dtypes and devices: z chunk by chunk on the CPU, converted to the
     /// tensor's dtype and device, applied with the same tensor operations as `torch`.
-    fn apply_fast_any(&self, tensor: &Tensor, seed: u64, stream: u32, u: Update) {
+    fn apply_fast_any(
+        &self,
+        tensor: &Tensor,
+        seed: u64,
+        stream: u32,
+        u: Update,
+        mask: Option<&Mask>,
+    ) {
         let n = tensor.numel();
         let flat = tensor.view([-1]);
         // Off the CPU each chunk is one copy to the device: make them few.
+        // A multiple of 8, so that a chunk starts on a byte of the mask.
         let chunk = if tensor.device() == Device::Cpu {
             self.chunk
         } else {
             self.chunk.max(1 << 22)
-        };
+        }
+        .next_multiple_of(8);
         let mut buf = vec![0f32; chunk.min(n.max(1))];
         let mut start = 0;
         while start < n {
             let len = chunk.min(n - start);
-            fill_normals(seed, stream, start as u64, &mut buf[..len]);
-            let z = Tensor::from_slice(&buf[..len])
+            self.fill(seed, stream, start as u64, &mut buf[..len]);
+            let mut z = Tensor::from_slice(&buf[..len])
                 .to_device(tensor.device())
                 .to_kind(tensor.kind());
+            if let Some(mask) = mask {
+                let _ = z.g_mul_(&mask.slice(stream as usize, start as i64, len as i64));
+            }
             apply_torch(&flat.narrow(0, start as i64, len as i64), z, u);
             start += len;
         }

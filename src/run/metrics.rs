@@ -166,6 +166,7 @@ mod tests {
             loss_minus: 2.0,
             lr: 1e-3,
             more: vec![],
+            spread: None,
         }
     }
 

@@ -28,8 +28,8 @@ use crate::baselines::{self, Baselines};
 use crate::data::task::{Evaluation, Task};
 use crate::data::{load_splits, Example};
 use crate::mezo::{
-    batch_indices, direction_seed, mezo_step, replay_step, spsa_step, step_seed, Gradient,
-    Gradients, Rng, StepConfig, ZSweep,
+    batch_indices, direction_seed, live_step, replay_step, step_seed, Measured, Method, Rng,
+    StepConfig, ZSweep,
 };
 use crate::model::adapters::Tuning;
 use crate::model::export::{export_hf, export_peft_adapter};
@@ -208,25 +208,12 @@ impl Job {
         let seeds: Vec<u64> = (0..self.spec.mezo.directions as u64)
             .map(|j| direction_seed(seed, j))
             .collect();
-        let outs = if seeds.len() == 1 {
-            mezo_step(
-                &model.params,
-                &self.z,
-                seed,
-                &cfg,
-                Gradient::Measure(&mut loss),
-            )
-            .map(|o| vec![o])
-        } else {
-            spsa_step(
-                &model.params,
-                &self.z,
-                &seeds,
-                &cfg,
-                Gradients::Measure(&mut loss),
-            )
-        }
-        .with_context(|| format!("step {step}"))?;
+        let method = Method::of(&self.spec.mezo);
+        let Measured {
+            outcomes: outs,
+            spread,
+        } = live_step(&model.params, &self.z, method, &seeds, &cfg, &mut loss)
+            .with_context(|| format!("step {step}"))?;
         let rec = StepRecord {
             step,
             seed,
@@ -244,6 +231,7 @@ impl Job {
                     loss_minus: o.loss_minus,
                 })
                 .collect(),
+            spread,
         };
         self.log.append(&rec)?;
         self.metrics.step(&rec, &batch_idx)?;
@@ -260,10 +248,13 @@ impl Job {
             replay_step(
                 &self.model.params,
                 &self.z,
+                Method::of(&self.spec.mezo),
                 &rec.seeds(),
                 &rec.grads(),
+                rec.spread,
                 &cfg,
-            )?;
+            )
+            .with_context(|| format!("replaying step {}", rec.step))?;
         }
         Ok(())
     }
@@ -541,6 +532,7 @@ pub fn run_with_log(
         batch_indices(data_seed, step, batch_size, n_train)
     })?;
     let name = job_name(spec.name.as_deref(), opts.job_file.as_deref(), out);
+    let perturbation = spec.mezo.perturbation();
     let mut job = Job {
         spec,
         out: out.to_path_buf(),
@@ -552,7 +544,7 @@ pub fn run_with_log(
         test: splits.test,
         log,
         metrics,
-        z: ZSweep::new(rng, threads as usize),
+        z: ZSweep::new(rng, threads as usize).with_perturbation(perturbation),
         device: device_name,
         memory_estimate: opts.memory_estimate,
         progress: Progress::new(opts.progress, done, spec_steps),

@@ -18,19 +18,21 @@ use sha2::{Digest, Sha256};
 
 use super::fingerprint::Fingerprint;
 use super::seedlog::{SeedLog, StepRecord};
-use crate::mezo::{replay_step, Rng, StepConfig, ZSweep};
+use crate::mezo::{replay_step, Method, Rng, StepConfig, ZSweep};
 use crate::model::adapters::{LoraConfig, PrefixConfig, Tuning};
 use crate::model::{Dtype, LanguageModel, ModelSource, ParamList};
 use crate::spec::JobSpec;
+use mezod_core::mezo_options::{Estimator, Perturbation};
 
 pub const FORMAT: &str = "mezo";
 
 /// Where a LoRA or prefix run records [`params_sha256`] of its starting adapters.
 pub const INITIAL_SHA256: &str = "initial.sha256";
-/// Version 2 files tune adapters (LoRA, prefix); full fine-tunes stay version 1,
-/// which every mezod reads.  An older mezod refuses version 2 rather than
-/// replaying adapter steps over the base weights.
-pub const VERSION: u32 = 2;
+/// Version 2 files tune adapters (LoRA, prefix); version 3 files use an
+/// estimator other than MeZO or ±1 directions; plain MeZO full fine-tunes stay
+/// version 1, which every mezod reads.  An older mezod refuses a newer version
+/// rather than replaying its steps by the wrong rule.
+pub const VERSION: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TuneFile {
@@ -51,6 +53,15 @@ pub struct TuneFile {
     pub initial_sha256: Option<String>,
     pub dtype: Dtype,
     pub rng: Rng,
+    /// How each step turned forward passes into an update (absent: mezo).
+    #[serde(default, skip_serializing_if = "Estimator::is_mezo")]
+    pub estimator: Estimator,
+    /// Each element of z: Gaussian (absent) or ±1.
+    #[serde(default, skip_serializing_if = "Perturbation::is_gaussian")]
+    pub perturbation: Perturbation,
+    /// `sparse`: the fraction of each tensor a step left alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparsity: Option<f64>,
     pub eps: f64,
     pub weight_decay: f64,
     pub fingerprint: Fingerprint,
@@ -102,9 +113,12 @@ pub struct TuneStep {
     pub seed: u64,
     pub projected_grad: f64,
     pub lr: f64,
-    /// n-SPSA: the further directions' (seed, projected gradient), in order.
+    /// n-SPSA, FZOO: the further directions' (seed, projected gradient), in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub more: Vec<(u64, f64)>,
+    /// FZOO: σ, the spread of the step's perturbed losses (see `StepRecord`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<f64>,
 }
 
 /// SHA-256 over parameters in order: for each, its name, a newline, its shape
@@ -220,10 +234,12 @@ pub fn export(run: &Path, upto: Option<u64>) -> Result<TuneFile> {
     let base = base_identity(&model, &source)?;
     Ok(TuneFile {
         format: FORMAT.into(),
-        version: if model.tuning == Tuning::Full {
+        version: if !(spec.mezo.estimator.is_mezo() && spec.mezo.perturbation().is_gaussian()) {
+            3
+        } else if model.tuning == Tuning::Full {
             1
         } else {
-            VERSION
+            2
         },
         initial_sha256: std::fs::read_to_string(run.join(INITIAL_SHA256))
             .ok()
@@ -248,6 +264,9 @@ pub fn export(run: &Path, upto: Option<u64>) -> Result<TuneFile> {
         },
         dtype: spec.model.dtype,
         rng: fingerprint.rng,
+        estimator: spec.mezo.estimator,
+        perturbation: spec.mezo.perturbation(),
+        sparsity: (spec.mezo.estimator == Estimator::Sparse).then(|| spec.mezo.sparsity()),
         eps: spec.mezo.eps,
         weight_decay: spec.mezo.weight_decay,
         fingerprint,
@@ -268,6 +287,7 @@ pub fn export(run: &Path, upto: Option<u64>) -> Result<TuneFile> {
                 projected_grad: r.projected_grad,
                 lr: r.lr,
                 more: r.more.iter().map(|d| (d.seed, d.projected_grad)).collect(),
+                spread: r.spread,
             })
             .collect(),
     })
@@ -392,7 +412,9 @@ impl TuneFile {
                 );
             }
         }
-        let z = ZSweep::new(self.rng, self.fingerprint.threads.max(1) as usize);
+        let z = ZSweep::new(self.rng, self.fingerprint.threads.max(1) as usize)
+            .with_perturbation(self.perturbation);
+        let method = Method::from_parts(self.estimator, self.sparsity);
         for (i, s) in self.steps.iter().enumerate() {
             if s.step != i as u64 {
                 bail!(
@@ -408,7 +430,8 @@ impl TuneFile {
             let (seeds, grads): (Vec<u64>, Vec<f64>) = std::iter::once((s.seed, s.projected_grad))
                 .chain(s.more.iter().copied())
                 .unzip();
-            replay_step(&model.params, &z, &seeds, &grads, &cfg)?;
+            replay_step(&model.params, &z, method, &seeds, &grads, s.spread, &cfg)
+                .with_context(|| format!("step {i} of the file"))?;
         }
         Ok(())
     }

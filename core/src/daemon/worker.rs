@@ -396,6 +396,7 @@ mod tests {
             loss_minus: f64::MIN_POSITIVE,
             lr: 1e-7,
             more: vec![],
+            spread: None,
         };
         let line = encode(&rec);
         assert_eq!(decode(&line), Some(rec.clone()));
@@ -422,6 +423,12 @@ mod tests {
         let back = decode(&encode(&nspsa)).unwrap();
         assert_eq!(back.to_bytes(), nspsa.to_bytes(), "bits, NaN included");
         assert_eq!(back.seeds(), vec![u64::MAX >> 12, 3, 4]);
+        // An FZOO step carries σ too.
+        let fzoo = StepRecord {
+            spread: Some(1.0 / 7.0),
+            ..nspsa
+        };
+        assert_eq!(decode(&encode(&fzoo)).unwrap().spread, Some(1.0 / 7.0));
     }
 
     #[test]
@@ -494,8 +501,10 @@ mod tests {
             loss_minus: 2.0,
             lr: 1e-3,
             more: vec![],
+            spread: None,
         };
         let mut records = vec![one(0), one(1), one(2)];
+        records[2].spread = Some(0.3);
         records[1].more.push(Direction {
             seed: 9,
             projected_grad: 0.25,

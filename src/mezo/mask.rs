@@ -1,0 +1,192 @@
+//! Sparse MeZO's mask: which weights a step perturbs and updates.
+//!
+//! Liu et al. (2024) perturb only the small-magnitude weights of each tensor:
+//! `m = |θ| ≤ h`, with `h` the tensor's magnitude quantile at `1 − sparsity`.
+//! Here both are recomputed at the start of every step from the weights as
+//! they are, so they are a pure function of θ: a replayed step, which starts
+//! from bit-identical weights, recomputes the same thresholds and the same mask,
+//! and nothing needs logging.  (A threshold fixed from the base weights would
+//! break LoRA, whose B matrices start at zero.)
+//!
+//! The mask must outlive the first perturbation — after `θ + εz` the weights no
+//! longer tell which were small — so it is kept for the step's passes, packed
+//! one bit per weight (1/32 of f32 weights, 1/16 of bf16): the only state any
+//! estimator keeps beside the weights, and in the job's memory estimate.
+//!
+//! The threshold comes from a strided sample of at most [`SAMPLE`] elements per
+//! tensor (a selection over the whole tensor each step would cost more than
+//! the step's sweeps); `kthvalue` is an exact selection, so the sample's
+//! quantile is one of the tensor's own magnitudes and compares exactly in any
+//! dtype.  `scripts/mezo_rebuild.py` restates it with the same operations.
+
+use tch::{Kind, Tensor};
+
+use crate::model::ParamList;
+
+/// Elements sampled per tensor for its threshold.
+pub const SAMPLE: i64 = 1 << 16;
+/// Elements compared and packed at once (bounds the temporaries; a multiple of 8).
+const CHUNK: i64 = 1 << 20;
+
+/// One packed bit per weight, per tensor: bit `i % 8` of byte `i / 8` is set
+/// when element `i` is perturbed.
+pub struct Mask {
+    bits: Vec<Tensor>,
+}
+
+/// 1, 2, 4, …, 128: each of 8 consecutive elements' place in its byte.
+fn place_values(device: tch::Device) -> Tensor {
+    Tensor::from_slice(&[1u8, 2, 4, 8, 16, 32, 64, 128]).to_device(device)
+}
+
+/// The magnitude below which a tensor's weights are perturbed: the
+/// `ceil(keep · m)`-th smallest |θ| of a strided sample of m elements.
+pub fn threshold(tensor: &Tensor, keep: f64) -> f64 {
+    let flat = tensor.reshape([-1]);
+    let n = flat.size()[0];
+    let stride = (n / SAMPLE).max(1);
+    let sample = flat.slice(0, 0, n, stride).abs().to_kind(Kind::Float);
+    let m = sample.size()[0];
+    let k = ((keep * m as f64).ceil() as i64).clamp(1, m);
+    sample.kthvalue(k, 0, false).0.double_value(&[])
+}
+
+impl Mask {
+    /// The mask of the weights as they are: per tensor, `|θ| ≤ threshold`.
+    pub fn of(params: &ParamList, sparsity: f64) -> Mask {
+        let _guard = tch::no_grad_guard();
+        let keep = 1.0 - sparsity;
+        let bits = params
+            .iter()
+            .map(|p| {
+                let flat = p.tensor.reshape([-1]);
+                let n = flat.size()[0];
+                let h = threshold(&flat, keep);
+                let places = place_values(flat.device());
+                let packed = Tensor::zeros([(n + 7) / 8], (Kind::Uint8, flat.device()));
+                let mut start = 0;
+                while start < n {
+                    let len = CHUNK.min(n - start);
+                    let small = flat.narrow(0, start, len).abs().le(h);
+                    let padded = (len + 7) / 8 * 8;
+                    let small = if padded > len {
+                        Tensor::cat(
+                            &[
+                                small,
+                                Tensor::zeros([padded - len], (Kind::Bool, flat.device())),
+                            ],
+                            0,
+                        )
+                    } else {
+                        small
+                    };
+                    let bytes = (small.view([-1, 8]).to_kind(Kind::Uint8) * &places)
+                        .sum_dim_intlist(Some(&[1i64][..]), false, Kind::Uint8);
+                    packed.narrow(0, start / 8, padded / 8).copy_(&bytes);
+                    start += len;
+                }
+                packed
+            })
+            .collect();
+        Mask { bits }
+    }
+
+    /// Elements `start .. start + len` of tensor `i`'s mask as a bool tensor
+    /// on its device (`start` a multiple of 8).
+    pub fn slice(&self, i: usize, start: i64, len: i64) -> Tensor {
+        debug_assert_eq!(start % 8, 0);
+        let bytes = self.bits[i].narrow(0, start / 8, (len + 7) / 8);
+        bytes
+            .unsqueeze(1)
+            .bitwise_and_tensor(&place_values(bytes.device()))
+            .ne(0)
+            .view([-1])
+            .narrow(0, 0, len)
+    }
+
+    /// Tensor `i`'s mask, whole (for z drawn by torch, a tensor at a time).
+    pub fn whole(&self, i: usize, numel: i64) -> Tensor {
+        self.slice(i, 0, numel)
+    }
+
+    /// Tensor `i`'s packed bits in host memory (CPU tensors only).
+    pub fn host_bytes(&self, i: usize) -> &[u8] {
+        let b = &self.bits[i];
+        assert_eq!(b.device(), tch::Device::Cpu);
+        // SAFETY: a contiguous CPU u8 tensor owned by self, alive as long as the borrow.
+        unsafe { std::slice::from_raw_parts(b.data_ptr() as *const u8, b.numel()) }
+    }
+
+    /// How many weights the mask selects.
+    pub fn count(&self) -> i64 {
+        self.bits
+            .iter()
+            .map(|b| {
+                let ones: u32 = Vec::<u8>::try_from(b.to_device(tch::Device::Cpu))
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|x| x.count_ones())
+                    .sum();
+                ones as i64
+            })
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Param;
+    use tch::Device;
+
+    #[test]
+    fn the_mask_selects_the_small_weights_of_each_tensor_and_unpacks_as_it_packed() {
+        let _rng = crate::torch_rng_lock();
+        tch::manual_seed(9);
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let params = ParamList(vec![
+                Param {
+                    name: "w".into(),
+                    // Large enough that the threshold comes from a sample.
+                    tensor: Tensor::randn([700, 131], (kind, Device::Cpu)),
+                    decays: true,
+                },
+                Param {
+                    name: "b".into(),
+                    tensor: Tensor::randn([13], (kind, Device::Cpu)) * 10.0,
+                    decays: false,
+                },
+            ]);
+            let mask = Mask::of(&params, 0.75);
+            for (i, p) in params.iter().enumerate() {
+                let n = p.tensor.numel() as i64;
+                let h = threshold(&p.tensor, 0.25);
+                let want = p.tensor.reshape([-1]).abs().le(h);
+                assert!(mask.whole(i, n).equal(&want), "{kind:?} {}", p.name);
+                let part = mask.slice(i, 8, n.min(40) - 8);
+                assert!(part.equal(&want.narrow(0, 8, n.min(40) - 8)));
+                let frac = want
+                    .to_kind(Kind::Float)
+                    .mean(Kind::Float)
+                    .double_value(&[]);
+                assert!(
+                    (0.2..0.3).contains(&frac) || n < 100,
+                    "{kind:?} {}: {frac}",
+                    p.name
+                );
+            }
+            let selected = mask.count();
+            assert_eq!(
+                selected,
+                params
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| mask
+                        .whole(i, p.tensor.numel() as i64)
+                        .sum(Kind::Int64)
+                        .int64_value(&[]))
+                    .sum::<i64>()
+            );
+        }
+    }
+}
