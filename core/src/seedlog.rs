@@ -252,13 +252,17 @@ mod tests {
         let bytes = fzoo.to_bytes();
         assert_eq!(bytes.len(), RECORD_BYTES + 32 + 16);
         assert_eq!(StepRecord::from_bytes(&bytes), Some(fzoo.clone()));
-        for cut in [8, 16, 24] {
+        for cut in [8, 24] {
             assert_eq!(
                 StepRecord::from_bytes(&bytes[..bytes.len() - cut]),
                 None,
                 "{cut}"
             );
         }
+        // Cut at the trailer it reads as a step without σ, which an fzoo
+        // replay refuses (the engine's `a_replay_refuses_a_record_of_another_estimator`).
+        let without = StepRecord::from_bytes(&bytes[..bytes.len() - 16]).unwrap();
+        assert_eq!(without.spread, None);
         let mut wrong_tag = bytes.clone();
         wrong_tag[RECORD_BYTES + 32] ^= 1;
         assert_eq!(StepRecord::from_bytes(&wrong_tag), None);
