@@ -155,6 +155,37 @@ mod tests {
         assert!(lora.largest_tensor < full.largest_tensor / 4);
     }
 
+    #[test]
+    fn only_sparse_adds_its_mask_of_one_bit_per_trainable_weight() {
+        let with = |tuning: &str, mezo: &str| {
+            let mut spec = classification("llama", 64, tuning);
+            let extra: JobSpec = JobSpec::parse(
+                &spec.to_yaml().replace("mezo:\n", &format!("mezo:\n{mezo}")),
+                Path::new("/"),
+            )
+            .unwrap();
+            spec.mezo = extra.mezo;
+            mezod_core::estimate::estimate(&spec, false).unwrap()
+        };
+        let plain = with("", "");
+        assert_eq!(plain.mask, 0);
+        assert_eq!(with("", "  estimator: fzoo\n  directions: 4\n"), plain);
+        let sparse = with("", "  estimator: sparse\n");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let model = LanguageModel::open_tuned(
+            &ModelSource::Pretrained(root.join("tests/fixtures/llama")),
+            crate::model::Dtype::F32,
+            tch::Device::Cpu,
+            &Tuning::Full,
+        )
+        .unwrap();
+        let bits = (model.params.numel() as u64).div_ceil(8);
+        assert!(sparse.mask >= bits, "{} < {bits}", sparse.mask);
+        assert_eq!(sparse.total(), plain.total() + sparse.mask);
+        let lora = with("tuning: lora\n", "  estimator: sparse\n");
+        assert!(lora.mask < sparse.mask, "LoRA masks only its adapters");
+    }
+
     fn torch_tuning(kind: &str) -> Tuning {
         let text = format!("tuning: {kind}\n{}", spec(4, "f32").to_yaml());
         JobSpec::parse(&text, Path::new("/")).unwrap().tuning()

@@ -19,7 +19,10 @@
 //!   both devices (on CPU the matmul keeps an f32 result before rounding; on
 //!   an H200 without them the estimate was 6–13 % under NVML's peak);
 //! * **runtime**: the CUDA context and allocator slack on a GPU, the libtorch
-//!   and tokenizer runtime on CPU.
+//!   and tokenizer runtime on CPU;
+//! * **mask** (`mezo.estimator: sparse` only): one bit per trainable weight,
+//!   kept for the step's passes, and the temporaries that build and unpack it.
+//!   FZOO and MeZO keep nothing beside the weights.
 //!
 //! Sequences per forward = max(batch, eval batch) × candidates per example
 //! (classification and multiple choice score one sequence per answer; a
@@ -37,7 +40,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::gguf_header::{is_gguf, read_header};
-use crate::mezo_options::{Rng, DEFAULT_CHUNK};
+use crate::mezo_options::{Estimator, Rng, DEFAULT_CHUNK};
 use crate::model_ref::{is_masked_lm, learned_positions, ModelSource};
 use crate::spec::{JobSpec, TaskKind};
 use crate::tuning::{default_lora_targets, is_target, Tuning};
@@ -62,13 +65,24 @@ pub struct Footprint {
     pub activations: u64,
     pub logits: u64,
     pub runtime: u64,
+    /// Sparse MeZO's packed mask and its temporaries (0 for other estimators).
+    #[serde(default)]
+    pub mask: u64,
 }
 
 impl Footprint {
     pub fn total(&self) -> u64 {
-        self.weights + self.largest_tensor + self.activations + self.logits + self.runtime
+        self.weights
+            + self.largest_tensor
+            + self.activations
+            + self.logits
+            + self.runtime
+            + self.mask
     }
 }
+
+/// Elements the mask compares and packs at once (the engine's `mask::CHUNK`).
+const MASK_CHUNK: u64 = 1 << 20;
 
 /// The shape facts the estimate needs, under the names the architectures use.
 #[derive(Debug, Deserialize)]
@@ -145,9 +159,11 @@ pub fn estimate_with(
         numel += n;
         largest = largest.max(n);
     }
+    let mut trainable = numel;
     if let Some((adapter_numel, adapter_largest)) = adapter_sizes(&spec.tuning(), &shapes, &cfg) {
         numel += adapter_numel;
         largest = adapter_largest;
+        trainable = adapter_numel;
     }
     let masked = cfg.model_type.as_deref().is_some_and(is_masked_lm);
     let candidates = match spec.task.kind {
@@ -184,6 +200,17 @@ pub fn estimate_with(
             GPU_RUNTIME_BYTES
         } else {
             CPU_RUNTIME_BYTES
+        },
+        mask: if spec.mezo.estimator == Estimator::Sparse {
+            // The bits; a chunk's |θ|, comparison and bytes while building them;
+            // unpacked: a whole tensor's bools and bytes with torch's z, a chunk's with fast.
+            let unpacked = match rng {
+                Rng::Torch => largest,
+                Rng::Fast => (DEFAULT_CHUNK as u64).max(1 << 22).min(largest),
+            };
+            trainable.div_ceil(8) + MASK_CHUNK * (elem + 3) + 3 * unpacked
+        } else {
+            0
         },
     })
 }

@@ -377,6 +377,12 @@ fn print_estimate(f: &mezod_core::estimate::Footprint, gpu: bool) {
         human_bytes(f.activations)
     );
     println!("logits          {:>12}", human_bytes(f.logits));
+    if f.mask > 0 {
+        println!(
+            "mask            {:>12}  (sparse: one bit per trainable weight)",
+            human_bytes(f.mask)
+        );
+    }
     println!(
         "runtime         {:>12}  ({})",
         human_bytes(f.runtime),
