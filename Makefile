@@ -8,7 +8,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MEZOD_PYTHON := $(PYTHON)
 
-.PHONY: all setup build test demo demo-small assets bench fixtures clean
+.PHONY: all setup build test demo demo-small assets bench convergence fixtures clean
 
 all: build
 
@@ -50,6 +50,15 @@ demo-small: build
 # rewrites bench/results.md. Not a test: nothing here asserts a time.
 bench: build assets
 	$(PYTHON) bench/run.py
+
+# Zeroth-order estimators (mezo, fzoo, sparse) on the demo job at an equal budget of 400
+# training forward passes, 3 seeds each; rewrites the Convergence section of
+# bench/results.md and bench/convergence.svg. On 2 CPU cores a forward pass of batch 8
+# takes about 0.3-0.5 s: 9 runs × 400 passes is about 25 minutes of training, and the
+# dev evaluations (every 50 passes) about as much again, so about an hour. Interrupt
+# and rerun: finished runs are kept and the interrupted one resumes.
+convergence: build assets
+	$(PYTHON) bench/convergence.py
 
 # Regenerate the tiny checkpoints and transformers' reference logits.
 fixtures: setup
