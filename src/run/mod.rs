@@ -10,6 +10,7 @@
 pub mod fingerprint;
 pub mod metrics;
 pub mod out_dir;
+pub mod paired;
 pub mod plot;
 pub mod progress;
 pub use mezod_core::seedlog;
