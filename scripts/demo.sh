@@ -44,10 +44,18 @@ if job["state"] != "done":
     sys.exit(1)
 r = json.load(open(f"{run}/result.json"))
 pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
+pts = lambda v: f"{100 * v:+.1f}"
+test = f"base model {pct(r['zero_shot_test'])}, fine-tuned {pct(r['test_metric'])}"
+p = r.get("test_paired")
+if p:
+    pv = f"{p['mcnemar_p']:.3f}" if p["mcnemar_p"] >= 0.001 else f"{p['mcnemar_p']:.1e}"
+    test = (f"{pct(p['base'])} → {pct(p['tuned'])} ({pts(p['difference'])} points, "
+            f"{100 * p['confidence']:.0f}% CI {pts(p['ci_low'])} to {pts(p['ci_high'])}, "
+            f"McNemar p = {pv}, n = {p['n']})")
 print(f"""
 Rotten Tomatoes with SmolLM2-135M-Instruct, MeZO ({r['steps']} steps, {r['wall_time_s'] / 60:.1f} min):
   dev accuracy   zero-shot {pct(r['zero_shot'])}, best {pct(r['best'])} (step {r['best_step']}), final {pct(r['final_metric'])}
-  test accuracy  base model {pct(r['zero_shot_test'])}, fine-tuned {pct(r['test_metric'])}
+  test accuracy  {test}
   peak memory    {r['peak_memory_bytes'] / 2**20:.0f} MiB measured, {(r['memory_estimate_bytes'] or 0) / 2**20:.0f} MiB estimated
   loss curve     {run}/loss.svg
   model          {run}/model (a Hugging Face directory)""")

@@ -189,7 +189,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                         r.best_step,
                         show(r.final_metric)
                     );
-                    if let (Some(t), Some(z)) = (r.test_metric, r.zero_shot_test) {
+                    if let Some(p) = &r.test_paired {
+                        println!("{}", p.summary());
+                    } else if let (Some(t), Some(z)) = (r.test_metric, r.zero_shot_test) {
                         println!("test {}: base model {z:.4}, fine-tuned {t:.4}", r.metric);
                     }
                     println!("fine-tuned model: {}", out.join("model").display());

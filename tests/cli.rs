@@ -122,7 +122,7 @@ fn classification_job_reports_zero_shot_best_and_final_accuracy() {
         .replace("split_seed: 1", "split_seed: 1, test_fraction: 0.2");
     let job_copy = tmp.path().join("classification.yaml");
     std::fs::write(&job_copy, text).unwrap();
-    run_to_end(&job_copy, &run, "classification run");
+    let out = run_to_end(&job_copy, &run, "classification run");
     let r: serde_json::Value = read_result(&run);
     assert_eq!(r["metric"], "accuracy");
     for k in [
@@ -143,11 +143,43 @@ fn classification_job_reports_zero_shot_best_and_final_accuracy() {
         .map(|l| l["step"].as_u64().unwrap())
         .collect();
     assert_eq!(evals, vec![0, 10, 20]);
-    // The base model's test accuracy is measured once, before training.
-    let base: f64 =
+    // The base model's test accuracy is measured once, before training, with
+    // which of the 48 test examples (a fifth of 240) it got right.
+    let base: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("zero_shot_test.json")).unwrap())
             .unwrap();
-    assert_eq!(r["zero_shot_test"].as_f64().unwrap(), base);
+    assert_eq!(r["zero_shot_test"], base["metric"]);
+    let right = base["correct"].as_array().unwrap();
+    assert_eq!(right.len(), 48);
+    let hits = right.iter().filter(|c| c.as_bool().unwrap()).count();
+    assert_eq!(base["metric"].as_f64().unwrap(), hits as f64 / 48.0);
+    // The paired comparison is of those two test evaluations, and the summary says it.
+    let p = &r["test_paired"];
+    let f = |k: &str| {
+        p[k].as_f64()
+            .unwrap_or_else(|| panic!("test_paired lacks {k}: {p}"))
+    };
+    assert_eq!(p["n"], 48);
+    assert_eq!(p["base"], r["zero_shot_test"]);
+    assert_eq!(p["tuned"], r["test_metric"]);
+    let discordant = f("only_tuned") - f("only_base");
+    assert!((f("difference") - discordant / 48.0).abs() < 1e-12, "{p}");
+    assert!(
+        (f("difference") - (f("tuned") - f("base"))).abs() < 1e-12,
+        "{p}"
+    );
+    assert!(
+        f("ci_low") <= f("difference") && f("difference") <= f("ci_high"),
+        "{p}"
+    );
+    assert!((0.0..=1.0).contains(&f("mcnemar_p")), "{p}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("test accuracy ")
+            && stdout.contains("95% CI")
+            && stdout.contains("n = 48)"),
+        "{stdout}"
+    );
     // The admission estimate covers the measured peak without doubling it: the
     // activations are sized at OPT's 64 positions, not the 512 tokens asked for.
     let estimate = check(

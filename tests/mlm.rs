@@ -109,21 +109,24 @@ fn mask_prompt_scores_are_the_mlm_log_probs_of_the_label_words_at_the_mask() {
         }
         // Loss: cross-entropy over the two class scores; accuracy: their argmax.
         let mut ce = 0.0;
-        let mut correct = 0;
+        let mut right = Vec::new();
         for (s, (_, label)) in hand.iter().zip(REVIEWS) {
             let gold: usize = label.parse().unwrap();
             let norm = (s[0].exp() + s[1].exp()).ln();
             ce += norm - s[gold];
-            correct += usize::from((s[1] > s[0]) == (gold == 1));
+            right.push((s[1] > s[0]) == (gold == 1));
         }
+        let correct = right.iter().filter(|&&r| r).count();
         let loss = task.loss(&model, &batch).unwrap();
         assert!(
             (loss - ce / 4.0).abs() < 1e-5,
             "{name}: {loss} vs {}",
             ce / 4.0
         );
+        // In batches of 3: each example's answer kept in order across batches.
         let e = task.evaluate(&model, &exs, 3).unwrap();
         assert!((e.metric - correct as f64 / 4.0).abs() < 1e-12, "{name}");
+        assert_eq!(e.correct, Some(right), "{name}");
         let acc = task
             .objective(&model, &batch, mezod::spec::Objective::Accuracy)
             .unwrap();

@@ -80,11 +80,15 @@ pub enum Task {
 }
 
 /// An evaluation on a set of examples.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Evaluation {
     /// Accuracy for choice tasks, mean loss for causal LM.
     pub metric: f64,
     pub loss: f64,
+    /// Which examples were answered right, in order, where the metric is
+    /// accuracy (choice tasks): two models compared on the same examples are
+    /// paired through it (`run::paired`).
+    pub correct: Option<Vec<bool>>,
 }
 
 /// One choice example, tokenized: (context ⧺ answer ids, answer length) per candidate.
@@ -972,19 +976,21 @@ impl Task {
             return Ok(-f1 / batch.len().max(1) as f64);
         }
         let (loss, correct) = self.batch_loss_and_correct(model, batch)?;
+        let right = correct.iter().filter(|&&c| c).count();
         Ok(match objective {
             Objective::Loss => loss,
-            Objective::Accuracy => -(correct as f64) / batch.len().max(1) as f64,
+            Objective::Accuracy => -(right as f64) / batch.len().max(1) as f64,
             Objective::F1 => unreachable!(),
         })
     }
 
-    /// (mean loss, number correct) of one batch.
+    /// (mean loss, which examples were right) of one batch; no examples are
+    /// right or wrong outside choice tasks.
     fn batch_loss_and_correct(
         &self,
         model: &LanguageModel,
         batch: &[&Example],
-    ) -> Result<(f64, usize)> {
+    ) -> Result<(f64, Vec<bool>)> {
         match self {
             Task::CausalLm { field, max_length } => {
                 let seqs = batch
@@ -995,7 +1001,7 @@ impl Task {
                         Ok(ids)
                     })
                     .collect::<Result<Vec<_>>>()?;
-                Ok((causal_lm_loss(model, &seqs)?, 0))
+                Ok((causal_lm_loss(model, &seqs)?, Vec::new()))
             }
             Task::Generation { .. } => {
                 // Teacher forcing on the first gold answer: mean NLL of its tokens.
@@ -1008,7 +1014,7 @@ impl Task {
                     })
                     .collect::<Result<Vec<_>>>()?;
                 let scores = self.choice_scores(model, &items);
-                Ok((scores.mean(Kind::Float).neg().double_value(&[]), 0))
+                Ok((scores.mean(Kind::Float).neg().double_value(&[]), Vec::new()))
             }
             Task::Choice { .. } => {
                 let (scores, gold) = self.scores_and_gold(model, batch)?;
@@ -1021,9 +1027,8 @@ impl Task {
                 let correct = scores
                     .argmax(1, false)
                     .eq_tensor(&gold)
-                    .sum(Kind::Int64)
-                    .int64_value(&[]) as usize;
-                Ok((loss.double_value(&[]), correct))
+                    .to_device(tch::Device::Cpu);
+                Ok((loss.double_value(&[]), Vec::<bool>::try_from(&correct)?))
             }
         }
     }
@@ -1049,14 +1054,16 @@ impl Task {
     ) -> Result<Evaluation> {
         let _guard = tch::no_grad_guard();
         let (mut loss_sum, mut score, mut n) = (0.0, 0f64, 0usize);
+        let mut correct = Vec::new();
         for chunk in examples.chunks(batch_size.max(1)) {
             let batch: Vec<&Example> = chunk.iter().collect();
             let (loss, c) = self.batch_loss_and_correct(model, &batch)?;
             loss_sum += loss * chunk.len() as f64;
             score += match self {
                 Task::Generation { .. } => self.f1_sum(model, &batch)?,
-                _ => c as f64,
+                _ => c.iter().filter(|&&c| c).count() as f64,
             };
+            correct.extend(c);
             n += chunk.len();
             done(n);
         }
@@ -1066,7 +1073,12 @@ impl Task {
         } else {
             loss
         };
-        Ok(Evaluation { metric, loss })
+        let correct = matches!(self, Task::Choice { .. }).then_some(correct);
+        Ok(Evaluation {
+            metric,
+            loss,
+            correct,
+        })
     }
 }
 

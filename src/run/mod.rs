@@ -10,6 +10,7 @@
 pub mod fingerprint;
 pub mod metrics;
 pub mod out_dir;
+pub mod paired;
 pub mod plot;
 pub mod progress;
 pub use mezod_core::seedlog;
@@ -38,6 +39,7 @@ use crate::spec::{JobSpec, Mode};
 use fingerprint::Fingerprint;
 use metrics::{EvalLine, MetricsFile};
 use mezod_core::durable;
+use paired::Paired;
 use progress::Progress;
 use seedlog::{Direction, SeedLog, StepLog, StepRecord};
 
@@ -90,6 +92,10 @@ pub struct RunResult {
     pub test_loss: Option<f64>,
     /// The base model's metric on the test split.
     pub zero_shot_test: Option<f64>,
+    /// The base model against the exported weights on the same test examples
+    /// (accuracy tasks only): the difference with its interval and McNemar's test.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_paired: Option<Paired>,
     /// The icl / linear_probe baselines, when the job's `mode` lists them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub baselines: Option<Baselines>,
@@ -142,9 +148,26 @@ pub fn peak_rss_bytes() -> u64 {
     crate::procfs::kb_field("/proc/self/status", "VmHWM")
 }
 
-/// The base model's test metric, measured before the first step.
-fn read_zero_shot_test(out: &Path) -> Option<f64> {
-    serde_json::from_str(&std::fs::read_to_string(out.join("zero_shot_test.json")).ok()?).ok()
+/// The base model on the test split, measured before the first step
+/// (`zero_shot_test.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct ZeroShotTest {
+    metric: f64,
+    /// Which test examples it got right (accuracy tasks), for the paired comparison.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    correct: Option<Vec<bool>>,
+}
+
+/// Read `zero_shot_test.json`: `{"metric": …, "correct": […]}`, or the bare
+/// number runs wrote before (a resumed old run has no per-example answers).
+fn read_zero_shot_test(out: &Path) -> Option<ZeroShotTest> {
+    let text = std::fs::read_to_string(out.join("zero_shot_test.json")).ok()?;
+    serde_json::from_str(&text).ok().or_else(|| {
+        serde_json::from_str(&text).ok().map(|metric| ZeroShotTest {
+            metric,
+            correct: None,
+        })
+    })
 }
 
 /// This process's peak memory on its device: NVML's figure for this process on
@@ -570,9 +593,13 @@ pub fn run_with_log(
         // The base model on the test split, once, for the comparison at the end.
         let e = job.evaluate_split("test", 0)?;
         tracing::info!("step 0: test {} {:.4}", job.task.metric_name(), e.metric);
+        let zero_shot = ZeroShotTest {
+            metric: e.metric,
+            correct: e.correct,
+        };
         durable::write(
             &out.join("zero_shot_test.json"),
-            serde_json::to_string(&e.metric)?,
+            serde_json::to_string(&zero_shot)?,
         )?;
     }
     if done == 0 {
@@ -716,6 +743,15 @@ fn finish(
         Some(e)
     };
     let zero_shot_test = read_zero_shot_test(&job.out);
+    // Accuracy tasks: the same test examples, answered by the base model and by the export.
+    let base_correct = zero_shot_test.as_ref().and_then(|z| z.correct.as_deref());
+    let tuned_correct = test.as_ref().and_then(|e| e.correct.as_deref());
+    let test_paired = base_correct
+        .zip(tuned_correct)
+        .and_then(|(b, t)| Paired::compare(b, t));
+    if let Some(p) = &test_paired {
+        tracing::info!("{}", p.summary());
+    }
     let train_points: Vec<(u64, f64)> = job
         .metrics
         .steps()
@@ -742,7 +778,8 @@ fn finish(
             .find(|e| e.step == total)
             .map(|e| e.value),
         test_metric: test.as_ref().map(|e| e.metric),
-        zero_shot_test,
+        zero_shot_test: zero_shot_test.map(|z| z.metric),
+        test_paired,
         baselines: std::fs::read_to_string(job.out.join("baselines.json"))
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok()),
@@ -810,5 +847,22 @@ mod tests {
         assert_eq!(frozen_rng(dir.path()), Some(Rng::Fast));
         assert_eq!(Rng::default_for("cpu"), Rng::Fast);
         assert_eq!(Rng::default_for("cuda:0"), Rng::Torch);
+    }
+
+    #[test]
+    fn the_base_models_test_answers_are_read_in_either_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("zero_shot_test.json");
+        assert_eq!(read_zero_shot_test(dir.path()), None);
+        // Runs before per-example answers wrote the bare metric.
+        std::fs::write(&path, "0.8125").unwrap();
+        let old = read_zero_shot_test(dir.path()).unwrap();
+        assert_eq!((old.metric, old.correct), (0.8125, None));
+        std::fs::write(&path, r#"{"metric":0.5,"correct":[true,false]}"#).unwrap();
+        let new = read_zero_shot_test(dir.path()).unwrap();
+        assert_eq!((new.metric, new.correct), (0.5, Some(vec![true, false])));
+        // A loss task keeps no answers.
+        std::fs::write(&path, r#"{"metric":2.5}"#).unwrap();
+        assert_eq!(read_zero_shot_test(dir.path()).unwrap().correct, None);
     }
 }
