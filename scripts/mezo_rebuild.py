@@ -11,6 +11,18 @@ with the file's generator:
   one Box–Muller transform per word pair, in float32 with the same operations
   as mezod (numpy, below), so the result is bit-identical.
 
+and with the file's estimator and perturbation (version 3 files):
+
+- `perturbation: rademacher`: z = ±1; torch: `randint_like(p, 2)·2 − 1`; fast:
+  bit i mod 32 of word (i mod 128)/32 of the Philox block with counter
+  (i / 128, parameter index, 1), a set bit being −1;
+- `estimator: sparse`: at the start of each step, per parameter, h = the
+  ⌈(1 − sparsity)·m⌉-th smallest |θ| of the m elements θ[::max(n // 65536, 1)],
+  and z is multiplied by the mask |θ| ≤ h in every pass of the step;
+- `estimator: fzoo`: per direction +εu then −εu (the loss at θ and at θ + εu were
+  measured there), then one update pass per direction with coefficient
+  −η·g_j / (N·σ) (none when σ = 0), weight decay with the first.
+
 Usage:
     mezo_rebuild.py TUNE.mezo --base MODEL_DIR -o OUT.safetensors [--check OTHER.safetensors]
 
@@ -22,6 +34,7 @@ unless every tensor is bit-identical.
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 
@@ -103,13 +116,54 @@ def fast_normals(seed, stream, n):
     return np.stack([z0, z1, z2, z3], axis=1).reshape(-1)[:n]
 
 
-def draw(rng, params, seed):
-    """z for every parameter, in order."""
+def fast_signs(seed, stream, n):
+    """Elements 0..n of the ±1 direction of parameter `stream` under step seed `seed`."""
+    blocks = np.arange((n + 127) // 128, dtype=np.uint64)
+    lo = (blocks & MASK32).astype(np.uint32)
+    hi = (blocks >> np.uint64(32)).astype(np.uint32)
+    w = philox4x32_10(lo, hi, np.full_like(lo, stream), np.ones_like(lo), (seed & 0xFFFFFFFF, seed >> 32))
+    words = np.stack(w, axis=1)  # [blocks, 4]
+    bits = (words[:, :, None] >> np.arange(32, dtype=np.uint32)) & np.uint32(1)
+    return (np.float32(1.0) - np.float32(2.0) * bits.reshape(-1).astype(np.float32))[:n]
+
+
+def draw(rng, params, seed, perturbation="gaussian", masks=None):
+    """z for every parameter, in order (zeroed outside `masks`, when given)."""
+    rademacher = perturbation == "rademacher"
     if rng == "torch":
         torch.manual_seed(seed)
-        return [torch.randn_like(p) for p in params]
-    return [torch.from_numpy(fast_normals(seed, i, p.numel())).reshape(p.shape).to(p.dtype)
-            for i, p in enumerate(params)]
+        zs = []
+        for p in params:
+            if rademacher:
+                z = torch.randint_like(p, 2)
+                mul_scalar_(z, 2.0)
+                torch.ops.aten.sub_.Scalar(z, 1.0)
+            else:
+                z = torch.randn_like(p)
+            zs.append(z)
+    else:
+        fill = fast_signs if rademacher else fast_normals
+        zs = [torch.from_numpy(fill(seed, i, p.numel())).reshape(p.shape).to(p.dtype)
+              for i, p in enumerate(params)]
+    if masks is not None:
+        for z, m in zip(zs, masks):
+            z.mul_(m)
+    return zs
+
+
+def sparse_masks(params, sparsity):
+    """Sparse MeZO's mask of each parameter, from the weights as the step finds them."""
+    keep = 1.0 - sparsity
+    masks = []
+    for p in params:
+        flat = p.reshape(-1)
+        n = flat.numel()
+        sample = flat[0:n:max(n // 65536, 1)].abs().float()
+        m = sample.numel()
+        k = min(max(math.ceil(keep * m), 1), m)
+        h = sample.kthvalue(k).values.item()
+        masks.append(flat.abs().le(h).reshape(p.shape))
+    return masks
 
 
 def mul_scalar_(t, s):
@@ -120,9 +174,9 @@ def mul_scalar_(t, s):
     return torch.ops.aten.mul_.Scalar(t, s)
 
 
-def sweep(rng, params, seed, coefficients):
+def sweep(rng, params, seed, coefficients, perturbation="gaussian", masks=None):
     """p ← keep·(p + pre·z) + post·z with the operations mezod uses."""
-    for p, z, (keep, pre, post) in zip(params, draw(rng, params, seed), coefficients):
+    for p, z, (keep, pre, post) in zip(params, draw(rng, params, seed, perturbation, masks), coefficients):
         fused = rng == "fast" and p.dtype == torch.float32
         if keep == 1.0 and pre == 0.0:
             if fused:  # mezod's CPU kernel: p + f32(post)·z per element
@@ -158,28 +212,44 @@ def rebuild(tune, base_dir):
         params.append(t)
     check_identity(tune, params)
     eps, wd, rng = tune["eps"], tune["weight_decay"], tune["rng"]
+    estimator = tune.get("estimator", "mezo")
+    perturbation = tune.get("perturbation", "gaussian")
     with torch.no_grad():
         for i, step in enumerate(tune["steps"]):
             assert step["step"] == i, "steps must be 0, 1, 2, …"
             seed, g, lr = step["seed"], step["projected_grad"], step["lr"]
             more = step.get("more", [])
-            if not more:  # MeZO: +εz, −2εz, then restore and update in one pass
-                sweep(rng, params, seed, [(1.0, 0.0, eps)] * len(params))
-                sweep(rng, params, seed, [(1.0, 0.0, -2.0 * eps)] * len(params))
-                final = [(1.0 - lr * wd, eps, -lr * g) if wd != 0.0 and e["decays"] else (1.0, 0.0, eps - lr * g)
-                         for e in tune["params"]]
-                sweep(rng, params, seed, final)
-                continue
-            # n-SPSA: measure every direction at the same θ, then apply each in turn.
             seeds = [seed] + [m[0] for m in more]
             grads = [g] + [m[1] for m in more]
-            for s in seeds:
-                for scale in (eps, -2.0 * eps, eps):
-                    sweep(rng, params, s, [(1.0, 0.0, scale)] * len(params))
-            n = float(len(seeds))
-            for j, (s, gj) in enumerate(zip(seeds, grads)):
-                sweep(rng, params, s, [(1.0 - lr * wd if j == 0 and wd != 0.0 and e["decays"] else 1.0,
-                                        0.0, -lr * gj / n) for e in tune["params"]])
+            masks = sparse_masks(params, tune.get("sparsity", 0.75)) if estimator == "sparse" else None
+
+            def each(s, coefficients):
+                sweep(rng, params, s, coefficients, perturbation, masks)
+
+            def updates(posts):  # one pass per direction, weight decay with the first
+                for j, (s, post) in enumerate(zip(seeds, posts)):
+                    each(s, [(1.0 - lr * wd if j == 0 and wd != 0.0 and e["decays"] else 1.0, 0.0, post)
+                             for e in tune["params"]])
+
+            if estimator == "fzoo":  # each direction +εu, −εu, then the updates scaled by 1/σ
+                if "spread" not in step:
+                    sys.exit(f"step {i} of an fzoo file has no spread σ")
+                sigma, n = step["spread"], len(seeds)
+                for s in seeds:
+                    each(s, [(1.0, 0.0, eps)] * len(params))
+                    each(s, [(1.0, 0.0, -eps)] * len(params))
+                updates([-lr * gj / (n * sigma) if sigma > 0.0 else 0.0 for gj in grads])
+            elif not more:  # MeZO: +εz, −2εz, then restore and update in one pass
+                each(seed, [(1.0, 0.0, eps)] * len(params))
+                each(seed, [(1.0, 0.0, -2.0 * eps)] * len(params))
+                each(seed, [(1.0 - lr * wd, eps, -lr * g) if wd != 0.0 and e["decays"] else (1.0, 0.0, eps - lr * g)
+                            for e in tune["params"]])
+            else:  # n-SPSA: measure every direction at the same θ, then apply each in turn
+                for s in seeds:
+                    for scale in (eps, -2.0 * eps, eps):
+                        each(s, [(1.0, 0.0, scale)] * len(params))
+                n = float(len(seeds))
+                updates([-lr * gj / n for gj in grads])
     return {e["name"]: p for e, p in zip(tune["params"], params)}
 
 
@@ -209,8 +279,8 @@ def main():
     if tune.get("tuning", "full") != "full":
         sys.exit(f"{args.tune} is a {tune['tuning']} fine-tune; this script rebuilds full fine-tunes "
                  "(rebuild it with `mezod apply`)")
-    if tune.get("version", 99) > 1:
-        sys.exit(f"{args.tune} is a version-{tune.get('version')} .mezo file; this script reads version 1")
+    if tune.get("version", 99) not in (1, 3):
+        sys.exit(f"{args.tune} is a version-{tune.get('version')} .mezo file; this script reads versions 1 and 3")
     tensors = rebuild(tune, args.base)
     save_file(tensors, args.output, metadata={"format": "pt"})
     print(f"{args.output}: {len(tune['steps'])} steps applied ({tune['rng']} z, {tune['dtype']})")

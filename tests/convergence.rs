@@ -28,7 +28,11 @@ fn eval_steps(fp: u64) -> Vec<u64> {
 fn tiny_convergence_benchmark_writes_its_section_curves_and_picture() {
     let tmp = tempfile::tempdir().unwrap();
     let results = tmp.path().join("results.md");
-    std::fs::write(&results, "# Benchmark results\n\n## Another benchmark\n\nkept as it was\n").unwrap();
+    std::fs::write(
+        &results,
+        "# Benchmark results\n\n## Another benchmark\n\nkept as it was\n",
+    )
+    .unwrap();
     let picture = tmp.path().join("c.svg");
     let names: Vec<&str> = ESTIMATORS.iter().map(|(e, _)| *e).collect();
     let out = check(
@@ -51,7 +55,10 @@ fn tiny_convergence_benchmark_writes_its_section_curves_and_picture() {
     let stdout = String::from_utf8_lossy(&out.stdout);
 
     let md = std::fs::read_to_string(&results).unwrap();
-    assert!(md.contains("## Another benchmark\n\nkept as it was"), "{md}");
+    assert!(
+        md.contains("## Another benchmark\n\nkept as it was"),
+        "{md}"
+    );
     let section = &md[md.find("## Convergence").expect("a Convergence section")..];
     for (name, fp) in ESTIMATORS {
         // One row in the convergence table and one in the cost table.
@@ -68,9 +75,10 @@ fn tiny_convergence_benchmark_writes_its_section_curves_and_picture() {
     }
     assert!(stdout.contains("## Convergence"), "{stdout}");
 
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("convergence.json")).unwrap())
-            .unwrap();
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("convergence.json")).unwrap(),
+    )
+    .unwrap();
     let runs = json["runs"].as_array().unwrap();
     assert_eq!(runs.len(), ESTIMATORS.len() * SEEDS.len());
     for (name, fp) in ESTIMATORS {
@@ -84,7 +92,10 @@ fn tiny_convergence_benchmark_writes_its_section_curves_and_picture() {
             let steps: Vec<u64> = curve.iter().map(|p| p["step"].as_u64().unwrap()).collect();
             assert_eq!(steps, eval_steps(*fp), "{name} seed {seed}");
             for p in curve {
-                assert_eq!(p["forward_passes"].as_u64(), Some(p["step"].as_u64().unwrap() * fp));
+                assert_eq!(
+                    p["forward_passes"].as_u64(),
+                    Some(p["step"].as_u64().unwrap() * fp)
+                );
                 let v = p["value"].as_f64().unwrap();
                 assert!((0.0..=1.0).contains(&v), "{v}");
             }
@@ -93,7 +104,11 @@ fn tiny_convergence_benchmark_writes_its_section_curves_and_picture() {
     }
 
     let svg = std::fs::read_to_string(&picture).unwrap();
-    assert!(svg.contains("<svg") && svg.len() > 5_000, "{} bytes", svg.len());
+    assert!(
+        svg.contains("<svg") && svg.len() > 5_000,
+        "{} bytes",
+        svg.len()
+    );
     for (name, _) in ESTIMATORS {
         // matplotlib writes legend text as glyph paths, naming the text in a comment.
         assert!(svg.contains(name), "{name} not in the picture's legend");

@@ -10,21 +10,148 @@ use std::path::{Path, PathBuf};
 use common::*;
 
 fn run_job(dir: &Path, rng: &str, dtype: &str, directions: usize) -> PathBuf {
+    run_with(
+        dir,
+        rng,
+        dtype,
+        &format!("lr: 2.0e-3, directions: {directions}"),
+    )
+}
+
+/// A 30-step run of the LLaMA fixture with `settings` among its `mezo:` ones.
+fn run_with(dir: &Path, rng: &str, dtype: &str, settings: &str) -> PathBuf {
     let job = causal_job(
         dir,
         "llama",
         &format!(
-            "steps: 30, batch_size: 4, lr: 2.0e-3, eps: 1.0e-3, seed: 5, eval_every: 10, \
-             weight_decay: 0.1, rng: {rng}, directions: {directions}"
+            "steps: 30, batch_size: 4, eps: 1.0e-3, seed: 5, eval_every: 10, \
+             weight_decay: 0.1, rng: {rng}, {settings}"
         ),
     );
     let text = std::fs::read_to_string(&job)
         .unwrap()
         .replace("dtype: f32", &format!("dtype: {dtype}"));
     std::fs::write(&job, text).unwrap();
-    let out = dir.join(format!("run-{rng}-{dtype}-{directions}"));
+    let tag: String = settings
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    let out = dir.join(format!("run-{rng}-{dtype}-{tag}"));
     run_to_end(&job, &out, "mezod run");
     out
+}
+
+/// `mezo_rebuild.py FILE`, checked bit for bit against `against`.
+fn python_rebuild(file: &Path, rebuilt: &Path, against: &Path) -> String {
+    let out = check(
+        python()
+            .arg(root().join("scripts/mezo_rebuild.py"))
+            .arg(file)
+            .arg("--base")
+            .arg(fixture("llama"))
+            .arg("-o")
+            .arg(rebuilt)
+            .arg("--check")
+            .arg(against)
+            .output()
+            .unwrap(),
+        "scripts/mezo_rebuild.py",
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn every_estimator_rebuilds_the_exported_weights_in_rust_and_in_python() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (rng, dtype, settings, estimator, perturbation) in [
+        (
+            "fast",
+            "f32",
+            "estimator: fzoo, directions: 3, lr: 3.0e-6",
+            "fzoo",
+            "rademacher",
+        ),
+        (
+            "torch",
+            "bf16",
+            "estimator: fzoo, directions: 2, lr: 3.0e-6",
+            "fzoo",
+            "rademacher",
+        ),
+        (
+            "fast",
+            "f32",
+            "estimator: sparse, sparsity: 0.5, lr: 4.0e-3",
+            "sparse",
+            "gaussian",
+        ),
+        (
+            "torch",
+            "bf16",
+            "estimator: sparse, directions: 2, lr: 4.0e-3",
+            "sparse",
+            "gaussian",
+        ),
+        (
+            "fast",
+            "bf16",
+            "perturbation: rademacher, lr: 2.0e-3",
+            "mezo",
+            "rademacher",
+        ),
+        (
+            "torch",
+            "f32",
+            "estimator: sparse, perturbation: rademacher, lr: 4.0e-3",
+            "sparse",
+            "rademacher",
+        ),
+    ] {
+        let what = format!("{rng} {dtype} {settings}");
+        let run = run_with(tmp.path(), rng, dtype, settings);
+        let best = read_result(&run)["best_step"].as_u64().unwrap();
+        assert!(
+            best > 0,
+            "{what}: the fixture run should improve on zero-shot"
+        );
+        let file = tmp.path().join(format!(
+            "{}.mezo",
+            run.file_name().unwrap().to_string_lossy()
+        ));
+        export(&run, &file, &[]);
+        let tune: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        assert_eq!(tune["version"], 3, "{what}");
+        assert_eq!(
+            tune["estimator"].as_str().unwrap_or("mezo"),
+            estimator,
+            "{what}"
+        );
+        assert_eq!(
+            tune["perturbation"].as_str().unwrap_or("gaussian"),
+            perturbation,
+            "{what}"
+        );
+        assert_eq!(
+            tune["steps"][0]["spread"].is_f64(),
+            estimator == "fzoo",
+            "{what}"
+        );
+
+        let applied = tmp.path().join(format!(
+            "applied-{}",
+            run.file_name().unwrap().to_string_lossy()
+        ));
+        check(apply(&file, &applied, &[]), "mezod apply");
+        assert_eq!(
+            sha256(&applied.join("model.safetensors")),
+            sha256(&run.join("model/model.safetensors")),
+            "{what}: mezod apply differs from the run's exported weights"
+        );
+        let rebuilt = applied.with_extension("safetensors");
+        let said = python_rebuild(&file, &rebuilt, &applied.join("model.safetensors"));
+        assert!(said.contains("bit for bit"), "{what}: {said}");
+    }
 }
 
 fn export(run: &Path, file: &Path, extra: &[&str]) {
