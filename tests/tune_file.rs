@@ -219,21 +219,7 @@ fn a_mezo_file_rebuilds_the_exported_weights_in_rust_and_in_python() {
         );
 
         let rebuilt = tmp.path().join(format!("python-{rng}-{dtype}.safetensors"));
-        let out = check(
-            python()
-                .arg(root().join("scripts/mezo_rebuild.py"))
-                .arg(&file)
-                .arg("--base")
-                .arg(fixture("llama"))
-                .arg("-o")
-                .arg(&rebuilt)
-                .arg("--check")
-                .arg(applied.join("model.safetensors"))
-                .output()
-                .unwrap(),
-            "scripts/mezo_rebuild.py",
-        );
-        let said = String::from_utf8_lossy(&out.stdout);
+        let said = python_rebuild(&file, &rebuilt, &applied.join("model.safetensors"));
         assert!(said.contains("bit for bit"), "{rng} {dtype}: {said}");
 
         // Every step counts: one step more or less gives other weights.
