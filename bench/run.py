@@ -36,10 +36,16 @@ def run(cmd):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def mezod(model, mode, iters, rng="fast"):
+def mezod(model, mode, iters, rng="fast", *extra):
     return run([MEZOD, "bench", "--model", model, "--mode", mode, "--batch", str(BATCH),
                 "--tokens", str(TOKENS), "--iters", str(iters), "--threads", str(THREADS),
-                "--rng", rng])
+                "--rng", rng, *extra])
+
+
+# The z variants timed: (label, generator, extra `mezod bench` arguments).
+Z_KINDS = [("fast", "fast", ()), ("fast ±1", "fast", ("--perturbation", "rademacher")),
+           ("torch", "torch", ())]
+FZOO_DIRECTIONS = 8
 
 
 JOB = os.path.join(ROOT, "examples/demo-rotten-tomatoes.yaml")
@@ -90,10 +96,10 @@ def main():
         for _ in range(ROUNDS):
             measured = {
                 "forward": mezod(path, "forward", iters["forward"]),
-                "step fast": mezod(path, "step", iters["step"], "fast"),
-                "replay fast": mezod(path, "replay", iters["replay"], "fast"),
-                "step torch": mezod(path, "step", iters["step"], "torch"),
-                "replay torch": mezod(path, "replay", iters["replay"], "torch"),
+                **{f"{mode} {label}": mezod(path, mode, iters[mode], rng, *extra)
+                   for label, rng, extra in Z_KINDS for mode in ("step", "replay")},
+                "fzoo step": mezod(path, "step", max(1, iters["step"] // 2), "fast", "--estimator", "fzoo",
+                                   "--directions", str(FZOO_DIRECTIONS)),
                 "reference forward": reference(path, "forward", iters["forward"]),
                 "reference step": reference(path, "step", iters["step"]),
             }
@@ -103,16 +109,15 @@ def main():
                     best.update({k: v for k, v in m.items() if k != "peak_rss_bytes"})
                 best["peak_rss_bytes"] = max(best["peak_rss_bytes"], m["peak_rss_bytes"])
         f, pf, ps = runs["forward"], runs["reference forward"], runs["reference step"]
-        fast = {"step": runs["step fast"], "replay": runs["replay fast"]}
-        torch = {"step": runs["step torch"], "replay": runs["replay torch"]}
         row = [("mezod forward (s)", f["seconds_per_iter"], None)]
-        for rng, runs, target in (("fast", fast, True), ("torch", torch, False)):
-            step, replay = runs["step"], runs["replay"]
+        for rng, _, _ in Z_KINDS:
+            step, replay = runs[f"step {rng}"], runs[f"replay {rng}"]
+            target = rng == "fast"
             row += [
                 (f"mezod step, rng {rng} (s)", step["seconds_per_iter"], None),
                 (f"step / (2 × forward), rng {rng}", step["seconds_per_iter"] / (2 * f["seconds_per_iter"]),
                  "≤ 1.15" if target else None),
-                (f"step / its own two forward passes, rng {rng}",
+                (f"step / its own forward passes, rng {rng}",
                  step["seconds_per_iter"] / step["forward_seconds_in_step"], None),
                 (f"peak memory: step / forward, rng {rng}", step["peak_rss_bytes"] / f["peak_rss_bytes"],
                  "≤ 1.05" if target else None),
@@ -123,7 +128,12 @@ def main():
                 (f"speed: step / replay, rng {rng}", step["seconds_per_iter"] / replay["seconds_per_iter"],
                  "≥ 4" if target else None),
             ]
+        fz = runs["fzoo step"]
+        passes = fz["forward_passes_per_step"]
         row += [
+            (f"fzoo step (N = {FZOO_DIRECTIONS}, ±1) / ({passes} × forward)",
+             fz["seconds_per_iter"] / (passes * f["seconds_per_iter"]), None),
+            ("fzoo step / its own forward passes", fz["seconds_per_iter"] / fz["forward_seconds_in_step"], None),
             ("reference step (s)", ps["seconds_per_iter"], None),
             ("reference step / (2 × reference forward)", ps["seconds_per_iter"] / (2 * pf["seconds_per_iter"]), None),
         ]
@@ -148,10 +158,12 @@ def main():
         out.write(f"""# Benchmark results
 
 `make bench` (`python bench/run.py`), {now}, {cpu_name()}, {os.cpu_count()} cores,
-{THREADS} threads, batch {BATCH} × {TOKENS} tokens, f32, CPU; both generators of z\n(`rng: fast`, the CPU default, and `rng: torch`); targets apply to the default.
+{THREADS} threads, batch {BATCH} × {TOKENS} tokens, f32, CPU; both generators of z\n(`rng: fast`, the CPU default, and `rng: torch`) and ±1 directions (`perturbation: rademacher`)
+with the fast one; targets apply to the default. The FZOO rows time one step of 8 ±1
+directions (9 forward passes) against that many forward passes.
 Each figure is from its own process; memory is the peak RSS of the timed loop only;
-times are the fastest of {ROUNDS} interleaved rounds. "step / its own two forward
-passes" divides each step by the time its two forward passes took inside it: the
+times are the fastest of {ROUNDS} interleaved rounds. "step / its own forward
+passes" divides each step by the time its forward passes took inside it: the
 same iterations, so the machine's drift between processes cancels out.
 
 {table}

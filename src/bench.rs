@@ -11,14 +11,16 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use serde::Serialize;
 use tch::Device;
 
 use crate::data::task::{causal_lm_loss, Task};
 use crate::data::{load_splits, Example};
 use crate::estimate::estimate;
-use crate::mezo::{mezo_step, step_seed, Gradient, Rng, StepConfig, ZSweep};
+use crate::mezo::step::{live_step, replay_step, Method};
+use crate::mezo::{direction_seed, step_seed, Rng, StepConfig, ZSweep};
+use mezod_core::mezo_options::{Estimator, Perturbation};
 use crate::model::adapters::{LoraConfig, PrefixConfig, Tuning};
 use crate::model::{parse_device, Dtype, LanguageModel, ModelSource};
 use crate::spec::{JobSpec, TuningKind};
@@ -28,9 +30,10 @@ use crate::spec::{JobSpec, TuningKind};
 pub enum BenchMode {
     /// One loss evaluation (a forward pass) per iteration.
     Forward,
-    /// One live MeZO step (two forward passes, three z passes) per iteration.
+    /// One live step of `--estimator` per iteration (MeZO: two forward
+    /// passes, three z passes).
     Step,
-    /// One replayed MeZO step (three z passes, no forward) per iteration.
+    /// One replayed step of `--estimator` (its z passes, no forward) per iteration.
     Replay,
 }
 
@@ -88,6 +91,16 @@ pub struct BenchArgs {
     /// default: fast on CPU, torch on GPU, as for jobs.
     #[arg(long, value_enum)]
     pub rng: Option<Rng>,
+    /// The step's estimator, as `mezo.estimator` in a job.
+    #[arg(long, value_enum, default_value = "mezo")]
+    pub estimator: Estimator,
+    /// Directions per step (`mezo.directions`); default: 8 for fzoo, else 1.
+    #[arg(long)]
+    pub directions: Option<usize>,
+    /// Distribution of z (`mezo.perturbation`); default: the estimator's
+    /// (rademacher for fzoo, else gaussian).
+    #[arg(long, value_enum)]
+    pub perturbation: Option<Perturbation>,
     /// What the step perturbs: every weight, LoRA adapters (r 8, α 16, the
     /// query/value projections) or 5-token key/value prefixes.
     #[arg(long, value_enum, default_value = "full")]
@@ -112,6 +125,22 @@ impl BenchArgs {
     /// The job admission control would size for this batch (causal LM, every
     /// sequence `tokens` long).
     fn as_job(&self) -> Result<JobSpec> {
+        let mut spec = self.base_job()?;
+        spec.mezo.estimator = self.estimator;
+        spec.mezo.directions = self.directions();
+        spec.mezo.perturbation = self.perturbation;
+        Ok(spec)
+    }
+
+    /// Directions per step: as given, else 8 for FZOO and 1 for the others.
+    fn directions(&self) -> usize {
+        self.directions.unwrap_or(match self.estimator {
+            Estimator::Fzoo => 8,
+            Estimator::Mezo | Estimator::Sparse => 1,
+        })
+    }
+
+    fn base_job(&self) -> Result<JobSpec> {
         if let Some(job) = &self.job {
             let mut spec = JobSpec::load(job)?;
             spec.mezo.batch_size = self.batch;
@@ -142,6 +171,11 @@ pub struct BenchResult {
     /// With `--job`: how its candidates were scored.
     pub scoring: Option<Scoring>,
     pub rng: Rng,
+    pub estimator: Estimator,
+    pub perturbation: Perturbation,
+    pub directions: usize,
+    /// Forward passes in one live step of this estimator.
+    pub forward_passes_per_step: usize,
     pub device: String,
     pub dtype: Dtype,
     pub batch: usize,
@@ -158,7 +192,7 @@ pub struct BenchResult {
     pub estimate_bytes: u64,
     pub parameters: i64,
     pub last_loss: Option<f64>,
-    /// Step mode: the part of each step spent in its two forward passes.
+    /// Step mode: the part of each step spent in its forward passes.
     pub forward_seconds_in_step: Option<f64>,
 }
 
@@ -175,6 +209,12 @@ pub fn batch_ids(batch: usize, tokens: usize, vocab: i64) -> Vec<Vec<i64>> {
 
 pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
     tch::set_num_threads(args.threads);
+    let directions = args.directions();
+    match (args.estimator, directions) {
+        (_, 0) => bail!("--directions must be at least 1"),
+        (Estimator::Fzoo, 1) => bail!("fzoo divides by the spread of its directions' losses: --directions must be at least 2"),
+        _ => {}
+    }
     let device = parse_device(&args.device)?;
     let gpu = args.device.starts_with("cuda");
     let estimate_bytes = estimate(&args.as_job()?, gpu)?.total();
@@ -211,7 +251,15 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
         lr: 1e-7,
         weight_decay: 0.0,
     };
-    let z = ZSweep::new(rng, args.threads.max(1) as usize);
+    let perturbation = args
+        .perturbation
+        .unwrap_or_else(|| args.estimator.default_perturbation());
+    let method = Method::from_parts(args.estimator, None);
+    let seeds_of = |i: usize| -> Vec<u64> {
+        let seed = step_seed(0, i as u64);
+        (0..directions as u64).map(|j| direction_seed(seed, j)).collect()
+    };
+    let z = ZSweep::new(rng, args.threads.max(1) as usize).with_perturbation(perturbation);
     let sync = || {
         if let Device::Cuda(n) = device {
             tch::Cuda::synchronize(n as i64);
@@ -237,22 +285,19 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
                     }
                     l
                 };
-                let out = mezo_step(
-                    &model.params,
-                    &z,
-                    step_seed(0, i as u64),
-                    &cfg,
-                    Gradient::Measure(&mut loss),
-                )?;
-                last_loss = Some(out.loss_plus);
+                let out = live_step(&model.params, &z, method, &seeds_of(i), &cfg, &mut loss)?;
+                last_loss = Some(out.outcomes[0].loss_plus);
             }
             BenchMode::Replay => {
-                mezo_step(
+                let spread = (method == Method::Fzoo).then_some(1.0);
+                replay_step(
                     &model.params,
                     &z,
-                    step_seed(0, i as u64),
+                    method,
+                    &seeds_of(i),
+                    &vec![0.1; directions],
+                    spread,
                     &cfg,
-                    Gradient::Logged(0.1),
                 )?;
             }
         }
@@ -274,6 +319,10 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
         mode: args.mode,
         scoring: args.job.as_ref().map(|_| args.scoring),
         rng,
+        estimator: args.estimator,
+        perturbation,
+        directions,
+        forward_passes_per_step: args.estimator.forward_passes(directions),
         device: args.device.clone(),
         dtype: args.dtype,
         batch: args.batch,

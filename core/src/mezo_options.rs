@@ -58,7 +58,7 @@ impl LrSchedule {
 /// How a step turns forward passes into an update (`mezo.estimator`).
 /// Every estimator logs what its update needs, so live and replayed steps run
 /// the same operations on the weights and a resume is bit-identical.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Estimator {
     /// MeZO (Malladi et al., 2023): two-sided difference along one direction
@@ -108,7 +108,7 @@ impl std::fmt::Display for Estimator {
 }
 
 /// The distribution of each element of a direction z (`mezo.perturbation`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Perturbation {
     /// Standard normal.
