@@ -139,6 +139,53 @@ fn quick_start_interrupted_and_resumed_by_the_printed_command_then_exported_and_
     );
 }
 
+/// The `-o`/`--out` folder a README command writes.
+fn written_by(line: &str) -> &str {
+    line.split_whitespace()
+        .skip_while(|w| *w != "-o" && *w != "--out")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{line} names no output"))
+}
+
+#[test]
+fn the_estimator_examples_run_export_apply_and_estimate_as_written() {
+    let tmp = repo_like_root();
+    let dir = tmp.path();
+    let lines = readme_block("estimators");
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    let outputs: Vec<_> = lines.iter().map(|l| run_line(dir, l)).collect();
+
+    let fzoo = dir.join(written_by(&lines[0]));
+    let steps: Vec<serde_json::Value> = read_jsonl(&fzoo.join("metrics.jsonl"))
+        .into_iter()
+        .filter(|l| l["kind"] == "step")
+        .collect();
+    assert_eq!(steps.len(), 60);
+    for s in &steps {
+        assert_eq!(s["more"].as_array().map(Vec::len), Some(7), "8 directions: {s}");
+        assert!(s["spread"].as_f64().is_some_and(|v| v > 0.0), "{s}");
+    }
+    let mezo_file = std::fs::read(dir.join(written_by(&lines[1]))).unwrap();
+    assert!(
+        String::from_utf8_lossy(&mezo_file).contains("fzoo"),
+        "the .mezo file names its estimator"
+    );
+    assert_eq!(
+        sha256(&dir.join(written_by(&lines[2])).join("model.safetensors")),
+        sha256(&fzoo.join("model/model.safetensors")),
+        "apply rebuilds the FZOO run's weights"
+    );
+    let estimate = String::from_utf8_lossy(&outputs[3].stdout);
+    assert!(
+        estimate.lines().any(|l| l.starts_with("mask")),
+        "{estimate}"
+    );
+    let sparse = dir.join(written_by(&lines[4]));
+    assert!(sparse.join("adapter").is_dir());
+    let result = read_result(&sparse);
+    assert_eq!(result["steps"], 200, "{result:#}");
+}
+
 #[test]
 fn comments_are_dropped_but_quoted_hashes_kept() {
     assert_eq!(strip_comment("mezod status   # the queue"), "mezod status");
