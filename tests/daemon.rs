@@ -564,3 +564,49 @@ fn a_job_named_at_the_length_limit_is_taken_and_the_daemon_goes_on() {
     assert_eq!(d.wait_done(next)["state"], "done");
     assert_eq!(next, id + 1, "ids stay consecutive across the restart");
 }
+
+/// FZOO and Sparse MeZO through the daemon: the worker ships FZOO's spread
+/// with each record, a killed worker's retry replays both exactly, and each
+/// job ends with the weights and step lines of its `mezod run`.
+#[test]
+fn fzoo_and_sparse_jobs_survive_a_killed_worker_and_equal_their_solo_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let jobs: Vec<_> = [
+        ("fzoo", "estimator: fzoo, directions: 4, lr: 2.0e-5, eps: 1.0e-2"),
+        ("sparse", "estimator: sparse, sparsity: 0.5, lr: 2.0e-3, eps: 1.0e-3"),
+    ]
+    .into_iter()
+    .map(|(name, mezo)| {
+        let job = job_file(tmp.path(), name, 100, 7);
+        let text = std::fs::read_to_string(&job).unwrap();
+        assert!(text.contains("lr: 2.0e-3, eps: 1.0e-3"), "{text}");
+        std::fs::write(&job, text.replace("lr: 2.0e-3, eps: 1.0e-3", mezo)).unwrap();
+        job
+    })
+    .collect();
+    let d = Daemon::start(tmp.path(), CONFIG);
+    for job in &jobs {
+        let expected = solo_sha(job);
+        let id = d.submit(job);
+        d.wait_steps(id, 30);
+        let pids = worker_pids(&d.job_dir(id).join("run"));
+        assert_eq!(pids.len(), 1);
+        unsafe { libc::kill(pids[0] as i32, libc::SIGKILL) };
+        let state = d.wait_done(id);
+        assert_eq!(state["state"], "done", "{state:#}");
+        assert_eq!(state["attempts"], 2, "{state:#}");
+        assert_eq!(d.weights_sha(id), expected, "{}", job.display());
+        let steps = |p: &std::path::Path| -> Vec<Value> {
+            read_jsonl(p)
+                .into_iter()
+                .filter(|l| l["kind"] == "step")
+                .collect()
+        };
+        let daemon_steps = steps(&d.job_dir(id).join("run/metrics.jsonl"));
+        assert_eq!(daemon_steps.len(), 100);
+        assert_eq!(daemon_steps, steps(&job.with_extension("solo").join("metrics.jsonl")));
+        if job.ends_with("fzoo.yaml") {
+            assert!(daemon_steps.iter().all(|l| l["spread"].as_f64().is_some()));
+        }
+    }
+}
