@@ -51,12 +51,13 @@ demo-small: build
 bench: build assets
 	$(PYTHON) bench/run.py
 
-# Zeroth-order estimators (mezo, fzoo, sparse) on the demo job at an equal budget of 400
-# training forward passes, 3 seeds each; rewrites the Convergence section of
-# bench/results.md and bench/convergence.svg. On 2 CPU cores a forward pass of batch 8
-# takes about 0.3-0.5 s: 9 runs × 400 passes is about 25 minutes of training, and the
-# dev evaluations (every 50 passes) about as much again, so about an hour. Interrupt
-# and rerun: finished runs are kept and the interrupted one resumes.
+# Zeroth-order estimators (mezo, fzoo, sparse) on the demo job at an equal budget of 200
+# training forward passes, 3 seeds each, with the settings in bench/convergence.yaml;
+# rewrites the Convergence section of bench/results.md and bench/convergence.svg. On 2
+# CPU cores a forward pass of batch 8 takes about 1.3 s and a dev or test example about
+# 0.13 s: each run is about 7 minutes (training, 5 dev evaluations, 300 test snippets),
+# the 9 runs about an hour. Interrupt and rerun: finished runs are kept and the
+# interrupted one resumes.
 convergence: build assets
 	$(PYTHON) bench/convergence.py
 

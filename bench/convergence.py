@@ -16,11 +16,13 @@ a picture of dev metric against forward passes (bench/convergence.svg), and the
 raw curves (OUT/convergence.json).
 
     python bench/convergence.py [--job JOB] [--estimators mezo,fzoo,sparse]
-        [--seeds 0,1,2] [--budget F] [--eval-every E] [--settings FILE]
+        [--seeds 0,1,2] [--budget F] [--eval-every E] [--settings FILE] [--max-test N]
         [--out DIR] [--results FILE] [--picture FILE] [--tiny]
 
 A settings file gives `mezo` fields per estimator, over the base job's and the
-estimator's defaults (JSON works too):
+estimator's defaults (JSON works too); the base job's own estimator fields
+(estimator, directions, sparsity, perturbation) are dropped first. The real
+task's are in bench/convergence.yaml:
 
     fzoo: {directions: 8, lr: 1.0e-4}
     sparse: {sparsity: 0.9}
@@ -39,6 +41,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -58,11 +61,20 @@ ESTIMATORS = {
     "sparse": Estimator(lambda m: 2 * m.get("directions", 1), {"sparsity": 0.75}),
 }
 
+# `mezo` fields that belong to one estimator, not to the base job's other runs.
+ESTIMATOR_KEYS = ("estimator", "directions", "sparsity", "perturbation")
+
 # (base job, budget, eval spacing, seeds, output folder) for the real task and for --tiny.
-REAL = dict(job="examples/demo-rotten-tomatoes.yaml", budget=400, eval_every=50,
-            seeds="0,1,2", out="runs/convergence", estimators="mezo,fzoo,sparse")
+# On 2 CPU cores the demo's forward pass of batch 8 takes about 1.3 s and a dev or test
+# example about 0.13 s: a run of 200 passes with 5 dev evaluations and 300 test snippets
+# is about 7 minutes, so the 9 runs are about an hour. (The demo itself is what compares
+# the base and a fine-tuned model on its 1,000 test snippets.)
+REAL = dict(job="examples/demo-rotten-tomatoes.yaml", budget=200, eval_every=50,
+            seeds="0,1,2", out="runs/convergence", estimators="mezo,fzoo,sparse",
+            settings="bench/convergence.yaml", max_test=300)
 TINY = dict(job="examples/classification.yaml", budget=120, eval_every=40,
-            seeds="0,1", out="runs/convergence-tiny", estimators="mezo,fzoo,sparse")
+            seeds="0,1", out="runs/convergence-tiny", estimators="mezo,fzoo,sparse",
+            settings="", max_test=0)
 
 SECTION = "## Convergence"
 
@@ -74,7 +86,10 @@ def parse_args(argv):
     p.add_argument("--seeds", help="comma-separated values of mezo.seed")
     p.add_argument("--budget", type=int, help="training forward passes per run")
     p.add_argument("--eval-every", type=int, help="training forward passes between dev evaluations")
-    p.add_argument("--settings", help="YAML/JSON file: {estimator: {mezo setting: value}}")
+    p.add_argument("--settings", help="YAML/JSON file: {estimator: {mezo setting: value}} "
+                   "(default bench/convergence.yaml; with --tiny none)")
+    p.add_argument("--max-test", type=int, help="test examples each run scores at its end "
+                   "(default 300; 0: as the base job says)")
     p.add_argument("--out", help="folder of the runs (default runs/convergence)")
     p.add_argument("--results", help="markdown file whose Convergence section is rewritten "
                    "(default bench/results.md; with --tiny OUT/results.md)")
@@ -111,7 +126,7 @@ def load_settings(path):
     """Per-estimator `mezo` overrides from a file (JSON is YAML too)."""
     if not path:
         return {}
-    with open(path) as f:
+    with open(repo_path(path)) as f:
         settings = yaml.safe_load(f) or {}
     unknown = [e for e in settings if e not in ESTIMATORS]
     if unknown:
@@ -119,7 +134,7 @@ def load_settings(path):
     return settings
 
 
-def plan_run(base, base_dir, estimator, seed, settings, budget, eval_every):
+def plan_run(base, base_dir, estimator, seed, settings, budget, eval_every, max_test=0):
     """The job of one run and its forward passes per step.
 
     The base job's `mezo` block, then the estimator's defaults, then the
@@ -130,6 +145,10 @@ def plan_run(base, base_dir, estimator, seed, settings, budget, eval_every):
     job = json.loads(json.dumps(base))  # a deep copy
     job.setdefault("workdir", base_dir)
     mezo = job["mezo"]
+    # The base job's own estimator settings stay with its estimator: a demo job
+    # that runs FZOO must not turn the MeZO runs into 8-direction n-SPSA.
+    for key in ESTIMATOR_KEYS:
+        mezo.pop(key, None)
     mezo.update(ESTIMATORS[estimator].defaults)
     mezo.update(settings.get(estimator) or {})
     if estimator != "mezo":
@@ -138,19 +157,35 @@ def plan_run(base, base_dir, estimator, seed, settings, budget, eval_every):
     mezo["seed"] = seed
     mezo["steps"] = max(1, budget // fp)
     mezo["eval_every"] = max(1, eval_every // fp)
+    if max_test:
+        job.setdefault("data", {})["max_test"] = max_test
     return job, fp
 
 
-def run_one(name, job, out_dir):
-    """Write the job file beside the run folders and run (or resume) it."""
+def run_one(name, job, out_dir, zero_shot_test=None):
+    """Write the job file beside the run folders and run (or resume) it.
+
+    `zero_shot_test`: another run's zero_shot_test.json. The base model's test
+    evaluation depends only on the model, the task and the test split, which
+    every run here shares (they differ in `mezo` settings only), and on the
+    demo it costs as much as a few hundred training forward passes; so a new
+    run starts with a copy and skips it. Its folder then holds that file alone,
+    which `mezod run` accepts only with --force; a rerun finds its spec.yaml
+    and needs none.
+    """
     job_dir = os.path.join(out_dir, "jobs")
     os.makedirs(job_dir, exist_ok=True)
     job_file = os.path.join(job_dir, f"{name}.yaml")
     with open(job_file, "w") as f:
         yaml.safe_dump(job, f, sort_keys=False, allow_unicode=True)
     run_dir = os.path.join(out_dir, name)
+    force = []
+    if zero_shot_test and os.path.isfile(zero_shot_test) and not os.path.exists(run_dir):
+        os.makedirs(run_dir)
+        shutil.copyfile(zero_shot_test, os.path.join(run_dir, "zero_shot_test.json"))
+        force = ["--force"]
     print(f"== {name}: {job['mezo']['steps']} steps", flush=True)
-    done = subprocess.run([MEZOD, "run", job_file, "--out", run_dir])
+    done = subprocess.run([MEZOD, "run", job_file, "--out", run_dir, *force])
     if done.returncode != 0:
         sys.exit(f"{name}: mezod run failed (exit {done.returncode}); if its job changed, remove "
                  f"{run_dir} or choose another --out")
@@ -264,7 +299,8 @@ def section(args, by_estimator, command):
         f"Values are in % (mean ± std over seeds). The target is {ref}'s final dev {metric}",
         f"(seed mean {100 * target:.1f}); \"forward passes to reach it\" is the first evaluation whose",
         f"seed mean reaches it, and × {ref} divides by {ref}'s own ({ref_fp}). Dev at 25 % and 50 % of",
-        "the budget is the seed mean interpolated between evaluations.",
+        "the budget is the seed mean interpolated between evaluations. Test is "
+        + (f"on {args.max_test} held-out snippets." if args.max_test else "on the job's test split."),
         "",
         f"| estimator | settings | forward passes / step | steps | forward passes to reach {ref}'s final dev | × {ref} "
         f"| dev at 25 % | dev at 50 % | dev at budget | test at budget |",
@@ -333,12 +369,15 @@ def main(argv):
     settings = load_settings(args.settings)
     out_dir = os.path.abspath(args.out)
     by_estimator = {}
-    for estimator in args.estimators:
-        for seed in args.seeds:
+    zero_shot_test = None
+    # Seed-major: an interrupted benchmark has every estimator's first seed.
+    for seed in args.seeds:
+        for estimator in args.estimators:
             name = f"{estimator}-seed{seed}"
             job, fp = plan_run(base, os.path.dirname(args.job), estimator, seed, settings,
-                               args.budget, args.eval_every)
-            run_dir = run_one(name, job, out_dir)
+                               args.budget, args.eval_every, args.max_test)
+            run_dir = run_one(name, job, out_dir, zero_shot_test)
+            zero_shot_test = os.path.join(run_dir, "zero_shot_test.json")
             curve, result = read_run(run_dir, fp)
             shown = {k: v for k, v in job["mezo"].items() if k not in ("seed", "steps", "eval_every", "estimator")}
             by_estimator.setdefault(estimator, []).append({
