@@ -610,3 +610,50 @@ fn fzoo_and_sparse_jobs_survive_a_killed_worker_and_equal_their_solo_runs() {
         }
     }
 }
+
+/// A finished classification job's status carries its test comparison with
+/// the base model (`test_paired`), as `mezod run`'s result.json has it: a user
+/// of the daemon sees the confidence interval without opening the run folder.
+#[test]
+fn a_done_jobs_status_carries_the_paired_test_comparison() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tmp.path().join("sentiment.yaml");
+    let text = std::fs::read_to_string(root().join("examples/classification.yaml"))
+        .unwrap()
+        .replace("../tests/fixtures/opt", &fixture("opt").display().to_string())
+        .replace(
+            "data/reviews.jsonl",
+            &root().join("examples/data/reviews.jsonl").display().to_string(),
+        )
+        .replace("dev_fraction: 0.2,", "dev_fraction: 0.2, test_fraction: 0.2,")
+        .replace("steps: 300,", "steps: 40,")
+        .replace("eval_every: 100", "eval_every: 20");
+    assert!(text.contains("test_fraction") && text.contains("steps: 40"), "{text}");
+    std::fs::write(&job, text).unwrap();
+    let d = Daemon::start(tmp.path(), CONFIG);
+    let id = d.submit(&job);
+    let state = d.wait_done(id);
+    assert_eq!(state["state"], "done", "{state:#}");
+    let on_disk: Value = serde_json::from_str(
+        &std::fs::read_to_string(d.job_dir(id).join("run/result.json")).unwrap(),
+    )
+    .unwrap();
+    let paired = &on_disk["test_paired"];
+    assert!(paired["n"].as_u64().is_some_and(|n| n > 0), "{on_disk:#}");
+    assert_eq!(state["result"]["test_paired"], *paired, "{state:#}");
+    assert_eq!(state["result"]["test_metric"], on_disk["test_metric"], "{state:#}");
+    let shown = check(
+        mezod()
+            .args(["status", &id.to_string(), "--socket"])
+            .arg(d.socket())
+            .output()
+            .unwrap(),
+        "mezod status ID",
+    );
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    let n = paired["n"].to_string();
+    assert!(
+        shown.contains("test vs base") && shown.contains("% CI") && shown.contains(&format!("n {n})")),
+        "{shown}"
+    );
+}

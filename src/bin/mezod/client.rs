@@ -207,6 +207,20 @@ fn now() -> u64 {
 }
 
 /// The detail view, as text.
+/// result.json's `test_paired` in words: the fine-tuned model against the
+/// base one on the same test examples, with the interval on the difference.
+fn paired_words(p: &serde_json::Value) -> String {
+    let num = |k: &str| p[k].as_f64().unwrap_or(f64::NAN);
+    format!(
+        "test vs base {:+.1} points ({:.0}% CI {:+.1} to {:+.1}, n {})",
+        100.0 * num("difference"),
+        100.0 * num("confidence"),
+        100.0 * num("ci_low"),
+        100.0 * num("ci_high"),
+        p["n"]
+    )
+}
+
 fn describe(d: &JobDetail, now: u64) -> String {
     let JobView {
         job: j,
@@ -287,6 +301,7 @@ fn describe(d: &JobDetail, now: u64) -> String {
         let shown: Vec<String> = r
             .iter()
             .map(|(k, v)| match v.as_f64() {
+                _ if k == "test_paired" => paired_words(v),
                 Some(x) if v.is_f64() => format!("{k} {x:.4}"),
                 _ => format!("{k} {}", v.as_str().map_or(v.to_string(), str::to_string)),
             })

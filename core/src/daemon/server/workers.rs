@@ -410,7 +410,8 @@ pub(super) fn signal(worker: &worker::WorkerHandle, sig: i32) {
     }
 }
 
-/// The dev-metric summary of a finished run.
+/// The summary of a finished run: dev metric, test metric and its paired
+/// comparison with the base model, memory, time.
 pub(super) fn read_summary(dir: &JobDir) -> Option<serde_json::Value> {
     let v: serde_json::Value = serde_json::from_slice(&dir.read_result()?).ok()?;
     let keep = [
@@ -421,6 +422,7 @@ pub(super) fn read_summary(dir: &JobDir) -> Option<serde_json::Value> {
         "final_metric",
         "test_metric",
         "zero_shot_test",
+        "test_paired",
         "peak_memory_bytes",
         "peak_memory_source",
         "memory_estimate_bytes",
