@@ -192,6 +192,15 @@ def run_one(name, job, out_dir, zero_shot_test=None):
     return run_dir
 
 
+def memory_estimate(job_file):
+    """The engine's admission estimate of a job in bytes (`mezod estimate --json`):
+    `mezod run` records no estimate in result.json, only the daemon does."""
+    done = subprocess.run([MEZOD, "estimate", job_file, "--json"], capture_output=True, text=True)
+    if done.returncode != 0:
+        return None
+    return json.loads(done.stdout).get("total")
+
+
 def read_run(run_dir, fp):
     """The dev curve (one point per evaluation, x in forward passes) and result.json."""
     evals = {}
@@ -262,7 +271,7 @@ def summarize(by_estimator, budget):
             "s_per_fp": pm([1 / (r["result"]["steps_per_s"] * fp) if r["result"].get("steps_per_s") else None
                             for r in runs], digits=3),
             "peak": mib(max(r["result"].get("peak_memory_bytes") or 0 for r in runs) or None),
-            "estimate": mib(runs[0]["result"].get("memory_estimate_bytes")),
+            "estimate": mib(runs[0]["result"].get("memory_estimate_bytes") or runs[0].get("estimate_bytes")),
         })
     return ref, target, ref_fp, rows
 
@@ -379,12 +388,13 @@ def main(argv):
             run_dir = run_one(name, job, out_dir, zero_shot_test)
             zero_shot_test = os.path.join(run_dir, "zero_shot_test.json")
             curve, result = read_run(run_dir, fp)
+            estimate_bytes = memory_estimate(os.path.join(out_dir, "jobs", f"{name}.yaml"))
             shown = {k: v for k, v in job["mezo"].items() if k not in ("seed", "steps", "eval_every", "estimator")}
             by_estimator.setdefault(estimator, []).append({
                 "estimator": estimator, "seed": seed, "run": name, "forward_passes_per_step": fp,
                 "steps": job["mezo"]["steps"], "eval_every_steps": job["mezo"]["eval_every"],
                 "settings": ", ".join(f"{k} {v}" for k, v in shown.items()),
-                "curve": curve, "result": result,
+                "curve": curve, "result": result, "estimate_bytes": estimate_bytes,
             })
     command = "python bench/convergence.py" + ("" if not argv else " " + shlex.join(argv))
     with open(os.path.join(out_dir, "convergence.json"), "w") as f:
