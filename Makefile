@@ -55,8 +55,8 @@ bench: build assets
 # training forward passes, 3 seeds each, with the settings in bench/convergence.yaml;
 # rewrites the Convergence section of bench/results.md and bench/convergence.svg. On 2
 # CPU cores a forward pass of batch 8 takes about 1.3 s and a dev or test example about
-# 0.13 s: each run is about 7 minutes (training, 5 dev evaluations, 300 test snippets),
-# the 9 runs about an hour. Interrupt and rerun: finished runs are kept and the
+# 0.13 s: each run is about 8 minutes (training, 5 dev evaluations, 300 test snippets),
+# the 9 runs about 80 minutes. Interrupt and rerun: finished runs are kept and the
 # interrupted one resumes.
 convergence: build assets
 	$(PYTHON) bench/convergence.py
