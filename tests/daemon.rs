@@ -596,15 +596,9 @@ fn fzoo_and_sparse_jobs_survive_a_killed_worker_and_equal_their_solo_runs() {
         assert_eq!(state["state"], "done", "{state:#}");
         assert_eq!(state["attempts"], 2, "{state:#}");
         assert_eq!(d.weights_sha(id), expected, "{}", job.display());
-        let steps = |p: &std::path::Path| -> Vec<Value> {
-            read_jsonl(p)
-                .into_iter()
-                .filter(|l| l["kind"] == "step")
-                .collect()
-        };
-        let daemon_steps = steps(&d.job_dir(id).join("run/metrics.jsonl"));
+        let daemon_steps = metrics_steps(&d.job_dir(id).join("run"));
         assert_eq!(daemon_steps.len(), 100);
-        assert_eq!(daemon_steps, steps(&job.with_extension("solo").join("metrics.jsonl")));
+        assert_eq!(daemon_steps, metrics_steps(&job.with_extension("solo")));
         if job.ends_with("fzoo.yaml") {
             assert!(daemon_steps.iter().all(|l| l["spread"].as_f64().is_some()));
         }

@@ -21,13 +21,6 @@ fn accuracy_job(dir: &Path) -> PathBuf {
     job
 }
 
-fn steps_of(run: &Path) -> Vec<serde_json::Value> {
-    read_jsonl(&run.join("metrics.jsonl"))
-        .into_iter()
-        .filter(|l| l["kind"] == "step")
-        .collect()
-}
-
 #[test]
 fn n_spsa_logs_every_direction_and_resumes_bit_identically() {
     let tmp = tempfile::tempdir().unwrap();
@@ -39,7 +32,7 @@ fn n_spsa_logs_every_direction_and_resumes_bit_identically() {
     );
     let solo = tmp.path().join("solo");
     run_to_end(&job, &solo, "n-SPSA run");
-    let steps = steps_of(&solo);
+    let steps = metrics_steps(&solo);
     assert_eq!(steps.len(), 150);
     for s in &steps {
         let more = s["more"]
@@ -72,7 +65,7 @@ fn accuracy_as_the_objective_trains_and_resumes_bit_identically() {
     let job = accuracy_job(tmp.path());
     let solo = tmp.path().join("solo");
     run_to_end(&job, &solo, "accuracy run");
-    let steps = steps_of(&solo);
+    let steps = metrics_steps(&solo);
     assert_eq!(steps.len(), 200);
     let spec: serde_json::Value = serde_json::to_value(
         serde_yaml::from_str::<serde_yaml::Value>(

@@ -156,10 +156,7 @@ fn the_estimator_examples_run_export_apply_and_estimate_as_written() {
     let outputs: Vec<_> = lines.iter().map(|l| run_line(dir, l)).collect();
 
     let fzoo = dir.join(written_by(&lines[0]));
-    let steps: Vec<serde_json::Value> = read_jsonl(&fzoo.join("metrics.jsonl"))
-        .into_iter()
-        .filter(|l| l["kind"] == "step")
-        .collect();
+    let steps = metrics_steps(&fzoo);
     assert_eq!(steps.len(), 60);
     for s in &steps {
         assert_eq!(s["more"].as_array().map(Vec::len), Some(7), "8 directions: {s}");

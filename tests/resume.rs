@@ -440,15 +440,6 @@ fn estimator_job(dir: &Path, name: &str, tuning: &str, mezo: &str) -> std::path:
     p
 }
 
-/// Every line of metrics.jsonl that describes a step, as JSON (the seeds,
-/// projected gradients, losses and FZOO's spread of each direction).
-fn step_lines_json(run: &Path) -> Vec<serde_json::Value> {
-    read_jsonl(&run.join("metrics.jsonl"))
-        .into_iter()
-        .filter(|l| l["kind"] == "step")
-        .collect()
-}
-
 #[test]
 fn kill_9_resumes_bit_identically_with_every_estimator_in_full_and_lora_tuning() {
     let cases = [
@@ -487,7 +478,7 @@ fn kill_9_resumes_bit_identically_with_every_estimator_in_full_and_lora_tuning()
             want,
             "{name}: weights after kill -9 at {kills:?} differ"
         );
-        let (resumed, uninterrupted) = (step_lines_json(&run), step_lines_json(&solo));
+        let (resumed, uninterrupted) = (metrics_steps(&run), metrics_steps(&solo));
         assert_eq!(resumed.len(), 90, "{name}");
         assert_eq!(resumed, uninterrupted, "{name}: metrics.jsonl steps differ");
         if name.starts_with("fzoo") {

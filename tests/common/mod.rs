@@ -84,6 +84,15 @@ pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The step lines of a run's metrics.jsonl, as JSON (seeds, projected
+/// gradients, losses, FZOO's spread of each step).
+pub fn metrics_steps(run: &Path) -> Vec<serde_json::Value> {
+    read_jsonl(&run.join("metrics.jsonl"))
+        .into_iter()
+        .filter(|l| l["kind"] == "step")
+        .collect()
+}
+
 /// How many steps a run's metrics.jsonl holds.
 pub fn step_lines(run: &Path) -> usize {
     std::fs::read_to_string(run.join("metrics.jsonl"))
