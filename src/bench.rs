@@ -20,10 +20,10 @@ use crate::data::{load_splits, Example};
 use crate::estimate::estimate;
 use crate::mezo::step::{live_step, replay_step, Method};
 use crate::mezo::{direction_seed, step_seed, Rng, StepConfig, ZSweep};
-use mezod_core::mezo_options::{Estimator, Perturbation};
 use crate::model::adapters::{LoraConfig, PrefixConfig, Tuning};
 use crate::model::{parse_device, Dtype, LanguageModel, ModelSource};
 use crate::spec::{JobSpec, TuningKind};
+use mezod_core::mezo_options::{Estimator, Perturbation};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -212,7 +212,9 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
     let directions = args.directions();
     match (args.estimator, directions) {
         (_, 0) => bail!("--directions must be at least 1"),
-        (Estimator::Fzoo, 1) => bail!("fzoo divides by the spread of its directions' losses: --directions must be at least 2"),
+        (Estimator::Fzoo, 1) => bail!(
+            "fzoo divides by the spread of its directions' losses: --directions must be at least 2"
+        ),
         _ => {}
     }
     let device = parse_device(&args.device)?;
@@ -257,7 +259,9 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
     let method = Method::from_parts(args.estimator, None);
     let seeds_of = |i: usize| -> Vec<u64> {
         let seed = step_seed(0, i as u64);
-        (0..directions as u64).map(|j| direction_seed(seed, j)).collect()
+        (0..directions as u64)
+            .map(|j| direction_seed(seed, j))
+            .collect()
     };
     let z = ZSweep::new(rng, args.threads.max(1) as usize).with_perturbation(perturbation);
     let sync = || {

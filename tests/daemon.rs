@@ -572,8 +572,14 @@ fn a_job_named_at_the_length_limit_is_taken_and_the_daemon_goes_on() {
 fn fzoo_and_sparse_jobs_survive_a_killed_worker_and_equal_their_solo_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let jobs: Vec<_> = [
-        ("fzoo", "estimator: fzoo, directions: 4, lr: 2.0e-5, eps: 1.0e-2"),
-        ("sparse", "estimator: sparse, sparsity: 0.5, lr: 2.0e-3, eps: 1.0e-3"),
+        (
+            "fzoo",
+            "estimator: fzoo, directions: 4, lr: 2.0e-5, eps: 1.0e-2",
+        ),
+        (
+            "sparse",
+            "estimator: sparse, sparsity: 0.5, lr: 2.0e-3, eps: 1.0e-3",
+        ),
     ]
     .into_iter()
     .map(|(name, mezo)| {
@@ -614,15 +620,27 @@ fn a_done_jobs_status_carries_the_paired_test_comparison() {
     let job = tmp.path().join("sentiment.yaml");
     let text = std::fs::read_to_string(root().join("examples/classification.yaml"))
         .unwrap()
-        .replace("../tests/fixtures/opt", &fixture("opt").display().to_string())
+        .replace(
+            "../tests/fixtures/opt",
+            &fixture("opt").display().to_string(),
+        )
         .replace(
             "data/reviews.jsonl",
-            &root().join("examples/data/reviews.jsonl").display().to_string(),
+            &root()
+                .join("examples/data/reviews.jsonl")
+                .display()
+                .to_string(),
         )
-        .replace("dev_fraction: 0.2,", "dev_fraction: 0.2, test_fraction: 0.2,")
+        .replace(
+            "dev_fraction: 0.2,",
+            "dev_fraction: 0.2, test_fraction: 0.2,",
+        )
         .replace("steps: 300,", "steps: 40,")
         .replace("eval_every: 100", "eval_every: 20");
-    assert!(text.contains("test_fraction") && text.contains("steps: 40"), "{text}");
+    assert!(
+        text.contains("test_fraction") && text.contains("steps: 40"),
+        "{text}"
+    );
     std::fs::write(&job, text).unwrap();
     let d = Daemon::start(tmp.path(), CONFIG);
     let id = d.submit(&job);
@@ -635,7 +653,10 @@ fn a_done_jobs_status_carries_the_paired_test_comparison() {
     let paired = &on_disk["test_paired"];
     assert!(paired["n"].as_u64().is_some_and(|n| n > 0), "{on_disk:#}");
     assert_eq!(state["result"]["test_paired"], *paired, "{state:#}");
-    assert_eq!(state["result"]["test_metric"], on_disk["test_metric"], "{state:#}");
+    assert_eq!(
+        state["result"]["test_metric"], on_disk["test_metric"],
+        "{state:#}"
+    );
     let shown = check(
         mezod()
             .args(["status", &id.to_string(), "--socket"])
@@ -647,7 +668,9 @@ fn a_done_jobs_status_carries_the_paired_test_comparison() {
     let shown = String::from_utf8_lossy(&shown.stdout);
     let n = paired["n"].to_string();
     assert!(
-        shown.contains("test vs base") && shown.contains("% CI") && shown.contains(&format!("n {n})")),
+        shown.contains("test vs base")
+            && shown.contains("% CI")
+            && shown.contains(&format!("n {n})")),
         "{shown}"
     );
 }

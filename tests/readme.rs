@@ -159,7 +159,11 @@ fn the_estimator_examples_run_export_apply_and_estimate_as_written() {
     let steps = metrics_steps(&fzoo);
     assert_eq!(steps.len(), 60);
     for s in &steps {
-        assert_eq!(s["more"].as_array().map(Vec::len), Some(7), "8 directions: {s}");
+        assert_eq!(
+            s["more"].as_array().map(Vec::len),
+            Some(7),
+            "8 directions: {s}"
+        );
         assert!(s["spread"].as_f64().is_some_and(|v| v > 0.0), "{s}");
     }
     let mezo_file = std::fs::read(dir.join(written_by(&lines[1]))).unwrap();

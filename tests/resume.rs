@@ -443,10 +443,22 @@ fn estimator_job(dir: &Path, name: &str, tuning: &str, mezo: &str) -> std::path:
 #[test]
 fn kill_9_resumes_bit_identically_with_every_estimator_in_full_and_lora_tuning() {
     let cases = [
-        ("fzoo-full", "full", "estimator: fzoo, directions: 4, lr: 2.0e-5"),
-        ("sparse-full", "full", "estimator: sparse, sparsity: 0.75, lr: 2.0e-3"),
+        (
+            "fzoo-full",
+            "full",
+            "estimator: fzoo, directions: 4, lr: 2.0e-5",
+        ),
+        (
+            "sparse-full",
+            "full",
+            "estimator: sparse, sparsity: 0.75, lr: 2.0e-3",
+        ),
         ("sparse-lora", "lora", "estimator: sparse, lr: 5.0e-2"),
-        ("fzoo-lora-gaussian", "lora", "estimator: fzoo, directions: 3, perturbation: gaussian, lr: 1.0e-4"),
+        (
+            "fzoo-lora-gaussian",
+            "lora",
+            "estimator: fzoo, directions: 3, perturbation: gaussian, lr: 1.0e-4",
+        ),
     ];
     let mut rng = rand::thread_rng();
     for (name, tuning, mezo) in cases {
@@ -483,12 +495,17 @@ fn kill_9_resumes_bit_identically_with_every_estimator_in_full_and_lora_tuning()
         assert_eq!(resumed, uninterrupted, "{name}: metrics.jsonl steps differ");
         if name.starts_with("fzoo") {
             assert!(
-                uninterrupted.iter().all(|l| l["spread"].as_f64().is_some_and(|s| s > 0.0)),
+                uninterrupted
+                    .iter()
+                    .all(|l| l["spread"].as_f64().is_some_and(|s| s > 0.0)),
                 "{name}: every FZOO step logs its spread"
             );
         }
         if tuning == "lora" {
-            assert!(solo.join("adapter").is_dir(), "{name}: a LoRA run writes its adapter");
+            assert!(
+                solo.join("adapter").is_dir(),
+                "{name}: a LoRA run writes its adapter"
+            );
         }
     }
 }
