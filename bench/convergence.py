@@ -15,7 +15,7 @@ Writes the "## Convergence" section of bench/results.md (other sections stay),
 a picture of dev metric against forward passes (bench/convergence.svg), and the
 raw curves (OUT/convergence.json).
 
-    python bench/convergence.py [--job JOB] [--estimators mezo,fzoo,sparse]
+    python bench/convergence.py [--job JOB] [--estimators mezo,fzoo,sparse,lozo]
         [--seeds 0,1,2] [--budget F] [--eval-every E] [--settings FILE] [--max-test N]
         [--out DIR] [--results FILE] [--picture FILE] [--tiny]
 
@@ -59,10 +59,11 @@ ESTIMATORS = {
     "mezo": Estimator(lambda m: 2 * m.get("directions", 1), {}),
     "fzoo": Estimator(lambda m: m["directions"] + 1, {"directions": 8}),
     "sparse": Estimator(lambda m: 2 * m.get("directions", 1), {"sparsity": 0.75}),
+    "lozo": Estimator(lambda m: 2 * m.get("directions", 1), {"rank": 1, "basis_every": 100}),
 }
 
 # `mezo` fields that belong to one estimator, not to the base job's other runs.
-ESTIMATOR_KEYS = ("estimator", "directions", "sparsity", "perturbation")
+ESTIMATOR_KEYS = ("estimator", "directions", "sparsity", "perturbation", "rank", "basis_every")
 
 # (base job, budget, eval spacing, seeds, output folder) for the real task and for --tiny.
 # On 2 CPU cores the demo's forward pass of batch 8 takes about 1.3 s and a dev or test
@@ -70,10 +71,10 @@ ESTIMATOR_KEYS = ("estimator", "directions", "sparsity", "perturbation")
 # is about 8 minutes, so the 9 runs take about 80 minutes. (The demo itself is what compares
 # the base and a fine-tuned model on its 1,000 test snippets.)
 REAL = dict(job="examples/demo-rotten-tomatoes.yaml", budget=200, eval_every=50,
-            seeds="0,1,2", out="runs/convergence", estimators="mezo,fzoo,sparse",
+            seeds="0,1,2", out="runs/convergence", estimators="mezo,fzoo,sparse,lozo",
             settings="bench/convergence.yaml", max_test=300)
 TINY = dict(job="examples/classification.yaml", budget=120, eval_every=40,
-            seeds="0,1", out="runs/convergence-tiny", estimators="mezo,fzoo,sparse",
+            seeds="0,1", out="runs/convergence-tiny", estimators="mezo,fzoo,sparse,lozo",
             settings="", max_test=0)
 
 SECTION = "## Convergence"

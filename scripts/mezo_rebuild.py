@@ -23,6 +23,15 @@ and with the file's estimator and perturbation (version 3 files):
   measured there), then one update pass per direction with coefficient
   −η·g_j / (N·σ) (none when σ = 0), weight decay with the first.
 
+and LOZO's low-rank directions (version 4 files, `estimator: lozo`): the passes
+are MeZO's (or n-SPSA's), but each 2-D parameter's z is U·Vᵀ with U (rows × rank)
+drawn from the pass's seed and V (columns × rank) from the step's `basis` seed,
+summed as u₀v₀ᵀ + u₁v₁ᵀ + … in that order (no matmul); torch: every matrix's V
+first (`manual_seed(basis)`, `randn(cols, rank)` per matrix in order), then
+`manual_seed(seed)` and per parameter `randn(rows, rank)` (matrices) or
+`randn_like(p)`; fast: U and V are the first rows·rank and cols·rank elements of
+the parameter's stream under the two seeds.
+
 Usage:
     mezo_rebuild.py TUNE.mezo --base MODEL_DIR -o OUT.safetensors [--check OTHER.safetensors]
 
@@ -127,14 +136,42 @@ def fast_signs(seed, stream, n):
     return (np.float32(1.0) - np.float32(2.0) * bits.reshape(-1).astype(np.float32))[:n]
 
 
-def draw(rng, params, seed, perturbation="gaussian", masks=None):
-    """z for every parameter, in order (zeroed outside `masks`, when given)."""
+def torch_draw(shape, dtype, rademacher):
+    """A tensor of torch's draws: `randn`, or `randint(2)·2 − 1`."""
+    if rademacher:
+        z = torch.randint(0, 2, shape, dtype=dtype)
+        mul_scalar_(z, 2.0)
+        torch.ops.aten.sub_.Scalar(z, 1.0)
+        return z
+    return torch.randn(shape, dtype=dtype)
+
+
+def outer_sum(u, v):
+    """U·Vᵀ as u₀v₀ᵀ + u₁v₁ᵀ + …, each a rounded product then a rounded sum."""
+    z = u[:, 0:1] * v[:, 0:1].T
+    for k in range(1, u.shape[1]):
+        z += u[:, k:k + 1] * v[:, k:k + 1].T
+    return z
+
+
+def draw(rng, params, seed, perturbation="gaussian", masks=None, low_rank=None):
+    """z for every parameter, in order (zeroed outside `masks`, when given;
+    U·Vᵀ on matrices when `low_rank` = (rank, basis seed) is given)."""
     rademacher = perturbation == "rademacher"
+    matrix = [low_rank is not None and p.dim() == 2 for p in params]
+    rank = low_rank[0] if low_rank else 0
     if rng == "torch":
+        vs = []
+        if low_rank:
+            torch.manual_seed(low_rank[1])
+            vs = [torch_draw((p.shape[1], rank), p.dtype, rademacher) if m else None
+                  for p, m in zip(params, matrix)]
         torch.manual_seed(seed)
         zs = []
-        for p in params:
-            if rademacher:
+        for i, p in enumerate(params):
+            if matrix[i]:
+                z = outer_sum(torch_draw((p.shape[0], rank), p.dtype, rademacher), vs[i])
+            elif rademacher:
                 z = torch.randint_like(p, 2)
                 mul_scalar_(z, 2.0)
                 torch.ops.aten.sub_.Scalar(z, 1.0)
@@ -143,8 +180,15 @@ def draw(rng, params, seed, perturbation="gaussian", masks=None):
             zs.append(z)
     else:
         fill = fast_signs if rademacher else fast_normals
-        zs = [torch.from_numpy(fill(seed, i, p.numel())).reshape(p.shape).to(p.dtype)
-              for i, p in enumerate(params)]
+        zs = []
+        for i, p in enumerate(params):
+            if matrix[i]:
+                u = fill(seed, i, p.shape[0] * rank).reshape(p.shape[0], rank)
+                v = fill(low_rank[1], i, p.shape[1] * rank).reshape(p.shape[1], rank)
+                z = outer_sum(u, v)
+            else:
+                z = fill(seed, i, p.numel())
+            zs.append(torch.from_numpy(np.ascontiguousarray(z)).reshape(p.shape).to(p.dtype))
     if masks is not None:
         for z, m in zip(zs, masks):
             z.mul_(m)
@@ -174,9 +218,10 @@ def mul_scalar_(t, s):
     return torch.ops.aten.mul_.Scalar(t, s)
 
 
-def sweep(rng, params, seed, coefficients, perturbation="gaussian", masks=None):
+def sweep(rng, params, seed, coefficients, perturbation="gaussian", masks=None, low_rank=None):
     """p ← keep·(p + pre·z) + post·z with the operations mezod uses."""
-    for p, z, (keep, pre, post) in zip(params, draw(rng, params, seed, perturbation, masks), coefficients):
+    zs = draw(rng, params, seed, perturbation, masks, low_rank)
+    for p, z, (keep, pre, post) in zip(params, zs, coefficients):
         fused = rng == "fast" and p.dtype == torch.float32
         if keep == 1.0 and pre == 0.0:
             if fused:  # mezod's CPU kernel: p + f32(post)·z per element
@@ -222,9 +267,14 @@ def rebuild(tune, base_dir):
             seeds = [seed] + [m[0] for m in more]
             grads = [g] + [m[1] for m in more]
             masks = sparse_masks(params, tune.get("sparsity", 0.75)) if estimator == "sparse" else None
+            low_rank = None
+            if estimator == "lozo":
+                if "basis" not in step:
+                    sys.exit(f"step {i} of a lozo file has no basis seed")
+                low_rank = (tune.get("rank", 1), step["basis"])
 
             def each(s, coefficients):
-                sweep(rng, params, s, coefficients, perturbation, masks)
+                sweep(rng, params, s, coefficients, perturbation, masks, low_rank)
 
             def updates(posts):  # one pass per direction, weight decay with the first
                 for j, (s, post) in enumerate(zip(seeds, posts)):
@@ -279,8 +329,9 @@ def main():
     if tune.get("tuning", "full") != "full":
         sys.exit(f"{args.tune} is a {tune['tuning']} fine-tune; this script rebuilds full fine-tunes "
                  "(rebuild it with `mezod apply`)")
-    if tune.get("version", 99) not in (1, 3):
-        sys.exit(f"{args.tune} is a version-{tune.get('version')} .mezo file; this script reads versions 1 and 3")
+    if tune.get("version", 99) not in (1, 3, 4):
+        sys.exit(f"{args.tune} is a version-{tune.get('version')} .mezo file; "
+                 "this script reads versions 1, 3 and 4")
     tensors = rebuild(tune, args.base)
     save_file(tensors, args.output, metadata={"format": "pt"})
     print(f"{args.output}: {len(tune['steps'])} steps applied ({tune['rng']} z, {tune['dtype']})")

@@ -18,8 +18,8 @@ use tch::Device;
 use crate::data::task::{causal_lm_loss, Task};
 use crate::data::{load_splits, Example};
 use crate::estimate::estimate;
-use crate::mezo::step::{live_step, replay_step, Method};
-use crate::mezo::{direction_seed, step_seed, Rng, StepConfig, ZSweep};
+use crate::mezo::step::{live_step, replay_step, Logged, Method};
+use crate::mezo::{basis_seed, direction_seed, step_seed, Rng, StepConfig, ZSweep};
 use crate::model::adapters::{LoraConfig, PrefixConfig, Tuning};
 use crate::model::{parse_device, Dtype, LanguageModel, ModelSource};
 use crate::spec::{JobSpec, TuningKind};
@@ -136,7 +136,7 @@ impl BenchArgs {
     fn directions(&self) -> usize {
         self.directions.unwrap_or(match self.estimator {
             Estimator::Fzoo => 8,
-            Estimator::Mezo | Estimator::Sparse => 1,
+            Estimator::Mezo | Estimator::Sparse | Estimator::Lozo => 1,
         })
     }
 
@@ -256,7 +256,10 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
     let perturbation = args
         .perturbation
         .unwrap_or_else(|| args.estimator.default_perturbation());
-    let method = Method::from_parts(args.estimator, None);
+    let method = Method::from_parts(args.estimator, None, None);
+    // LOZO: V from the default period's seed, as a job's first steps draw it.
+    let basis = matches!(method, Method::Lozo { .. })
+        .then(|| basis_seed(0, 0, mezod_core::mezo_options::DEFAULT_BASIS_EVERY));
     let seeds_of = |i: usize| -> Vec<u64> {
         let seed = step_seed(0, i as u64);
         (0..directions as u64)
@@ -289,18 +292,29 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
                     }
                     l
                 };
-                let out = live_step(&model.params, &z, method, &seeds_of(i), &cfg, &mut loss)?;
+                let out = live_step(
+                    &model.params,
+                    &z,
+                    method,
+                    &seeds_of(i),
+                    basis,
+                    &cfg,
+                    &mut loss,
+                )?;
                 last_loss = Some(out.outcomes[0].loss_plus);
             }
             BenchMode::Replay => {
-                let spread = (method == Method::Fzoo).then_some(1.0);
+                let logged = Logged {
+                    spread: (method == Method::Fzoo).then_some(1.0),
+                    basis,
+                };
                 replay_step(
                     &model.params,
                     &z,
                     method,
                     &seeds_of(i),
                     &vec![0.1; directions],
-                    spread,
+                    logged,
                     &cfg,
                 )?;
             }

@@ -184,6 +184,19 @@ mod tests {
         assert_eq!(sparse.total(), plain.total() + sparse.mask);
         let lora = with("tuning: lora\n", "  estimator: sparse\n");
         assert!(lora.mask < sparse.mask, "LoRA masks only its adapters");
+        // LOZO adds its factors, (rows + columns) × rank of every matrix.
+        let lozo = with("", "  estimator: lozo\n  rank: 4\n");
+        let sides: u64 = model
+            .params
+            .iter()
+            .filter_map(|p| match p.tensor.size().as_slice() {
+                [rows, cols] => Some((rows + cols) as u64),
+                _ => None,
+            })
+            .sum();
+        assert!(lozo.factors >= sides * 4 * 4, "{} < U and V", lozo.factors);
+        assert_eq!(lozo.mask, 0);
+        assert_eq!(lozo.total(), plain.total() + lozo.factors);
     }
 
     fn torch_tuning(kind: &str) -> Tuning {

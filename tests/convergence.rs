@@ -9,7 +9,7 @@ use common::*;
 
 /// Estimators the test runs, with their forward passes per step under the
 /// script's default settings.
-const ESTIMATORS: &[(&str, u64)] = &[("mezo", 2), ("fzoo", 9), ("sparse", 2)];
+const ESTIMATORS: &[(&str, u64)] = &[("mezo", 2), ("fzoo", 9), ("sparse", 2), ("lozo", 2)];
 /// The `--tiny` preset of the script: budget and spacing in forward passes, seeds.
 const BUDGET: u64 = 120;
 const EVAL_EVERY: u64 = 40;

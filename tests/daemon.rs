@@ -565,11 +565,12 @@ fn a_job_named_at_the_length_limit_is_taken_and_the_daemon_goes_on() {
     assert_eq!(next, id + 1, "ids stay consecutive across the restart");
 }
 
-/// FZOO and Sparse MeZO through the daemon: the worker ships FZOO's spread
-/// with each record, a killed worker's retry replays both exactly, and each
-/// job ends with the weights and step lines of its `mezod run`.
+/// FZOO, Sparse MeZO and LOZO through the daemon: the worker ships FZOO's
+/// spread and LOZO's basis seed with each record, a killed worker's retry
+/// replays each exactly, and each job ends with the weights and step lines of
+/// its `mezod run`.
 #[test]
-fn fzoo_and_sparse_jobs_survive_a_killed_worker_and_equal_their_solo_runs() {
+fn fzoo_sparse_and_lozo_jobs_survive_a_killed_worker_and_equal_their_solo_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let jobs: Vec<_> = [
         (
@@ -579,6 +580,10 @@ fn fzoo_and_sparse_jobs_survive_a_killed_worker_and_equal_their_solo_runs() {
         (
             "sparse",
             "estimator: sparse, sparsity: 0.5, lr: 2.0e-3, eps: 1.0e-3",
+        ),
+        (
+            "lozo",
+            "estimator: lozo, rank: 2, basis_every: 9, lr: 2.0e-3, eps: 1.0e-3",
         ),
     ]
     .into_iter()
@@ -607,6 +612,9 @@ fn fzoo_and_sparse_jobs_survive_a_killed_worker_and_equal_their_solo_runs() {
         assert_eq!(daemon_steps, metrics_steps(&job.with_extension("solo")));
         if job.ends_with("fzoo.yaml") {
             assert!(daemon_steps.iter().all(|l| l["spread"].as_f64().is_some()));
+        }
+        if job.ends_with("lozo.yaml") {
+            assert!(daemon_steps.iter().all(|l| l["basis"].as_u64().is_some()));
         }
     }
 }

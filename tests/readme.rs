@@ -152,7 +152,7 @@ fn the_estimator_examples_run_export_apply_and_estimate_as_written() {
     let tmp = repo_like_root();
     let dir = tmp.path();
     let lines = readme_block("estimators");
-    assert_eq!(lines.len(), 5, "{lines:?}");
+    assert_eq!(lines.len(), 7, "{lines:?}");
     let outputs: Vec<_> = lines.iter().map(|l| run_line(dir, l)).collect();
 
     let fzoo = dir.join(written_by(&lines[0]));
@@ -185,6 +185,19 @@ fn the_estimator_examples_run_export_apply_and_estimate_as_written() {
     assert!(sparse.join("adapter").is_dir());
     let result = read_result(&sparse);
     assert_eq!(result["steps"], 200, "{result:#}");
+    let estimate = String::from_utf8_lossy(&outputs[5].stdout);
+    assert!(
+        estimate.lines().any(|l| l.starts_with("factors")),
+        "{estimate}"
+    );
+    let lozo = metrics_steps(&dir.join(written_by(&lines[6])));
+    assert_eq!(lozo.len(), 60);
+    let basis: Vec<u64> = lozo.iter().map(|s| s["basis"].as_u64().unwrap()).collect();
+    assert!(basis[..20].iter().all(|&b| b == basis[0]), "{basis:?}");
+    assert!(
+        basis[20] != basis[19] && basis[40] != basis[39],
+        "{basis:?}"
+    );
 }
 
 #[test]

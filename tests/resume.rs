@@ -459,6 +459,12 @@ fn kill_9_resumes_bit_identically_with_every_estimator_in_full_and_lora_tuning()
             "lora",
             "estimator: fzoo, directions: 3, perturbation: gaussian, lr: 1.0e-4",
         ),
+        (
+            "lozo-full",
+            "full",
+            "estimator: lozo, rank: 2, basis_every: 7, lr: 2.0e-3",
+        ),
+        ("lozo-lora", "lora", "estimator: lozo, lr: 5.0e-2"),
     ];
     let mut rng = rand::thread_rng();
     for (name, tuning, mezo) in cases {
@@ -500,6 +506,17 @@ fn kill_9_resumes_bit_identically_with_every_estimator_in_full_and_lora_tuning()
                     .all(|l| l["spread"].as_f64().is_some_and(|s| s > 0.0)),
                 "{name}: every FZOO step logs its spread"
             );
+        }
+        if name.starts_with("lozo") {
+            // One V per period: the logged basis seed changes exactly at its boundaries.
+            let every = if name == "lozo-full" { 7 } else { 100 };
+            let basis: Vec<u64> = uninterrupted
+                .iter()
+                .map(|l| l["basis"].as_u64().expect("every LOZO step logs its basis"))
+                .collect();
+            for t in 1..basis.len() {
+                assert_eq!(basis[t] == basis[t - 1], t % every != 0, "{name}: step {t}");
+            }
         }
         if tuning == "lora" {
             assert!(

@@ -106,6 +106,27 @@ fn every_estimator_rebuilds_the_exported_weights_in_rust_and_in_python() {
             "sparse",
             "rademacher",
         ),
+        (
+            "fast",
+            "f32",
+            "estimator: lozo, rank: 2, basis_every: 3, lr: 2.0e-3",
+            "lozo",
+            "gaussian",
+        ),
+        (
+            "torch",
+            "bf16",
+            "estimator: lozo, directions: 2, basis_every: 4, lr: 4.0e-3",
+            "lozo",
+            "gaussian",
+        ),
+        (
+            "torch",
+            "f32",
+            "estimator: lozo, rank: 3, perturbation: rademacher, lr: 2.0e-3",
+            "lozo",
+            "rademacher",
+        ),
     ] {
         let what = format!("{rng} {dtype} {settings}");
         let run = run_with(tmp.path(), rng, dtype, settings);
@@ -121,7 +142,8 @@ fn every_estimator_rebuilds_the_exported_weights_in_rust_and_in_python() {
         export(&run, &file, &[]);
         let tune: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
-        assert_eq!(tune["version"], 3, "{what}");
+        let version = if estimator == "lozo" { 4 } else { 3 };
+        assert_eq!(tune["version"], version, "{what}");
         assert_eq!(
             tune["estimator"].as_str().unwrap_or("mezo"),
             estimator,
@@ -135,6 +157,11 @@ fn every_estimator_rebuilds_the_exported_weights_in_rust_and_in_python() {
         assert_eq!(
             tune["steps"][0]["spread"].is_f64(),
             estimator == "fzoo",
+            "{what}"
+        );
+        assert_eq!(
+            tune["steps"][0]["basis"].is_u64(),
+            estimator == "lozo",
             "{what}"
         );
 

@@ -22,7 +22,12 @@
 //!   and tokenizer runtime on CPU;
 //! * **mask** (`mezo.estimator: sparse` only): one bit per trainable weight,
 //!   kept for the step's passes, and the temporaries that build and unpack it.
-//!   FZOO and MeZO keep nothing beside the weights.
+//!   FZOO and MeZO keep nothing beside the weights;
+//! * **factors** (`mezo.estimator: lozo` only): every matrix's U and V while a
+//!   pass builds the low-rank directions, (rows + columns) × rank summed over
+//!   the base's matrices (adapters have fewer); with `rng: torch` and rank > 1 a second
+//!   tensor the size of the largest parameter (each outer product before it is
+//!   added).
 //!
 //! Sequences per forward = max(batch, eval batch) × candidates per example
 //! (classification and multiple choice score one sequence per answer; a
@@ -68,6 +73,9 @@ pub struct Footprint {
     /// Sparse MeZO's packed mask and its temporaries (0 for other estimators).
     #[serde(default)]
     pub mask: u64,
+    /// LOZO's factors U and V of a matrix, and their temporaries (0 for other estimators).
+    #[serde(default)]
+    pub factors: u64,
 }
 
 impl Footprint {
@@ -78,6 +86,7 @@ impl Footprint {
             + self.logits
             + self.runtime
             + self.mask
+            + self.factors
     }
 }
 
@@ -153,11 +162,14 @@ pub fn estimate_with(
     let elem = spec.model.dtype.bytes() as u64;
     let device = if gpu { "cuda" } else { "cpu" };
     let rng = spec.mezo.rng.unwrap_or_else(|| Rng::default_for(device));
-    let (mut numel, mut largest) = (0u64, 0u64);
+    let (mut numel, mut largest, mut sides) = (0u64, 0u64, 0u64);
     for (_, shape) in &shapes {
         let n: u64 = shape.iter().map(|&d| d as u64).product();
         numel += n;
         largest = largest.max(n);
+        if let [rows, cols] = shape.as_slice() {
+            sides += (rows + cols) as u64;
+        }
     }
     let mut trainable = numel;
     if let Some((adapter_numel, adapter_largest)) = adapter_sizes(&spec.tuning(), &shapes, &cfg) {
@@ -209,6 +221,17 @@ pub fn estimate_with(
                 Rng::Fast => (DEFAULT_CHUNK as u64).max(1 << 22).min(largest),
             };
             trainable.div_ceil(8) + MASK_CHUNK * (elem + 3) + 3 * unpacked
+        } else {
+            0
+        },
+        factors: if spec.mezo.estimator == Estimator::Lozo {
+            let rank = spec.mezo.rank() as u64;
+            let product = match rng {
+                Rng::Torch if rank > 1 => largest * elem,
+                _ => 0,
+            };
+            // U and V in f32 (fast) or the dtype (torch), and their copies at the dtype.
+            sides * rank * (4 + elem) + product
         } else {
             0
         },

@@ -71,6 +71,9 @@ pub enum Estimator {
     /// Sparse MeZO (Liu et al., 2024): MeZO that perturbs and updates only the
     /// small-magnitude weights of each tensor.
     Sparse,
+    /// LOZO (Chen et al., 2025): MeZO whose direction for each weight matrix is
+    /// low rank, `U·Vᵀ`, with U fresh every step and V kept for `basis_every` steps.
+    Lozo,
 }
 
 impl Estimator {
@@ -81,7 +84,7 @@ impl Estimator {
     /// Training forward passes per step with `directions` directions.
     pub fn forward_passes(self, directions: usize) -> usize {
         match self {
-            Estimator::Mezo | Estimator::Sparse => 2 * directions,
+            Estimator::Mezo | Estimator::Sparse | Estimator::Lozo => 2 * directions,
             Estimator::Fzoo => directions + 1,
         }
     }
@@ -91,18 +94,19 @@ impl Estimator {
     pub fn default_perturbation(self) -> Perturbation {
         match self {
             Estimator::Fzoo => Perturbation::Rademacher,
-            Estimator::Mezo | Estimator::Sparse => Perturbation::Gaussian,
+            Estimator::Mezo | Estimator::Sparse | Estimator::Lozo => Perturbation::Gaussian,
         }
     }
 }
 
-/// As job files write it: `mezo`, `fzoo`, `sparse`.
+/// As job files write it: `mezo`, `fzoo`, `sparse`, `lozo`.
 impl std::fmt::Display for Estimator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Estimator::Mezo => "mezo",
             Estimator::Fzoo => "fzoo",
             Estimator::Sparse => "sparse",
+            Estimator::Lozo => "lozo",
         })
     }
 }
@@ -137,3 +141,11 @@ impl std::fmt::Display for Perturbation {
 /// Sparse MeZO's default: each step perturbs the 25 % smallest-magnitude
 /// weights of every tensor.
 pub const DEFAULT_SPARSITY: f64 = 0.75;
+
+/// LOZO's default rank of each matrix's direction `U·Vᵀ` (the authors' script: 1;
+/// each element of a rank-1 direction has variance 1, as MeZO's z, so MeZO's
+/// learning rates carry over).
+pub const DEFAULT_RANK: usize = 1;
+
+/// LOZO's default number of steps that share one V (the authors' script: 100).
+pub const DEFAULT_BASIS_EVERY: u64 = 100;

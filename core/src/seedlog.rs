@@ -28,6 +28,10 @@ pub struct StepRecord {
     /// their one-sided difference over ε.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spread: Option<f64>,
+    /// LOZO: the seed of V, the right factor every direction `U·Vᵀ` of the step
+    /// shares (the same for `basis_every` consecutive steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basis: Option<u64>,
 }
 
 /// One further direction of an n-SPSA step.
@@ -41,15 +45,18 @@ pub struct Direction {
 
 /// Fixed little-endian layout: exact f64 bits (a text round trip could move the
 /// last bit of a projected gradient, and replay would drift).  48 bytes for a
-/// one-direction step, then 32 per further direction, then for FZOO a 16-byte
-/// trailer (a tag and σ); the lengths never collide (48 + 32k, or + 16), so
-/// logs written before n-SPSA or FZOO existed read unchanged.
+/// one-direction step, then 32 per further direction, then for FZOO and LOZO
+/// a 16-byte trailer (a tag, then σ or V's seed); the lengths never collide
+/// (48 + 32k, or + 16), so logs written before n-SPSA, FZOO or LOZO existed
+/// read unchanged.
 pub const RECORD_BYTES: usize = 48;
 const DIRECTION_BYTES: usize = 32;
-const SPREAD_BYTES: usize = 16;
+const TRAILER_BYTES: usize = 16;
 /// The trailer's tag, "spread" in ASCII: a record cut in the wrong place is
 /// refused rather than read as σ.
 const SPREAD_TAG: u64 = u64::from_le_bytes(*b"spread\0\0");
+/// The tag of LOZO's trailer, "basis" in ASCII.
+const BASIS_TAG: u64 = u64::from_le_bytes(*b"basis\0\0\0");
 
 impl StepRecord {
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -72,21 +79,25 @@ impl StepRecord {
         if let Some(spread) = self.spread {
             fields.extend([SPREAD_TAG, spread.to_bits()]);
         }
+        if let Some(basis) = self.basis {
+            fields.extend([BASIS_TAG, basis]);
+        }
         fields.iter().flat_map(|f| f.to_le_bytes()).collect()
     }
 
     pub fn from_bytes(b: &[u8]) -> Option<Self> {
         let rest = b.len().checked_sub(RECORD_BYTES)?;
-        let (directions, spread_at) = match rest % DIRECTION_BYTES {
+        let (directions, trailer_at) = match rest % DIRECTION_BYTES {
             0 => (rest / DIRECTION_BYTES, None),
-            SPREAD_BYTES => (rest / DIRECTION_BYTES, Some(b.len() - SPREAD_BYTES)),
+            TRAILER_BYTES => (rest / DIRECTION_BYTES, Some(b.len() - TRAILER_BYTES)),
             _ => return None,
         };
         let f = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
-        let spread = match spread_at {
-            Some(at) if f(at / 8) == SPREAD_TAG => Some(f64::from_bits(f(at / 8 + 1))),
+        let (spread, basis) = match trailer_at.map(|at| (f(at / 8), f(at / 8 + 1))) {
+            Some((SPREAD_TAG, bits)) => (Some(f64::from_bits(bits)), None),
+            Some((BASIS_TAG, seed)) => (None, Some(seed)),
             Some(_) => return None,
-            None => None,
+            None => (None, None),
         };
         let more = (0..directions)
             .map(|k| {
@@ -108,6 +119,7 @@ impl StepRecord {
             lr: f64::from_bits(f(5)),
             more,
             spread,
+            basis,
         })
     }
 
@@ -242,7 +254,25 @@ mod tests {
                 })
                 .collect(),
             spread: None,
+            basis: None,
         }
+    }
+
+    #[test]
+    fn a_lozo_record_keeps_the_seed_of_its_v_and_is_never_read_as_fzoo() {
+        for step in [2, 3] {
+            let mut lozo = rec(step);
+            lozo.basis = Some(u64::MAX - 5); // all 64 bits matter
+            let bytes = lozo.to_bytes();
+            assert_eq!(bytes.len(), lozo.to_bytes().len());
+            assert_eq!(bytes.len(), RECORD_BYTES + 32 * (step as usize % 2) + 16);
+            let back = StepRecord::from_bytes(&bytes).unwrap();
+            assert_eq!(back, lozo);
+            assert_eq!(back.spread, None, "a basis trailer read as σ");
+            let json = serde_json::to_string(&lozo).unwrap();
+            assert_eq!(serde_json::from_str::<StepRecord>(&json).unwrap(), lozo);
+        }
+        assert!(!serde_json::to_string(&rec(3)).unwrap().contains("basis"));
     }
 
     #[test]

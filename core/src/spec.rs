@@ -7,13 +7,17 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::mezo_options::{Estimator, LrSchedule, Perturbation, Rng, DEFAULT_SPARSITY};
+use crate::mezo_options::{
+    Estimator, LrSchedule, Perturbation, Rng, DEFAULT_BASIS_EVERY, DEFAULT_RANK, DEFAULT_SPARSITY,
+};
 use crate::model_ref::{Dtype, ModelSource};
 use crate::tuning::{LoraConfig, PrefixConfig, Tuning};
 
 /// The most steps a job may ask for: far beyond any published MeZO run, and
 /// short of "forever" (a daemon job that never ends holds its GPU for good).
 pub const MAX_STEPS: u64 = 10_000_000;
+/// LOZO's largest rank: a low-rank direction is the point; past this use `mezo`.
+pub const MAX_RANK: usize = 64;
 
 /// The longest job `name:`: a table column, not a description.
 pub const MAX_NAME_CHARS: usize = 100;
@@ -384,8 +388,8 @@ pub struct MezoSpec {
     pub eval_every: u64,
     #[serde(default)]
     pub eval_batch_size: Option<usize>,
-    /// How forward passes become an update: `mezo` (the default), `fzoo` or
-    /// `sparse` (the README gives each one's rule).
+    /// How forward passes become an update: `mezo` (the default), `fzoo`,
+    /// `sparse` or `lozo` (the README gives each one's rule).
     #[serde(default, skip_serializing_if = "Estimator::is_mezo")]
     pub estimator: Estimator,
     /// Directions per step.  MeZO: n-SPSA, each measured at the same weights,
@@ -401,6 +405,12 @@ pub struct MezoSpec {
     /// magnitude) a step leaves alone; default 0.75.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sparsity: Option<f64>,
+    /// `lozo`: the rank r of each weight matrix's direction `U·Vᵀ`; default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<usize>,
+    /// `lozo`: how many consecutive steps share one V (the paper's ν); default 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basis_every: Option<u64>,
     /// What the two forward passes measure: `loss` (cross-entropy), or
     /// `accuracy` (−accuracy of the batch's candidate scoring: MeZO needs no
     /// gradient, so a non-differentiable metric can be the objective).
@@ -427,6 +437,16 @@ impl MezoSpec {
     /// `sparse`: the fraction of each tensor a step leaves alone.
     pub fn sparsity(&self) -> f64 {
         self.sparsity.unwrap_or(DEFAULT_SPARSITY)
+    }
+
+    /// `lozo`: the rank of each matrix's direction.
+    pub fn rank(&self) -> usize {
+        self.rank.unwrap_or(DEFAULT_RANK)
+    }
+
+    /// `lozo`: steps per V.
+    pub fn basis_every(&self) -> u64 {
+        self.basis_every.unwrap_or(DEFAULT_BASIS_EVERY)
     }
 }
 
@@ -642,6 +662,21 @@ impl JobSpec {
                  leaves alone (Sparse MeZO's default here: {DEFAULT_SPARSITY})"
             ),
             _ => {}
+        }
+        if m.estimator != Estimator::Lozo && (m.rank.is_some() || m.basis_every.is_some()) {
+            bail!("mezo.rank and mezo.basis_every are settings of mezo.estimator: lozo");
+        }
+        if !(1..=MAX_RANK).contains(&m.rank()) {
+            bail!(
+                "mezo.rank must be between 1 and {MAX_RANK}: the rank of each weight matrix's \
+                 direction U·Vᵀ (LOZO's default here: {DEFAULT_RANK})"
+            );
+        }
+        if m.basis_every() == 0 {
+            bail!(
+                "mezo.basis_every must be at least 1: how many steps share one V \
+                 (LOZO's default here: {DEFAULT_BASIS_EVERY})"
+            );
         }
         if m.batch_size == 0 {
             bail!("mezo.batch_size must be at least 1");

@@ -6,9 +6,9 @@ pub mod schedule;
 pub mod step;
 pub mod sweep;
 
-pub use schedule::{batch_indices, direction_seed, step_seed, LrSchedule};
+pub use schedule::{basis_seed, batch_indices, direction_seed, step_seed, LrSchedule};
 pub use step::{
-    live_step, mezo_step, replay_step, spsa_step, Gradient, Gradients, Measured, Method,
+    live_step, mezo_step, replay_step, spsa_step, Gradient, Gradients, Logged, Measured, Method,
     StepConfig, StepOutcome,
 };
 pub use sweep::{Rng, ZSweep};

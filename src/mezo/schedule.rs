@@ -24,6 +24,14 @@ pub fn direction_seed(step_seed: u64, j: u64) -> u64 {
     rng.next_u64() >> 12
 }
 
+/// LOZO: the seed of V for step `step`, the same for the `every` steps of a
+/// period (ChaCha streams from 2⁶³ up: never a step seed's stream).
+pub fn basis_seed(job_seed: u64, step: u64, every: u64) -> u64 {
+    let mut rng = ChaCha20Rng::seed_from_u64(job_seed);
+    rng.set_stream((1 << 63) | (step / every.max(1)));
+    rng.next_u64() >> 12
+}
+
 /// Example indices of the batch for `step`: epochs are seeded permutations of
 /// the training set, consumed `batch_size` at a time across epoch boundaries.
 pub fn batch_indices(data_seed: u64, step: u64, batch_size: usize, n: usize) -> Vec<usize> {
@@ -52,6 +60,16 @@ fn epoch_permutation(data_seed: u64, epoch: u64, n: usize) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_basis_seed_holds_for_its_period_and_is_never_a_step_seed() {
+        assert_eq!(basis_seed(7, 0, 100), basis_seed(7, 99, 100));
+        assert_ne!(basis_seed(7, 99, 100), basis_seed(7, 100, 100));
+        assert_ne!(basis_seed(7, 5, 1), basis_seed(7, 6, 1));
+        let steps: std::collections::HashSet<u64> = (0..1000).map(|t| step_seed(7, t)).collect();
+        assert!((0..1000).all(|t| !steps.contains(&basis_seed(7, t, 1))));
+        assert!(basis_seed(7, 3, 1) < 1 << 52);
+    }
 
     #[test]
     fn seeds_are_stable_distinct_and_json_safe() {

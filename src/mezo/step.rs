@@ -1,5 +1,6 @@
 //! The MeZO step (Malladi et al., 2023, Algorithm 1), in place, without autograd,
-//! and the estimators beside it (`mezo.estimator`): n-SPSA, Sparse MeZO, FZOO.
+//! and the estimators beside it (`mezo.estimator`): n-SPSA, Sparse MeZO, FZOO,
+//! LOZO.
 //!
 //! z is never stored: it is regenerated from the step seed in each of the
 //! passes over the parameters (same seed, same canonical order, same draws).
@@ -8,7 +9,7 @@
 //! even in bf16/f16, where `+ε` then `−2ε` then `+ε` does not restore θ exactly.
 
 use super::mask::Mask;
-use super::sweep::{Update, ZSweep};
+use super::sweep::{Form, LowRank, Update, ZSweep};
 use crate::model::ParamList;
 use anyhow::{bail, Result};
 use mezod_core::mezo_options::Estimator;
@@ -22,30 +23,43 @@ pub enum Method {
     Sparse { sparsity: f64 },
     /// FZOO: one-sided differences from the loss at θ, scaled by 1/σ.
     Fzoo,
+    /// LOZO: MeZO along low-rank directions `U·Vᵀ` on every matrix.
+    Lozo { rank: usize },
 }
 
 impl Method {
     pub fn of(spec: &mezod_core::spec::MezoSpec) -> Method {
-        Method::from_parts(spec.estimator, Some(spec.sparsity()))
+        Method::from_parts(spec.estimator, Some(spec.sparsity()), Some(spec.rank()))
     }
 
-    /// From an estimator and, for `sparse`, its sparsity (default if absent).
-    pub fn from_parts(estimator: Estimator, sparsity: Option<f64>) -> Method {
+    /// From an estimator and, for `sparse`, its sparsity, for `lozo` its rank
+    /// (defaults if absent).
+    pub fn from_parts(estimator: Estimator, sparsity: Option<f64>, rank: Option<usize>) -> Method {
+        use mezod_core::mezo_options::{DEFAULT_RANK, DEFAULT_SPARSITY};
         match estimator {
             Estimator::Mezo => Method::Mezo,
             Estimator::Sparse => Method::Sparse {
-                sparsity: sparsity.unwrap_or(mezod_core::mezo_options::DEFAULT_SPARSITY),
+                sparsity: sparsity.unwrap_or(DEFAULT_SPARSITY),
             },
             Estimator::Fzoo => Method::Fzoo,
+            Estimator::Lozo => Method::Lozo {
+                rank: rank.unwrap_or(DEFAULT_RANK),
+            },
         }
     }
 
-    /// The step's mask, computed from the weights as the step finds them.
-    fn mask(&self, params: &ParamList) -> Option<Mask> {
-        match *self {
-            Method::Sparse { sparsity } => Some(Mask::of(params, sparsity)),
-            Method::Mezo | Method::Fzoo => None,
-        }
+    /// The shape of the step's z: Sparse MeZO's mask, computed from the weights
+    /// as the step finds them; LOZO's factors, V from the logged `basis` seed.
+    fn form(&self, params: &ParamList, basis: Option<u64>) -> Result<Form> {
+        Ok(match (*self, basis) {
+            (Method::Sparse { sparsity }, None) => Form::Masked(Mask::of(params, sparsity)),
+            (Method::Lozo { rank }, Some(basis)) => Form::LowRank(LowRank { rank, basis }),
+            (Method::Lozo { .. }, None) => bail!("a lozo step needs the seed of its V"),
+            (_, Some(_)) => {
+                bail!("a step has LOZO's seed of V but the job's estimator is not lozo")
+            }
+            (Method::Mezo | Method::Fzoo, None) => Form::Dense,
+        })
     }
 }
 
@@ -56,28 +70,29 @@ pub struct Measured {
     pub spread: Option<f64>,
 }
 
-/// One live step of `method` along the directions of `seeds`.
+/// One live step of `method` along the directions of `seeds` (LOZO: with V
+/// drawn from `basis`).
 pub fn live_step(
     params: &ParamList,
     z: &ZSweep,
     method: Method,
     seeds: &[u64],
+    basis: Option<u64>,
     cfg: &StepConfig,
     loss: &mut dyn FnMut() -> Result<f64>,
 ) -> Result<Measured> {
-    let mask = method.mask(params);
-    let mask = mask.as_ref();
+    let form = method.form(params, basis)?;
     match (method, seeds) {
         (Method::Fzoo, _) => fzoo_step(params, z, seeds, cfg, Losses::Measure(loss)),
         (_, [seed]) => {
-            masked_mezo_step(params, z, mask, *seed, cfg, Gradient::Measure(loss)).map(|o| {
+            shaped_mezo_step(params, z, &form, *seed, cfg, Gradient::Measure(loss)).map(|o| {
                 Measured {
                     outcomes: vec![o],
                     spread: None,
                 }
             })
         }
-        _ => masked_spsa_step(params, z, mask, seeds, cfg, Gradients::Measure(loss)).map(|o| {
+        _ => shaped_spsa_step(params, z, &form, seeds, cfg, Gradients::Measure(loss)).map(|o| {
             Measured {
                 outcomes: o,
                 spread: None,
@@ -111,8 +126,8 @@ pub struct StepOutcome {
 }
 
 /// Pass 1 and 2: `p += scale·z`.
-fn perturb(params: &ParamList, z: &ZSweep, mask: Option<&Mask>, seed: u64, scale: f64) {
-    z.apply_masked(params, seed, mask, |_| Update::add(scale));
+fn perturb(params: &ParamList, z: &ZSweep, form: &Form, seed: u64, scale: f64) {
+    z.apply_shaped(params, seed, form, |_| Update::add(scale));
 }
 
 /// Pass 3: restore θ and apply the update in one sweep:
@@ -120,12 +135,12 @@ fn perturb(params: &ParamList, z: &ZSweep, mask: Option<&Mask>, seed: u64, scale
 fn restore_and_update(
     params: &ParamList,
     z: &ZSweep,
-    mask: Option<&Mask>,
+    form: &Form,
     seed: u64,
     cfg: &StepConfig,
     g: f64,
 ) {
-    z.apply_masked(params, seed, mask, |decays| {
+    z.apply_shaped(params, seed, form, |decays| {
         if cfg.weight_decay != 0.0 && decays {
             Update {
                 keep: 1.0 - cfg.lr * cfg.weight_decay,
@@ -149,29 +164,29 @@ pub fn mezo_step(
     cfg: &StepConfig,
     gradient: Gradient,
 ) -> Result<StepOutcome> {
-    masked_mezo_step(params, z, None, seed, cfg, gradient)
+    shaped_mezo_step(params, z, &Form::Dense, seed, cfg, gradient)
 }
 
-/// [`mezo_step`] with z zeroed outside `mask` (Sparse MeZO).
-fn masked_mezo_step(
+/// [`mezo_step`] with z shaped by `form` (Sparse MeZO, LOZO).
+fn shaped_mezo_step(
     params: &ParamList,
     z: &ZSweep,
-    mask: Option<&Mask>,
+    form: &Form,
     seed: u64,
     cfg: &StepConfig,
     gradient: Gradient,
 ) -> Result<StepOutcome> {
     let _guard = tch::no_grad_guard();
-    perturb(params, z, mask, seed, cfg.eps);
+    perturb(params, z, form, seed, cfg.eps);
     let (loss_plus, loss_minus, g) = match gradient {
         Gradient::Measure(loss) => {
             let plus = loss();
-            perturb(params, z, mask, seed, -2.0 * cfg.eps);
+            perturb(params, z, form, seed, -2.0 * cfg.eps);
             let minus = loss();
             let (plus, minus) = match (plus, minus) {
                 (Ok(p), Ok(m)) if p.is_finite() && m.is_finite() => (p, m),
                 (p, m) => {
-                    restore_and_update(params, z, mask, seed, cfg, 0.0);
+                    restore_and_update(params, z, form, seed, cfg, 0.0);
                     let show = |r: Result<f64>| {
                         r.map(|v| v.to_string())
                             .unwrap_or_else(|e| format!("error: {e:#}"))
@@ -186,11 +201,11 @@ fn masked_mezo_step(
             (plus, minus, (plus - minus) / (2.0 * cfg.eps))
         }
         Gradient::Logged(g) => {
-            perturb(params, z, mask, seed, -2.0 * cfg.eps);
+            perturb(params, z, form, seed, -2.0 * cfg.eps);
             (f64::NAN, f64::NAN, g)
         }
     };
-    restore_and_update(params, z, mask, seed, cfg, g);
+    restore_and_update(params, z, form, seed, cfg, g);
     Ok(StepOutcome {
         projected_grad: g,
         loss_plus,
@@ -217,14 +232,14 @@ pub fn spsa_step(
     cfg: &StepConfig,
     gradients: Gradients,
 ) -> Result<Vec<StepOutcome>> {
-    masked_spsa_step(params, z, None, seeds, cfg, gradients)
+    shaped_spsa_step(params, z, &Form::Dense, seeds, cfg, gradients)
 }
 
-/// [`spsa_step`] with z zeroed outside `mask` (Sparse MeZO).
-fn masked_spsa_step(
+/// [`spsa_step`] with z shaped by `form` (Sparse MeZO, LOZO).
+fn shaped_spsa_step(
     params: &ParamList,
     z: &ZSweep,
-    mask: Option<&Mask>,
+    form: &Form,
     seeds: &[u64],
     cfg: &StepConfig,
     mut gradients: Gradients,
@@ -232,13 +247,13 @@ fn masked_spsa_step(
     let _guard = tch::no_grad_guard();
     let mut outcomes = Vec::with_capacity(seeds.len());
     for (j, &seed) in seeds.iter().enumerate() {
-        perturb(params, z, mask, seed, cfg.eps);
+        perturb(params, z, form, seed, cfg.eps);
         let outcome = match &mut gradients {
             Gradients::Measure(loss) => {
                 let plus = loss();
-                perturb(params, z, mask, seed, -2.0 * cfg.eps);
+                perturb(params, z, form, seed, -2.0 * cfg.eps);
                 let minus = loss();
-                perturb(params, z, mask, seed, cfg.eps);
+                perturb(params, z, form, seed, cfg.eps);
                 match (plus, minus) {
                     (Ok(p), Ok(m)) if p.is_finite() && m.is_finite() => StepOutcome {
                         projected_grad: (p - m) / (2.0 * cfg.eps),
@@ -253,8 +268,8 @@ fn masked_spsa_step(
                 }
             }
             Gradients::Logged(grads) => {
-                perturb(params, z, mask, seed, -2.0 * cfg.eps);
-                perturb(params, z, mask, seed, cfg.eps);
+                perturb(params, z, form, seed, -2.0 * cfg.eps);
+                perturb(params, z, form, seed, cfg.eps);
                 StepOutcome {
                     projected_grad: grads[j],
                     loss_plus: f64::NAN,
@@ -269,7 +284,7 @@ fn masked_spsa_step(
         .iter()
         .map(|o| -cfg.lr * o.projected_grad / n)
         .collect();
-    apply_updates(params, z, mask, seeds, cfg, &posts);
+    apply_updates(params, z, form, seeds, cfg, &posts);
     Ok(outcomes)
 }
 
@@ -278,13 +293,13 @@ fn masked_spsa_step(
 fn apply_updates(
     params: &ParamList,
     z: &ZSweep,
-    mask: Option<&Mask>,
+    form: &Form,
     seeds: &[u64],
     cfg: &StepConfig,
     posts: &[f64],
 ) {
     for (j, (&seed, &post)) in seeds.iter().zip(posts).enumerate() {
-        z.apply_masked(params, seed, mask, |decays| Update {
+        z.apply_shaped(params, seed, form, |decays| Update {
             keep: if j == 0 && cfg.weight_decay != 0.0 && decays {
                 1.0 - cfg.lr * cfg.weight_decay
             } else {
@@ -338,9 +353,9 @@ pub fn fzoo_step(
             let base = loss()?;
             let mut perturbed = Vec::with_capacity(seeds.len());
             for &seed in seeds {
-                perturb(params, z, None, seed, cfg.eps);
+                perturb(params, z, &Form::Dense, seed, cfg.eps);
                 let l = loss();
-                perturb(params, z, None, seed, -cfg.eps);
+                perturb(params, z, &Form::Dense, seed, -cfg.eps);
                 perturbed.push(l);
             }
             let perturbed: Vec<f64> = match perturbed.into_iter().collect::<Result<Vec<_>>>() {
@@ -364,8 +379,8 @@ pub fn fzoo_step(
         }
         Losses::Logged { grads, spread } => {
             for &seed in seeds {
-                perturb(params, z, None, seed, cfg.eps);
-                perturb(params, z, None, seed, -cfg.eps);
+                perturb(params, z, &Form::Dense, seed, cfg.eps);
+                perturb(params, z, &Form::Dense, seed, -cfg.eps);
             }
             let outcomes: Vec<StepOutcome> = grads
                 .iter()
@@ -382,11 +397,20 @@ pub fn fzoo_step(
         .iter()
         .map(|o| fzoo_post(cfg.lr, o.projected_grad, seeds.len(), spread))
         .collect();
-    apply_updates(params, z, None, seeds, cfg, &posts);
+    apply_updates(params, z, &Form::Dense, seeds, cfg, &posts);
     Ok(Measured {
         outcomes,
         spread: Some(spread),
     })
+}
+
+/// What a logged step holds beside its directions' seeds and gradients.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Logged {
+    /// FZOO's σ.
+    pub spread: Option<f64>,
+    /// LOZO's seed of V.
+    pub basis: Option<u64>,
 }
 
 /// Re-apply one logged step of `method` without any forward pass.
@@ -396,14 +420,14 @@ pub fn replay_step(
     method: Method,
     seeds: &[u64],
     grads: &[f64],
-    spread: Option<f64>,
+    logged: Logged,
     cfg: &StepConfig,
 ) -> Result<()> {
     if seeds.len() != grads.len() || seeds.is_empty() {
         bail!("a logged step needs one projected gradient per seed");
     }
-    let mask = method.mask(params);
-    let mask = mask.as_ref();
+    let spread = logged.spread;
+    let form = method.form(params, logged.basis)?;
     match (method, spread) {
         (Method::Fzoo, Some(spread)) => {
             fzoo_step(params, z, seeds, cfg, Losses::Logged { grads, spread })?;
@@ -413,10 +437,10 @@ pub fn replay_step(
             bail!("a logged step has FZOO's spread but the job's estimator is not fzoo")
         }
         _ if seeds.len() == 1 => {
-            masked_mezo_step(params, z, mask, seeds[0], cfg, Gradient::Logged(grads[0]))?;
+            shaped_mezo_step(params, z, &form, seeds[0], cfg, Gradient::Logged(grads[0]))?;
         }
         _ => {
-            masked_spsa_step(params, z, mask, seeds, cfg, Gradients::Logged(grads))?;
+            shaped_spsa_step(params, z, &form, seeds, cfg, Gradients::Logged(grads))?;
         }
     }
     Ok(())
@@ -611,7 +635,7 @@ mod tests {
         for (rng, kind) in [(Rng::Torch, Kind::Double), (Rng::Fast, Kind::Float)] {
             let p = params(kind);
             let before = copy(&p);
-            perturb(&p, &ZSweep::new(rng, 2), None, 42, 1.0);
+            perturb(&p, &ZSweep::new(rng, 2), &Form::Dense, 42, 1.0);
             for ((new, old), z) in p.iter().zip(before.iter()).zip(drawn_z(rng, &before, 42)) {
                 let err = (&new.tensor - &old.tensor - z)
                     .abs()
@@ -637,8 +661,16 @@ mod tests {
                             .unwrap();
                     assert_eq!(outs.len(), 3);
                     let grads: Vec<f64> = outs.iter().map(|o| o.projected_grad).collect();
-                    replay_step(&replayed, &z, Method::Mezo, &seeds, &grads, None, &DECAYED)
-                        .unwrap();
+                    replay_step(
+                        &replayed,
+                        &z,
+                        Method::Mezo,
+                        &seeds,
+                        &grads,
+                        Logged::default(),
+                        &DECAYED,
+                    )
+                    .unwrap();
                 }
                 assert!(same(&live, &replayed), "{rng:?} {kind:?}: replay drifted");
                 assert!(
@@ -661,7 +693,7 @@ mod tests {
             Method::Mezo,
             &[7, 8],
             &[2.0, -1.0],
-            None,
+            Logged::default(),
             &cfg,
         )
         .unwrap();
@@ -728,6 +760,8 @@ mod tests {
             (Method::Sparse { sparsity: 0.75 }, 1),
             (Method::Sparse { sparsity: 0.5 }, 2),
             (Method::Fzoo, 4),
+            (Method::Lozo { rank: 1 }, 1),
+            (Method::Lozo { rank: 3 }, 2),
         ];
         for rng in [Rng::Torch, Rng::Fast] {
             for perturbation in [Perturbation::Gaussian, Perturbation::Rademacher] {
@@ -738,14 +772,22 @@ mod tests {
                         let replayed = copy(&live);
                         for step in 0..3u64 {
                             let seeds: Vec<u64> = (0..n).map(|j| 100 * step + j).collect();
+                            // LOZO: V changes after two steps.
+                            let basis =
+                                matches!(method, Method::Lozo { .. }).then_some(7 + step / 2);
                             let mut loss = quadratic_loss(&live);
                             let m =
-                                live_step(&live, &z, method, &seeds, &DECAYED, &mut loss).unwrap();
+                                live_step(&live, &z, method, &seeds, basis, &DECAYED, &mut loss)
+                                    .unwrap();
                             assert_eq!(m.outcomes.len(), n as usize);
                             assert_eq!(m.spread.is_some(), method == Method::Fzoo);
                             let grads: Vec<f64> =
                                 m.outcomes.iter().map(|o| o.projected_grad).collect();
-                            replay_step(&replayed, &z, method, &seeds, &grads, m.spread, &DECAYED)
+                            let logged = Logged {
+                                spread: m.spread,
+                                basis,
+                            };
+                            replay_step(&replayed, &z, method, &seeds, &grads, logged, &DECAYED)
                                 .unwrap();
                         }
                         let what = format!("{rng:?} {perturbation:?} {method:?}×{n} {kind:?}");
@@ -766,22 +808,132 @@ mod tests {
             Method::Fzoo,
             &[1, 2],
             &[0.5, 0.5],
-            None,
+            Logged::default(),
             &DECAYED,
         )
         .unwrap_err();
         assert!(e.to_string().contains("spread"), "{e}");
-        let e = replay_step(
+        let replay = |method, logged| {
+            replay_step(&p, &torch(), method, &[1], &[0.5], logged, &DECAYED)
+                .unwrap_err()
+                .to_string()
+        };
+        let sigma = Logged {
+            spread: Some(1.0),
+            basis: None,
+        };
+        let basis = Logged {
+            spread: None,
+            basis: Some(3),
+        };
+        let e = replay(Method::Mezo, sigma);
+        assert!(e.contains("not fzoo"), "{e}");
+        let e = replay(Method::Lozo { rank: 1 }, Logged::default());
+        assert!(e.contains("seed of its V"), "{e}");
+        for method in [Method::Mezo, Method::Sparse { sparsity: 0.5 }] {
+            let e = replay(method, basis);
+            assert!(e.contains("not lozo"), "{e}");
+        }
+        assert!(replay_step(
             &p,
             &torch(),
-            Method::Mezo,
-            &[1],
-            &[0.5],
-            Some(1.0),
-            &DECAYED,
+            Method::Fzoo,
+            &[1, 2],
+            &[0.5, 0.5],
+            Logged {
+                basis: Some(3),
+                spread: Some(1.0)
+            },
+            &DECAYED
         )
-        .unwrap_err();
-        assert!(e.to_string().contains("not fzoo"), "{e}");
+        .is_err());
+    }
+
+    /// LOZO's direction as the sweep must draw it: `U·Vᵀ` on matrices (U from
+    /// the step's seed, V from the basis seed), the dense z elsewhere.
+    fn drawn_low_rank(rng: Rng, p: &ParamList, seed: u64, basis: u64, rank: i64) -> Vec<Tensor> {
+        let dense = drawn_z(rng, p, seed);
+        let fast = |seed: u64, stream: usize, rows: i64| {
+            let mut x = vec![0f32; (rows * rank) as usize];
+            crate::mezo::fast_rng::fill_normals(seed, stream as u32, 0, &mut x);
+            Tensor::from_slice(&x).view([rows, rank])
+        };
+        let mut vs = Vec::new();
+        if rng == Rng::Torch {
+            tch::manual_seed(basis as i64);
+            for q in p.iter().filter(|q| q.tensor.dim() == 2) {
+                vs.push(Tensor::randn(
+                    [q.tensor.size()[1], rank],
+                    (q.tensor.kind(), Device::Cpu),
+                ));
+            }
+            tch::manual_seed(seed as i64);
+        }
+        let mut vs = vs.into_iter();
+        p.iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let size = q.tensor.size();
+                if size.len() != 2 {
+                    return match rng {
+                        Rng::Torch => q.tensor.randn_like(),
+                        Rng::Fast => dense[i].shallow_clone(),
+                    };
+                }
+                let (u, v) = match rng {
+                    Rng::Torch => (
+                        Tensor::randn([size[0], rank], (q.tensor.kind(), Device::Cpu)),
+                        vs.next().unwrap(),
+                    ),
+                    Rng::Fast => (fast(seed, i, size[0]), fast(basis, i, size[1])),
+                };
+                u.to_kind(Kind::Double)
+                    .matmul(&v.to_kind(Kind::Double).tr())
+                    .to_kind(q.tensor.kind())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn lozo_follows_the_mezo_rule_along_low_rank_directions() {
+        let _rng = crate::torch_rng_lock();
+        // θ ← (1 − ηλ)·θ − η·g·U·Vᵀ on matrices, − η·g·z on the others.
+        for rng in [Rng::Torch, Rng::Fast] {
+            for rank in [1usize, 3] {
+                let p = params(Kind::Float);
+                let before = copy(&p);
+                let cfg = StepConfig {
+                    eps: 1e-3,
+                    lr: 0.1,
+                    weight_decay: 0.5,
+                };
+                let logged = Logged {
+                    spread: None,
+                    basis: Some(42),
+                };
+                let method = Method::Lozo { rank };
+                replay_step(&p, &ZSweep::new(rng, 2), method, &[7], &[2.0], logged, &cfg).unwrap();
+                let zs = drawn_low_rank(rng, &before, 7, 42, rank as i64);
+                for ((new, old), z) in p.iter().zip(before.iter()).zip(&zs) {
+                    let keep = if old.decays { 1.0 - 0.1 * 0.5 } else { 1.0 };
+                    let want = &old.tensor * keep - z * 0.2;
+                    let err = (&new.tensor - want).abs().max().double_value(&[]);
+                    assert!(err < 1e-5, "{rng:?} rank {rank} {}: {err}", new.name);
+                }
+                // The matrix's step has the rank asked for.
+                let moved = (&p.0[0].tensor - &before.0[0].tensor * 0.95).to_kind(Kind::Double);
+                let (_, s, _) = moved.svd(true, false);
+                let s = Vec::<f64>::try_from(s).unwrap();
+                assert!(
+                    s[rank - 1] > 1e-3 * s[0],
+                    "{rng:?}: rank below {rank}: {s:?}"
+                );
+                assert!(s[rank] < 1e-4 * s[0], "{rng:?}: rank above {rank}: {s:?}");
+                // Another basis seed, another V.
+                let other = drawn_low_rank(rng, &before, 7, 43, rank as i64);
+                assert!(!other[0].equal(&zs[0]) && other[1].equal(&zs[1]), "{rng:?}");
+            }
+        }
     }
 
     #[test]
@@ -805,7 +957,7 @@ mod tests {
                 weight_decay: 0.5,
             };
             let mut loss = quadratic_loss(&p);
-            let m = live_step(&p, &z, Method::Fzoo, &seeds, &cfg, &mut loss).unwrap();
+            let m = live_step(&p, &z, Method::Fzoo, &seeds, None, &cfg, &mut loss).unwrap();
             // The loss as `quadratic_loss` computes it, at weights of the params' kind.
             let w0 = before.0[0].tensor.shallow_clone();
             let l = |t: &Tensor| {
@@ -863,7 +1015,16 @@ mod tests {
                 weight_decay: 0.0,
             };
             let method = Method::Sparse { sparsity: 0.75 };
-            replay_step(&p, &ZSweep::new(rng, 2), method, &[7], &[2.0], None, &cfg).unwrap();
+            replay_step(
+                &p,
+                &ZSweep::new(rng, 2),
+                method,
+                &[7],
+                &[2.0],
+                Logged::default(),
+                &cfg,
+            )
+            .unwrap();
             let zs = drawn_z(rng, &before, 7);
             for ((new, old), z) in p.iter().zip(before.iter()).zip(zs) {
                 let h = crate::mezo::mask::threshold(&old.tensor, 0.25);

@@ -12,8 +12,8 @@
 //!
 //! Each element of z is standard normal or, with `mezo.perturbation:
 //! rademacher`, ±1 (torch: `randint_like(p, 2)·2 − 1`; fast: one Philox bit per
-//! element).  Sparse MeZO's [`Mask`] zeroes z outside the step's mask before it
-//! is added, in every pass and with either generator.
+//! element).  The step's [`Form`] shapes z: dense; zeroed outside Sparse MeZO's
+//! [`Mask`]; or, for LOZO, low rank on every matrix (see [`LowRank`]).
 
 use tch::{Device, Kind, Tensor};
 
@@ -44,6 +44,74 @@ impl Update {
     }
 }
 
+/// LOZO's directions: each 2-D tensor's z is `U·Vᵀ`, U (rows × rank) drawn
+/// from the pass's seed as its z would be, V (columns × rank) from `basis` on
+/// the same stream; other tensors keep their dense z.  The product is the
+/// fixed-order sum of `rank` outer products, `z = u₀v₀ᵀ + u₁v₁ᵀ + …`, each
+/// element a product then an addition rounded in turn (no matrix multiply,
+/// whose summation order depends on the library and its threads): the same
+/// bits on every replay, and in `scripts/mezo_rebuild.py`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LowRank {
+    pub rank: usize,
+    pub basis: u64,
+}
+
+/// How a step's z is shaped.
+pub enum Form {
+    Dense,
+    /// Sparse MeZO: z zeroed where the mask is clear.
+    Masked(Mask),
+    LowRank(LowRank),
+}
+
+impl Form {
+    fn mask(&self) -> Option<&Mask> {
+        match self {
+            Form::Masked(m) => Some(m),
+            _ => None,
+        }
+    }
+    fn low_rank(&self) -> Option<LowRank> {
+        match self {
+            Form::LowRank(l) => Some(*l),
+            _ => None,
+        }
+    }
+}
+
+/// A matrix's factors for the fast generator, in f32, row-major: `u` is
+/// rows × rank, `v` columns × rank.
+struct Factors {
+    u: Vec<f32>,
+    v: Vec<f32>,
+    cols: usize,
+    rank: usize,
+}
+
+impl Factors {
+    /// Elements `start ..` of the flattened `U·Vᵀ`.
+    fn fill(&self, start: usize, out: &mut [f32]) {
+        let r = self.rank;
+        let mut done = 0;
+        while done < out.len() {
+            let e = start + done;
+            let (row, col) = (e / self.cols, e % self.cols);
+            let len = (self.cols - col).min(out.len() - done);
+            let u = &self.u[row * r..row * r + r];
+            for (j, z) in out[done..done + len].iter_mut().enumerate() {
+                let v = &self.v[(col + j) * r..(col + j) * r + r];
+                let mut acc = u[0] * v[0];
+                for k in 1..r {
+                    acc += u[k] * v[k];
+                }
+                *z = acc;
+            }
+            done += len;
+        }
+    }
+}
+
 /// Draws z and applies updates with it.
 pub struct ZSweep {
     rng: Rng,
@@ -61,6 +129,8 @@ struct SharedF32<'m> {
     update: Update,
     /// The tensor's packed mask bits, when the step has a mask.
     mask: Option<&'m [u8]>,
+    /// A matrix's factors, when z is low rank.
+    factors: Option<Factors>,
 }
 
 // SAFETY: the threads of one pass write disjoint chunks of each tensor, and
@@ -102,30 +172,54 @@ impl ZSweep {
     /// One pass: for each tensor (in canonical order, tensor `i` is stream `i`),
     /// `update(param)` gives its coefficients.
     pub fn apply(&self, params: &ParamList, seed: u64, update: impl Fn(bool) -> Update) {
-        self.apply_masked(params, seed, None, update)
+        self.apply_shaped(params, seed, &Form::Dense, update)
     }
 
-    /// [`apply`](Self::apply) with z zeroed where `mask` is clear.
-    pub fn apply_masked(
+    /// [`apply`](Self::apply) with z shaped by `form`.
+    pub fn apply_shaped(
         &self,
         params: &ParamList,
         seed: u64,
-        mask: Option<&Mask>,
+        form: &Form,
         update: impl Fn(bool) -> Update,
     ) {
         let _guard = tch::no_grad_guard();
+        let mask = form.mask();
+        let low_rank = form.low_rank();
+        let is_matrix = |t: &Tensor| low_rank.is_some() && t.dim() == 2;
         match self.rng {
             Rng::Torch => {
+                // Every matrix's V first, from the basis seed; then U and the
+                // dense z in canonical order from the pass's seed.
+                let vs: Vec<Option<Tensor>> = match low_rank {
+                    Some(l) => {
+                        tch::manual_seed(l.basis as i64);
+                        params
+                            .iter()
+                            .map(|p| {
+                                is_matrix(&p.tensor)
+                                    .then(|| self.draw_torch(&p.tensor, p.tensor.size()[1], l.rank))
+                            })
+                            .collect()
+                    }
+                    None => Vec::new(),
+                };
                 tch::manual_seed(seed as i64);
                 for (i, p) in params.iter().enumerate() {
-                    let mut z = match self.perturbation {
-                        Perturbation::Gaussian => p.tensor.randn_like(),
-                        Perturbation::Rademacher => {
-                            let mut z = p.tensor.randint_like(2);
-                            let _ = z.g_mul_scalar_(2.0);
-                            let _ = z.g_sub_scalar_(1.0);
-                            z
+                    let mut z = match (low_rank, vs.get(i).and_then(Option::as_ref)) {
+                        (Some(l), Some(v)) => {
+                            let u = self.draw_torch(&p.tensor, p.tensor.size()[0], l.rank);
+                            outer_sum(&u, v)
                         }
+                        _ => match self.perturbation {
+                            Perturbation::Gaussian => p.tensor.randn_like(),
+                            Perturbation::Rademacher => {
+                                let mut z = p.tensor.randint_like(2);
+                                let _ = z.g_mul_scalar_(2.0);
+                                let _ = z.g_sub_scalar_(1.0);
+                                z
+                            }
+                        },
                     };
                     if let Some(mask) = mask {
                         let m = mask.whole(i, p.tensor.numel() as i64);
@@ -139,6 +233,9 @@ impl ZSweep {
                 for (stream, p) in params.iter().enumerate() {
                     let u = update(p.decays);
                     let t = &p.tensor;
+                    let factors = low_rank
+                        .filter(|_| is_matrix(t))
+                        .map(|l| self.factors(t, seed, stream as u32, l));
                     if t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous() {
                         cpu_f32.push(SharedF32 {
                             ptr: t.data_ptr() as *mut f32,
@@ -146,9 +243,10 @@ impl ZSweep {
                             stream: stream as u32,
                             update: u,
                             mask: mask.map(|m| m.host_bytes(stream)),
+                            factors,
                         });
                     } else {
-                        self.apply_fast_any(t, seed, stream as u32, u, mask);
+                        self.apply_fast_any(t, seed, stream as u32, u, mask, factors.as_ref());
                     }
                 }
                 self.apply_fast_f32(&cpu_f32, seed);
@@ -161,6 +259,46 @@ impl ZSweep {
         match self.perturbation {
             Perturbation::Gaussian => fill_normals(seed, stream, start, out),
             Perturbation::Rademacher => fill_signs(seed, stream, start, out),
+        }
+    }
+
+    /// [`fill`](Self::fill), or the elements of `U·Vᵀ` when the tensor has factors.
+    fn fill_z(&self, seed: u64, stream: u32, start: usize, out: &mut [f32], f: Option<&Factors>) {
+        match f {
+            Some(f) => f.fill(start, out),
+            None => self.fill(seed, stream, start as u64, out),
+        }
+    }
+
+    /// A matrix's U (from the pass's seed) and V (from the basis seed), both
+    /// on the tensor's own stream, drawn as the first elements of its z would be.
+    fn factors(&self, t: &Tensor, seed: u64, stream: u32, l: LowRank) -> Factors {
+        let (rows, cols) = (t.size()[0] as usize, t.size()[1] as usize);
+        let mut u = vec![0f32; rows * l.rank];
+        let mut v = vec![0f32; cols * l.rank];
+        self.fill(seed, stream, 0, &mut u);
+        self.fill(l.basis, stream, 0, &mut v);
+        Factors {
+            u,
+            v,
+            cols,
+            rank: l.rank,
+        }
+    }
+
+    /// torch's draw of a factor with `rows` rows and `rank` columns, at the
+    /// dtype and device of `like`: `randn`, or `randint(2)·2 − 1`.
+    fn draw_torch(&self, like: &Tensor, rows: i64, rank: usize) -> Tensor {
+        let opts = (like.kind(), like.device());
+        let shape = [rows, rank as i64];
+        match self.perturbation {
+            Perturbation::Gaussian => Tensor::randn(shape, opts),
+            Perturbation::Rademacher => {
+                let mut z = Tensor::randint(2, shape, opts);
+                let _ = z.g_mul_scalar_(2.0);
+                let _ = z.g_sub_scalar_(1.0);
+                z
+            }
         }
     }
 
@@ -188,7 +326,7 @@ impl ZSweep {
                     // other thread takes this chunk (see SharedF32).
                     let part = unsafe { std::slice::from_raw_parts_mut(x.ptr.add(start), len) };
                     let z = &mut z[..len];
-                    self.fill(seed, x.stream, start as u64, z);
+                    self.fill_z(seed, x.stream, start, z, x.factors.as_ref());
                     if let Some(bits) = x.mask {
                         // z·0 or z·1, as the tensor path's `z *= mask` computes it.
                         for (k, z) in z.iter_mut().enumerate() {
@@ -226,6 +364,7 @@ impl ZSweep {
         stream: u32,
         u: Update,
         mask: Option<&Mask>,
+        factors: Option<&Factors>,
     ) {
         let n = tensor.numel();
         let flat = tensor.view([-1]);
@@ -241,7 +380,7 @@ impl ZSweep {
         let mut start = 0;
         while start < n {
             let len = chunk.min(n - start);
-            self.fill(seed, stream, start as u64, &mut buf[..len]);
+            self.fill_z(seed, stream, start, &mut buf[..len], factors);
             let mut z = Tensor::from_slice(&buf[..len])
                 .to_device(tensor.device())
                 .to_kind(tensor.kind());
@@ -252,6 +391,16 @@ impl ZSweep {
             start += len;
         }
     }
+}
+
+/// `U·Vᵀ` as the fixed-order sum of the rank's outer products (see [`LowRank`]).
+fn outer_sum(u: &Tensor, v: &Tensor) -> Tensor {
+    let term = |k: i64| u.narrow(1, k, 1) * v.narrow(1, k, 1).tr();
+    let mut z = term(0);
+    for k in 1..u.size()[1] {
+        let _ = z.g_add_(&term(k));
+    }
+    z
 }
 
 /// `t ← keep·(t + pre·z) + post·z` with in-place tensor operations on z's storage

@@ -167,6 +167,7 @@ mod tests {
             lr: 1e-3,
             more: vec![],
             spread: None,
+            basis: None,
         }
     }
 

@@ -29,8 +29,8 @@ use crate::baselines::{self, Baselines};
 use crate::data::task::{Evaluation, Task};
 use crate::data::{load_splits, Example};
 use crate::mezo::{
-    batch_indices, direction_seed, live_step, replay_step, step_seed, Measured, Method, Rng,
-    StepConfig, ZSweep,
+    basis_seed, batch_indices, direction_seed, live_step, replay_step, step_seed, Logged, Measured,
+    Method, Rng, StepConfig, ZSweep,
 };
 use crate::model::adapters::Tuning;
 use crate::model::export::{export_hf, export_peft_adapter};
@@ -232,11 +232,22 @@ impl Job {
             .map(|j| direction_seed(seed, j))
             .collect();
         let method = Method::of(&self.spec.mezo);
+        let m = &self.spec.mezo;
+        let basis = matches!(method, Method::Lozo { .. })
+            .then(|| basis_seed(m.seed, step, m.basis_every()));
         let Measured {
             outcomes: outs,
             spread,
-        } = live_step(&model.params, &self.z, method, &seeds, &cfg, &mut loss)
-            .with_context(|| format!("step {step}"))?;
+        } = live_step(
+            &model.params,
+            &self.z,
+            method,
+            &seeds,
+            basis,
+            &cfg,
+            &mut loss,
+        )
+        .with_context(|| format!("step {step}"))?;
         let rec = StepRecord {
             step,
             seed,
@@ -255,6 +266,7 @@ impl Job {
                 })
                 .collect(),
             spread,
+            basis,
         };
         self.log.append(&rec)?;
         self.metrics.step(&rec, &batch_idx)?;
@@ -274,7 +286,10 @@ impl Job {
                 Method::of(&self.spec.mezo),
                 &rec.seeds(),
                 &rec.grads(),
-                rec.spread,
+                Logged {
+                    spread: rec.spread,
+                    basis: rec.basis,
+                },
                 &cfg,
             )
             .with_context(|| format!("replaying step {}", rec.step))?;

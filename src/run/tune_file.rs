@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 
 use super::fingerprint::Fingerprint;
 use super::seedlog::{SeedLog, StepRecord};
-use crate::mezo::{replay_step, Method, Rng, StepConfig, ZSweep};
+use crate::mezo::{replay_step, Logged, Method, Rng, StepConfig, ZSweep};
 use crate::model::adapters::{LoraConfig, PrefixConfig, Tuning};
 use crate::model::{Dtype, LanguageModel, ModelSource, ParamList};
 use crate::spec::JobSpec;
@@ -29,10 +29,11 @@ pub const FORMAT: &str = "mezo";
 /// Where a LoRA or prefix run records [`params_sha256`] of its starting adapters.
 pub const INITIAL_SHA256: &str = "initial.sha256";
 /// Version 2 files tune adapters (LoRA, prefix); version 3 files use an
-/// estimator other than MeZO or ±1 directions; plain MeZO full fine-tunes stay
-/// version 1, which every mezod reads.  An older mezod refuses a newer version
-/// rather than replaying its steps by the wrong rule.
-pub const VERSION: u32 = 3;
+/// estimator other than MeZO or ±1 directions; version 4, LOZO's low-rank
+/// directions; plain MeZO full fine-tunes stay version 1, which every mezod
+/// reads.  An older mezod refuses a newer version rather than replaying its
+/// steps by the wrong rule.
+pub const VERSION: u32 = 4;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TuneFile {
@@ -62,6 +63,9 @@ pub struct TuneFile {
     /// `sparse`: the fraction of each tensor a step left alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sparsity: Option<f64>,
+    /// `lozo`: the rank of each matrix's direction `U·Vᵀ`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<usize>,
     pub eps: f64,
     pub weight_decay: f64,
     pub fingerprint: Fingerprint,
@@ -119,6 +123,9 @@ pub struct TuneStep {
     /// FZOO: σ, the spread of the step's perturbed losses (see `StepRecord`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spread: Option<f64>,
+    /// LOZO: the seed of the step's V.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basis: Option<u64>,
 }
 
 /// SHA-256 over parameters in order: for each, its name, a newline, its shape
@@ -234,7 +241,9 @@ pub fn export(run: &Path, upto: Option<u64>) -> Result<TuneFile> {
     let base = base_identity(&model, &source)?;
     Ok(TuneFile {
         format: FORMAT.into(),
-        version: if !(spec.mezo.estimator.is_mezo() && spec.mezo.perturbation().is_gaussian()) {
+        version: if spec.mezo.estimator == Estimator::Lozo {
+            4
+        } else if !(spec.mezo.estimator.is_mezo() && spec.mezo.perturbation().is_gaussian()) {
             3
         } else if model.tuning == Tuning::Full {
             1
@@ -267,6 +276,7 @@ pub fn export(run: &Path, upto: Option<u64>) -> Result<TuneFile> {
         estimator: spec.mezo.estimator,
         perturbation: spec.mezo.perturbation(),
         sparsity: (spec.mezo.estimator == Estimator::Sparse).then(|| spec.mezo.sparsity()),
+        rank: (spec.mezo.estimator == Estimator::Lozo).then(|| spec.mezo.rank()),
         eps: spec.mezo.eps,
         weight_decay: spec.mezo.weight_decay,
         fingerprint,
@@ -288,6 +298,7 @@ pub fn export(run: &Path, upto: Option<u64>) -> Result<TuneFile> {
                 lr: r.lr,
                 more: r.more.iter().map(|d| (d.seed, d.projected_grad)).collect(),
                 spread: r.spread,
+                basis: r.basis,
             })
             .collect(),
     })
@@ -414,7 +425,7 @@ impl TuneFile {
         }
         let z = ZSweep::new(self.rng, self.fingerprint.threads.max(1) as usize)
             .with_perturbation(self.perturbation);
-        let method = Method::from_parts(self.estimator, self.sparsity);
+        let method = Method::from_parts(self.estimator, self.sparsity, self.rank);
         for (i, s) in self.steps.iter().enumerate() {
             if s.step != i as u64 {
                 bail!(
@@ -430,7 +441,11 @@ impl TuneFile {
             let (seeds, grads): (Vec<u64>, Vec<f64>) = std::iter::once((s.seed, s.projected_grad))
                 .chain(s.more.iter().copied())
                 .unzip();
-            replay_step(&model.params, &z, method, &seeds, &grads, s.spread, &cfg)
+            let logged = Logged {
+                spread: s.spread,
+                basis: s.basis,
+            };
+            replay_step(&model.params, &z, method, &seeds, &grads, logged, &cfg)
                 .with_context(|| format!("step {i} of the file"))?;
         }
         Ok(())

@@ -397,6 +397,7 @@ mod tests {
             lr: 1e-7,
             more: vec![],
             spread: None,
+            basis: None,
         };
         let line = encode(&rec);
         assert_eq!(decode(&line), Some(rec.clone()));
@@ -429,6 +430,14 @@ mod tests {
             ..nspsa
         };
         assert_eq!(decode(&encode(&fzoo)).unwrap().spread, Some(1.0 / 7.0));
+        // A LOZO step carries the seed of its V.
+        let lozo = StepRecord {
+            spread: None,
+            basis: Some(u64::MAX),
+            ..fzoo
+        };
+        assert_eq!(decode(&encode(&lozo)).unwrap().to_bytes(), lozo.to_bytes());
+        assert_eq!(decode(&encode(&lozo)).unwrap().basis, Some(u64::MAX));
     }
 
     #[test]
@@ -502,6 +511,7 @@ mod tests {
             lr: 1e-3,
             more: vec![],
             spread: None,
+            basis: None,
         };
         let mut records = vec![one(0), one(1), one(2)];
         records[2].spread = Some(0.3);

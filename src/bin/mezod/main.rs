@@ -383,6 +383,12 @@ fn print_estimate(f: &mezod_core::estimate::Footprint, gpu: bool) {
             human_bytes(f.mask)
         );
     }
+    if f.factors > 0 {
+        println!(
+            "factors         {:>12}  (lozo: U and V of every matrix)",
+            human_bytes(f.factors)
+        );
+    }
     println!(
         "runtime         {:>12}  ({})",
         human_bytes(f.runtime),
