@@ -866,6 +866,52 @@ mod tests {
         data: {train: train.jsonl, text_field: text}\nmezo: {steps: 30, batch_size: 1, lr: 1.0e-3, eps: 1.0e-3, seed: 7}\n";
 
     #[test]
+    fn estimator_settings_are_checked_and_belong_to_their_estimator() {
+        let with = |mezo: &str| {
+            JobSpec::parse(
+                &MINIMAL.replace("seed: 7}", &format!("seed: 7, {mezo}}}")),
+                Path::new("/j"),
+            )
+            .map_err(|e| format!("{e:#}"))
+        };
+        let lozo = with("estimator: lozo").unwrap();
+        assert_eq!(
+            (lozo.mezo.rank(), lozo.mezo.basis_every()),
+            (DEFAULT_RANK, DEFAULT_BASIS_EVERY)
+        );
+        let set = with("estimator: lozo, rank: 4, basis_every: 7").unwrap();
+        assert_eq!((set.mezo.rank(), set.mezo.basis_every()), (4, 7));
+        for (mezo, says) in [
+            (
+                "estimator: lozo, rank: 0",
+                "mezo.rank must be between 1 and 64",
+            ),
+            (
+                "estimator: lozo, rank: 65",
+                "mezo.rank must be between 1 and 64",
+            ),
+            (
+                "estimator: lozo, basis_every: 0",
+                "mezo.basis_every must be at least 1",
+            ),
+            ("rank: 2", "settings of mezo.estimator: lozo"),
+            (
+                "estimator: sparse, basis_every: 5",
+                "settings of mezo.estimator: lozo",
+            ),
+            (
+                "estimator: lozo, sparsity: 0.5",
+                "a setting of mezo.estimator: sparse",
+            ),
+            ("estimator: fzoo", "needs mezo.directions of at least 2"),
+            ("estimator: lowrank", "unknown variant"),
+        ] {
+            let e = with(mezo).unwrap_err();
+            assert!(e.contains(says), "{mezo}: {e}");
+        }
+    }
+
+    #[test]
     fn a_job_name_is_plain_text_and_defaults_to_none() {
         assert_eq!(JobSpec::parse(MINIMAL, Path::new("/j")).unwrap().name, None);
         let named =
