@@ -51,12 +51,12 @@ demo-small: build
 bench: build assets
 	$(PYTHON) bench/run.py
 
-# Zeroth-order estimators (mezo, fzoo, sparse) on the demo job at an equal budget of 200
+# Zeroth-order estimators (mezo, fzoo, sparse, lozo) on the demo job at an equal budget of 200
 # training forward passes, 3 seeds each, with the settings in bench/convergence.yaml;
 # rewrites the Convergence section of bench/results.md and bench/convergence.svg. On 2
 # CPU cores a forward pass of batch 8 takes about 1.3 s and a dev or test example about
 # 0.13 s: each run is about 8 minutes (training, 5 dev evaluations, 300 test snippets),
-# the 9 runs about 80 minutes. Interrupt and rerun: finished runs are kept and the
+# the 12 runs about 105 minutes. Interrupt and rerun: finished runs are kept and the
 # interrupted one resumes.
 convergence: build assets
 	$(PYTHON) bench/convergence.py

@@ -68,7 +68,7 @@ ESTIMATOR_KEYS = ("estimator", "directions", "sparsity", "perturbation", "rank",
 # (base job, budget, eval spacing, seeds, output folder) for the real task and for --tiny.
 # On 2 CPU cores the demo's forward pass of batch 8 takes about 1.3 s and a dev or test
 # example about 0.13 s: a run of 200 passes with 5 dev evaluations and 300 test snippets
-# is about 8 minutes, so the 9 runs take about 80 minutes. (The demo itself is what compares
+# is about 8 minutes, so the 12 runs take about 105 minutes. (The demo itself is what compares
 # the base and a fine-tuned model on its 1,000 test snippets.)
 REAL = dict(job="examples/demo-rotten-tomatoes.yaml", budget=200, eval_every=50,
             seeds="0,1,2", out="runs/convergence", estimators="mezo,fzoo,sparse,lozo",
