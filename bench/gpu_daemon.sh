@@ -22,10 +22,12 @@ say() { echo "[gpu_daemon.sh $(date +%H:%M:%S)] $*" >&2; }
 
 TORCH_LIB=$("$PY" -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# The fixtures' steps take milliseconds: the dry run's jobs are longer, so that
+# the daemon stop lands in the middle of the big one rather than after its end.
 if [ "$DRY" = 1 ]; then
-    DEVICE=cpu BIG=tests/fixtures/opt/config.json SMALL=tests/fixtures/llama/config.json
+    DEVICE=cpu BIG=tests/fixtures/opt/config.json SMALL=tests/fixtures/llama/config.json STEPS=600
 else
-    DEVICE=cuda BIG=bench/configs/opt-1.3b.json SMALL=bench/configs/smollm2-135m.json
+    DEVICE=cuda BIG=bench/configs/opt-1.3b.json SMALL=bench/configs/smollm2-135m.json STEPS=60
 fi
 job() { # name config steps
     local model=$DIR/model-$1
@@ -39,8 +41,8 @@ data: {train: $ROOT/examples/data/reviews.jsonl, max_dev: 8}
 mezo: {steps: $3, batch_size: 8, lr: 1.0e-5, eps: 1.0e-3, seed: 3}
 EOF
 }
-job big "$BIG" 60
-job small "$SMALL" 60
+job big "$BIG" "$STEPS"
+job small "$SMALL" "$STEPS"
 
 printf 'jobs_per_gpu: 2\ncpu_slots: 2\nmemory_margin_mib: 512\nsnapshot_every: 10\nretry_limit: 0\n' >"$DIR/daemon.yaml"
 SOCK=$DIR/run/mezod.sock
