@@ -100,6 +100,7 @@ def main():
                    for label, rng, extra in Z_KINDS for mode in ("step", "replay")},
                 "fzoo step": mezod(path, "step", max(1, iters["step"] // 2), "fast", "--estimator", "fzoo",
                                    "--directions", str(FZOO_DIRECTIONS)),
+                "lozo step": mezod(path, "step", iters["step"], "fast", "--estimator", "lozo"),
                 "reference forward": reference(path, "forward", iters["forward"]),
                 "reference step": reference(path, "step", iters["step"]),
             }
@@ -134,6 +135,10 @@ def main():
             (f"fzoo step (N = {FZOO_DIRECTIONS}, ±1) / ({passes} × forward)",
              fz["seconds_per_iter"] / (passes * f["seconds_per_iter"]), None),
             ("fzoo step / its own forward passes", fz["seconds_per_iter"] / fz["forward_seconds_in_step"], None),
+            ("lozo step (rank 1) / (2 × forward)", runs["lozo step"]["seconds_per_iter"] / (2 * f["seconds_per_iter"]),
+             None),
+            ("lozo step / its own forward passes",
+             runs["lozo step"]["seconds_per_iter"] / runs["lozo step"]["forward_seconds_in_step"], None),
             ("reference step (s)", ps["seconds_per_iter"], None),
             ("reference step / (2 × reference forward)", ps["seconds_per_iter"] / (2 * pf["seconds_per_iter"]), None),
         ]
@@ -160,7 +165,8 @@ def main():
 `make bench` (`python bench/run.py`), {now}, {cpu_name()}, {os.cpu_count()} cores,
 {THREADS} threads, batch {BATCH} × {TOKENS} tokens, f32, CPU; both generators of z\n(`rng: fast`, the CPU default, and `rng: torch`) and ±1 directions (`perturbation: rademacher`)
 with the fast one; targets apply to the default. The FZOO rows time one step of 8 ±1
-directions (9 forward passes) against that many forward passes.
+directions (9 forward passes) against that many forward passes; the LOZO rows one step
+of rank-1 directions U·Vᵀ (fast generator).
 Each figure is from its own process; memory is the peak RSS of the timed loop only;
 times are the fastest of {ROUNDS} interleaved rounds. "step / its own forward
 passes" divides each step by the time its forward passes took inside it: the
