@@ -579,6 +579,25 @@ mod tests {
                 );
             }
         }
+        // LOZO's U·Vᵀ, whose chunks start mid-row (257 columns).
+        let lozo = |z: &ZSweep| {
+            let p = big(Kind::Float);
+            for seed in [3u64, 4] {
+                let mut loss = quadratic_loss(&p);
+                let method = Method::Lozo { rank: 2 };
+                live_step(&p, z, method, &[seed], Some(9), &DECAYED, &mut loss).unwrap();
+            }
+            p
+        };
+        let reference = lozo(&ZSweep::new(Rng::Fast, 1));
+        assert!(!same(&reference, &big(Kind::Float)));
+        for (threads, chunk) in [(2, DEFAULT_CHUNK), (1, 1000), (2, 77)] {
+            let other = lozo(&ZSweep::with_chunk(Rng::Fast, threads, chunk));
+            assert!(
+                same(&reference, &other),
+                "lozo, {threads} threads, chunk {chunk}"
+            );
+        }
     }
 
     /// z of each tensor as the step must have drawn it.
