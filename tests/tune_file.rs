@@ -127,6 +127,13 @@ fn every_estimator_rebuilds_the_exported_weights_in_rust_and_in_python() {
             "lozo",
             "rademacher",
         ),
+        (
+            "fast",
+            "bf16",
+            "estimator: lozo, perturbation: rademacher, lr: 4.0e-3",
+            "lozo",
+            "rademacher",
+        ),
     ] {
         let what = format!("{rng} {dtype} {settings}");
         let run = run_with(tmp.path(), rng, dtype, settings);

@@ -99,6 +99,15 @@ impl Factors {
             let (row, col) = (e / self.cols, e % self.cols);
             let len = (self.cols - col).min(out.len() - done);
             let u = &self.u[row * r..row * r + r];
+            if r == 1 {
+                // One product per element: the same value, in a loop that vectorizes.
+                let v = &self.v[col..col + len];
+                for (z, v) in out[done..done + len].iter_mut().zip(v) {
+                    *z = u[0] * v;
+                }
+                done += len;
+                continue;
+            }
             for (j, z) in out[done..done + len].iter_mut().enumerate() {
                 let v = &self.v[(col + j) * r..(col + j) * r + r];
                 let mut acc = u[0] * v[0];
