@@ -137,7 +137,8 @@ def fast_signs(seed, stream, n):
 
 
 def torch_draw(shape, dtype, rademacher):
-    """A tensor of torch's draws: `randn`, or `randint(2)·2 − 1`."""
+    """A tensor of torch's draws: `randn`, or `randint(2)·2 − 1` (a whole z draws
+    what `randn_like(p)` / `randint_like(p, 2)` would)."""
     if rademacher:
         z = torch.randint(0, 2, shape, dtype=dtype)
         mul_scalar_(z, 2.0)
@@ -171,12 +172,8 @@ def draw(rng, params, seed, perturbation="gaussian", masks=None, low_rank=None):
         for i, p in enumerate(params):
             if matrix[i]:
                 z = outer_sum(torch_draw((p.shape[0], rank), p.dtype, rademacher), vs[i])
-            elif rademacher:
-                z = torch.randint_like(p, 2)
-                mul_scalar_(z, 2.0)
-                torch.ops.aten.sub_.Scalar(z, 1.0)
             else:
-                z = torch.randn_like(p)
+                z = torch_draw(p.shape, p.dtype, rademacher)
             zs.append(z)
     else:
         fill = fast_signs if rademacher else fast_normals

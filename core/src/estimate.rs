@@ -230,8 +230,12 @@ pub fn estimate_with(
                 Rng::Torch if rank > 1 => largest * elem,
                 _ => 0,
             };
-            // U and V in f32 (fast) or the dtype (torch), and their copies at the dtype.
-            sides * rank * (4 + elem) + product
+            // U and V in f32 (fast) or at the dtype (torch).
+            let factor_elem = match rng {
+                Rng::Fast => 4,
+                Rng::Torch => elem,
+            };
+            sides * rank * factor_elem + product
         } else {
             0
         },

@@ -206,8 +206,10 @@ impl ZSweep {
                         params
                             .iter()
                             .map(|p| {
-                                is_matrix(&p.tensor)
-                                    .then(|| self.draw_torch(&p.tensor, p.tensor.size()[1], l.rank))
+                                is_matrix(&p.tensor).then(|| {
+                                    let cols = p.tensor.size()[1];
+                                    self.draw_torch(&p.tensor, Some(&[cols, l.rank as i64]))
+                                })
                             })
                             .collect()
                     }
@@ -217,18 +219,10 @@ impl ZSweep {
                 for (i, p) in params.iter().enumerate() {
                     let mut z = match (low_rank, vs.get(i).and_then(Option::as_ref)) {
                         (Some(l), Some(v)) => {
-                            let u = self.draw_torch(&p.tensor, p.tensor.size()[0], l.rank);
-                            outer_sum(&u, v)
+                            let rows = p.tensor.size()[0];
+                            outer_sum(&self.draw_torch(&p.tensor, Some(&[rows, l.rank as i64])), v)
                         }
-                        _ => match self.perturbation {
-                            Perturbation::Gaussian => p.tensor.randn_like(),
-                            Perturbation::Rademacher => {
-                                let mut z = p.tensor.randint_like(2);
-                                let _ = z.g_mul_scalar_(2.0);
-                                let _ = z.g_sub_scalar_(1.0);
-                                z
-                            }
-                        },
+                        _ => self.draw_torch(&p.tensor, None),
                     };
                     if let Some(mask) = mask {
                         let m = mask.whole(i, p.tensor.numel() as i64);
@@ -295,15 +289,19 @@ impl ZSweep {
         }
     }
 
-    /// torch's draw of a factor with `rows` rows and `rank` columns, at the
-    /// dtype and device of `like`: `randn`, or `randint(2)·2 − 1`.
-    fn draw_torch(&self, like: &Tensor, rows: i64, rank: usize) -> Tensor {
+    /// torch's draws at the dtype and device of `like`: a whole z shaped as
+    /// `like` (`randn_like`, strides included), or a LOZO factor of `shape`
+    /// (`randn`); ±1 directions are `randint(2)·2 − 1` either way.
+    fn draw_torch(&self, like: &Tensor, shape: Option<&[i64]>) -> Tensor {
         let opts = (like.kind(), like.device());
-        let shape = [rows, rank as i64];
-        match self.perturbation {
-            Perturbation::Gaussian => Tensor::randn(shape, opts),
-            Perturbation::Rademacher => {
-                let mut z = Tensor::randint(2, shape, opts);
+        match (self.perturbation, shape) {
+            (Perturbation::Gaussian, None) => like.randn_like(),
+            (Perturbation::Gaussian, Some(shape)) => Tensor::randn(shape, opts),
+            (Perturbation::Rademacher, shape) => {
+                let mut z = match shape {
+                    None => like.randint_like(2),
+                    Some(shape) => Tensor::randint(2, shape, opts),
+                };
                 let _ = z.g_mul_scalar_(2.0);
                 let _ = z.g_sub_scalar_(1.0);
                 z
