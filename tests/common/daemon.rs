@@ -61,6 +61,24 @@ impl Daemon {
         sha256(&self.job_dir(id).join("run/model/model.safetensors"))
     }
 
+    /// Job `id` exported the weights an uninterrupted `mezod run` of `job`
+    /// exports (see [`solo_sha`]); on a mismatch, the message says where the
+    /// two runs parted (first differing step record or evaluation) and shows
+    /// the daemon's log, so that a rare failure explains itself.
+    pub fn assert_same_weights(&self, id: u64, job: &Path, why: &str) {
+        let solo = job.with_extension("solo");
+        if self.weights_sha(id) == sha256(&solo.join("model/model.safetensors")) {
+            return;
+        }
+        let run = self.job_dir(id).join("run");
+        panic!(
+            "{why}: job {id} exported other weights than `mezod run` did\n{}\njob: {:#}\ndaemon log:\n{}",
+            first_difference(&solo, &run),
+            self.job(id),
+            self.log()
+        );
+    }
+
     /// `mezod submit`, as a user types it; returns the job id.
     pub fn submit(&self, job: &Path) -> u64 {
         submit_to(&self.socket(), job)
@@ -145,6 +163,37 @@ pub fn solo_sha(job: &Path) -> String {
     let out = job.with_extension("solo");
     run_to_end(&job, &out, "solo run");
     sha256(&out.join("model/model.safetensors"))
+}
+
+/// Where two runs' metrics.jsonl files first differ: a step record (seed,
+/// losses, projected gradient, batch) or an evaluation.
+pub fn first_difference(a: &Path, b: &Path) -> String {
+    let lines = |run: &Path| -> Vec<Value> {
+        read_jsonl(&run.join("metrics.jsonl"))
+            .into_iter()
+            .filter(|l| l["kind"] == "step" || l["kind"] == "eval")
+            .collect()
+    };
+    let (la, lb) = (lines(a), lines(b));
+    for kind in ["step", "eval"] {
+        let pick = |l: &[Value]| -> Vec<Value> {
+            l.iter().filter(|x| x["kind"] == kind).cloned().collect()
+        };
+        let (ka, kb) = (pick(&la), pick(&lb));
+        if let Some(i) = (0..ka.len().min(kb.len())).find(|&i| ka[i] != kb[i]) {
+            return format!(
+                "first differing {kind} line ({i}):\n  {}: {}\n  {}: {}",
+                a.display(),
+                ka[i],
+                b.display(),
+                kb[i]
+            );
+        }
+        if ka.len() != kb.len() {
+            return format!("{} {kind} lines against {}", ka.len(), kb.len());
+        }
+    }
+    "metrics.jsonl files agree (the export itself differs)".into()
 }
 
 /// Drop `job` into the spool as user 65534 would: the file's owner is the job's owner.
