@@ -75,18 +75,28 @@ impl DiskGuard {
         self.low.as_deref()
     }
 
-    /// Measure again.  Low below the reserve; room again only at twice the
-    /// reserve (so re-creating the reserve does not make it low at once).
-    /// Returns true when the verdict changed.
+    /// The free space below which the disk is low: the reserve while the
+    /// daemon holds it; twice the reserve while it does not (after the disk
+    /// was low, or when a start on a full disk gave it back to open the
+    /// database), so that re-creating the reserve leaves the reserve free and
+    /// a daemon that has just given its reserve back does not count that
+    /// space as room (and take it back at once).
+    fn room_needed(&self) -> u64 {
+        let without_reserve = !self.reserve_failed && !self.reserve.exists();
+        if self.low.is_some() || without_reserve {
+            2 * self.reserve_bytes
+        } else {
+            self.reserve_bytes
+        }
+    }
+
+    /// Measure again (see [`room_needed`](Self::room_needed)).  Returns true
+    /// when the verdict changed.
     pub fn check(&mut self) -> bool {
         let mut low = None;
+        let limit = self.room_needed();
         for dir in &self.watched {
             let Ok(free) = free_bytes(dir) else { continue };
-            let limit = if self.low.is_some() {
-                2 * self.reserve_bytes
-            } else {
-                self.reserve_bytes
-            };
             if free < limit {
                 low = Some(format!(
                     "the disk of {} has {} free (the daemon needs {})",
@@ -153,4 +163,31 @@ impl DiskGuard {
 /// Where the reserve lives: in the state folder, the database's filesystem.
 pub fn reserve_path(state: &Path) -> PathBuf {
     state.join("reserve")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_its_reserve_the_daemon_needs_twice_the_reserve_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut guard = DiskGuard::new(dir.path(), dir.path(), 1 << 20);
+        // A first start, or a start on a full disk that gave the reserve back
+        // to open the database: the reserve must be re-created and remain.
+        assert_eq!(guard.room_needed(), 2 << 20);
+        guard.make_reserve().unwrap();
+        assert_eq!(guard.room_needed(), 1 << 20, "holding the reserve");
+        guard.low = Some("full".into());
+        assert_eq!(guard.room_needed(), 2 << 20, "once low, until twice is free");
+        guard.low = None;
+        std::fs::remove_file(reserve_path(dir.path())).unwrap();
+        guard.reserve_failed = true;
+        assert_eq!(guard.room_needed(), 1 << 20, "a filesystem that cannot hold one");
+        // Plenty of room here: the guard is not low and sets its reserve aside.
+        guard.reserve_failed = false;
+        guard.check();
+        assert!(guard.low().is_none());
+        assert!(reserve_path(dir.path()).exists());
+    }
 }
