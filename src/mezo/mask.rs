@@ -43,12 +43,138 @@ fn place_values(device: tch::Device) -> Tensor {
 /// `ceil(keep · m)`-th smallest |θ| of a strided sample of m elements.
 pub fn threshold(tensor: &Tensor, keep: f64) -> f64 {
     let flat = tensor.reshape([-1]);
-    let n = flat.size()[0];
+    threshold_on_host(&flat, keep).unwrap_or_else(|| threshold_with_torch(&flat, keep))
+}
+
+/// Every `stride`-th element is sampled, and the sample's k-th smallest
+/// magnitude is the threshold: (stride, k) for `n` elements.
+fn sample_plan(n: i64, keep: f64) -> (i64, i64) {
     let stride = (n / SAMPLE).max(1);
+    let m = (n + stride - 1) / stride;
+    (stride, ((keep * m as f64).ceil() as i64).clamp(1, m))
+}
+
+/// [`threshold`] by torch's exact selection (`kthvalue`), on the tensor's device.
+fn threshold_with_torch(flat: &Tensor, keep: f64) -> f64 {
+    let n = flat.size()[0];
+    let (stride, k) = sample_plan(n, keep);
     let sample = flat.slice(0, 0, n, stride).abs().to_kind(Kind::Float);
-    let m = sample.size()[0];
-    let k = ((keep * m as f64).ceil() as i64).clamp(1, m);
     sample.kthvalue(k, 0, false).0.double_value(&[])
+}
+
+/// [`threshold`] for a contiguous CPU tensor of f32 or bf16, selected in Rust
+/// (`select_nth_unstable`, exact like `kthvalue`; NaN above everything as
+/// there).  No torch operation runs, so libtorch's OpenMP threads, which spin
+/// for a while after each parallel operation, do not wake between the z passes
+/// and compete with the sweep's threads for the cores.
+fn threshold_on_host(flat: &Tensor, keep: f64) -> Option<f64> {
+    if flat.device() != tch::Device::Cpu || !flat.is_contiguous() {
+        return None;
+    }
+    let n = flat.numel();
+    let (stride, k) = sample_plan(n as i64, keep);
+    let mut sample: Vec<f32> = match flat.kind() {
+        // SAFETY: contiguous CPU tensors of `n` elements of the matched type.
+        Kind::Float => unsafe { std::slice::from_raw_parts(flat.data_ptr() as *const f32, n) }
+            .iter()
+            .step_by(stride as usize)
+            .map(|x| x.abs())
+            .collect(),
+        Kind::BFloat16 => unsafe { std::slice::from_raw_parts(flat.data_ptr() as *const u16, n) }
+            .iter()
+            .step_by(stride as usize)
+            .map(|&b| f32::from_bits(u32::from(b) << 16).abs())
+            .collect(),
+        _ => return None,
+    };
+    let (_, kth, _) = sample.select_nth_unstable_by(k as usize - 1, f32::total_cmp);
+    Some(f64::from(*kth))
+}
+
+/// `|θ| ≤ h`, packed, for a contiguous CPU tensor of f32 or bf16 (the fast
+/// generator's case), computed in place from its memory: one pass, split over
+/// torch's intra-op threads, and no temporaries.  torch's path below makes
+/// five tensors per chunk (|θ|, the comparison, its bytes, their products, the
+/// sums), which every step re-allocated between forward passes, fragmenting the
+/// heap: a job's peak then rose above the estimate.  The comparison is the one
+/// torch makes: `h` is one of the tensor's own magnitudes (see [`threshold`]),
+/// exact in f32, and a bf16 weight widens to f32 exactly.
+fn pack_on_host(flat: &Tensor, h: f64) -> Option<Tensor> {
+    if flat.device() != tch::Device::Cpu || !flat.is_contiguous() {
+        return None;
+    }
+    let n = flat.numel();
+    // Every byte is written below; zeros would run a parallel fill first.
+    let packed = Tensor::empty([n.div_ceil(8) as i64], (Kind::Uint8, tch::Device::Cpu));
+    // SAFETY: `packed` is a fresh contiguous u8 CPU tensor of that many bytes.
+    let out = unsafe { std::slice::from_raw_parts_mut(packed.data_ptr() as *mut u8, packed.numel()) };
+    let h = h as f32;
+    match flat.kind() {
+        // SAFETY: contiguous CPU tensors of `n` elements of the matched type.
+        Kind::Float => pack_parallel(
+            unsafe { std::slice::from_raw_parts(flat.data_ptr() as *const f32, n) },
+            out,
+            |x| x.abs() <= h,
+        ),
+        Kind::BFloat16 => pack_parallel(
+            unsafe { std::slice::from_raw_parts(flat.data_ptr() as *const u16, n) },
+            out,
+            |b| f32::from_bits(u32::from(b) << 16).abs() <= h,
+        ),
+        _ => return None,
+    }
+    Some(packed)
+}
+
+/// `|θ| ≤ h`, packed, with torch's operations on the tensor's device (a GPU),
+/// [`CHUNK`] elements at a time.
+fn pack_with_torch(flat: &Tensor, h: f64) -> Tensor {
+    let n = flat.size()[0];
+    let places = place_values(flat.device());
+    let packed = Tensor::zeros([(n + 7) / 8], (Kind::Uint8, flat.device()));
+    let mut start = 0;
+    while start < n {
+        let len = CHUNK.min(n - start);
+        let small = flat.narrow(0, start, len).abs().le(h);
+        let padded = (len + 7) / 8 * 8;
+        let small = if padded > len {
+            Tensor::cat(
+                &[
+                    small,
+                    Tensor::zeros([padded - len], (Kind::Bool, flat.device())),
+                ],
+                0,
+            )
+        } else {
+            small
+        };
+        let bytes = (small.view([-1, 8]).to_kind(Kind::Uint8) * &places)
+            .sum_dim_intlist(Some(&[1i64][..]), false, Kind::Uint8);
+        packed.narrow(0, start / 8, padded / 8).copy_(&bytes);
+        start += len;
+    }
+    packed
+}
+
+/// Bit `j` of byte `i` of `out` = `small(x[8i + j])`, over torch's thread count.
+fn pack_parallel<T: Copy + Sync>(x: &[T], out: &mut [u8], small: impl Fn(T) -> bool + Sync) {
+    let threads = (tch::get_num_threads().max(1) as usize).min(x.len() / CHUNK as usize + 1);
+    let bytes_each = out.len().div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for (part, bytes) in out.chunks_mut(bytes_each).enumerate() {
+            let from = part * bytes_each * 8;
+            let x = &x[from..(from + bytes.len() * 8).min(x.len())];
+            let small = &small;
+            s.spawn(move || {
+                for (byte, xs) in bytes.iter_mut().zip(x.chunks(8)) {
+                    *byte = xs
+                        .iter()
+                        .enumerate()
+                        .fold(0u8, |b, (j, &v)| b | (u8::from(small(v)) << j));
+                }
+            });
+        }
+    });
 }
 
 impl Mask {
@@ -60,32 +186,8 @@ impl Mask {
             .iter()
             .map(|p| {
                 let flat = p.tensor.reshape([-1]);
-                let n = flat.size()[0];
                 let h = threshold(&flat, keep);
-                let places = place_values(flat.device());
-                let packed = Tensor::zeros([(n + 7) / 8], (Kind::Uint8, flat.device()));
-                let mut start = 0;
-                while start < n {
-                    let len = CHUNK.min(n - start);
-                    let small = flat.narrow(0, start, len).abs().le(h);
-                    let padded = (len + 7) / 8 * 8;
-                    let small = if padded > len {
-                        Tensor::cat(
-                            &[
-                                small,
-                                Tensor::zeros([padded - len], (Kind::Bool, flat.device())),
-                            ],
-                            0,
-                        )
-                    } else {
-                        small
-                    };
-                    let bytes = (small.view([-1, 8]).to_kind(Kind::Uint8) * &places)
-                        .sum_dim_intlist(Some(&[1i64][..]), false, Kind::Uint8);
-                    packed.narrow(0, start / 8, padded / 8).copy_(&bytes);
-                    start += len;
-                }
-                packed
+                pack_on_host(&flat, h).unwrap_or_else(|| pack_with_torch(&flat, h))
             })
             .collect();
         Mask { bits }
@@ -188,5 +290,33 @@ mod tests {
                     .sum::<i64>()
             );
         }
+    }
+
+    #[test]
+    fn thresholds_and_bits_made_on_the_host_are_torchs() {
+        let _rng = crate::torch_rng_lock();
+        tch::manual_seed(4);
+        // Sizes off a byte, across threads' parts, and over one chunk.
+        for n in [1i64, 13, 64, 1000, CHUNK + 77, 3 * CHUNK + 5] {
+            for kind in [Kind::Float, Kind::BFloat16] {
+                let x = Tensor::randn([n], (kind, Device::Cpu));
+                if n > 13 {
+                    // A NaN, both zeros and an infinity compare as torch compares them.
+                    for (i, v) in [(3, f64::NAN), (5, 0.0), (6, -0.0), (9, f64::NEG_INFINITY)] {
+                        let _ = x.narrow(0, i, 1).fill_(v);
+                    }
+                }
+                let h = threshold(&x, 0.3);
+                for keep in [1e-9, 0.3, 1.0] {
+                    let host = threshold_on_host(&x, keep).expect("a CPU tensor");
+                    let torch = threshold_with_torch(&x, keep);
+                    assert_eq!(host.to_bits(), torch.to_bits(), "{kind:?} n {n} keep {keep}");
+                }
+                let host = pack_on_host(&x, h).expect("a CPU tensor packs on the host");
+                assert!(host.equal(&pack_with_torch(&x, h)), "{kind:?} n {n}");
+            }
+        }
+        let strided = Tensor::randn([64, 8], (Kind::Float, Device::Cpu)).t_();
+        assert!(pack_on_host(&strided, 0.5).is_none(), "only contiguous tensors");
     }
 }

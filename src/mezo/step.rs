@@ -579,24 +579,29 @@ mod tests {
                 );
             }
         }
-        // LOZO's U·Vᵀ, whose chunks start mid-row (257 columns).
-        let lozo = |z: &ZSweep| {
+        // LOZO's U·Vᵀ, whose chunks start mid-row (257 columns), and Sparse
+        // MeZO's mask, whose chunks start mid-byte (chunk 77).
+        let shaped = |z: &ZSweep, method: Method, basis: Option<u64>| {
             let p = big(Kind::Float);
             for seed in [3u64, 4] {
                 let mut loss = quadratic_loss(&p);
-                let method = Method::Lozo { rank: 2 };
-                live_step(&p, z, method, &[seed], Some(9), &DECAYED, &mut loss).unwrap();
+                live_step(&p, z, method, &[seed], basis, &DECAYED, &mut loss).unwrap();
             }
             p
         };
-        let reference = lozo(&ZSweep::new(Rng::Fast, 1));
-        assert!(!same(&reference, &big(Kind::Float)));
-        for (threads, chunk) in [(2, DEFAULT_CHUNK), (1, 1000), (2, 77)] {
-            let other = lozo(&ZSweep::with_chunk(Rng::Fast, threads, chunk));
-            assert!(
-                same(&reference, &other),
-                "lozo, {threads} threads, chunk {chunk}"
-            );
+        for (method, basis) in [
+            (Method::Lozo { rank: 2 }, Some(9)),
+            (Method::Sparse { sparsity: 0.75 }, None),
+        ] {
+            let reference = shaped(&ZSweep::new(Rng::Fast, 1), method, basis);
+            assert!(!same(&reference, &big(Kind::Float)));
+            for (threads, chunk) in [(2, DEFAULT_CHUNK), (1, 1000), (2, 77)] {
+                let other = shaped(&ZSweep::with_chunk(Rng::Fast, threads, chunk), method, basis);
+                assert!(
+                    same(&reference, &other),
+                    "{method:?}, {threads} threads, chunk {chunk}"
+                );
+            }
         }
     }
 

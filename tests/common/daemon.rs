@@ -161,7 +161,7 @@ pub fn job_file(dir: &Path, name: &str, steps: u64, seed: u64) -> PathBuf {
 /// SHA-256 of the weights an uninterrupted `mezod run` of `job` exports.
 pub fn solo_sha(job: &Path) -> String {
     let out = job.with_extension("solo");
-    run_to_end(&job, &out, "solo run");
+    run_to_end(job, &out, "solo run");
     sha256(&out.join("model/model.safetensors"))
 }
 
