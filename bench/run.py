@@ -101,6 +101,7 @@ def main():
                 "fzoo step": mezod(path, "step", max(1, iters["step"] // 2), "fast", "--estimator", "fzoo",
                                    "--directions", str(FZOO_DIRECTIONS)),
                 "lozo step": mezod(path, "step", iters["step"], "fast", "--estimator", "lozo"),
+                "sparse step": mezod(path, "step", iters["step"], "fast", "--estimator", "sparse"),
                 "reference forward": reference(path, "forward", iters["forward"]),
                 "reference step": reference(path, "step", iters["step"]),
             }
@@ -139,6 +140,12 @@ def main():
              None),
             ("lozo step / its own forward passes",
              runs["lozo step"]["seconds_per_iter"] / runs["lozo step"]["forward_seconds_in_step"], None),
+            ("sparse step (sparsity 0.75) / (2 × forward)",
+             runs["sparse step"]["seconds_per_iter"] / (2 * f["seconds_per_iter"]), None),
+            ("sparse step / its own forward passes",
+             runs["sparse step"]["seconds_per_iter"] / runs["sparse step"]["forward_seconds_in_step"], None),
+            ("peak memory: sparse step / forward", runs["sparse step"]["peak_rss_bytes"] / f["peak_rss_bytes"],
+             "≤ 1.05"),
             ("reference step (s)", ps["seconds_per_iter"], None),
             ("reference step / (2 × reference forward)", ps["seconds_per_iter"] / (2 * pf["seconds_per_iter"]), None),
         ]
@@ -166,7 +173,8 @@ def main():
 {THREADS} threads, batch {BATCH} × {TOKENS} tokens, f32, CPU; both generators of z\n(`rng: fast`, the CPU default, and `rng: torch`) and ±1 directions (`perturbation: rademacher`)
 with the fast one; targets apply to the default. The FZOO rows time one step of 8 ±1
 directions (9 forward passes) against that many forward passes; the LOZO rows one step
-of rank-1 directions U·Vᵀ (fast generator).
+of rank-1 directions U·Vᵀ, the sparse rows one step of Sparse MeZO (sparsity 0.75, its
+per-step mask included), both with the fast generator.
 Each figure is from its own process; memory is the peak RSS of the timed loop only;
 times are the fastest of {ROUNDS} interleaved rounds. "step / its own forward
 passes" divides each step by the time its forward passes took inside it: the
