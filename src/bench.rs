@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{Context, Result};
 use serde::Serialize;
 use tch::Device;
 
@@ -101,6 +101,14 @@ pub struct BenchArgs {
     /// (rademacher for fzoo, else gaussian).
     #[arg(long, value_enum)]
     pub perturbation: Option<Perturbation>,
+    /// Sparse MeZO: the fraction of each tensor's weights a step leaves alone
+    /// (`mezo.sparsity`; default 0.75).
+    #[arg(long)]
+    pub sparsity: Option<f64>,
+    /// LOZO: the rank of each weight matrix's direction U·Vᵀ (`mezo.rank`;
+    /// default 1).
+    #[arg(long)]
+    pub rank: Option<usize>,
     /// What the step perturbs: every weight, LoRA adapters (r 8, α 16, the
     /// query/value projections) or 5-token key/value prefixes.
     #[arg(long, value_enum, default_value = "full")]
@@ -129,6 +137,17 @@ impl BenchArgs {
         spec.mezo.estimator = self.estimator;
         spec.mezo.directions = self.directions();
         spec.mezo.perturbation = self.perturbation;
+        // A `--job`'s own sparsity, rank and period count unless the flags
+        // say otherwise, and only for its estimator.
+        let m = &mut spec.mezo;
+        (m.sparsity, m.rank, m.basis_every) = match self.estimator {
+            Estimator::Sparse => (self.sparsity.or(m.sparsity), self.rank, None),
+            Estimator::Lozo => (self.sparsity, self.rank.or(m.rank), m.basis_every),
+            _ => (self.sparsity, self.rank, None),
+        };
+        // A job's rules: --sparsity only with sparse, --rank only with lozo, ….
+        spec.validate()
+            .context("--estimator, --directions, --sparsity and --rank follow a job's mezo rules")?;
         Ok(spec)
     }
 
@@ -174,6 +193,9 @@ pub struct BenchResult {
     pub estimator: Estimator,
     pub perturbation: Perturbation,
     pub directions: usize,
+    /// Sparse MeZO's sparsity, LOZO's rank (None for the other estimators).
+    pub sparsity: Option<f64>,
+    pub rank: Option<usize>,
     /// Forward passes in one live step of this estimator.
     pub forward_passes_per_step: usize,
     pub device: String,
@@ -210,16 +232,10 @@ pub fn batch_ids(batch: usize, tokens: usize, vocab: i64) -> Vec<Vec<i64>> {
 pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
     tch::set_num_threads(args.threads);
     let directions = args.directions();
-    match (args.estimator, directions) {
-        (_, 0) => bail!("--directions must be at least 1"),
-        (Estimator::Fzoo, 1) => bail!(
-            "fzoo divides by the spread of its directions' losses: --directions must be at least 2"
-        ),
-        _ => {}
-    }
     let device = parse_device(&args.device)?;
     let gpu = args.device.starts_with("cuda");
-    let estimate_bytes = estimate(&args.as_job()?, gpu)?.total();
+    let job = args.as_job()?;
+    let estimate_bytes = estimate(&job, gpu)?.total();
     let tuning = match args.tuning {
         TuningKind::Full => Tuning::Full,
         TuningKind::Lora => Tuning::Lora(LoraConfig {
@@ -256,10 +272,10 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
     let perturbation = args
         .perturbation
         .unwrap_or_else(|| args.estimator.default_perturbation());
-    let method = Method::from_parts(args.estimator, None, None);
+    let method = Method::of(&job.mezo);
     // LOZO: V from the default period's seed, as a job's first steps draw it.
     let basis = matches!(method, Method::Lozo { .. })
-        .then(|| basis_seed(0, 0, mezod_core::mezo_options::DEFAULT_BASIS_EVERY));
+        .then(|| basis_seed(0, 0, job.mezo.basis_every()));
     let seeds_of = |i: usize| -> Vec<u64> {
         let seed = step_seed(0, i as u64);
         (0..directions as u64)
@@ -340,6 +356,14 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
         estimator: args.estimator,
         perturbation,
         directions,
+        sparsity: match method {
+            Method::Sparse { sparsity } => Some(sparsity),
+            _ => None,
+        },
+        rank: match method {
+            Method::Lozo { rank } => Some(rank),
+            _ => None,
+        },
         forward_passes_per_step: args.estimator.forward_passes(directions),
         device: args.device.clone(),
         dtype: args.dtype,

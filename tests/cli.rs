@@ -386,3 +386,44 @@ fn bench_of_a_job_scores_candidates_either_way_to_the_same_loss() {
     );
     assert!((a - b).abs() <= 1e-5, "{a} vs {b}");
 }
+
+/// `mezod bench` takes an estimator's own settings (`--sparsity`, `--rank`)
+/// under a job file's rules, uses them (the estimate grows with LOZO's rank)
+/// and reports them.
+#[test]
+fn bench_takes_sparsity_and_rank_under_a_jobs_rules() {
+    let bench = |args: &[&str]| {
+        mezod()
+            .args(["bench", "--mode", "replay", "--iters", "1", "--model"])
+            .arg(fixture("llama"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = check(bench(args), "bench");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        serde_json::from_str(text.trim().lines().last().unwrap()).unwrap()
+    };
+    let rank3 = json(&["--estimator", "lozo", "--rank", "3"]);
+    let rank1 = json(&["--estimator", "lozo"]);
+    assert_eq!((rank3["rank"].as_u64(), rank1["rank"].as_u64()), (Some(3), Some(1)));
+    assert!(
+        rank3["estimate_bytes"].as_u64() > rank1["estimate_bytes"].as_u64(),
+        "rank 3's factors: {rank3} against {rank1}"
+    );
+    let sparse = json(&["--estimator", "sparse", "--sparsity", "0.5"]);
+    assert_eq!(sparse["sparsity"].as_f64(), Some(0.5));
+    assert!(json(&[])["rank"].is_null());
+    for (args, says) in [
+        (&["--rank", "2"][..], "settings of mezo.estimator: lozo"),
+        (&["--estimator", "sparse", "--sparsity", "1.5"], "must be in [0, 1)"),
+        (&["--estimator", "lozo", "--rank", "65"], "between 1 and 64"),
+        (&["--estimator", "fzoo", "--directions", "1"], "at least 2"),
+    ] {
+        let out = bench(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}

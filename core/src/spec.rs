@@ -602,7 +602,9 @@ impl JobSpec {
         Self::parse(&text, base).with_context(|| format!("in {}", path.display()))
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Every rule a job file must meet (run by `parse`; public for specs
+    /// built in code, such as `mezod bench`'s).
+    pub fn validate(&self) -> Result<()> {
         if let Some(name) = &self.name {
             if name.trim().is_empty() || as_job_name(name) != *name {
                 bail!(
