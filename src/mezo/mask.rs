@@ -186,6 +186,10 @@ impl Mask {
             .iter()
             .map(|p| {
                 let flat = p.tensor.reshape([-1]);
+                if flat.numel() == 0 {
+                    // Nothing to select (and no sample to take a threshold from).
+                    return Tensor::zeros([0], (Kind::Uint8, flat.device()));
+                }
                 let h = threshold(&flat, keep);
                 pack_on_host(&flat, h).unwrap_or_else(|| pack_with_torch(&flat, h))
             })
@@ -215,6 +219,9 @@ impl Mask {
     pub fn host_bytes(&self, i: usize) -> &[u8] {
         let b = &self.bits[i];
         assert_eq!(b.device(), tch::Device::Cpu);
+        if b.numel() == 0 {
+            return &[]; // an empty tensor's data pointer may be null
+        }
         // SAFETY: a contiguous CPU u8 tensor owned by self, alive as long as the borrow.
         unsafe { std::slice::from_raw_parts(b.data_ptr() as *const u8, b.numel()) }
     }
@@ -258,10 +265,19 @@ mod tests {
                     tensor: Tensor::randn([13], (kind, Device::Cpu)) * 10.0,
                     decays: false,
                 },
+                Param {
+                    name: "empty".into(),
+                    tensor: Tensor::randn([0, 4], (kind, Device::Cpu)),
+                    decays: false,
+                },
             ]);
             let mask = Mask::of(&params, 0.75);
             for (i, p) in params.iter().enumerate() {
                 let n = p.tensor.numel() as i64;
+                if n == 0 {
+                    assert_eq!(mask.whole(i, 0).numel(), 0, "an empty tensor selects nothing");
+                    continue;
+                }
                 let h = threshold(&p.tensor, 0.25);
                 let want = p.tensor.reshape([-1]).abs().le(h);
                 assert!(mask.whole(i, n).equal(&want), "{kind:?} {}", p.name);
