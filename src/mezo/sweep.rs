@@ -80,41 +80,39 @@ impl Form {
     }
 }
 
-/// A matrix's factors for the fast generator, in f32, row-major: `u` is
-/// rows × rank, `v` columns × rank.
+/// A matrix's factors for the fast generator, in f32: `u` is rows × rank
+/// (row-major, as drawn), `vt` is Vᵀ, rank × columns (V is drawn columns ×
+/// rank; stored transposed so that a row of z reads each column of Vᵀ
+/// contiguously).
 struct Factors {
     u: Vec<f32>,
-    v: Vec<f32>,
+    vt: Vec<f32>,
     cols: usize,
     rank: usize,
 }
 
 impl Factors {
-    /// Elements `start ..` of the flattened `U·Vᵀ`.
+    /// Elements `start ..` of the flattened `U·Vᵀ`: each element is
+    /// `u₀v₀ + u₁v₁ + …` summed in k order, every product and sum rounded in
+    /// turn (no fused multiply-add), as torch's sum of broadcast outer products
+    /// computes it; one k at a time over a row's stretch, which vectorizes.
     fn fill(&self, start: usize, out: &mut [f32]) {
-        let r = self.rank;
+        let (r, cols) = (self.rank, self.cols);
         let mut done = 0;
         while done < out.len() {
             let e = start + done;
-            let (row, col) = (e / self.cols, e % self.cols);
-            let len = (self.cols - col).min(out.len() - done);
+            let (row, col) = (e / cols, e % cols);
+            let len = (cols - col).min(out.len() - done);
             let u = &self.u[row * r..row * r + r];
-            if r == 1 {
-                // One product per element: the same value, in a loop that vectorizes.
-                let v = &self.v[col..col + len];
-                for (z, v) in out[done..done + len].iter_mut().zip(v) {
-                    *z = u[0] * v;
-                }
-                done += len;
-                continue;
+            let z = &mut out[done..done + len];
+            for (z, v) in z.iter_mut().zip(&self.vt[col..col + len]) {
+                *z = u[0] * v;
             }
-            for (j, z) in out[done..done + len].iter_mut().enumerate() {
-                let v = &self.v[(col + j) * r..(col + j) * r + r];
-                let mut acc = u[0] * v[0];
-                for k in 1..r {
-                    acc += u[k] * v[k];
+            for (k, &uk) in u.iter().enumerate().skip(1) {
+                let v = &self.vt[k * cols + col..k * cols + col + len];
+                for (z, v) in z.iter_mut().zip(v) {
+                    *z += uk * v;
                 }
-                *z = acc;
             }
             done += len;
         }
@@ -281,9 +279,15 @@ impl ZSweep {
         let mut v = vec![0f32; cols * l.rank];
         self.fill(seed, stream, 0, &mut u);
         self.fill(l.basis, stream, 0, &mut v);
+        let mut vt = vec![0f32; cols * l.rank];
+        for (c, row) in v.chunks_exact(l.rank).enumerate() {
+            for (k, &x) in row.iter().enumerate() {
+                vt[k * cols + c] = x;
+            }
+        }
         Factors {
             u,
-            v,
+            vt,
             cols,
             rank: l.rank,
         }
