@@ -146,8 +146,9 @@ impl BenchArgs {
             _ => (self.sparsity, self.rank, None),
         };
         // A job's rules: --sparsity only with sparse, --rank only with lozo, ….
-        spec.validate()
-            .context("--estimator, --directions, --sparsity and --rank follow a job's mezo rules")?;
+        spec.validate().context(
+            "--estimator, --directions, --sparsity and --rank follow a job's mezo rules",
+        )?;
         Ok(spec)
     }
 
@@ -274,8 +275,8 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
         .unwrap_or_else(|| args.estimator.default_perturbation());
     let method = Method::of(&job.mezo);
     // LOZO: V from the default period's seed, as a job's first steps draw it.
-    let basis = matches!(method, Method::Lozo { .. })
-        .then(|| basis_seed(0, 0, job.mezo.basis_every()));
+    let basis =
+        matches!(method, Method::Lozo { .. }).then(|| basis_seed(0, 0, job.mezo.basis_every()));
     let seeds_of = |i: usize| -> Vec<u64> {
         let seed = step_seed(0, i as u64);
         (0..directions as u64)

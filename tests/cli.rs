@@ -407,7 +407,10 @@ fn bench_takes_sparsity_and_rank_under_a_jobs_rules() {
     };
     let rank3 = json(&["--estimator", "lozo", "--rank", "3"]);
     let rank1 = json(&["--estimator", "lozo"]);
-    assert_eq!((rank3["rank"].as_u64(), rank1["rank"].as_u64()), (Some(3), Some(1)));
+    assert_eq!(
+        (rank3["rank"].as_u64(), rank1["rank"].as_u64()),
+        (Some(3), Some(1))
+    );
     assert!(
         rank3["estimate_bytes"].as_u64() > rank1["estimate_bytes"].as_u64(),
         "rank 3's factors: {rank3} against {rank1}"
@@ -417,7 +420,10 @@ fn bench_takes_sparsity_and_rank_under_a_jobs_rules() {
     assert!(json(&[])["rank"].is_null());
     for (args, says) in [
         (&["--rank", "2"][..], "settings of mezo.estimator: lozo"),
-        (&["--estimator", "sparse", "--sparsity", "1.5"], "must be in [0, 1)"),
+        (
+            &["--estimator", "sparse", "--sparsity", "1.5"],
+            "must be in [0, 1)",
+        ),
         (&["--estimator", "lozo", "--rank", "65"], "between 1 and 64"),
         (&["--estimator", "fzoo", "--directions", "1"], "at least 2"),
     ] {

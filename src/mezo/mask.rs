@@ -107,7 +107,8 @@ fn pack_on_host(flat: &Tensor, h: f64) -> Option<Tensor> {
     // Every byte is written below; zeros would run a parallel fill first.
     let packed = Tensor::empty([n.div_ceil(8) as i64], (Kind::Uint8, tch::Device::Cpu));
     // SAFETY: `packed` is a fresh contiguous u8 CPU tensor of that many bytes.
-    let out = unsafe { std::slice::from_raw_parts_mut(packed.data_ptr() as *mut u8, packed.numel()) };
+    let out =
+        unsafe { std::slice::from_raw_parts_mut(packed.data_ptr() as *mut u8, packed.numel()) };
     let h = h as f32;
     match flat.kind() {
         // SAFETY: contiguous CPU tensors of `n` elements of the matched type.
@@ -148,8 +149,11 @@ fn pack_with_torch(flat: &Tensor, h: f64) -> Tensor {
         } else {
             small
         };
-        let bytes = (small.view([-1, 8]).to_kind(Kind::Uint8) * &places)
-            .sum_dim_intlist(Some(&[1i64][..]), false, Kind::Uint8);
+        let bytes = (small.view([-1, 8]).to_kind(Kind::Uint8) * &places).sum_dim_intlist(
+            Some(&[1i64][..]),
+            false,
+            Kind::Uint8,
+        );
         packed.narrow(0, start / 8, padded / 8).copy_(&bytes);
         start += len;
     }
@@ -275,7 +279,11 @@ mod tests {
             for (i, p) in params.iter().enumerate() {
                 let n = p.tensor.numel() as i64;
                 if n == 0 {
-                    assert_eq!(mask.whole(i, 0).numel(), 0, "an empty tensor selects nothing");
+                    assert_eq!(
+                        mask.whole(i, 0).numel(),
+                        0,
+                        "an empty tensor selects nothing"
+                    );
                     continue;
                 }
                 let h = threshold(&p.tensor, 0.25);
@@ -326,13 +334,20 @@ mod tests {
                 for keep in [1e-9, 0.3, 1.0] {
                     let host = threshold_on_host(&x, keep).expect("a CPU tensor");
                     let torch = threshold_with_torch(&x, keep);
-                    assert_eq!(host.to_bits(), torch.to_bits(), "{kind:?} n {n} keep {keep}");
+                    assert_eq!(
+                        host.to_bits(),
+                        torch.to_bits(),
+                        "{kind:?} n {n} keep {keep}"
+                    );
                 }
                 let host = pack_on_host(&x, h).expect("a CPU tensor packs on the host");
                 assert!(host.equal(&pack_with_torch(&x, h)), "{kind:?} n {n}");
             }
         }
         let strided = Tensor::randn([64, 8], (Kind::Float, Device::Cpu)).t_();
-        assert!(pack_on_host(&strided, 0.5).is_none(), "only contiguous tensors");
+        assert!(
+            pack_on_host(&strided, 0.5).is_none(),
+            "only contiguous tensors"
+        );
     }
 }

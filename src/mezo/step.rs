@@ -596,7 +596,11 @@ mod tests {
             let reference = shaped(&ZSweep::new(Rng::Fast, 1), method, basis);
             assert!(!same(&reference, &big(Kind::Float)));
             for (threads, chunk) in [(2, DEFAULT_CHUNK), (1, 1000), (2, 77)] {
-                let other = shaped(&ZSweep::with_chunk(Rng::Fast, threads, chunk), method, basis);
+                let other = shaped(
+                    &ZSweep::with_chunk(Rng::Fast, threads, chunk),
+                    method,
+                    basis,
+                );
                 assert!(
                     same(&reference, &other),
                     "{method:?}, {threads} threads, chunk {chunk}"

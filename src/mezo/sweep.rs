@@ -435,7 +435,10 @@ fn apply_torch(t: &Tensor, mut z: Tensor, u: Update) {
 /// tensor path's `z *= mask` computes it; whole bytes at a time once `start`
 /// is on a byte (the default chunk always is), where the eight products vectorize.
 fn mask_z(z: &mut [f32], bits: &[u8], start: usize) {
-    debug_assert!(bits.len() * 8 >= start + z.len(), "a mask shorter than its tensor");
+    debug_assert!(
+        bits.len() * 8 >= start + z.len(),
+        "a mask shorter than its tensor"
+    );
     let head = ((8 - start % 8) % 8).min(z.len());
     let (head, rest) = z.split_at_mut(head);
     for (k, z) in head.iter_mut().enumerate() {

@@ -179,16 +179,28 @@ mod tests {
         // A first start, or a start on a full disk that gave the reserve back
         // to open the database: the reserve must be re-created and remain.
         assert_eq!(guard.room_needed(state), 2 << 20);
-        assert_eq!(guard.room_needed(spool), 1 << 20, "the reserve is not there");
+        assert_eq!(
+            guard.room_needed(spool),
+            1 << 20,
+            "the reserve is not there"
+        );
         std::fs::write(reserve_path(dir.path()), b"held").unwrap();
         assert_eq!(guard.room_needed(state), 1 << 20, "holding the reserve");
         guard.low = Some("full".into());
-        assert_eq!(guard.room_needed(state), 2 << 20, "once low, until twice is free");
+        assert_eq!(
+            guard.room_needed(state),
+            2 << 20,
+            "once low, until twice is free"
+        );
         assert_eq!(guard.room_needed(spool), 2 << 20);
         guard.low = None;
         std::fs::remove_file(reserve_path(dir.path())).unwrap();
         guard.reserve_failed = true;
-        assert_eq!(guard.room_needed(state), 1 << 20, "a filesystem that cannot hold one");
+        assert_eq!(
+            guard.room_needed(state),
+            1 << 20,
+            "a filesystem that cannot hold one"
+        );
         // Plenty of room here: the guard is not low (and sets its reserve
         // aside where the filesystem can allocate one).
         guard.reserve_failed = false;
