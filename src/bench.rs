@@ -274,7 +274,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
         .perturbation
         .unwrap_or_else(|| args.estimator.default_perturbation());
     let method = Method::of(&job.mezo);
-    // LOZO: V from the default period's seed, as a job's first steps draw it.
+    // LOZO: V from the period's seed, as a job's first steps draw it.
     let basis =
         matches!(method, Method::Lozo { .. }).then(|| basis_seed(0, 0, job.mezo.basis_every()));
     let seeds_of = |i: usize| -> Vec<u64> {

@@ -68,27 +68,46 @@ fn threshold_with_torch(flat: &Tensor, keep: f64) -> f64 {
 /// for a while after each parallel operation, do not wake between the z passes
 /// and compete with the sweep's threads for the cores.
 fn threshold_on_host(flat: &Tensor, keep: f64) -> Option<f64> {
-    if flat.device() != tch::Device::Cpu || !flat.is_contiguous() {
-        return None;
-    }
-    let n = flat.numel();
-    let (stride, k) = sample_plan(n as i64, keep);
-    let mut sample: Vec<f32> = match flat.kind() {
-        // SAFETY: contiguous CPU tensors of `n` elements of the matched type.
-        Kind::Float => unsafe { std::slice::from_raw_parts(flat.data_ptr() as *const f32, n) }
-            .iter()
-            .step_by(stride as usize)
-            .map(|x| x.abs())
-            .collect(),
-        Kind::BFloat16 => unsafe { std::slice::from_raw_parts(flat.data_ptr() as *const u16, n) }
-            .iter()
-            .step_by(stride as usize)
-            .map(|&b| f32::from_bits(u32::from(b) << 16).abs())
-            .collect(),
-        _ => return None,
+    let weights = HostWeights::of(flat)?;
+    let (stride, k) = sample_plan(flat.numel() as i64, keep);
+    let stride = stride as usize;
+    let mut sample: Vec<f32> = match weights {
+        HostWeights::F32(x) => x.iter().step_by(stride).map(|x| x.abs()).collect(),
+        HostWeights::Bf16(x) => x.iter().step_by(stride).map(|&b| widen(b).abs()).collect(),
     };
     let (_, kth, _) = sample.select_nth_unstable_by(k as usize - 1, f32::total_cmp);
     Some(f64::from(*kth))
+}
+
+/// A contiguous CPU tensor's weights, read in place: the dtypes the host
+/// paths handle (others go through torch).
+enum HostWeights<'t> {
+    F32(&'t [f32]),
+    Bf16(&'t [u16]),
+}
+
+impl<'t> HostWeights<'t> {
+    fn of(flat: &'t Tensor) -> Option<Self> {
+        let n = flat.numel();
+        if flat.device() != tch::Device::Cpu || !flat.is_contiguous() || n == 0 {
+            return None;
+        }
+        let ptr = flat.data_ptr();
+        // SAFETY: a contiguous CPU tensor of `n` elements of the matched type,
+        // borrowed for as long as the slice.
+        Some(match flat.kind() {
+            Kind::Float => Self::F32(unsafe { std::slice::from_raw_parts(ptr as *const f32, n) }),
+            Kind::BFloat16 => {
+                Self::Bf16(unsafe { std::slice::from_raw_parts(ptr as *const u16, n) })
+            }
+            _ => return None,
+        })
+    }
+}
+
+/// A bf16 weight's bits as the f32 it widens to (exactly).
+fn widen(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
 }
 
 /// `|θ| ≤ h`, packed, for a contiguous CPU tensor of f32 or bf16 (the fast
@@ -100,9 +119,7 @@ fn threshold_on_host(flat: &Tensor, keep: f64) -> Option<f64> {
 /// torch makes: `h` is one of the tensor's own magnitudes (see [`threshold`]),
 /// exact in f32, and a bf16 weight widens to f32 exactly.
 fn pack_on_host(flat: &Tensor, h: f64) -> Option<Tensor> {
-    if flat.device() != tch::Device::Cpu || !flat.is_contiguous() {
-        return None;
-    }
+    let weights = HostWeights::of(flat)?;
     let n = flat.numel();
     // Every byte is written below; zeros would run a parallel fill first.
     let packed = Tensor::empty([n.div_ceil(8) as i64], (Kind::Uint8, tch::Device::Cpu));
@@ -110,19 +127,9 @@ fn pack_on_host(flat: &Tensor, h: f64) -> Option<Tensor> {
     let out =
         unsafe { std::slice::from_raw_parts_mut(packed.data_ptr() as *mut u8, packed.numel()) };
     let h = h as f32;
-    match flat.kind() {
-        // SAFETY: contiguous CPU tensors of `n` elements of the matched type.
-        Kind::Float => pack_parallel(
-            unsafe { std::slice::from_raw_parts(flat.data_ptr() as *const f32, n) },
-            out,
-            |x| x.abs() <= h,
-        ),
-        Kind::BFloat16 => pack_parallel(
-            unsafe { std::slice::from_raw_parts(flat.data_ptr() as *const u16, n) },
-            out,
-            |b| f32::from_bits(u32::from(b) << 16).abs() <= h,
-        ),
-        _ => return None,
+    match weights {
+        HostWeights::F32(x) => pack_parallel(x, out, |x| x.abs() <= h),
+        HostWeights::Bf16(x) => pack_parallel(x, out, |b| widen(b).abs() <= h),
     }
     Some(packed)
 }
@@ -160,23 +167,31 @@ fn pack_with_torch(flat: &Tensor, h: f64) -> Tensor {
     packed
 }
 
-/// Bit `j` of byte `i` of `out` = `small(x[8i + j])`, over torch's thread count.
+/// Bit `j` of byte `i` of `out` = `small(x[8i + j])`, over torch's thread
+/// count; part 0 on the calling thread, so a tensor under one chunk (most of
+/// them) starts no thread at all.
 fn pack_parallel<T: Copy + Sync>(x: &[T], out: &mut [u8], small: impl Fn(T) -> bool + Sync) {
     let threads = (tch::get_num_threads().max(1) as usize).min(x.len() / CHUNK as usize + 1);
     let bytes_each = out.len().div_ceil(threads).max(1);
+    let pack = |part: usize, bytes: &mut [u8]| {
+        let from = part * bytes_each * 8;
+        let x = &x[from..(from + bytes.len() * 8).min(x.len())];
+        for (byte, xs) in bytes.iter_mut().zip(x.chunks(8)) {
+            *byte = xs
+                .iter()
+                .enumerate()
+                .fold(0u8, |b, (j, &v)| b | (u8::from(small(v)) << j));
+        }
+    };
+    let pack = &pack;
+    let mut parts = out.chunks_mut(bytes_each).enumerate();
+    let first = parts.next();
     std::thread::scope(|s| {
-        for (part, bytes) in out.chunks_mut(bytes_each).enumerate() {
-            let from = part * bytes_each * 8;
-            let x = &x[from..(from + bytes.len() * 8).min(x.len())];
-            let small = &small;
-            s.spawn(move || {
-                for (byte, xs) in bytes.iter_mut().zip(x.chunks(8)) {
-                    *byte = xs
-                        .iter()
-                        .enumerate()
-                        .fold(0u8, |b, (j, &v)| b | (u8::from(small(v)) << j));
-                }
-            });
+        for (part, bytes) in parts {
+            s.spawn(move || pack(part, bytes));
+        }
+        if let Some((part, bytes)) = first {
+            pack(part, bytes);
         }
     });
 }
