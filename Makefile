@@ -36,7 +36,7 @@ assets: setup
 	$(PYTHON) scripts/fetch_assets.py
 
 # The main job: SmolLM2 fine-tuned with MeZO on Rotten Tomatoes, through the daemon
-# (about 14 minutes on 2 CPU cores). Interrupt and rerun: it resumes.
+# (about 9 minutes on 2 CPU cores). Interrupt and rerun: it resumes.
 demo: build assets
 	scripts/demo.sh
 
