@@ -378,9 +378,19 @@ struct Group {
 
 impl Group {
     fn new_with_member(member: &str) -> Self {
-        let name = format!("mezodt{}", std::process::id());
+        Self::new(&["--users", member], "m")
+    }
+
+    /// A group with no member.
+    fn new_empty() -> Self {
+        Self::new(&[], "e")
+    }
+
+    fn new(args: &[&str], tag: &str) -> Self {
+        let name = format!("mezodt{tag}{}", std::process::id());
         let out = Command::new("groupadd")
-            .args(["--users", member, &name])
+            .args(args)
+            .arg(&name)
             .output()
             .expect("groupadd (from the passwd package) is needed");
         assert!(out.status.success(), "groupadd: {}", text(&out));
@@ -756,4 +766,427 @@ fn a_full_disk_pauses_the_daemon_and_space_brings_it_back() {
         "a failed job never runs again by itself"
     );
     assert!(!d.log().contains("corrupt"), "{}", d.log());
+}
+
+// ---- the owner's own processes are hostile (issue 24 cases 1, 3, 4, 6, 7, 8) ----
+
+/// An attacker with only perl: find this user's own process whose command
+/// line contains ARGV[0], take its descriptor ARGV[1] with `pidfd_getfd`
+/// (as any user may of its own processes) and write the file ARGV[2] into it.
+/// With ARGV[3], stop the process first and kill it after (a check child:
+/// the daemon then reads the attacker's answer and the end of the pipe).
+const TAKE_FD_PL: &str = r#"
+use strict;
+my ($pattern, $fd, $file, $stop, $marker) = @ARGV;
+my $deadline = time + 120;
+my $pid;
+FIND: while (time < $deadline) {
+    opendir(my $d, "/proc") or die "opendir: $!\n";
+    for my $p (grep { /^\d+$/ } readdir($d)) {
+        next if $p == $$;
+        my @st = stat("/proc/$p");
+        next unless @st && $st[4] == $<;
+        open(my $c, "<", "/proc/$p/cmdline") or next;
+        local $/;
+        my $cmd = <$c>;
+        next unless defined $cmd;
+        $cmd =~ s/\0/ /g;
+        next unless index($cmd, $pattern) >= 0;
+        if (defined $marker) {
+            open(my $i, "<", "/proc/$p/fd/0") or next;
+            my $input = <$i>;
+            next unless defined $input && index($input, $marker) >= 0;
+        }
+        $pid = $p;
+        last FIND;
+    }
+}
+die "no process of mine matches $pattern\n" unless $pid;
+kill 'STOP', $pid if $stop;
+my $pidfd = syscall(434, $pid + 0, 0);
+die "pidfd_open: $!\n" if $pidfd < 0;
+my $got = syscall(438, $pidfd, $fd + 0, 0);
+die "pidfd_getfd: $!\n" if $got < 0;
+open(my $in, "<", $file) or die "$file: $!\n";
+binmode $in;
+open(my $out, ">&=", $got) or die "fdopen: $!\n";
+binmode $out;
+my $buf;
+while (read($in, $buf, 1 << 16)) { print $out $buf or die "write: $!\n"; }
+close $out;
+kill 'KILL', $pid if $stop;
+print "took fd $fd of $pid\n";
+"#;
+
+/// Start the perl attacker as `uid` (see [`TAKE_FD_PL`]); `stop_marked`:
+/// stop the process first (and kill it after), and take only one whose
+/// stdin holds this text.
+fn take_fd_as(
+    uid: u32,
+    pattern: &str,
+    fd: u32,
+    payload: &Path,
+    stop_marked: Option<&str>,
+) -> std::process::Child {
+    let mut c = Command::new("perl");
+    c.arg("-e")
+        .arg(TAKE_FD_PL)
+        .arg(pattern)
+        .arg(fd.to_string())
+        .arg(payload);
+    if let Some(marker) = stop_marked {
+        c.arg("stop").arg(marker);
+    }
+    c.uid(uid)
+        .gid(uid)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Whether the attacker took the descriptor (and, with `finished`, wrote
+/// all of its payload); panics (saying why) if it could not, and returns
+/// false where the kernel lacks `pidfd_getfd` (Linux 5.6).
+fn attack_made(child: std::process::Child, finished: bool) -> bool {
+    let out = child.wait_with_output().unwrap();
+    let said = text(&out);
+    if said.contains("pidfd_getfd: Function not implemented") {
+        eprintln!("skipped: this kernel has no pidfd_getfd (Linux 5.6)");
+        return false;
+    }
+    for failure in ["pidfd_open:", "pidfd_getfd:", "no process of mine", "fdopen:"] {
+        assert!(!said.contains(failure), "the attack could not be made: {said}");
+    }
+    if finished {
+        assert!(out.status.success(), "the attack could not be made: {said}");
+    }
+    true
+}
+
+/// Drop `job` into the spool as `uid` (the file's owner is the job's owner).
+fn drop_as(d: &Daemon, job: &Path, name: &str, uid: u32) {
+    let tmp = d.spool().join("tmp").join(name);
+    std::fs::copy(job, &tmp).unwrap();
+    std::os::unix::fs::chown(&tmp, Some(uid), Some(uid)).unwrap();
+    std::fs::rename(&tmp, d.spool().join("new").join(name)).unwrap();
+}
+
+/// Case 1: the owner rewrites its own intake check's answer (stops the
+/// `mezod check` child, takes its stdout with `pidfd_getfd`, answers
+/// "accepted" for a file without a tokenizer with the highest priority and
+/// the largest estimate).  The daemon takes the priority from the file,
+/// and the estimate fails the job at once instead of wrapping into a small
+/// one: the victim's job behind it runs.
+#[test]
+fn a_forged_intake_verdict_decides_nothing() {
+    let (tmp, _) = arena();
+    let d = Daemon::start(tmp.path(), CONFIG);
+    // A random-weight model without a tokenizer: its check starts the
+    // engine for the config's shapes, long enough to be caught.
+    let model = tmp.path().join("no-tokenizer");
+    std::fs::create_dir(&model).unwrap();
+    std::fs::copy(fixture("llama").join("config.json"), model.join("config.json")).unwrap();
+    let job = job_file(tmp.path(), "forged", 3, 1);
+    let body = std::fs::read_to_string(&job).unwrap().replace(
+        &format!("path: {}", fixture("llama").display()),
+        &format!("config: {}, init: random", model.join("config.json").display()),
+    );
+    assert!(body.contains("init: random"), "{body}");
+    std::fs::write(&job, body).unwrap();
+    let forged = tmp.path().join("forged-answer");
+    std::fs::write(
+        &forged,
+        format!(
+            "{{\"accepted\":{{\"wants_gpu\":false,\"priority\":{},\"steps\":10000000,\
+             \"estimate_bytes\":{},\"name\":\"first\",\"summary\":\"\"}}}}\n",
+            i32::MAX,
+            u64::MAX
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&forged, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let marker = model.display().to_string();
+    let attacker = take_fd_as(NOBODY, "mezod check", 1, &forged, Some(&marker));
+    drop_as_nobody(&d, &job, "forged.yaml");
+    if !attack_made(attacker, true) {
+        return;
+    }
+    d.wait_until("the forged job to be taken", |d| d.jobs().len() == 1);
+    let forged_id = d.jobs()[0]["id"].as_u64().unwrap();
+    // The victim: another user's job, dropped after the forged one.
+    let victim = drop_victim(&d, tmp.path());
+    let rec = d.wait_done(victim);
+    assert_eq!(rec["state"], "done", "{rec:#}");
+    let f = d.wait_done(forged_id);
+    assert_eq!(f["priority"], 0, "the priority is the file's: {f:#}");
+    assert_eq!(f["steps_total"], 3, "the steps are the file's: {f:#}");
+    assert_eq!(f["state"], "failed", "{f:#}");
+    assert!(
+        f["reason"].as_str().unwrap().contains("largest machine"),
+        "{f:#}"
+    );
+}
+
+/// A job of user 65533 on a model copy anyone may read; its id once taken.
+fn drop_victim(d: &Daemon, dir: &Path) -> u64 {
+    let job = job_file(dir, "victim", 3, 2);
+    let model = model_copy(dir, "victim-model", 0o644);
+    let body = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace(&fixture("llama").display().to_string(), &model.display().to_string());
+    std::fs::write(&job, body).unwrap();
+    let before = d.jobs().len();
+    drop_as(d, &job, "victim.yaml", NOSY);
+    d.wait_until("the victim's job to be taken", |d| d.jobs().len() == before + 1);
+    d.jobs()
+        .iter()
+        .find(|j| j["owner_uid"] == NOSY)
+        .unwrap()["id"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Case 3: a job file made in a setgid folder carries that folder's group,
+/// one its owner is not in.  The job runs with the owner's own groups (the
+/// user database's), so data only that group may read is refused, as the
+/// owner's own shell would be.
+#[test]
+fn a_setgid_folder_lends_no_group() {
+    let (tmp, _) = arena();
+    let group = Group::new_empty();
+    let data_dir = tmp.path().join("group-data");
+    std::fs::create_dir(&data_dir).unwrap();
+    let data = data_dir.join("reviews.jsonl");
+    std::fs::copy(reviews(), &data).unwrap();
+    std::os::unix::fs::chown(&data_dir, Some(0), Some(group.gid)).unwrap();
+    std::os::unix::fs::chown(&data, Some(0), Some(group.gid)).unwrap();
+    std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o750)).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o640)).unwrap();
+    // A folder anyone may write whose files take the group.
+    let setgid = tmp.path().join("setgid");
+    std::fs::create_dir(&setgid).unwrap();
+    std::os::unix::fs::chown(&setgid, Some(0), Some(group.gid)).unwrap();
+    std::fs::set_permissions(&setgid, std::fs::Permissions::from_mode(0o2777)).unwrap();
+    let d = Daemon::start(tmp.path(), CONFIG);
+    let job = job_file(tmp.path(), "grouped", 2, 1);
+    let model = model_copy(tmp.path(), "grouped-model", 0o644);
+    let body = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace(&fixture("llama").display().to_string(), &model.display().to_string())
+        .replace(&reviews(), &data.display().to_string());
+    std::fs::write(&job, &body).unwrap();
+    std::fs::set_permissions(&job, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // As the owner: its own shell cannot read the data; its file has the group.
+    let own = shell_as(NOBODY, &format!("head -c1 {}", data.display()));
+    assert!(text(&own).contains("Permission denied"), "{}", text(&own));
+    let made = shell_as(
+        NOBODY,
+        &format!(
+            "cp {j} {s}/grouped.yaml && stat -c %g {s}/grouped.yaml && mv {s}/grouped.yaml {n}/",
+            j = job.display(),
+            s = setgid.display(),
+            n = d.spool().join("new").display()
+        ),
+    );
+    assert!(made.status.success(), "{}", text(&made));
+    assert!(text(&made).contains(&group.gid.to_string()), "{}", text(&made));
+    let error = d.spool().join("rejected/grouped.yaml.error");
+    d.wait_until("the file to be rejected or become a job", |d| {
+        error.is_file() || !d.jobs().is_empty()
+    });
+    assert!(d.jobs().is_empty(), "it ran with the folder's group: {:#?}", d.jobs());
+    let why = std::fs::read_to_string(&error).unwrap();
+    assert!(
+        why.contains("Permission denied") || why.contains("not a file you can read"),
+        "{why}"
+    );
+}
+
+/// Bytes in the files under `dir`.
+fn tree_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| {
+                    let m = e.metadata().unwrap();
+                    if m.is_dir() {
+                        tree_bytes(&e.path())
+                    } else {
+                        m.len()
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Case 4: the owner takes its worker's stderr and stdout with `pidfd_getfd`.
+/// Its writes into the log stop at the log's bound (the daemon writes the
+/// log from the pipe; the worker holds no descriptor of it), and a step
+/// record of the wrong step, or a line no record is as long as, stops the
+/// job with the reason: the database takes nothing of it.
+#[test]
+fn a_workers_pipes_carry_no_ones_words_but_its_own() {
+    let (tmp, _) = arena();
+    let d = Daemon::start(tmp.path(), CONFIG);
+    let junk = tmp.path().join("junk");
+    std::fs::write(&junk, vec![b'x'; 40 << 20]).unwrap();
+    // A step record for a step far ahead, of the right shape, then a line
+    // of 512 KB of hex (what a record with 16,000 directions would be).
+    let record = |step: u64| -> String {
+        let mut bytes = vec![0u8; 48];
+        bytes[..8].copy_from_slice(&step.to_le_bytes());
+        for f in 2..6 {
+            bytes[f * 8..f * 8 + 8].copy_from_slice(&1.5f64.to_le_bytes());
+        }
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        format!("R {hex}\n")
+    };
+    let fake_step = tmp.path().join("fake-step");
+    std::fs::write(&fake_step, record(99_999)).unwrap();
+    let huge = tmp.path().join("huge-record");
+    std::fs::write(&huge, format!("R {}\n", "00".repeat(512 << 10))).unwrap();
+    for f in [&junk, &fake_step, &huge] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let db = tmp.path().join("state/db");
+    for (name, payload, why) in [
+        ("stepped", &fake_step, "where step"),
+        ("flooded", &huge, "longer than any record"),
+    ] {
+        let id = drop_nobody_job(&d, tmp.path(), name, 100_000, None);
+        d.wait_steps(id, 1);
+        let db_before = tree_bytes(&db);
+        let run = d.job_dir(id).join("run");
+        let pattern = run.display().to_string();
+        if !attack_made(take_fd_as(NOBODY, &pattern, 2, &junk, None), true) {
+            return;
+        }
+        // Its write may end in EPIPE: the daemon stops reading a violated pipe.
+        assert!(attack_made(take_fd_as(NOBODY, &pattern, 1, payload, None), false));
+        let rec = d.wait_done(id);
+        assert_eq!(rec["state"], "failed", "{rec:#}");
+        let reason = rec["reason"].as_str().unwrap();
+        assert!(reason.contains(why), "{name}: {reason}");
+        let log = std::fs::metadata(d.job_dir(id).join("worker.log")).unwrap().len();
+        assert!(log <= (32 << 20) + (64 << 10), "{name}: the log grew to {log} bytes");
+        assert!(
+            rec["steps_done"].as_u64().unwrap() < 99_999,
+            "{name}: the fake step was taken: {rec:#}"
+        );
+        let grown = tree_bytes(&db).saturating_sub(db_before);
+        assert!(grown < 8 << 20, "{name}: the database grew by {grown} bytes");
+    }
+}
+
+/// The pid of job `id`'s worker (found by its run folder on its command line).
+fn worker_pid(d: &Daemon, id: u64) -> u32 {
+    let run = d.job_dir(id).join("run").display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .is_ok_and(|c| c.contains(" worker ") && c.contains(&run))
+        })
+        .unwrap_or_else(|| panic!("no worker of job {id}"))
+}
+
+/// Case 7: a worker starts with a fixed environment (no secret of the
+/// daemon's, the owner's HOME, a plain PATH) and no descriptor the daemon
+/// inherited.
+#[test]
+fn a_worker_inherits_neither_the_daemons_environment_nor_its_descriptors() {
+    let (tmp, _) = arena();
+    // A descriptor the daemon's parent leaves open (not close-on-exec).
+    let leaked = tmp.path().join("secret/leaked-descriptor");
+    let file = std::fs::File::create(&leaked).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+    let d = Daemon::start_with_env(
+        tmp.path(),
+        CONFIG,
+        &[
+            ("SEC_ROOT_TOKEN", SECRET.to_string()),
+            ("HOME", "/root".to_string()),
+        ],
+    );
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    let id = drop_nobody_job(&d, tmp.path(), "hand-off", 100_000, None);
+    d.wait_steps(id, 1);
+    let pid = worker_pid(&d, id);
+    let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap())
+        .replace('\0', "\n");
+    assert!(!environ.contains(SECRET), "{environ}");
+    assert!(!environ.contains("HOME=/root"), "{environ}");
+    assert!(environ.contains("HOME=/nonexistent"), "nobody's home: {environ}");
+    assert!(environ.contains("PATH=/usr/local/bin:/usr/bin:/bin"), "{environ}");
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        let target = std::fs::read_link(e.path()).unwrap_or_default();
+        assert_ne!(target, leaked, "the worker holds the daemon's descriptor {:?}", e.file_name());
+        assert!(
+            !target.starts_with(d.job_dir(id).join("worker.log")),
+            "the worker holds the root-owned log"
+        );
+    }
+    let out = mezod_as(0, &d, &["cancel", &id.to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    d.wait_done(id);
+    drop(file);
+}
+
+/// Cases 6 and 8: another user sees a job's state, owner, name and
+/// progress, not its results or losses; a job root cancelled is restarted by
+/// root alone, not by its owner.
+#[test]
+fn others_see_no_results_and_owners_do_not_undo_roots_cancel() {
+    let (tmp, _) = arena();
+    let d = Daemon::start(tmp.path(), CONFIG);
+    let done = nobody_job(&d, tmp.path(), "private", 3);
+    let json = |uid: u32| -> serde_json::Value {
+        let out = mezod_as(uid, &d, &["status", &done.to_string(), "--json"]);
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let human = |uid: u32| -> String {
+        let out = mezod_as(uid, &d, &["status", &done.to_string()]);
+        assert!(out.status.success(), "{}", text(&out));
+        text(&out)
+    };
+    let (mine, theirs) = (json(NOBODY), json(NOSY));
+    assert!(mine["result"].is_object(), "the owner sees its results: {mine:#}");
+    assert!(mine["last_loss"].is_number(), "{mine:#}");
+    assert!(human(NOBODY).contains("last loss"), "{}", human(NOBODY));
+    assert!(theirs["result"].is_null(), "another user sees the results: {theirs:#}");
+    assert!(theirs["last_loss"].is_null(), "{theirs:#}");
+    assert_eq!(theirs["peak_bytes"], 0, "{theirs:#}");
+    assert_eq!((&theirs["state"], &theirs["steps_done"]), (&mine["state"], &mine["steps_done"]));
+    assert_eq!(theirs["name"], mine["name"]);
+    let seen = human(NOSY);
+    assert!(!seen.contains("last loss") && !seen.contains("result"), "{seen}");
+    let list = mezod_as(NOSY, &d, &["status", "--json"]);
+    assert!(!text(&list).contains("last_loss\":0") && !text(&list).contains("wall_time_s"), "{}", text(&list));
+
+    let id = drop_nobody_job(&d, tmp.path(), "stopped-by-root", 100_000, None);
+    d.wait_steps(id, 1);
+    let out = mezod_as(0, &d, &["cancel", &id.to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    d.wait_done(id);
+    let undo = mezod_as(NOBODY, &d, &["restart", &id.to_string()]);
+    assert!(!undo.status.success(), "the owner undid root's cancel: {}", text(&undo));
+    assert!(text(&undo).contains("only root"), "{}", text(&undo));
+    assert_eq!(d.job(id)["state"], "cancelled");
+    let root = mezod_as(0, &d, &["restart", &id.to_string()]);
+    assert!(root.status.success(), "{}", text(&root));
+    d.wait_until("the job to run again", |d| d.job(id)["state"] != "cancelled");
+    let out = mezod_as(0, &d, &["cancel", &id.to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    d.wait_done(id);
+    // The owner's own cancel stays the owner's to undo.
+    let out = mezod_as(NOBODY, &d, &["restart", &id.to_string()]);
+    assert!(!out.status.success(), "{}", text(&out));
 }

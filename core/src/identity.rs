@@ -16,16 +16,45 @@ pub struct Identity {
     pub uid: u32,
     pub gid: u32,
     pub groups: Vec<libc::gid_t>,
+    /// The user's home folder, for `HOME` (the user database's; `/` without one).
+    pub home: std::path::PathBuf,
 }
 
+/// The group of a uid the user database does not know: the kernel's
+/// overflow group ("nogroup"), which grants nothing.
+pub const UNKNOWN_USER_GID: u32 = 65534;
+
 impl Identity {
-    /// `uid` with primary group `gid` and the groups the user database lists
-    /// for that user; a uid without a passwd entry gets `gid` alone.
-    pub fn of(uid: u32, gid: u32) -> Self {
-        let groups = user_name(uid)
-            .map(|name| group_list(&name, gid))
-            .unwrap_or_else(|| vec![gid]);
-        Self { uid, gid, groups }
+    /// `uid` as the user database knows it: its login groups (`getgrouplist`
+    /// from its passwd entry's primary group), and as primary group
+    /// `file_gid` only if the user is a member of it, else its own primary
+    /// group.  A file's group says nothing about its owner: a file created in
+    /// a setgid folder (or `chgrp`ed by a member) carries a group its owner
+    /// may not belong to, and a job must not run with it.  A uid without a
+    /// passwd entry runs with [`UNKNOWN_USER_GID`] alone.
+    pub fn of(uid: u32, file_gid: u32) -> Self {
+        match user_entry(uid) {
+            Some((name, primary, home)) => {
+                let groups = group_list(&name, primary);
+                let gid = if groups.contains(&file_gid) {
+                    file_gid
+                } else {
+                    primary
+                };
+                Self {
+                    uid,
+                    gid,
+                    groups,
+                    home,
+                }
+            }
+            None => Self {
+                uid,
+                gid: UNKNOWN_USER_GID,
+                groups: vec![UNKNOWN_USER_GID],
+                home: "/".into(),
+            },
+        }
     }
 
     /// Become this identity.  For `pre_exec`: only async-signal-safe calls,
@@ -74,7 +103,33 @@ pub fn uid_named(name: &str) -> Option<u32> {
     (r == 0 && !found.is_null()).then_some(pwd.pw_uid)
 }
 
+/// The gid of a group name, from the system's group database (NSS).
+pub fn gid_named(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0 as libc::c_char; 64 << 10];
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: getgrnam_r reads the NUL-terminated name and writes into grp
+    // and buf, both owned here and sized as passed.
+    let r = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    (r == 0 && !found.is_null()).then_some(grp.gr_gid)
+}
+
 fn user_name(uid: u32) -> Option<std::ffi::CString> {
+    user_entry(uid).map(|(name, _, _)| name)
+}
+
+/// (name, primary gid, home) of `uid` in the user database.
+fn user_entry(uid: u32) -> Option<(std::ffi::CString, u32, std::path::PathBuf)> {
+    use std::os::unix::ffi::OsStrExt;
     let mut buf = vec![0 as libc::c_char; 16 << 10];
     let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
     let mut found: *mut libc::passwd = std::ptr::null_mut();
@@ -83,8 +138,15 @@ fn user_name(uid: u32) -> Option<std::ffi::CString> {
     if r != 0 || found.is_null() {
         return None;
     }
-    // SAFETY: on success pw_name points into buf, NUL-terminated.
-    Some(unsafe { CStr::from_ptr(pwd.pw_name) }.to_owned())
+    // SAFETY: on success pw_name and pw_dir point into buf, NUL-terminated.
+    let name = unsafe { CStr::from_ptr(pwd.pw_name) }.to_owned();
+    let home = if pwd.pw_dir.is_null() {
+        std::path::PathBuf::from("/")
+    } else {
+        let dir = unsafe { CStr::from_ptr(pwd.pw_dir) };
+        std::path::PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes()))
+    };
+    Some((name, pwd.pw_gid, home))
 }
 
 fn group_list(name: &CStr, gid: u32) -> Vec<libc::gid_t> {
@@ -112,10 +174,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn root_has_its_groups_and_an_unknown_uid_its_gid_alone() {
+    fn groups_come_from_the_user_database_not_from_the_file() {
         let root = Identity::of(0, 0);
         assert!(root.groups.contains(&0), "{root:?}");
-        let nobody = Identity::of(4_000_000, 4_000_001);
-        assert_eq!(nobody.groups, vec![4_000_001]);
+        assert_eq!(root.gid, 0);
+        // A file group root is not in (as a setgid folder would give): not taken.
+        let stray = 4_242_424;
+        let root_in_stray = Identity::of(0, stray);
+        assert_eq!(root_in_stray.gid, 0, "{root_in_stray:?}");
+        assert!(!root_in_stray.groups.contains(&stray));
+        // A uid the user database does not know gets the overflow group alone,
+        // whatever its file says.
+        let unknown = Identity::of(4_000_000, 4_000_001);
+        assert_eq!(unknown.gid, UNKNOWN_USER_GID);
+        assert_eq!(unknown.groups, vec![UNKNOWN_USER_GID]);
     }
 }

@@ -89,6 +89,16 @@ impl Estimator {
         }
     }
 
+    /// What a step record of this estimator carries after its directions:
+    /// FZOO's σ, LOZO's seed of V, or nothing.
+    pub fn record_trailer(self) -> RecordTrailer {
+        match self {
+            Estimator::Fzoo => RecordTrailer::Spread,
+            Estimator::Lozo => RecordTrailer::Basis,
+            Estimator::Mezo | Estimator::Sparse => RecordTrailer::None,
+        }
+    }
+
     /// The direction distribution a job gets unless it names one: FZOO's
     /// analysis is for ±1 directions; MeZO's for Gaussian ones.
     pub fn default_perturbation(self) -> Perturbation {
@@ -97,6 +107,16 @@ impl Estimator {
             Estimator::Mezo | Estimator::Sparse | Estimator::Lozo => Perturbation::Gaussian,
         }
     }
+}
+
+/// The part of a step record after its directions (see `seedlog`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordTrailer {
+    None,
+    /// FZOO's σ.
+    Spread,
+    /// LOZO's seed of V.
+    Basis,
 }
 
 /// As job files write it: `mezo`, `fzoo`, `sparse`, `lozo`.

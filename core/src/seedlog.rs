@@ -58,6 +58,15 @@ const SPREAD_TAG: u64 = u64::from_le_bytes(*b"spread\0\0");
 /// The tag of LOZO's trailer, "basis" in ASCII.
 const BASIS_TAG: u64 = u64::from_le_bytes(*b"basis\0\0\0");
 
+/// Bytes of a record of `directions` directions with `trailer`.
+pub fn record_bytes(directions: usize, trailer: crate::mezo_options::RecordTrailer) -> usize {
+    let trailer = match trailer {
+        crate::mezo_options::RecordTrailer::None => 0,
+        _ => TRAILER_BYTES,
+    };
+    RECORD_BYTES + directions.saturating_sub(1) * DIRECTION_BYTES + trailer
+}
+
 impl StepRecord {
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut fields = vec![
@@ -193,7 +202,31 @@ impl SeedLog {
     /// The records of steps 0, 1, 2, … up to the first gap or unreadable record.
     pub fn contiguous(&self) -> Result<Vec<StepRecord>> {
         let mut out = Vec::new();
+        self.for_each_contiguous(u64::MAX, |rec| {
+            out.push(rec);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// How many records [`contiguous`](Self::contiguous) would return, without
+    /// holding them: a daemon's job may have millions.
+    pub fn contiguous_len(&self) -> Result<u64> {
+        self.for_each_contiguous(u64::MAX, |_| Ok(()))
+    }
+
+    /// Visit the records of steps 0, 1, 2, … up to the first gap, an
+    /// unreadable record or step `limit`, one at a time; returns how many.
+    pub fn for_each_contiguous(
+        &self,
+        limit: u64,
+        mut visit: impl FnMut(StepRecord) -> Result<()>,
+    ) -> Result<u64> {
+        let mut n = 0u64;
         for item in self.tree.iter() {
+            if n >= limit {
+                break;
+            }
             let (k, v) = item?;
             let Ok(key) = <[u8; 8]>::try_from(k.as_ref()) else {
                 break;
@@ -201,12 +234,13 @@ impl SeedLog {
             let Some(rec) = StepRecord::from_bytes(&v) else {
                 break;
             };
-            if u64::from_be_bytes(key) != out.len() as u64 || rec.step != out.len() as u64 {
+            if u64::from_be_bytes(key) != n || rec.step != n {
                 break;
             }
-            out.push(rec);
+            visit(rec)?;
+            n += 1;
         }
-        Ok(out)
+        Ok(n)
     }
 
     /// Drop every record from `step` on (what lies beyond a gap is recomputed).

@@ -218,7 +218,7 @@ pub fn plan(queue: &[Candidate], placed: &[Placed], res: &Resources) -> Vec<Deci
             continue;
         }
         let biggest = kind.iter().map(|&i| pools[i].total).max().unwrap_or(0);
-        if c.estimate + res.margin > biggest {
+        if c.estimate.saturating_add(res.margin) > biggest {
             out.push(Decision::Never {
                 id: c.id,
                 reason: format!(
@@ -359,6 +359,22 @@ mod tests {
         let a = admitted(&d);
         assert_eq!(a.len(), 3);
         assert_ne!(a[0].1, a[1].1, "the second job goes to the emptier GPU");
+    }
+
+    /// An estimate is the owner's word (their check can be rewritten): the
+    /// largest figure fails the job at once, never wraps into a small one,
+    /// and never holds the line for the jobs behind it.
+    #[test]
+    fn an_estimate_past_every_pool_fails_at_once_and_blocks_no_one() {
+        let mut huge = job(1, 0);
+        huge.estimate = u64::MAX;
+        huge.priority = i32::MAX;
+        let d = plan(&[huge, job(2, 10)], &[], &res(vec![gpu(0, 80, 80)]));
+        assert!(
+            matches!(&d[0], Decision::Never { id: 1, reason } if reason.contains("largest GPU")),
+            "{d:?}"
+        );
+        assert_eq!(admitted(&d), vec![(2, Pool::Gpu("GPU-0".into()))]);
     }
 
     #[test]

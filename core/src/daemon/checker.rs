@@ -35,6 +35,8 @@ pub const CPU: u64 = 30;
 pub const WALL: Duration = Duration::from_secs(60);
 /// Largest answer read from a check.
 pub const ANSWER_MAX: u64 = 64 << 10;
+/// Longest reason for a rejection kept from a check.
+const WHY_MAX_CHARS: usize = 4096;
 
 /// What a check says about a job file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,19 +46,17 @@ pub enum Verdict {
     Rejected { why: String },
 }
 
-/// The facts about an accepted job that the daemon needs to queue it.
+/// What a check answers about a file it accepts: the one figure only the
+/// owner's view of the files can give.  Everything else the daemon needs
+/// (priority, steps, GPU, name) it reads from the file itself
+/// ([`JobFacts`](super::job_facts::JobFacts)): the check runs as the owner,
+/// who can rewrite its answer, so its answer decides nothing the daemon can
+/// know otherwise, and the estimate it gives is bounded by admission and
+/// enforced while the job runs.  (Other fields in an answer, as older
+/// versions sent and a forger may add, are ignored: they decide nothing.)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Accepted {
-    pub wants_gpu: bool,
-    pub priority: i32,
-    pub steps: u64,
     pub estimate_bytes: u64,
-    /// The job file's `name:`, if it has one.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// [`JobSpec::summary`]: the daemon itself never parses a job file.
-    #[serde(default)]
-    pub summary: String,
 }
 
 /// Check a job file's text: the spec, the files it names, its memory, and
@@ -79,12 +79,7 @@ pub fn check_text(text: &str) -> Result<Accepted> {
         estimate(&spec, wants_gpu).with_context(|| format!("model {}", spec.model.describe()))?;
     crate::job_check::check(&spec)?;
     Ok(Accepted {
-        wants_gpu,
-        priority: spec.priority,
-        steps: spec.mezo.steps,
         estimate_bytes: footprint.total(),
-        summary: spec.summary(),
-        name: spec.name,
     })
 }
 
@@ -167,6 +162,7 @@ impl Checker {
 fn spawn_child(exe: &Path, text: &str, run_as: Option<Identity>) -> Result<std::process::Child> {
     let input = crate::safe_fs::memory_file("mezod-check-input", text.as_bytes())?;
     let mut cmd = Command::new(exe);
+    super::handoff::owner_environment(&mut cmd, run_as.as_ref());
     cmd.arg("check")
         .stdin(Stdio::from(input))
         .stdout(Stdio::piped())
@@ -192,6 +188,7 @@ fn spawn_child(exe: &Path, text: &str, run_as: Option<Identity>) -> Result<std::
             limit(libc::RLIMIT_CPU, CPU, CPU + 5)?;
             limit(libc::RLIMIT_FSIZE, 0, 0)?;
             limit(libc::RLIMIT_CORE, 0, 0)?;
+            super::handoff::close_inherited_descriptors()?;
             if let Some(who) = &run_as {
                 who.assume()?;
             }
@@ -257,6 +254,11 @@ fn collect(child: &mut std::process::Child, wall: Duration) -> Verdict {
         };
     }
     match serde_json::from_slice::<Verdict>(answer.trim_ascii_end()) {
+        // The reason goes to the owner alone, but into the daemon's files:
+        // kept to a few lines.
+        Ok(Verdict::Rejected { why }) => Verdict::Rejected {
+            why: why.chars().take(WHY_MAX_CHARS).collect(),
+        },
         Ok(v) => v,
         Err(_) => Verdict::Rejected {
             why: match status.ok().and_then(|s| s.signal()) {

@@ -15,6 +15,9 @@
 //! retry_limit: 3                   # worker crashes retried before `failed`
 //! retry_backoff_s: 2               # doubled on each retry
 //! disk_reserve_mib: 64             # free space kept on the state and spool disks
+//! jobs_per_user: 1000              # a user's jobs waiting or running (root: no limit)
+//! user_priority_max: 0             # the highest priority a user may ask for
+//! admin_group: null                # members may ask for more (root always may)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -42,6 +45,16 @@ pub struct DaemonConfig {
     /// Free space the daemon keeps on its state and spool disks: below it,
     /// intake and new starts pause until there is twice as much.
     pub disk_reserve_mib: u64,
+    /// Jobs one user may have waiting or running at once (root has no
+    /// limit): a file past it is rejected, so one user's backlog cannot
+    /// fill the daemon's database and queue.
+    pub jobs_per_user: usize,
+    /// The highest `priority` a user's job may ask for; root and members
+    /// of `admin_group` may ask for more.
+    pub user_priority_max: i32,
+    /// A group (name) whose members may set priorities above
+    /// `user_priority_max`.
+    pub admin_group: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -105,6 +118,9 @@ impl Default for DaemonConfig {
             retry_limit: 3,
             retry_backoff_s: 2.0,
             disk_reserve_mib: 64,
+            jobs_per_user: 1000,
+            user_priority_max: 0,
+            admin_group: None,
         }
     }
 }

@@ -29,6 +29,7 @@ use super::control::{
 };
 use super::disk::{self, DiskGuard};
 use super::job_dir::{self, JobDir};
+use super::job_facts::{JobFacts, RecordShape};
 use super::jobs::{now, JobRecord, JobState, JobTable, Transition};
 use super::notify::Notifier;
 use super::spool::{Dropped, Spool};
@@ -93,6 +94,13 @@ struct Running {
     progress: VecDeque<(Instant, u64)>,
     /// Why the job cannot succeed, as its worker said before exiting.
     job_error: Option<String>,
+    /// What its records look like (from the daemon's own parse of the job).
+    records: RecordShape,
+    /// The step the next record must be for.
+    next_step: u64,
+    steps_total: u64,
+    /// Its pipe carried what no worker sends: stopped, fails with this.
+    violation: Option<String>,
 }
 
 impl Running {
@@ -514,6 +522,7 @@ impl Daemon {
                     r.job_error = Some(message);
                 }
             }
+            Event::Worker(id, WorkerEvent::Violation(why)) => self.on_violation(id, why)?,
             Event::Worker(id, WorkerEvent::Exited(status)) => {
                 self.schedule_due = true;
                 self.on_exit(id, status)?

@@ -201,6 +201,14 @@ impl Spool {
             }
         };
         let meta = file.metadata().map_err(|e| e.to_string())?;
+        if meta.nlink() != 1 {
+            // A second name elsewhere means someone else may change it (or
+            // it is another user's file linked in): a job file is one's own.
+            return Err(format!(
+                "it has {} hard links; drop a file of your own with one name (copy it, do not link it)",
+                meta.nlink()
+            ));
+        }
         if meta.len() > MAX_JOB_FILE_BYTES {
             return Err(format!(
                 "it is {} bytes; job files are at most {} bytes (data belongs in data.train, not in the job file)",

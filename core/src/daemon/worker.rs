@@ -24,7 +24,6 @@
 //! OOM kill, a crash, running out of memory or disk) is retried.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -42,6 +41,10 @@ pub enum WorkerEvent {
     Record(StepRecord),
     /// Why the job cannot succeed (sent before an exit with [`JOB_ERROR_EXIT`]).
     JobError(String),
+    /// The pipe carried what no worker of ours writes (a line too long to
+    /// be a record): the owner, who can take a worker's pipes, wrote into it.
+    /// The daemon stops the job; nothing more is read.
+    Violation(String),
     Exited(ExitStatus),
 }
 
@@ -50,23 +53,33 @@ pub enum WorkerEvent {
 /// uncaught error), 101 (a Rust panic) or 128 + a signal.
 pub const JOB_ERROR_EXIT: u8 = 65;
 
-/// The longest line read from a worker (a step record with many n-SPSA
-/// directions is a few kilobytes); a longer one is skipped, not buffered.
-const MAX_LINE: usize = 1 << 20;
+/// The longest line read from a worker: the largest step record any job can
+/// log (64 directions, in hex) or a job error (cut to [`MAX_JOB_ERROR`] by
+/// the worker, JSON-escaped).  A longer line is a violation of the protocol.
+const MAX_LINE: usize = 32 << 10;
+/// Bytes of a job's log (`worker.log`, all attempts together) the daemon
+/// keeps; past it, a worker's stderr is read and dropped.
+pub const MAX_LOG_BYTES: u64 = 32 << 20;
 /// The longest job error kept as a job's reason.
 pub const MAX_JOB_ERROR: usize = 4 << 10;
 
-/// The line that tells the daemon why the job failed.
+/// The line that tells the daemon why the job failed, the message cut to
+/// [`MAX_JOB_ERROR`] bytes (so the line, JSON-escaped, stays under the
+/// longest line the daemon reads).
 pub fn encode_job_error(message: &str) -> String {
     format!(
         "E {}\n",
-        serde_json::to_string(message).expect("a string serializes")
+        serde_json::to_string(&cut(message.to_string())).expect("a string serializes")
     )
 }
 
 /// The message of an `E` line, cut to [`MAX_JOB_ERROR`] bytes.
 pub fn decode_job_error(line: &str) -> Option<String> {
-    let mut message: String = serde_json::from_str(line.trim_end().strip_prefix("E ")?).ok()?;
+    let message: String = serde_json::from_str(line.trim_end().strip_prefix("E ")?).ok()?;
+    Some(cut(message))
+}
+
+fn cut(mut message: String) -> String {
     if message.len() > MAX_JOB_ERROR {
         let mut cut = MAX_JOB_ERROR;
         while !message.is_char_boundary(cut) {
@@ -75,7 +88,7 @@ pub fn decode_job_error(line: &str) -> Option<String> {
         message.truncate(cut);
         message.push('…');
     }
-    Some(message)
+    message
 }
 
 /// Whether an error may go away on a retry: memory or disk ran out (the
@@ -160,15 +173,32 @@ const INPUT_MAGIC: &[u8] = b"mezod worker input 1\n";
 /// A worker's input: the magic line, the job file's length (u32,
 /// little-endian) and text, then each record as its length and its bytes.
 pub fn encode_input(spec: &str, records: &[StepRecord]) -> Vec<u8> {
-    let mut bytes = INPUT_MAGIC.to_vec();
-    bytes.extend((spec.len() as u32).to_le_bytes());
-    bytes.extend(spec.as_bytes());
-    for r in records {
-        let b = r.to_bytes();
-        bytes.extend((b.len() as u32).to_le_bytes());
-        bytes.extend(b);
-    }
+    let mut bytes = Vec::new();
+    write_input(&mut bytes, spec, |write| {
+        records.iter().try_for_each(|r| write(r))?;
+        Ok(records.len() as u64)
+    })
+    .expect("writing to memory");
     bytes
+}
+
+/// Write a worker's input to `to`: the header and the job file, then the
+/// records `records` hands to its writer one at a time (so a job's history
+/// is streamed from the seed log, never held whole); returns how many.
+pub fn write_input<W: std::io::Write>(
+    to: &mut W,
+    spec: &str,
+    records: impl FnOnce(&mut dyn FnMut(&StepRecord) -> Result<()>) -> Result<u64>,
+) -> Result<u64> {
+    to.write_all(INPUT_MAGIC)?;
+    to.write_all(&(spec.len() as u32).to_le_bytes())?;
+    to.write_all(spec.as_bytes())?;
+    records(&mut |r: &StepRecord| {
+        let b = r.to_bytes();
+        to.write_all(&(b.len() as u32).to_le_bytes())?;
+        to.write_all(&b)?;
+        Ok(())
+    })
 }
 
 /// The job file's text and the records for steps 0, 1, 2, … up to the first gap.
@@ -248,17 +278,59 @@ impl WorkerHandle {
     }
 }
 
+/// A worker's input as an anonymous memory file: the job file's text, then
+/// the records of steps 0, 1, … (up to `limit`) streamed from `log`; returns
+/// the file and how many records it holds.
+pub fn input_file(spec: &str, log: &crate::seedlog::SeedLog, limit: u64) -> Result<(File, u64)> {
+    use std::io::{Seek, Write};
+    let file = crate::safe_fs::memory_file("mezod-worker-input", &[])?;
+    let mut w = std::io::BufWriter::new(file);
+    let n = write_input(&mut w, spec, |write| {
+        log.for_each_contiguous(limit, |r| write(&r))
+    })?;
+    w.flush()?;
+    let mut file = w.into_inner().map_err(|e| e.into_error())?;
+    file.rewind()?;
+    Ok((file, n))
+}
+
+/// Where a job's log goes: the daemon's own file, appended to by the daemon
+/// from the worker's stderr pipe, up to [`MAX_LOG_BYTES`] for the job.  The
+/// worker never holds a descriptor of a root-owned file.
+pub struct LogSink {
+    pub file: File,
+    /// Bytes the job's log may still grow by.
+    pub room: u64,
+}
+
+impl LogSink {
+    fn write(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        if self.room == 0 {
+            return;
+        }
+        let take = bytes.len().min(self.room as usize);
+        self.room -= take as u64;
+        let _ = self.file.write_all(&bytes[..take]);
+        if self.room == 0 {
+            let _ = writeln!(
+                self.file,
+                "\n[mezod: this job's log reached {} MiB; further output is dropped]",
+                MAX_LOG_BYTES >> 20
+            );
+        }
+    }
+}
+
 /// Start the worker; `report` receives its step records, then its exit.
 /// Call from the daemon's main thread: the death signal fires when the
 /// *thread* that forked the child ends.
 pub fn spawn(
     launch: &Launch,
-    records: &[StepRecord],
-    log: File,
+    input: File,
+    log: LogSink,
     report: impl Fn(WorkerEvent) + Send + 'static,
 ) -> Result<WorkerHandle> {
-    let input =
-        crate::safe_fs::memory_file("mezod-worker-input", &encode_input(launch.spec, records))?;
     let mut cmd = Command::new(launch.exe);
     cmd.arg("worker")
         .arg("--out")
@@ -271,17 +343,15 @@ pub fn spawn(
         .arg(launch.estimate.to_string())
         .stdin(Stdio::from(input))
         .stdout(Stdio::piped())
-        .stderr(Stdio::from(log))
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
-        .env(
-            "MEZOD_LOG",
-            std::env::var("MEZOD_LOG").unwrap_or("info".into()),
-        )
-        // Its own process group: a Ctrl-C at the daemon's terminal is for the
-        // daemon, which then stops each worker at a step boundary.
-        .process_group(0);
+        .stderr(Stdio::piped());
+    super::handoff::owner_environment(&mut cmd, launch.run_as.as_ref());
+    cmd.env(
+        "MEZOD_LOG",
+        std::env::var("MEZOD_LOG").unwrap_or("info".into()),
+    )
+    // Its own process group: a Ctrl-C at the daemon's terminal is for the
+    // daemon, which then stops each worker at a step boundary.
+    .process_group(0);
     match launch.gpu {
         Some(g) => {
             cmd.env("CUDA_VISIBLE_DEVICES", &g.uuid)
@@ -295,11 +365,12 @@ pub fn spawn(
     }
     let run_as = launch.run_as.clone();
     let parent = std::process::id() as libc::pid_t;
-    // SAFETY: setgroups/setgid/setuid, prctl and getppid are async-signal-safe
-    // and nothing here allocates.  The death signal is set after the change of
-    // user, which would clear it, and before exec.
+    // SAFETY: setgroups/setgid/setuid, prctl, getppid and close_range are
+    // async-signal-safe and nothing here allocates.  The death signal is set
+    // after the change of user, which would clear it, and before exec.
     unsafe {
         cmd.pre_exec(move || {
+            super::handoff::close_inherited_descriptors()?;
             if let Some(who) = &run_as {
                 who.assume()?;
             }
@@ -326,58 +397,138 @@ pub fn spawn(
             return Err(e).context("opening a pidfd on the worker (Linux 5.3 or later is needed)");
         }
     };
-    let stdout = child.stdout.take().expect("stdout is piped");
+    let exited = handle.pidfd.try_clone()?;
     std::thread::Builder::new()
         .name(format!("worker-{pid}"))
         .spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                match (&mut reader)
-                    .take(MAX_LINE as u64)
-                    .read_until(b'\n', &mut line)
-                {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) if !line.ends_with(b"\n") && line.len() >= MAX_LINE => {
-                        // Too long to be ours: skip to the end of the line.
-                        let _ = skip_line(&mut reader);
-                        continue;
-                    }
-                    Ok(_) => {}
-                }
-                let Ok(text) = std::str::from_utf8(&line) else {
-                    continue;
-                };
-                if let Some(rec) = decode(text) {
-                    report(WorkerEvent::Record(rec));
-                } else if let Some(message) = decode_job_error(text) {
-                    report(WorkerEvent::JobError(message));
-                }
-            }
+            read_worker(&mut child, &exited, log, &report);
             let status = child.wait().expect("waiting for a child of ours");
             report(WorkerEvent::Exited(status));
         })?;
     Ok(handle)
 }
 
-/// Read and drop the rest of a line.
-fn skip_line(reader: &mut impl BufRead) -> std::io::Result<()> {
-    loop {
-        let buf = reader.fill_buf()?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        match buf.iter().position(|&b| b == b'\n') {
-            Some(i) => {
-                reader.consume(i + 1);
-                return Ok(());
+/// Read a worker's stdout (records, its job error) and stderr (its log)
+/// until it exits.  The end is the process's exit, seen on its pidfd, not
+/// the pipes' end: the owner can hold a copy of either pipe open forever,
+/// and must not keep a finished job "running" by doing so.
+fn read_worker(
+    child: &mut Child,
+    exited: &OwnedFd,
+    mut log: LogSink,
+    report: &impl Fn(WorkerEvent),
+) {
+    let mut out = child.stdout.take().map(OwnedFd::from);
+    let mut err = child.stderr.take().map(OwnedFd::from);
+    let mut lines = LineReader::default();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut gone = false;
+    while !gone && (out.is_some() || err.is_some()) {
+        let mut fds: Vec<libc::pollfd> = [out.as_ref(), err.as_ref(), Some(exited)]
+            .iter()
+            .map(|fd| libc::pollfd {
+                fd: fd.map_or(-1, |f| f.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: three pollfds (-1 entries are ignored).
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
+        if r < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
             }
-            None => {
-                let n = buf.len();
-                reader.consume(n);
+            break;
+        }
+        gone = fds[2].revents != 0;
+        if fds[0].revents != 0 && !pump(&mut out, &mut buf, |b| lines.feed(b, report)) {
+            out = None;
+        }
+        if fds[1].revents != 0 && !pump(&mut err, &mut buf, |b| log.write(b)) {
+            err = None;
+        }
+        if lines.violated {
+            // Nothing more is read from a pipe someone else has written into.
+            out = None;
+        }
+    }
+    // The worker has exited: what it wrote last is still in the pipes.
+    // Read what is there now, a bounded amount, without waiting.
+    for (fd, to_log) in [(&mut out, false), (&mut err, true)] {
+        let Some(f) = fd.as_ref() else { continue };
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        for _ in 0..64 {
+            let more = if to_log {
+                pump(fd, &mut buf, |b| log.write(b))
+            } else {
+                pump(fd, &mut buf, |b| lines.feed(b, report))
+            };
+            if !more || lines.violated {
+                break;
             }
         }
+    }
+}
+
+/// Read once from `fd` into `buf` and hand the bytes to `take`; false at
+/// the pipe's end, on an error, or when nothing is there now (non-blocking).
+fn pump(fd: &mut Option<OwnedFd>, buf: &mut [u8], mut take: impl FnMut(&[u8])) -> bool {
+    let Some(f) = fd.as_ref() else { return false };
+    // SAFETY: read into a buffer we own, of its length.
+    let n = unsafe { libc::read(f.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n <= 0 {
+        return false;
+    }
+    take(&buf[..n as usize]);
+    true
+}
+
+/// Splits a worker's stdout into lines of at most [`MAX_LINE`] bytes and
+/// reports each record or job error; a longer line is a violation.
+#[derive(Default)]
+struct LineReader {
+    pending: Vec<u8>,
+    violated: bool,
+}
+
+impl LineReader {
+    fn feed(&mut self, mut bytes: &[u8], report: &impl Fn(WorkerEvent)) {
+        while !self.violated && !bytes.is_empty() {
+            match bytes.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    self.pending.extend_from_slice(&bytes[..=i]);
+                    bytes = &bytes[i + 1..];
+                    let line = std::mem::take(&mut self.pending);
+                    if line.len() > MAX_LINE {
+                        return self.violation(line.len(), report);
+                    }
+                    if let Ok(text) = std::str::from_utf8(&line) {
+                        if let Some(rec) = decode(text) {
+                            report(WorkerEvent::Record(rec));
+                        } else if let Some(message) = decode_job_error(text) {
+                            report(WorkerEvent::JobError(message));
+                        }
+                    }
+                }
+                None => {
+                    self.pending.extend_from_slice(bytes);
+                    bytes = &[];
+                }
+            }
+            if self.pending.len() > MAX_LINE {
+                return self.violation(self.pending.len(), report);
+            }
+        }
+    }
+
+    fn violation(&mut self, len: usize, report: &impl Fn(WorkerEvent)) {
+        self.violated = true;
+        self.pending = Vec::new();
+        report(WorkerEvent::Violation(format!(
+            "its worker's output held a line of over {len} bytes, longer than any record \
+             (was something else writing into the worker's pipe?)"
+        )));
     }
 }
 

@@ -4,24 +4,32 @@ use super::*;
 
 /// Checks under way at once (each is a process); further files wait for one to end.
 const MAX_CHECKS: usize = 4;
+/// Checks of one user's files under way at once: one user's slow files
+/// never hold every check while another user's file waits.
+const MAX_CHECKS_PER_USER: usize = 2;
 
 impl Daemon {
     // ---- spool intake ---------------------------------------------------
 
-    /// Take every file in `new/`.  A file that is not a valid job is rejected;
-    /// a failure of the daemon's own (a full disk, say) leaves the file where it
-    /// is for the next scan and is only logged.
-    /// Take every file in `new/`: read it (bounded, never through a link)
-    /// and start its check as its owner.  A file that cannot be read is
-    /// rejected; a failure of the daemon's own (a full disk, say) leaves the
-    /// file where it is for the next scan and is only logged.
+    /// Take every file in `new/`: read it (bounded, never through a link),
+    /// read its facts as the daemon, and start its check as its owner.
+    /// Files are taken round-robin over their owners (one user's backlog of
+    /// files does not hold up another's), each user with at most
+    /// [`MAX_CHECKS_PER_USER`] checks at once.  A file that cannot be read,
+    /// parsed or allowed is rejected; a failure of the daemon's own (a full
+    /// disk, say) leaves the file where it is for the next scan and is only
+    /// logged.
     pub(super) fn intake(&mut self) -> Result<()> {
         self.intake_backlog = false;
         if self.disk.low().is_some() {
             // Files wait in new/: nothing can be recorded or moved safely.
             return Ok(());
         }
-        for name in self.spool.list()? {
+        let names = self.spool.list()?;
+        let owners: Vec<Option<u32>> = names.iter().map(|n| self.spool.owner(n)).collect();
+        let mut active = self.active_jobs_by_owner()?;
+        for i in round_robin(&owners) {
+            let name = names[i].clone();
             if self.checking.contains_key(&name) {
                 continue;
             }
@@ -47,6 +55,13 @@ impl Daemon {
                 self.intake_backlog = true;
                 break;
             }
+            let owner_checks = owners[i].map_or(0, |uid| {
+                self.checking.values().filter(|d| d.uid == uid).count()
+            });
+            if owner_checks >= MAX_CHECKS_PER_USER {
+                self.intake_backlog = true;
+                continue;
+            }
             let dropped = match self.spool.read(&name) {
                 Ok(d) => d,
                 // Taken away since the listing: nothing to do.
@@ -56,6 +71,21 @@ impl Daemon {
                     continue;
                 }
             };
+            // The daemon's own reading first: a file it cannot parse needs
+            // no check, and what it parses is what the job will be.
+            let facts = match JobFacts::read(&dropped.text) {
+                Ok(f) => f,
+                Err(why) => {
+                    self.reject_unless_fresh(&name, &why);
+                    continue;
+                }
+            };
+            let waiting = active.entry(dropped.uid).or_default();
+            if let Err(why) = self.allowed(dropped.uid, &facts, *waiting) {
+                self.reject_unless_fresh(&name, &why);
+                continue;
+            }
+            *waiting += 1;
             let run_as = self.identity_of(dropped.uid, dropped.gid);
             let tx = self.tx.clone();
             let for_event = name.clone();
@@ -91,10 +121,20 @@ impl Daemon {
             let _ = self.tx.send(Event::SpoolChanged);
             return Ok(());
         }
+        // Parsed again: the text is the one read before the check, and the
+        // facts are small (the check may take a minute; keeping them would
+        // double what waiting files hold).
+        let facts = match JobFacts::read(&dropped.text) {
+            Ok(f) => f,
+            Err(why) => {
+                self.reject_unless_fresh(&name, &why);
+                return Ok(());
+            }
+        };
         match verdict {
             Verdict::Accepted(accepted) => {
                 crate::crash::point("intake-before-record");
-                match self.record(&name, dropped, accepted) {
+                match self.record(&name, dropped, facts, accepted) {
                     Ok(id) => tracing::info!("job {id}: accepted {name}"),
                     Err(e) => tracing::error!("could not record {name} (will retry): {e:#}"),
                 }
@@ -102,6 +142,59 @@ impl Daemon {
             Verdict::Rejected { why } => self.reject_unless_fresh(&name, &why),
         }
         Ok(())
+    }
+
+    /// Each user's jobs waiting or running, and files under check.
+    fn active_jobs_by_owner(&self) -> Result<HashMap<u32, usize>> {
+        let mut n = HashMap::new();
+        for job in self.table.active()? {
+            *n.entry(job.owner_uid).or_default() += 1;
+        }
+        for d in self.checking.values() {
+            *n.entry(d.uid).or_default() += 1;
+        }
+        Ok(n)
+    }
+
+    /// Whether `uid` may queue a job with `facts`, having `waiting` jobs:
+    /// the config's priority ceiling (root and the admin group may go
+    /// above it) and jobs per user (root is never limited).  `Err` says why not.
+    fn allowed(&self, uid: u32, facts: &JobFacts, waiting: usize) -> Result<(), String> {
+        if uid == 0 || !self.as_root {
+            return Ok(());
+        }
+        let ceiling = self.cfg.user_priority_max;
+        if facts.priority > ceiling && !self.is_admin(uid) {
+            return Err(format!(
+                "priority {} is above {ceiling}, the highest a user may ask for; an admin \
+                 (root{}) can raise a job's priority",
+                facts.priority,
+                self.cfg
+                    .admin_group
+                    .as_deref()
+                    .map_or(String::new(), |g| format!(" or group {g}"))
+            ));
+        }
+        if waiting >= self.cfg.jobs_per_user {
+            return Err(format!(
+                "you have {waiting} jobs waiting or running, the most one user may have \
+                 (jobs_per_user in the daemon's config); submit it again once some have ended"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Is `uid` in the config's admin group (by the user database)?
+    pub(super) fn is_admin(&self, uid: u32) -> bool {
+        let Some(gid) = self
+            .cfg
+            .admin_group
+            .as_deref()
+            .and_then(crate::identity::gid_named)
+        else {
+            return false;
+        };
+        Identity::of(uid, gid).groups.contains(&gid)
     }
 
     /// Reject `name` with `why`, unless it changed in the last moments: a
@@ -128,10 +221,14 @@ impl Daemon {
     }
 
     /// Record a checked file as a queued job, then move it to `cur/`.
+    /// The queue's facts (priority, steps, GPU, name, summary) are the
+    /// daemon's own reading of the file; the check, which runs as the owner
+    /// and may have been rewritten by them, gives only the estimate.
     pub(super) fn record(
         &mut self,
         name: &str,
         dropped: Dropped,
+        facts: JobFacts,
         accepted: Accepted,
     ) -> Result<u64> {
         let id = self.table.next_id()?;
@@ -140,9 +237,7 @@ impl Daemon {
         dir.write_spec(&dropped.text)?;
         let job = JobRecord {
             id,
-            // The check ran as the file's owner, who could forge its answer:
-            // the name every user's status shows is made plain here.
-            name: accepted
+            name: facts
                 .name
                 .as_deref()
                 .map(crate::spec::as_job_name)
@@ -151,13 +246,13 @@ impl Daemon {
                     crate::spec::as_job_name(&stem.to_string_lossy())
                 }),
             spool_name: name.to_string(),
-            summary: accepted.summary.clone(),
+            summary: facts.summary,
             owner_uid: dropped.uid,
             owner_gid: dropped.gid,
             state: JobState::Queued { not_before: None },
-            priority: accepted.priority,
-            wants_gpu: accepted.wants_gpu,
-            steps_total: accepted.steps,
+            priority: facts.priority,
+            wants_gpu: facts.wants_gpu,
+            steps_total: facts.steps,
             steps_done: 0,
             last_loss: None,
             submitted_at: now(),
@@ -179,5 +274,34 @@ impl Daemon {
         crate::crash::point("record-after-move");
         self.claims.remove(name.as_bytes())?;
         Ok(id)
+    }
+}
+
+/// The order to take files in: the first file of each owner, then the
+/// second of each, and so on (each owner's files in name order).
+fn round_robin(owners: &[Option<u32>]) -> Vec<usize> {
+    let mut queues: Vec<(Option<u32>, VecDeque<usize>)> = Vec::new();
+    for (i, o) in owners.iter().enumerate() {
+        match queues.iter_mut().find(|(q, _)| q == o) {
+            Some((_, files)) => files.push_back(i),
+            None => queues.push((*o, VecDeque::from([i]))),
+        }
+    }
+    let mut order = Vec::with_capacity(owners.len());
+    while order.len() < owners.len() {
+        for (_, files) in queues.iter_mut() {
+            order.extend(files.pop_front());
+        }
+    }
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn files_are_taken_round_robin_over_their_owners() {
+        let owners = [Some(1), Some(1), Some(1), Some(2), None, Some(1), Some(2)];
+        assert_eq!(super::round_robin(&owners), vec![0, 3, 4, 1, 6, 2, 5]);
+        assert!(super::round_robin(&[]).is_empty());
     }
 }

@@ -120,6 +120,15 @@ impl Daemon {
     /// resumes from the seed log and run folder it left.
     pub(super) fn restart(&mut self, id: u64, peer: control::Peer) -> Result<Response> {
         let mut job = self.owned_job(id, peer)?;
+        // Root's cancel is root's decision: the owner cannot undo it.
+        let cancelled_by = match (&job.state, self.running.get(&id).and_then(|r| r.stop)) {
+            (_, Some(StopReason::Cancel { by_uid })) => Some(by_uid),
+            (JobState::Cancelled { by_uid, .. }, _) => Some(*by_uid),
+            _ => None,
+        };
+        if let Some(by) = cancelled_by.filter(|&by| by != job.owner_uid && peer.uid != 0) {
+            bail!("job {id} was cancelled by uid {by} (not its owner); only root may restart it");
+        }
         if let Some(r) = self.running.get_mut(&id) {
             if matches!(r.stop, Some(StopReason::Cancel { .. })) {
                 // Cancelled a moment ago and still stopping: it is queued
@@ -134,7 +143,7 @@ impl Daemon {
         job.apply(Transition::Restart)
             .map_err(|e| anyhow::anyhow!("job {id}: {e} (only failed or cancelled jobs are)"))?;
         let log = SeedLog::in_tree(self.db.open_tree(format!("seedlog/{id}"))?);
-        job.steps_done = (log.contiguous()?.len() as u64).min(job.steps_total);
+        job.steps_done = log.contiguous_len()?.min(job.steps_total);
         job.failures = 0;
         job.reason = format!(
             "restarted by uid {}; resumes from step {}",
@@ -228,14 +237,20 @@ impl Daemon {
         })
     }
 
-    /// A job as `peer` may see it: another user's failed job does not show
+    /// A job as `peer` may see it: another user sees its state, owner,
+    /// name and progress, never its results, losses or memory figures, nor
     /// why it failed (a job's error may quote its paths and data).
     fn view(&self, mut job: JobRecord, peer: control::Peer) -> JobView {
         if !peer.may_manage(job.owner_uid) {
             if matches!(job.state, JobState::Failed { .. }) {
                 job.reason = "failed (its owner sees why)".into();
             }
+            if let JobState::Done { result, .. } = &mut job.state {
+                *result = None;
+            }
             job.summary.clear();
+            job.last_loss = None;
+            job.peak_bytes = 0;
         }
         let rate = self.running.get(&job.id).and_then(Running::steps_per_s);
         JobView {

@@ -153,15 +153,12 @@ impl Daemon {
         self.table.put_durable(&job)?;
 
         let log = SeedLog::in_tree(self.db.open_tree(format!("seedlog/{id}"))?);
-        let mut records = log.contiguous()?;
-        records.truncate(job.steps_total as usize);
-        log.truncate_from(records.len() as u64)?;
         let tx = self.tx.clone();
-        let spawned = self.spawn_worker(&job, gpu.as_ref(), &records, move |ev| {
+        let spawned = self.spawn_worker(&job, gpu.as_ref(), &log, move |ev| {
             let _ = tx.send(Event::Worker(id, ev));
         });
         match spawned {
-            Ok(handle) => {
+            Ok((handle, steps_done, records)) => {
                 tracing::info!(
                     "job {id}: started worker {} on {} (estimate {})",
                     handle.pid(),
@@ -170,7 +167,7 @@ impl Daemon {
                 );
                 job.apply(Transition::Start { since: now() })?;
                 job.started_at.get_or_insert(now());
-                job.steps_done = records.len() as u64;
+                job.steps_done = steps_done;
                 job.reason = format!("running on {}", describe_pool(&pool));
                 self.table.put_durable(&job)?;
                 self.running.insert(
@@ -184,6 +181,10 @@ impl Daemon {
                         log,
                         progress: VecDeque::new(),
                         job_error: None,
+                        records,
+                        next_step: steps_done,
+                        steps_total: job.steps_total,
+                        violation: None,
                     },
                 );
             }
@@ -198,19 +199,26 @@ impl Daemon {
         (self.as_root && uid != 0).then(|| Identity::of(uid, gid))
     }
 
-    /// Open the job's log and start its worker; any failure here is the
-    /// attempt's, not the daemon's.
+    /// Open the job's log and start its worker, its seed log so far streamed
+    /// into its input; returns the worker, the steps it resumes from and the
+    /// shape of the records it may send.  Any failure here is the attempt's,
+    /// not the daemon's.
     pub(super) fn spawn_worker(
         &self,
         job: &JobRecord,
         gpu: Option<&crate::gpu::GpuInfo>,
-        records: &[crate::seedlog::StepRecord],
+        log: &SeedLog,
         report: impl Fn(WorkerEvent) + Send + 'static,
-    ) -> Result<worker::WorkerHandle> {
+    ) -> Result<(worker::WorkerHandle, u64, RecordShape)> {
         let run_as = self.identity_of(job.owner_uid, job.owner_gid);
         let dir = JobDir::prepare(&self.jobs, &self.dirs.jobs(), job.id, run_as.as_ref())?;
         let spec = dir.read_spec()?;
+        // The daemon's own reading of its own copy: what records may come.
+        let facts = JobFacts::read(&spec).map_err(anyhow::Error::msg)?;
+        let (input, steps_done) = worker::input_file(&spec, log, job.steps_total)?;
+        log.truncate_from(steps_done)?;
         let mut worker_log = dir.log_for_append()?;
+        let logged = worker_log.metadata().map_or(0, |m| m.len());
         writeln!(
             worker_log,
             "--- attempt {} on {}, from step {} ---",
@@ -219,7 +227,7 @@ impl Daemon {
                 "GPU {} ({})",
                 g.index, g.name
             )),
-            records.len()
+            steps_done
         )?;
         let launch = Launch {
             exe: &self.exe,
@@ -231,16 +239,32 @@ impl Daemon {
             estimate: job.estimate_bytes,
             run_as,
         };
-        worker::spawn(&launch, records, worker_log, report)
+        let sink = worker::LogSink {
+            file: worker_log,
+            room: worker::MAX_LOG_BYTES.saturating_sub(logged),
+        };
+        let handle = worker::spawn(&launch, input, sink, report)?;
+        Ok((handle, steps_done, facts.records))
     }
 
     // ---- workers --------------------------------------------------------
 
+    /// A step record from a worker: the next step of its job, of the job's
+    /// shape, with finite values, or the job is stopped (the owner can
+    /// write into its worker's pipe; the database takes only what the job
+    /// can log).
     pub(super) fn on_record(&mut self, id: u64, rec: crate::seedlog::StepRecord) -> Result<()> {
         let Some(r) = self.running.get_mut(&id) else {
             return Ok(());
         };
+        if r.violation.is_some() {
+            return Ok(());
+        }
+        if let Err(why) = r.records.check(&rec, r.next_step, r.steps_total) {
+            return self.on_violation(id, why);
+        }
         r.log.insert(&rec)?;
+        r.next_step += 1;
         crate::crash::point("worker-record-before-flush");
         r.settled = true;
         let t = Instant::now();
@@ -261,6 +285,20 @@ impl Daemon {
         Ok(())
     }
 
+    /// Its worker's pipe carried what the worker does not send: stop the
+    /// job's processes now; it fails with `why` once they have exited.
+    pub(super) fn on_violation(&mut self, id: u64, why: String) -> Result<()> {
+        let Some(r) = self.running.get_mut(&id) else {
+            return Ok(());
+        };
+        if r.violation.is_none() {
+            tracing::warn!("job {id}: stopping it: {why}");
+            r.violation = Some(why);
+            signal(&r.worker, libc::SIGKILL);
+        }
+        Ok(())
+    }
+
     pub(super) fn on_exit(&mut self, id: u64, status: ExitStatus) -> Result<()> {
         let Some(r) = self.running.remove(&id) else {
             return Ok(());
@@ -274,11 +312,17 @@ impl Daemon {
         let Some(mut job) = self.table.get(id)? else {
             return Ok(());
         };
-        job.steps_done = r.log.contiguous()?.len() as u64;
+        job.steps_done = r.log.contiguous_len()?;
         let code = status.code();
         if !status.success() {
             // Measure now: a worker that filled the disk has just failed on it.
             self.disk.check();
+        }
+        if let Some(why) = r.violation {
+            // Not retried: the owner's own processes broke the protocol.
+            job.failures += 1;
+            self.table.put(&job)?;
+            return self.fail(id, &why, true);
         }
         if status.success() {
             job.apply(Transition::Finish {
