@@ -1190,3 +1190,98 @@ fn others_see_no_results_and_owners_do_not_undo_roots_cancel() {
     let out = mezod_as(NOBODY, &d, &["restart", &id.to_string()]);
     assert!(!out.status.success(), "{}", text(&out));
 }
+
+/// A job file of user 65534 whose check is slow (a random-weight model: the
+/// check starts the engine for its shapes) and fails (no tokenizer).
+fn slow_bad_job(dir: &Path, name: &str) -> PathBuf {
+    let model = dir.join(format!("{name}-model"));
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::copy(fixture("llama").join("config.json"), model.join("config.json")).unwrap();
+    let job = job_file(dir, name, 3, 1);
+    let body = std::fs::read_to_string(&job).unwrap().replace(
+        &format!("path: {}", fixture("llama").display()),
+        &format!("config: {}, init: random", model.join("config.json").display()),
+    );
+    std::fs::write(&job, body).unwrap();
+    job
+}
+
+/// Case 5 (checks): one user's backlog of slow files, named to come first,
+/// does not hold every intake check: files are taken round-robin over their
+/// owners, each user with at most two checks at once, so another user's
+/// file is taken while most of the backlog still waits.
+#[test]
+fn one_users_slow_files_do_not_hold_up_anothers() {
+    let (tmp, _) = arena();
+    let d = Daemon::start(tmp.path(), CONFIG);
+    const BACKLOG: usize = 16;
+    for i in 0..BACKLOG {
+        let job = slow_bad_job(tmp.path(), &format!("000-hog-{i:02}"));
+        drop_as_nobody(&d, &job, &format!("000-hog-{i:02}.yaml"));
+    }
+    let t = std::time::Instant::now();
+    let victim = drop_victim(&d, tmp.path());
+    let latency = t.elapsed();
+    let rejected = |d: &Daemon| {
+        std::fs::read_dir(d.spool().join("rejected"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".error"))
+            .count()
+    };
+    let decided_before = rejected(&d);
+    eprintln!(
+        "the victim's file was taken after {:.1} s, with {decided_before} of the {BACKLOG} slow files decided",
+        latency.as_secs_f64()
+    );
+    assert!(
+        decided_before <= BACKLOG / 2,
+        "the victim's file waited for {decided_before} of the other user's {BACKLOG} files"
+    );
+    d.wait_until("every slow file to be rejected", |d| rejected(d) == BACKLOG);
+    assert_eq!(d.wait_done(victim)["state"], "done");
+}
+
+/// Issue 25 items 3 and 4 at intake: a user's job above the priority
+/// ceiling is refused with the reason, root's is not; a user past its jobs
+/// limit is refused, root never is.
+#[test]
+fn a_user_cannot_jump_the_queue_or_flood_it() {
+    let (tmp, _) = arena();
+    let d = Daemon::start(tmp.path(), &format!("{CONFIG}jobs_per_user: 2\n"));
+    let job = job_file(tmp.path(), "urgent", 3, 1);
+    let model = model_copy(tmp.path(), "urgent-model", 0o644);
+    let body = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace(&fixture("llama").display().to_string(), &model.display().to_string());
+    std::fs::write(&job, format!("priority: 1000\n{body}")).unwrap();
+    drop_as_nobody(&d, &job, "urgent.yaml");
+    let error = d.spool().join("rejected/urgent.yaml.error");
+    d.wait_until("the raised priority to be refused", |_| error.is_file());
+    let why = std::fs::read_to_string(&error).unwrap();
+    assert!(why.contains("priority 1000 is above 0"), "{why}");
+    // Root may.
+    let root = tmp.path().join("root-urgent.yaml");
+    std::fs::copy(&job, &root).unwrap();
+    std::fs::rename(&root, d.spool().join("new/root-urgent.yaml")).unwrap();
+    d.wait_until("root's job to be taken", |d| d.jobs().len() == 1);
+    assert_eq!(d.jobs()[0]["priority"], 1000);
+
+    // Two long jobs of nobody's are all it may have waiting or running.
+    let long: Vec<u64> = (0..2)
+        .map(|i| drop_nobody_job(&d, tmp.path(), &format!("long{i}"), 100_000, None))
+        .collect();
+    let third = job_file(tmp.path(), "third", 3, 1);
+    let body = std::fs::read_to_string(&third)
+        .unwrap()
+        .replace(&fixture("llama").display().to_string(), &model.display().to_string());
+    std::fs::write(&third, body).unwrap();
+    drop_as_nobody(&d, &third, "third.yaml");
+    let error = d.spool().join("rejected/third.yaml.error");
+    d.wait_until("the third job to be refused", |_| error.is_file());
+    let why = std::fs::read_to_string(&error).unwrap();
+    assert!(why.contains("you have 2 jobs waiting or running"), "{why}");
+    for id in long {
+        let out = mezod_as(0, &d, &["cancel", &id.to_string()]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+}
