@@ -2,6 +2,14 @@
 //! turn; below the reserve, intake and new starts pause (status says why),
 //! and once there is room again everything resumes by itself.
 //!
+//! Two views of free space.  The daemon's own writes (spool moves, its
+//! database, the logs it writes) are root's when it runs as root, and may use
+//! the blocks a filesystem reserves for root: a user who fills the disk up to
+//! that reserve does not pause intake for everyone ([`DiskGuard::low`]).  A
+//! worker writes its outputs (`run/`, on the state disk) as its owner, with
+//! the users' share only: [`DiskGuard::low_for_jobs`] says when that is gone,
+//! so that new starts wait and a worker that failed on it is not blamed.
+//!
 //! The daemon keeps a reserve file of that size in its state folder and gives
 //! it back the moment the disk runs low, so that its own database can still
 //! write: sled's write error is sticky (a database that failed one write fails
@@ -16,10 +24,42 @@ use anyhow::Result;
 
 use crate::estimate::human_bytes;
 
-/// Free bytes for unprivileged writes on the filesystem holding `path`.
+/// The free space of one filesystem, in both views.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Free {
+    /// Every free block (`f_bfree`): what root may write, the blocks the
+    /// filesystem reserves for root (ext4's 5 % by default) included.
+    pub all: u64,
+    /// What an ordinary user may write (`f_bavail`).
+    pub unprivileged: u64,
+}
+
+impl Free {
+    /// Measure the filesystem holding `path`.
+    pub fn of(path: &Path) -> Result<Self> {
+        let st = rustix::fs::statvfs(path)?;
+        Ok(Self {
+            all: st.f_bfree.saturating_mul(st.f_frsize),
+            unprivileged: st.f_bavail.saturating_mul(st.f_frsize),
+        })
+    }
+
+    /// What a process may write: all of it as root, else the users' share.
+    pub fn for_writer(&self, root: bool) -> u64 {
+        if root {
+            self.all
+        } else {
+            self.unprivileged
+        }
+    }
+}
+
+/// Free bytes on the filesystem holding `path` for the daemon's own writes:
+/// as root, every free block, so that a user who fills the disk up to the
+/// root reserve does not pause intake for everyone; otherwise what an
+/// ordinary user sees.
 pub fn free_bytes(path: &Path) -> Result<u64> {
-    let st = rustix::fs::statvfs(path)?;
-    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+    Ok(Free::of(path)?.for_writer(rustix::process::geteuid().is_root()))
 }
 
 /// Before opening the database in `db_dir`: remove sled's incomplete
@@ -54,6 +94,12 @@ pub struct DiskGuard {
     reserve: PathBuf,
     reserve_bytes: u64,
     low: Option<String>,
+    /// The state disk as its users (the workers) see it, if that is full.
+    jobs_low: Option<String>,
+    /// Whether the daemon writes as root (its view of free space: [`Free`]).
+    root: bool,
+    /// How a folder is measured (tests replace it).
+    measure: fn(&Path) -> Result<Free>,
     /// The reserve could not be made (a filesystem without fallocate, or
     /// too little room): not tried again until the disk has been low.
     reserve_failed: bool,
@@ -67,13 +113,27 @@ impl DiskGuard {
             reserve: reserve_path(state),
             reserve_bytes,
             low: None,
+            jobs_low: None,
+            root: rustix::process::geteuid().is_root(),
+            measure: Free::of,
             reserve_failed: false,
         }
     }
 
-    /// Why the disk is too full for new work, if it is.
+    /// Why the disk is too full for the daemon's own writes, if it is:
+    /// intake pauses, and so does everything else.  As root this is measured
+    /// with the root reserve counted as free ([`Free::all`]).
     pub fn low(&self) -> Option<&str> {
         self.low.as_deref()
+    }
+
+    /// Why a worker, writing as its owner, would find the state disk full,
+    /// if it would: [`low`](Self::low), or the users' share of the state
+    /// disk ([`Free::unprivileged`]) under the reserve.  New starts wait on
+    /// it, and a worker that failed meanwhile failed on the disk, not on its
+    /// own.  (The same as `low` for a daemon that does not run as root.)
+    pub fn low_for_jobs(&self) -> Option<&str> {
+        self.low.as_deref().or(self.jobs_low.as_deref())
     }
 
     /// The free space below which the disk of watched folder `i` is low: the
@@ -93,11 +153,35 @@ impl DiskGuard {
     }
 
     /// Measure again (see [`room_needed`](Self::room_needed)).  Returns true
-    /// when the verdict changed.
+    /// when either verdict ([`low`](Self::low), [`low_for_jobs`](Self::low_for_jobs))
+    /// changed.
     pub fn check(&mut self) -> bool {
         let mut low = None;
+        let mut jobs_low = None;
         for (i, dir) in self.watched.iter().enumerate() {
-            let Ok(free) = free_bytes(dir) else { continue };
+            let Ok(measured) = (self.measure)(dir) else {
+                continue;
+            };
+            if i == 0 && self.root {
+                // The workers' outputs live on the state disk, written as
+                // their owners: the users' share, with the same hysteresis.
+                let limit = if self.jobs_low.is_some() {
+                    2 * self.reserve_bytes
+                } else {
+                    self.reserve_bytes
+                };
+                if measured.unprivileged < limit {
+                    jobs_low = Some(format!(
+                        "the disk of {} has {} free for its users (jobs need {}; {} with \
+                         root's reserve)",
+                        dir.display(),
+                        human_bytes(measured.unprivileged),
+                        human_bytes(limit),
+                        human_bytes(measured.all)
+                    ));
+                }
+            }
+            let free = measured.for_writer(self.root);
             let limit = self.room_needed(i);
             if free < limit {
                 low = Some(format!(
@@ -135,8 +219,17 @@ impl DiskGuard {
             (None, true) => tracing::info!("disk space is back: intake and starts resume"),
             _ => {}
         }
+        let jobs_changed = jobs_low.is_some() != self.jobs_low.is_some();
+        match (&jobs_low, jobs_changed) {
+            (Some(why), true) => {
+                tracing::warn!("disk full for users: {why}; new starts pause, intake goes on")
+            }
+            (None, true) => tracing::info!("the users' disk space is back: starts resume"),
+            _ => {}
+        }
         self.low = low;
-        changed
+        self.jobs_low = jobs_low;
+        changed || jobs_changed
     }
 
     /// Allocate the reserve (real blocks, not a sparse file).
@@ -206,5 +299,129 @@ mod tests {
         guard.reserve_failed = false;
         guard.check();
         assert!(guard.low().is_none());
+    }
+
+    #[test]
+    fn as_root_the_root_reserve_counts_as_free_for_the_daemon_not_for_jobs() {
+        let f = Free {
+            all: 10 << 20,
+            unprivileged: 1 << 20,
+        };
+        assert_eq!(f.for_writer(true), 10 << 20);
+        assert_eq!(f.for_writer(false), 1 << 20);
+        // A user filled the disk up to root's reserve.
+        fn filled_to_the_reserve(_: &Path) -> Result<Free> {
+            Ok(Free {
+                all: 1 << 30,
+                unprivileged: 0,
+            })
+        }
+        fn plenty(_: &Path) -> Result<Free> {
+            Ok(Free {
+                all: 1 << 30,
+                unprivileged: 1 << 30,
+            })
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut guard = DiskGuard::new(dir.path(), dir.path(), 1 << 20);
+        guard.measure = filled_to_the_reserve;
+        guard.reserve_failed = true; // no reserve file in this test
+        guard.root = true;
+        assert!(guard.check(), "the jobs' verdict changed");
+        assert!(guard.low().is_none(), "intake goes on");
+        let why = guard.low_for_jobs().unwrap();
+        assert!(why.contains("free for its users"), "{why}");
+        guard.measure = plenty;
+        assert!(guard.check());
+        assert!(guard.low_for_jobs().is_none());
+        // A daemon that is not root sees what its users see.
+        guard.root = false;
+        guard.measure = filled_to_the_reserve;
+        assert!(guard.check());
+        assert!(guard.low().is_some());
+        assert_eq!(guard.low_for_jobs(), guard.low());
+    }
+
+    /// A real ext4 with a 25 % root reserve, filled by uid 65534 to the
+    /// last block it may write: the root daemon still has room for its own
+    /// writes (intake goes on), while jobs, written as their owners, wait.
+    #[test]
+    fn a_user_filling_ext4_to_the_root_reserve_does_not_pause_a_root_daemons_intake() {
+        use std::os::unix::process::CommandExt;
+        use std::process::Command;
+        if !rustix::process::geteuid().is_root() {
+            println!("SKIPPED: needs root (a loop mount and a second uid)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("fs.img");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+        let made = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "25"])
+            .arg(&image)
+            .output();
+        if !made.as_ref().is_ok_and(|o| o.status.success()) {
+            println!("SKIPPED: mkfs.ext4 is not usable here: {made:?}");
+            return;
+        }
+        let mounted = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&mnt)
+            .output()
+            .unwrap();
+        if !mounted.status.success() {
+            println!(
+                "SKIPPED: cannot loop-mount here: {}",
+                String::from_utf8_lossy(&mounted.stderr)
+            );
+            return;
+        }
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(self.0).output();
+            }
+        }
+        let _unmount = Unmount(&mnt);
+        let users = mnt.join("users");
+        std::fs::create_dir(&users).unwrap();
+        rustix::fs::chown(
+            &users,
+            Some(rustix::fs::Uid::from_raw(65534)),
+            Some(rustix::fs::Gid::from_raw(65534)),
+        )
+        .unwrap();
+        let filled = Command::new("dd")
+            .args(["if=/dev/zero", "bs=64k", "status=none"])
+            .arg(format!("of={}", users.join("fill").display()))
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&filled.stderr).contains("No space left"),
+            "{filled:?}"
+        );
+        let free = Free::of(&mnt).unwrap();
+        assert!(
+            free.unprivileged < 1 << 20 && free.all > 3 << 20,
+            "{free:?}"
+        );
+        assert_eq!(free_bytes(&mnt).unwrap(), free.all, "root's view");
+        let mut guard = DiskGuard::new(&mnt, &mnt, 1 << 20);
+        guard.check();
+        assert!(guard.low().is_none(), "{:?}", guard.low());
+        assert!(reserve_path(&mnt).exists(), "root set its reserve aside");
+        let why = guard.low_for_jobs().unwrap();
+        assert!(why.contains("free for its users"), "{why}");
+        std::fs::remove_file(users.join("fill")).unwrap();
+        guard.check();
+        assert!(guard.low_for_jobs().is_none());
     }
 }

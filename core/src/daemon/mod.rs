@@ -15,6 +15,7 @@
 //! * [`lifecycle`]: a job's states and the only legal moves between them;
 //! * [`admission`]: which job starts where (pure, tested with a scripted probe);
 //! * [`worker`]: the worker process and its step-record pipe;
+//! * [`cgroup`]: one cgroup v2 per job: its limits, its kill, its memory;
 //! * [`handoff`]: the environment and descriptors an owner's process starts with;
 //! * [`control`]: the Unix-socket protocol of `status`, `cancel`, `logs`, `submit`;
 //! * [`disk`]: free space, the reserve, and what a full disk pauses;
@@ -22,6 +23,7 @@
 //! * [`server`]: the main loop that ties them together.
 
 pub mod admission;
+pub mod cgroup;
 pub mod checker;
 pub mod config;
 pub mod control;

@@ -628,13 +628,20 @@ mod tests {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     /// One intake pass with checks in this process, and every verdict handled.
+    /// Intake passes until every file is decided (one user's files are
+    /// checked two at a time).
     fn intake_and_settle(daemon: &mut Daemon, rx: &Receiver<Event>) {
         daemon.checker = Checker::InProcess;
-        daemon.intake().unwrap();
         let mut dirty = false;
-        while !daemon.checking.is_empty() {
-            let ev = rx.recv_timeout(Duration::from_secs(30)).expect("a verdict");
-            daemon.handle(ev, &mut dirty).unwrap();
+        loop {
+            daemon.intake().unwrap();
+            if daemon.checking.is_empty() {
+                return;
+            }
+            while !daemon.checking.is_empty() {
+                let ev = rx.recv_timeout(Duration::from_secs(30)).expect("a verdict");
+                daemon.handle(ev, &mut dirty).unwrap();
+            }
         }
     }
 
