@@ -227,14 +227,21 @@ fn the_daemon_session_runs_as_written() {
     let session = readme_block("daemon");
     let mut daemon = None;
     let mut said = Vec::new();
+    // `export` lines hold for the lines after them, as in the user's shell
+    // (each line here runs in its own).
+    let mut exports = String::new();
     for line in &session {
+        if line.starts_with("export ") {
+            exports.push_str(&format!("{line}; "));
+            continue;
+        }
         if let Some(background) = line.strip_suffix('&') {
             let child = shell(dir, &format!("exec {}", background.trim()))
                 .stderr(std::fs::File::create(dir.join("daemon.log")).unwrap())
                 .spawn()
                 .unwrap();
             daemon = Some(Background(child));
-            // Clients find it at ./var/run/mezod.sock once it serves.
+            // Its socket is ./var/run/mezod.sock once it serves.
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
             while !dir.join("var/run/mezod.sock").exists() {
                 assert!(
@@ -245,13 +252,17 @@ fn the_daemon_session_runs_as_written() {
             }
             continue;
         }
-        let out = run_line(dir, line);
+        let out = run_line(dir, &format!("{exports}{line}"));
         said.push((
             line.clone(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
         ));
     }
     assert!(daemon.is_some(), "the session starts a daemon");
+    assert!(
+        exports.contains("MEZOD_SOCKET"),
+        "the session names the daemon's socket: clients never take one from the current folder"
+    );
     let output_of = |prefix: &str| -> &str {
         &said
             .iter()
@@ -279,7 +290,7 @@ fn the_daemon_session_runs_as_written() {
     // Job 2, cancelled and restarted, runs to its end.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
     loop {
-        let out = run_line(dir, "mezod status 2 --json");
+        let out = run_line(dir, &format!("{exports}mezod status 2 --json"));
         let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let state = job["state"]["state"]
             .as_str()

@@ -855,8 +855,16 @@ fn attack_made(child: std::process::Child, finished: bool) -> bool {
         eprintln!("skipped: this kernel has no pidfd_getfd (Linux 5.6)");
         return false;
     }
-    for failure in ["pidfd_open:", "pidfd_getfd:", "no process of mine", "fdopen:"] {
-        assert!(!said.contains(failure), "the attack could not be made: {said}");
+    for failure in [
+        "pidfd_open:",
+        "pidfd_getfd:",
+        "no process of mine",
+        "fdopen:",
+    ] {
+        assert!(
+            !said.contains(failure),
+            "the attack could not be made: {said}"
+        );
     }
     if finished {
         assert!(out.status.success(), "the attack could not be made: {said}");
@@ -886,11 +894,18 @@ fn a_forged_intake_verdict_decides_nothing() {
     // engine for the config's shapes, long enough to be caught.
     let model = tmp.path().join("no-tokenizer");
     std::fs::create_dir(&model).unwrap();
-    std::fs::copy(fixture("llama").join("config.json"), model.join("config.json")).unwrap();
+    std::fs::copy(
+        fixture("llama").join("config.json"),
+        model.join("config.json"),
+    )
+    .unwrap();
     let job = job_file(tmp.path(), "forged", 3, 1);
     let body = std::fs::read_to_string(&job).unwrap().replace(
         &format!("path: {}", fixture("llama").display()),
-        &format!("config: {}, init: random", model.join("config.json").display()),
+        &format!(
+            "config: {}, init: random",
+            model.join("config.json").display()
+        ),
     );
     assert!(body.contains("init: random"), "{body}");
     std::fs::write(&job, body).unwrap();
@@ -932,17 +947,17 @@ fn a_forged_intake_verdict_decides_nothing() {
 fn drop_victim(d: &Daemon, dir: &Path) -> u64 {
     let job = job_file(dir, "victim", 3, 2);
     let model = model_copy(dir, "victim-model", 0o644);
-    let body = std::fs::read_to_string(&job)
-        .unwrap()
-        .replace(&fixture("llama").display().to_string(), &model.display().to_string());
+    let body = std::fs::read_to_string(&job).unwrap().replace(
+        &fixture("llama").display().to_string(),
+        &model.display().to_string(),
+    );
     std::fs::write(&job, body).unwrap();
     let before = d.jobs().len();
     drop_as(d, &job, "victim.yaml", NOSY);
-    d.wait_until("the victim's job to be taken", |d| d.jobs().len() == before + 1);
-    d.jobs()
-        .iter()
-        .find(|j| j["owner_uid"] == NOSY)
-        .unwrap()["id"]
+    d.wait_until("the victim's job to be taken", |d| {
+        d.jobs().len() == before + 1
+    });
+    d.jobs().iter().find(|j| j["owner_uid"] == NOSY).unwrap()["id"]
         .as_u64()
         .unwrap()
 }
@@ -973,7 +988,10 @@ fn a_setgid_folder_lends_no_group() {
     let model = model_copy(tmp.path(), "grouped-model", 0o644);
     let body = std::fs::read_to_string(&job)
         .unwrap()
-        .replace(&fixture("llama").display().to_string(), &model.display().to_string())
+        .replace(
+            &fixture("llama").display().to_string(),
+            &model.display().to_string(),
+        )
         .replace(&reviews(), &data.display().to_string());
     std::fs::write(&job, &body).unwrap();
     std::fs::set_permissions(&job, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -990,12 +1008,20 @@ fn a_setgid_folder_lends_no_group() {
         ),
     );
     assert!(made.status.success(), "{}", text(&made));
-    assert!(text(&made).contains(&group.gid.to_string()), "{}", text(&made));
+    assert!(
+        text(&made).contains(&group.gid.to_string()),
+        "{}",
+        text(&made)
+    );
     let error = d.spool().join("rejected/grouped.yaml.error");
     d.wait_until("the file to be rejected or become a job", |d| {
         error.is_file() || !d.jobs().is_empty()
     });
-    assert!(d.jobs().is_empty(), "it ran with the folder's group: {:#?}", d.jobs());
+    assert!(
+        d.jobs().is_empty(),
+        "it ran with the folder's group: {:#?}",
+        d.jobs()
+    );
     let why = std::fs::read_to_string(&error).unwrap();
     assert!(
         why.contains("Permission denied") || why.contains("not a file you can read"),
@@ -1065,19 +1091,30 @@ fn a_workers_pipes_carry_no_ones_words_but_its_own() {
             return;
         }
         // Its write may end in EPIPE: the daemon stops reading a violated pipe.
-        assert!(attack_made(take_fd_as(NOBODY, &pattern, 1, payload, None), false));
+        assert!(attack_made(
+            take_fd_as(NOBODY, &pattern, 1, payload, None),
+            false
+        ));
         let rec = d.wait_done(id);
         assert_eq!(rec["state"], "failed", "{rec:#}");
         let reason = rec["reason"].as_str().unwrap();
         assert!(reason.contains(why), "{name}: {reason}");
-        let log = std::fs::metadata(d.job_dir(id).join("worker.log")).unwrap().len();
-        assert!(log <= (32 << 20) + (64 << 10), "{name}: the log grew to {log} bytes");
+        let log = std::fs::metadata(d.job_dir(id).join("worker.log"))
+            .unwrap()
+            .len();
+        assert!(
+            log <= (32 << 20) + (64 << 10),
+            "{name}: the log grew to {log} bytes"
+        );
         assert!(
             rec["steps_done"].as_u64().unwrap() < 99_999,
             "{name}: the fake step was taken: {rec:#}"
         );
         let grown = tree_bytes(&db).saturating_sub(db_before);
-        assert!(grown < 8 << 20, "{name}: the database grew by {grown} bytes");
+        assert!(
+            grown < 8 << 20,
+            "{name}: the database grew by {grown} bytes"
+        );
     }
 }
 
@@ -1123,11 +1160,25 @@ fn a_worker_inherits_neither_the_daemons_environment_nor_its_descriptors() {
         .replace('\0', "\n");
     assert!(!environ.contains(SECRET), "{environ}");
     assert!(!environ.contains("HOME=/root"), "{environ}");
-    assert!(environ.contains("HOME=/nonexistent"), "nobody's home: {environ}");
-    assert!(environ.contains("PATH=/usr/local/bin:/usr/bin:/bin"), "{environ}");
-    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+    assert!(
+        environ.contains("HOME=/nonexistent"),
+        "nobody's home: {environ}"
+    );
+    assert!(
+        environ.contains("PATH=/usr/local/bin:/usr/bin:/bin"),
+        "{environ}"
+    );
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
         let target = std::fs::read_link(e.path()).unwrap_or_default();
-        assert_ne!(target, leaked, "the worker holds the daemon's descriptor {:?}", e.file_name());
+        assert_ne!(
+            target,
+            leaked,
+            "the worker holds the daemon's descriptor {:?}",
+            e.file_name()
+        );
         assert!(
             !target.starts_with(d.job_dir(id).join("worker.log")),
             "the worker holds the root-owned log"
@@ -1158,18 +1209,34 @@ fn others_see_no_results_and_owners_do_not_undo_roots_cancel() {
         text(&out)
     };
     let (mine, theirs) = (json(NOBODY), json(NOSY));
-    assert!(mine["result"].is_object(), "the owner sees its results: {mine:#}");
+    assert!(
+        mine["result"].is_object(),
+        "the owner sees its results: {mine:#}"
+    );
     assert!(mine["last_loss"].is_number(), "{mine:#}");
     assert!(human(NOBODY).contains("last loss"), "{}", human(NOBODY));
-    assert!(theirs["result"].is_null(), "another user sees the results: {theirs:#}");
+    assert!(
+        theirs["result"].is_null(),
+        "another user sees the results: {theirs:#}"
+    );
     assert!(theirs["last_loss"].is_null(), "{theirs:#}");
     assert_eq!(theirs["peak_bytes"], 0, "{theirs:#}");
-    assert_eq!((&theirs["state"], &theirs["steps_done"]), (&mine["state"], &mine["steps_done"]));
+    assert_eq!(
+        (&theirs["state"], &theirs["steps_done"]),
+        (&mine["state"], &mine["steps_done"])
+    );
     assert_eq!(theirs["name"], mine["name"]);
     let seen = human(NOSY);
-    assert!(!seen.contains("last loss") && !seen.contains("result"), "{seen}");
+    assert!(
+        !seen.contains("last loss") && !seen.contains("result"),
+        "{seen}"
+    );
     let list = mezod_as(NOSY, &d, &["status", "--json"]);
-    assert!(!text(&list).contains("last_loss\":0") && !text(&list).contains("wall_time_s"), "{}", text(&list));
+    assert!(
+        !text(&list).contains("last_loss\":0") && !text(&list).contains("wall_time_s"),
+        "{}",
+        text(&list)
+    );
 
     let id = drop_nobody_job(&d, tmp.path(), "stopped-by-root", 100_000, None);
     d.wait_steps(id, 1);
@@ -1177,12 +1244,18 @@ fn others_see_no_results_and_owners_do_not_undo_roots_cancel() {
     assert!(out.status.success(), "{}", text(&out));
     d.wait_done(id);
     let undo = mezod_as(NOBODY, &d, &["restart", &id.to_string()]);
-    assert!(!undo.status.success(), "the owner undid root's cancel: {}", text(&undo));
+    assert!(
+        !undo.status.success(),
+        "the owner undid root's cancel: {}",
+        text(&undo)
+    );
     assert!(text(&undo).contains("only root"), "{}", text(&undo));
     assert_eq!(d.job(id)["state"], "cancelled");
     let root = mezod_as(0, &d, &["restart", &id.to_string()]);
     assert!(root.status.success(), "{}", text(&root));
-    d.wait_until("the job to run again", |d| d.job(id)["state"] != "cancelled");
+    d.wait_until("the job to run again", |d| {
+        d.job(id)["state"] != "cancelled"
+    });
     let out = mezod_as(0, &d, &["cancel", &id.to_string()]);
     assert!(out.status.success(), "{}", text(&out));
     d.wait_done(id);
@@ -1196,11 +1269,18 @@ fn others_see_no_results_and_owners_do_not_undo_roots_cancel() {
 fn slow_bad_job(dir: &Path, name: &str) -> PathBuf {
     let model = dir.join(format!("{name}-model"));
     std::fs::create_dir_all(&model).unwrap();
-    std::fs::copy(fixture("llama").join("config.json"), model.join("config.json")).unwrap();
+    std::fs::copy(
+        fixture("llama").join("config.json"),
+        model.join("config.json"),
+    )
+    .unwrap();
     let job = job_file(dir, name, 3, 1);
     let body = std::fs::read_to_string(&job).unwrap().replace(
         &format!("path: {}", fixture("llama").display()),
-        &format!("config: {}, init: random", model.join("config.json").display()),
+        &format!(
+            "config: {}, init: random",
+            model.join("config.json").display()
+        ),
     );
     std::fs::write(&job, body).unwrap();
     job
@@ -1225,7 +1305,13 @@ fn one_users_slow_files_do_not_hold_up_anothers() {
     let rejected = |d: &Daemon| {
         std::fs::read_dir(d.spool().join("rejected"))
             .unwrap()
-            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".error"))
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".error")
+            })
             .count()
     };
     let decided_before = rejected(&d);
@@ -1250,9 +1336,10 @@ fn a_user_cannot_jump_the_queue_or_flood_it() {
     let d = Daemon::start(tmp.path(), &format!("{CONFIG}jobs_per_user: 2\n"));
     let job = job_file(tmp.path(), "urgent", 3, 1);
     let model = model_copy(tmp.path(), "urgent-model", 0o644);
-    let body = std::fs::read_to_string(&job)
-        .unwrap()
-        .replace(&fixture("llama").display().to_string(), &model.display().to_string());
+    let body = std::fs::read_to_string(&job).unwrap().replace(
+        &fixture("llama").display().to_string(),
+        &model.display().to_string(),
+    );
     std::fs::write(&job, format!("priority: 1000\n{body}")).unwrap();
     drop_as_nobody(&d, &job, "urgent.yaml");
     let error = d.spool().join("rejected/urgent.yaml.error");
@@ -1271,9 +1358,10 @@ fn a_user_cannot_jump_the_queue_or_flood_it() {
         .map(|i| drop_nobody_job(&d, tmp.path(), &format!("long{i}"), 100_000, None))
         .collect();
     let third = job_file(tmp.path(), "third", 3, 1);
-    let body = std::fs::read_to_string(&third)
-        .unwrap()
-        .replace(&fixture("llama").display().to_string(), &model.display().to_string());
+    let body = std::fs::read_to_string(&third).unwrap().replace(
+        &fixture("llama").display().to_string(),
+        &model.display().to_string(),
+    );
     std::fs::write(&third, body).unwrap();
     drop_as_nobody(&d, &third, "third.yaml");
     let error = d.spool().join("rejected/third.yaml.error");
@@ -1284,4 +1372,424 @@ fn a_user_cannot_jump_the_queue_or_flood_it() {
         let out = mezod_as(0, &d, &["cancel", &id.to_string()]);
         assert!(out.status.success(), "{}", text(&out));
     }
+}
+
+/// Case 2: the check measures a small model, then the owner swaps the file
+/// for a big one before the worker starts.  Nothing the check said binds
+/// the run, so the daemon enforces the reservation: the job is stopped with
+/// how much it used against what it reserved.
+#[test]
+fn a_job_that_outgrows_its_reservation_is_stopped() {
+    let (tmp, _) = arena();
+    let d = Daemon::start(tmp.path(), CONFIG);
+    // A slot-holder, so the swapped job waits in the queue after its check.
+    let blocker = drop_nobody_job(&d, tmp.path(), "blocker", 100_000, None);
+    d.wait_steps(blocker, 1);
+    let model = tmp.path().join("swapped-model");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture("llama").join(f), model.join(f)).unwrap();
+    }
+    let small = std::fs::read_to_string(model.join("config.json")).unwrap();
+    let big = small
+        .replace("\"hidden_size\": 48", "\"hidden_size\": 1024")
+        .replace("\"head_dim\": 16", "\"head_dim\": 64")
+        .replace("\"intermediate_size\": 96", "\"intermediate_size\": 4096")
+        .replace("\"num_attention_heads\": 4", "\"num_attention_heads\": 16")
+        .replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 16")
+        .replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 8");
+    assert_ne!(big, small);
+    std::fs::write(tmp.path().join("big.json"), big).unwrap();
+    for p in [&model, &model.join("config.json")] {
+        std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    let job = job_file(tmp.path(), "swapped", 3, 1);
+    let body = std::fs::read_to_string(&job).unwrap().replace(
+        &format!("path: {}", fixture("llama").display()),
+        &format!(
+            "config: {}, init: random",
+            model.join("config.json").display()
+        ),
+    );
+    std::fs::write(&job, body).unwrap();
+    drop_as_nobody(&d, &job, "swapped.yaml");
+    d.wait_until("the small job to be taken", |d| d.jobs().len() == 2);
+    let id = d.jobs()[1]["id"].as_u64().unwrap();
+    assert_eq!(d.job(id)["state"], "queued", "{:#}", d.job(id));
+    let swap = shell_as(
+        NOBODY,
+        &format!(
+            "cp {} {}",
+            tmp.path().join("big.json").display(),
+            model.join("config.json").display()
+        ),
+    );
+    assert!(swap.status.success(), "{}", text(&swap));
+    let out = mezod_as(0, &d, &["cancel", &blocker.to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let rec = d.wait_done(id);
+    assert_eq!(rec["state"], "failed", "{rec:#}");
+    let reason = rec["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("it reserved") || reason.contains("memory limit"),
+        "{reason}"
+    );
+    eprintln!("job {id}: {reason}");
+}
+
+/// Case 11: a process the worker starts with `setsid` (its own session and
+/// process group, as the owner can make its worker do) ends with the job:
+/// each job runs in its own cgroup, and a cancel ends the whole cgroup.
+#[test]
+fn nothing_a_cancelled_job_started_outlives_it() {
+    let (tmp, _) = arena();
+    let wrapper = tmp.path().join("engine.sh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = worker ]; then setsid sleep 1777 </dev/null >/dev/null 2>&1 & fi\nexec {} \"$@\"\n",
+            env!("CARGO_BIN_EXE_mezod-engine")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let d = Daemon::start_with_env(
+        tmp.path(),
+        CONFIG,
+        &[("MEZOD_ENGINE", wrapper.display().to_string())],
+    );
+    let escaped = || -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c == b"sleep\x001777\x00")
+            })
+            .collect()
+    };
+    let id = drop_nobody_job(&d, tmp.path(), "escaper", 100_000, None);
+    d.wait_steps(id, 1);
+    assert!(!escaped().is_empty(), "the worker started no setsid child");
+    let out = mezod_as(NOBODY, &d, &["cancel", &id.to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(d.wait_done(id)["state"], "cancelled");
+    d.wait_until("the job's setsid child to end", |_| escaped().is_empty());
+}
+
+// ---- the client cannot be fooled (issue 24 cases 9 and 10; issue 25 item 1) ----
+
+/// What a hostile name carries to a terminal: retitle it, then clear it.
+const ESCAPES: &str = "\x1b]0;PWNED\x07\x1b[2J";
+/// The same, as mezod prints it.
+const ESCAPED: &str = "\\x1b]0;PWNED\\x07\\x1b[2J";
+
+/// `p` as a YAML string (JSON's quoting is YAML's): control characters escaped.
+fn quoted(p: &Path) -> String {
+    serde_json::to_string(p.to_str().unwrap()).unwrap()
+}
+
+/// Issue 24 case 9: a job of nobody's whose model folder and data path hold
+/// terminal escapes (and whose data fails it at a row the check did not
+/// read, so its reason, error and log name that path).  Root's `mezod
+/// status`, `status ID` and `logs ID` print them escaped; not one ESC or BEL
+/// byte reaches root's terminal.
+#[test]
+fn escapes_never_reach_roots_terminal() {
+    let (tmp, _) = arena();
+    let d = Daemon::start(tmp.path(), CONFIG);
+    let model = model_copy(tmp.path(), &format!("m{ESCAPES}"), 0o644);
+    let data_dir = tmp.path().join(format!("d{ESCAPES}"));
+    std::fs::create_dir(&data_dir).unwrap();
+    let data = data_dir.join("reviews.jsonl");
+    let rows = std::fs::read_to_string(reviews()).unwrap();
+    std::fs::write(&data, format!("{rows}{{\"no text\": \"here\"}}\n")).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let job = tmp.path().join("hostile.yaml");
+    std::fs::write(
+        &job,
+        format!(
+            "model: {{path: {m}, dtype: f32, threads: 1}}\ntask: {{kind: causal_lm}}\n\
+             data: {{train: {t}, dev: {t}, text_field: text, max_dev: 16}}\n\
+             mezo: {{steps: 3, batch_size: 4, lr: 2.0e-3, eps: 1.0e-3, seed: 1}}\n",
+            m = quoted(&model),
+            t = quoted(&data)
+        ),
+    )
+    .unwrap();
+    drop_as_nobody(&d, &job, "hostile.yaml");
+    d.wait_until("the job to be taken", |d| d.jobs().len() == 1);
+    let id = d.jobs()[0]["id"].as_u64().unwrap();
+    d.wait_done(id);
+    let id = id.to_string();
+
+    // The daemon hands the escapes over as data (JSON escapes them itself).
+    let json = mezod_as(0, &d, &["status", &id, "--json"]);
+    assert!(
+        String::from_utf8_lossy(&json.stdout).contains("\\u001b]0;PWNED\\u0007\\u001b[2J"),
+        "{}",
+        text(&json)
+    );
+    let raw_log = match mezod::daemon::control::request(
+        &d.socket(),
+        &mezod::daemon::control::Request::Logs {
+            id: id.parse().unwrap(),
+            offset: 0,
+            tail: None,
+        },
+    )
+    .unwrap()
+    {
+        mezod::daemon::control::Response::Logs { data, .. } => data,
+        other => panic!("{other:?}"),
+    };
+    assert!(raw_log.contains(ESCAPES), "{raw_log}");
+
+    for args in [
+        vec!["status"],
+        vec!["status", &id],
+        vec!["logs", &id],
+        vec!["logs", &id, "-n", "5"],
+    ] {
+        let out = mezod_as(0, &d, &args);
+        let both = [&out.stdout[..], &out.stderr[..]].concat();
+        assert!(
+            !both.iter().any(|&b| b == 0x1b || b == 0x07),
+            "`mezod {}` printed a raw escape: {:?}",
+            args.join(" "),
+            text(&out)
+        );
+        if args.len() == 2 {
+            assert!(
+                text(&out).contains(ESCAPED),
+                "`mezod {}` shows the escaped name: {}",
+                args.join(" "),
+                text(&out)
+            );
+        }
+    }
+}
+
+/// Listen at `path` as a fake daemon would, answering every request with a
+/// Hello that names `spool`; returns how many connections it has had.
+fn fake_daemon(path: &Path, spool: &Path) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::io::{BufRead, Write};
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    let answer = format!(
+        "{}\n",
+        serde_json::json!({"hello": {"spool": spool, "version": "0"}})
+    );
+    let counted = hits.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(&stream).read_line(&mut line);
+            let _ = (&stream).write_all(answer.as_bytes());
+        }
+    });
+    hits
+}
+
+/// Names in `dir`.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Issue 24 case 10: user nobody plants `var/run/mezod.sock` (a fake
+/// daemon whose Hello names a spool of links into a root-only folder) in a
+/// folder of its own; root runs `mezod status` and `mezod submit` there.
+/// Neither connects to it; named with `--socket`, it is refused for its
+/// owner.  A spool of nobody's, or one whose `tmp/` is a link, gets nothing
+/// written through it.
+#[test]
+fn a_socket_planted_in_the_current_folder_is_not_used() {
+    let (tmp, secret) = arena();
+    let vault = secret.parent().unwrap().to_path_buf();
+    let before = names_in(&vault);
+    let trap = tmp.path().join("trap");
+    std::fs::create_dir_all(trap.join("var/run")).unwrap();
+    std::fs::create_dir_all(trap.join("spool")).unwrap();
+    for sub in ["tmp", "new"] {
+        std::os::unix::fs::symlink(&vault, trap.join("spool").join(sub)).unwrap();
+    }
+    job_file(&trap, "job", 2, 1);
+    let hits = fake_daemon(&trap.join("var/run/mezod.sock"), &trap.join("spool"));
+    for p in [
+        "",
+        "var",
+        "var/run",
+        "var/run/mezod.sock",
+        "spool",
+        "spool/tmp",
+        "spool/new",
+        "job.yaml",
+    ] {
+        let p = trap.join(p);
+        std::os::unix::fs::lchown(&p, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    let root_in_trap = |args: &[&str]| {
+        let out = mezod()
+            .args(args)
+            .current_dir(&trap)
+            .env_remove("MEZOD_SOCKET")
+            .output()
+            .unwrap();
+        (out.status.success(), text(&out))
+    };
+    let connections = || hits.load(std::sync::atomic::Ordering::SeqCst);
+    let system_daemon = Path::new(mezod::daemon::control::SYSTEM_SOCKET).exists();
+
+    // No socket named: the systemd unit's is the only one looked at.
+    for args in [&["status"][..], &["submit", "job.yaml", "--wait", "1"]] {
+        let (ok, said) = root_in_trap(args);
+        assert_eq!(
+            connections(),
+            0,
+            "`mezod {}` used the planted socket",
+            args.join(" ")
+        );
+        if !system_daemon {
+            assert!(!ok, "{said}");
+            assert!(
+                said.contains("/run/mezod/mezod.sock") && said.contains("--socket"),
+                "says where it looked and how to point elsewhere: {said}"
+            );
+        }
+    }
+    // Named explicitly: refused for its owner, before connecting.
+    for args in [
+        &["status", "--socket", "./var/run/mezod.sock"][..],
+        &[
+            "submit",
+            "job.yaml",
+            "--wait",
+            "1",
+            "--socket",
+            "./var/run/mezod.sock",
+        ],
+    ] {
+        let (ok, said) = root_in_trap(args);
+        assert!(!ok, "{said}");
+        assert!(said.contains("belongs to uid 65534"), "{said}");
+        assert_eq!(connections(), 0, "`mezod {}` connected", args.join(" "));
+    }
+    // Through MEZOD_SOCKET too.
+    let out = mezod()
+        .arg("status")
+        .current_dir(&trap)
+        .env("MEZOD_SOCKET", "var/run/mezod.sock")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && text(&out).contains("belongs to uid 65534"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(connections(), 0);
+
+    // The spool named outright: nobody's, whose tmp/ and new/ lead into
+    // root's folder; then root's own spool folder whose tmp/ is a link.
+    let submit_into = |spool: &Path| {
+        let out = mezod()
+            .args(["submit", "job.yaml", "--wait", "1", "--socket"])
+            .arg(tmp.path().join("no-daemon.sock"))
+            .arg("--spool")
+            .arg(spool)
+            .current_dir(&trap)
+            .output()
+            .unwrap();
+        (out.status.success(), text(&out))
+    };
+    let (ok, said) = submit_into(&trap.join("spool"));
+    assert!(!ok && said.contains("belongs to uid 65534"), "{said}");
+    let linked = tmp.path().join("linked-spool");
+    std::fs::create_dir(&linked).unwrap();
+    std::fs::create_dir(linked.join("new")).unwrap();
+    std::os::unix::fs::symlink(&vault, linked.join("tmp")).unwrap();
+    let (ok, said) = submit_into(&linked);
+    assert!(!ok && said.contains("link is not followed"), "{said}");
+    assert_eq!(
+        names_in(&vault),
+        before,
+        "nothing was written through a link"
+    );
+    assert!(names_in(&linked.join("new")).is_empty());
+}
+
+/// Issue 25 item 1: user nobody runs `mezod submit` in a folder of its own,
+/// as the README shows; it exits 0 with the id, and root's `mezod status`
+/// shows one job for it.  A second submit (of a copy) is a second job, with
+/// its own id, and no error.
+#[test]
+fn a_normal_user_submits_and_gets_the_id() {
+    let (tmp, _) = arena();
+    let d = Daemon::start(tmp.path(), CONFIG);
+    let home = tmp.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let job = job_file(&home, "job", 2, 1);
+    let model = model_copy(&home, "model", 0o644);
+    let text_of_job = std::fs::read_to_string(&job).unwrap().replace(
+        &fixture("llama").display().to_string(),
+        &model.display().to_string(),
+    );
+    std::fs::write(&job, &text_of_job).unwrap();
+    std::fs::write(home.join("again.yaml"), &text_of_job).unwrap();
+    for p in ["", "job.yaml", "again.yaml"] {
+        std::os::unix::fs::chown(home.join(p), Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    let submit = |file: &str| {
+        let out = mezod()
+            .args(["submit", file, "--socket"])
+            .arg(d.socket())
+            .current_dir(&home)
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "nobody's submit of {file}: {}",
+            text(&out)
+        );
+        let id: u64 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("stdout is the id: {}", text(&out)));
+        id
+    };
+    let first = submit("job.yaml");
+    let jobs = d.jobs();
+    assert_eq!(jobs.len(), 1, "{jobs:#?}");
+    assert_eq!(jobs[0]["id"], first);
+    assert_eq!(jobs[0]["owner_uid"], NOBODY);
+    let second = submit("again.yaml");
+    assert_ne!(first, second);
+    let table = text(&mezod_as(0, &d, &["status"]));
+    for (id, name) in [(first, "job"), (second, "again")] {
+        assert_eq!(
+            d.jobs().iter().filter(|j| j["id"] == id).count(),
+            1,
+            "{table}"
+        );
+        assert_eq!(d.job(id)["name"], name);
+        assert_eq!(d.job(id)["owner_uid"], NOBODY);
+    }
+    assert_eq!(d.jobs().len(), 2, "{table}");
+    assert!(
+        table
+            .lines()
+            .filter(|l| l.contains(" nobody ") || l.contains(" 65534 "))
+            .count()
+            == 2,
+        "{table}"
+    );
 }

@@ -30,7 +30,9 @@ where
     match command() {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Errors quote daemons, job files and paths: no escape sequence
+            // of theirs reaches the terminal.
+            eprintln!("error: {}", crate::printable::printable(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

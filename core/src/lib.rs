@@ -17,6 +17,7 @@ pub mod identity;
 pub mod job_check;
 pub mod mezo_options;
 pub mod model_ref;
+pub mod printable;
 pub mod procfs;
 pub mod safe_fs;
 pub mod seedlog;

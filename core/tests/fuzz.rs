@@ -101,6 +101,7 @@ fn echo_server() -> (tempfile::TempDir, std::path::PathBuf) {
         request_bytes: 4096,
         read_timeout: Duration::from_millis(500),
         answer_timeout: Duration::from_secs(5),
+        ..Limits::default()
     };
     serve(UnixListener::bind(&path).unwrap(), limits, |call: Call| {
         let _ = call

@@ -148,8 +148,15 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
+    /// SIGTERM first (the daemon then removes what it made outside its
+    /// folders, such as its jobs' cgroup folder), SIGKILL after 5 s.
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -212,6 +212,15 @@ impl Cgroups {
         })
     }
 
+    /// Remove the (empty) folder of job cgroups at the daemon's clean exit,
+    /// so that daemons that come and go leave nothing behind; a folder that
+    /// still holds a job's cgroup stays (the next start clears leftovers).
+    pub fn release(&self) {
+        if let Some(t) = &self.tree {
+            let _ = std::fs::remove_dir(&t.base);
+        }
+    }
+
     /// No cgroups: the daemon stops jobs by process-group signals.
     pub fn none(why: String) -> Self {
         Self {

@@ -18,6 +18,7 @@
 //! jobs_per_user: 1000              # a user's jobs waiting or running (root: no limit)
 //! user_priority_max: 0             # the highest priority a user may ask for
 //! admin_group: null                # members may ask for more (root always may)
+//! pids_per_job: 4096               # processes and threads of one job (cgroup pids.max)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -55,6 +56,10 @@ pub struct DaemonConfig {
     /// A group (name) whose members may set priorities above
     /// `user_priority_max`.
     pub admin_group: Option<String>,
+    /// Processes and threads one job may have (its cgroup's `pids.max`,
+    /// where the pids controller is there): a job cannot use up the
+    /// service's tasks so that no check or worker can start.
+    pub pids_per_job: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -121,6 +126,7 @@ impl Default for DaemonConfig {
             jobs_per_user: 1000,
             user_priority_max: 0,
             admin_group: None,
+            pids_per_job: 4096,
         }
     }
 }

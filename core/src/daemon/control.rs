@@ -3,10 +3,11 @@
 //! one JSON response per connection.  The daemon learns who is asking from
 //! the kernel (`SO_PEERCRED`), never from the request.
 
+use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -192,6 +193,10 @@ pub struct Call {
 pub struct Limits {
     /// Connections served at once; more wait in the kernel's backlog.
     pub connections: usize,
+    /// Connections one uid may hold at once (root: no limit); more are
+    /// answered at once with an error and closed, so that one user's idle
+    /// connections never take the slots other users need.
+    pub per_uid: usize,
     /// The longest request line.
     pub request_bytes: usize,
     /// How long a client has to send its request.
@@ -204,6 +209,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             connections: 64,
+            per_uid: 8,
             request_bytes: 64 << 10,
             read_timeout: Duration::from_secs(10),
             answer_timeout: Duration::from_secs(30),
@@ -217,6 +223,11 @@ impl Default for Limits {
 /// or slow clients cost a task each, not a thread, and a semaphore bounds how
 /// many are served at once.  The main loop stays a plain thread that owns all
 /// state; it answers through a oneshot channel.
+///
+/// Each uid but root holds at most [`Limits::per_uid`] of those slots: a
+/// connection over its uid's share is answered at once ("too many
+/// connections") and closed, and gives its slot back before anything else
+/// (see [`refuse`]).
 pub fn serve(
     listener: UnixListener,
     limits: Limits,
@@ -237,6 +248,8 @@ pub fn serve(
                     Err(e) => return tracing::error!("control socket: {e}"),
                 };
                 let permits = Arc::new(Semaphore::new(limits.connections));
+                let refusals = Arc::new(Semaphore::new(REFUSALS));
+                let held = Arc::new(Mutex::new(HashMap::new()));
                 loop {
                     let Ok(permit) = permits.clone().acquire_owned().await else {
                         return;
@@ -248,11 +261,35 @@ pub fn serve(
                             continue;
                         }
                     };
+                    let peer = match stream.peer_cred() {
+                        Ok(cred) => Peer {
+                            uid: cred.uid(),
+                            gid: cred.gid(),
+                            pid: cred.pid().unwrap_or(0),
+                        },
+                        Err(e) => {
+                            tracing::debug!("control connection: SO_PEERCRED: {e}");
+                            continue;
+                        }
+                    };
+                    let Some(share) = UidShare::take(&held, peer.uid, limits.per_uid) else {
+                        drop(permit);
+                        // Answered outside the connection slots, a few at a
+                        // time; past that, closed without an answer.
+                        if let Ok(r) = refusals.clone().try_acquire_owned() {
+                            tokio::spawn(async move {
+                                refuse(stream, peer.uid, limits).await;
+                                drop(r);
+                            });
+                        }
+                        continue;
+                    };
                     let submit = submit.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = answer(stream, limits, submit).await {
+                        if let Err(e) = answer(stream, peer, limits, submit).await {
                             tracing::debug!("control connection: {e:#}");
                         }
+                        drop(share);
                         drop(permit);
                     });
                 }
@@ -262,13 +299,82 @@ pub fn serve(
     Ok(())
 }
 
-async fn answer(stream: UnixStream, limits: Limits, submit: impl Fn(Call)) -> Result<()> {
-    let cred = stream.peer_cred().context("SO_PEERCRED")?;
-    let peer = Peer {
-        uid: cred.uid(),
-        gid: cred.gid(),
-        pid: cred.pid().unwrap_or(0),
+/// Connections over their uid's share being answered at once, at most.
+const REFUSALS: usize = 16;
+
+/// How long a refused connection may take to send its request (read and
+/// dropped, so that a client that writes after the answer is not cut off by
+/// a broken pipe before it reads it).
+const REFUSAL_DRAIN: Duration = Duration::from_millis(200);
+
+/// One of a uid's connection slots, given back when dropped.
+struct UidShare {
+    held: Arc<Mutex<HashMap<u32, usize>>>,
+    uid: u32,
+}
+
+impl UidShare {
+    /// A slot for `uid` if it holds fewer than `cap` (root: always, uncounted).
+    fn take(held: &Arc<Mutex<HashMap<u32, usize>>>, uid: u32, cap: usize) -> Option<Option<Self>> {
+        if uid == 0 {
+            return Some(None);
+        }
+        let mut map = held.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(uid).or_insert(0);
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(Some(Self {
+            held: held.clone(),
+            uid,
+        }))
+    }
+}
+
+impl Drop for UidShare {
+    fn drop(&mut self) {
+        let mut map = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// Answer a connection over its uid's share with an error, at once, and
+/// close it (after reading what it sent within [`REFUSAL_DRAIN`]).
+async fn refuse(stream: UnixStream, uid: u32, limits: Limits) {
+    let response = Response::Error(format!(
+        "uid {uid} already has {} connections open to the daemon, the most one user may \
+         hold; try again once they are closed",
+        limits.per_uid
+    ));
+    let Ok(text) = serde_json::to_string(&response) else {
+        return;
     };
+    let (read, mut write) = stream.into_split();
+    let sent = tokio::time::timeout(
+        REFUSAL_DRAIN,
+        write.write_all(format!("{text}\n").as_bytes()),
+    )
+    .await;
+    if !matches!(sent, Ok(Ok(()))) {
+        return;
+    }
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(read).take(limits.request_bytes as u64 + 1);
+    let _ = tokio::time::timeout(REFUSAL_DRAIN, reader.read_until(b'\n', &mut line)).await;
+}
+
+async fn answer(
+    stream: UnixStream,
+    peer: Peer,
+    limits: Limits,
+    submit: impl Fn(Call),
+) -> Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = Vec::new();
     let mut reader = BufReader::new(read).take(limits.request_bytes as u64 + 1);
@@ -305,28 +411,158 @@ async fn answer(stream: UnixStream, limits: Limits, submit: impl Fn(Call)) -> Re
     Ok(())
 }
 
-/// Where clients look for the daemon: `$MEZOD_SOCKET`, `./var/run/mezod.sock`
-/// (a daemon started here without systemd), then `/run/mezod/mezod.sock`.
+/// The systemd unit's control socket (`RuntimeDirectory=mezod`).
+pub const SYSTEM_SOCKET: &str = "/run/mezod/mezod.sock";
+
+/// Where clients look for the daemon: `$MEZOD_SOCKET` if set, else the
+/// systemd unit's [`SYSTEM_SOCKET`].  Never a socket that happens to sit in
+/// the current folder: root running `mezod status` in a folder another user
+/// prepared would talk to that user's fake daemon, and `submit` would write
+/// wherever its answer pointed.  A daemon started by hand is named with
+/// `--socket` or `MEZOD_SOCKET`.
 pub fn default_socket() -> PathBuf {
-    if let Some(p) = std::env::var_os("MEZOD_SOCKET") {
-        return PathBuf::from(p);
+    match std::env::var_os("MEZOD_SOCKET") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(SYSTEM_SOCKET),
     }
-    let local = PathBuf::from("var/run/mezod.sock");
-    if local.exists() {
-        return local;
+}
+
+/// How a user names another socket, for errors.
+const POINT_ELSEWHERE: &str = "name the daemon's socket with --socket PATH or MEZOD_SOCKET=PATH";
+
+/// Whether `uid` may serve this client: root, or the caller itself.
+pub(crate) fn trusted(uid: u32) -> bool {
+    uid == 0 || uid == rustix::process::geteuid().as_raw()
+}
+
+/// `uid` with its user name, for errors.
+pub(crate) fn who(uid: u32) -> String {
+    match crate::identity::name_of(uid) {
+        Some(name) => format!("uid {uid} ({name})"),
+        None => format!("uid {uid}"),
     }
-    PathBuf::from("/run/mezod/mezod.sock")
+}
+
+/// Connect to the daemon at `socket`, if it can be trusted: the socket file
+/// (never a link) and the folder holding it belong to root or to the caller,
+/// that folder is not writable by others (unless sticky), and the process
+/// that listens runs as root or the caller (`SO_PEERCRED`).  Anyone else's
+/// socket could be a fake daemon, whose answers the client would print and
+/// `submit` would act on.  The folder is held open while the socket is
+/// checked and reached through it, so nothing is swapped in between.
+pub fn connect(socket: &Path) -> Result<std::os::unix::net::UnixStream> {
+    use rustix::fs::{FileType, Mode, OFlags};
+    let unreachable = |e: &dyn std::fmt::Display| {
+        anyhow::anyhow!(
+            "cannot reach the daemon at {} ({e}). Is it running? `systemctl start mezod` or \
+             `mezod daemon` starts it. Without --socket or MEZOD_SOCKET clients look at \
+             {SYSTEM_SOCKET} (the systemd unit's); a daemon started by hand listens at \
+             <its runtime folder>/mezod.sock (var/run/mezod.sock under the folder it started in): \
+             {POINT_ELSEWHERE}",
+            socket.display()
+        )
+    };
+    let Some(name) = socket.file_name() else {
+        bail!("{} does not name a socket", socket.display());
+    };
+    let folder = match socket.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let dir = rustix::fs::open(
+        folder,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| unreachable(&e))?;
+    let st = rustix::fs::fstat(&dir)?;
+    if !trusted(st.st_uid) {
+        bail!(
+            "refusing the socket {}: its folder {} belongs to {}, neither root nor you, \
+             so whatever listens there may not be the daemon; {POINT_ELSEWHERE}",
+            socket.display(),
+            folder.display(),
+            who(st.st_uid)
+        );
+    }
+    if st.st_mode & 0o022 != 0 && st.st_mode & 0o1000 == 0 {
+        bail!(
+            "refusing the socket {}: its folder {} may be written by others (mode {:o}), \
+             who could put their own socket there",
+            socket.display(),
+            folder.display(),
+            st.st_mode & 0o7777
+        );
+    }
+    let st = rustix::fs::statat(&dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+        .map_err(|e| unreachable(&e))?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::Socket {
+        bail!(
+            "{} is not a socket (a link or a file is never followed to one)",
+            socket.display()
+        );
+    }
+    if !trusted(st.st_uid) {
+        bail!(
+            "refusing the socket {}: it belongs to {}, neither root nor you, \
+             so whatever listens there may not be the daemon; {POINT_ELSEWHERE}",
+            socket.display(),
+            who(st.st_uid)
+        );
+    }
+    // Through the folder held open (/proc/self/fd), so the checked folder is
+    // the one reached; the path itself where /proc is missing or the
+    // name too long for a socket address.
+    use std::os::fd::AsRawFd;
+    let held = Path::new("/proc/self/fd")
+        .join(dir.as_raw_fd().to_string())
+        .join(name);
+    let via = if held.as_os_str().len() < 100 && Path::new("/proc/self/fd").is_dir() {
+        held
+    } else {
+        socket.to_path_buf()
+    };
+    let stream = std::os::unix::net::UnixStream::connect(&via).map_err(|e| unreachable(&e))?;
+    let peer = peer_uid(&stream)?;
+    if !trusted(peer) {
+        bail!(
+            "refusing the socket {}: the process listening there runs as {}, neither root nor you",
+            socket.display(),
+            who(peer)
+        );
+    }
+    Ok(stream)
+}
+
+/// The uid of the process on the other end (for a client: the one that
+/// listened), as the kernel says.
+fn peer_uid(stream: &std::os::unix::net::UnixStream) -> Result<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of a ucred, as SO_PEERCRED needs.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("asking who serves the socket");
+    }
+    Ok(cred.uid)
 }
 
 /// Send one request and wait for the answer.
 pub fn request(socket: &Path, req: &Request) -> Result<Response> {
-    let stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
-        format!(
-            "cannot reach the daemon at {} (is it running? start it with `mezod daemon` or \
-             `systemctl start mezod`; --socket or MEZOD_SOCKET point elsewhere)",
-            socket.display()
-        )
-    })?;
+    let stream = connect(socket)?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut w = &stream;
     w.write_all(serde_json::to_string(req)?.as_bytes())?;
@@ -413,6 +649,7 @@ mod tests {
         let path = dir.path().join("s.sock");
         let limits = Limits {
             connections: 4,
+            per_uid: 4,
             request_bytes: 1024,
             read_timeout: Duration::from_millis(300),
             answer_timeout: Duration::from_secs(5),
@@ -423,12 +660,13 @@ mod tests {
         })
         .unwrap();
         // 40 idle connections: no thread per connection (this server's one
-        // thread, and at most one of another test's server), and they time out.
+        // thread, and one for each server other tests start meanwhile), and
+        // they time out.
         let idle: Vec<_> = (0..40)
             .map(|_| std::os::unix::net::UnixStream::connect(&path).unwrap())
             .collect();
         std::thread::sleep(Duration::from_millis(100));
-        assert!(threads_named("control") <= before + 2);
+        assert!(threads_named("control") <= before + 8);
         // With every connection slot held by an idle client, a real request
         // is still answered once the idle ones time out.
         assert!(matches!(
@@ -452,5 +690,234 @@ mod tests {
             answer.contains("request longer than 1024 bytes"),
             "{answer}"
         );
+    }
+
+    /// In a forked child, as `uid`: connect `n` times to `addr`, send a Hello
+    /// on connection `ask` (if any) and report its answer on `report`, then
+    /// hold every connection until killed.  Only async-signal-safe calls.
+    ///
+    /// # Safety
+    /// Call only in a freshly forked child.
+    unsafe fn connect_as(
+        uid: u32,
+        addr: &libc::sockaddr_un,
+        n: usize,
+        ask: Option<usize>,
+        report: libc::c_int,
+        hold: bool,
+    ) -> ! {
+        if libc::setgroups(0, std::ptr::null()) != 0
+            || libc::setgid(uid) != 0
+            || libc::setuid(uid) != 0
+        {
+            libc::_exit(10);
+        }
+        let mut fds = [0; 64];
+        for (i, slot) in fds.iter_mut().enumerate().take(n) {
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            if fd < 0 || libc::connect(fd, (addr as *const libc::sockaddr_un).cast(), len) != 0 {
+                libc::_exit(11);
+            }
+            *slot = fd;
+            if ask == Some(i) {
+                // An answer that does not come fails the test, not hangs it.
+                let wait = libc::timeval {
+                    tv_sec: 5,
+                    tv_usec: 0,
+                };
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&wait as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                );
+                let hello = b"\"hello\"\n";
+                libc::write(fd, hello.as_ptr().cast(), hello.len());
+                let mut buf = [0u8; 1024];
+                let got = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+                if got > 0 {
+                    libc::write(report, buf.as_ptr().cast(), got as usize);
+                }
+            }
+        }
+        libc::write(report, b"|".as_ptr().cast(), 1);
+        if hold {
+            loop {
+                libc::pause();
+            }
+        }
+        libc::_exit(0)
+    }
+
+    /// A forked client, killed and reaped when dropped (a failed test
+    /// leaves no process of another uid behind).
+    struct Client(libc::pid_t);
+
+    impl Drop for Client {
+        fn drop(&mut self) {
+            let mut status = 0;
+            unsafe {
+                libc::kill(self.0, libc::SIGKILL);
+                libc::waitpid(self.0, &mut status, 0);
+            }
+        }
+    }
+
+    /// Fork a child running [`connect_as`]; the child and what it reports.
+    fn fork_client(
+        uid: u32,
+        addr: &libc::sockaddr_un,
+        n: usize,
+        ask: Option<usize>,
+        hold: bool,
+    ) -> (Client, std::fs::File) {
+        use std::os::fd::FromRawFd;
+        let mut pipe = [0; 2];
+        assert_eq!(
+            unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) },
+            0
+        );
+        // SAFETY: the child calls connect_as only, which never returns.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            unsafe {
+                libc::close(pipe[0]);
+                connect_as(uid, addr, n, ask, pipe[1], hold)
+            }
+        }
+        unsafe { libc::close(pipe[1]) };
+        (Client(pid), unsafe { std::fs::File::from_raw_fd(pipe[0]) })
+    }
+
+    /// Read what a child reports, up to its "|".
+    fn report(from: &mut std::fs::File) -> String {
+        use std::io::Read;
+        let mut got = Vec::new();
+        let mut byte = [0u8];
+        while from.read(&mut byte).unwrap() == 1 && byte[0] != b'|' {
+            got.push(byte[0]);
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    /// One user (uid 65534) holds 40 idle connections, more than the server
+    /// serves at once: it gets its share (4 of 8), its other connections are
+    /// answered at once with an error, and another user (uid 65533) is
+    /// answered at once while the hog's connections stay open.
+    #[test]
+    fn one_users_idle_connections_leave_the_others_room() {
+        use std::os::unix::fs::PermissionsExt;
+        if unsafe { libc::geteuid() } != 0 {
+            println!("SKIPPED: needs root to connect as two other uids");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().join("s.sock");
+        let limits = Limits {
+            connections: 8,
+            per_uid: 4,
+            request_bytes: 1024,
+            read_timeout: Duration::from_secs(60),
+            answer_timeout: Duration::from_secs(5),
+        };
+        let listener = UnixListener::bind(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        serve(listener, limits, |call: Call| {
+            let _ = call
+                .reply
+                .send(Response::Error(format!("answered uid {}", call.peer.uid)));
+        })
+        .unwrap();
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in addr
+            .sun_path
+            .iter_mut()
+            .zip(path.as_os_str().as_encoded_bytes())
+        {
+            *d = *s as libc::c_char;
+        }
+        // The hog asks on its fifth connection, the first over its share.
+        let (_hog, mut hog_report) = fork_client(65534, &addr, 40, Some(4), true);
+        let refused = report(&mut hog_report);
+        assert!(
+            refused.contains("uid 65534 already has 4 connections open"),
+            "{refused:?}"
+        );
+        // Every connection of the hog is made (and its first four idle in
+        // their slots) before the victim asks.
+        let started = std::time::Instant::now();
+        let (victim, mut victim_report) = fork_client(65533, &addr, 1, Some(0), false);
+        let answer = report(&mut victim_report);
+        let took = started.elapsed();
+        drop(victim);
+        assert!(answer.contains("answered uid 65533"), "{answer:?}");
+        assert!(took < Duration::from_secs(1), "the victim waited {took:?}");
+        // Root is not capped.
+        let roots: Vec<_> = (0..6)
+            .map(|_| std::os::unix::net::UnixStream::connect(&path).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        for c in &roots {
+            c.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let mut buf = [0u8; 16];
+            assert!(
+                std::io::Read::read(&mut &*c, &mut buf).is_err(),
+                "a root connection was refused"
+            );
+        }
+    }
+
+    #[test]
+    fn a_client_talks_only_to_a_socket_of_roots_or_its_own() {
+        use std::os::unix::fs::PermissionsExt;
+        if std::env::var_os("MEZOD_SOCKET").is_none() {
+            assert_eq!(default_socket(), PathBuf::from(SYSTEM_SOCKET));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        // Listening is enough to connect (no server thread: other tests count them).
+        let _listener = UnixListener::bind(&path).unwrap();
+        assert!(connect(&path).is_ok());
+        // A link to the right socket is still a link: never followed.
+        let link = dir.path().join("link.sock");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let e = connect(&link).unwrap_err().to_string();
+        assert!(e.contains("not a socket"), "{e}");
+        // Nothing there: where it looked, and how to look elsewhere.
+        let e = connect(&dir.path().join("none.sock"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("none.sock") && e.contains("--socket") && e.contains(SYSTEM_SOCKET),
+            "{e}"
+        );
+        // A folder others may write into (and swap the socket in).
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = connect(&path).unwrap_err().to_string();
+        assert!(e.contains("may be written by others"), "{e}");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(
+            connect(&path).is_ok(),
+            "a sticky folder keeps others off the socket"
+        );
+        if rustix::process::geteuid().is_root() {
+            // Another user's socket, or one in another user's folder.
+            std::os::unix::fs::lchown(&path, Some(65534), None).unwrap();
+            let e = connect(&path).unwrap_err().to_string();
+            assert!(e.contains("it belongs to uid 65534"), "{e}");
+            std::os::unix::fs::lchown(&path, Some(0), None).unwrap();
+            std::os::unix::fs::chown(dir.path(), Some(65534), None).unwrap();
+            let e = connect(&path).unwrap_err().to_string();
+            assert!(
+                e.contains("its folder") && e.contains("belongs to uid 65534"),
+                "{e}"
+            );
+        }
     }
 }

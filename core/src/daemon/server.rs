@@ -99,11 +99,28 @@ struct Running {
     /// The step the next record must be for.
     next_step: u64,
     steps_total: u64,
-    /// Its pipe carried what no worker sends: stopped, fails with this.
+    /// It broke what it declared (its pipe carried what no worker sends, or
+    /// it used more memory than it reserved): stopped, fails with this.
     violation: Option<String>,
+    /// Its own cgroup (none where the machine offers no cgroup v2).
+    cgroup: Option<super::cgroup::JobCgroup>,
 }
 
 impl Running {
+    /// End the job's processes now: every one of its cgroup (what the
+    /// worker started with `setsid` too), else the worker itself.
+    fn kill(&self) {
+        match &self.cgroup {
+            Some(cg) => {
+                if let Err(e) = cg.kill() {
+                    tracing::warn!("killing {}: {e:#}", cg.path().display());
+                    signal(&self.worker, libc::SIGKILL);
+                }
+            }
+            None => signal(&self.worker, libc::SIGKILL),
+        }
+    }
+
     fn steps_per_s(&self) -> Option<f64> {
         let (t0, s0) = self.progress.front()?;
         let (t1, s1) = self.progress.back()?;
@@ -162,6 +179,8 @@ struct Daemon {
     intake_backlog: bool,
     /// When to look again at files that might still be being written.
     recheck_at: Option<Instant>,
+    /// Each job's own cgroup v2 (or why there is none).
+    cgroups: super::cgroup::Cgroups,
     /// Something admission cares about changed (a job queued, a worker
     /// ended, the config reloaded): plan now rather than at the next tick.
     /// (A cancelled queued job frees nothing; the next tick sees it.)
@@ -176,6 +195,7 @@ pub fn run_daemon(opts: DaemonOptions) -> Result<()> {
     };
     let dirs = cfg.dirs(opts.spool.clone(), opts.state.clone(), opts.runtime.clone());
     let (mut daemon, rx) = Daemon::new(cfg, opts, dirs, Box::new(admission::SystemProbe))?;
+    daemon.cgroups = job_cgroups(&daemon.dirs.state);
     let listener = bind_socket(&daemon.dirs.socket())?;
     daemon.recover()?;
     let tx_ctl = daemon.tx.clone();
@@ -195,9 +215,41 @@ pub fn run_daemon(opts: DaemonOptions) -> Result<()> {
     let status = daemon.status_line();
     daemon.notifier.ready(&status);
     let result = daemon.main_loop(rx);
+    daemon.cgroups.release();
     let _ = std::fs::remove_file(daemon.dirs.socket());
     daemon.db.flush()?;
     result
+}
+
+/// The cgroup v2 subtree for this daemon's jobs, set up before any child
+/// starts, with what it cannot enforce said once; leftovers of a daemon
+/// that crashed are stopped (their jobs resume from the seed log).
+fn job_cgroups(state: &Path) -> super::cgroup::Cgroups {
+    use super::cgroup::{instance_name, Cgroups};
+    let state = std::fs::canonicalize(state).unwrap_or_else(|_| state.to_path_buf());
+    let cgroups = Cgroups::detect(&instance_name(&state));
+    if cgroups.is_available() {
+        tracing::info!("{}", cgroups.describe());
+        for note in cgroups.notes() {
+            tracing::warn!("{note}");
+        }
+    } else {
+        tracing::warn!(
+            "{}: a cancel signals a job's worker alone, and memory is watched, not limited",
+            cgroups.describe()
+        );
+    }
+    match cgroups.clear_leftovers() {
+        Ok(left) if !left.is_empty() => {
+            tracing::warn!(
+                "stopped the processes of a previous daemon's jobs: {}",
+                left.join(", ")
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("clearing leftover job cgroups: {e:#}"),
+    }
+    cgroups
 }
 
 impl Daemon {
@@ -258,6 +310,7 @@ impl Daemon {
             db_failed: false,
             intake_backlog: false,
             recheck_at: None,
+            cgroups: super::cgroup::Cgroups::none("not set up (a daemon under test)".into()),
             schedule_due: true,
         };
         Ok((daemon, rx))
@@ -586,7 +639,7 @@ impl Daemon {
         let ids: Vec<u64> = self.running.keys().copied().collect();
         for id in ids {
             let r = self.running.remove(&id).expect("listed");
-            signal(&r.worker, libc::SIGKILL);
+            r.kill();
             r.log.flush()?;
             if let Some(mut job) = self.table.get(id)? {
                 job.apply(Transition::Preempt)?;

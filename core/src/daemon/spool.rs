@@ -273,33 +273,204 @@ impl Spool {
     }
 }
 
-/// Write `text` into the spool atomically under a fresh name: `tmp/` then
-/// `rename()` into `new/`.  Returns the name.
+/// Write `text` into the spool under a fresh name: created in `tmp/`,
+/// fsynced, renamed into `new/`.  Returns the name.
+///
+/// The spool's path comes from the daemon's answer (trusted because the
+/// socket was, see `control::connect`) or from `--spool`, and the caller may
+/// be root, so this writes the way a root process must where users can
+/// write: the spool and its `tmp/` and `new/` are held open as folders, none
+/// of them a link, each root's or the caller's (and sticky if others may
+/// write it); the file is created afresh relative to `tmp/`
+/// (`O_CREAT|O_EXCL|O_NOFOLLOW`: never an existing file, never through a
+/// link) and renamed between the held folders without replacing anything.
+///
+/// Once the rename is done the job is dropped, and the name is returned
+/// whatever follows: a user cannot read `new/` (mode 1733) to fsync it, and
+/// the daemon makes its own move out of `new/` durable.  A caller never sees
+/// an error for a file that was dropped, so it never drops one twice.
 pub fn drop_job(spool_root: &Path, stem: &str, text: &str) -> Result<String> {
-    let unique = format!(
-        "{stem}-{}-{}.yaml",
+    use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
+    use rustix::io::Errno;
+    use std::io::Write;
+    let root = spool_folder(None, spool_root, spool_root)?;
+    let tmp = spool_folder(Some(&root), Path::new("tmp"), spool_root)?;
+    let new = spool_folder(Some(&root), Path::new("new"), spool_root)?;
+    let stem = drop_stem(stem);
+    let stamp = format!(
+        "{}-{}",
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos()),
         std::process::id()
     );
-    let tmp = spool_root.join("tmp").join(&unique);
-    {
-        use std::io::Write;
-        let mut f = File::create(&tmp).with_context(|| {
-            format!(
-                "writing into the spool {} (is this the daemon's spool, and may you write to it?)",
-                tmp.display()
-            )
-        })?;
-        let written = f.write_all(text.as_bytes()).and_then(|_| f.sync_all());
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e).with_context(|| format!("writing {}", tmp.display()));
+    let in_tmp = |name: &str| spool_root.join("tmp").join(name).display().to_string();
+    // A name someone planted first (in `tmp/` or `new/`) is skipped, never used.
+    for attempt in 0..16 {
+        let name = match attempt {
+            0 => format!("{stem}-{stamp}.yaml"),
+            n => format!("{stem}-{stamp}-{n}.yaml"),
+        };
+        let fd = match rustix::fs::openat(
+            &tmp,
+            name.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::EXIST) => continue,
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "writing into the spool {} (is this the daemon's spool, and may you write to it?)",
+                        in_tmp(&name)
+                    )
+                })
+            }
+        };
+        let forget = || {
+            let _ = rustix::fs::unlinkat(&tmp, name.as_str(), AtFlags::empty());
+        };
+        let mut file = File::from(fd);
+        if let Err(e) = file
+            .write_all(text.as_bytes())
+            .and_then(|_| file.sync_all())
+        {
+            forget();
+            return Err(e).with_context(|| format!("writing {}", in_tmp(&name)));
         }
+        drop(file);
+        let moved = match rustix::fs::renameat_with(
+            &tmp,
+            name.as_str(),
+            &new,
+            name.as_str(),
+            RenameFlags::NOREPLACE,
+        ) {
+            // A filesystem without RENAME_NOREPLACE: look first.  Only the
+            // caller's own files or a sticky folder's are at stake there.
+            Err(Errno::INVAL) => {
+                match rustix::fs::statat(&new, name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+                    Err(Errno::NOENT) => {
+                        rustix::fs::renameat(&tmp, name.as_str(), &new, name.as_str())
+                    }
+                    Ok(_) => Err(Errno::EXIST),
+                    Err(e) => Err(e),
+                }
+            }
+            other => other,
+        };
+        match moved {
+            Ok(()) => {}
+            Err(Errno::EXIST) => {
+                forget();
+                continue;
+            }
+            Err(e) => {
+                forget();
+                return Err(e).with_context(|| {
+                    format!(
+                        "moving {} into {}",
+                        in_tmp(&name),
+                        spool_root.join("new").display()
+                    )
+                });
+            }
+        }
+        sync_dropped(&new, spool_root);
+        return Ok(name);
     }
-    durable::rename(&tmp, &spool_root.join("new").join(&unique))?;
-    Ok(unique)
+    bail!(
+        "every name tried for {stem} in the spool {} was taken; nothing was dropped",
+        spool_root.display()
+    )
+}
+
+/// The start of a dropped file's name: the job file's stem, cut to leave
+/// room for the stamp within 255 bytes, without what the daemon leaves alone
+/// (a leading `.` or `#` would make it a file intake never takes).
+fn drop_stem(stem: &str) -> String {
+    let stem = stem.trim_start_matches(['.', '#']);
+    let mut cut = stem.len().min(180);
+    while !stem.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    match &stem[..cut] {
+        "" => "job".to_string(),
+        s => s.to_string(),
+    }
+}
+
+/// A spool folder held open for [`drop_job`]: `name` below `at` (or the path
+/// itself), not through a link in its last component, a folder that belongs
+/// to root or the caller and is sticky if others may write it.  Opened with
+/// `O_PATH`, since a user may pass through `tmp/` and `new/` but not read them.
+fn spool_folder(
+    at: Option<&std::os::fd::OwnedFd>,
+    name: &Path,
+    root: &Path,
+) -> Result<std::os::fd::OwnedFd> {
+    use rustix::fs::{FileType, Mode, OFlags};
+    let shown = match at {
+        Some(_) => root.join(name),
+        None => root.to_path_buf(),
+    };
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = match at {
+        Some(dir) => rustix::fs::openat(dir, name, flags, Mode::empty()),
+        None => rustix::fs::open(name, flags, Mode::empty()),
+    }
+    .with_context(|| {
+        format!(
+            "opening the spool folder {} (is this the daemon's spool? a link is not followed)",
+            shown.display()
+        )
+    })?;
+    let st = rustix::fs::fstat(&fd)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+        bail!(
+            "the spool folder {} is not a folder (a link is not followed)",
+            shown.display()
+        );
+    }
+    if !super::control::trusted(st.st_uid) {
+        bail!(
+            "refusing the spool folder {}: it belongs to {}, neither root nor you, so it is \
+             not a daemon's spool you may trust; nothing was written",
+            shown.display(),
+            super::control::who(st.st_uid)
+        );
+    }
+    if st.st_mode & 0o022 != 0 && st.st_mode & 0o1000 == 0 {
+        bail!(
+            "refusing the spool folder {}: others may write it and it is not sticky (mode {:o}), \
+             so they could swap what is written there; nothing was written",
+            shown.display(),
+            st.st_mode & 0o7777
+        );
+    }
+    Ok(fd)
+}
+
+/// fsync `new/` after a drop, where the caller may: a user may not read the
+/// spool's `new/` (mode 1733), and then the daemon's own durable move out of
+/// it is what keeps the job.  The job is dropped either way.
+fn sync_dropped(new: &std::os::fd::OwnedFd, root: &Path) {
+    use rustix::fs::{Mode, OFlags};
+    let synced = rustix::fs::openat(
+        new,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .and_then(|dir| rustix::fs::fsync(&dir));
+    match synced {
+        Ok(()) | Err(rustix::io::Errno::ACCESS) => {}
+        Err(e) => tracing::warn!(
+            "syncing the folder {} after the drop: {e} (the job file is in it; the daemon's move makes it durable)",
+            root.join("new").display()
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -444,5 +615,47 @@ mod tests {
         let e = Spool::open(dir.path(), false).unwrap_err().to_string();
         assert!(e.contains("writable by other users"), "{e}");
         assert!(Spool::open(dir.path(), true).is_ok());
+    }
+
+    #[test]
+    fn a_drop_never_goes_through_a_link_or_into_anothers_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), false).unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        // tmp/ or new/ replaced by a link: refused, nothing written anywhere.
+        for sub in ["tmp", "new"] {
+            let real = dir.path().join(format!("{sub}.real"));
+            std::fs::rename(dir.path().join(sub), &real).unwrap();
+            std::os::unix::fs::symlink(&elsewhere, dir.path().join(sub)).unwrap();
+            let e = format!("{:#}", drop_job(dir.path(), "a", "x: 1\n").unwrap_err());
+            assert!(e.contains("link is not followed"), "{e}");
+            assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+            std::fs::remove_file(dir.path().join(sub)).unwrap();
+            std::fs::rename(&real, dir.path().join(sub)).unwrap();
+        }
+        // A folder others may write without the sticky bit: refused.
+        std::fs::set_permissions(spool.tmp_dir(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = format!("{:#}", drop_job(dir.path(), "a", "x: 1\n").unwrap_err());
+        assert!(e.contains("not sticky"), "{e}");
+        std::fs::set_permissions(spool.tmp_dir(), std::fs::Permissions::from_mode(0o1733)).unwrap();
+        // Names intake would leave alone, or too long, are made takeable.
+        let name = drop_job(dir.path(), ".#hidden", "x: 1\n").unwrap();
+        assert!(name.starts_with("hidden-") && !is_ignored(&name), "{name}");
+        let long = drop_job(dir.path(), &"é".repeat(200), "x: 1\n").unwrap();
+        assert!(long.len() <= 255, "{}", long.len());
+        assert_eq!(spool.list().unwrap().len(), 2);
+        let mode = std::fs::metadata(spool.new_dir().join(&name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // Another user's spool (only root can make one here).
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(spool.new_dir(), Some(65534), Some(65534)).unwrap();
+            let e = format!("{:#}", drop_job(dir.path(), "a", "x: 1\n").unwrap_err());
+            assert!(e.contains("belongs to uid 65534"), "{e}");
+            assert_eq!(std::fs::read_dir(spool.tmp_dir()).unwrap().count(), 0);
+        }
     }
 }

@@ -149,6 +149,9 @@ pub struct Launch<'a> {
     pub estimate: u64,
     /// Run as this user: a root daemon runs each job as its owner.
     pub run_as: Option<Identity>,
+    /// The job's own cgroup, entered before the worker execs (so nothing it
+    /// starts escapes a cancel, and its limits hold from its first byte).
+    pub cgroup: Option<&'a super::cgroup::JobCgroup>,
 }
 
 pub fn encode(rec: &StepRecord) -> String {
@@ -175,7 +178,9 @@ const INPUT_MAGIC: &[u8] = b"mezod worker input 1\n";
 pub fn encode_input(spec: &str, records: &[StepRecord]) -> Vec<u8> {
     let mut bytes = Vec::new();
     write_input(&mut bytes, spec, |write| {
-        records.iter().try_for_each(|r| write(r))?;
+        for r in records {
+            write(r)?;
+        }
         Ok(records.len() as u64)
     })
     .expect("writing to memory");
@@ -344,6 +349,10 @@ pub fn spawn(
         .stdin(Stdio::from(input))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    if let Some(cg) = launch.cgroup {
+        // First of the child's steps: still root, every descriptor open.
+        cg.place(&mut cmd)?;
+    }
     super::handoff::owner_environment(&mut cmd, launch.run_as.as_ref());
     cmd.env(
         "MEZOD_LOG",

@@ -13,12 +13,14 @@ use mezod_core::daemon::control::{
 use mezod_core::daemon::jobs::JobState;
 use mezod_core::daemon::spool::drop_job;
 use mezod_core::estimate::human_bytes;
+use mezod_core::printable::{printable, printable_line};
 use mezod_core::spec::{as_job_name, JobSpec};
 
 fn socket_or_default(socket: Option<PathBuf>) -> PathBuf {
     socket.unwrap_or_else(default_socket)
 }
 
+/// The daemon's error as ours (printed escaped, as every error line is).
 fn expect_ok(r: Response) -> Result<Response> {
     match r {
         Response::Error(e) => bail!("{e}"),
@@ -79,28 +81,43 @@ pub fn submit(
         .file_stem()
         .map_or("job".into(), |s| s.to_string_lossy().to_string());
     let name = drop_job(&spool, &stem, &text)?;
+    // The file is in the spool now, and will become a job: whatever happens
+    // from here on is said in those terms (taken with its id, rejected with
+    // why, or not taken yet), never as a failure that would make the user
+    // submit it again and get a second job.  Nothing below drops it again.
     let deadline = Instant::now() + Duration::from_secs_f64(wait);
     loop {
         let answer = request(&socket, &Request::Lookup { name: name.clone() });
-        match answer.and_then(expect_ok) {
+        let asking = match answer.and_then(expect_ok) {
             Ok(Response::Lookup(Lookup::Accepted { id })) => {
-                eprintln!("submitted {} as job {id}", job.display());
+                eprintln!(
+                    "submitted {} as job {id}",
+                    printable_line(&job.display().to_string())
+                );
                 println!("{id}");
                 return Ok(ExitCode::SUCCESS);
             }
             Ok(Response::Lookup(Lookup::Rejected { reason })) => {
-                eprint!("{reason}");
+                eprint!("{}", printable(&reason));
                 return Ok(ExitCode::FAILURE);
             }
-            Ok(_) | Err(_) if Instant::now() >= deadline => {
-                eprintln!(
-                    "spooled as {name} in {}; the daemon has not taken it yet (`mezod status` shows it once it has)",
+            Ok(_) => None,
+            Err(e) => Some(e),
+        };
+        if Instant::now() >= deadline {
+            let asking = asking.map_or(String::new(), |e| format!(" (asking it: {e:#})"));
+            eprintln!(
+                "{}",
+                printable(&format!(
+                    "spooled as {name} in {}; the daemon has not taken it yet{asking}. It will \
+                     take it as it is: do not submit it again (`mezod status` shows the job once \
+                     it has)",
                     spool.display()
-                );
-                return Ok(ExitCode::SUCCESS);
-            }
-            _ => std::thread::sleep(Duration::from_millis(200)),
+                ))
+            );
+            return Ok(ExitCode::SUCCESS);
         }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -131,11 +148,11 @@ pub fn status(listing: Listing, json: bool, socket: Option<PathBuf>) -> Result<E
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("mode: {}", report.mode);
+    println!("mode: {}", printable_line(&report.mode));
     for p in &report.pools {
         println!(
             "  {}: {} free of {}, {} job(s) of ours",
-            p.name,
+            printable_line(&p.name),
             human_bytes(p.free_bytes),
             human_bytes(p.total_bytes),
             p.running
@@ -163,8 +180,8 @@ pub fn status(listing: Listing, json: bool, socket: Option<PathBuf>) -> Result<E
                 "-".into()
             },
             v.eta_s.map_or("-".into(), format_duration),
-            j.name,
-            one_line(&j.reason, 100)
+            printable_line(&j.name),
+            printable_line(&one_line(&j.reason, 100))
         );
     }
     if report.finished_not_shown > 0 {
@@ -227,7 +244,9 @@ fn describe(d: &JobDetail, now: u64) -> String {
         steps_per_s,
         eta_s,
     } = &d.view;
-    let mut out = format!("job {}: {}\n", j.id, j.name);
+    // Every value here comes from a user (names, paths, reasons, results):
+    // each is escaped on its own line.
+    let mut out = format!("job {}: {}\n", j.id, printable_line(&j.name));
     let mut row = |label: &str, value: String| {
         out.push_str(&format!("  {label:<11}{value}\n"));
     };
@@ -242,10 +261,14 @@ fn describe(d: &JobDetail, now: u64) -> String {
     let mut reason = j.reason.lines();
     row(
         "state",
-        format!("{}: {}", j.state, reason.next().unwrap_or("")),
+        format!(
+            "{}: {}",
+            j.state,
+            printable_line(reason.next().unwrap_or(""))
+        ),
     );
     for more in reason {
-        row("", more.to_string());
+        row("", printable_line(more).into_owned());
     }
     let mut steps = format!("{}/{}", j.steps_done, j.steps_total);
     if let Some(l) = j.last_loss {
@@ -282,16 +305,22 @@ fn describe(d: &JobDetail, now: u64) -> String {
         ),
     );
     if !j.gpus.is_empty() {
-        row("gpus", j.gpus.join(", "));
+        row("gpus", printable_line(&j.gpus.join(", ")).into_owned());
     }
     if !j.summary.is_empty() {
-        row("runs", j.summary.clone());
+        row("runs", printable_line(&j.summary).into_owned());
     }
     if let Some(p) = &d.job_file {
-        row("job file", p.display().to_string());
+        row(
+            "job file",
+            printable_line(&p.display().to_string()).into_owned(),
+        );
     }
     if let Some(p) = &d.run_dir {
-        row("run folder", p.display().to_string());
+        row(
+            "run folder",
+            printable_line(&p.display().to_string()).into_owned(),
+        );
     }
     if let JobState::Done {
         result: Some(serde_json::Value::Object(r)),
@@ -306,12 +335,12 @@ fn describe(d: &JobDetail, now: u64) -> String {
                 _ => format!("{k} {}", v.as_str().map_or(v.to_string(), str::to_string)),
             })
             .collect();
-        row("result", shown.join(", "));
+        row("result", printable_line(&shown.join(", ")).into_owned());
     }
     if !d.error_tail.is_empty() {
         out.push_str("  error:\n");
         for l in &d.error_tail {
-            out.push_str(&format!("    {l}\n"));
+            out.push_str(&format!("    {}\n", printable_line(l)));
         }
     }
     out
@@ -345,10 +374,12 @@ pub fn cancel(ids: &[u64], socket: Option<PathBuf>) -> Result<ExitCode> {
     let mut code = ExitCode::SUCCESS;
     for &id in ids {
         match request(&socket, &Request::Cancel { id }).and_then(expect_ok) {
-            Ok(Response::Cancelled { id, state }) => println!("job {id}: {state}"),
+            Ok(Response::Cancelled { id, state }) => {
+                println!("job {id}: {}", printable_line(&state))
+            }
             Ok(other) => bail!("unexpected answer {other:?}"),
             Err(e) => {
-                eprintln!("error: job {id}: {e:#}");
+                eprintln!("error: job {id}: {}", printable(&format!("{e:#}")));
                 code = ExitCode::FAILURE;
             }
         }
@@ -402,6 +433,9 @@ pub fn logs(
     let socket = socket_or_default(socket);
     let mut offset = 0;
     let mut tail = lines;
+    // A carriage return at the end of one piece is held back until the next
+    // says whether it ends a line (kept) or stands alone (escaped).
+    let mut held_cr = false;
     loop {
         let ask = Request::Logs {
             id,
@@ -414,9 +448,19 @@ pub fn logs(
                 offset: next,
                 finished,
             } => {
-                print!("{data}");
+                let mut text = String::new();
+                if std::mem::take(&mut held_cr) {
+                    text.push('\r');
+                }
+                text.push_str(&data);
+                let more = follow && !finished;
+                if more && text.ends_with('\r') {
+                    text.pop();
+                    held_cr = true;
+                }
+                print!("{}", printable(&text));
                 offset = next;
-                if !follow || finished {
+                if !more {
                     return Ok(ExitCode::SUCCESS);
                 }
                 if data.is_empty() {

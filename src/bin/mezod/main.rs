@@ -232,8 +232,10 @@ enum Command {
 /// Where the daemon listens.
 #[derive(clap::Args)]
 struct SocketArg {
-    /// The daemon's control socket [default: $MEZOD_SOCKET, else
-    /// ./var/run/mezod.sock if present, else /run/mezod/mezod.sock].
+    /// The daemon's control socket: <runtime>/mezod.sock of a daemon started
+    /// by hand, e.g. var/run/mezod.sock [default: $MEZOD_SOCKET, else
+    /// /run/mezod/mezod.sock, the systemd unit's; never one found in the
+    /// current folder]. It must belong to root or you.
     #[arg(long = "socket", value_name = "PATH")]
     path: Option<PathBuf>,
 }

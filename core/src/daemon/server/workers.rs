@@ -2,6 +2,7 @@
 //! step records and their exits (done, cancelled, preempted, crashed, failed).
 
 use super::*;
+use crate::daemon::cgroup::{JobCgroup, JobLimits};
 
 impl Daemon {
     // ---- admission ------------------------------------------------------
@@ -53,6 +54,7 @@ impl Daemon {
             )
         });
         let mut placed = Vec::new();
+        let mut overran = Vec::new();
         for (&id, r) in self.running.iter() {
             let usage = match &r.pool {
                 // What a worker has allocated on its GPU is already gone from
@@ -68,9 +70,28 @@ impl Daemon {
                     .filter(|(pid, _)| *pid == r.worker.pid())
                     .map(|(_, bytes)| bytes)
                     .sum(),
-                Pool::Cpu if r.settled => self.probe.process_memory(r.worker.pid(), &r.pool),
-                Pool::Cpu => 0,
+                // A job's cgroup holds only its own processes, from its start.
+                Pool::Cpu => match &r.cgroup {
+                    Some(cg) => cg.memory_current().unwrap_or(0),
+                    None if r.settled => self.probe.process_memory(r.worker.pid(), &r.pool),
+                    None => 0,
+                },
             };
+            let limit = r.estimate.saturating_add(self.cfg.margin_bytes());
+            if usage > limit && r.violation.is_none() {
+                overran.push((
+                    id,
+                    format!(
+                        "it used {}, more than the {} it reserved (its estimate {} plus the {} \
+                         margin): stopped so that it cannot take the memory of the jobs \
+                         beside it",
+                        human_bytes(usage),
+                        human_bytes(limit),
+                        human_bytes(r.estimate),
+                        human_bytes(self.cfg.margin_bytes())
+                    ),
+                ));
+            }
             placed.push(Placed {
                 pool: r.pool.clone(),
                 estimate: r.estimate,
@@ -82,6 +103,9 @@ impl Daemon {
                     self.table.put(&job)?;
                 }
             }
+        }
+        for (id, why) in overran {
+            self.on_violation(id, why)?;
         }
         let t = now();
         let mut queue = Vec::new();
@@ -158,7 +182,7 @@ impl Daemon {
             let _ = tx.send(Event::Worker(id, ev));
         });
         match spawned {
-            Ok((handle, steps_done, records)) => {
+            Ok((handle, steps_done, records, cgroup)) => {
                 tracing::info!(
                     "job {id}: started worker {} on {} (estimate {})",
                     handle.pid(),
@@ -185,6 +209,7 @@ impl Daemon {
                         next_step: steps_done,
                         steps_total: job.steps_total,
                         violation: None,
+                        cgroup,
                     },
                 );
             }
@@ -209,7 +234,7 @@ impl Daemon {
         gpu: Option<&crate::gpu::GpuInfo>,
         log: &SeedLog,
         report: impl Fn(WorkerEvent) + Send + 'static,
-    ) -> Result<(worker::WorkerHandle, u64, RecordShape)> {
+    ) -> Result<(worker::WorkerHandle, u64, RecordShape, Option<JobCgroup>)> {
         let run_as = self.identity_of(job.owner_uid, job.owner_gid);
         let dir = JobDir::prepare(&self.jobs, &self.dirs.jobs(), job.id, run_as.as_ref())?;
         let spec = dir.read_spec()?;
@@ -229,6 +254,7 @@ impl Daemon {
             )),
             steps_done
         )?;
+        let cgroup = self.job_cgroup(job, gpu.is_some())?;
         let launch = Launch {
             exe: &self.exe,
             spec: &spec,
@@ -238,13 +264,38 @@ impl Daemon {
             snapshot_every: self.cfg.snapshot_every,
             estimate: job.estimate_bytes,
             run_as,
+            cgroup: cgroup.as_ref(),
         };
         let sink = worker::LogSink {
             file: worker_log,
             room: worker::MAX_LOG_BYTES.saturating_sub(logged),
         };
         let handle = worker::spawn(&launch, input, sink, report)?;
-        Ok((handle, steps_done, facts.records))
+        Ok((handle, steps_done, facts.records, cgroup))
+    }
+
+    /// A new cgroup for the job's worker: `pids.max` always, `memory.max`
+    /// (its reservation: estimate plus margin) for a CPU job, where the
+    /// kernel offers the controllers.  None without cgroup v2.
+    fn job_cgroup(&self, job: &JobRecord, on_gpu: bool) -> Result<Option<JobCgroup>> {
+        if !self.cgroups.is_available() {
+            return Ok(None);
+        }
+        let limits = JobLimits {
+            memory_max: (!on_gpu).then(|| self.reservation(job.estimate_bytes)),
+            pids_max: Some(self.cfg.pids_per_job),
+        };
+        let cg = self
+            .cgroups
+            .create(&format!("job-{}", job.id), &limits)
+            .context("making the job's cgroup")?;
+        Ok(Some(cg))
+    }
+
+    /// What a job of `estimate` may use before it is stopped: the estimate
+    /// plus the safety margin admission kept beside it.
+    pub(super) fn reservation(&self, estimate: u64) -> u64 {
+        estimate.saturating_add(self.cfg.margin_bytes())
     }
 
     // ---- workers --------------------------------------------------------
@@ -263,8 +314,11 @@ impl Daemon {
         if let Err(why) = r.records.check(&rec, r.next_step, r.steps_total) {
             return self.on_violation(id, why);
         }
-        r.log.insert(&rec)?;
+        // Counted before it is stored: a record the database fails to keep
+        // is recomputed on resume (see "Steps are pure"); the worker's next
+        // one is still the step after it.
         r.next_step += 1;
+        r.log.insert(&rec)?;
         crate::crash::point("worker-record-before-flush");
         r.settled = true;
         let t = Instant::now();
@@ -294,15 +348,29 @@ impl Daemon {
         if r.violation.is_none() {
             tracing::warn!("job {id}: stopping it: {why}");
             r.violation = Some(why);
-            signal(&r.worker, libc::SIGKILL);
+            r.kill();
         }
         Ok(())
     }
 
     pub(super) fn on_exit(&mut self, id: u64, status: ExitStatus) -> Result<()> {
-        let Some(r) = self.running.remove(&id) else {
+        let Some(mut r) = self.running.remove(&id) else {
             return Ok(());
         };
+        if let Some(cg) = r.cgroup.take() {
+            // Whatever the worker left behind (a child it started with
+            // setsid) ends with it.
+            if r.violation.is_none() && !status.success() && cg.oom_kills().unwrap_or(0) > 0 {
+                r.violation = Some(format!(
+                    "it went past its memory limit of {} (its estimate plus the margin) and the \
+                     kernel stopped it",
+                    human_bytes(self.reservation(r.estimate))
+                ));
+            }
+            if let Err(e) = cg.remove(Duration::from_secs(2)) {
+                tracing::warn!("job {id}: removing {}: {e:#}", cg.path().display());
+            }
+        }
         if let Err(e) = r.log.flush() {
             // The exit is still recorded (in memory at least: see
             // `JobTable::put`); the records lost are recomputed on resume.
