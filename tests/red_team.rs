@@ -1478,6 +1478,60 @@ fn nothing_a_cancelled_job_started_outlives_it() {
     d.wait_until("the job's setsid child to end", |_| escaped().is_empty());
 }
 
+/// Case 5 (connections): one user holding 400 idle connections to the
+/// control socket does not make another user wait: connections are capped
+/// per user, and the victim is answered at once.
+#[test]
+fn one_users_idle_connections_do_not_hold_up_anothers_status() {
+    let (tmp, _) = arena();
+    let d = Daemon::start(tmp.path(), CONFIG);
+    let mut hog = Command::new("perl")
+        .arg("-e")
+        .arg(
+            r#"use IO::Socket::UNIX;
+               my @s;
+               for (1 .. 400) {
+                   my $c = IO::Socket::UNIX->new(Type => SOCK_STREAM(), Peer => $ARGV[0]) or last;
+                   push @s, $c;
+               }
+               print scalar(@s), "\n";
+               STDOUT->flush;
+               sleep 120;"#,
+        )
+        .arg(d.socket())
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut opened = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(hog.stdout.take().unwrap()),
+        &mut opened,
+    )
+    .unwrap();
+    let t = std::time::Instant::now();
+    let victim = mezod_as(NOSY, &d, &["status"]);
+    let latency = t.elapsed();
+    // The hog itself is told why, at once.
+    let refused = mezod_as(NOBODY, &d, &["status"]);
+    let _ = hog.kill();
+    let _ = hog.wait();
+    eprintln!(
+        "with {} idle connections of another user, `mezod status` answered in {:.0} ms",
+        opened.trim(),
+        latency.as_secs_f64() * 1e3
+    );
+    assert!(victim.status.success(), "{}", text(&victim));
+    assert!(
+        latency < std::time::Duration::from_secs(5),
+        "the victim waited {latency:?} behind another user's connections"
+    );
+    // (Told why, or, while its hundreds of refused connections drain,
+    // closed without a word: `control::tests` checks the words.)
+    assert!(!refused.status.success(), "{}", text(&refused));
+}
+
 // ---- the client cannot be fooled (issue 24 cases 9 and 10; issue 25 item 1) ----
 
 /// What a hostile name carries to a terminal: retitle it, then clear it.

@@ -129,7 +129,7 @@ impl Daemon {
                 wants_gpu: job.wants_gpu,
             });
         }
-        if let Some(why) = self.disk.low().map(str::to_string) {
+        if let Some(why) = self.disk.low_for_jobs().map(str::to_string) {
             self.resources = Some(res);
             for c in queue {
                 self.set_reason(c.id, format!("waiting for disk space: {why}"))?;
@@ -426,7 +426,7 @@ impl Daemon {
                 tracing::info!("job {id}: preempted at step {}", job.steps_done);
                 self.table.put_durable(&job)
             }
-            _ if self.disk.low().is_some() => {
+            _ if self.disk.low_for_jobs().is_some() => {
                 // Not the job's fault: it resumes once there is room, and
                 // this attempt does not count against its retries.
                 job.apply(Transition::Retry { not_before: now() })?;
