@@ -63,6 +63,12 @@ const TICK: Duration = Duration::from_millis(500);
 /// A file in new/ that fails its check is rejected only once it has not
 /// changed for this long (it may be half-written by a plain copy).
 const SETTLE_SECS: f64 = 2.0;
+/// How often the spool is swept of what users left behind, and what counts
+/// as left behind: files in `tmp/` (and dotfiles in `new/`) untouched for a
+/// day; a user's rejected files past the newest hundred.
+const SWEEP_EVERY: Duration = Duration::from_secs(3600);
+const STALE_SPOOL_FILES: Duration = Duration::from_secs(86_400);
+const REJECTED_KEPT_PER_USER: usize = 100;
 /// Log lines kept in a failed job's error file.
 const ERROR_TAIL_LINES: usize = 20;
 
@@ -433,6 +439,7 @@ impl Daemon {
 
     fn main_loop(&mut self, rx: Receiver<Event>) -> Result<()> {
         let mut last_rescan = Instant::now();
+        let mut last_sweep: Option<Instant> = None;
         let mut last_extend = Instant::now() - Duration::from_secs(60);
         let mut spool_dirty = false;
         let mut last_schedule = Instant::now();
@@ -490,6 +497,19 @@ impl Daemon {
                     self.log_error(r);
                     spool_dirty = false;
                     last_rescan = Instant::now();
+                }
+                if last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) {
+                    last_sweep = Some(Instant::now());
+                    match self.spool.sweep(STALE_SPOOL_FILES, REJECTED_KEPT_PER_USER) {
+                        Ok((0, _)) => {}
+                        Ok((n, forgotten)) => {
+                            for name in forgotten {
+                                let _ = self.rejections.remove(name.as_bytes());
+                            }
+                            tracing::info!("cleared {n} stale or surplus spool file(s)")
+                        }
+                        Err(e) => tracing::warn!("clearing stale spool files: {e:#}"),
+                    }
                 }
                 // A control request (status, logs) does not change what can
                 // start: admission runs when something did, or once a tick

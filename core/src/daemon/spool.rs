@@ -262,6 +262,75 @@ impl Spool {
         Ok((error, text))
     }
 
+    /// Clear what users leave behind in the daemon's folders: entries of
+    /// `tmp/`, and ignored names (dotfiles, editor leftovers) in `new/`, not
+    /// changed for `stale`; and in `rejected/`, each user's rejected files
+    /// past the newest `keep_per_owner` (with their `.error` sidecars).
+    /// Links are removed, never followed; a folder is removed only when
+    /// empty.  Returns how many entries went, and the names of the rejected
+    /// files that went (for the daemon to forget their reasons too).
+    pub fn sweep(
+        &self,
+        stale: std::time::Duration,
+        keep_per_owner: usize,
+    ) -> Result<(usize, Vec<String>)> {
+        let old = |m: &std::fs::Metadata| {
+            m.modified()
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= stale)
+        };
+        let remove = |p: &Path, m: &std::fs::Metadata| {
+            if m.is_dir() {
+                std::fs::remove_dir(p)
+            } else {
+                std::fs::remove_file(p)
+            }
+        };
+        let mut removed = 0;
+        for (dir, all) in [(self.tmp_dir(), true), (self.new_dir(), false)] {
+            for e in std::fs::read_dir(&dir)?.flatten() {
+                let name = e.file_name();
+                if !all && !is_ignored(&name.to_string_lossy()) {
+                    continue;
+                }
+                let Ok(m) = e.path().symlink_metadata() else {
+                    continue;
+                };
+                if old(&m) && remove(&e.path(), &m).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        let rejected = self.root.join("rejected");
+        let mut by_owner: std::collections::HashMap<u32, Vec<(std::time::SystemTime, PathBuf)>> =
+            Default::default();
+        for e in std::fs::read_dir(&rejected)?.flatten() {
+            if e.file_name().to_string_lossy().ends_with(".error") {
+                continue;
+            }
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            let when = m.modified().unwrap_or(std::time::UNIX_EPOCH);
+            by_owner.entry(m.uid()).or_default().push((when, e.path()));
+        }
+        let mut forgotten = Vec::new();
+        for files in by_owner.values_mut() {
+            files.sort_by(|a, b| b.0.cmp(&a.0));
+            for (_, p) in files.iter().skip(keep_per_owner) {
+                if std::fs::remove_file(p).is_ok() {
+                    removed += 1;
+                    if let Some(name) = p.file_name() {
+                        forgotten.push(name.to_string_lossy().into_owned());
+                    }
+                }
+                let _ = std::fs::remove_file(format!("{}.error", p.display()));
+            }
+        }
+        Ok((removed, forgotten))
+    }
+
     /// Move an accepted file out of `new/`, keeping it for reference.
     pub fn archive(&self, name: &str, id: u64) -> Result<()> {
         let from = self.new_dir().join(name);
@@ -657,5 +726,52 @@ mod tests {
             assert!(e.contains("belongs to uid 65534"), "{e}");
             assert_eq!(std::fs::read_dir(spool.tmp_dir()).unwrap().count(), 0);
         }
+    }
+
+    #[test]
+    fn what_users_leave_behind_is_swept() {
+        use std::time::{Duration, SystemTime};
+        let tmp = tempfile::tempdir().unwrap();
+        let spool = Spool::open(tmp.path(), false).unwrap();
+        let age = |p: &Path, secs: u64| {
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(SystemTime::now() - Duration::from_secs(secs))
+                .unwrap();
+        };
+        let root = tmp.path();
+        for (f, secs) in [
+            ("tmp/old", 90_000),
+            ("tmp/fresh", 0),
+            ("new/.old-dot", 90_000),
+            ("new/.fresh-dot", 0),
+            ("new/old-job.yaml", 90_000),
+        ] {
+            std::fs::write(root.join(f), "x").unwrap();
+            age(&root.join(f), secs);
+        }
+        std::os::unix::fs::symlink("/etc/passwd", root.join("tmp/link")).unwrap();
+        for i in 0..5 {
+            let f = root.join(format!("rejected/r{i}.yaml"));
+            std::fs::write(&f, "x").unwrap();
+            std::fs::write(format!("{}.error", f.display()), "why").unwrap();
+            age(&f, 1000 - i * 10);
+        }
+        // The link's own time is now: it stays; everything stale goes.
+        let (removed, forgotten) = spool.sweep(Duration::from_secs(86_400), 2).unwrap();
+        assert_eq!(forgotten.len(), 3, "{forgotten:?}");
+        let exists = |f: &str| root.join(f).symlink_metadata().is_ok();
+        assert!(!exists("tmp/old") && exists("tmp/fresh") && exists("tmp/link"));
+        assert!(!exists("new/.old-dot") && exists("new/.fresh-dot"));
+        assert!(
+            exists("new/old-job.yaml"),
+            "a job file is intake's, not the sweep's"
+        );
+        assert!(exists("rejected/r4.yaml") && exists("rejected/r3.yaml.error"));
+        assert!(!exists("rejected/r0.yaml") && !exists("rejected/r2.yaml.error"));
+        assert_eq!(removed, 2 + 3);
+        assert!(Path::new("/etc/passwd").exists());
     }
 }
