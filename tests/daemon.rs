@@ -449,6 +449,7 @@ fn a_crash_between_recording_and_moving_a_file_never_starts_it_twice() {
                 owner_gid: 0,
                 state: mezod::daemon::jobs::JobState::Queued { not_before: None },
                 priority: 0,
+                after: vec![],
                 wants_gpu: false,
                 steps_total: 10,
                 steps_done: 0,

@@ -413,6 +413,7 @@ fn help_describes_every_argument_and_completions_are_printed() {
         "restart",
         "clean",
         "logs",
+        "wait",
         "estimate",
         "completions",
         "run",
@@ -453,4 +454,242 @@ fn help_describes_every_argument_and_completions_are_printed() {
         "export",
     ));
     assert!(!export.contains("seed-log"), "{export}");
+}
+
+/// `mezod submit` of `job` with `args` after it; returns the id.
+fn submit_with(d: &Daemon, job: &Path, args: &[&str]) -> u64 {
+    let mut all = vec!["submit", job.to_str().unwrap()];
+    all.extend(args);
+    let out = mezod_at(d, &all);
+    assert!(out.status.success(), "submit {args:?}: {}", stderr(&out));
+    stdout(&out).trim().parse().unwrap()
+}
+
+/// Issue 25 item 6: with a free slot beside it, a job `after:` another
+/// (by name in its file, or by id with `submit --after`) waits until that
+/// one is done, saying what it waits for; `mezod wait` prints each job as
+/// it ends and exits 0 when all ended done.
+#[test]
+fn a_job_after_another_starts_once_it_is_done() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let d = Daemon::start(dir, &CONFIG.replace("cpu_slots: 1", "cpu_slots: 3"));
+    // Long enough (seconds) to look at the others while it runs.
+    let first = d.submit(&job_file(dir, "first", 1000, 1));
+    let by_name = job_file(dir, "by-name", 10, 2);
+    let text = std::fs::read_to_string(&by_name).unwrap();
+    std::fs::write(&by_name, format!("after: [first]\n{text}")).unwrap();
+    let by_name = d.submit(&by_name);
+    let by_id = submit_with(
+        &d,
+        &job_file(dir, "by-id", 10, 3),
+        &["--after", &first.to_string()],
+    );
+    // Resolved to the id at intake, and the wait said while the first runs.
+    d.wait_steps(first, 5);
+    for id in [by_name, by_id] {
+        let j = d.job(id);
+        assert_eq!(j["state"], "queued", "{j:#}");
+        assert_eq!(j["after"], serde_json::json!([first]), "{j:#}");
+        assert_eq!(
+            j["reason"],
+            format!("waiting for job {first} (running)"),
+            "{j:#}"
+        );
+    }
+    let list = stdout(&mezod_at(&d, &["status"]));
+    assert!(
+        list.contains(&format!("by-id — waiting for job {first} (running)")),
+        "{list}"
+    );
+    let detail = stdout(&mezod_at(&d, &["status", &by_id.to_string()]));
+    assert!(
+        detail.contains(&format!("waits for  job(s) {first} (after:)")),
+        "{detail}"
+    );
+    let out = mezod_at(
+        &d,
+        &[
+            "wait",
+            &by_id.to_string(),
+            &first.to_string(),
+            &by_name.to_string(),
+        ],
+    );
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let lines: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
+    assert_eq!(lines[0], format!("job {first} (first): done"), "{lines:?}");
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for (id, name) in [(by_name, "by-name"), (by_id, "by-id")] {
+        assert!(
+            lines.contains(&format!("job {id} ({name}): done")),
+            "{lines:?}"
+        );
+        let j = d.job(id);
+        assert!(
+            j["started_at"].as_u64().unwrap() >= d.job(first)["finished_at"].as_u64().unwrap(),
+            "job {id} started before job {first} ended: {j:#}\n{:#}",
+            d.job(first)
+        );
+    }
+}
+
+/// Issue 25 item 6: a job after one that is cancelled fails at once with
+/// that reason (never queued forever); `mezod wait` exits 1 when a job did
+/// not end done, 2 for an unknown id, 124 past its timeout; `submit
+/// --after` of a job that does not exist is refused with the reason.
+#[test]
+fn a_job_after_a_cancelled_one_fails_at_once_and_wait_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let d = Daemon::start(dir, CONFIG);
+    let long = d.submit(&job_file(dir, "long", 100_000, 1));
+    let after = submit_with(
+        &d,
+        &job_file(dir, "after-long", 10, 2),
+        &["--after", &long.to_string()],
+    );
+    d.wait_steps(long, 2);
+    let out = mezod_at(&d, &["wait", &long.to_string(), "--timeout", "1"]);
+    assert_eq!(out.status.code(), Some(124), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("still waiting for job {long} (running)")),
+        "{}",
+        stderr(&out)
+    );
+    let out = mezod_at(&d, &["wait", &long.to_string(), "9999"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("job 9999: no job 9999"),
+        "{}",
+        stderr(&out)
+    );
+    let out = mezod_at(
+        &d,
+        &[
+            "submit",
+            job_file(dir, "nothing", 5, 3).to_str().unwrap(),
+            "--after",
+            "9999",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("there is no job 9999"),
+        "{}",
+        stderr(&out)
+    );
+
+    let waiter = mezod()
+        .args(["wait", &after.to_string(), &long.to_string(), "--socket"])
+        .arg(d.socket())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(mezod_at(&d, &["cancel", &long.to_string()])
+        .status
+        .success());
+    let j = d.wait_done(after);
+    assert_eq!(j["state"], "failed", "{j:#}");
+    assert_eq!(
+        j["reason"],
+        format!("job {long} it depends on was cancelled")
+    );
+    assert_eq!(j["attempts"], 0, "it never started: {j:#}");
+    let out = waiter.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let said = stdout(&out);
+    assert!(
+        said.contains(&format!("job {long} (long): cancelled")),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!(
+            "job {after} (after-long): failed: job {long} it depends on was cancelled"
+        )),
+        "{said}"
+    );
+    // Both restarted (the dependency first): it waits for it again.
+    for id in [long, after] {
+        let out = mezod_at(&d, &["restart", &id.to_string()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    d.wait_until("the job to wait again", |d| {
+        d.job(after)["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with(&format!("waiting for job {long} (")))
+    });
+    assert!(mezod_at(&d, &["cancel", &long.to_string()])
+        .status
+        .success());
+    assert_eq!(d.wait_done(after)["state"], "failed");
+}
+
+/// Issue 25 item 6: a job's `notify: {command: [...]}` runs once when the
+/// job ends, done or not, with its id, name, state and run folder in its
+/// environment; how it ended is at the end of the job's log.
+#[test]
+fn a_notify_command_runs_once_when_the_job_ends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let d = Daemon::start(dir, CONFIG);
+    let told = dir.join("told");
+    let with_notify = |name: &str, steps: u64| {
+        let job = job_file(dir, name, steps, 1);
+        let text = std::fs::read_to_string(&job).unwrap();
+        let script = format!(
+            "echo \"$MEZOD_JOB_ID|$MEZOD_JOB_NAME|$MEZOD_JOB_STATE|$MEZOD_JOB_RESULT\" >> {}; \
+             echo said it",
+            told.display()
+        );
+        std::fs::write(
+            &job,
+            format!(
+                "notify: {{command: [/bin/sh, -c, {}]}}\n{text}",
+                serde_json::to_string(&script).unwrap()
+            ),
+        )
+        .unwrap();
+        d.submit(&job)
+    };
+    let done = with_notify("quick", 5);
+    let long = d.submit(&job_file(dir, "long", 100_000, 2));
+    let cancelled = with_notify("never", 5);
+    assert_eq!(d.wait_done(done)["state"], "done");
+    assert!(mezod_at(&d, &["cancel", &cancelled.to_string()])
+        .status
+        .success());
+    assert!(mezod_at(&d, &["cancel", &long.to_string()])
+        .status
+        .success());
+    d.wait_until("both notify commands", |_| {
+        std::fs::read_to_string(&told).is_ok_and(|t| t.lines().count() >= 2)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let lines: Vec<String> = std::fs::read_to_string(&told)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        lines,
+        vec![
+            format!(
+                "{done}|quick|done|{}",
+                d.job_dir(done).join("run").display()
+            ),
+            format!(
+                "{cancelled}|never|cancelled|{}",
+                d.job_dir(cancelled).join("run").display()
+            ),
+        ],
+        "once per job, when it ends"
+    );
+    d.wait_until("the notify lines in the log", |d| {
+        std::fs::read_to_string(d.job_dir(done).join("worker.log"))
+            .is_ok_and(|l| l.contains("--- notify: /bin/sh exited with status 0"))
+    });
+    let log = std::fs::read_to_string(d.job_dir(done).join("worker.log")).unwrap();
+    assert!(log.ends_with("its output: ---\nsaid it\n"), "{log}");
 }

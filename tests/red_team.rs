@@ -1532,6 +1532,123 @@ fn one_users_idle_connections_do_not_hold_up_anothers_status() {
     assert!(!refused.status.success(), "{}", text(&refused));
 }
 
+// ---- a fair queue (issue 25 items 2, 3 and 4) ----
+
+/// The order in which `ids` were first seen running (or ended), polling status.
+fn start_order(d: &Daemon, ids: &[u64]) -> Vec<u64> {
+    let mut order = Vec::new();
+    d.wait_until("every job to start", |d| {
+        for j in d.jobs() {
+            let id = j["id"].as_u64().unwrap();
+            if ids.contains(&id) && j["state"] != "queued" && !order.contains(&id) {
+                order.push(id);
+            }
+        }
+        order.len() == ids.len()
+    });
+    order
+}
+
+/// Fair share, as two users of one server see it through the CLI: one
+/// user's backlog does not hold the other's one job behind all of it, a
+/// waiting job says where its owner stands, and a user cannot raise a
+/// priority (root can; an owner may lower its own).
+#[test]
+fn one_users_backlog_does_not_hold_anothers_job_behind_it() {
+    let (tmp, _) = arena();
+    let d = Daemon::start(tmp.path(), CONFIG);
+    let flood: Vec<u64> = (0..4)
+        .map(|i| drop_nobody_job(&d, tmp.path(), &format!("flood{i}"), 40, None))
+        .collect();
+    d.wait_until("the first flood job to run", |d| {
+        d.job(flood[0])["state"] == "running"
+    });
+    let victim = drop_victim(&d, tmp.path());
+    d.wait_until("the others to say why they wait", |d| {
+        d.job(flood[1])["reason"]
+            .as_str()
+            .unwrap()
+            .contains("fair share: nobody used")
+    });
+    // Priorities: the owner may lower, not raise; root may raise.
+    let raise = mezod_as(NOBODY, &d, &["priority", &flood[2].to_string(), "5"]);
+    assert!(
+        !raise.status.success(),
+        "a user raised a priority: {}",
+        text(&raise)
+    );
+    assert!(text(&raise).contains("only root"), "{}", text(&raise));
+    let lower = mezod_as(NOBODY, &d, &["priority", &flood[3].to_string(), "-1"]);
+    assert!(lower.status.success(), "{}", text(&lower));
+    assert_eq!(d.job(flood[3])["priority"], -1);
+    let nosy = mezod_as(NOSY, &d, &["priority", &flood[2].to_string(), "-5"]);
+    assert!(
+        !nosy.status.success(),
+        "another user changed a priority: {}",
+        text(&nosy)
+    );
+    let root = mezod_as(0, &d, &["priority", &flood[2].to_string(), "3"]);
+    assert!(root.status.success(), "{}", text(&root));
+    let order = start_order(&d, &[flood[0], victim, flood[1], flood[2], flood[3]]);
+    // flood[2] (raised by root) first; then the victim, whose owner used
+    // nothing, ahead of flood[1], which was there before it (first come,
+    // first served would run flood[1] first); flood[3], lowered, last.
+    eprintln!("start order: {order:?} (flood {flood:?}, victim {victim})");
+    assert_eq!(
+        order,
+        vec![flood[0], flood[2], victim, flood[1], flood[3]],
+        "start order"
+    );
+    let status = mezod_as(NOSY, &d, &["status", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(report["users"][0]["uid"], NOBODY, "{report:#}");
+    assert!(
+        report["users"][0]["share"].as_f64().unwrap() > 0.5,
+        "{report:#}"
+    );
+    let human = mezod_as(NOSY, &d, &["status"]);
+    assert!(
+        text(&human).contains("fair share (usage halves every 1 day): nobody"),
+        "{}",
+        text(&human)
+    );
+    for id in [victim, flood[1], flood[3]] {
+        d.wait_done(id);
+    }
+}
+
+/// Without fair share's help a second user waits for the first user's
+/// running limit: `running_per_user` keeps one user from holding every slot.
+#[test]
+fn a_user_at_the_running_limit_leaves_the_slot_to_another() {
+    let (tmp, _) = arena();
+    let d = Daemon::start(
+        tmp.path(),
+        &CONFIG
+            .replace("cpu_slots: 1", "cpu_slots: 2")
+            .to_string()
+            .replace(
+                "memory_margin_mib: 64",
+                "memory_margin_mib: 64\nrunning_per_user: 1",
+            ),
+    );
+    let a = drop_nobody_job(&d, tmp.path(), "first", 100_000, None);
+    let b = drop_nobody_job(&d, tmp.path(), "second", 100_000, None);
+    d.wait_until("the first to run", |d| d.job(a)["state"] == "running");
+    d.wait_until("the second to say why it waits", |d| {
+        d.job(b)["reason"]
+            .as_str()
+            .unwrap()
+            .contains("running_per_user: 1")
+    });
+    let victim = drop_victim(&d, tmp.path());
+    assert_eq!(d.wait_done(victim)["state"], "done");
+    assert_eq!(d.job(b)["state"], "queued", "{:#}", d.job(b));
+    for id in [a, b] {
+        mezod_as(0, &d, &["cancel", &id.to_string()]);
+    }
+}
+
 // ---- the client cannot be fooled (issue 24 cases 9 and 10; issue 25 item 1) ----
 
 /// What a hostile name carries to a terminal: retitle it, then clear it.
@@ -1846,4 +1963,146 @@ fn a_normal_user_submits_and_gets_the_id() {
             == 2,
         "{table}"
     );
+}
+
+// ---- dependencies (issue 25 item 6) ----
+
+/// Issue 25 item 6: user 65534 names user 65533's job in `after:`, by id
+/// and by name, in a file dropped into the spool and with `mezod submit
+/// --after`: each is refused with the reason, and nothing of 65534's is
+/// queued.  Root may make a job wait for anyone's.
+#[test]
+fn a_user_cannot_make_a_job_wait_for_anothers() {
+    let (tmp, _) = arena();
+    let d = Daemon::start(tmp.path(), CONFIG);
+    let victim = drop_victim(&d, tmp.path());
+    let home = tmp.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let job = job_file(&home, "sneaky", 3, 1);
+    let model = model_copy(&home, "model", 0o644);
+    let body = std::fs::read_to_string(&job).unwrap().replace(
+        &fixture("llama").display().to_string(),
+        &model.display().to_string(),
+    );
+    std::fs::write(&job, &body).unwrap();
+    for p in ["", "sneaky.yaml"] {
+        std::os::unix::fs::chown(home.join(p), Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    let dropped = tmp.path().join("dropped.yaml");
+    for (name, after) in [("by-id", victim.to_string()), ("by-name", "victim".into())] {
+        std::fs::write(&dropped, format!("after: [{after}]\n{body}")).unwrap();
+        drop_as_nobody(&d, &dropped, &format!("{name}.yaml"));
+    }
+    let error = |name: &str| d.spool().join(format!("rejected/{name}.yaml.error"));
+    d.wait_until("both files to be refused", |_| {
+        error("by-id").is_file() && error("by-name").is_file()
+    });
+    let why = std::fs::read_to_string(error("by-id")).unwrap();
+    assert!(
+        why.contains(&format!("after: job {victim} belongs to another user")),
+        "{why}"
+    );
+    let why = std::fs::read_to_string(error("by-name")).unwrap();
+    assert!(why.contains("you have no job named \"victim\""), "{why}");
+    let out = mezod()
+        .args([
+            "submit",
+            "sneaky.yaml",
+            "--after",
+            &victim.to_string(),
+            "--socket",
+        ])
+        .arg(d.socket())
+        .current_dir(&home)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("job {victim} belongs to another user")),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        d.jobs().iter().all(|j| j["owner_uid"] != NOBODY),
+        "{:#?}",
+        d.jobs()
+    );
+    // Root's job may wait for another user's.
+    let root_job = tmp.path().join("root-after.yaml");
+    std::fs::write(&root_job, format!("after: [{victim}]\n{body}")).unwrap();
+    std::fs::rename(&root_job, d.spool().join("new/root-after.yaml")).unwrap();
+    d.wait_until("root's job to be taken", |d| {
+        d.jobs().iter().any(|j| j["owner_uid"] == 0)
+    });
+    let root_id = d.jobs().iter().find(|j| j["owner_uid"] == 0).unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(d.wait_done(root_id)["state"], "done");
+    assert_eq!(d.wait_done(victim)["state"], "done");
+}
+
+/// Issue 25 item 6: a job's `notify:` command runs as the job's owner
+/// (its uid and groups), with the fixed environment and no descriptor of
+/// the daemon's, like its worker; a command that outlives its job's end is
+/// not waited for by the daemon, which answers meanwhile.
+#[test]
+fn a_notify_command_runs_as_its_owner_and_nothing_more() {
+    let (tmp, _) = arena();
+    // A descriptor the daemon's parent leaves open (not close-on-exec).
+    let leaked = tmp.path().join("secret/leaked-descriptor");
+    let file = std::fs::File::create(&leaked).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+    let d = Daemon::start_with_env(
+        tmp.path(),
+        CONFIG,
+        &[("SEC_ROOT_TOKEN", SECRET.to_string())],
+    );
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    let out_dir = tmp.path().join("nobody-out");
+    std::fs::create_dir(&out_dir).unwrap();
+    std::os::unix::fs::chown(&out_dir, Some(NOBODY), Some(NOBODY)).unwrap();
+    let told = out_dir.join("told");
+    let job = job_file(tmp.path(), "notified", 3, 1);
+    let model = model_copy(tmp.path(), "notified-model", 0o644);
+    let body = std::fs::read_to_string(&job).unwrap().replace(
+        &fixture("llama").display().to_string(),
+        &model.display().to_string(),
+    );
+    let script = format!(
+        "{{ id -u; id -G; env; ls -l /proc/self/fd/; }} > {0}.part; mv {0}.part {0}; sleep 20",
+        told.display()
+    );
+    std::fs::write(
+        &job,
+        format!(
+            "notify: {{command: [/bin/sh, -c, {}]}}\n{body}",
+            serde_json::to_string(&script).unwrap()
+        ),
+    )
+    .unwrap();
+    drop_as_nobody(&d, &job, "notified.yaml");
+    d.wait_until("the job to be taken", |d| d.jobs().len() == 1);
+    let id = d.jobs()[0]["id"].as_u64().unwrap();
+    assert_eq!(d.wait_done(id)["state"], "done");
+    d.wait_until("the notify command", |_| told.is_file());
+    // It sleeps on; the daemon answers.
+    let t = std::time::Instant::now();
+    assert!(mezod_as(NOBODY, &d, &["status"]).status.success());
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    let said = std::fs::read_to_string(&told).unwrap();
+    let mut lines = said.lines();
+    assert_eq!(lines.next(), Some("65534"), "{said}");
+    assert_eq!(lines.next(), Some("65534"), "its own group alone: {said}");
+    assert!(said.contains(&format!("MEZOD_JOB_ID={id}")), "{said}");
+    assert!(said.contains("MEZOD_JOB_STATE=done"), "{said}");
+    assert!(said.contains("HOME=/nonexistent"), "nobody's home: {said}");
+    assert!(!said.contains(SECRET), "{said}");
+    assert!(
+        !said.contains("leaked-descriptor") && !said.contains("worker.log"),
+        "a descriptor of the daemon's: {said}"
+    );
+    drop(file);
 }

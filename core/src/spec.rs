@@ -64,6 +64,15 @@ pub struct JobSpec {
     /// submission order.  Ignored by `mezod run`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub priority: i32,
+    /// Daemon only: jobs this one waits for, by id or by name (the owner's
+    /// newest job of that name), all of the same owner's (root may name
+    /// anyone's).  It starts once they are all `done`, and fails at once if
+    /// one fails or is cancelled.  Ignored by `mezod run`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<JobRef>,
+    /// Daemon only: a command run once when the job ends.  Ignored by `mezod run`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<NotifySpec>,
     /// What the job runs and reports side by side in result.json: `zero_shot`
     /// (always measured), `icl` (in-context demonstrations from the training
     /// split), `linear_probe` (logistic regression on the model's features),
@@ -97,6 +106,72 @@ pub enum Mode {
     Icl,
     LinearProbe,
     Mezo,
+}
+
+/// The most jobs one job may wait for (`after:`).
+pub const MAX_AFTER: usize = 64;
+/// The most words of a `notify.command`, and the longest word.
+pub const MAX_NOTIFY_ARGS: usize = 64;
+pub const MAX_NOTIFY_ARG_BYTES: usize = 4096;
+
+/// A job named in `after:`: its id, or its name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(untagged)]
+pub enum JobRef {
+    Id(u64),
+    Name(String),
+}
+
+impl JobRef {
+    /// `7` is an id, anything else a name (what `mezod submit --after` takes).
+    pub fn from_arg(arg: &str) -> Self {
+        match arg.parse() {
+            Ok(id) => JobRef::Id(id),
+            Err(_) => JobRef::Name(arg.to_string()),
+        }
+    }
+}
+
+impl std::fmt::Display for JobRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobRef::Id(id) => write!(f, "job {id}"),
+            JobRef::Name(n) => write!(f, "job {n:?}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for JobRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = JobRef;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a job id (a positive integer) or a job name")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<JobRef, E> {
+                Ok(JobRef::Id(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<JobRef, E> {
+                u64::try_from(v)
+                    .map(JobRef::Id)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<JobRef, E> {
+                Ok(JobRef::Name(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `notify:`: what the daemon runs once when the job ends.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NotifySpec {
+    /// The program and its arguments, as a list (no shell): an absolute
+    /// path, or a name looked up in `/usr/local/bin:/usr/bin:/bin`.
+    pub command: Vec<String>,
 }
 
 fn default_modes() -> Vec<Mode> {
@@ -612,6 +687,43 @@ impl JobSpec {
                 );
             }
         }
+        if self.after.len() > MAX_AFTER {
+            bail!(
+                "after: lists {} jobs; a job may wait for at most {MAX_AFTER}",
+                self.after.len()
+            );
+        }
+        for r in &self.after {
+            match r {
+                JobRef::Id(0) => bail!("after: job ids start at 1"),
+                JobRef::Name(n) if n.trim().is_empty() || as_job_name(n) != *n => bail!(
+                    "after: {n:?} is not a job name (plain text of 1 to {MAX_NAME_CHARS} \
+                     characters, without control characters)"
+                ),
+                _ => {}
+            }
+        }
+        if let Some(n) = &self.notify {
+            let Some(program) = n.command.first() else {
+                bail!("notify.command must name a program, e.g. [/usr/bin/logger, done]");
+            };
+            if n.command.len() > MAX_NOTIFY_ARGS
+                || n.command
+                    .iter()
+                    .any(|a| a.len() > MAX_NOTIFY_ARG_BYTES || a.contains('\0'))
+            {
+                bail!(
+                    "notify.command may have at most {MAX_NOTIFY_ARGS} words of at most \
+                     {MAX_NOTIFY_ARG_BYTES} bytes each, without NUL"
+                );
+            }
+            if program.is_empty() || (program.contains('/') && !program.starts_with('/')) {
+                bail!(
+                    "notify.command's program must be an absolute path or a plain name found in \
+                     /usr/local/bin:/usr/bin:/bin, not {program:?}"
+                );
+            }
+        }
         self.model.validate()?;
         if self.mode.is_empty() {
             bail!("mode must list at least one of zero_shot, icl, linear_probe, mezo");
@@ -785,12 +897,15 @@ impl JobSpec {
     }
 
     /// Whether `other` computes what this job computes: the same in every
-    /// field but its `name` and `priority`, which only label and order it (a
-    /// run renamed in its job file resumes).
+    /// field but its `name`, `priority`, `after` and `notify`, which only
+    /// label it, order it and say what happens around it (a run renamed in
+    /// its job file resumes).
     pub fn computes_the_same_as(&self, other: &JobSpec) -> bool {
         let unlabelled = |s: &JobSpec| JobSpec {
             name: None,
             priority: 0,
+            after: vec![],
+            notify: None,
             ..s.clone()
         };
         unlabelled(self) == unlabelled(other)
@@ -934,6 +1049,61 @@ mod tests {
         );
     }
 
+    /// `after:` holds ids and names (a quoted number is a name); `notify:` a
+    /// program and its arguments.  Both survive a round trip through the
+    /// frozen spec, and what cannot be meant is refused with the reason.
+    #[test]
+    fn after_and_notify_parse_strictly() {
+        let parse = |head: &str| {
+            JobSpec::parse(&format!("{head}\n{MINIMAL}"), Path::new("/j"))
+                .map_err(|e| format!("{e:#}"))
+        };
+        let s = parse("after: [7, prep, \"12\"]\nnotify: {command: [/usr/bin/logger, -t, mezod]}")
+            .unwrap();
+        assert_eq!(
+            s.after,
+            vec![
+                JobRef::Id(7),
+                JobRef::Name("prep".into()),
+                JobRef::Name("12".into())
+            ]
+        );
+        assert_eq!(s.notify.as_ref().unwrap().command[0], "/usr/bin/logger");
+        assert_eq!(JobSpec::parse(&s.to_yaml(), Path::new("/j")).unwrap(), s);
+        assert!(parse("").unwrap().after.is_empty() && parse("").unwrap().notify.is_none());
+        assert!(!parse("").unwrap().to_yaml().contains("after"));
+        for (head, says) in [
+            ("after: [0]", "ids start at 1"),
+            ("after: [-3]", "a job id (a positive integer) or a job name"),
+            (
+                "after: [1.5]",
+                "a job id (a positive integer) or a job name",
+            ),
+            (
+                "after: [[1]]",
+                "a job id (a positive integer) or a job name",
+            ),
+            ("after: 7", "a sequence"),
+            ("after: [\"\"]", "is not a job name"),
+            ("after: [\"a\\u001b[2J\"]", "is not a job name"),
+            ("notify: {command: []}", "must name a program"),
+            (
+                "notify: {command: [bin/x]}",
+                "absolute path or a plain name",
+            ),
+            ("notify: {command: logger}", "a sequence"),
+            ("notify: {cmd: [logger]}", "unknown field"),
+        ] {
+            let e = parse(head).unwrap_err();
+            assert!(e.contains(says), "{head}: {e}");
+        }
+        let many: Vec<String> = (1..=MAX_AFTER as u64 + 1).map(|i| i.to_string()).collect();
+        let e = parse(&format!("after: [{}]", many.join(", "))).unwrap_err();
+        assert!(e.contains("at most 64"), "{e}");
+        assert_eq!(JobRef::from_arg("7"), JobRef::Id(7));
+        assert_eq!(JobRef::from_arg("prep"), JobRef::Name("prep".into()));
+    }
+
     #[test]
     fn minimal_spec_parses_with_defaults_and_absolute_paths() {
         let s = JobSpec::parse(MINIMAL, Path::new("/jobs")).unwrap();
@@ -959,7 +1129,10 @@ mod tests {
     fn a_name_or_priority_does_not_change_what_a_job_computes() {
         let base = JobSpec::parse(MINIMAL, Path::new("/jobs")).unwrap();
         let labelled = JobSpec::parse(
-            &format!("name: mine\npriority: 5\n{MINIMAL}"),
+            &format!(
+                "name: mine\npriority: 5\nafter: [3, prep]\nnotify: {{command: [logger, hi]}}\n\
+                 {MINIMAL}"
+            ),
             Path::new("/jobs"),
         )
         .unwrap();

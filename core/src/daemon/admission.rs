@@ -13,7 +13,9 @@
 //! job that has settled counts only through the free memory it took.
 //!
 //! **Order and backfill.** Jobs are considered by priority (higher first),
-//! then submission order.  The first job of a kind (GPU or CPU) that does not
+//! then fair share (the owner's recent usage, less first; see
+//! [`fair_share`](super::fair_share)), owners' jobs in turn, then
+//! submission order; a user at `running_per_user` waits without holding room.  The first job of a kind (GPU or CPU) that does not
 //! fit becomes the *head*: it is given a target pool, the one that would have
 //! the most room if all of our jobs there finished.  A later, smaller job may
 //! still start (backfill), but in the head's target pool only if the head would
@@ -100,11 +102,15 @@ pub struct Candidate {
     pub priority: i32,
     pub estimate: u64,
     pub wants_gpu: bool,
+    pub owner: u32,
+    /// Its owner's recent usage (fair share: at equal priority, less goes first).
+    pub usage: f64,
 }
 
 /// A job of ours that holds (or is about to hold) memory in a pool.
 #[derive(Debug, Clone)]
 pub struct Placed {
+    pub owner: u32,
     pub pool: Pool,
     pub estimate: u64,
     /// What its process holds now.
@@ -123,6 +129,8 @@ pub struct Resources {
     pub cpu_slots: usize,
     pub jobs_per_gpu: usize,
     pub margin: u64,
+    /// Jobs one user (not root) may have running at once.
+    pub running_per_user: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -197,12 +205,30 @@ struct Head {
 
 /// Decide for every queued job: start it (where), let it wait (why), or fail it.
 pub fn plan(queue: &[Candidate], placed: &[Placed], res: &Resources) -> Vec<Decision> {
-    let mut order: Vec<&Candidate> = queue.iter().collect();
-    order.sort_by_key(|c| (std::cmp::Reverse(c.priority), c.id));
+    let order = in_order(queue);
     let mut pools = pools(res, placed);
     let mut heads: [Option<Head>; 2] = [None, None]; // [cpu, gpu]
+    let mut running: HashMap<u32, usize> = HashMap::new();
+    for p in placed {
+        *running.entry(p.owner).or_default() += 1;
+    }
     let mut out = Vec::new();
     for c in order {
+        let theirs = running.get(&c.owner).copied().unwrap_or(0);
+        if let Some(max) = res
+            .running_per_user
+            .filter(|&m| c.owner != 0 && theirs >= m)
+        {
+            // Not a head either: a user at their limit holds no room for later.
+            out.push(Decision::Wait {
+                id: c.id,
+                reason: format!(
+                    "its owner has {theirs} jobs running, the most one user may \
+                     (running_per_user: {max})"
+                ),
+            });
+            continue;
+        }
         let kind: Vec<usize> = (0..pools.len())
             .filter(|&i| matches!(pools[i].pool, Pool::Gpu(_)) == c.wants_gpu)
             .collect();
@@ -253,6 +279,7 @@ pub fn plan(queue: &[Candidate], placed: &[Placed], res: &Resources) -> Vec<Deci
             if let Some(h) = head.as_mut().filter(|h| h.pool == i) {
                 h.protected_room -= need;
             }
+            *running.entry(c.owner).or_default() += 1;
             out.push(Decision::Admit {
                 id: c.id,
                 pool: pools[i].pool.clone(),
@@ -287,6 +314,32 @@ pub fn plan(queue: &[Candidate], placed: &[Placed], res: &Resources) -> Vec<Deci
         out.push(Decision::Wait { id: c.id, reason });
     }
     out
+}
+
+/// The order jobs are considered in: priority (higher first); then fair
+/// share, the owner's recent usage (less first); then each owner's jobs
+/// taken in turn (an owner's first waiting job, then every other owner's
+/// first, …), so equal users interleave; then submission order.
+pub fn in_order(queue: &[Candidate]) -> Vec<&Candidate> {
+    let mut by_id: Vec<&Candidate> = queue.iter().collect();
+    by_id.sort_by_key(|c| c.id);
+    let mut turn: HashMap<(u32, i32), usize> = HashMap::new();
+    let mut keyed: Vec<(usize, &Candidate)> = by_id
+        .into_iter()
+        .map(|c| {
+            let k = turn.entry((c.owner, c.priority)).or_default();
+            *k += 1;
+            (*k, c)
+        })
+        .collect();
+    keyed.sort_by(|(ka, a), (kb, b)| {
+        b.priority
+            .cmp(&a.priority)
+            .then(a.usage.total_cmp(&b.usage))
+            .then(ka.cmp(kb))
+            .then(a.id.cmp(&b.id))
+    });
+    keyed.into_iter().map(|(_, c)| c).collect()
 }
 
 fn why_not(p: &PoolState, need: i128) -> String {
@@ -328,6 +381,7 @@ mod tests {
             cpu_slots: 1,
             jobs_per_gpu: 4,
             margin: GIB,
+            running_per_user: None,
         }
     }
 
@@ -337,6 +391,8 @@ mod tests {
             priority: 0,
             estimate: gib_ * GIB,
             wants_gpu: true,
+            owner: 1000,
+            usage: 0.0,
         }
     }
 
@@ -398,6 +454,7 @@ mod tests {
         // Job A was admitted with 30 GB but has allocated only 5 so far:
         // NVML free still shows 75, yet only 75 − 25 − 1 = 49 may be handed out.
         let placed = [Placed {
+            owner: 1000,
             pool: Pool::Gpu("GPU-0".into()),
             estimate: 30 * GIB,
             usage: 5 * GIB,
@@ -412,6 +469,7 @@ mod tests {
     fn a_big_job_is_not_starved_by_small_ones() {
         // One GPU, a small job of ours running with 30 GB; a big job needs 60.
         let placed = [Placed {
+            owner: 1000,
             pool: Pool::Gpu("GPU-0".into()),
             estimate: 30 * GIB,
             usage: 30 * GIB,
@@ -492,5 +550,64 @@ mod tests {
         let (avail, total) = sys.cpu_memory();
         assert!(avail > 0 && total >= avail);
         assert!(sys.process_memory(std::process::id(), &Pool::Cpu) > 0);
+    }
+
+    fn of(owner: u32, id: u64, usage: f64) -> Candidate {
+        Candidate {
+            owner,
+            usage,
+            wants_gpu: false,
+            ..job(id, 1)
+        }
+    }
+
+    /// Fair share: at equal priority the user who used less goes first, and
+    /// users of equal usage take turns; priority still comes first.
+    #[test]
+    fn fair_share_orders_users_by_recent_usage_then_in_turn() {
+        let ids = |q: &[Candidate]| in_order(q).iter().map(|c| c.id).collect::<Vec<_>>();
+        // A (used 2 h) queued 1, 2, 3; B (used nothing) queued 4: B first.
+        let q = [
+            of(1, 1, 7200.0),
+            of(1, 2, 7200.0),
+            of(1, 3, 7200.0),
+            of(2, 4, 0.0),
+        ];
+        assert_eq!(ids(&q), vec![4, 1, 2, 3]);
+        // Equal usage: turns, not A's whole backlog first.
+        let q = [
+            of(1, 1, 0.0),
+            of(1, 2, 0.0),
+            of(1, 3, 0.0),
+            of(2, 4, 0.0),
+            of(2, 5, 0.0),
+        ];
+        assert_eq!(ids(&q), vec![1, 4, 2, 5, 3]);
+        // A raised priority goes first whatever its owner used.
+        let mut urgent = of(1, 6, 1e9);
+        urgent.priority = 5;
+        assert_eq!(ids(&[of(2, 4, 0.0), urgent])[0], 6);
+    }
+
+    #[test]
+    fn a_user_at_the_running_limit_waits_without_holding_room() {
+        let mut r = res(vec![]);
+        r.cpu_slots = 3;
+        r.running_per_user = Some(1);
+        let placed = [Placed {
+            owner: 1,
+            pool: Pool::Cpu,
+            estimate: GIB,
+            usage: GIB,
+        }];
+        let d = plan(
+            &[of(1, 1, 0.0), of(2, 2, 0.0), of(2, 3, 0.0), of(0, 4, 0.0)],
+            &placed,
+            &r,
+        );
+        let admitted: Vec<u64> = admitted(&d).iter().map(|(id, _)| *id).collect();
+        assert_eq!(admitted, vec![2, 4], "{d:?}");
+        assert!(d.iter().any(|x| matches!(x, Decision::Wait { id: 1, reason } if reason.contains("running_per_user: 1"))), "{d:?}");
+        assert!(d.iter().any(|x| matches!(x, Decision::Wait { id: 3, reason } if reason.contains("running_per_user"))), "{d:?}");
     }
 }

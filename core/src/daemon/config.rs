@@ -19,6 +19,8 @@
 //! user_priority_max: 0             # the highest priority a user may ask for
 //! admin_group: null                # members may ask for more (root always may)
 //! pids_per_job: 4096               # processes and threads of one job (cgroup pids.max)
+//! running_per_user: null           # a user's jobs running at once (root: no limit)
+//! fair_share_half_life_h: 24       # usage decays by half in this time
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -60,6 +62,11 @@ pub struct DaemonConfig {
     /// where the pids controller is there): a job cannot use up the
     /// service's tasks so that no check or worker can start.
     pub pids_per_job: u64,
+    /// Jobs one user may have running at once (none: no limit; root is
+    /// never limited).
+    pub running_per_user: Option<usize>,
+    /// Fair share: a user's usage halves in this many hours.
+    pub fair_share_half_life_h: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -127,6 +134,8 @@ impl Default for DaemonConfig {
             user_priority_max: 0,
             admin_group: None,
             pids_per_job: 4096,
+            running_per_user: None,
+            fair_share_half_life_h: 24.0,
         }
     }
 }
@@ -155,6 +164,11 @@ impl Dirs {
 }
 
 impl DaemonConfig {
+    /// The fair-share half-life in seconds.
+    pub fn half_life_s(&self) -> f64 {
+        self.fair_share_half_life_h * 3600.0
+    }
+
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading daemon config {}", path.display()))?;
@@ -173,6 +187,15 @@ impl DaemonConfig {
         }
         if !(self.retry_backoff_s >= 0.0) {
             bail!("retry_backoff_s must not be negative");
+        }
+        if !(self.fair_share_half_life_h.is_finite() && self.fair_share_half_life_h > 0.0) {
+            bail!("fair_share_half_life_h must be a positive number of hours (Slurm's default is a week: 168)");
+        }
+        if self.running_per_user == Some(0) || self.jobs_per_user == 0 {
+            bail!("running_per_user and jobs_per_user must be at least 1 (leave running_per_user out for no limit)");
+        }
+        if self.pids_per_job < 16 {
+            bail!("pids_per_job must be at least 16 (a worker's threads count)");
         }
         Ok(())
     }

@@ -69,6 +69,12 @@ pub enum Request {
     Lookup {
         name: String,
     },
+    /// Set a job's priority: root and the admin group to any value, its
+    /// owner only lower than it is.
+    Priority {
+        id: u64,
+        priority: i32,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,6 +104,10 @@ pub enum Response {
         finished: bool,
     },
     Lookup(Lookup),
+    Prioritized {
+        id: u64,
+        priority: i32,
+    },
     Error(String),
 }
 
@@ -121,6 +131,21 @@ pub struct StatusReport {
     /// Ended jobs in the table but not in `jobs`.
     #[serde(default)]
     pub finished_not_shown: usize,
+    /// Fair share: each user's recent usage, largest first.
+    #[serde(default)]
+    pub users: Vec<UserUsage>,
+    /// The half-life usage decays with, in hours.
+    #[serde(default)]
+    pub half_life_h: f64,
+}
+
+/// One user's recent usage (decayed device-seconds) and its share of all.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserUsage {
+    pub uid: u32,
+    pub device_seconds: f64,
+    /// This user's part of every user's usage, 0 to 1.
+    pub share: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

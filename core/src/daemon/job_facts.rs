@@ -5,7 +5,8 @@
 //! the job's owner, who can ptrace them, signal them or take their pipes with
 //! `pidfd_getfd`, so whatever they say is the owner's word.  The facts that
 //! order the queue or bound the database (priority, steps, GPU or CPU, name,
-//! the shape of each step record) come from the daemon's own parse of the
+//! the jobs it waits for, the command run at its end, the shape of each step
+//! record) come from the daemon's own parse of the
 //! bytes it read from the spool.  The parse opens no file (`JobSpec::parse`
 //! with no base folder checks the text alone), the text is at most 1 MiB and
 //! its nesting is bounded before YAML sees it, so parsing as root costs
@@ -15,7 +16,7 @@
 
 use crate::mezo_options::{Estimator, RecordTrailer};
 use crate::seedlog::{StepRecord, RECORD_BYTES};
-use crate::spec::JobSpec;
+use crate::spec::{JobRef, JobSpec};
 
 /// The facts about a job the daemon trusts: its own parse of the job file.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,6 +28,11 @@ pub struct JobFacts {
     pub steps: u64,
     pub summary: String,
     pub records: RecordShape,
+    /// Jobs it waits for (`after:`), as the file names them: intake
+    /// resolves them to ids of the owner's jobs.
+    pub after: Vec<JobRef>,
+    /// The program and arguments run when it ends (`notify.command`).
+    pub notify: Option<Vec<String>>,
 }
 
 impl JobFacts {
@@ -45,6 +51,8 @@ impl JobFacts {
                 estimator: spec.mezo.estimator,
             },
             name: spec.name,
+            after: spec.after,
+            notify: spec.notify.map(|n| n.command),
         })
     }
 }
@@ -154,6 +162,22 @@ mod tests {
         let why = JobFacts::read(&JOB.replace("/d.jsonl", "d.jsonl")).unwrap_err();
         assert!(why.contains("relative"), "{why}");
         assert!(JobFacts::read("priority: [1]\n").is_err());
+    }
+
+    /// `after:` and `notify:` are read by the daemon itself, as written
+    /// (names are resolved at intake, against the owner's jobs).
+    #[test]
+    fn after_and_notify_are_the_daemons_own_reading() {
+        let f = JobFacts::read(&format!(
+            "after: [4, prep]\nnotify: {{command: [logger, \"$HOME\"]}}\n{JOB}"
+        ))
+        .unwrap();
+        assert_eq!(f.after, vec![JobRef::Id(4), JobRef::Name("prep".into())]);
+        assert_eq!(f.notify, Some(vec!["logger".to_string(), "$HOME".into()]));
+        let plain = JobFacts::read(JOB).unwrap();
+        assert!(plain.after.is_empty() && plain.notify.is_none());
+        let why = JobFacts::read(&format!("after: [0]\n{JOB}")).unwrap_err();
+        assert!(why.contains("ids start at 1"), "{why}");
     }
 
     #[test]

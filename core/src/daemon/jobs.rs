@@ -3,7 +3,7 @@
 //! A record's state and its moves are the [`lifecycle`](super::lifecycle)'s;
 //! ids come from the daemon (a counter in the database), never from file names.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -30,6 +30,14 @@ pub struct JobRecord {
     #[serde(flatten)]
     pub state: JobState,
     pub priority: i32,
+    /// Jobs it still waits for (`after:`, resolved to ids at intake; each
+    /// is dropped once seen `done`, so that a `mezod clean` of it later
+    /// does not leave this one waiting on a job it can no longer see).
+    /// Every id is lower than this job's own: a job can wait only for jobs
+    /// that existed when its file was taken, so dependencies never form a
+    /// cycle.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<u64>,
     pub wants_gpu: bool,
     pub steps_total: u64,
     /// Steps durably in the seed log.
@@ -99,6 +107,38 @@ struct Index {
     /// Records the database refused (a full disk): what the daemon knows,
     /// kept until a reopened database takes them ([`JobTable::unsaved`]).
     unsaved: BTreeMap<u64, JobRecord>,
+    /// Jobs that ended since the daemon last asked ([`JobTable::take_ended`]).
+    ended: Vec<u64>,
+    /// owner → name → ids of every job in the table: what an `after:` name
+    /// means, found without reading the table (a file naming a job that
+    /// does not exist must not cost a scan of every record).
+    by_name: HashMap<u32, HashMap<String, BTreeSet<u64>>>,
+}
+
+impl Index {
+    /// File `job` under its owner and name (neither ever changes).
+    fn name(&mut self, job: &JobRecord) {
+        let names = self.by_name.entry(job.owner_uid).or_default();
+        match names.get_mut(job.name.as_str()) {
+            Some(ids) => {
+                ids.insert(job.id);
+            }
+            None => {
+                names.insert(job.name.clone(), BTreeSet::from([job.id]));
+            }
+        }
+    }
+
+    fn unname(&mut self, job: &JobRecord) {
+        if let Some(names) = self.by_name.get_mut(&job.owner_uid) {
+            if let Some(ids) = names.get_mut(job.name.as_str()) {
+                ids.remove(&job.id);
+                if ids.is_empty() {
+                    names.remove(job.name.as_str());
+                }
+            }
+        }
+    }
 }
 
 impl JobTable {
@@ -113,6 +153,7 @@ impl JobTable {
         let mut index = Index::default();
         for job in table.all()? {
             index.count += 1;
+            index.name(&job);
             if !job.state.is_final() {
                 index.active.insert(job.id, job.clone());
             }
@@ -150,8 +191,11 @@ impl JobTable {
         // The index follows what the daemon decided even when the disk
         // refuses the write: status stays true and a reopened database gets
         // the record then.
+        index.name(job);
         if job.state.is_final() {
-            index.active.remove(&job.id);
+            if index.active.remove(&job.id).is_some() {
+                index.ended.push(job.id);
+            }
         } else {
             index.active.insert(job.id, job.clone());
         }
@@ -173,6 +217,12 @@ impl JobTable {
                 .insert(job.spool_key().as_bytes(), &job.id.to_be_bytes())?;
         }
         Ok(())
+    }
+
+    /// The jobs that ended (moved from active to done, failed or cancelled)
+    /// since the last call, in the order they ended: each end is told once.
+    pub fn take_ended(&self) -> Vec<u64> {
+        std::mem::take(&mut self.index.lock().expect("index lock").ended)
     }
 
     /// Records the database refused, for a reopened one.
@@ -259,6 +309,7 @@ impl JobTable {
         }
         index.active.remove(&job.id);
         index.unsaved.remove(&job.id);
+        index.unname(job);
         drop(index);
         self.names.remove(job.spool_key().as_bytes())?;
         Ok(())
@@ -276,6 +327,17 @@ impl JobTable {
             Some(id) => self.get(u64::from_be_bytes(id.as_ref().try_into()?)),
             None => Ok(None),
         }
+    }
+
+    /// The newest job of `owner` called `name` (what an `after:` name
+    /// means), from the in-memory index.
+    pub fn newest_named(&self, owner: u32, name: &str) -> Option<u64> {
+        let index = self.index.lock().expect("index lock");
+        index
+            .by_name
+            .get(&owner)
+            .and_then(|names| names.get(name))
+            .and_then(|ids| ids.last().copied())
     }
 
     /// Every job, in id order.
@@ -322,6 +384,7 @@ mod tests {
             owner_gid: 1000,
             state,
             priority: 0,
+            after: vec![],
             wants_gpu: false,
             steps_total: 10,
             steps_done: 0,
@@ -359,6 +422,8 @@ mod tests {
                 .put(&record(3, JobState::Failed { finished_at: 2 }))
                 .unwrap();
             assert_eq!(ids(table.active().unwrap()), vec![1, 5]);
+            assert_eq!(table.take_ended(), vec![3], "each end told once");
+            assert!(table.take_ended().is_empty());
             assert_eq!(ids(table.recent_finished(2).unwrap()), vec![6, 4]);
             assert_eq!(ids(table.recent_finished(10).unwrap()), vec![6, 4, 3, 2]);
             assert_eq!(table.find_name("job-4.yaml").unwrap().unwrap().id, 4);
@@ -381,6 +446,50 @@ mod tests {
         assert!(table.get(4).unwrap().is_none());
         assert!(table.find_name("job-4.yaml").unwrap().is_none());
         assert_eq!(table.next_id().unwrap(), 7, "ids are never reused");
+    }
+
+    /// An `after:` name is the owner's newest job of that name, ended or
+    /// not; another owner's job of that name is not it.
+    #[test]
+    fn a_name_finds_the_owners_newest_job_of_that_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let table = JobTable::open(&db).unwrap();
+        let named = |id: u64, owner: u32, name: &str, state: JobState| {
+            let mut r = record(id, state);
+            r.owner_uid = owner;
+            r.name = name.into();
+            table.put(&r).unwrap();
+        };
+        let done = || JobState::Done {
+            finished_at: 1,
+            result: None,
+        };
+        named(1, 1000, "prep", done());
+        named(2, 1000, "prep", done());
+        named(3, 1000, "train", JobState::Queued { not_before: None });
+        named(4, 2000, "prep", JobState::Queued { not_before: None });
+        named(5, 2000, "other", done());
+        assert_eq!(table.newest_named(1000, "prep"), Some(2));
+        assert_eq!(table.newest_named(2000, "prep"), Some(4));
+        assert_eq!(table.newest_named(1000, "train"), Some(3));
+        assert_eq!(table.newest_named(1000, "other"), None);
+        named(6, 1000, "prep", JobState::Queued { not_before: None });
+        assert_eq!(table.newest_named(1000, "prep"), Some(6));
+        // Forgotten: the name means the one before; kept across a reopen.
+        table.remove(&table.get(6).unwrap().unwrap()).unwrap();
+        assert_eq!(table.newest_named(1000, "prep"), Some(2));
+        table.remove(&table.get(3).unwrap().unwrap()).unwrap();
+        assert_eq!(table.newest_named(1000, "train"), None);
+        table.flush().unwrap();
+        let table = JobTable::open(&db).unwrap();
+        assert_eq!(table.newest_named(1000, "prep"), Some(2));
+        assert_eq!(table.newest_named(2000, "prep"), Some(4));
+        // An old record (no `after` field) still loads.
+        let mut old = serde_json::to_value(record(7, done())).unwrap();
+        old.as_object_mut().unwrap().remove("after");
+        let back: JobRecord = serde_json::from_value(old).unwrap();
+        assert!(back.after.is_empty());
     }
 
     /// Records of older versions: `name` was the spool name, and still finds the job.

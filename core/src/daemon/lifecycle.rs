@@ -13,7 +13,8 @@
 //!    └──────────── requeue ────────── preempted
 //!
 //!  cancel: queued | admitted | running | preempted ──▶ cancelled
-//!  fail:   queued (never fits) | admitted (cannot start) | running ──▶ failed
+//!  fail:   queued (never fits; a job it waits for failed or was cancelled)
+//!          | admitted (cannot start) | running ──▶ failed
 //!  requeue (daemon start): admitted | running | preempted ──▶ queued
 //!  restart (`mezod restart`): failed | cancelled ──▶ queued
 //! ```

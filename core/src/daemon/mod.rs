@@ -14,7 +14,9 @@
 //! * [`job_dir`]: a job's folder: what is the daemon's, what is its owner's;
 //! * [`lifecycle`]: a job's states and the only legal moves between them;
 //! * [`admission`]: which job starts where (pure, tested with a scripted probe);
+//! * [`fair_share`]: each user's recent usage, decayed with a half-life;
 //! * [`worker`]: the worker process and its step-record pipe;
+//! * [`callback`]: a job's `notify:` command, run as its owner when it ends;
 //! * [`cgroup`]: one cgroup v2 per job: its limits, its kill, its memory;
 //! * [`handoff`]: the environment and descriptors an owner's process starts with;
 //! * [`control`]: the Unix-socket protocol of `status`, `cancel`, `logs`, `submit`;
@@ -23,11 +25,13 @@
 //! * [`server`]: the main loop that ties them together.
 
 pub mod admission;
+pub mod callback;
 pub mod cgroup;
 pub mod checker;
 pub mod config;
 pub mod control;
 pub mod disk;
+pub mod fair_share;
 pub mod handoff;
 pub mod job_dir;
 pub mod job_facts;

@@ -39,6 +39,8 @@ use crate::identity::Identity;
 use crate::safe_fs::Dir;
 use crate::seedlog::SeedLog;
 
+mod deps;
+mod ended;
 mod intake;
 mod requests;
 mod workers;
@@ -110,6 +112,8 @@ struct Running {
     violation: Option<String>,
     /// Its own cgroup (none where the machine offers no cgroup v2).
     cgroup: Option<super::cgroup::JobCgroup>,
+    /// Its owner's uid (fair share and per-user limits).
+    owner: u32,
 }
 
 impl Running {
@@ -187,6 +191,8 @@ struct Daemon {
     recheck_at: Option<Instant>,
     /// Each job's own cgroup v2 (or why there is none).
     cgroups: super::cgroup::Cgroups,
+    /// Each user's recent usage (fair share).
+    ledger: super::fair_share::Ledger,
     /// Something admission cares about changed (a job queued, a worker
     /// ended, the config reloaded): plan now rather than at the next tick.
     /// (A cancelled queued job frees nothing; the next tick sees it.)
@@ -221,10 +227,18 @@ pub fn run_daemon(opts: DaemonOptions) -> Result<()> {
     let status = daemon.status_line();
     daemon.notifier.ready(&status);
     let result = daemon.main_loop(rx);
+    super::callback::stop_all();
     daemon.cgroups.release();
     let _ = std::fs::remove_file(daemon.dirs.socket());
     daemon.db.flush()?;
     result
+}
+
+/// Now, in Unix seconds with a fraction (usage is charged every turn).
+fn now_f64() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// The cgroup v2 subtree for this daemon's jobs, set up before any child
@@ -280,6 +294,7 @@ impl Daemon {
         let table = JobTable::open(&db)?;
         let claims = db.open_tree("claims")?;
         let rejections = db.open_tree("rejections")?;
+        let ledger = super::fair_share::Ledger::open(db.open_tree("usage")?, cfg.half_life_s())?;
         let mut disk = DiskGuard::new(&dirs.state, &dirs.spool, reserve);
         disk.check();
         let (tx, rx) = mpsc::channel();
@@ -317,6 +332,7 @@ impl Daemon {
             intake_backlog: false,
             recheck_at: None,
             cgroups: super::cgroup::Cgroups::none("not set up (a daemon under test)".into()),
+            ledger,
             schedule_due: true,
         };
         Ok((daemon, rx))
@@ -458,6 +474,9 @@ impl Daemon {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
+            // Jobs that ended (this turn, or by the last turn's admission
+            // pass): their `notify:` commands start.
+            self.notify_ended();
             // Once a tick, not on every step record (a worker's exit measures
             // at once: see `on_exit`).
             if last_disk_check.elapsed() >= TICK {
@@ -574,6 +593,7 @@ impl Daemon {
         self.table = JobTable::open(&db)?;
         self.claims = db.open_tree("claims")?;
         self.rejections = db.open_tree("rejections")?;
+        self.ledger.rebind(db.open_tree("usage")?)?;
         for (id, r) in self.running.iter_mut() {
             r.log = SeedLog::in_tree(db.open_tree(format!("seedlog/{id}"))?);
         }
@@ -631,6 +651,7 @@ impl Daemon {
                     tracing::warn!("SIGHUP: folder changes take effect on restart only");
                 }
                 self.cfg = new;
+                self.ledger.set_half_life(self.cfg.half_life_s());
                 tracing::info!("SIGHUP: reloaded {}", path.display());
             }
             Err(e) => tracing::error!("SIGHUP: keeping the old config: {e:#}"),

@@ -14,7 +14,7 @@ use mezod_core::daemon::jobs::JobState;
 use mezod_core::daemon::spool::drop_job;
 use mezod_core::estimate::human_bytes;
 use mezod_core::printable::{printable, printable_line};
-use mezod_core::spec::{as_job_name, JobSpec};
+use mezod_core::spec::{as_job_name, JobRef, JobSpec};
 
 fn socket_or_default(socket: Option<PathBuf>) -> PathBuf {
     socket.unwrap_or_else(default_socket)
@@ -29,13 +29,29 @@ fn expect_ok(r: Response) -> Result<Response> {
 }
 
 /// The job text as it goes into the spool: with relative paths pinned by a
-/// `workdir:` line (the spool is not where the data lives) and, unless it
-/// has one, a `name:` from the file's name (the spool's is a temporary one).
-fn spool_text(job: &Path) -> Result<String> {
-    let text =
+/// `workdir:` line (the spool is not where the data lives), unless it has
+/// one, a `name:` from the file's name (the spool's is a temporary one), and
+/// the jobs of `--after` added to its `after:`.
+fn spool_text(job: &Path, after: &[JobRef]) -> Result<String> {
+    let mut text =
         std::fs::read_to_string(job).with_context(|| format!("reading {}", job.display()))?;
     let spec = JobSpec::load(job)?;
     let mut lines = String::new();
+    if !after.is_empty() {
+        let mut all = spec.after.clone();
+        all.extend(after.iter().filter(|r| !spec.after.contains(r)).cloned());
+        let list = serde_json::to_string(&all)?;
+        if spec.after.is_empty() {
+            lines.push_str(&format!("after: {list}\n"));
+        } else {
+            // The file has its own `after:`: the merged list replaces it
+            // (the text is written anew, without its comments).
+            let mut doc: serde_yaml::Mapping = serde_yaml::from_str(&text)
+                .with_context(|| format!("reading {}", job.display()))?;
+            doc.insert("after".into(), serde_yaml::to_value(&all)?);
+            text = serde_yaml::to_string(&doc)?;
+        }
+    }
     if spec.workdir.is_none() {
         let dir = std::fs::canonicalize(job)?
             .parent()
@@ -60,11 +76,12 @@ fn spool_text(job: &Path) -> Result<String> {
 
 pub fn submit(
     job: &Path,
+    after: &[JobRef],
     spool: Option<PathBuf>,
     socket: Option<PathBuf>,
     wait: f64,
 ) -> Result<ExitCode> {
-    let text = spool_text(job)?;
+    let text = spool_text(job, after)?;
     // Everything the daemon's intake would refuse it for, found here, as
     // you, before anything is queued.
     mezod_core::daemon::checker::check_text(&text)
@@ -158,11 +175,31 @@ pub fn status(listing: Listing, json: bool, socket: Option<PathBuf>) -> Result<E
             p.running
         );
     }
+    let mut names = UserNames::default();
+    if !report.users.is_empty() {
+        // Fair share: who used the server lately (less goes first at equal priority).
+        let shares: Vec<String> = report
+            .users
+            .iter()
+            .map(|u| {
+                format!(
+                    "{} {} ({:.0} %)",
+                    names.of(u.uid),
+                    mezod_core::daemon::fair_share::describe(u.device_seconds),
+                    100.0 * u.share
+                )
+            })
+            .collect();
+        println!(
+            "fair share (usage halves every {}): {}",
+            mezod_core::daemon::fair_share::describe_half_life(report.half_life_h * 3600.0),
+            printable_line(&shares.join(", "))
+        );
+    }
     println!(
         "{:>4}  {:<8} {:<10} {:>11} {:>8} {:>8} {:>10} {:>10} {:>8}  {}",
         "ID", "OWNER", "STATE", "STEP", "STEPS/S", "LOSS", "ESTIMATE", "PEAK", "ETA", "NAME — WHY"
     );
-    let mut names = UserNames::default();
     for v in &report.jobs {
         let j = &v.job;
         println!(
@@ -269,6 +306,10 @@ fn describe(d: &JobDetail, now: u64) -> String {
     );
     for more in reason {
         row("", printable_line(more).into_owned());
+    }
+    if !j.after.is_empty() {
+        let ids: Vec<String> = j.after.iter().map(u64::to_string).collect();
+        row("waits for", format!("job(s) {} (after:)", ids.join(", ")));
     }
     let mut steps = format!("{}/{}", j.steps_done, j.steps_total);
     if let Some(l) = j.last_loss {
@@ -400,6 +441,17 @@ pub fn restart(id: u64, socket: Option<PathBuf>) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+pub fn priority(id: u64, priority: i32, socket: Option<PathBuf>) -> Result<ExitCode> {
+    match expect_ok(request(
+        &socket_or_default(socket),
+        &Request::Priority { id, priority },
+    )?)? {
+        Response::Prioritized { id, priority } => println!("job {id}: priority {priority}"),
+        other => bail!("unexpected answer {other:?}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn clean(ids: Vec<u64>, purge: bool, socket: Option<PathBuf>) -> Result<ExitCode> {
     match expect_ok(request(
         &socket_or_default(socket),
@@ -472,6 +524,138 @@ pub fn logs(
     }
 }
 
+/// Exit status of `mezod wait` when its `--timeout` passed (as timeout(1)'s).
+const TIMED_OUT: u8 = 124;
+/// Exit status of `mezod wait` for an id the daemon does not know, or a
+/// daemon it cannot ask (as clap's for a usage error).
+const CANNOT_WAIT: u8 = 2;
+
+/// `mezod wait ID…`: ask the daemon every half second until every job has
+/// ended, printing a line for each as it ends.  0 if all ended `done`, 1
+/// if one did not, [`CANNOT_WAIT`] for an unknown id, [`TIMED_OUT`] past
+/// `timeout` seconds.  A daemon that goes away for a while (a restart) is
+/// waited for too.
+pub fn wait(ids: &[u64], timeout: Option<f64>, socket: Option<PathBuf>) -> Result<ExitCode> {
+    let socket = socket_or_default(socket);
+    let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+    let mut left: Vec<u64> = Vec::new();
+    for &id in ids {
+        if !left.contains(&id) {
+            left.push(id);
+        }
+    }
+    let mut all_done = true;
+    let mut first = true;
+    let mut lost_daemon = false;
+    // What each job was doing when last asked (for the timeout's message).
+    let mut last_state: std::collections::HashMap<u64, String> = Default::default();
+    loop {
+        let mut answers = Vec::new();
+        for &id in &left {
+            match request(&socket, &Request::Show { id }) {
+                Ok(r) => answers.push((id, r)),
+                Err(e) if first => {
+                    eprintln!("error: {}", printable(&format!("{e:#}")));
+                    return Ok(ExitCode::from(CANNOT_WAIT));
+                }
+                Err(e) => {
+                    if !lost_daemon {
+                        eprintln!(
+                            "{}",
+                            printable(&format!("lost the daemon ({e:#}); still waiting"))
+                        );
+                        lost_daemon = true;
+                    }
+                    answers.clear();
+                    break;
+                }
+            }
+        }
+        if first {
+            // Every id must be a job before anything is waited for.
+            let unknown: Vec<String> = answers
+                .iter()
+                .filter_map(|(id, r)| match r {
+                    Response::Error(e) => Some(format!("job {id}: {e}")),
+                    _ => None,
+                })
+                .collect();
+            if !unknown.is_empty() {
+                for u in unknown {
+                    eprintln!("error: {}", printable(&u));
+                }
+                return Ok(ExitCode::from(CANNOT_WAIT));
+            }
+            first = false;
+        }
+        if !answers.is_empty() {
+            lost_daemon = false;
+        }
+        for (id, r) in answers {
+            let ended = match r {
+                Response::Job(d) => {
+                    let j = &d.view.job;
+                    if !j.state.is_final() {
+                        last_state.insert(id, j.state.to_string());
+                        continue;
+                    }
+                    let done = matches!(j.state, JobState::Done { .. });
+                    let how = if done {
+                        String::new()
+                    } else {
+                        format!(": {}", one_line(&j.reason, 200))
+                    };
+                    println!(
+                        "job {id} ({}): {}{}",
+                        printable_line(&j.name),
+                        j.state,
+                        printable_line(&how)
+                    );
+                    done
+                }
+                // Gone since the first answer: only an ended job is
+                // cleaned, and how it ended is not known.
+                Response::Error(e) => {
+                    println!(
+                        "job {id}: {}",
+                        printable_line(&format!("forgotten before its end was seen ({e})"))
+                    );
+                    false
+                }
+                other => bail!("unexpected answer {other:?}"),
+            };
+            all_done &= ended;
+            left.retain(|&l| l != id);
+        }
+        if left.is_empty() {
+            return Ok(if all_done {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            let still: Vec<String> = left
+                .iter()
+                .map(|id| match last_state.get(id) {
+                    Some(s) => format!("job {id} ({s})"),
+                    None => format!("job {id}"),
+                })
+                .collect();
+            eprintln!(
+                "timed out after {}s; still waiting for {}",
+                timeout.unwrap_or(0.0),
+                still.join(", ")
+            );
+            return Ok(ExitCode::from(TIMED_OUT));
+        }
+        let pause = Duration::from_millis(500);
+        std::thread::sleep(deadline.map_or(pause, |d| {
+            pause.min(d.saturating_duration_since(Instant::now()))
+        }));
+    }
+}
+
 fn format_duration(secs: f64) -> String {
     let s = secs.round() as u64;
     if s >= 3600 {
@@ -517,6 +701,34 @@ mod tests {
             when(1_796_070_228, 1_796_070_228 + 7200),
             "2026-11-30 20:23:48 UTC (2h00m ago)"
         );
+    }
+
+    /// `submit --after` adds to the job's `after:` (a list of its own
+    /// merged, without repeats); the text spooled parses to the same job.
+    #[test]
+    fn submit_after_adds_to_the_jobs_after_list() {
+        let tmp = tempfile::tempdir().unwrap();
+        let body = "model: {path: m}\ntask: {kind: causal_lm}\ndata: {train: d.jsonl}\n\
+                    mezo: {steps: 3, lr: 1.0e-3}\n";
+        let plain = tmp.path().join("plain.yaml");
+        std::fs::write(&plain, body).unwrap();
+        let own = tmp.path().join("own.yaml");
+        std::fs::write(&own, format!("# mine\nafter: [3, prep]\n{body}")).unwrap();
+        let spooled = |job: &Path, after: &[&str]| {
+            let after: Vec<JobRef> = after.iter().map(|a| JobRef::from_arg(a)).collect();
+            let text = spool_text(job, &after).unwrap();
+            JobSpec::parse_with_base(&text, None).unwrap()
+        };
+        let name = |n: &str| JobRef::Name(n.into());
+        assert!(spooled(&plain, &[]).after.is_empty());
+        let s = spooled(&plain, &["7", "prep"]);
+        assert_eq!(s.after, vec![JobRef::Id(7), name("prep")]);
+        assert_eq!(s.name.as_deref(), Some("plain"));
+        assert_eq!(spooled(&own, &[]).after, vec![JobRef::Id(3), name("prep")]);
+        let s = spooled(&own, &["prep", "9"]);
+        assert_eq!(s.after, vec![JobRef::Id(3), name("prep"), JobRef::Id(9)]);
+        assert_eq!((s.name.as_deref(), s.mezo.steps), (Some("own"), 3));
+        assert!(s.workdir.is_some());
     }
 
     #[test]

@@ -104,11 +104,18 @@ enum Command {
     /// data and the fields the task needs): a job that could not run is refused
     /// with the reason and nothing is queued. Relative paths are pinned with a
     /// `workdir:` line, the job is named after the file unless it has a `name:`,
-    /// and it is renamed atomically into the daemon's spool.
-    #[command(after_help = "Example: mezod submit examples/sst2.yaml")]
+    /// the jobs of --after are added to its `after:`, and it is renamed
+    /// atomically into the daemon's spool.
+    #[command(after_help = "Examples:\n  mezod submit examples/sst2.yaml\n  \
+                            mezod submit examples/sst2.yaml --after 7 --after prep")]
     Submit {
         /// The job file (YAML; see the README for every field).
         job: PathBuf,
+        /// Start it only once this job of yours is done (an id, or a job's
+        /// name: your newest job of that name); if that job fails or is
+        /// cancelled, this one fails. Repeat for several.
+        #[arg(long, value_name = "ID")]
+        after: Vec<String>,
         /// The daemon's spool folder [default: asked from the daemon].
         #[arg(long, value_name = "DIR")]
         spool: Option<PathBuf>,
@@ -170,6 +177,22 @@ enum Command {
         #[command(flatten)]
         socket: SocketArg,
     },
+    /// Set a waiting or running job's priority (higher runs first).
+    ///
+    /// Root and members of the daemon's `admin_group` may set any priority;
+    /// a job's owner may only lower its own. The queue is reordered at once;
+    /// a running job keeps running.
+    #[command(after_help = "Example: mezod priority 7 10")]
+    Priority {
+        /// The job's id.
+        id: u64,
+        /// The new priority (the config's user_priority_max, 0 by default, is
+        /// the most a user's job file may ask for).
+        #[arg(allow_hyphen_values = true)]
+        priority: i32,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
     /// Forget ended jobs (done, failed, cancelled): they leave `mezod status`.
     ///
     /// Without IDs, every ended job of yours (root: of everyone). Their folders
@@ -182,6 +205,24 @@ enum Command {
         /// Delete their folders too (outputs included).
         #[arg(long)]
         purge: bool,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Wait until jobs end; exit 0 if every one ended done.
+    ///
+    /// Prints a line per job as it ends (`job 7 (name): done`, or how it
+    /// failed). Exit status: 0 if all ended done, 1 if one failed or was
+    /// cancelled, 2 for an id the daemon does not know, 124 past --timeout.
+    /// Anyone may wait for any job (its state is no secret).
+    #[command(after_help = "Examples:\n  mezod wait 7 8\n  \
+                            mezod wait 7 --timeout 3600 && mezod submit eval.yaml")]
+    Wait {
+        /// The jobs' ids.
+        #[arg(required = true, value_name = "ID")]
+        ids: Vec<u64>,
+        /// Give up after this many seconds (exit status 124).
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<f64>,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -289,10 +330,22 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Submit {
             job,
+            after,
             spool,
             socket,
             wait,
-        } => client::submit(&job, spool, socket.path, wait),
+        } => {
+            let after: Vec<_> = after
+                .iter()
+                .map(|a| mezod_core::spec::JobRef::from_arg(a))
+                .collect();
+            client::submit(&job, &after, spool, socket.path, wait)
+        }
+        Command::Wait {
+            ids,
+            timeout,
+            socket,
+        } => client::wait(&ids, timeout, socket.path),
         Command::Check => Ok(mezod_core::daemon::checker::check_main()),
         Command::Estimate { job, gpu, json } => estimate(job, gpu, json),
         Command::Status {
@@ -320,6 +373,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         ),
         Command::Cancel { ids, socket } => client::cancel(&ids, socket.path),
         Command::Restart { id, socket } => client::restart(id, socket.path),
+        Command::Priority {
+            id,
+            priority,
+            socket,
+        } => client::priority(id, priority, socket.path),
         Command::Clean { ids, purge, socket } => client::clean(ids, purge, socket.path),
         Command::Logs {
             id,

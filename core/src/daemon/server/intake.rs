@@ -85,6 +85,19 @@ impl Daemon {
                 self.reject_unless_fresh(&name, &why);
                 continue;
             }
+            // Before the check, so that a wrong `after:` costs no check
+            // (resolved again when the check ends: see `on_checked`).
+            match self.resolve_after(dropped.uid, &facts.after) {
+                Ok(Ok(_)) => {}
+                Ok(Err(why)) => {
+                    self.reject_unless_fresh(&name, &why);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!("could not look up the jobs {name} waits for: {e:#}");
+                    continue;
+                }
+            }
             *waiting += 1;
             let run_as = self.identity_of(dropped.uid, dropped.gid);
             let tx = self.tx.clone();
@@ -133,8 +146,17 @@ impl Daemon {
         };
         match verdict {
             Verdict::Accepted(accepted) => {
+                // Resolved now, against the jobs that exist as it is
+                // recorded (one may have been cleaned during the check).
+                let after = match self.resolve_after(dropped.uid, &facts.after)? {
+                    Ok(ids) => ids,
+                    Err(why) => {
+                        self.reject_unless_fresh(&name, &why);
+                        return Ok(());
+                    }
+                };
                 crate::crash::point("intake-before-record");
-                match self.record(&name, dropped, facts, accepted) {
+                match self.record(&name, dropped, facts, accepted, after) {
                     Ok(id) => tracing::info!("job {id}: accepted {name}"),
                     Err(e) => tracing::error!("could not record {name} (will retry): {e:#}"),
                 }
@@ -224,12 +246,14 @@ impl Daemon {
     /// The queue's facts (priority, steps, GPU, name, summary) are the
     /// daemon's own reading of the file; the check, which runs as the owner
     /// and may have been rewritten by them, gives only the estimate.
+    /// `after` is the file's `after:` resolved to ids (`resolve_after`).
     pub(super) fn record(
         &mut self,
         name: &str,
         dropped: Dropped,
         facts: JobFacts,
         accepted: Accepted,
+        after: Vec<u64>,
     ) -> Result<u64> {
         let id = self.table.next_id()?;
         let owner = self.identity_of(dropped.uid, dropped.gid);
@@ -251,6 +275,12 @@ impl Daemon {
             owner_gid: dropped.gid,
             state: JobState::Queued { not_before: None },
             priority: facts.priority,
+            reason: if after.is_empty() {
+                "queued".into()
+            } else {
+                format!("queued after {}", deps::describe_ids(&after))
+            },
+            after,
             wants_gpu: facts.wants_gpu,
             steps_total: facts.steps,
             steps_done: 0,
@@ -260,7 +290,6 @@ impl Daemon {
             attempts: 0,
             failures: 0,
             gpus: vec![],
-            reason: "queued".into(),
             estimate_bytes: accepted.estimate_bytes,
             peak_bytes: 0,
         };

@@ -23,6 +23,7 @@ impl Daemon {
             Request::Show { id } => Response::Job(Box::new(self.show(id, peer)?)),
             Request::Cancel { id } => self.cancel(id, peer)?,
             Request::Restart { id } => self.restart(id, peer)?,
+            Request::Priority { id, priority } => self.set_priority(id, priority, peer)?,
             Request::Clean { ids, purge } => self.clean(ids, purge, peer)?,
             Request::Logs {
                 id,
@@ -114,6 +115,46 @@ impl Daemon {
             id,
             state: "cancelled".into(),
         })
+    }
+
+    /// A job's new priority.  Root and members of the admin group may set
+    /// any; an owner may only lower its own job's (users cannot raise a
+    /// priority: see `user_priority_max`).  It reorders the queue at the
+    /// next admission turn; a running job keeps running.
+    pub(super) fn set_priority(
+        &mut self,
+        id: u64,
+        priority: i32,
+        peer: control::Peer,
+    ) -> Result<Response> {
+        let mut job = self.owned_job_or_admin(id, peer)?;
+        if job.state.is_final() {
+            bail!("job {id} has already ended ({})", job.state);
+        }
+        let admin = peer.uid == 0 || self.is_admin(peer.uid);
+        if !admin && priority > job.priority {
+            bail!(
+                "only root{} may raise a job's priority (job {id} is at {}); you may lower it",
+                self.cfg
+                    .admin_group
+                    .as_deref()
+                    .map_or(String::new(), |g| format!(" or group {g}")),
+                job.priority
+            );
+        }
+        job.priority = priority;
+        self.table.put_durable(&job)?;
+        self.schedule_due = true;
+        tracing::info!("job {id}: priority {priority} (set by uid {})", peer.uid);
+        Ok(Response::Prioritized { id, priority })
+    }
+
+    /// A job its owner, root or an admin may act on.
+    fn owned_job_or_admin(&self, id: u64, peer: control::Peer) -> Result<JobRecord> {
+        if peer.uid != 0 && self.is_admin(peer.uid) {
+            return self.table.get(id)?.with_context(|| format!("no job {id}"));
+        }
+        self.owned_job(id, peer)
     }
 
     /// Queue a failed or cancelled job again under its id: its worker
@@ -348,11 +389,23 @@ impl Daemon {
             Some(why) => format!("{mode}; DISK FULL: {why}; intake and new starts paused"),
             None => mode,
         };
+        let usage = self.ledger.all(now_f64());
+        let total: f64 = usage.iter().map(|(_, u)| u).sum();
         Ok(StatusReport {
             mode,
             pools,
             jobs: views,
             finished_not_shown,
+            users: usage
+                .into_iter()
+                .filter(|(_, u)| *u >= 1.0)
+                .map(|(uid, u)| control::UserUsage {
+                    uid,
+                    device_seconds: u,
+                    share: if total > 0.0 { u / total } else { 0.0 },
+                })
+                .collect(),
+            half_life_h: self.cfg.fair_share_half_life_h,
         })
     }
 }

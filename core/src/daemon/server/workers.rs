@@ -39,10 +39,26 @@ impl Daemon {
             cpu_slots: self.cfg.cpu_slots,
             jobs_per_gpu: self.cfg.jobs_per_gpu,
             margin: self.cfg.margin_bytes(),
+            running_per_user: self.cfg.running_per_user,
         }
     }
 
+    /// Charge every user with running jobs for the devices they held since
+    /// the last charge (fair share).
+    pub(super) fn charge_usage(&mut self) -> Result<()> {
+        let t = now_f64();
+        let mut devices: HashMap<u32, f64> = HashMap::new();
+        for r in self.running.values() {
+            *devices.entry(r.owner).or_default() += 1.0;
+        }
+        for (owner, n) in devices {
+            self.ledger.charge(owner, n, t)?;
+        }
+        Ok(())
+    }
+
     pub(super) fn schedule(&mut self) -> Result<()> {
+        self.charge_usage()?;
         let res = self.resources();
         self.seen_gpus |= !res.gpus.is_empty();
         // GPU jobs fail at once where there are no GPUs, but not because NVML
@@ -93,6 +109,7 @@ impl Daemon {
                 ));
             }
             placed.push(Placed {
+                owner: r.owner,
                 pool: r.pool.clone(),
                 estimate: r.estimate,
                 usage,
@@ -118,6 +135,18 @@ impl Daemon {
             if !job.state.is_admissible(t) {
                 continue;
             }
+            // `after:`: not a candidate until every job it waits for is done.
+            match self.gate(&job)? {
+                deps::Gate::Open => {}
+                deps::Gate::Wait(why) => {
+                    self.set_reason(job.id, why)?;
+                    continue;
+                }
+                deps::Gate::Fail(why) => {
+                    self.fail(job.id, &why, false)?;
+                    continue;
+                }
+            }
             if let Some(why) = outage.as_ref().filter(|_| job.wants_gpu) {
                 self.set_reason(job.id, why.clone())?;
                 continue;
@@ -127,6 +156,8 @@ impl Daemon {
                 priority: job.priority,
                 estimate: job.estimate_bytes,
                 wants_gpu: job.wants_gpu,
+                owner: job.owner_uid,
+                usage: self.ledger.usage(job.owner_uid, now_f64()),
             });
         }
         if let Some(why) = self.disk.low_for_jobs().map(str::to_string) {
@@ -138,6 +169,31 @@ impl Daemon {
         }
         let decisions = admission::plan(&queue, &placed, &res);
         self.resources = Some(res);
+        // With jobs of several users in line, a waiting job says where its
+        // owner stands in fair share.
+        let owners: std::collections::HashSet<u32> = queue.iter().map(|c| c.owner).collect();
+        let share = |c: &Candidate| {
+            format!(
+                "; fair share: {} used {} (half-life {})",
+                crate::identity::name_of(c.owner).unwrap_or_else(|| format!("uid {}", c.owner)),
+                crate::daemon::fair_share::describe(c.usage),
+                crate::daemon::fair_share::describe_half_life(self.cfg.half_life_s())
+            )
+        };
+        let by_id: HashMap<u64, &Candidate> = queue.iter().map(|c| (c.id, c)).collect();
+        let decisions: Vec<Decision> = decisions
+            .into_iter()
+            .map(|d| match d {
+                Decision::Wait { id, reason } if owners.len() > 1 => Decision::Wait {
+                    id,
+                    reason: format!(
+                        "{reason}{}",
+                        by_id.get(&id).map_or(String::new(), |c| share(c))
+                    ),
+                },
+                other => other,
+            })
+            .collect();
         for d in decisions {
             match d {
                 Decision::Admit { id, pool } => self.start(id, pool)?,
@@ -193,6 +249,11 @@ impl Daemon {
                 job.started_at.get_or_insert(now());
                 job.steps_done = steps_done;
                 job.reason = format!("running on {}", describe_pool(&pool));
+                // Its owner's clock runs from now (charged up to now first).
+                self.charge_usage()?;
+                if !self.running.values().any(|r| r.owner == job.owner_uid) {
+                    self.ledger.touch(job.owner_uid, now_f64());
+                }
                 self.table.put_durable(&job)?;
                 self.running.insert(
                     id,
@@ -210,6 +271,7 @@ impl Daemon {
                         steps_total: job.steps_total,
                         violation: None,
                         cgroup,
+                        owner: job.owner_uid,
                     },
                 );
             }
@@ -354,6 +416,7 @@ impl Daemon {
     }
 
     pub(super) fn on_exit(&mut self, id: u64, status: ExitStatus) -> Result<()> {
+        self.charge_usage()?;
         let Some(mut r) = self.running.remove(&id) else {
             return Ok(());
         };
