@@ -462,6 +462,7 @@ fn a_crash_between_recording_and_moving_a_file_never_starts_it_twice() {
                 reason: "queued".into(),
                 estimate_bytes: 1 << 20,
                 peak_bytes: 0,
+                preemptions: 0,
             })
             .unwrap();
     }

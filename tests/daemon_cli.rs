@@ -693,3 +693,192 @@ fn a_notify_command_runs_once_when_the_job_ends() {
     let log = std::fs::read_to_string(d.job_dir(done).join("worker.log")).unwrap();
     assert!(log.ends_with("its output: ---\nsaid it\n"), "{log}");
 }
+
+/// The samples of a Prometheus text-format file (0.0.4), each as
+/// (name, labels as written, value), checked line by line as a scraper
+/// reads it: every sample's family has its HELP and TYPE lines before it,
+/// a family's samples come together, no series twice, label values quoted
+/// with only `\\`, `\"` and `\n` escaped, values numbers.
+fn parse_prometheus_text(text: &str) -> Vec<(String, String, f64)> {
+    use std::collections::HashSet;
+    assert!(text.ends_with('\n'), "the last line must end: {text:?}");
+    let is_name = |n: &str| {
+        !n.is_empty()
+            && !n.starts_with(|c: char| c.is_ascii_digit())
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    };
+    let (mut helped, mut typed) = (HashSet::new(), HashSet::new());
+    let (mut finished, mut series) = (HashSet::new(), HashSet::new());
+    let mut current: Option<String> = None;
+    let mut samples = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let at = format!("line {}: {line:?}", i + 1);
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut words = rest.splitn(3, ' ');
+            let (kw, name) = (words.next().unwrap(), words.next().unwrap_or(""));
+            assert!(is_name(name), "{at}");
+            match kw {
+                "HELP" => assert!(helped.insert(name.to_string()), "HELP twice, {at}"),
+                "TYPE" => {
+                    let kind = words.next().unwrap_or("");
+                    assert!(["gauge", "counter", "untyped"].contains(&kind), "{at}");
+                    assert!(kind != "counter" || name.ends_with("_total"), "{at}");
+                    assert!(typed.insert(name.to_string()), "TYPE twice, {at}");
+                }
+                _ => panic!("{at}"),
+            }
+            continue;
+        }
+        assert!(!line.is_empty() && !line.starts_with('#'), "{at}");
+        let end = line.find(['{', ' ']).expect(&at);
+        let name = &line[..end];
+        assert!(is_name(name), "{at}");
+        assert!(
+            helped.contains(name) && typed.contains(name),
+            "no HELP/TYPE before, {at}"
+        );
+        if current.as_deref() != Some(name) {
+            if let Some(prev) = current.replace(name.to_string()) {
+                finished.insert(prev);
+            }
+            assert!(!finished.contains(name), "family split, {at}");
+        }
+        let mut rest = &line[end..];
+        let mut labels = String::new();
+        if let Some(inner) = rest.strip_prefix('{') {
+            let mut chars = inner.char_indices();
+            let mut names = HashSet::new();
+            loop {
+                let mut label = String::new();
+                for (_, c) in chars.by_ref() {
+                    if c == '=' {
+                        break;
+                    }
+                    label.push(c);
+                }
+                assert!(
+                    is_name(&label) && names.insert(label.clone()),
+                    "label name, {at}"
+                );
+                assert_eq!(chars.next().map(|(_, c)| c), Some('"'), "{at}");
+                let mut escaped = false;
+                for (_, c) in chars.by_ref() {
+                    match (escaped, c) {
+                        (true, '\\' | '"' | 'n') => escaped = false,
+                        (true, _) => panic!("bad escape, {at}"),
+                        (false, '\\') => escaped = true,
+                        (false, '"') => break,
+                        (false, '\n') => panic!("{at}"),
+                        _ => {}
+                    }
+                }
+                match chars.next() {
+                    Some((_, ',')) => continue,
+                    Some((j, '}')) => {
+                        labels = inner[..j].to_string();
+                        rest = &inner[j + 1..];
+                        break;
+                    }
+                    other => panic!("{other:?}, {at}"),
+                }
+            }
+        }
+        let value = rest.strip_prefix(' ').expect(&at);
+        let v: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().expect(&at),
+        };
+        assert!(
+            series.insert(format!("{name}{{{labels}}}")),
+            "series twice, {at}"
+        );
+        samples.push((name.to_string(), labels, v));
+    }
+    samples
+}
+
+/// Issue 25 item 8: with `metrics_file:` the daemon keeps a Prometheus text
+/// file for node-exporter's textfile collector: well-formed line by line,
+/// world-readable, with the job that ended counted under its owner's name,
+/// and `mezod_up 0` once the daemon has stopped.
+#[test]
+fn the_metrics_file_counts_jobs_for_node_exporter() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let collector = dir.join("textfile_collector");
+    std::fs::create_dir(&collector).unwrap();
+    let prom = collector.join("mezod.prom");
+    let mut d = Daemon::start(dir, &format!("{CONFIG}metrics_file: {}\n", prom.display()));
+    d.wait_until("the metrics file at start", |_| prom.exists());
+    let id = d.submit(&job_file(dir, "counted", 5, 1));
+    assert_eq!(d.wait_done(id)["state"], "done");
+    let me = String::from_utf8(
+        std::process::Command::new("id")
+            .arg("-un")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string();
+    let done_line = format!("mezod_jobs{{state=\"done\",user=\"{me}\"}} 1");
+    // Rewritten every 15 s.
+    d.wait_until("the job in the metrics file", |_| {
+        std::fs::read_to_string(&prom).is_ok_and(|t| t.lines().any(|l| l == done_line))
+    });
+    let text = std::fs::read_to_string(&prom).unwrap();
+    let samples = parse_prometheus_text(&text);
+    let value = |name: &str, labels: &str| {
+        samples
+            .iter()
+            .find(|(n, l, _)| n == name && l == labels)
+            .map(|s| s.2)
+    };
+    assert_eq!(value("mezod_up", ""), Some(1.0), "{text}");
+    assert_eq!(
+        value("mezod_jobs", &format!("state=\"queued\",user=\"{me}\"")),
+        Some(0.0),
+        "every state of a user with jobs, zeros too: {text}"
+    );
+    assert!(
+        value("mezod_pool_total_bytes", "pool=\"CPU\"").is_some_and(|v| v > 0.0),
+        "{text}"
+    );
+    assert_eq!(value("mezod_pool_running_jobs", "pool=\"CPU\""), Some(0.0));
+    assert!(
+        value("mezod_user_usage_device_seconds", &format!("user=\"{me}\""))
+            .is_some_and(|v| v > 0.0),
+        "the job's time is in fair share: {text}"
+    );
+    assert_eq!(value("mezod_intake_backlog", ""), Some(0.0));
+    assert!(value("mezod_preemptions_total", "").is_some(), "{text}");
+    assert_eq!(
+        std::fs::metadata(&prom).unwrap().permissions().mode() & 0o777,
+        0o644
+    );
+    let left: Vec<_> = std::fs::read_dir(&collector)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left,
+        vec![std::ffi::OsString::from("mezod.prom")],
+        "no temporary left"
+    );
+    let (status, _) = d.term();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&prom).unwrap();
+    assert_eq!(
+        value_of(&parse_prometheus_text(&text), "mezod_up"),
+        Some(0.0),
+        "{text}"
+    );
+}
+
+fn value_of(samples: &[(String, String, f64)], name: &str) -> Option<f64> {
+    samples.iter().find(|(n, _, _)| n == name).map(|s| s.2)
+}

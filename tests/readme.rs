@@ -71,7 +71,16 @@ fn shell(dir: &Path, line: &str) -> Command {
 }
 
 fn run_line(dir: &Path, line: &str) -> std::process::Output {
-    check(shell(dir, line).output().unwrap(), line)
+    run_line_as(dir, line, None)
+}
+
+/// `run_line` as `user` (see [`as_user`]); `None`: as the test's own user.
+fn run_line_as(dir: &Path, line: &str, user: Option<u32>) -> std::process::Output {
+    let what = match user {
+        Some(uid) => format!("{line} (as uid {uid})"),
+        None => line.to_string(),
+    };
+    check(as_user(shell(dir, line), user).output().unwrap(), &what)
 }
 
 #[test]
@@ -220,96 +229,207 @@ impl Drop for Background {
     }
 }
 
-#[test]
-fn the_daemon_session_runs_as_written() {
-    let tmp = repo_like_root();
-    let dir = tmp.path();
-    let session = readme_block("daemon");
-    let mut daemon = None;
-    let mut said = Vec::new();
-    // `export` lines hold for the lines after them, as in the user's shell
-    // (each line here runs in its own).
-    let mut exports = String::new();
-    for line in &session {
-        if line.starts_with("export ") {
-            exports.push_str(&format!("{line}; "));
-            continue;
-        }
-        if let Some(background) = line.strip_suffix('&') {
-            let child = shell(dir, &format!("exec {}", background.trim()))
-                .stderr(std::fs::File::create(dir.join("daemon.log")).unwrap())
-                .spawn()
-                .unwrap();
-            daemon = Some(Background(child));
-            // Its socket is ./var/run/mezod.sock once it serves.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-            while !dir.join("var/run/mezod.sock").exists() {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the daemon did not start"
-                );
-                std::thread::sleep(std::time::Duration::from_millis(50));
+/// The README's daemon session as a user types it in `dir`: `mezod daemon &`
+/// as the test's own user (root), every other line as `user` (the test's
+/// own user when `None`), each in its own shell, the `export` lines holding
+/// for the lines after them as in the user's shell.
+struct DaemonSession {
+    /// Each line run, beside what it printed on stdout.
+    said: Vec<(String, String)>,
+    /// The session's `export` lines, as a prefix for more lines.
+    exports: String,
+    user: Option<u32>,
+    /// Last, so the daemon stops only after everything above.
+    _daemon: Background,
+}
+
+impl DaemonSession {
+    fn run(dir: &Path, user: Option<u32>) -> Self {
+        let session = readme_block("daemon");
+        let mut daemon = None;
+        let mut said = Vec::new();
+        let mut exports = String::new();
+        for line in &session {
+            if line.starts_with("export ") {
+                exports.push_str(&format!("{line}; "));
+                continue;
             }
-            continue;
+            if let Some(background) = line.strip_suffix('&') {
+                let child = shell(dir, &format!("exec {}", background.trim()))
+                    .stderr(std::fs::File::create(dir.join("daemon.log")).unwrap())
+                    .spawn()
+                    .unwrap();
+                daemon = Some(Background(child));
+                // Its socket is ./var/run/mezod.sock once it serves.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                while !dir.join("var/run/mezod.sock").exists() {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the daemon did not start"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                continue;
+            }
+            let out = run_line_as(dir, &format!("{exports}{line}"), user);
+            said.push((
+                line.clone(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            ));
         }
-        let out = run_line(dir, &format!("{exports}{line}"));
-        said.push((
-            line.clone(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        ));
+        assert!(
+            exports.contains("MEZOD_SOCKET"),
+            "the session names the daemon's socket: clients never take one from the current folder"
+        );
+        Self {
+            said,
+            exports,
+            user,
+            _daemon: daemon.expect("the session starts a daemon"),
+        }
     }
-    assert!(daemon.is_some(), "the session starts a daemon");
-    assert!(
-        exports.contains("MEZOD_SOCKET"),
-        "the session names the daemon's socket: clients never take one from the current folder"
-    );
-    let output_of = |prefix: &str| -> &str {
-        &said
+
+    /// What the session's line starting with `prefix` printed.
+    fn output_of(&self, prefix: &str) -> &str {
+        &self
+            .said
             .iter()
             .find(|(l, _)| l.starts_with(prefix))
             .unwrap_or_else(|| panic!("no `{prefix}` in the session"))
             .1
-    };
-    assert_eq!(
-        output_of("mezod submit examples/causal-lm.yaml").trim(),
-        "1"
-    );
-    assert_eq!(
-        output_of("mezod submit examples/classification.yaml").trim(),
-        "2"
-    );
-    assert!(output_of("mezod logs 1 --follow").contains("done"));
-    let detail = output_of("mezod status 1");
-    assert!(
-        detail.contains("causal-lm") && detail.contains("done"),
-        "{detail}"
-    );
-    assert!(std::fs::read_to_string(dir.join("mezod.bash"))
-        .unwrap()
-        .contains("complete"));
-    // Job 2, cancelled and restarted, runs to its end.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
-    loop {
-        let out = run_line(dir, &format!("{exports}mezod status 2 --json"));
-        let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let state = job["state"]["state"]
-            .as_str()
-            .or(job["state"].as_str())
-            .unwrap_or_default()
-            .to_string();
-        if state == "done" {
-            break;
-        }
-        assert!(
-            !["failed", "cancelled"].contains(&state.as_str()),
-            "job 2 ended {state}: {job}"
-        );
-        assert!(
-            std::time::Instant::now() < deadline,
-            "job 2 did not finish: {job}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
     }
+
+    /// One more line in the session's shell, as its user.
+    fn then(&self, dir: &Path, line: &str) -> std::process::Output {
+        run_line_as(dir, &format!("{}{line}", self.exports), self.user)
+    }
+
+    /// What every run of the session must show: the ids printed, job 1's
+    /// log and detail, the completions written, and job 2, cancelled and
+    /// restarted, run to its end.
+    fn check_as_written(&self, dir: &Path) {
+        assert_eq!(
+            self.output_of("mezod submit examples/causal-lm.yaml")
+                .trim(),
+            "1"
+        );
+        assert_eq!(
+            self.output_of("mezod submit examples/classification.yaml")
+                .trim(),
+            "2"
+        );
+        assert!(self.output_of("mezod logs 1 --follow").contains("done"));
+        let detail = self.output_of("mezod status 1");
+        assert!(
+            detail.contains("causal-lm") && detail.contains("done"),
+            "{detail}"
+        );
+        assert!(std::fs::read_to_string(dir.join("mezod.bash"))
+            .unwrap()
+            .contains("complete"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+        loop {
+            let out = self.then(dir, "mezod status 2 --json");
+            let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let state = job["state"]["state"]
+                .as_str()
+                .or(job["state"].as_str())
+                .unwrap_or_default()
+                .to_string();
+            if state == "done" {
+                break;
+            }
+            assert!(
+                !["failed", "cancelled"].contains(&state.as_str()),
+                "job 2 ended {state}: {job}"
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "job 2 did not finish: {job}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+}
+
+/// `cmd` as `user` (its own group and no other, as std sets them when root
+/// switches), with that user's `HOME`, `USER` and `LOGNAME`, as `su` gives.
+fn as_user(mut cmd: Command, user: Option<u32>) -> Command {
+    use std::os::unix::process::CommandExt;
+    if let Some(uid) = user {
+        let pw = unsafe { libc::getpwuid(uid) };
+        assert!(!pw.is_null(), "no user {uid} in the user database");
+        let field = |p: *const libc::c_char| {
+            unsafe { std::ffi::CStr::from_ptr(p) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        let (name, home, gid) =
+            unsafe { (field((*pw).pw_name), field((*pw).pw_dir), (*pw).pw_gid) };
+        cmd.uid(uid)
+            .gid(gid)
+            .env("HOME", home)
+            .env("USER", &name)
+            .env("LOGNAME", &name);
+    }
+    cmd
+}
+
+#[test]
+fn the_daemon_session_runs_as_written() {
+    let tmp = repo_like_root();
+    let dir = tmp.path();
+    DaemonSession::run(dir, None).check_as_written(dir);
+}
+
+/// Issue 25 item 1: the same session with the daemon as root and every
+/// other line as user 65534 (nobody), in a folder of that user's, as on a
+/// shared server; a normal user's `submit` once exited 1 on every call.
+#[test]
+fn the_daemon_session_runs_as_written_for_a_normal_user() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    const NOBODY: u32 = 65534;
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test plays root (the daemon) and another user: run it as root"
+    );
+    let tmp = repo_like_root();
+    let dir = tmp.path();
+    // The user's own folder: it writes `mezod.bash` there, the root daemon `var/`.
+    std::os::unix::fs::chown(dir, Some(NOBODY), Some(NOBODY)).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let session = DaemonSession::run(dir, Some(NOBODY));
+    session.check_as_written(dir);
+
+    // The jobs are the user's, and its lines ran as that user.
+    assert!(
+        session.output_of("mezod status 1").contains("(uid 65534)"),
+        "{}",
+        session.output_of("mezod status 1")
+    );
+    let out = session.then(dir, "mezod status --all --json");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let jobs = status["jobs"].as_array().unwrap();
+    assert!(
+        jobs.iter().any(|j| j["id"] == 2),
+        "job 2 is listed: {status:#}"
+    );
+    for job in jobs {
+        assert_eq!(job["owner_uid"], NOBODY, "{job:#}");
+    }
+    for id in [1, 2] {
+        let run = dir.join(format!("var/state/jobs/{id}/run"));
+        assert_eq!(
+            std::fs::metadata(&run).unwrap().uid(),
+            NOBODY,
+            "job {id}'s run folder"
+        );
+    }
+    assert_eq!(
+        std::fs::metadata(dir.join("mezod.bash")).unwrap().uid(),
+        NOBODY
+    );
 }
 
 /// `make demo-small`'s commands, read from the Makefile, run as written.

@@ -1649,6 +1649,61 @@ fn a_user_at_the_running_limit_leaves_the_slot_to_another() {
     }
 }
 
+/// Issue 25 item 5: preemption that loses nothing.  A user's long job is
+/// stopped at a step boundary twice for root's urgent jobs (priority 10),
+/// queued again each time (not a failure), and still exports exactly the
+/// weights an uninterrupted `mezod run` of it exports.
+#[test]
+fn a_job_preempted_twice_ends_bit_identical_to_an_uninterrupted_run() {
+    let (tmp, _) = arena();
+    let d = Daemon::start(
+        tmp.path(),
+        &format!("{CONFIG}preemption: true\npreemption_min_run_s: 0\n"),
+    );
+    // The user's job, on a model copy anyone may read; its solo run first.
+    let job = job_file(tmp.path(), "long", 400, 5);
+    let model = model_copy(tmp.path(), "long-model", 0o644);
+    let body = std::fs::read_to_string(&job).unwrap().replace(
+        &fixture("llama").display().to_string(),
+        &model.display().to_string(),
+    );
+    std::fs::write(&job, body).unwrap();
+    run_to_end(&job, &job.with_extension("solo"), "solo run");
+    drop_as_nobody(&d, &job, "long.yaml");
+    d.wait_until("the long job to be taken", |d| d.jobs().len() == 1);
+    let id = d.jobs()[0]["id"].as_u64().unwrap();
+    for (round, at) in [(1u64, 40u64), (2, 120)] {
+        d.wait_steps(id, at);
+        let urgent = job_file(tmp.path(), &format!("urgent{round}"), 3, round);
+        let body = std::fs::read_to_string(&urgent).unwrap();
+        std::fs::write(&urgent, format!("priority: 10\n{body}")).unwrap();
+        let taken = d.jobs().len();
+        std::fs::rename(&urgent, d.spool().join(format!("new/urgent{round}.yaml"))).unwrap();
+        d.wait_until("the urgent job to be taken", |d| {
+            d.jobs().len() == taken + 1
+        });
+        let urgent_id = d.jobs()[taken]["id"].as_u64().unwrap();
+        assert_eq!(d.wait_done(urgent_id)["state"], "done");
+        let long = d.job(id);
+        assert_eq!(long["preemptions"], round, "{long:#}");
+        assert!(
+            long["state"] != "done",
+            "the long job ended before it could be preempted again: {long:#}"
+        );
+    }
+    let rec = d.wait_done(id);
+    assert_eq!(rec["state"], "done", "{rec:#}");
+    assert_eq!(rec["failures"], 0, "a preemption is not a failure: {rec:#}");
+    assert_eq!(rec["preemptions"], 2, "{rec:#}");
+    d.assert_same_weights(id, &job, "preempted twice");
+    let shown = mezod_as(NOBODY, &d, &["status", &id.to_string()]);
+    assert!(
+        text(&shown).contains("preempted 2 times"),
+        "{}",
+        text(&shown)
+    );
+}
+
 // ---- the client cannot be fooled (issue 24 cases 9 and 10; issue 25 item 1) ----
 
 /// What a hostile name carries to a terminal: retitle it, then clear it.

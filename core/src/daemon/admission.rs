@@ -110,7 +110,13 @@ pub struct Candidate {
 /// A job of ours that holds (or is about to hold) memory in a pool.
 #[derive(Debug, Clone)]
 pub struct Placed {
+    pub id: u64,
     pub owner: u32,
+    pub priority: i32,
+    /// Seconds its worker has run (this attempt).
+    pub running_for_s: u64,
+    /// Already being stopped (cancel, preemption, daemon stop).
+    pub stopping: bool,
     pub pool: Pool,
     pub estimate: u64,
     /// What its process holds now.
@@ -316,6 +322,89 @@ pub fn plan(queue: &[Candidate], placed: &[Placed], res: &Resources) -> Vec<Deci
     out
 }
 
+/// When a waiting job may stop running ones to make room.
+#[derive(Debug, Clone, Copy)]
+pub struct PreemptPolicy {
+    /// The waiting job's priority must exceed a victim's by at least this.
+    pub gap: i32,
+    /// A job runs at least this long (this attempt) before it can be preempted.
+    pub min_run_s: u64,
+}
+
+/// The one preemption to make now, if any: for the first waiting job (in
+/// [`in_order`]) that `decisions` left waiting, and that cannot fit unless
+/// jobs it outranks by `policy.gap` stop, the fewest such running jobs of one
+/// pool whose estimates make room for it (the lowest priority first, then
+/// the most recently started: MeZO loses at most a step either way).  None
+/// while any job is still stopping, so one turn's victims are not joined by
+/// more before they have made their room.
+pub fn preemption(
+    queue: &[Candidate],
+    placed: &[Placed],
+    res: &Resources,
+    decisions: &[Decision],
+    policy: PreemptPolicy,
+) -> Option<(u64, Vec<u64>)> {
+    if placed.iter().any(|p| p.stopping) {
+        return None;
+    }
+    let waiting: std::collections::HashSet<u64> = decisions
+        .iter()
+        .filter_map(|d| match d {
+            Decision::Wait { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    let mut pools = pools(res, placed);
+    // What this turn admits is no longer room.
+    for d in decisions {
+        if let Decision::Admit { id, pool } = d {
+            let est = queue.iter().find(|c| c.id == *id).map_or(0, |c| c.estimate);
+            if let Some(s) = pools.iter_mut().find(|s| &s.pool == pool) {
+                s.room -= est as i128;
+                s.slots = s.slots.saturating_sub(1);
+            }
+        }
+    }
+    for c in in_order(queue)
+        .into_iter()
+        .filter(|c| waiting.contains(&c.id))
+    {
+        let mut best: Option<Vec<&Placed>> = None;
+        for s in pools
+            .iter()
+            .filter(|s| matches!(s.pool, Pool::Gpu(_)) == c.wants_gpu)
+        {
+            let mut victims: Vec<&Placed> = placed
+                .iter()
+                .filter(|p| {
+                    p.pool == s.pool
+                        && p.priority.saturating_add(policy.gap) <= c.priority
+                        && p.running_for_s >= policy.min_run_s
+                })
+                .collect();
+            victims.sort_by_key(|p| (p.priority, p.running_for_s, std::cmp::Reverse(p.id)));
+            let (mut room, mut slots, mut taken) = (s.room, s.slots, Vec::new());
+            for v in victims {
+                if room >= c.estimate as i128 && slots > 0 {
+                    break;
+                }
+                room += v.estimate as i128;
+                slots += 1;
+                taken.push(v);
+            }
+            let enough = room >= c.estimate as i128 && slots > 0 && !taken.is_empty();
+            if enough && best.as_ref().is_none_or(|b| taken.len() < b.len()) {
+                best = Some(taken);
+            }
+        }
+        if let Some(victims) = best {
+            return Some((c.id, victims.iter().map(|p| p.id).collect()));
+        }
+    }
+    None
+}
+
 /// The order jobs are considered in: priority (higher first); then fair
 /// share, the owner's recent usage (less first); then each owner's jobs
 /// taken in turn (an owner's first waiting job, then every other owner's
@@ -454,7 +543,11 @@ mod tests {
         // Job A was admitted with 30 GB but has allocated only 5 so far:
         // NVML free still shows 75, yet only 75 − 25 − 1 = 49 may be handed out.
         let placed = [Placed {
+            id: 90,
             owner: 1000,
+            priority: 0,
+            running_for_s: 0,
+            stopping: false,
             pool: Pool::Gpu("GPU-0".into()),
             estimate: 30 * GIB,
             usage: 5 * GIB,
@@ -469,7 +562,11 @@ mod tests {
     fn a_big_job_is_not_starved_by_small_ones() {
         // One GPU, a small job of ours running with 30 GB; a big job needs 60.
         let placed = [Placed {
+            id: 90,
             owner: 1000,
+            priority: 0,
+            running_for_s: 0,
+            stopping: false,
             pool: Pool::Gpu("GPU-0".into()),
             estimate: 30 * GIB,
             usage: 30 * GIB,
@@ -595,7 +692,11 @@ mod tests {
         r.cpu_slots = 3;
         r.running_per_user = Some(1);
         let placed = [Placed {
+            id: 90,
             owner: 1,
+            priority: 0,
+            running_for_s: 0,
+            stopping: false,
             pool: Pool::Cpu,
             estimate: GIB,
             usage: GIB,
@@ -609,5 +710,66 @@ mod tests {
         assert_eq!(admitted, vec![2, 4], "{d:?}");
         assert!(d.iter().any(|x| matches!(x, Decision::Wait { id: 1, reason } if reason.contains("running_per_user: 1"))), "{d:?}");
         assert!(d.iter().any(|x| matches!(x, Decision::Wait { id: 3, reason } if reason.contains("running_per_user"))), "{d:?}");
+    }
+
+    /// Preemption: the fewest lowest-ranked running jobs that make room,
+    /// only jobs outranked by the gap and past their minimum run time, and
+    /// none while earlier victims are still stopping.
+    #[test]
+    fn a_waiting_job_preempts_the_fewest_lowest_ranked_jobs_that_make_room() {
+        let running = |id, priority, gib_, running_for_s| Placed {
+            id,
+            owner: 1,
+            priority,
+            running_for_s,
+            stopping: false,
+            pool: Pool::Gpu("GPU-0".into()),
+            estimate: gib_ * GIB,
+            usage: gib_ * GIB,
+        };
+        let r = res(vec![gpu(0, 80, 10)]);
+        let placed = [
+            running(1, 0, 30, 900),
+            running(2, -1, 20, 900),
+            running(3, 0, 20, 10),
+        ];
+        let mut urgent = job(9, 40);
+        urgent.priority = 5;
+        let policy = PreemptPolicy {
+            gap: 1,
+            min_run_s: 300,
+        };
+        let d = plan(std::slice::from_ref(&urgent), &placed, &r);
+        // 9 GiB of room; job 2 (lowest priority, 20) then job 1 (30) make 59.
+        assert_eq!(
+            preemption(std::slice::from_ref(&urgent), &placed, &r, &d, policy),
+            Some((9, vec![2, 1]))
+        );
+        // Job 3 ran too briefly; with job 1 out of reach too, no room can be made.
+        let short = [
+            running(1, 5, 30, 900),
+            running(2, -1, 20, 900),
+            running(3, 0, 20, 10),
+        ];
+        assert_eq!(
+            preemption(std::slice::from_ref(&urgent), &short, &r, &d, policy),
+            None
+        );
+        // Within the gap: nothing.
+        let mut close = urgent.clone();
+        close.priority = 0;
+        let d = plan(std::slice::from_ref(&close), &placed, &r);
+        assert_eq!(
+            preemption(std::slice::from_ref(&close), &placed, &r, &d, policy),
+            None
+        );
+        // While a victim is still stopping: nothing more.
+        let mut stopping = placed.clone();
+        stopping[0].stopping = true;
+        let d = plan(std::slice::from_ref(&urgent), &stopping, &r);
+        assert_eq!(
+            preemption(std::slice::from_ref(&urgent), &stopping, &r, &d, policy),
+            None
+        );
     }
 }

@@ -21,6 +21,10 @@
 //! pids_per_job: 4096               # processes and threads of one job (cgroup pids.max)
 //! running_per_user: null           # a user's jobs running at once (root: no limit)
 //! fair_share_half_life_h: 24       # usage decays by half in this time
+//! metrics_file: null               # e.g. /var/lib/node_exporter/textfile_collector/mezod.prom
+//! preemption: false                # stop lower-priority jobs for a waiting one
+//! preemption_gap: 1                # by at least this much priority
+//! preemption_min_run_s: 300        # a job runs this long before it can be preempted
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -67,6 +71,20 @@ pub struct DaemonConfig {
     pub running_per_user: Option<usize>,
     /// Fair share: a user's usage halves in this many hours.
     pub fair_share_half_life_h: f64,
+    /// A Prometheus text-format file the daemon rewrites every 15 s (and at
+    /// start), for node-exporter's textfile collector: an absolute path,
+    /// ending in `.prom`, in a folder the daemon may write (see
+    /// [`metrics`](super::metrics)).  None: no file.
+    pub metrics_file: Option<PathBuf>,
+    /// Stop running jobs (at a step boundary; they resume bit-identically)
+    /// to make room for a waiting job that outranks them.
+    pub preemption: bool,
+    /// How much higher a waiting job's priority must be than a running
+    /// job's for it to preempt that job.
+    pub preemption_gap: i32,
+    /// A job runs at least this long before it can be preempted (again), so
+    /// that jobs do not thrash.
+    pub preemption_min_run_s: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -136,6 +154,10 @@ impl Default for DaemonConfig {
             pids_per_job: 4096,
             running_per_user: None,
             fair_share_half_life_h: 24.0,
+            metrics_file: None,
+            preemption: false,
+            preemption_gap: 1,
+            preemption_min_run_s: 300,
         }
     }
 }
@@ -193,6 +215,17 @@ impl DaemonConfig {
         }
         if self.running_per_user == Some(0) || self.jobs_per_user == 0 {
             bail!("running_per_user and jobs_per_user must be at least 1 (leave running_per_user out for no limit)");
+        }
+        if self.preemption_gap < 1 {
+            bail!("preemption_gap must be at least 1 (a job never preempts one of equal priority)");
+        }
+        if let Some(p) = &self.metrics_file {
+            if !p.is_absolute() || p.file_name().is_none() {
+                bail!(
+                    "metrics_file must be the absolute path of a file (e.g. /var/lib/node_exporter/textfile_collector/mezod.prom), not {}",
+                    p.display()
+                );
+            }
         }
         if self.pids_per_job < 16 {
             bail!("pids_per_job must be at least 16 (a worker's threads count)");
@@ -272,5 +305,17 @@ mod tests {
         assert_eq!(cfg.watch, WatchMode::Poll);
         let e = serde_yaml::from_str::<DaemonConfig>("cpu_slot: 2\n").unwrap_err();
         assert!(e.to_string().contains("cpu_slot"), "{e}");
+    }
+
+    #[test]
+    fn a_metrics_file_is_an_absolute_path() {
+        let cfg = |text: &str| {
+            serde_yaml::from_str::<DaemonConfig>(text)
+                .unwrap()
+                .validate()
+        };
+        cfg("metrics_file: /var/lib/node_exporter/textfile_collector/mezod.prom\n").unwrap();
+        let e = cfg("metrics_file: mezod.prom\n").unwrap_err();
+        assert!(e.to_string().contains("absolute"), "{e}");
     }
 }

@@ -58,6 +58,10 @@ pub struct JobRecord {
     pub estimate_bytes: u64,
     /// Largest memory its worker was seen to hold (sampled by the daemon).
     pub peak_bytes: u64,
+    /// Times it was stopped at a step boundary for a job of higher priority
+    /// and queued again (never counted as a failure).
+    #[serde(default)]
+    pub preemptions: u32,
 }
 
 impl JobRecord {
@@ -113,9 +117,41 @@ struct Index {
     /// means, found without reading the table (a file naming a job that
     /// does not exist must not cost a scan of every record).
     by_name: HashMap<u32, HashMap<String, BTreeSet<u64>>>,
+    /// Every job's (owner, state, preemptions) as last written, the jobs of
+    /// each (owner, state), and preemptions seen since the table was opened
+    /// (on top of those its records held then): the metrics file's figures
+    /// without a scan of the table.
+    tallied: HashMap<u64, (u32, &'static str, u32)>,
+    by_owner_state: HashMap<(u32, &'static str), usize>,
+    preemptions: u64,
 }
 
 impl Index {
+    /// Count `job` (written) as it is now, or job `id` out (removed).
+    fn tally(&mut self, id: u64, job: Option<&JobRecord>) {
+        let now = job.map(|j| (j.owner_uid, j.state.name(), j.preemptions));
+        let old = match now {
+            Some(k) => self.tallied.insert(id, k),
+            None => self.tallied.remove(&id),
+        };
+        if let Some((owner, state, preemptions)) = old {
+            if let Some(n) = self.by_owner_state.get_mut(&(owner, state)) {
+                *n -= 1;
+                if *n == 0 {
+                    self.by_owner_state.remove(&(owner, state));
+                }
+            }
+            if let Some((_, _, p)) = now {
+                self.preemptions += u64::from(p.saturating_sub(preemptions));
+            }
+        } else if let Some((_, _, p)) = now {
+            self.preemptions += u64::from(p);
+        }
+        if let Some((owner, state, _)) = now {
+            *self.by_owner_state.entry((owner, state)).or_default() += 1;
+        }
+    }
+
     /// File `job` under its owner and name (neither ever changes).
     fn name(&mut self, job: &JobRecord) {
         let names = self.by_name.entry(job.owner_uid).or_default();
@@ -154,6 +190,7 @@ impl JobTable {
         for job in table.all()? {
             index.count += 1;
             index.name(&job);
+            index.tally(job.id, Some(&job));
             if !job.state.is_final() {
                 index.active.insert(job.id, job.clone());
             }
@@ -192,6 +229,7 @@ impl JobTable {
         // refuses the write: status stays true and a reopened database gets
         // the record then.
         index.name(job);
+        index.tally(job.id, Some(job));
         if job.state.is_final() {
             if index.active.remove(&job.id).is_some() {
                 index.ended.push(job.id);
@@ -310,6 +348,7 @@ impl JobTable {
         index.active.remove(&job.id);
         index.unsaved.remove(&job.id);
         index.unname(job);
+        index.tally(job.id, None);
         drop(index);
         self.names.remove(job.spool_key().as_bytes())?;
         Ok(())
@@ -319,6 +358,19 @@ impl JobTable {
     pub fn counts(&self) -> (usize, usize) {
         let index = self.index.lock().expect("index lock");
         (index.count, index.active.len())
+    }
+
+    /// How many jobs each (owner, state) has in the table, and the
+    /// preemptions its jobs had when it was opened plus those seen since
+    /// (never less while it is open, also after a `clean`).
+    pub fn tally(&self) -> (Vec<(u32, &'static str, usize)>, u64) {
+        let index = self.index.lock().expect("index lock");
+        let counts = index
+            .by_owner_state
+            .iter()
+            .map(|(&(owner, state), &n)| (owner, state, n))
+            .collect();
+        (counts, index.preemptions)
     }
 
     /// The job made from the spool file `name`, if any.
@@ -397,6 +449,7 @@ mod tests {
             reason: String::new(),
             estimate_bytes: 0,
             peak_bytes: 0,
+            preemptions: 0,
         }
     }
 

@@ -22,6 +22,7 @@
 //! * [`control`]: the Unix-socket protocol of `status`, `cancel`, `logs`, `submit`;
 //! * [`disk`]: free space, the reserve, and what a full disk pauses;
 //! * [`notify`]: systemd's READY / STATUS / WATCHDOG;
+//! * [`metrics`]: the Prometheus text file for node-exporter (`metrics_file:`);
 //! * [`server`]: the main loop that ties them together.
 
 pub mod admission;
@@ -37,6 +38,7 @@ pub mod job_dir;
 pub mod job_facts;
 pub mod jobs;
 pub mod lifecycle;
+pub mod metrics;
 pub mod notify;
 pub mod server;
 pub mod spool;

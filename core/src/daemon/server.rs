@@ -42,6 +42,7 @@ use crate::seedlog::SeedLog;
 mod deps;
 mod ended;
 mod intake;
+mod metrics;
 mod requests;
 mod workers;
 
@@ -85,6 +86,11 @@ enum StopReason {
     Restart {
         by_uid: u32,
     },
+    /// Stopped for a waiting job of higher priority: queued again once it
+    /// has stopped, not counted as a failure.
+    Preempt {
+        for_id: u64,
+    },
 }
 
 /// A job whose worker process is alive.
@@ -114,6 +120,8 @@ struct Running {
     cgroup: Option<super::cgroup::JobCgroup>,
     /// Its owner's uid (fair share and per-user limits).
     owner: u32,
+    /// When its worker started (preemption's minimum run time).
+    since: Instant,
 }
 
 impl Running {
@@ -460,6 +468,8 @@ impl Daemon {
         let mut spool_dirty = false;
         let mut last_schedule = Instant::now();
         let mut last_disk_check = Instant::now();
+        // `metrics_file:` (written at once, then every 15 s; see `metrics`).
+        let mut metrics = None;
         loop {
             let wait = self.notifier.ping_interval().map_or(TICK, |p| p.min(TICK));
             match rx.recv_timeout(wait) {
@@ -502,6 +512,7 @@ impl Daemon {
                         "all workers stopped in {:.1}s; exiting",
                         since.elapsed().as_secs_f64()
                     );
+                    self.write_metrics(&mut metrics, false);
                     return Ok(());
                 }
                 if last_extend.elapsed() >= Duration::from_secs(5) {
@@ -540,6 +551,7 @@ impl Daemon {
                     self.log_error(r);
                 }
             }
+            self.write_metrics(&mut metrics, true);
             let status = self.status_line();
             self.notifier.status(&status);
             self.notifier.ping_if_due();

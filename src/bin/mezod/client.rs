@@ -324,7 +324,15 @@ fn describe(d: &JobDetail, now: u64) -> String {
     row("steps", steps);
     row(
         "attempts",
-        format!("{} ({} failed)", j.attempts, j.failures),
+        match j.preemptions {
+            0 => format!("{} ({} failed)", j.attempts, j.failures),
+            n => format!(
+                "{} ({} failed; preempted {n} time{}, resumed where it stopped)",
+                j.attempts,
+                j.failures,
+                if n == 1 { "" } else { "s" }
+            ),
+        },
     );
     row("submitted", when(j.submitted_at, now));
     if let Some(t) = j.started_at {

@@ -108,18 +108,24 @@ impl Daemon {
                     ),
                 ));
             }
-            placed.push(Placed {
-                owner: r.owner,
-                pool: r.pool.clone(),
-                estimate: r.estimate,
-                usage,
-            });
+            let mut priority = 0;
             if let Some(mut job) = self.table.get(id)? {
+                priority = job.priority;
                 if usage > job.peak_bytes {
                     job.peak_bytes = usage;
                     self.table.put(&job)?;
                 }
             }
+            placed.push(Placed {
+                id,
+                owner: r.owner,
+                priority,
+                running_for_s: r.since.elapsed().as_secs(),
+                stopping: r.stop.is_some() || r.violation.is_some(),
+                pool: r.pool.clone(),
+                estimate: r.estimate,
+                usage,
+            });
         }
         for (id, why) in overran {
             self.on_violation(id, why)?;
@@ -168,6 +174,17 @@ impl Daemon {
             return Ok(());
         }
         let decisions = admission::plan(&queue, &placed, &res);
+        let preempt = self
+            .cfg
+            .preemption
+            .then(|| {
+                let policy = admission::PreemptPolicy {
+                    gap: self.cfg.preemption_gap,
+                    min_run_s: self.cfg.preemption_min_run_s,
+                };
+                admission::preemption(&queue, &placed, &res, &decisions, policy)
+            })
+            .flatten();
         self.resources = Some(res);
         // With jobs of several users in line, a waiting job says where its
         // owner stands in fair share.
@@ -194,6 +211,22 @@ impl Daemon {
                 other => other,
             })
             .collect();
+        let mut decisions = decisions;
+        if let Some((for_id, victims)) = preempt {
+            self.preempt(for_id, &victims);
+            let names: Vec<String> = victims.iter().map(|v| v.to_string()).collect();
+            for d in decisions.iter_mut() {
+                if let Decision::Wait { id, reason } = d {
+                    if *id == for_id {
+                        *reason = format!(
+                            "waiting for job(s) {} to stop at a step boundary: preempted for it \
+                             (they resume where they stopped)",
+                            names.join(", ")
+                        );
+                    }
+                }
+            }
+        }
         for d in decisions {
             match d {
                 Decision::Admit { id, pool } => self.start(id, pool)?,
@@ -202,6 +235,18 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+
+    /// Stop `victims` at their next step boundary for job `for_id`; each is
+    /// queued again when its worker has stopped (see `on_exit`).
+    fn preempt(&mut self, for_id: u64, victims: &[u64]) {
+        for v in victims {
+            if let Some(r) = self.running.get_mut(v) {
+                tracing::info!("job {v}: preempted for job {for_id}");
+                r.stop = Some(StopReason::Preempt { for_id });
+                signal(&r.worker, libc::SIGTERM);
+            }
+        }
     }
 
     pub(super) fn set_reason(&mut self, id: u64, reason: String) -> Result<()> {
@@ -272,6 +317,7 @@ impl Daemon {
                         violation: None,
                         cgroup,
                         owner: job.owner_uid,
+                        since: Instant::now(),
                     },
                 );
             }
@@ -483,7 +529,19 @@ impl Daemon {
                 self.schedule_due = true;
                 self.table.put_durable(&job)
             }
-            Some(StopReason::Shutdown) if self.stopping.is_some() => {
+            Some(StopReason::Preempt { for_id }) if self.stopping.is_none() => {
+                // Not a failure and not a retry: it resumes bit-identically.
+                job.apply(Transition::Requeue)?;
+                job.preemptions += 1;
+                job.reason = format!(
+                    "preempted at step {} for job {for_id}; resumes from there",
+                    job.steps_done
+                );
+                tracing::info!("job {id}: {}", job.reason);
+                self.schedule_due = true;
+                self.table.put_durable(&job)
+            }
+            Some(StopReason::Shutdown | StopReason::Preempt { .. }) if self.stopping.is_some() => {
                 job.apply(Transition::Preempt)?;
                 job.reason = format!("preempted at step {} by a daemon stop", job.steps_done);
                 tracing::info!("job {id}: preempted at step {}", job.steps_done);
