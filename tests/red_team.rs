@@ -1133,19 +1133,16 @@ fn worker_pid(d: &Daemon, id: u64) -> u32 {
         .unwrap_or_else(|| panic!("no worker of job {id}"))
 }
 
-/// Case 7: a worker starts with a fixed environment (no secret of the
-/// daemon's, the owner's HOME, a plain PATH) and no descriptor the daemon
-/// inherited.
-#[test]
-fn a_worker_inherits_neither_the_daemons_environment_nor_its_descriptors() {
-    let (tmp, _) = arena();
-    // A descriptor the daemon's parent leaves open (not close-on-exec).
-    let leaked = tmp.path().join("secret/leaked-descriptor");
+/// A daemon started with a secret in its environment, `HOME=/root`, and a
+/// descriptor its parent left open (not close-on-exec): the file it is
+/// open on (kept open by the returned handle) and that handle.
+fn daemon_with_a_secret_and_a_leaked_descriptor(dir: &Path) -> (Daemon, PathBuf, std::fs::File) {
+    let leaked = dir.join("secret/leaked-descriptor");
     let file = std::fs::File::create(&leaked).unwrap();
     let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
     unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
     let d = Daemon::start_with_env(
-        tmp.path(),
+        dir,
         CONFIG,
         &[
             ("SEC_ROOT_TOKEN", SECRET.to_string()),
@@ -1153,6 +1150,16 @@ fn a_worker_inherits_neither_the_daemons_environment_nor_its_descriptors() {
         ],
     );
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    (d, leaked, file)
+}
+
+/// Case 7: a worker starts with a fixed environment (no secret of the
+/// daemon's, the owner's HOME, a plain PATH) and no descriptor the daemon
+/// inherited.
+#[test]
+fn a_worker_inherits_neither_the_daemons_environment_nor_its_descriptors() {
+    let (tmp, _) = arena();
+    let (d, leaked, file) = daemon_with_a_secret_and_a_leaked_descriptor(tmp.path());
     let id = drop_nobody_job(&d, tmp.path(), "hand-off", 100_000, None);
     d.wait_steps(id, 1);
     let pid = worker_pid(&d, id);
@@ -2105,17 +2112,7 @@ fn a_user_cannot_make_a_job_wait_for_anothers() {
 #[test]
 fn a_notify_command_runs_as_its_owner_and_nothing_more() {
     let (tmp, _) = arena();
-    // A descriptor the daemon's parent leaves open (not close-on-exec).
-    let leaked = tmp.path().join("secret/leaked-descriptor");
-    let file = std::fs::File::create(&leaked).unwrap();
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
-    unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
-    let d = Daemon::start_with_env(
-        tmp.path(),
-        CONFIG,
-        &[("SEC_ROOT_TOKEN", SECRET.to_string())],
-    );
-    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    let (d, _leaked, file) = daemon_with_a_secret_and_a_leaked_descriptor(tmp.path());
     let out_dir = tmp.path().join("nobody-out");
     std::fs::create_dir(&out_dir).unwrap();
     std::os::unix::fs::chown(&out_dir, Some(NOBODY), Some(NOBODY)).unwrap();

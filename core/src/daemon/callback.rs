@@ -110,25 +110,7 @@ pub fn spawn(cb: Callback) -> Result<()> {
         cmd.env(k, v);
     }
     cmd.process_group(0);
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: as for a worker (see `worker::spawn`): close_range, the
-    // identity's setgroups/setgid/setuid, prctl and getppid are
-    // async-signal-safe and nothing here allocates.
-    unsafe {
-        cmd.pre_exec(move || {
-            super::handoff::close_inherited_descriptors()?;
-            if let Some(who) = &run_as {
-                who.assume()?;
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() != parent {
-                return Err(std::io::Error::other("the daemon exited"));
-            }
-            Ok(())
-        });
-    }
+    super::handoff::become_owner_at_exec(&mut cmd, run_as, "the daemon exited");
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {

@@ -84,6 +84,35 @@ pub fn close_inherited_descriptors() -> std::io::Result<()> {
     Ok(())
 }
 
+/// The last steps of a child started for an owner, between fork and exec
+/// (after any earlier `pre_exec`, such as entering its cgroup): every
+/// inherited descriptor marked close-on-exec, the owner's identity (when
+/// there is one), the daemon's death taking the child with it, and a check
+/// that the daemon did not die before that was set.  `what` names the child
+/// in the error of that last case.
+pub fn become_owner_at_exec(cmd: &mut Command, run_as: Option<Identity>, what: &'static str) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: close_range, setgroups/setgid/setuid, prctl and getppid are
+    // async-signal-safe and nothing here allocates.  The death signal is
+    // set after the change of user, which would clear it, and before exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            close_inherited_descriptors()?;
+            if let Some(who) = &run_as {
+                who.assume()?;
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other(what));
+            }
+            Ok(())
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

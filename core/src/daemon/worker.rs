@@ -372,28 +372,11 @@ pub fn spawn(
             cmd.env("CUDA_VISIBLE_DEVICES", "");
         }
     }
-    let run_as = launch.run_as.clone();
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: setgroups/setgid/setuid, prctl, getppid and close_range are
-    // async-signal-safe and nothing here allocates.  The death signal is set
-    // after the change of user, which would clear it, and before exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            super::handoff::close_inherited_descriptors()?;
-            if let Some(who) = &run_as {
-                who.assume()?;
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() != parent {
-                return Err(std::io::Error::other(
-                    "the daemon exited while starting a worker",
-                ));
-            }
-            Ok(())
-        });
-    }
+    super::handoff::become_owner_at_exec(
+        &mut cmd,
+        launch.run_as.clone(),
+        "the daemon exited while starting a worker",
+    );
     let mut child = cmd
         .spawn()
         .with_context(|| format!("starting {} worker", launch.exe.display()))?;
