@@ -599,6 +599,13 @@ pub fn wait(ids: &[u64], timeout: Option<f64>, socket: Option<PathBuf>) -> Resul
         if !answers.is_empty() {
             lost_daemon = false;
         }
+        // Jobs seen ended in one round are told in the order they ended
+        // (then by id: a job ends no sooner than the older ones it waits for).
+        let ended_at = |r: &Response| match r {
+            Response::Job(d) => d.view.job.state.finished_at().unwrap_or(u64::MAX),
+            _ => u64::MAX,
+        };
+        answers.sort_by_key(|(id, r)| (ended_at(r), *id));
         for (id, r) in answers {
             let ended = match r {
                 Response::Job(d) => {
