@@ -708,11 +708,21 @@ impl JobCgroup {
             }
         }
         let pids = self.pids().ok()?;
-        Some(
-            pids.iter()
-                .map(|pid| crate::procfs::kb_field(&format!("/proc/{pid}/status"), "VmRSS"))
-                .fold(0u64, u64::saturating_add),
-        )
+        let mut sum = 0u64;
+        for pid in pids {
+            match std::fs::read_to_string(format!("/proc/{pid}/status")) {
+                Ok(_) => {
+                    let rss = crate::procfs::kb_field(&format!("/proc/{pid}/status"), "VmRSS");
+                    sum = sum.saturating_add(rss);
+                }
+                // Gone since the listing: it holds nothing.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                // Hidden (`ProtectProc=invisible` without the memory
+                // controller) or unreadable: the figure would be a lie.
+                Err(_) => return None,
+            }
+        }
+        Some(sum)
     }
 
     /// The most memory the job has used (`memory.peak`, Linux 5.19+, with

@@ -201,6 +201,8 @@ struct Daemon {
     cgroups: super::cgroup::Cgroups,
     /// Each user's recent usage (fair share).
     ledger: super::fair_share::Ledger,
+    /// A job's memory could not be read (said once).
+    said_memory_unreadable: bool,
     /// Something admission cares about changed (a job queued, a worker
     /// ended, the config reloaded): plan now rather than at the next tick.
     /// (A cancelled queued job frees nothing; the next tick sees it.)
@@ -341,6 +343,7 @@ impl Daemon {
             recheck_at: None,
             cgroups: super::cgroup::Cgroups::none("not set up (a daemon under test)".into()),
             ledger,
+            said_memory_unreadable: false,
             schedule_due: true,
         };
         Ok((daemon, rx))

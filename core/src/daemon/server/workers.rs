@@ -71,6 +71,7 @@ impl Daemon {
         });
         let mut placed = Vec::new();
         let mut overran = Vec::new();
+        let mut unreadable = false;
         for (&id, r) in self.running.iter() {
             let usage = match &r.pool {
                 // What a worker has allocated on its GPU is already gone from
@@ -88,7 +89,18 @@ impl Daemon {
                     .sum(),
                 // A job's cgroup holds only its own processes, from its start.
                 Pool::Cpu => match &r.cgroup {
-                    Some(cg) => cg.memory_current().unwrap_or(0),
+                    Some(cg) => cg.memory_current().unwrap_or_else(|| {
+                        if !self.said_memory_unreadable {
+                            tracing::warn!(
+                                "the memory of job {id} cannot be read (neither its cgroup's \
+                                 memory.current nor its processes' /proc): jobs' memory is not \
+                                 watched; under systemd without the memory controller in cgroup \
+                                 v2, drop ProtectProc=invisible from the unit"
+                            );
+                        }
+                        unreadable = true;
+                        0
+                    }),
                     None if r.settled => self.probe.process_memory(r.worker.pid(), &r.pool),
                     None => 0,
                 },
@@ -127,6 +139,7 @@ impl Daemon {
                 usage,
             });
         }
+        self.said_memory_unreadable |= unreadable;
         for (id, why) in overran {
             self.on_violation(id, why)?;
         }
