@@ -3,7 +3,11 @@
 /// Field `name` (e.g. `VmHWM`) of a `/proc` file such as `/proc/self/status`
 /// or `/proc/meminfo`, in bytes; 0 when the file or field is missing.
 pub fn kb_field(file: &str, name: &str) -> u64 {
-    let text = std::fs::read_to_string(file).unwrap_or_default();
+    kb_field_in(&std::fs::read_to_string(file).unwrap_or_default(), name)
+}
+
+/// Field `name` of such a file's text already read, in bytes; 0 when missing.
+pub fn kb_field_in(text: &str, name: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())

@@ -711,9 +711,8 @@ impl JobCgroup {
         let mut sum = 0u64;
         for pid in pids {
             match std::fs::read_to_string(format!("/proc/{pid}/status")) {
-                Ok(_) => {
-                    let rss = crate::procfs::kb_field(&format!("/proc/{pid}/status"), "VmRSS");
-                    sum = sum.saturating_add(rss);
+                Ok(status) => {
+                    sum = sum.saturating_add(crate::procfs::kb_field_in(&status, "VmRSS"));
                 }
                 // Gone since the listing: it holds nothing.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -736,9 +736,24 @@ mod tests {
     use crate::spec::JobSpec;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
-    /// One intake pass with checks in this process, and every verdict handled.
-    /// Intake passes until every file is decided (one user's files are
-    /// checked two at a time).
+    /// A daemon under test in `root` (spool, state and socket folders
+    /// inside it) with `cfg` and a scripted `probe`; nothing runs yet.
+    pub(in crate::daemon::server) fn test_daemon(
+        root: &Path,
+        cfg: DaemonConfig,
+        probe: ScriptedProbe,
+    ) -> (Daemon, Receiver<Event>) {
+        let dirs = cfg.dirs(
+            Some(root.join("spool")),
+            Some(root.join("state")),
+            Some(root.join("run")),
+        );
+        Daemon::new(cfg, DaemonOptions::default(), dirs, Box::new(probe)).unwrap()
+    }
+
+    /// Intake passes with checks in this process, every verdict handled,
+    /// until every file is decided (one user's files are checked two at a
+    /// time).
     fn intake_and_settle(daemon: &mut Daemon, rx: &Receiver<Event>) {
         daemon.checker = Checker::InProcess;
         let mut dirty = false;
@@ -804,13 +819,7 @@ mod tests {
             memory_margin_mib: 0,
             ..DaemonConfig::default()
         };
-        let dirs = cfg.dirs(
-            Some(root.join("spool")),
-            Some(root.join("state")),
-            Some(root.join("run")),
-        );
-        let (mut daemon, rx) =
-            Daemon::new(cfg, DaemonOptions::default(), dirs, Box::new(probe)).unwrap();
+        let (mut daemon, rx) = test_daemon(root, cfg, probe);
         // A stand-in worker: records the GPU it was given, then idles.
         let stub = root.join("worker.sh");
         std::fs::write(
@@ -868,19 +877,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
         std::fs::write(root.join("secret.error"), "root-only secret").unwrap();
-        let cfg = DaemonConfig::default();
-        let dirs = cfg.dirs(
-            Some(root.join("spool")),
-            Some(root.join("state")),
-            Some(root.join("run")),
-        );
-        let (mut daemon, rx) = Daemon::new(
-            cfg,
-            DaemonOptions::default(),
-            dirs,
-            Box::new(ScriptedProbe::default()),
-        )
-        .unwrap();
+        let (mut daemon, rx) = test_daemon(root, DaemonConfig::default(), ScriptedProbe::default());
         let peer_as = |uid| control::Peer {
             uid,
             gid: uid,
@@ -1035,19 +1032,7 @@ mod tests {
         fn fuzz_daemon() -> (Daemon, Receiver<Event>, tempfile::TempDir) {
             let tmp = tempfile::tempdir().unwrap();
             let root = tmp.path();
-            let cfg = DaemonConfig::default();
-            let dirs = cfg.dirs(
-                Some(root.join("spool")),
-                Some(root.join("state")),
-                Some(root.join("run")),
-            );
-            let (daemon, rx) = Daemon::new(
-                cfg,
-                DaemonOptions::default(),
-                dirs,
-                Box::new(ScriptedProbe::default()),
-            )
-            .unwrap();
+            let (daemon, rx) = test_daemon(root, DaemonConfig::default(), ScriptedProbe::default());
             for (id, owner) in [
                 (1u64, 0u32),
                 (2, 1000),

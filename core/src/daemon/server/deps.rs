@@ -143,19 +143,12 @@ mod tests {
     fn daemon() -> (Daemon, Receiver<Event>, tempfile::TempDir) {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
-        let cfg = DaemonConfig::default();
-        let dirs = cfg.dirs(
-            Some(root.join("spool")),
-            Some(root.join("state")),
-            Some(root.join("run")),
-        );
         let probe = ScriptedProbe {
             cpu_available: 0,
             cpu_total: 1 << 40,
             ..Default::default()
         };
-        let (daemon, rx) =
-            Daemon::new(cfg, DaemonOptions::default(), dirs, Box::new(probe)).unwrap();
+        let (daemon, rx) = super::super::tests::test_daemon(root, DaemonConfig::default(), probe);
         (daemon, rx, tmp)
     }
 

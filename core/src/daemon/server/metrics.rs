@@ -118,18 +118,8 @@ mod tests {
             metrics_file: Some(root.join("mezod.prom")),
             ..DaemonConfig::default()
         };
-        let dirs = cfg.dirs(
-            Some(root.join("spool")),
-            Some(root.join("state")),
-            Some(root.join("run")),
-        );
-        let (mut daemon, _rx) = Daemon::new(
-            cfg,
-            DaemonOptions::default(),
-            dirs,
-            Box::new(ScriptedProbe::default()),
-        )
-        .unwrap();
+        let (mut daemon, _rx) =
+            super::super::tests::test_daemon(root, cfg, ScriptedProbe::default());
         // 4294967 is no one (a uid far past any system's users).
         let stranger = 4_294_967u32;
         let root_name = crate::identity::name_of(0).unwrap_or_else(|| "0".into());

@@ -105,7 +105,7 @@ impl Daemon {
                     None => 0,
                 },
             };
-            let limit = r.estimate.saturating_add(self.cfg.margin_bytes());
+            let limit = self.reservation(r.estimate);
             if usage > limit && r.violation.is_none() {
                 overran.push((
                     id,
@@ -200,44 +200,42 @@ impl Daemon {
             .flatten();
         self.resources = Some(res);
         // With jobs of several users in line, a waiting job says where its
-        // owner stands in fair share.
-        let owners: std::collections::HashSet<u32> = queue.iter().map(|c| c.owner).collect();
-        let share = |c: &Candidate| {
-            format!(
-                "; fair share: {} used {} (half-life {})",
-                crate::identity::name_of(c.owner).unwrap_or_else(|| format!("uid {}", c.owner)),
-                crate::daemon::fair_share::describe(c.usage),
-                crate::daemon::fair_share::describe_half_life(self.cfg.half_life_s())
-            )
-        };
-        let by_id: HashMap<u64, &Candidate> = queue.iter().map(|c| (c.id, c)).collect();
-        let decisions: Vec<Decision> = decisions
-            .into_iter()
-            .map(|d| match d {
-                Decision::Wait { id, reason } if owners.len() > 1 => Decision::Wait {
-                    id,
-                    reason: format!(
-                        "{reason}{}",
-                        by_id.get(&id).map_or(String::new(), |c| share(c))
-                    ),
-                },
-                other => other,
-            })
-            .collect();
+        // owner stands in fair share: once per owner per turn (a user
+        // database lookup may leave the machine), not once per waiting job.
+        let mut share: HashMap<u32, String> = HashMap::new();
+        for c in &queue {
+            share.entry(c.owner).or_insert_with(|| {
+                format!(
+                    "; fair share: {} used {} (half-life {})",
+                    crate::identity::name_of(c.owner).unwrap_or_else(|| format!("uid {}", c.owner)),
+                    crate::daemon::fair_share::describe(c.usage),
+                    crate::daemon::fair_share::describe_half_life(self.cfg.half_life_s())
+                )
+            });
+        }
+        let owner_of: HashMap<u64, u32> = queue.iter().map(|c| (c.id, c.owner)).collect();
+        if let Some((for_id, victims)) = &preempt {
+            self.preempt(*for_id, victims);
+        }
         let mut decisions = decisions;
-        if let Some((for_id, victims)) = preempt {
-            self.preempt(for_id, &victims);
-            let names: Vec<String> = victims.iter().map(|v| v.to_string()).collect();
-            for d in decisions.iter_mut() {
-                if let Decision::Wait { id, reason } = d {
-                    if *id == for_id {
-                        *reason = format!(
-                            "waiting for job(s) {} to stop at a step boundary: preempted for it \
-                             (they resume where they stopped)",
-                            names.join(", ")
-                        );
+        for d in decisions.iter_mut() {
+            let Decision::Wait { id, reason } = d else {
+                continue;
+            };
+            match &preempt {
+                Some((for_id, victims)) if for_id == id => {
+                    *reason = format!(
+                        "waiting for {} to stop at a step boundary: preempted for it (they \
+                         resume where they stopped)",
+                        deps::describe_ids(victims)
+                    );
+                }
+                _ if share.len() > 1 => {
+                    if let Some(s) = owner_of.get(id).and_then(|o| share.get(o)) {
+                        reason.push_str(s);
                     }
                 }
+                _ => {}
             }
         }
         for d in decisions {
