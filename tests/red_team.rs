@@ -87,19 +87,28 @@ fn reviews() -> String {
         .to_string()
 }
 
-/// Drop a job of user 65534 on a model copy anyone may read, training on
-/// `data` (default: the example reviews); returns its id once taken.
-fn drop_nobody_job(d: &Daemon, dir: &Path, name: &str, steps: u64, data: Option<&Path>) -> u64 {
-    let job = job_file(dir, name, steps, 1);
+/// A causal-LM job file `dir/name.yaml` (see [`job_file`]) on a copy of the
+/// llama fixture anyone may read (`dir/name-model`), as another user's job
+/// needs: the fixture's own folder is the repository's.
+fn readable_job(dir: &Path, name: &str, steps: u64, seed: u64) -> PathBuf {
+    let job = job_file(dir, name, steps, seed);
     let model = model_copy(dir, &format!("{name}-model"), 0o644);
-    let mut text = std::fs::read_to_string(&job).unwrap().replace(
+    let text = std::fs::read_to_string(&job).unwrap().replace(
         &fixture("llama").display().to_string(),
         &model.display().to_string(),
     );
-    if let Some(data) = data {
-        text = text.replace(&reviews(), &data.display().to_string());
-    }
     std::fs::write(&job, text).unwrap();
+    job
+}
+
+/// Drop a job of user 65534 on a model copy anyone may read, training on
+/// `data` (default: the example reviews); returns its id once taken.
+fn drop_nobody_job(d: &Daemon, dir: &Path, name: &str, steps: u64, data: Option<&Path>) -> u64 {
+    let job = readable_job(dir, name, steps, 1);
+    if let Some(data) = data {
+        let text = std::fs::read_to_string(&job).unwrap();
+        std::fs::write(&job, text.replace(&reviews(), &data.display().to_string())).unwrap();
+    }
     let before = d.jobs().len();
     drop_as_nobody(d, &job, &format!("{name}.yaml"));
     d.wait_until("the job to be taken", |d| d.jobs().len() == before + 1);
@@ -945,13 +954,7 @@ fn a_forged_intake_verdict_decides_nothing() {
 
 /// A job of user 65533 on a model copy anyone may read; its id once taken.
 fn drop_victim(d: &Daemon, dir: &Path) -> u64 {
-    let job = job_file(dir, "victim", 3, 2);
-    let model = model_copy(dir, "victim-model", 0o644);
-    let body = std::fs::read_to_string(&job).unwrap().replace(
-        &fixture("llama").display().to_string(),
-        &model.display().to_string(),
-    );
-    std::fs::write(&job, body).unwrap();
+    let job = readable_job(dir, "victim", 3, 2);
     let before = d.jobs().len();
     drop_as(d, &job, "victim.yaml", NOSY);
     d.wait_until("the victim's job to be taken", |d| {
@@ -984,14 +987,9 @@ fn a_setgid_folder_lends_no_group() {
     std::os::unix::fs::chown(&setgid, Some(0), Some(group.gid)).unwrap();
     std::fs::set_permissions(&setgid, std::fs::Permissions::from_mode(0o2777)).unwrap();
     let d = Daemon::start(tmp.path(), CONFIG);
-    let job = job_file(tmp.path(), "grouped", 2, 1);
-    let model = model_copy(tmp.path(), "grouped-model", 0o644);
+    let job = readable_job(tmp.path(), "grouped", 2, 1);
     let body = std::fs::read_to_string(&job)
         .unwrap()
-        .replace(
-            &fixture("llama").display().to_string(),
-            &model.display().to_string(),
-        )
         .replace(&reviews(), &data.display().to_string());
     std::fs::write(&job, &body).unwrap();
     std::fs::set_permissions(&job, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -1341,12 +1339,8 @@ fn one_users_slow_files_do_not_hold_up_anothers() {
 fn a_user_cannot_jump_the_queue_or_flood_it() {
     let (tmp, _) = arena();
     let d = Daemon::start(tmp.path(), &format!("{CONFIG}jobs_per_user: 2\n"));
-    let job = job_file(tmp.path(), "urgent", 3, 1);
-    let model = model_copy(tmp.path(), "urgent-model", 0o644);
-    let body = std::fs::read_to_string(&job).unwrap().replace(
-        &fixture("llama").display().to_string(),
-        &model.display().to_string(),
-    );
+    let job = readable_job(tmp.path(), "urgent", 3, 1);
+    let body = std::fs::read_to_string(&job).unwrap();
     std::fs::write(&job, format!("priority: 1000\n{body}")).unwrap();
     drop_as_nobody(&d, &job, "urgent.yaml");
     let error = d.spool().join("rejected/urgent.yaml.error");
@@ -1364,12 +1358,7 @@ fn a_user_cannot_jump_the_queue_or_flood_it() {
     let long: Vec<u64> = (0..2)
         .map(|i| drop_nobody_job(&d, tmp.path(), &format!("long{i}"), 100_000, None))
         .collect();
-    let third = job_file(tmp.path(), "third", 3, 1);
-    let body = std::fs::read_to_string(&third).unwrap().replace(
-        &fixture("llama").display().to_string(),
-        &model.display().to_string(),
-    );
-    std::fs::write(&third, body).unwrap();
+    let third = readable_job(tmp.path(), "third", 3, 1);
     drop_as_nobody(&d, &third, "third.yaml");
     let error = d.spool().join("rejected/third.yaml.error");
     d.wait_until("the third job to be refused", |_| error.is_file());
@@ -1668,13 +1657,7 @@ fn a_job_preempted_twice_ends_bit_identical_to_an_uninterrupted_run() {
         &format!("{CONFIG}preemption: true\npreemption_min_run_s: 0\n"),
     );
     // The user's job, on a model copy anyone may read; its solo run first.
-    let job = job_file(tmp.path(), "long", 400, 5);
-    let model = model_copy(tmp.path(), "long-model", 0o644);
-    let body = std::fs::read_to_string(&job).unwrap().replace(
-        &fixture("llama").display().to_string(),
-        &model.display().to_string(),
-    );
-    std::fs::write(&job, body).unwrap();
+    let job = readable_job(tmp.path(), "long", 400, 5);
     run_to_end(&job, &job.with_extension("solo"), "solo run");
     drop_as_nobody(&d, &job, "long.yaml");
     d.wait_until("the long job to be taken", |d| d.jobs().len() == 1);
@@ -1968,13 +1951,8 @@ fn a_normal_user_submits_and_gets_the_id() {
     let d = Daemon::start(tmp.path(), CONFIG);
     let home = tmp.path().join("home");
     std::fs::create_dir(&home).unwrap();
-    let job = job_file(&home, "job", 2, 1);
-    let model = model_copy(&home, "model", 0o644);
-    let text_of_job = std::fs::read_to_string(&job).unwrap().replace(
-        &fixture("llama").display().to_string(),
-        &model.display().to_string(),
-    );
-    std::fs::write(&job, &text_of_job).unwrap();
+    let job = readable_job(&home, "job", 2, 1);
+    let text_of_job = std::fs::read_to_string(&job).unwrap();
     std::fs::write(home.join("again.yaml"), &text_of_job).unwrap();
     for p in ["", "job.yaml", "again.yaml"] {
         std::os::unix::fs::chown(home.join(p), Some(NOBODY), Some(NOBODY)).unwrap();
@@ -2040,13 +2018,8 @@ fn a_user_cannot_make_a_job_wait_for_anothers() {
     let victim = drop_victim(&d, tmp.path());
     let home = tmp.path().join("home");
     std::fs::create_dir(&home).unwrap();
-    let job = job_file(&home, "sneaky", 3, 1);
-    let model = model_copy(&home, "model", 0o644);
-    let body = std::fs::read_to_string(&job).unwrap().replace(
-        &fixture("llama").display().to_string(),
-        &model.display().to_string(),
-    );
-    std::fs::write(&job, &body).unwrap();
+    let job = readable_job(&home, "sneaky", 3, 1);
+    let body = std::fs::read_to_string(&job).unwrap();
     for p in ["", "sneaky.yaml"] {
         std::os::unix::fs::chown(home.join(p), Some(NOBODY), Some(NOBODY)).unwrap();
     }
@@ -2117,12 +2090,8 @@ fn a_notify_command_runs_as_its_owner_and_nothing_more() {
     std::fs::create_dir(&out_dir).unwrap();
     std::os::unix::fs::chown(&out_dir, Some(NOBODY), Some(NOBODY)).unwrap();
     let told = out_dir.join("told");
-    let job = job_file(tmp.path(), "notified", 3, 1);
-    let model = model_copy(tmp.path(), "notified-model", 0o644);
-    let body = std::fs::read_to_string(&job).unwrap().replace(
-        &fixture("llama").display().to_string(),
-        &model.display().to_string(),
-    );
+    let job = readable_job(tmp.path(), "notified", 3, 1);
+    let body = std::fs::read_to_string(&job).unwrap();
     let script = format!(
         "{{ id -u; id -G; env; ls -l /proc/self/fd/; }} > {0}.part; mv {0}.part {0}; sleep 20",
         told.display()
