@@ -459,6 +459,7 @@ fn a_crash_between_recording_and_moving_a_file_never_starts_it_twice() {
                 attempts: 0,
                 failures: 0,
                 gpus: vec![],
+                gpu_labels: vec![],
                 reason: "queued".into(),
                 estimate_bytes: 1 << 20,
                 peak_bytes: 0,

@@ -124,6 +124,11 @@ struct GpuDaemon {
 
 impl GpuDaemon {
     fn start(root: &Path, gpus: Value) -> Self {
+        Self::start_with(root, gpus, "")
+    }
+
+    /// A daemon whose config is the tests' plus `extra` lines.
+    fn start_with(root: &Path, gpus: Value, extra: &str) -> Self {
         let script = root.join("gpus.json");
         write_script(&script, &gpus);
         // nvml-wrapper dlopens the bare name libnvidia-ml.so.1: LD_LIBRARY_PATH finds ours.
@@ -134,7 +139,7 @@ impl GpuDaemon {
             Ok(p) if !p.is_empty() => format!("{}:{p}", lib_dir.display()),
             _ => lib_dir.display().to_string(),
         };
-        std::fs::write(root.join("daemon.yaml"), CONFIG).unwrap();
+        std::fs::write(root.join("daemon.yaml"), format!("{CONFIG}{extra}")).unwrap();
         let engine = gated_engine(root);
         let env = [
             ("LD_LIBRARY_PATH", std::ffi::OsStr::new(&ld)),
@@ -270,13 +275,13 @@ fn status_shows_nvml_memory_and_a_job_goes_to_the_only_gpu_it_fits() {
     assert!(text.starts_with("mode: gpu\n"), "{text}");
     assert!(
         text.contains(&format!(
-            "GPU 0 Fake H100 ({UUID0}): 512.0 MiB free of 16.00 GiB, 0 job(s) of ours"
+            "GPU 0 (Fake H100) {UUID0}: 512.0 MiB free of 16.00 GiB, 0 job(s) of ours"
         )),
         "{text}"
     );
     assert!(
         text.contains(&format!(
-            "GPU 1 Fake A100 ({UUID1}): 2.00 GiB free of 2.00 GiB, 0 job(s) of ours"
+            "GPU 1 (Fake A100) {UUID1}: 2.00 GiB free of 2.00 GiB, 0 job(s) of ours"
         )),
         "{text}"
     );
@@ -291,7 +296,7 @@ fn status_shows_nvml_memory_and_a_job_goes_to_the_only_gpu_it_fits() {
     ]}));
     d.wait_until("the new free memory in status", |d| {
         d.status_cli(false)
-            .contains(&format!("({UUID0}): 768.0 MiB free of 16.00 GiB"))
+            .contains(&format!("{UUID0}: 768.0 MiB free of 16.00 GiB"))
     });
     assert!(e + MARGIN > 768 * MIB && e + MARGIN <= 2 * GIB);
 
@@ -318,12 +323,101 @@ fn status_shows_nvml_memory_and_a_job_goes_to_the_only_gpu_it_fits() {
         "{}",
         d.log()
     );
-    assert!(d.log().contains(&format!("on {UUID1}")), "{}", d.log());
+    assert!(
+        d.log().contains(&format!("on GPU 1 (Fake A100) {UUID1}")),
+        "{}",
+        d.log()
+    );
     // Its CUDA start fails here (no CUDA for a scripted GPU), and with no
     // retries configured the job ends failed with that reason.
     assert_eq!(rec["state"], "failed", "{rec:#}");
     let error = d.job_file(id, "error");
     assert!(error.contains("cuda:0 is not available"), "{error}");
+}
+
+/// A GPU in MIG mode is its instances: each a pool with its own memory,
+/// `gpus:` naming the GPU selects them all, and a job's worker gets the
+/// instance's `MIG-…` UUID; status names the instance by GPU index, slot,
+/// name and UUID.
+#[test]
+fn mig_instances_are_pools_and_a_job_goes_to_the_one_it_fits() {
+    const PARENT: &str = "GPU-cccccccc-1111-2222-3333-000000000000";
+    const MIG_A: &str = "MIG-aaaaaaaa-1111-2222-3333-000000000000";
+    const MIG_B: &str = "MIG-bbbbbbbb-1111-2222-3333-000000000000";
+    let tmp = tempfile::tempdir().unwrap();
+    let job = gpu_job(tmp.path(), "on-mig", 1);
+    let e = gpu_estimate(&job);
+    let mut h100 = gpu(PARENT, "Fake H100", 80 * GIB, &[]);
+    h100["mig"] = json!([
+        gpu(
+            MIG_A,
+            "Fake H100 MIG 3g.40gb",
+            4 * GIB,
+            &[(FOREIGN, 4 * GIB - 256 * MIB)]
+        ),
+        null,
+        gpu(MIG_B, "Fake H100 MIG 1g.10gb", 2 * GIB, &[]),
+    ]);
+    // GPU 1 is roomy, but the config gives the daemon GPU 0 alone.
+    let d = GpuDaemon::start_with(
+        tmp.path(),
+        json!({"gpus": [h100, gpu(UUID1, "Fake A100", 16 * GIB, &[])]}),
+        &format!("gpus: [{PARENT}]\n"),
+    );
+    let text = d.status_cli(false);
+    assert!(
+        text.contains(&format!(
+            "GPU 0 MIG 0 (Fake H100 MIG 3g.40gb) {MIG_A}: 256.0 MiB free of 4.00 GiB"
+        )) && text.contains(&format!(
+            "GPU 0 MIG 2 (Fake H100 MIG 1g.10gb) {MIG_B}: 2.00 GiB free of 2.00 GiB"
+        )),
+        "{text}"
+    );
+    assert!(
+        !text.contains(UUID1) && !text.contains("80.00 GiB"),
+        "{text}"
+    );
+    assert_eq!(
+        d.status()["pools"].as_array().unwrap().len(),
+        3,
+        "two instances and the CPU"
+    );
+
+    assert!(e + MARGIN <= 2 * GIB);
+    let id = d.submit(&job);
+    let rec = d.wait_ended(id);
+    assert_eq!(rec["gpus"], json!([MIG_B]), "{rec:#}");
+    assert_eq!(
+        rec["gpu_labels"],
+        json!(["GPU 0 MIG 2 (Fake H100 MIG 1g.10gb)"])
+    );
+    let log = d.job_file(id, "worker.log");
+    assert!(
+        log.contains("--- attempt 1 on GPU 0 MIG 2 (Fake H100 MIG 1g.10gb), from step 0 ---"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("CUDA_VISIBLE_DEVICES=\"{MIG_B}\", device cuda:0")),
+        "{log}"
+    );
+    let detail = String::from_utf8(
+        check(
+            mezod()
+                .args(["status", &id.to_string(), "--socket"])
+                .arg(d.socket())
+                .output()
+                .unwrap(),
+            "mezod status ID",
+        )
+        .stdout,
+    )
+    .unwrap();
+    assert!(
+        detail.contains(&format!(
+            "gpu        GPU 0 MIG 2 (Fake H100 MIG 1g.10gb) {MIG_B}\n"
+        )),
+        "{detail}"
+    );
 }
 
 #[test]

@@ -175,7 +175,7 @@ fn pools(res: &Resources, placed: &[Placed]) -> Vec<PoolState> {
         .iter()
         .map(|g| PoolState {
             pool: Pool::Gpu(g.uuid.clone()),
-            label: format!("GPU {} ({})", g.index, g.name),
+            label: g.label(),
             total: g.total_bytes,
             room: g.free_bytes as i128 - res.margin as i128,
             room_if_ours_finish: g.free_bytes as i128 - res.margin as i128,
@@ -453,6 +453,7 @@ mod tests {
     fn gpu(index: u32, total_gib: u64, free_gib: u64) -> GpuInfo {
         GpuInfo {
             index,
+            mig: None,
             uuid: format!("GPU-{index}"),
             name: "Test GPU".into(),
             total_bytes: total_gib * GIB,

@@ -4,7 +4,7 @@
 //! spool: /var/lib/mezod/spool      # new/ tmp/ cur/ rejected/ live here
 //! state: /var/lib/mezod            # sled database and one folder per job
 //! runtime: /run/mezod              # the control socket
-//! gpus: all                        # or a list of indices / UUIDs
+//! gpus: all                        # or a list of indices / UUIDs (GPU-… or MIG-…)
 //! memory_margin_mib: 1024          # kept free on every GPU (and in RAM)
 //! jobs_per_gpu: 1
 //! cpu_slots: 1                     # concurrent CPU jobs
@@ -110,12 +110,15 @@ pub enum GpuId {
 }
 
 impl GpuSelection {
-    pub fn allows(&self, index: u32, uuid: &str) -> bool {
+    /// Whether the daemon may use this GPU or MIG instance: a GPU's index
+    /// or UUID selects it and all its MIG instances, a `MIG-…` UUID one
+    /// instance.
+    pub fn allows(&self, gpu: &crate::gpu::GpuInfo) -> bool {
         match self {
             GpuSelection::All(_) => true,
             GpuSelection::Listed(ids) => ids.iter().any(|id| match id {
-                GpuId::Index(i) => *i == index,
-                GpuId::Uuid(u) => u == uuid,
+                GpuId::Index(i) => *i == gpu.index,
+                GpuId::Uuid(u) => gpu.is_named_by(u),
             }),
         }
     }
@@ -300,11 +303,46 @@ mod tests {
         let cfg: DaemonConfig =
             serde_yaml::from_str("gpus: [0, GPU-abc]\ncpu_slots: 2\nwatch: poll\nretry_limit: 1\n")
                 .unwrap();
-        assert!(cfg.gpus.allows(0, "GPU-x") && cfg.gpus.allows(3, "GPU-abc"));
-        assert!(!cfg.gpus.allows(1, "GPU-def"));
+        assert!(
+            cfg.gpus.allows(&gpu(0, "GPU-x", None)) && cfg.gpus.allows(&gpu(3, "GPU-abc", None))
+        );
+        assert!(!cfg.gpus.allows(&gpu(1, "GPU-def", None)));
         assert_eq!(cfg.watch, WatchMode::Poll);
         let e = serde_yaml::from_str::<DaemonConfig>("cpu_slot: 2\n").unwrap_err();
         assert!(e.to_string().contains("cpu_slot"), "{e}");
+    }
+
+    fn gpu(index: u32, uuid: &str, mig: Option<(u32, &str)>) -> crate::gpu::GpuInfo {
+        crate::gpu::GpuInfo {
+            index,
+            mig: mig.map(|(slot, parent)| crate::gpu::MigSlot {
+                slot,
+                parent_uuid: parent.into(),
+            }),
+            uuid: uuid.into(),
+            name: "Test GPU".into(),
+            total_bytes: 1,
+            free_bytes: 1,
+            processes: vec![],
+        }
+    }
+
+    /// A GPU's index or UUID selects its MIG instances; a MIG UUID one of them.
+    #[test]
+    fn gpus_selects_mig_instances_by_their_gpu_or_their_own_uuid() {
+        let select = |text: &str| serde_yaml::from_str::<DaemonConfig>(text).unwrap().gpus;
+        let a = gpu(0, "MIG-a", Some((0, "GPU-p")));
+        let b = gpu(0, "MIG-b", Some((1, "GPU-p")));
+        let other = gpu(1, "MIG-c", Some((0, "GPU-q")));
+        for by_parent in ["gpus: [0]\n", "gpus: [GPU-p]\n"] {
+            let s = select(by_parent);
+            assert!(
+                s.allows(&a) && s.allows(&b) && !s.allows(&other),
+                "{by_parent}"
+            );
+        }
+        let s = select("gpus: [MIG-b]\n");
+        assert!(!s.allows(&a) && s.allows(&b) && !s.allows(&other));
     }
 
     #[test]

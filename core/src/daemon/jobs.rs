@@ -51,8 +51,12 @@ pub struct JobRecord {
     pub attempts: u32,
     /// Crashed attempts counted against the retry limit.
     pub failures: u32,
-    /// GPU UUIDs (empty for CPU jobs).
+    /// GPU UUIDs (`GPU-…`, or `MIG-…` for a MIG instance; empty for CPU jobs).
     pub gpus: Vec<String>,
+    /// The same GPUs as people name them: "GPU 0 (NVIDIA H100 …)", "GPU 0
+    /// MIG 2 (… MIG 1g.10gb)".  Empty in records of older versions.
+    #[serde(default)]
+    pub gpu_labels: Vec<String>,
     /// Why it waits, why it failed, or how it ended.
     pub reason: String,
     pub estimate_bytes: u64,
@@ -446,6 +450,7 @@ mod tests {
             attempts: 0,
             failures: 0,
             gpus: vec![],
+            gpu_labels: vec![],
             reason: String::new(),
             estimate_bytes: 0,
             peak_bytes: 0,

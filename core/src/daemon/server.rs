@@ -713,9 +713,12 @@ impl Daemon {
         }
         if let Some(res) = &self.resources {
             for g in &res.gpus {
+                let at = match &g.mig {
+                    None => format!("GPU {}", g.index),
+                    Some(m) => format!("GPU {} MIG {}", g.index, m.slot),
+                };
                 s.push_str(&format!(
-                    "; GPU {} {}/{} free",
-                    g.index,
+                    "; {at} {}/{} free",
                     human_bytes(g.free_bytes),
                     human_bytes(g.total_bytes)
                 ));
@@ -787,6 +790,7 @@ mod tests {
     fn gpu(index: u32, total: u64, free: u64) -> GpuInfo {
         GpuInfo {
             index,
+            mig: None,
             uuid: format!("GPU-{index}"),
             name: "Scripted GPU".into(),
             total_bytes: total,

@@ -354,7 +354,17 @@ fn describe(d: &JobDetail, now: u64) -> String {
         ),
     );
     if !j.gpus.is_empty() {
-        row("gpus", printable_line(&j.gpus.join(", ")).into_owned());
+        // "GPU 0 (NVIDIA H100 …) GPU-…": records of older versions have no labels.
+        let gpus: Vec<String> = j
+            .gpus
+            .iter()
+            .enumerate()
+            .map(|(i, uuid)| match j.gpu_labels.get(i) {
+                Some(label) => format!("{label} {uuid}"),
+                None => uuid.clone(),
+            })
+            .collect();
+        row("gpu", printable_line(&gpus.join(", ")).into_owned());
     }
     if !j.summary.is_empty() {
         row("runs", printable_line(&j.summary).into_owned());

@@ -35,6 +35,12 @@
 //!   `used` in the memory info is always `total - free` (`reserved` is 0).
 //! * `used_bytes` omitted or null: NVML's "not available" (`u64::MAX`), which
 //!   nvml-wrapper turns into `UsedGpuMemory::Unavailable`.
+//! * `"mig": [instance or null, …]` on a GPU puts it in MIG mode: each
+//!   entry is one MIG device slot (the array's length is the GPU's
+//!   `nvmlDeviceGetMaxMigDeviceCount`), an instance written like a GPU
+//!   (`uuid` `MIG-…`, `name`, `total_bytes`, `free_bytes`, `processes`), or
+//!   null for a slot without one (`NVML_ERROR_NOT_FOUND`, as NVML answers).
+//!   A GPU without `mig` does not support MIG (`NVML_ERROR_NOT_SUPPORTED`).
 //! * `"init_error": true`: `nvmlInit` fails with `NVML_ERROR_DRIVER_NOT_LOADED`
 //!   (a machine whose driver is broken). It is only checked at init.
 //! * No env var, or a missing or invalid file: `nvmlInit` and every other call
@@ -45,7 +51,9 @@
 //! * Calls before `nvmlInit` (or after the matching `nvmlShutdown`; init is
 //!   reference-counted) return `NVML_ERROR_UNINITIALIZED`.
 //! * A device handle is not a real pointer: it is the GPU's index + 1 cast to a
-//!   pointer (so null stays invalid). A handle whose GPU has since disappeared
+//!   pointer (so null stays invalid); a MIG device's adds its slot + 1 times
+//!   2^16.  Name, UUID, memory and processes answer for either kind of handle,
+//!   a MIG device's with the instance's own. A handle whose GPU has since disappeared
 //!   from the file returns `NVML_ERROR_GPU_IS_LOST`.
 //! * String outputs are NUL-terminated; a buffer too short returns
 //!   `NVML_ERROR_INSUFFICIENT_SIZE`. The process list follows NVML's two-call
@@ -66,6 +74,8 @@ type Ret = c_uint;
 const SUCCESS: Ret = 0;
 const UNINITIALIZED: Ret = 1;
 const INVALID_ARGUMENT: Ret = 2;
+const NOT_SUPPORTED: Ret = 3;
+const NOT_FOUND: Ret = 6;
 const INSUFFICIENT_SIZE: Ret = 7;
 const DRIVER_NOT_LOADED: Ret = 9;
 const GPU_IS_LOST: Ret = 15;
@@ -109,6 +119,8 @@ struct Gpu {
     free: u64,
     /// (pid, bytes or None for "not available")
     processes: Vec<(u32, Option<u64>)>,
+    /// MIG mode: its device slots, each an instance or empty. None: no MIG.
+    mig: Option<Vec<Option<Gpu>>>,
 }
 
 struct Machine {
@@ -152,12 +164,26 @@ fn parse_gpu(g: &Value) -> Option<Gpu> {
         None => "Fake GPU",
         Some(n) => n.as_str()?,
     };
+    let mig = match g.get("mig") {
+        None => None,
+        Some(slots) => Some(
+            slots
+                .as_array()?
+                .iter()
+                .map(|slot| match slot {
+                    Value::Null => Some(None),
+                    instance => parse_gpu(instance).map(Some),
+                })
+                .collect::<Option<_>>()?,
+        ),
+    };
     Some(Gpu {
         uuid: g.get("uuid")?.as_str()?.to_owned(),
         name: name.to_owned(),
         total,
         free,
         processes,
+        mig,
     })
 }
 
@@ -178,10 +204,36 @@ fn gpus() -> Result<Vec<Gpu>, Ret> {
     Ok(read_script().ok_or(UNKNOWN)?.gpus)
 }
 
-/// The scripted GPU behind a handle, as the file says now.
-fn gpu(device: Device) -> Result<Gpu, Ret> {
-    let index = (device as usize).checked_sub(1).ok_or(INVALID_ARGUMENT)?;
+/// A MIG device's handle carries its slot + 1 from this bit on.
+const MIG_SHIFT: u32 = 16;
+
+/// (GPU index, MIG slot) of a handle.
+fn decode(device: Device) -> Result<(usize, Option<usize>), Ret> {
+    let raw = device as usize;
+    let index = (raw & ((1 << MIG_SHIFT) - 1))
+        .checked_sub(1)
+        .ok_or(INVALID_ARGUMENT)?;
+    Ok((index, (raw >> MIG_SHIFT).checked_sub(1)))
+}
+
+/// The physical GPU of a handle (a MIG device's parent), as the file says now.
+fn parent(device: Device) -> Result<Gpu, Ret> {
+    let (index, _) = decode(device)?;
     gpus()?.into_iter().nth(index).ok_or(GPU_IS_LOST)
+}
+
+/// The scripted GPU or MIG instance behind a handle, as the file says now.
+fn gpu(device: Device) -> Result<Gpu, Ret> {
+    let (_, slot) = decode(device)?;
+    let g = parent(device)?;
+    match slot {
+        None => Ok(g),
+        Some(s) => g
+            .mig
+            .and_then(|mut slots| (s < slots.len()).then(|| slots.swap_remove(s)))
+            .flatten()
+            .ok_or(GPU_IS_LOST),
+    }
 }
 
 /// Turns a body written with `?` into an NVML return code.
@@ -246,6 +298,8 @@ pub extern "C" fn nvmlErrorString(result: Ret) -> *const c_char {
         SUCCESS => c"Success",
         UNINITIALIZED => c"Uninitialized",
         INVALID_ARGUMENT => c"Invalid Argument",
+        NOT_SUPPORTED => c"Not Supported",
+        NOT_FOUND => c"Not Found",
         INSUFFICIENT_SIZE => c"Insufficient Size",
         DRIVER_NOT_LOADED => c"Driver Not Loaded",
         GPU_IS_LOST => c"GPU is lost",
@@ -338,14 +392,88 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
         if n > 0 && (infos.is_null() || room < n) {
             return Err(INSUFFICIENT_SIZE);
         }
+        // On a MIG device, its processes name the instance (here: its slot).
+        let instance = decode(device)?.1.map_or(NO_INSTANCE, |s| s as c_uint);
         for (i, &(pid, bytes)) in g.processes.iter().enumerate() {
             infos.add(i).write(ProcessInfo {
                 pid,
                 used_gpu_memory: bytes.unwrap_or(NOT_AVAILABLE),
-                gpu_instance_id: NO_INSTANCE,
-                compute_instance_id: NO_INSTANCE,
+                gpu_instance_id: instance,
+                compute_instance_id: if instance == NO_INSTANCE {
+                    NO_INSTANCE
+                } else {
+                    0
+                },
             });
         }
         Ok(())
+    })
+}
+
+/// The MIG slots of a physical GPU's handle; a MIG device's handle, or a GPU
+/// without MIG, does not support MIG queries.
+fn mig_slots(device: Device) -> Result<Vec<Option<Gpu>>, Ret> {
+    if decode(device)?.1.is_some() {
+        return Err(NOT_SUPPORTED);
+    }
+    parent(device)?.mig.ok_or(NOT_SUPPORTED)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetMigMode(
+    device: Device,
+    current: *mut c_uint,
+    pending: *mut c_uint,
+) -> Ret {
+    code(|| {
+        mig_slots(device)?;
+        // NVML_DEVICE_MIG_ENABLE
+        put(current, 1)?;
+        put(pending, 1)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetMaxMigDeviceCount(device: Device, count: *mut c_uint) -> Ret {
+    code(|| put(count, mig_slots(device)?.len() as c_uint))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
+    device: Device,
+    index: c_uint,
+    mig_device: *mut Device,
+) -> Ret {
+    code(|| {
+        let slots = mig_slots(device)?;
+        match slots.get(index as usize) {
+            None => Err(INVALID_ARGUMENT),
+            Some(None) => Err(NOT_FOUND),
+            Some(Some(_)) => put(
+                mig_device,
+                (device as usize | ((index as usize + 1) << MIG_SHIFT)) as Device,
+            ),
+        }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceIsMigDeviceHandle(device: Device, is_mig: *mut c_uint) -> Ret {
+    code(|| {
+        gpu(device)?;
+        put(is_mig, decode(device)?.1.is_some() as c_uint)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetDeviceHandleFromMigDeviceHandle(
+    mig_device: Device,
+    device: *mut Device,
+) -> Ret {
+    code(|| {
+        gpu(mig_device)?;
+        let (index, slot) = decode(mig_device)?;
+        slot.ok_or(INVALID_ARGUMENT)?;
+        put(device, (index + 1) as Device)
     })
 }

@@ -141,6 +141,76 @@ fn loads_by_path_and_rereads_the_script() {
     nvml.shutdown().unwrap();
 }
 
+/// A GPU in MIG mode, as NVML shows one: the parent answers MIG queries, each
+/// populated slot is a device handle with its own memory, UUID and processes,
+/// an empty slot is `NotFound`, and a GPU without `mig` does not support MIG.
+#[test]
+fn mig_instances_are_devices_of_their_own() {
+    let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("gpus.json");
+    write_script(
+        &script,
+        serde_json::json!({"gpus": [
+            {"uuid": "GPU-aaaaaaaa-0000-0000-0000-000000000000", "name": "Fake H100",
+             "total_bytes": 80 * GIB,
+             "mig": [
+                {"uuid": "MIG-11111111-0000-0000-0000-000000000000",
+                 "name": "Fake H100 MIG 3g.40gb", "total_bytes": 40 * GIB,
+                 "processes": [{"pid": 4242, "used_bytes": 8 * GIB}]},
+                null,
+                {"uuid": "MIG-22222222-0000-0000-0000-000000000000",
+                 "name": "Fake H100 MIG 1g.10gb", "total_bytes": 10 * GIB}
+             ]},
+            {"uuid": "GPU-bbbbbbbb-0000-0000-0000-000000000000", "total_bytes": 40 * GIB}
+        ]}),
+    );
+    std::env::set_var("MEZOD_FAKE_NVML", &script);
+    let lib = fake_lib();
+    let nvml = Nvml::builder().lib_path(lib.as_os_str()).init().unwrap();
+    assert_eq!(nvml.device_count().unwrap(), 2);
+
+    let gpu = nvml.device_by_index(0).unwrap();
+    let mode = gpu.mig_mode().unwrap();
+    assert_eq!((mode.current, mode.pending), (1, 1));
+    assert_eq!(gpu.mig_device_count().unwrap(), 3);
+    assert!(!gpu.mig_is_mig_device_handle().unwrap());
+
+    let a = gpu.mig_device_by_index(0).unwrap();
+    assert!(a.mig_is_mig_device_handle().unwrap());
+    assert_eq!(
+        a.uuid().unwrap(),
+        "MIG-11111111-0000-0000-0000-000000000000"
+    );
+    assert_eq!(a.name().unwrap(), "Fake H100 MIG 3g.40gb");
+    let m = a.memory_info().unwrap();
+    assert_eq!((m.total, m.free), (40 * GIB, 32 * GIB));
+    let p = a.running_compute_processes().unwrap();
+    assert_eq!((p.len(), p[0].pid), (1, 4242));
+    assert_eq!(p[0].gpu_instance_id, Some(0));
+    assert_eq!(
+        a.mig_parent_device().unwrap().uuid().unwrap(),
+        "GPU-aaaaaaaa-0000-0000-0000-000000000000"
+    );
+    assert!(matches!(
+        gpu.mig_device_by_index(1),
+        Err(NvmlError::NotFound)
+    ));
+    let c = gpu.mig_device_by_index(2).unwrap();
+    assert_eq!(c.memory_info().unwrap().free, 10 * GIB);
+    assert!(c.running_compute_processes().unwrap().is_empty());
+    assert!(matches!(
+        gpu.mig_device_by_index(3),
+        Err(NvmlError::InvalidArg)
+    ));
+    // A MIG device is no parent of more MIG devices.
+    assert!(matches!(a.mig_mode(), Err(NvmlError::NotSupported)));
+
+    let plain = nvml.device_by_index(1).unwrap();
+    assert!(matches!(plain.mig_mode(), Err(NvmlError::NotSupported)));
+    nvml.shutdown().unwrap();
+}
+
 #[test]
 fn init_fails_when_scripted_or_unconfigured() {
     let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());

@@ -290,6 +290,7 @@ impl Daemon {
             attempts: 0,
             failures: 0,
             gpus: vec![],
+            gpu_labels: vec![],
             estimate_bytes: accepted.estimate_bytes,
             peak_bytes: 0,
             preemptions: 0,

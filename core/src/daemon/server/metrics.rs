@@ -40,7 +40,7 @@ impl Daemon {
             for g in &res.gpus {
                 let (reserved_bytes, running_jobs) = ours(&Pool::Gpu(g.uuid.clone()));
                 s.pools.push(PoolFigures {
-                    name: format!("GPU {} ({})", g.index, g.name),
+                    name: g.label(),
                     uuid: Some(g.uuid.clone()),
                     total_bytes: g.total_bytes,
                     free_bytes: g.free_bytes,

@@ -365,7 +365,7 @@ impl Daemon {
                     .gpus
                     .iter()
                     .map(|g| PoolView {
-                        name: format!("GPU {} {} ({})", g.index, g.name, g.uuid),
+                        name: g.describe(),
                         total_bytes: g.total_bytes,
                         free_bytes: g.free_bytes,
                         running: count(&Pool::Gpu(g.uuid.clone())),

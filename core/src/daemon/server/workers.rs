@@ -12,7 +12,7 @@ impl Daemon {
             Ok(all) => {
                 let gpus: Vec<_> = all
                     .into_iter()
-                    .filter(|g| self.cfg.gpus.allows(g.index, &g.uuid))
+                    .filter(|g| self.cfg.gpus.allows(g))
                     .collect();
                 let reason = gpus
                     .is_empty()
@@ -281,11 +281,19 @@ impl Daemon {
                 .and_then(|r| r.gpus.iter().find(|g| &g.uuid == uuid).cloned()),
             Pool::Cpu => None,
         };
+        // "GPU 0 MIG 1 (… MIG 1g.10gb) MIG-…": index, name and UUID.
+        let place = gpu
+            .as_ref()
+            .map_or_else(|| "CPU".to_string(), |g| g.describe());
         job.apply(Transition::Admit {
-            pool: describe_pool(&pool),
+            pool: match &pool {
+                Pool::Cpu => "CPU".into(),
+                Pool::Gpu(uuid) => uuid.clone(),
+            },
         })?;
         job.attempts += 1;
         job.gpus = gpu.iter().map(|g| g.uuid.clone()).collect();
+        job.gpu_labels = gpu.iter().map(|g| g.label()).collect();
         self.table.put_durable(&job)?;
 
         let log = SeedLog::in_tree(self.db.open_tree(format!("seedlog/{id}"))?);
@@ -298,13 +306,13 @@ impl Daemon {
                 tracing::info!(
                     "job {id}: started worker {} on {} (estimate {})",
                     handle.pid(),
-                    describe_pool(&pool),
+                    place,
                     human_bytes(job.estimate_bytes)
                 );
                 job.apply(Transition::Start { since: now() })?;
                 job.started_at.get_or_insert(now());
                 job.steps_done = steps_done;
-                job.reason = format!("running on {}", describe_pool(&pool));
+                job.reason = format!("running on {place}");
                 // Its owner's clock runs from now (charged up to now first).
                 self.charge_usage()?;
                 if !self.running.values().any(|r| r.owner == job.owner_uid) {
@@ -367,10 +375,7 @@ impl Daemon {
             worker_log,
             "--- attempt {} on {}, from step {} ---",
             job.attempts,
-            gpu.map_or("CPU".to_string(), |g| format!(
-                "GPU {} ({})",
-                g.index, g.name
-            )),
+            gpu.map_or("CPU".to_string(), |g| g.label()),
             steps_done
         )?;
         let cgroup = self.job_cgroup(job, gpu.is_some())?;
@@ -634,13 +639,6 @@ impl Daemon {
         }
         tracing::error!("job {id}: failed: {reason}");
         self.table.put_durable(&job)
-    }
-}
-
-pub(super) fn describe_pool(pool: &Pool) -> String {
-    match pool {
-        Pool::Cpu => "CPU".into(),
-        Pool::Gpu(uuid) => uuid.clone(),
     }
 }
 
