@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # mezod on one GPU: step / (2 × forward), NVML peak memory against the
-# admission estimate, and a 20-step bit-identical resume, in under 8 minutes.
+# admission estimate, what two jobs sharing the GPU cost each other, and a
+# 20-step bit-identical resume, in under 8 minutes.
 #
 #   cargo build --release        # on any machine with the same libtorch (2.11.0)
 #   bench/gpu.sh                 # on the GPU machine, beside target/release/mezod{,-engine}
@@ -71,6 +72,27 @@ while IFS='|' read -r name config dtype batch tokens iters; do
     done
 done <<<"$CASES"
 
+# Sharing one device, as the daemon packs jobs by memory: the same step
+# benchmark alone, then two copies at once.  Each copy's time per step against
+# the lone one's is what sharing costs a job; two steps in that time, what it
+# gains the server.
+if [ "$DRY" = 1 ]; then
+    SHARE="tests/fixtures/opt/config.json|bf16|4|32|20"
+else
+    SHARE="bench/configs/opt-1.3b.json|bf16|8|256|30"
+fi
+IFS='|' read -r config dtype batch tokens iters <<<"$SHARE"
+share_bench() { # tag
+    "$MEZOD" bench --config "$config" --device "$DEVICE" --dtype "$dtype" --mode step \
+        --batch "$batch" --tokens "$tokens" --iters "$iters" --threads 4 |
+        "$PY" -c "import json, sys; r = json.load(sys.stdin); r['name'] = 'share'; r['share'] = '$1'; print(json.dumps(r))" >>"$RESULTS"
+}
+say "sharing: one step benchmark alone, then two at once"
+share_bench alone
+share_bench shared-a & SHARE_A=$!
+share_bench shared-b & SHARE_B=$!
+wait "$SHARE_A" "$SHARE_B"
+
 # A 20-step job on the device, killed with SIGKILL after some steps and resumed:
 # the final weights must equal those of an uninterrupted run, bit for bit.
 steps_done() {
@@ -125,6 +147,8 @@ say "done; raw results in $RESULTS"
 "$PY" - "$RESULTS" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
+share = [r for r in rows if r["name"] == "share"]
+rows = [r for r in rows if r["name"] != "share"]
 by = {}
 for r in rows:
     by.setdefault(r["name"], {})[r["mode"]] = r
@@ -139,6 +163,12 @@ for name, m in by.items():
     print(f"| {name} | {f['batch']} × {f['tokens']} | {f['parameters'] / 1e9:.2f} B | {f['seconds_per_iter']:.4f} | {s['seconds_per_iter']:.4f} | "
           f"{s['seconds_per_iter'] / (2 * f['seconds_per_iter']):.3f} | {gib(peak)} | {gib(s['estimate_bytes'])} | "
           f"{s['estimate_bytes'] / peak:.2f} |")
+alone = next(r["seconds_per_iter"] for r in share if r["share"] == "alone")
+shared = [r["seconds_per_iter"] for r in share if r["share"] != "alone"]
+mean = sum(shared) / len(shared)
+print(f"sharing one device ({share[0]['parameters'] / 1e9:.2f} B params, {share[0]['batch']} × {share[0]['tokens']}): "
+      f"a step takes {alone:.4f} s alone, {mean:.4f} s with a second job at once: "
+      f"each job {mean / alone:.2f}× slower, the device {2 * alone / mean:.2f}× the steps per second")
 EOF
 echo "$RESUME"
 [ -z "${RESUME_FAILED:-}" ]

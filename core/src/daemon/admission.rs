@@ -15,7 +15,9 @@
 //! **Order and backfill.** Jobs are considered by priority (higher first),
 //! then fair share (the owner's recent usage, less first; see
 //! [`fair_share`](super::fair_share)), owners' jobs in turn, then
-//! submission order; a user at `running_per_user` waits without holding room.  The first job of a kind (GPU or CPU) that does not
+//! submission order; a user at `running_per_user`, or whose jobs hold their
+//! `gpu_share_per_user` of every GPU the job would fit, waits without holding
+//! room.  The first job of a kind (GPU or CPU) that does not
 //! fit becomes the *head*: it is given a target pool, the one that would have
 //! the most room if all of our jobs there finished.  A later, smaller job may
 //! still start (backfill), but in the head's target pool only if the head would
@@ -137,6 +139,9 @@ pub struct Resources {
     pub margin: u64,
     /// Jobs one user (not root) may have running at once.
     pub running_per_user: Option<usize>,
+    /// The fraction of each GPU's memory one user's jobs (not root's) may
+    /// reserve together.
+    pub gpu_share_per_user: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -200,6 +205,88 @@ fn pools(res: &Resources, placed: &[Placed]) -> Vec<PoolState> {
     out
 }
 
+/// `gpu_share_per_user`: what each user's jobs reserve on each GPU, against
+/// the share of it one user may hold.
+struct GpuShares {
+    share: Option<f64>,
+    held: HashMap<(u32, Pool), u64>,
+}
+
+impl GpuShares {
+    fn new(res: &Resources, placed: &[Placed]) -> Self {
+        let mut shares = GpuShares {
+            share: res.gpu_share_per_user,
+            held: HashMap::new(),
+        };
+        for p in placed {
+            shares.add(p.owner, &p.pool, p.estimate);
+        }
+        shares
+    }
+
+    fn add(&mut self, owner: u32, pool: &Pool, estimate: u64) {
+        *self.held.entry((owner, pool.clone())).or_default() += estimate;
+    }
+
+    fn held(&self, owner: u32, pool: &Pool) -> u64 {
+        self.held.get(&(owner, pool.clone())).copied().unwrap_or(0)
+    }
+
+    /// The most `owner`'s jobs may reserve in `p`; None where there is no
+    /// limit (root, the CPU, no share configured).
+    fn cap(&self, owner: u32, p: &PoolState) -> Option<u64> {
+        let share = self
+            .share
+            .filter(|_| owner != 0 && matches!(p.pool, Pool::Gpu(_)))?;
+        Some((share * p.total as f64) as u64)
+    }
+
+    fn allows(&self, owner: u32, p: &PoolState, estimate: u64) -> bool {
+        self.cap(owner, p)
+            .is_none_or(|cap| self.held(owner, &p.pool).saturating_add(estimate) <= cap)
+    }
+
+    /// Why `c` may not go to any of `kind`'s pools: a Never when the job
+    /// alone is over every cap, else a Wait for its owner's other jobs.
+    fn refusal(&self, c: &Candidate, kind: &[usize], pools: &[PoolState]) -> Decision {
+        let share = self.share.unwrap_or(1.0);
+        let (id, percent) = (c.id, 100.0 * share);
+        let roomiest = kind
+            .iter()
+            .map(|&i| &pools[i])
+            .max_by_key(|p| self.cap(c.owner, p).unwrap_or(u64::MAX))
+            .expect("kind is not empty");
+        let cap = self.cap(c.owner, roomiest).unwrap_or(u64::MAX);
+        if c.estimate > cap {
+            return Decision::Never {
+                id,
+                reason: format!(
+                    "this job needs about {} but one user may reserve at most {percent:.0} % of \
+                     a GPU's memory, {} of the largest (gpu_share_per_user: {share})",
+                    human_bytes(c.estimate),
+                    human_bytes(cap)
+                ),
+            };
+        }
+        let least_held = kind
+            .iter()
+            .map(|&i| &pools[i])
+            .filter(|p| self.cap(c.owner, p).is_some_and(|cap| c.estimate <= cap))
+            .min_by_key(|p| self.held(c.owner, &p.pool))
+            .unwrap_or(roomiest);
+        Decision::Wait {
+            id,
+            reason: format!(
+                "its owner's jobs reserve {} of {} already, and one user may reserve at most \
+                 {percent:.0} % of each GPU, {} there (gpu_share_per_user: {share})",
+                human_bytes(self.held(c.owner, &least_held.pool)),
+                least_held.label,
+                human_bytes(self.cap(c.owner, least_held).unwrap_or(0))
+            ),
+        }
+    }
+}
+
 /// The head of a kind: the first job that had to wait, and the pool kept for it.
 struct Head {
     id: u64,
@@ -213,6 +300,7 @@ struct Head {
 pub fn plan(queue: &[Candidate], placed: &[Placed], res: &Resources) -> Vec<Decision> {
     let order = in_order(queue);
     let mut pools = pools(res, placed);
+    let mut shares = GpuShares::new(res, placed);
     let mut heads: [Option<Head>; 2] = [None, None]; // [cpu, gpu]
     let mut running: HashMap<u32, usize> = HashMap::new();
     for p in placed {
@@ -264,6 +352,19 @@ pub fn plan(queue: &[Candidate], placed: &[Placed], res: &Resources) -> Vec<Deci
             });
             continue;
         }
+        // Only the GPUs where its owner's share has room for it; none: it
+        // waits without holding room, like a user at their running limit.
+        let kind: Vec<usize> = kind
+            .into_iter()
+            .filter(|&i| shares.allows(c.owner, &pools[i], c.estimate))
+            .collect();
+        if kind.is_empty() {
+            let all: Vec<usize> = (0..pools.len())
+                .filter(|&i| matches!(pools[i].pool, Pool::Gpu(_)) == c.wants_gpu)
+                .collect();
+            out.push(shares.refusal(c, &all, &pools));
+            continue;
+        }
         let head = &mut heads[c.wants_gpu as usize];
         // Among the pools with room and a free slot, the one with the most room;
         // the head's pool only if the head keeps its room.
@@ -282,6 +383,7 @@ pub fn plan(queue: &[Candidate], placed: &[Placed], res: &Resources) -> Vec<Deci
         {
             pools[i].room -= need;
             pools[i].slots -= 1;
+            shares.add(c.owner, &pools[i].pool, c.estimate);
             if let Some(h) = head.as_mut().filter(|h| h.pool == i) {
                 h.protected_room -= need;
             }
@@ -356,10 +458,15 @@ pub fn preemption(
         })
         .collect();
     let mut pools = pools(res, placed);
+    let mut shares = GpuShares::new(res, placed);
     // What this turn admits is no longer room.
     for d in decisions {
         if let Decision::Admit { id, pool } = d {
-            let est = queue.iter().find(|c| c.id == *id).map_or(0, |c| c.estimate);
+            let c = queue.iter().find(|c| c.id == *id);
+            let est = c.map_or(0, |c| c.estimate);
+            if let Some(c) = c {
+                shares.add(c.owner, pool, est);
+            }
             if let Some(s) = pools.iter_mut().find(|s| &s.pool == pool) {
                 s.room -= est as i128;
                 s.slots = s.slots.saturating_sub(1);
@@ -371,10 +478,9 @@ pub fn preemption(
         .filter(|c| waiting.contains(&c.id))
     {
         let mut best: Option<Vec<&Placed>> = None;
-        for s in pools
-            .iter()
-            .filter(|s| matches!(s.pool, Pool::Gpu(_)) == c.wants_gpu)
-        {
+        for s in pools.iter().filter(|s| {
+            matches!(s.pool, Pool::Gpu(_)) == c.wants_gpu && shares.allows(c.owner, s, c.estimate)
+        }) {
             let mut victims: Vec<&Placed> = placed
                 .iter()
                 .filter(|p| {
@@ -472,6 +578,7 @@ mod tests {
             jobs_per_gpu: 4,
             margin: GIB,
             running_per_user: None,
+            gpu_share_per_user: None,
         }
     }
 
@@ -711,6 +818,81 @@ mod tests {
         assert_eq!(admitted, vec![2, 4], "{d:?}");
         assert!(d.iter().any(|x| matches!(x, Decision::Wait { id: 1, reason } if reason.contains("running_per_user: 1"))), "{d:?}");
         assert!(d.iter().any(|x| matches!(x, Decision::Wait { id: 3, reason } if reason.contains("running_per_user"))), "{d:?}");
+    }
+
+    /// `gpu_share_per_user`: a user's jobs together reserve at most that
+    /// share of each GPU; past it their next job waits without holding room
+    /// (another user's smaller job still starts), a job over the share by
+    /// itself fails at once, and root is not limited.
+    #[test]
+    fn a_user_reserves_at_most_their_share_of_each_gpu() {
+        let mut r = res(vec![gpu(0, 80, 80), gpu(1, 40, 40)]);
+        r.gpu_share_per_user = Some(0.5);
+        r.jobs_per_gpu = 8;
+        let user = |owner, id, gib_| Candidate {
+            owner,
+            ..job(id, gib_)
+        };
+        // User 1: 30 GiB on GPU 0 (room 40 − 30 = 10 left of its 40 there),
+        // then 15 fits GPU 1's 20, then another 15 fits neither share.
+        let d = plan(
+            &[
+                user(1, 1, 30),
+                user(1, 2, 15),
+                user(1, 3, 15),
+                user(2, 4, 10),
+            ],
+            &[],
+            &r,
+        );
+        let mut placed: Vec<(u64, Pool)> = admitted(&d);
+        placed.sort_by_key(|(id, _)| *id);
+        assert_eq!(
+            placed,
+            vec![
+                (1, Pool::Gpu("GPU-0".into())),
+                (2, Pool::Gpu("GPU-1".into())),
+                (4, Pool::Gpu("GPU-0".into()))
+            ],
+            "{d:?}"
+        );
+        match d.iter().find(|x| matches!(x, Decision::Wait { id: 3, .. })) {
+            Some(Decision::Wait { reason, .. }) => assert!(
+                reason.contains("reserve 15.00 GiB of GPU 1 (Test GPU) already")
+                    && reason.contains("20.00 GiB there (gpu_share_per_user: 0.5)"),
+                "{reason}"
+            ),
+            other => panic!("{other:?} in {d:?}"),
+        }
+        // Over half of the largest GPU by itself: never.
+        let d = plan(&[user(1, 5, 41)], &[], &r);
+        assert!(
+            matches!(&d[0], Decision::Never { reason, .. } if reason.contains("at most 50 % of a GPU's memory, 40.00 GiB")),
+            "{d:?}"
+        );
+        // Root is never limited.
+        let d = plan(&[user(0, 6, 70)], &[], &r);
+        assert_eq!(admitted(&d), vec![(6, Pool::Gpu("GPU-0".into()))]);
+        // What a user already runs counts: 35 of GPU 0 leaves room for 5 there.
+        let placed = [Placed {
+            id: 90,
+            owner: 1,
+            priority: 0,
+            running_for_s: 0,
+            stopping: false,
+            pool: Pool::Gpu("GPU-0".into()),
+            estimate: 35 * GIB,
+            usage: 35 * GIB,
+        }];
+        let d = plan(&[user(1, 7, 20), user(1, 8, 5)], &placed, &r);
+        assert_eq!(
+            admitted(&d),
+            vec![
+                (7, Pool::Gpu("GPU-1".into())),
+                (8, Pool::Gpu("GPU-0".into()))
+            ],
+            "{d:?}"
+        );
     }
 
     /// Preemption: the fewest lowest-ranked running jobs that make room,

@@ -6,7 +6,7 @@
 //! runtime: /run/mezod              # the control socket
 //! gpus: all                        # or a list of indices / UUIDs (GPU-… or MIG-…)
 //! memory_margin_mib: 1024          # kept free on every GPU (and in RAM)
-//! jobs_per_gpu: 1
+//! jobs_per_gpu: 8                  # jobs sharing one GPU (or MIG instance), memory permitting
 //! cpu_slots: 1                     # concurrent CPU jobs
 //! cpu_threads_per_job: null        # default: cores / cpu_slots
 //! rescan_interval_s: 10            # spool rescan besides inotify
@@ -20,6 +20,7 @@
 //! admin_group: null                # members may ask for more (root always may)
 //! pids_per_job: 4096               # processes and threads of one job (cgroup pids.max)
 //! running_per_user: null           # a user's jobs running at once (root: no limit)
+//! gpu_share_per_user: null         # e.g. 0.5: of each GPU's memory, what one user's jobs may reserve
 //! fair_share_half_life_h: 24       # usage decays by half in this time
 //! metrics_file: null               # e.g. /var/lib/node_exporter/textfile_collector/mezod.prom
 //! preemption: false                # stop lower-priority jobs for a waiting one
@@ -41,6 +42,10 @@ pub struct DaemonConfig {
     pub runtime: Option<PathBuf>,
     pub gpus: GpuSelection,
     pub memory_margin_mib: u64,
+    /// Jobs that may share one GPU (or MIG instance) at once.  Memory
+    /// decides first (every job's estimate must fit in what NVML says is
+    /// free); this only caps how many small jobs pile onto one device,
+    /// since each has its own CUDA context and they share the device's time.
     pub jobs_per_gpu: usize,
     pub cpu_slots: usize,
     pub cpu_threads_per_job: Option<i32>,
@@ -69,6 +74,11 @@ pub struct DaemonConfig {
     /// Jobs one user may have running at once (none: no limit; root is
     /// never limited).
     pub running_per_user: Option<usize>,
+    /// The fraction of each GPU's (or MIG instance's) memory that one
+    /// user's running jobs may reserve together, by their estimates (None:
+    /// no limit; root is never limited): with 0.5, no user holds more than
+    /// half of any GPU, however long their queue.
+    pub gpu_share_per_user: Option<f64>,
     /// Fair share: a user's usage halves in this many hours.
     pub fair_share_half_life_h: f64,
     /// A Prometheus text-format file the daemon rewrites every 15 s (and at
@@ -142,7 +152,7 @@ impl Default for DaemonConfig {
             runtime: None,
             gpus: GpuSelection::All(AllGpus::All),
             memory_margin_mib: 1024,
-            jobs_per_gpu: 1,
+            jobs_per_gpu: 8,
             cpu_slots: 1,
             cpu_threads_per_job: None,
             rescan_interval_s: 10.0,
@@ -156,6 +166,7 @@ impl Default for DaemonConfig {
             admin_group: None,
             pids_per_job: 4096,
             running_per_user: None,
+            gpu_share_per_user: None,
             fair_share_half_life_h: 24.0,
             metrics_file: None,
             preemption: false,
@@ -218,6 +229,11 @@ impl DaemonConfig {
         }
         if self.running_per_user == Some(0) || self.jobs_per_user == 0 {
             bail!("running_per_user and jobs_per_user must be at least 1 (leave running_per_user out for no limit)");
+        }
+        if let Some(share) = self.gpu_share_per_user {
+            if !(share > 0.0 && share <= 1.0) {
+                bail!("gpu_share_per_user must be a fraction above 0 and at most 1 (0.5: half of each GPU), not {share}");
+            }
         }
         if self.preemption_gap < 1 {
             bail!("preemption_gap must be at least 1 (a job never preempts one of equal priority)");
@@ -308,6 +324,17 @@ mod tests {
         );
         assert!(!cfg.gpus.allows(&gpu(1, "GPU-def", None)));
         assert_eq!(cfg.watch, WatchMode::Poll);
+        for share in ["0", "1.5", "-0.5", ".nan"] {
+            let cfg: DaemonConfig =
+                serde_yaml::from_str(&format!("gpu_share_per_user: {share}\n")).unwrap();
+            let e = cfg.validate().unwrap_err().to_string();
+            assert!(
+                e.contains("gpu_share_per_user must be a fraction"),
+                "{share}: {e}"
+            );
+        }
+        let cfg: DaemonConfig = serde_yaml::from_str("gpu_share_per_user: 0.5\n").unwrap();
+        cfg.validate().unwrap();
         let e = serde_yaml::from_str::<DaemonConfig>("cpu_slot: 2\n").unwrap_err();
         assert!(e.to_string().contains("cpu_slot"), "{e}");
     }

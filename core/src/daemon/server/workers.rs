@@ -40,6 +40,7 @@ impl Daemon {
             jobs_per_gpu: self.cfg.jobs_per_gpu,
             margin: self.cfg.margin_bytes(),
             running_per_user: self.cfg.running_per_user,
+            gpu_share_per_user: self.cfg.gpu_share_per_user,
         }
     }
 
