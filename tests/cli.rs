@@ -304,17 +304,113 @@ fn gpu_script_dry_run(script: &str) -> String {
 
 /// `bench/gpu.sh` is meant for a lent GPU machine; its dry run goes through
 /// the same steps on the CPU (benchmarks of random-weight models, the table,
-/// a killed-and-resumed 20-step job), so the script is known to work before
-/// it meets a GPU.
+/// a killed-and-resumed 20-step job, the learning row on a tiny model), so the
+/// script is known to work before it meets a GPU.
 #[test]
 fn the_gpu_script_runs_end_to_end_in_its_cpu_dry_run() {
     let stdout = gpu_script_dry_run("bench/gpu.sh");
     assert!(stdout.contains("| tiny-llama f32 | 4 × 32 |"), "{stdout}");
     assert!(stdout.contains("| tiny-opt bf16 | 4 × 32 |"), "{stdout}");
+    check_learning_row(&stdout);
     let last = stdout.lines().last().unwrap_or("");
     assert!(
         last.starts_with("resume: killed after") && last.contains("weights identical"),
         "{stdout}"
+    );
+}
+
+/// The learning row of `bench/gpu.sh`'s dry run: three learning rates of 20
+/// steps each on the tiny OPT fixture, the one best on dev reported with the
+/// base and tuned model's dev and test accuracy, the paired interval and
+/// McNemar's p, as a table (one row per rate) and one `learning: key=value …` line.
+fn check_learning_row(stdout: &str) {
+    let rates = ["3.0e-2", "1.0e-2", "3.0e-3"];
+    assert!(
+        stdout.contains("| lr | dev: base → best (at step) |"),
+        "{stdout}"
+    );
+    // Each rate's best dev accuracy, from its table row.
+    let best_dev = |lr: &str| -> f64 {
+        let row = stdout
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!("| {lr} |"))
+                    || l.starts_with(&format!("| **{lr}**, chosen |"))
+            })
+            .unwrap_or_else(|| panic!("no row for {lr} in {stdout}"));
+        let dev = row.split(" | ").nth(1).unwrap_or_default();
+        let best = dev.split(" → ").nth(1).and_then(|b| b.split(' ').next());
+        best.and_then(|b| b.parse().ok())
+            .unwrap_or_else(|| panic!("no best dev in {row:?}"))
+    };
+    assert_eq!(stdout.matches(", chosen |").count(), 1, "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("learning: lr="))
+        .unwrap_or_else(|| panic!("no learning row in {stdout}"));
+    let fields: std::collections::HashMap<&str, &str> = line["learning: ".len()..]
+        .split(' ')
+        .map(|kv| {
+            kv.split_once('=')
+                .unwrap_or_else(|| panic!("{kv:?} in {line}"))
+        })
+        .collect();
+    let num = |k: &str| -> f64 {
+        fields
+            .get(k)
+            .unwrap_or_else(|| panic!("no {k} in {line}"))
+            .parse()
+            .unwrap_or_else(|e| panic!("{k} in {line}: {e}"))
+    };
+    let lr = fields["lr"];
+    assert!(rates.contains(&lr), "{line}");
+    assert!(
+        stdout.contains(&format!("| **{lr}**, chosen |")),
+        "{stdout}"
+    );
+    // Chosen on dev: no rate did better there.
+    for other in rates {
+        assert!(
+            best_dev(other) <= best_dev(lr),
+            "{other} beat {lr} on dev: {stdout}"
+        );
+    }
+    assert!(
+        (100.0 * num("dev_best") - best_dev(lr)).abs() < 0.06,
+        "{stdout}"
+    );
+    assert_eq!(num("steps"), 20.0, "{line}");
+    assert_eq!(num("batch"), 16.0, "{line}");
+    assert_eq!(fields["model"], "opt", "{line}");
+    // The test split: a tenth of examples/data/reviews.jsonl's 240 rows.
+    assert_eq!(num("n"), 24.0, "{line}");
+    for k in [
+        "dev_base",
+        "dev_best",
+        "test_base",
+        "test_tuned",
+        "mcnemar_p",
+    ] {
+        assert!((0.0..=1.0).contains(&num(k)), "{k} in {line}");
+    }
+    // Best on dev counts the base model's evaluation (step 0); dev every 2 steps.
+    assert!(num("dev_best") >= num("dev_base"), "{line}");
+    let best_step = num("best_step");
+    assert!(
+        (0.0..=20.0).contains(&best_step) && best_step % 2.0 == 0.0,
+        "{line}"
+    );
+    let diff = num("difference");
+    assert!(
+        (diff - (num("test_tuned") - num("test_base"))).abs() < 1e-3,
+        "{line}"
+    );
+    assert!(
+        -1.0 <= num("ci_low")
+            && num("ci_low") <= diff
+            && diff <= num("ci_high")
+            && num("ci_high") <= 1.0,
+        "{line}"
     );
 }
 
