@@ -18,6 +18,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::data_file::read_rows;
 use crate::gguf_header::{is_gguf, read_header};
 use crate::model_ref::{ModelSource, MODEL_TYPES};
+use crate::prompts::{template_fields, ClassificationPreset, COPA, DEFAULT_CLASSIFICATION};
 use crate::safe_fs::{read_user_text, MAX_JSON_BYTES};
 use crate::spec::{JobSpec, TaskKind};
 use crate::weight_files::safetensors_shapes;
@@ -169,30 +170,13 @@ pub fn fields_needed(spec: &JobSpec) -> Vec<(String, String)> {
         }
     };
     let template = t.template.as_deref();
-    let placeholders = |text: &str| -> Vec<String> {
-        let mut out = Vec::new();
-        let mut rest = text;
-        while let Some(start) = rest.find('{') {
-            let Some(len) = rest[start..].find('}') else {
-                break;
-            };
-            let field = &rest[start + 1..start + len];
-            if field != "mask" {
-                out.push(field.to_string());
-            }
-            rest = &rest[start + len + 1..];
-        }
-        out
-    };
     match t.kind {
         TaskKind::CausalLm => need(&spec.data.text_field, "data.text_field"),
         TaskKind::Classification => {
-            // The built-in templates of the engine's data/task.rs.
-            let prompt_fields = match template {
-                None | Some("sst2") => vec![spec.data.text_field.clone()],
-                Some("rte") => vec!["premise".into(), "hypothesis".into()],
-                Some("boolq") => vec!["passage".into(), "question".into()],
-                Some(custom) => placeholders(custom),
+            let name = template.unwrap_or(DEFAULT_CLASSIFICATION);
+            let prompt_fields = match ClassificationPreset::named(name) {
+                Some(preset) => preset.fields(&spec.data.text_field),
+                None => template_fields(name),
             };
             for f in prompt_fields {
                 need(&f, "the task's template");
@@ -201,19 +185,19 @@ pub fn fields_needed(spec: &JobSpec) -> Vec<(String, String)> {
         }
         TaskKind::MultipleChoice => {
             match template {
-                Some("copa") => {
-                    need("premise", "the copa template");
-                    need("question", "the copa template");
+                Some(name) if name == COPA.name => {
+                    need(COPA.premise, "the copa template");
+                    need(COPA.question, "the copa template");
                 }
                 Some(custom) => {
-                    for f in placeholders(custom) {
+                    for f in template_fields(custom) {
                         need(&f, "the task's template");
                     }
                 }
                 None => {}
             }
-            let default_choices = ["choice1".to_string(), "choice2".to_string()];
-            let choices = if t.choices.is_empty() && template == Some("copa") {
+            let default_choices = COPA.choices.map(String::from);
+            let choices = if t.choices.is_empty() && template == Some(COPA.name) {
                 &default_choices[..]
             } else {
                 &t.choices[..]
@@ -224,7 +208,7 @@ pub fn fields_needed(spec: &JobSpec) -> Vec<(String, String)> {
             need(&t.label_field, "task.label_field");
         }
         TaskKind::Generation => {
-            for f in template.map(placeholders).unwrap_or_default() {
+            for f in template.map(template_fields).unwrap_or_default() {
                 need(&f, "the task's template");
             }
             need(

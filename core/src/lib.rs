@@ -19,6 +19,7 @@ pub mod mezo_options;
 pub mod model_ref;
 pub mod printable;
 pub mod procfs;
+pub mod prompts;
 pub mod safe_fs;
 pub mod seedlog;
 pub mod spec;
