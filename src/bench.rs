@@ -18,12 +18,13 @@ use tch::Device;
 use crate::data::task::{causal_lm_loss, Task};
 use crate::data::{load_splits, Example};
 use crate::estimate::estimate;
-use crate::mezo::step::{live_step, replay_step, Logged, Method};
-use crate::mezo::{basis_seed, direction_seed, step_seed, Rng, StepConfig, ZSweep};
+use crate::mezo::{live_step, replay_step, Logged, Rng, StepConfig, StepSeeds, ZSweep};
 use crate::model::adapters::{LoraConfig, PrefixConfig, Tuning};
-use crate::model::{parse_device, Dtype, LanguageModel, ModelSource};
+use crate::model::{torch_device, Dtype, LanguageModel, ModelSource};
+use mezod_core::model_ref::DeviceRef;
 use crate::spec::{JobSpec, TuningKind};
-use mezod_core::mezo_options::{Estimator, Perturbation};
+use mezod_core::estimator::{Estimator, EstimatorName, RecordTrailer};
+use mezod_core::mezo_options::Perturbation;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -68,7 +69,7 @@ pub struct BenchArgs {
     pub seed: u64,
     /// `cpu` or `cuda[:N]`.
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: DeviceRef,
     /// What to time: a forward pass, a live MeZO step, or a replayed one.
     #[arg(long, value_enum)]
     pub mode: BenchMode,
@@ -93,7 +94,7 @@ pub struct BenchArgs {
     pub rng: Option<Rng>,
     /// The step's estimator, as `mezo.estimator` in a job.
     #[arg(long, value_enum, default_value = "mezo")]
-    pub estimator: Estimator,
+    pub estimator: EstimatorName,
     /// Directions per step (`mezo.directions`); default: 8 for fzoo, else 1.
     #[arg(long)]
     pub directions: Option<usize>,
@@ -134,37 +135,35 @@ impl BenchArgs {
     /// sequence `tokens` long).
     fn as_job(&self) -> Result<JobSpec> {
         let mut spec = self.base_job()?;
-        spec.mezo.estimator = self.estimator;
+        let rules = "--estimator, --directions, --sparsity and --rank follow a job's mezo rules";
+        // A `--job`'s own sparsity, rank and period count unless the flags
+        // say otherwise, and only for its estimator; a job's rules:
+        // --sparsity only with sparse, --rank only with lozo, ….
+        let estimator = spec
+            .mezo
+            .estimator()
+            .renamed(self.estimator, self.sparsity, self.rank)
+            .map_err(anyhow::Error::msg)
+            .context(rules)?;
+        spec.mezo.set_estimator(estimator);
         spec.mezo.directions = self.directions();
         spec.mezo.perturbation = self.perturbation;
-        // A `--job`'s own sparsity, rank and period count unless the flags
-        // say otherwise, and only for its estimator.
-        let m = &mut spec.mezo;
-        (m.sparsity, m.rank, m.basis_every) = match self.estimator {
-            Estimator::Sparse => (self.sparsity.or(m.sparsity), self.rank, None),
-            Estimator::Lozo => (self.sparsity, self.rank.or(m.rank), m.basis_every),
-            _ => (self.sparsity, self.rank, None),
-        };
-        // A job's rules: --sparsity only with sparse, --rank only with lozo, ….
-        spec.validate().context(
-            "--estimator, --directions, --sparsity and --rank follow a job's mezo rules",
-        )?;
+        spec.validate().context(rules)?;
         Ok(spec)
     }
 
     /// Directions per step: as given, else 8 for FZOO and 1 for the others.
     fn directions(&self) -> usize {
-        self.directions.unwrap_or(match self.estimator {
-            Estimator::Fzoo => 8,
-            Estimator::Mezo | Estimator::Sparse | Estimator::Lozo => 1,
-        })
+        let named = Estimator::from_settings(self.estimator, None, None, None)
+            .expect("an estimator's defaults are valid settings");
+        self.directions.unwrap_or(named.default_directions())
     }
 
     fn base_job(&self) -> Result<JobSpec> {
         if let Some(job) = &self.job {
             let mut spec = JobSpec::load(job)?;
             spec.mezo.batch_size = self.batch;
-            spec.model.device = self.device.clone();
+            spec.model.device = self.device;
             spec.model.dtype = self.dtype;
             return Ok(spec);
         }
@@ -191,7 +190,7 @@ pub struct BenchResult {
     /// With `--job`: how its candidates were scored.
     pub scoring: Option<Scoring>,
     pub rng: Rng,
-    pub estimator: Estimator,
+    pub estimator: EstimatorName,
     pub perturbation: Perturbation,
     pub directions: usize,
     /// Sparse MeZO's sparsity, LOZO's rank (None for the other estimators).
@@ -199,7 +198,7 @@ pub struct BenchResult {
     pub rank: Option<usize>,
     /// Forward passes in one live step of this estimator.
     pub forward_passes_per_step: usize,
-    pub device: String,
+    pub device: DeviceRef,
     pub dtype: Dtype,
     pub batch: usize,
     pub tokens: usize,
@@ -233,8 +232,8 @@ pub fn batch_ids(batch: usize, tokens: usize, vocab: i64) -> Vec<Vec<i64>> {
 pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
     tch::set_num_threads(args.threads);
     let directions = args.directions();
-    let device = parse_device(&args.device)?;
-    let gpu = args.device.starts_with("cuda");
+    let device = torch_device(args.device);
+    let gpu = args.device.is_gpu();
     let job = args.as_job()?;
     let estimate_bytes = estimate(&job, gpu)?.total();
     let tuning = match args.tuning {
@@ -261,7 +260,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
             None => causal_lm_loss(model, seqs),
         }
     };
-    let rng = args.rng.unwrap_or_else(|| Rng::default_for(&args.device));
+    let rng = args.rng.unwrap_or_else(|| Rng::default_for(args.device));
     let config: serde_json::Value = serde_json::from_str(&model.config_text)?;
     let vocab = config["vocab_size"].as_i64().unwrap_or(1000);
     let seqs = batch_ids(args.batch, args.tokens, vocab);
@@ -270,19 +269,11 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
         lr: 1e-7,
         weight_decay: 0.0,
     };
-    let perturbation = args
-        .perturbation
-        .unwrap_or_else(|| args.estimator.default_perturbation());
-    let method = Method::of(&job.mezo);
+    let perturbation = job.mezo.perturbation();
+    let estimator = job.mezo.estimator();
     // LOZO: V from the period's seed, as a job's first steps draw it.
-    let basis =
-        matches!(method, Method::Lozo { .. }).then(|| basis_seed(0, 0, job.mezo.basis_every()));
-    let seeds_of = |i: usize| -> Vec<u64> {
-        let seed = step_seed(0, i as u64);
-        (0..directions as u64)
-            .map(|j| direction_seed(seed, j))
-            .collect()
-    };
+    let basis = StepSeeds::of(estimator, 0, 0, directions).basis;
+    let seeds_of = |i: usize| StepSeeds::of(estimator, 0, i as u64, directions).directions;
     let z = ZSweep::new(rng, args.threads.max(1) as usize).with_perturbation(perturbation);
     let sync = || {
         if let Device::Cuda(n) = device {
@@ -312,7 +303,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
                 let out = live_step(
                     &model.params,
                     &z,
-                    method,
+                    estimator,
                     &seeds_of(i),
                     basis,
                     &cfg,
@@ -322,13 +313,13 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
             }
             BenchMode::Replay => {
                 let logged = Logged {
-                    spread: (method == Method::Fzoo).then_some(1.0),
+                    spread: (estimator.record_trailer() == RecordTrailer::Spread).then_some(1.0),
                     basis,
                 };
                 replay_step(
                     &model.params,
                     &z,
-                    method,
+                    estimator,
                     &seeds_of(i),
                     &vec![0.1; directions],
                     logged,
@@ -354,19 +345,13 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
         mode: args.mode,
         scoring: args.job.as_ref().map(|_| args.scoring),
         rng,
-        estimator: args.estimator,
+        estimator: estimator.name(),
         perturbation,
         directions,
-        sparsity: match method {
-            Method::Sparse { sparsity } => Some(sparsity),
-            _ => None,
-        },
-        rank: match method {
-            Method::Lozo { rank } => Some(rank),
-            _ => None,
-        },
-        forward_passes_per_step: args.estimator.forward_passes(directions),
-        device: args.device.clone(),
+        sparsity: estimator.settings().0,
+        rank: estimator.settings().1,
+        forward_passes_per_step: estimator.forward_passes(directions),
+        device: args.device,
         dtype: args.dtype,
         batch: args.batch,
         tokens: args.tokens,

@@ -170,7 +170,7 @@ pub fn inspect(args: &InspectArgs) -> Result<Report> {
             splits.train.len()
         ));
     }
-    let gpu = spec.model.device.starts_with("cuda");
+    let gpu = spec.model.device.is_gpu();
     let memory = Memory {
         bytes: crate::estimate::estimate(&spec, gpu)?.total(),
         on: if gpu { "gpu" } else { "cpu" },

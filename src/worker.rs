@@ -104,7 +104,7 @@ fn run_job(text: &str, records: Vec<StepRecord>, args: WorkerArgs) -> Result<Exi
         restart: false,
         progress: false,
         threads: Some(args.threads),
-        device: args.device,
+        device: args.device.as_deref().map(str::parse).transpose()?,
         snapshot_every: Some(args.snapshot_every),
         memory_estimate: Some(args.estimate),
         job_file: None,

@@ -45,7 +45,8 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::gguf_header::{is_gguf, read_header};
-use crate::mezo_options::{Estimator, Rng, DEFAULT_CHUNK};
+use crate::estimator::StepState;
+use crate::mezo_options::{Rng, DEFAULT_CHUNK};
 use crate::model_ref::{is_masked_lm, learned_positions, ModelSource};
 use crate::spec::{JobSpec, TaskKind};
 use crate::tuning::{default_lora_targets, is_target, Tuning};
@@ -160,7 +161,11 @@ pub fn estimate_with(
         )
     })?;
     let elem = spec.model.dtype.bytes() as u64;
-    let device = if gpu { "cuda" } else { "cpu" };
+    let device = if gpu {
+        crate::model_ref::DeviceRef::Cuda(0)
+    } else {
+        crate::model_ref::DeviceRef::Cpu
+    };
     let rng = spec.mezo.rng.unwrap_or_else(|| Rng::default_for(device));
     let (mut numel, mut largest, mut sides) = (0u64, 0u64, 0u64);
     for (_, shape) in &shapes {
@@ -213,7 +218,7 @@ pub fn estimate_with(
         } else {
             CPU_RUNTIME_BYTES
         },
-        mask: if spec.mezo.estimator == Estimator::Sparse {
+        mask: if spec.mezo.estimator().step_state() == StepState::Mask {
             // The bits; a chunk's |θ|, comparison and bytes while building them;
             // unpacked: a whole tensor's bools and bytes with torch's z, a chunk's with fast.
             let unpacked = match rng {
@@ -224,8 +229,8 @@ pub fn estimate_with(
         } else {
             0
         },
-        factors: if spec.mezo.estimator == Estimator::Lozo {
-            let rank = spec.mezo.rank() as u64;
+        factors: if let StepState::Factors { rank } = spec.mezo.estimator().step_state() {
+            let rank = rank as u64;
             let product = match rng {
                 Rng::Torch if rank > 1 => largest * elem,
                 _ => 0,

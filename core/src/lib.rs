@@ -11,6 +11,7 @@ pub mod data_file;
 pub mod durable;
 pub mod engine;
 pub mod estimate;
+pub mod estimator;
 pub mod gguf_header;
 pub mod gpu;
 pub mod identity;

@@ -49,11 +49,56 @@ impl FromStr for Dtype {
     }
 }
 
-/// Where a job runs, as a job file names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a job runs, as a job file names it: `cpu`, `cuda` or `cuda:N`
+/// (read and written as that text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum DeviceRef {
+    #[default]
     Cpu,
     Cuda(usize),
+}
+
+impl DeviceRef {
+    /// Whether it is a GPU (the job asks admission for GPU memory, its z is
+    /// torch's by default, its peak is NVML's).
+    pub fn is_gpu(&self) -> bool {
+        match self {
+            DeviceRef::Cpu => false,
+            DeviceRef::Cuda(_) => true,
+        }
+    }
+}
+
+/// As job files write it; the first GPU is plain `cuda`.
+impl std::fmt::Display for DeviceRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceRef::Cpu => f.write_str("cpu"),
+            DeviceRef::Cuda(0) => f.write_str("cuda"),
+            DeviceRef::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for DeviceRef {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        parse_device(s)
+    }
+}
+
+impl TryFrom<String> for DeviceRef {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        parse_device(&s).map_err(|e| e.to_string())
+    }
+}
+
+impl From<DeviceRef> for String {
+    fn from(d: DeviceRef) -> String {
+        d.to_string()
+    }
 }
 
 /// `cpu`, `cuda` or `cuda:N`.

@@ -59,10 +59,12 @@ const SPREAD_TAG: u64 = u64::from_le_bytes(*b"spread\0\0");
 const BASIS_TAG: u64 = u64::from_le_bytes(*b"basis\0\0\0");
 
 /// Bytes of a record of `directions` directions with `trailer`.
-pub fn record_bytes(directions: usize, trailer: crate::mezo_options::RecordTrailer) -> usize {
+pub fn record_bytes(directions: usize, trailer: crate::estimator::RecordTrailer) -> usize {
     let trailer = match trailer {
-        crate::mezo_options::RecordTrailer::None => 0,
-        _ => TRAILER_BYTES,
+        crate::estimator::RecordTrailer::None => 0,
+        crate::estimator::RecordTrailer::Spread | crate::estimator::RecordTrailer::Basis => {
+            TRAILER_BYTES
+        }
     };
     RECORD_BYTES + directions.saturating_sub(1) * DIRECTION_BYTES + trailer
 }

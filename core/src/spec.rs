@@ -7,17 +7,16 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::estimator::{Estimator, EstimatorName};
 use crate::mezo_options::{
-    Estimator, LrSchedule, Perturbation, Rng, DEFAULT_BASIS_EVERY, DEFAULT_RANK, DEFAULT_SPARSITY,
+    LrSchedule, Perturbation, Rng,
 };
-use crate::model_ref::{Dtype, ModelSource};
+use crate::model_ref::{DeviceRef, Dtype, ModelSource};
 use crate::tuning::{LoraConfig, PrefixConfig, Tuning};
 
 /// The most steps a job may ask for: far beyond any published MeZO run, and
 /// short of "forever" (a daemon job that never ends holds its GPU for good).
 pub const MAX_STEPS: u64 = 10_000_000;
-/// LOZO's largest rank: a low-rank direction is the point; past this use `mezo`.
-pub const MAX_RANK: usize = 64;
 
 /// The longest job `name:`: a table column, not a description.
 pub const MAX_NAME_CHARS: usize = 100;
@@ -285,8 +284,8 @@ pub struct ModelSpec {
     #[serde(default)]
     pub dtype: Dtype,
     /// `cpu`, `cuda` or `cuda:N`.
-    #[serde(default = "cpu")]
-    pub device: String,
+    #[serde(default)]
+    pub device: DeviceRef,
     /// CPU threads for libtorch (default: all cores).  Part of the determinism fingerprint.
     #[serde(default)]
     pub threads: Option<i32>,
@@ -464,9 +463,10 @@ pub struct MezoSpec {
     #[serde(default)]
     pub eval_batch_size: Option<usize>,
     /// How forward passes become an update: `mezo` (the default), `fzoo`,
-    /// `sparse` or `lozo` (the README gives each one's rule).
-    #[serde(default, skip_serializing_if = "Estimator::is_mezo")]
-    pub estimator: Estimator,
+    /// `sparse` or `lozo` (the README gives each one's rule).  Read through
+    /// [`MezoSpec::estimator`], with its settings below.
+    #[serde(default, skip_serializing_if = "EstimatorName::is_mezo")]
+    estimator: EstimatorName,
     /// Directions per step.  MeZO: n-SPSA, each measured at the same weights,
     /// their projected gradients averaged (1: plain MeZO).  FZOO: the N
     /// one-sided directions (at least 2: the update is divided by their spread).
@@ -479,13 +479,13 @@ pub struct MezoSpec {
     /// `sparse`: the fraction of each tensor's weights (the largest in
     /// magnitude) a step leaves alone; default 0.75.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sparsity: Option<f64>,
+    sparsity: Option<f64>,
     /// `lozo`: the rank r of each weight matrix's direction `U·Vᵀ`; default 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rank: Option<usize>,
+    rank: Option<usize>,
     /// `lozo`: how many consecutive steps share one V (the paper's ν); default 100.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub basis_every: Option<u64>,
+    basis_every: Option<u64>,
     /// What the two forward passes measure: `loss` (cross-entropy), or
     /// `accuracy` (−accuracy of the batch's candidate scoring: MeZO needs no
     /// gradient, so a non-differentiable metric can be the objective).
@@ -503,31 +503,33 @@ pub struct MezoSpec {
 }
 
 impl MezoSpec {
+    /// The job's estimator with its settings.  A parsed job file was
+    /// validated, so its settings make one; the `Err` is for a spec built
+    /// some other way and never validated.
+    pub fn try_estimator(&self) -> Result<Estimator, String> {
+        Estimator::from_settings(self.estimator, self.sparsity, self.rank, self.basis_every)
+    }
+
+    /// The job's estimator with its settings (defaults where the file has
+    /// none).
+    pub fn estimator(&self) -> Estimator {
+        self.try_estimator()
+            .expect("a validated job's estimator settings are valid")
+    }
+
+    /// Make the job use `estimator`, with its settings as the job file's keys.
+    pub fn set_estimator(&mut self, estimator: Estimator) {
+        self.estimator = estimator.name();
+        (self.sparsity, self.rank, self.basis_every) = estimator.settings();
+    }
+
     /// The job's direction distribution (its own, or its estimator's default).
     pub fn perturbation(&self) -> Perturbation {
         self.perturbation
-            .unwrap_or_else(|| self.estimator.default_perturbation())
-    }
-
-    /// `sparse`: the fraction of each tensor a step leaves alone.
-    pub fn sparsity(&self) -> f64 {
-        self.sparsity.unwrap_or(DEFAULT_SPARSITY)
-    }
-
-    /// `lozo`: the rank of each matrix's direction.
-    pub fn rank(&self) -> usize {
-        self.rank.unwrap_or(DEFAULT_RANK)
-    }
-
-    /// `lozo`: steps per V.
-    pub fn basis_every(&self) -> u64 {
-        self.basis_every.unwrap_or(DEFAULT_BASIS_EVERY)
+            .unwrap_or_else(|| self.estimator().default_perturbation())
     }
 }
 
-fn cpu() -> String {
-    "cpu".into()
-}
 fn label() -> String {
     "label".into()
 }
@@ -761,36 +763,10 @@ impl JobSpec {
         if !(1..=64).contains(&m.directions) {
             bail!("mezo.directions must be between 1 and 64 (the paper's n-SPSA uses a few)");
         }
-        if m.estimator == Estimator::Fzoo && m.directions < 2 {
-            bail!(
-                "mezo.estimator: fzoo needs mezo.directions of at least 2 (its N one-sided \
-                 directions: the update is divided by the spread of their N losses); try 8"
-            );
-        }
-        match m.sparsity {
-            Some(_) if m.estimator != Estimator::Sparse => {
-                bail!("mezo.sparsity is a setting of mezo.estimator: sparse")
-            }
-            Some(s) if !(s.is_finite() && (0.0..1.0).contains(&s)) => bail!(
-                "mezo.sparsity must be in [0, 1): the fraction of each tensor's weights a step \
-                 leaves alone (Sparse MeZO's default here: {DEFAULT_SPARSITY})"
-            ),
-            _ => {}
-        }
-        if m.estimator != Estimator::Lozo && (m.rank.is_some() || m.basis_every.is_some()) {
-            bail!("mezo.rank and mezo.basis_every are settings of mezo.estimator: lozo");
-        }
-        if !(1..=MAX_RANK).contains(&m.rank()) {
-            bail!(
-                "mezo.rank must be between 1 and {MAX_RANK}: the rank of each weight matrix's \
-                 direction U·Vᵀ (LOZO's default here: {DEFAULT_RANK})"
-            );
-        }
-        if m.basis_every() == 0 {
-            bail!(
-                "mezo.basis_every must be at least 1: how many steps share one V \
-                 (LOZO's default here: {DEFAULT_BASIS_EVERY})"
-            );
+        let estimator = m.try_estimator().map_err(anyhow::Error::msg)?;
+        let (fewest, why) = estimator.min_directions();
+        if m.directions < fewest {
+            bail!("{why}");
         }
         if m.batch_size == 0 {
             bail!("mezo.batch_size must be at least 1");
@@ -812,7 +788,6 @@ impl JobSpec {
         {
             bail!("data.test_fraction must be in [0, 1) and leave training examples beside dev_fraction");
         }
-        crate::model_ref::parse_device(&self.model.device)?;
         let choice = matches!(
             self.task.kind,
             TaskKind::Classification | TaskKind::MultipleChoice
@@ -882,10 +857,7 @@ impl JobSpec {
             self.steps(),
             self.mezo.batch_size,
             self.mezo.lr
-        ) + &match self.mezo.estimator {
-            Estimator::Mezo => String::new(),
-            e => format!(" ({e})"),
-        }
+        ) + &self.mezo.estimator().summary_words()
     }
 
     pub fn data_seed(&self) -> u64 {
@@ -952,6 +924,7 @@ impl JobSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::estimator::{DEFAULT_BASIS_EVERY, DEFAULT_RANK};
 
     #[test]
     fn deep_nesting_is_refused_before_parsing_and_quoted_brackets_are_text() {
@@ -993,11 +966,20 @@ mod tests {
         };
         let lozo = with("estimator: lozo").unwrap();
         assert_eq!(
-            (lozo.mezo.rank(), lozo.mezo.basis_every()),
-            (DEFAULT_RANK, DEFAULT_BASIS_EVERY)
+            lozo.mezo.estimator(),
+            Estimator::Lozo {
+                rank: DEFAULT_RANK,
+                basis_every: DEFAULT_BASIS_EVERY
+            }
         );
         let set = with("estimator: lozo, rank: 4, basis_every: 7").unwrap();
-        assert_eq!((set.mezo.rank(), set.mezo.basis_every()), (4, 7));
+        assert_eq!(
+            set.mezo.estimator(),
+            Estimator::Lozo {
+                rank: 4,
+                basis_every: 7
+            }
+        );
         for (mezo, says) in [
             (
                 "estimator: lozo, rank: 0",
@@ -1108,7 +1090,7 @@ mod tests {
     fn minimal_spec_parses_with_defaults_and_absolute_paths() {
         let s = JobSpec::parse(MINIMAL, Path::new("/jobs")).unwrap();
         assert_eq!(s.model.path, PathBuf::from("/jobs/m"));
-        assert_eq!(s.model.device, "cpu");
+        assert_eq!(s.model.device, DeviceRef::Cpu);
         assert_eq!(s.mezo.snapshot_every, None);
         assert_eq!(s.priority, 0);
         assert_eq!(s.data_seed(), 7);

@@ -37,11 +37,16 @@ pub fn kind_of(dtype: Dtype) -> Kind {
 
 /// `cpu`, `cuda` or `cuda:N`, as a libtorch device.
 pub fn parse_device(s: &str) -> Result<Device> {
+    Ok(torch_device(mezod_core::model_ref::parse_device(s)?))
+}
+
+/// A job's device as libtorch names it.
+pub fn torch_device(device: mezod_core::model_ref::DeviceRef) -> Device {
     use mezod_core::model_ref::DeviceRef;
-    Ok(match mezod_core::model_ref::parse_device(s)? {
+    match device {
         DeviceRef::Cpu => Device::Cpu,
         DeviceRef::Cuda(n) => Device::Cuda(n),
-    })
+    }
 }
 
 /// One architecture's forward pass.

@@ -23,13 +23,18 @@ fn torch_rng() -> Rng {
 }
 
 impl Fingerprint {
-    pub fn current(device: &str, dtype: crate::model::Dtype, threads: i32, rng: Rng) -> Self {
-        let gpu = device.starts_with("cuda").then(|| {
+    pub fn current(
+        device: mezod_core::model_ref::DeviceRef,
+        dtype: crate::model::Dtype,
+        threads: i32,
+        rng: Rng,
+    ) -> Self {
+        let gpu = device.is_gpu().then(|| {
             crate::gpu::model_name()
                 .unwrap_or_else(|| format!("{} CUDA device(s)", tch::Cuda::device_count()))
         });
         Self {
-            device: if device.starts_with("cuda") {
+            device: if device.is_gpu() {
                 "cuda".into()
             } else {
                 "cpu".into()

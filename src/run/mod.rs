@@ -29,12 +29,12 @@ use crate::baselines::{self, Baselines};
 use crate::data::task::{Evaluation, Task};
 use crate::data::{load_splits, Example};
 use crate::mezo::{
-    basis_seed, batch_indices, direction_seed, live_step, replay_step, step_seed, Logged, Measured,
-    Method, Rng, StepConfig, ZSweep,
+    batch_indices, live_step, replay_step, Logged, Measured, Rng, StepConfig, StepSeeds, ZSweep,
 };
 use crate::model::adapters::Tuning;
 use crate::model::export::{export_hf, export_peft_adapter};
-use crate::model::{parse_device, LanguageModel};
+use crate::model::{torch_device, LanguageModel};
+use mezod_core::model_ref::DeviceRef;
 use crate::spec::{JobSpec, Mode};
 use fingerprint::Fingerprint;
 use metrics::{EvalLine, MetricsFile};
@@ -60,7 +60,7 @@ pub struct RunOptions {
     pub threads: Option<i32>,
     /// Device to use instead of the job's (the daemon assigns GPUs: `cuda:0` of
     /// the one it made visible).
-    pub device: Option<String>,
+    pub device: Option<DeviceRef>,
     /// Snapshot interval when the job does not set `mezo.snapshot_every`.
     pub snapshot_every: Option<u64>,
     /// The admission estimate of this job's peak memory, recorded in result.json.
@@ -172,8 +172,8 @@ fn read_zero_shot_test(out: &Path) -> Option<ZeroShotTest> {
 
 /// This process's peak memory on its device: NVML's figure for this process on
 /// a GPU (the caching allocator keeps the peak reserved), VmHWM on CPU.
-fn measured_peak(device: &str) -> (u64, String) {
-    if device.starts_with("cuda") {
+fn measured_peak(device: DeviceRef) -> (u64, String) {
+    if device.is_gpu() {
         if let Some(bytes) = crate::gpu::process_memory(std::process::id(), None) {
             return (bytes, "nvml".into());
         }
@@ -196,7 +196,7 @@ struct Job {
     metrics: MetricsFile,
     /// Draws z (the job's generator on the job's threads).
     z: ZSweep,
-    device: String,
+    device: DeviceRef,
     memory_estimate: Option<u64>,
     progress: Progress,
 }
@@ -222,40 +222,35 @@ impl Job {
 
     /// One live MeZO step: measure, update, log durably.
     fn train_step(&mut self, step: u64) -> Result<StepRecord> {
-        let seed = step_seed(self.spec.mezo.seed, step);
+        let m = &self.spec.mezo;
+        let estimator = m.estimator();
+        let seeds = StepSeeds::of(estimator, m.seed, step, m.directions);
         let cfg = self.step_config(step);
         let batch_idx = self.batch_indices(step);
         let batch: Vec<&Example> = batch_idx.iter().map(|&i| &self.train[i]).collect();
         let (model, task, objective) = (&self.model, &self.task, self.spec.mezo.objective);
         let mut loss = || task.objective(model, &batch, objective);
-        let seeds: Vec<u64> = (0..self.spec.mezo.directions as u64)
-            .map(|j| direction_seed(seed, j))
-            .collect();
-        let method = Method::of(&self.spec.mezo);
-        let m = &self.spec.mezo;
-        let basis = matches!(method, Method::Lozo { .. })
-            .then(|| basis_seed(m.seed, step, m.basis_every()));
         let Measured {
             outcomes: outs,
             spread,
         } = live_step(
             &model.params,
             &self.z,
-            method,
-            &seeds,
-            basis,
+            estimator,
+            &seeds.directions,
+            seeds.basis,
             &cfg,
             &mut loss,
         )
         .with_context(|| format!("step {step}"))?;
         let rec = StepRecord {
             step,
-            seed,
+            seed: seeds.step,
             projected_grad: outs[0].projected_grad,
             loss_plus: outs[0].loss_plus,
             loss_minus: outs[0].loss_minus,
             lr: cfg.lr,
-            more: seeds[1..]
+            more: seeds.directions[1..]
                 .iter()
                 .zip(&outs[1..])
                 .map(|(&seed, o)| Direction {
@@ -266,7 +261,7 @@ impl Job {
                 })
                 .collect(),
             spread,
-            basis,
+            basis: seeds.basis,
         };
         self.log.append(&rec)?;
         self.metrics.step(&rec, &batch_idx)?;
@@ -283,7 +278,7 @@ impl Job {
             replay_step(
                 &self.model.params,
                 &self.z,
-                Method::of(&self.spec.mezo),
+                self.spec.mezo.estimator(),
                 &rec.seeds(),
                 &rec.grads(),
                 Logged {
@@ -488,13 +483,13 @@ pub fn run_with_log(
             .unwrap_or(1)
     });
     tch::set_num_threads(threads);
-    let device_name = opts.device.clone().unwrap_or(spec.model.device.clone());
+    let device_name = opts.device.unwrap_or(spec.model.device);
     let rng = spec
         .mezo
         .rng
         .or_else(|| frozen_rng(out))
-        .unwrap_or_else(|| Rng::default_for(&device_name));
-    let fp = Fingerprint::current(&device_name, spec.model.dtype, threads, rng);
+        .unwrap_or_else(|| Rng::default_for(device_name));
+    let fp = Fingerprint::current(device_name, spec.model.dtype, threads, rng);
     claim_out_dir(out, &spec, &fp, opts.force, log.contiguous()?.len() as u64)?;
     if let Some(result) = finished_result(out, &spec, &*log)? {
         // Run again as it was: the result stands as measured (a rerun must
@@ -517,7 +512,7 @@ pub fn run_with_log(
         unsafe { signal_hook::low_level::register(sig, move || n.store(sig, Ordering::SeqCst)) }?;
     }
 
-    let device = parse_device(&device_name)?;
+    let device = torch_device(device_name);
     let model = LanguageModel::open_tuned(
         &spec.model.source(),
         spec.model.dtype,
@@ -781,7 +776,7 @@ fn finish(
         dev_metric: job.task.metric_name(),
     };
     durable::write(&job.out.join("loss.svg"), plot::loss_chart_svg(&chart)?)?;
-    let (peak_memory_bytes, peak_memory_source) = measured_peak(&job.device);
+    let (peak_memory_bytes, peak_memory_source) = measured_peak(job.device);
     let result = RunResult {
         metric: job.task.metric_name().into(),
         zero_shot: evals.iter().find(|e| e.step == 0).map(|e| e.value),

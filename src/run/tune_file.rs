@@ -18,11 +18,12 @@ use sha2::{Digest, Sha256};
 
 use super::fingerprint::Fingerprint;
 use super::seedlog::{SeedLog, StepRecord};
-use crate::mezo::{replay_step, Logged, Method, Rng, StepConfig, ZSweep};
+use crate::mezo::{replay_step, Logged, Rng, StepConfig, ZSweep};
 use crate::model::adapters::{LoraConfig, PrefixConfig, Tuning};
 use crate::model::{Dtype, LanguageModel, ModelSource, ParamList};
 use crate::spec::JobSpec;
-use mezod_core::mezo_options::{Estimator, Perturbation};
+use mezod_core::estimator::{Estimator, EstimatorName};
+use mezod_core::mezo_options::Perturbation;
 
 pub const FORMAT: &str = "mezo";
 
@@ -55,8 +56,8 @@ pub struct TuneFile {
     pub dtype: Dtype,
     pub rng: Rng,
     /// How each step turned forward passes into an update (absent: mezo).
-    #[serde(default, skip_serializing_if = "Estimator::is_mezo")]
-    pub estimator: Estimator,
+    #[serde(default, skip_serializing_if = "EstimatorName::is_mezo")]
+    pub estimator: EstimatorName,
     /// Each element of z: Gaussian (absent) or ±1.
     #[serde(default, skip_serializing_if = "Perturbation::is_gaussian")]
     pub perturbation: Perturbation,
@@ -239,17 +240,12 @@ pub fn export(run: &Path, upto: Option<u64>) -> Result<TuneFile> {
         LanguageModel::open_tuned(&source, spec.model.dtype, tch::Device::Cpu, &spec.tuning())
             .with_context(|| format!("loading the base model {}", spec.model.describe()))?;
     let base = base_identity(&model, &source)?;
+    let estimator = spec.mezo.estimator();
+    let (sparsity, rank, _) = estimator.settings();
     Ok(TuneFile {
         format: FORMAT.into(),
-        version: if spec.mezo.estimator == Estimator::Lozo {
-            4
-        } else if !(spec.mezo.estimator.is_mezo() && spec.mezo.perturbation().is_gaussian()) {
-            3
-        } else if model.tuning == Tuning::Full {
-            1
-        } else {
-            2
-        },
+        version: estimator
+            .tune_file_version(spec.mezo.perturbation(), model.tuning == Tuning::Full),
         initial_sha256: std::fs::read_to_string(run.join(INITIAL_SHA256))
             .ok()
             .map(|s| s.trim().to_string()),
@@ -273,10 +269,10 @@ pub fn export(run: &Path, upto: Option<u64>) -> Result<TuneFile> {
         },
         dtype: spec.model.dtype,
         rng: fingerprint.rng,
-        estimator: spec.mezo.estimator,
+        estimator: estimator.name(),
         perturbation: spec.mezo.perturbation(),
-        sparsity: (spec.mezo.estimator == Estimator::Sparse).then(|| spec.mezo.sparsity()),
-        rank: (spec.mezo.estimator == Estimator::Lozo).then(|| spec.mezo.rank()),
+        sparsity,
+        rank,
         eps: spec.mezo.eps,
         weight_decay: spec.mezo.weight_decay,
         fingerprint,
@@ -403,10 +399,9 @@ impl TuneFile {
                 self.base.config_sha256
             );
         }
-        let device = if model.device == tch::Device::Cpu {
-            "cpu"
-        } else {
-            "cuda"
+        let device = match model.device {
+            tch::Device::Cuda(n) => mezod_core::model_ref::DeviceRef::Cuda(n),
+            _ => mezod_core::model_ref::DeviceRef::Cpu,
         };
         if self.rng == Rng::Torch {
             // torch's generator: the same z needs the same libtorch and device kind.
@@ -425,7 +420,9 @@ impl TuneFile {
         }
         let z = ZSweep::new(self.rng, self.fingerprint.threads.max(1) as usize)
             .with_perturbation(self.perturbation);
-        let method = Method::from_parts(self.estimator, self.sparsity, self.rank);
+        // V's lifetime is not needed: each LOZO step logged its seed of V.
+        let estimator = Estimator::from_settings(self.estimator, self.sparsity, self.rank, None)
+            .map_err(|e| anyhow::anyhow!("the file's estimator: {e}"))?;
         for (i, s) in self.steps.iter().enumerate() {
             if s.step != i as u64 {
                 bail!(
@@ -445,7 +442,7 @@ impl TuneFile {
                 spread: s.spread,
                 basis: s.basis,
             };
-            replay_step(&model.params, &z, method, &seeds, &grads, logged, &cfg)
+            replay_step(&model.params, &z, estimator, &seeds, &grads, logged, &cfg)
                 .with_context(|| format!("step {i} of the file"))?;
         }
         Ok(())

@@ -74,7 +74,7 @@ pub fn check_text(text: &str) -> Result<Accepted> {
             bail!("data.dev {} is not a file you can read", dev.display());
         }
     }
-    let wants_gpu = spec.model.device.starts_with("cuda");
+    let wants_gpu = spec.model.device.is_gpu();
     let footprint =
         estimate(&spec, wants_gpu).with_context(|| format!("model {}", spec.model.describe()))?;
     crate::job_check::check(&spec)?;

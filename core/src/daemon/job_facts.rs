@@ -14,7 +14,7 @@
 //! the owner may look at (the model and data files) and answers one number,
 //! the memory estimate, which admission bounds and enforcement verifies.
 
-use crate::mezo_options::{Estimator, RecordTrailer};
+use crate::estimator::{Estimator, RecordTrailer};
 use crate::seedlog::{StepRecord, RECORD_BYTES};
 use crate::spec::{JobRef, JobSpec};
 
@@ -41,14 +41,14 @@ impl JobFacts {
     pub fn read(text: &str) -> Result<Self, String> {
         let spec = JobSpec::parse_with_base(text, None).map_err(|e| format!("{e:#}"))?;
         Ok(Self {
-            wants_gpu: spec.model.device.starts_with("cuda"),
+            wants_gpu: spec.model.device.is_gpu(),
             priority: spec.priority,
             steps: spec.mezo.steps,
             summary: spec.summary(),
             records: RecordShape {
                 directions: spec.mezo.directions,
-                trailer: spec.mezo.estimator.record_trailer(),
-                estimator: spec.mezo.estimator,
+                trailer: spec.mezo.estimator().record_trailer(),
+                estimator: spec.mezo.estimator(),
             },
             name: spec.name,
             after: spec.after,
@@ -87,21 +87,16 @@ impl RecordShape {
                 "its worker sent a record for step {step} of a job of {steps} steps"
             ));
         }
-        let trailer = match (rec.spread, rec.basis) {
-            (None, None) => RecordTrailer::None,
-            (Some(_), None) => RecordTrailer::Spread,
-            (None, Some(_)) => RecordTrailer::Basis,
-            (Some(_), Some(_)) => return Err("its worker sent a malformed record".into()),
-        };
-        if rec.more.len() + 1 != self.directions || trailer != self.trailer {
+        if rec.more.len() + 1 != self.directions {
             return Err(format!(
-                "its worker sent a record of {} direction(s) ({trailer:?}) for a {} job of {} \
-                 direction(s) ({:?})",
+                "its worker sent a record of {} direction(s) for a {} job of {} direction(s)",
                 rec.more.len() + 1,
                 self.estimator,
                 self.directions,
-                self.trailer
             ));
+        }
+        if let Err(why) = self.estimator.check_trailer(rec.spread, rec.basis) {
+            return Err(format!("its worker sent a record that does not fit its job: {why}"));
         }
         let values = [rec.projected_grad, rec.loss_plus, rec.loss_minus, rec.lr]
             .into_iter()

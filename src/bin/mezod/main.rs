@@ -401,7 +401,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
 /// for (on stderr); exit status 1 if there is one.
 fn estimate(job: PathBuf, gpu: bool, json: bool) -> Result<ExitCode> {
     let spec = mezod_core::spec::JobSpec::load(&job)?;
-    let gpu = gpu || spec.model.device.starts_with("cuda");
+    let gpu = gpu || spec.model.device.is_gpu();
     let f = mezod_core::estimate::estimate(&spec, gpu)?;
     let problems: Vec<String> = mezod_core::job_check::problems(&spec)
         .iter()
