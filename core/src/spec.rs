@@ -805,7 +805,7 @@ impl JobSpec {
         }
         if self.task.kind == TaskKind::MultipleChoice
             && self.task.choices.is_empty()
-            && self.task.template.as_deref() != Some("copa")
+            && self.task.template.as_deref() != Some(crate::prompts::COPA.name)
         {
             bail!("task.choices must name the fields holding the candidate answers");
         }

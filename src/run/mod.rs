@@ -848,15 +848,15 @@ mod tests {
         let old = r#"{"device":"cpu","gpu":null,"torch":"2.11.0","dtype":"f32","threads":2}"#;
         std::fs::write(dir.path().join("fingerprint.json"), old).unwrap();
         assert_eq!(frozen_rng(dir.path()), Some(Rng::Torch));
-        let fp = Fingerprint::current("cpu", crate::model::Dtype::F32, 2, Rng::Fast);
+        let fp = Fingerprint::current(DeviceRef::Cpu, crate::model::Dtype::F32, 2, Rng::Fast);
         std::fs::write(
             dir.path().join("fingerprint.json"),
             serde_json::to_string(&fp).unwrap(),
         )
         .unwrap();
         assert_eq!(frozen_rng(dir.path()), Some(Rng::Fast));
-        assert_eq!(Rng::default_for("cpu"), Rng::Fast);
-        assert_eq!(Rng::default_for("cuda:0"), Rng::Torch);
+        assert_eq!(Rng::default_for("cpu".parse().unwrap()), Rng::Fast);
+        assert_eq!(Rng::default_for("cuda:0".parse().unwrap()), Rng::Torch);
     }
 
     #[test]
