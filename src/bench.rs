@@ -21,10 +21,10 @@ use crate::estimate::estimate;
 use crate::mezo::{live_step, replay_step, Logged, Rng, StepConfig, StepSeeds, ZSweep};
 use crate::model::adapters::{LoraConfig, PrefixConfig, Tuning};
 use crate::model::{torch_device, Dtype, LanguageModel, ModelSource};
-use mezod_core::model_ref::DeviceRef;
 use crate::spec::{JobSpec, TuningKind};
 use mezod_core::estimator::{Estimator, EstimatorName, RecordTrailer};
 use mezod_core::mezo_options::Perturbation;
+use mezod_core::model_ref::DeviceRef;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -4,7 +4,7 @@
 //! so its help speaks of `mezod`.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
@@ -156,6 +156,7 @@ fn main() -> ExitCode {
     mezod_core::cli::main_logging_to(mezod::run::progress::LogWriter, || dispatch(cli))
 }
 
+/// Each command to its function.
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run {
@@ -163,107 +164,16 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             out,
             force,
             restart,
-        } => {
-            let out = out.unwrap_or_else(|| default_out_dir(&job));
-            let opts = RunOptions {
-                force,
-                restart,
-                progress: std::io::stderr().is_terminal(),
-                ..Default::default()
-            };
-            match run(&job, &out, &opts)? {
-                Outcome::Completed(r) => {
-                    let show = |v: Option<f64>| {
-                        v.map(|v| format!("{v:.4}"))
-                            .unwrap_or_else(|| "n/a (no dev set)".into())
-                    };
-                    println!(
-                        "done: {} steps in {:.1}s ({:.2} steps/s)",
-                        r.steps, r.wall_time_s, r.steps_per_s
-                    );
-                    println!(
-                        "dev {}: zero-shot {}, best {} (step {}), final {}",
-                        r.metric,
-                        show(r.zero_shot),
-                        show(r.best),
-                        r.best_step,
-                        show(r.final_metric)
-                    );
-                    if let Some(p) = &r.test_paired {
-                        println!("{}", p.summary());
-                    } else if let (Some(t), Some(z)) = (r.test_metric, r.zero_shot_test) {
-                        println!("test {}: base model {z:.4}, fine-tuned {t:.4}", r.metric);
-                    }
-                    println!("fine-tuned model: {}", out.join("model").display());
-                    Ok(ExitCode::SUCCESS)
-                }
-                Outcome::Interrupted { step, signal } => {
-                    eprintln!(
-                        "stopped by signal {signal} after {step} steps; everything is saved. Resume with: mezod run {} --out {}",
-                        job.display(),
-                        out.display()
-                    );
-                    Ok(ExitCode::from((128 + signal) as u8))
-                }
-            }
-        }
+        } => run_command(&job, out, force, restart),
         Command::Export {
             run, output, step, ..
-        } => {
-            let tune = mezod::run::tune_file::export(&run, step)?;
-            tune.write(&output)?;
-            eprintln!(
-                "{}: {} steps of {} ({} parameters), {} bytes",
-                output.display(),
-                tune.steps.len(),
-                tune.base.source,
-                tune.params
-                    .iter()
-                    .map(|p| p.shape.iter().product::<i64>())
-                    .sum::<i64>(),
-                std::fs::metadata(&output)?.len()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        } => export_command(&run, &output, step),
         Command::Apply {
             tune,
             base,
             output,
             force,
-        } => {
-            mezod::run::out_dir::check_apply_output(&output, force)?;
-            let tune_path = tune;
-            let tune = mezod::run::tune_file::TuneFile::read(&tune_path)?;
-            let source = tune.base_source(base.as_deref());
-            // The run's thread count: a prefix's initial activations come from
-            // a forward pass, whose last bits may depend on how it is split.
-            tch::set_num_threads(tune.fingerprint.threads.max(1));
-            let model = mezod::model::LanguageModel::open_tuned(
-                &source,
-                tune.dtype,
-                tch::Device::Cpu,
-                &tune.tuning()?,
-            )
-            .with_context(|| format!("loading the base {}", source.describe()))?;
-            tune.apply(&model, &source, force)?;
-            mezod::model::export::export_hf(&model, &output)?;
-            let record = serde_json::json!({
-                "tune": std::path::absolute(&tune_path)?,
-                "steps": tune.steps.len(),
-                "base": source.describe(),
-            });
-            mezod_core::durable::write(
-                &output.join(mezod::run::out_dir::APPLY_RECORD),
-                serde_json::to_string_pretty(&record)?,
-            )?;
-            eprintln!(
-                "{}: {} steps applied to {}",
-                output.display(),
-                tune.steps.len(),
-                source.describe()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        } => apply_command(&tune, base.as_deref(), &output, force),
         Command::Inspect(args) => {
             let report = mezod::inspect::inspect(&args)?;
             if args.json {
@@ -294,6 +204,106 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             json,
         } => forward(model, text, ids, dtype, &device, top, json),
     }
+}
+
+/// `mezod run`: train (or resume) and say what came of it; a stop says how to resume.
+fn run_command(job: &Path, out: Option<PathBuf>, force: bool, restart: bool) -> Result<ExitCode> {
+    let out = out.unwrap_or_else(|| default_out_dir(job));
+    let opts = RunOptions {
+        force,
+        restart,
+        progress: std::io::stderr().is_terminal(),
+        ..Default::default()
+    };
+    match run(job, &out, &opts)? {
+        Outcome::Completed(r) => {
+            let show = |v: Option<f64>| {
+                v.map(|v| format!("{v:.4}"))
+                    .unwrap_or_else(|| "n/a (no dev set)".into())
+            };
+            println!(
+                "done: {} steps in {:.1}s ({:.2} steps/s)",
+                r.steps, r.wall_time_s, r.steps_per_s
+            );
+            println!(
+                "dev {}: zero-shot {}, best {} (step {}), final {}",
+                r.metric,
+                show(r.zero_shot),
+                show(r.best),
+                r.best_step,
+                show(r.final_metric)
+            );
+            if let Some(p) = &r.test_paired {
+                println!("{}", p.summary());
+            } else if let (Some(t), Some(z)) = (r.test_metric, r.zero_shot_test) {
+                println!("test {}: base model {z:.4}, fine-tuned {t:.4}", r.metric);
+            }
+            println!("fine-tuned model: {}", out.join("model").display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Outcome::Interrupted { step, signal } => {
+            eprintln!(
+                "stopped by signal {signal} after {step} steps; everything is saved. Resume with: mezod run {} --out {}",
+                job.display(),
+                out.display()
+            );
+            Ok(ExitCode::from((128 + signal) as u8))
+        }
+    }
+}
+
+/// `mezod export`: a run's steps as a `.mezo` file.
+fn export_command(run: &Path, output: &Path, step: Option<u64>) -> Result<ExitCode> {
+    let tune = mezod::run::tune_file::export(run, step)?;
+    tune.write(output)?;
+    eprintln!(
+        "{}: {} steps of {} ({} parameters), {} bytes",
+        output.display(),
+        tune.steps.len(),
+        tune.base.source,
+        tune.params
+            .iter()
+            .map(|p| p.shape.iter().product::<i64>())
+            .sum::<i64>(),
+        std::fs::metadata(output)?.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `mezod apply`: a `.mezo` file's steps replayed onto its base, exported.
+fn apply_command(tune: &Path, base: Option<&Path>, output: &Path, force: bool) -> Result<ExitCode> {
+    mezod::run::out_dir::check_apply_output(output, force)?;
+    let tune_path = tune;
+    let tune = mezod::run::tune_file::TuneFile::read(&tune_path)?;
+    let source = tune.base_source(base);
+    // The run's thread count: a prefix's initial activations come from
+    // a forward pass, whose last bits may depend on how it is split.
+    tch::set_num_threads(tune.fingerprint.threads.max(1));
+    let model = mezod::model::LanguageModel::open_tuned(
+        &source,
+        tune.dtype,
+        tch::Device::Cpu,
+        &tune.tuning()?,
+    )
+    .with_context(|| format!("loading the base {}", source.describe()))?;
+    tune.apply(&model, &source, force)?;
+    mezod::model::export::export_hf(&model, output)?;
+    let record = serde_json::json!({
+        "tune": std::path::absolute(&tune_path)?,
+        "steps": tune.steps.len(),
+        "base": source.describe(),
+    });
+    mezod_core::durable::write(
+        &output.join(mezod::run::out_dir::APPLY_RECORD),
+        serde_json::to_string_pretty(&record)?,
+    )?;
+    eprintln!(
+        "{}: {} steps applied to {}",
+        output.display(),
+        tune.steps.len(),
+        source.describe()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn forward(

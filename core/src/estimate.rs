@@ -44,8 +44,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::gguf_header::{is_gguf, read_header};
 use crate::estimator::StepState;
+use crate::gguf_header::{is_gguf, read_header};
 use crate::mezo_options::{Rng, DEFAULT_CHUNK};
 use crate::model_ref::{is_masked_lm, learned_positions, ModelSource};
 use crate::spec::{JobSpec, TaskKind};

@@ -120,7 +120,9 @@ impl Estimator {
             return Err("mezo.sparsity is a setting of mezo.estimator: sparse".into());
         }
         if (rank.is_some() || basis_every.is_some()) && name != EstimatorName::Lozo {
-            return Err("mezo.rank and mezo.basis_every are settings of mezo.estimator: lozo".into());
+            return Err(
+                "mezo.rank and mezo.basis_every are settings of mezo.estimator: lozo".into(),
+            );
         }
         Ok(match name {
             EstimatorName::Mezo => Estimator::Mezo,
@@ -169,7 +171,12 @@ impl Estimator {
         } else {
             (None, None, None)
         };
-        Estimator::from_settings(name, sparsity.or(own_sparsity), rank.or(own_rank), own_basis_every)
+        Estimator::from_settings(
+            name,
+            sparsity.or(own_sparsity),
+            rank.or(own_rank),
+            own_basis_every,
+        )
     }
 
     /// Its word in a job file.
@@ -246,8 +253,12 @@ impl Estimator {
     /// a worker sends; a replay asks it before touching the weights.
     pub fn check_trailer(&self, spread: Option<f64>, basis: Option<u64>) -> Result<(), String> {
         match (self, spread, basis) {
-            (_, Some(_), Some(_)) => Err("a logged step has both FZOO's spread and LOZO's seed of V".into()),
-            (Estimator::Fzoo, None, _) => Err("an fzoo step was logged without its spread σ".into()),
+            (_, Some(_), Some(_)) => {
+                Err("a logged step has both FZOO's spread and LOZO's seed of V".into())
+            }
+            (Estimator::Fzoo, None, _) => {
+                Err("an fzoo step was logged without its spread σ".into())
+            }
             (Estimator::Lozo { .. }, _, None) => Err("a lozo step needs the seed of its V".into()),
             (Estimator::Mezo | Estimator::Sparse { .. }, Some(_), _) => {
                 Err("a logged step has FZOO's spread but the job's estimator is not fzoo".into())
@@ -310,15 +321,35 @@ mod tests {
     fn settings_are_parsed_into_their_estimator_and_back() {
         use EstimatorName as N;
         let lozo = Estimator::from_settings(N::Lozo, None, Some(4), None).unwrap();
-        assert_eq!(lozo, Estimator::Lozo { rank: 4, basis_every: DEFAULT_BASIS_EVERY });
+        assert_eq!(
+            lozo,
+            Estimator::Lozo {
+                rank: 4,
+                basis_every: DEFAULT_BASIS_EVERY
+            }
+        );
         assert_eq!(lozo.settings(), (None, Some(4), Some(DEFAULT_BASIS_EVERY)));
         assert_eq!(
             Estimator::from_settings(N::Sparse, None, None, None).unwrap(),
-            Estimator::Sparse { sparsity: DEFAULT_SPARSITY }
+            Estimator::Sparse {
+                sparsity: DEFAULT_SPARSITY
+            }
         );
         for (name, sparsity, rank, basis, why) in [
-            (N::Mezo, Some(0.5), None, None, "a setting of mezo.estimator: sparse"),
-            (N::Sparse, None, None, Some(5), "settings of mezo.estimator: lozo"),
+            (
+                N::Mezo,
+                Some(0.5),
+                None,
+                None,
+                "a setting of mezo.estimator: sparse",
+            ),
+            (
+                N::Sparse,
+                None,
+                None,
+                Some(5),
+                "settings of mezo.estimator: lozo",
+            ),
             (N::Sparse, Some(1.0), None, None, "must be in [0, 1)"),
             (N::Lozo, None, Some(0), None, "between 1 and 64"),
             (N::Lozo, None, None, Some(0), "at least 1"),
@@ -335,10 +366,18 @@ mod tests {
             Estimator::Mezo,
             Estimator::Sparse { sparsity: 0.5 },
             Estimator::Fzoo,
-            Estimator::Lozo { rank: 1, basis_every: 1 },
+            Estimator::Lozo {
+                rank: 1,
+                basis_every: 1,
+            },
         ];
         for e in all {
-            for (spread, basis) in [(None, None), (Some(1.0), None), (None, Some(3)), (Some(1.0), Some(3))] {
+            for (spread, basis) in [
+                (None, None),
+                (Some(1.0), None),
+                (None, Some(3)),
+                (Some(1.0), Some(3)),
+            ] {
                 let trailer = match (spread, basis) {
                     (None, None) => Some(RecordTrailer::None),
                     (Some(_), None) => Some(RecordTrailer::Spread),

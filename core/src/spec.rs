@@ -8,9 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::estimator::{Estimator, EstimatorName};
-use crate::mezo_options::{
-    LrSchedule, Perturbation, Rng,
-};
+use crate::mezo_options::{LrSchedule, Perturbation, Rng};
 use crate::model_ref::{DeviceRef, Dtype, ModelSource};
 use crate::tuning::{LoraConfig, PrefixConfig, Tuning};
 
@@ -682,6 +680,16 @@ impl JobSpec {
     /// Every rule a job file must meet (run by `parse`; public for specs
     /// built in code, such as `mezod bench`'s).
     pub fn validate(&self) -> Result<()> {
+        self.validate_header()?;
+        self.model.validate()?;
+        self.validate_modes_and_tuning()?;
+        self.validate_mezo()?;
+        self.validate_data()?;
+        self.validate_task()
+    }
+
+    /// `name:`, `after:` and `notify:`: what the daemon reads besides the job.
+    fn validate_header(&self) -> Result<()> {
         if let Some(name) = &self.name {
             if name.trim().is_empty() || as_job_name(name) != *name {
                 bail!(
@@ -726,7 +734,11 @@ impl JobSpec {
                 );
             }
         }
-        self.model.validate()?;
+        Ok(())
+    }
+
+    /// `mode:` and the settings of its baselines; `tuning:` and its settings.
+    fn validate_modes_and_tuning(&self) -> Result<()> {
         if self.mode.is_empty() {
             bail!("mode must list at least one of zero_shot, icl, linear_probe, mezo");
         }
@@ -753,6 +765,11 @@ impl JobSpec {
         if !(1..=4096).contains(&self.prefix.clone().unwrap_or_default().tokens) {
             bail!("prefix.tokens must be between 1 and 4096 (the paper uses 5)");
         }
+        Ok(())
+    }
+
+    /// `mezo:`: the steps, the estimator and its settings, the step's numbers.
+    fn validate_mezo(&self) -> Result<()> {
         let m = &self.mezo;
         if !(1..=MAX_STEPS).contains(&m.steps) {
             bail!(
@@ -777,6 +794,11 @@ impl JobSpec {
         if !(m.lr.is_finite() && m.lr >= 0.0) {
             bail!("mezo.lr must be a non-negative number");
         }
+        Ok(())
+    }
+
+    /// `data:`: the splits.
+    fn validate_data(&self) -> Result<()> {
         if self.data.per_class.as_ref().is_some_and(|p| p.k == 0) {
             bail!("data.per_class.k must be at least 1 (the paper uses 16 or 512)");
         }
@@ -788,6 +810,11 @@ impl JobSpec {
         {
             bail!("data.test_fraction must be in [0, 1) and leave training examples beside dev_fraction");
         }
+        Ok(())
+    }
+
+    /// `task:` against the objective and the kind.
+    fn validate_task(&self) -> Result<()> {
         let choice = matches!(
             self.task.kind,
             TaskKind::Classification | TaskKind::MultipleChoice

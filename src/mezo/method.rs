@@ -107,7 +107,13 @@ pub fn replay_step(
     let form = form(estimator, params, logged.basis)?;
     match (estimator, logged.spread) {
         (Estimator::Fzoo, Some(spread)) => {
-            fzoo_step(params, z, seeds, cfg, Source::Logged(FzooLog { grads, spread }))?;
+            fzoo_step(
+                params,
+                z,
+                seeds,
+                cfg,
+                Source::Logged(FzooLog { grads, spread }),
+            )?;
         }
         (Estimator::Fzoo, None) => bail!("an fzoo step was logged without its spread σ"),
         (Estimator::Mezo | Estimator::Sparse { .. } | Estimator::Lozo { .. }, _) => {

@@ -132,7 +132,13 @@ pub(crate) fn drawn(rng: Rng, perturbation: Perturbation, p: &ParamList, seed: u
 
 /// LOZO's direction as the sweep must draw it: `U·Vᵀ` on matrices (U from
 /// the step's seed, V from the basis seed), the dense z elsewhere.
-pub(crate) fn drawn_low_rank(rng: Rng, p: &ParamList, seed: u64, basis: u64, rank: i64) -> Vec<Tensor> {
+pub(crate) fn drawn_low_rank(
+    rng: Rng,
+    p: &ParamList,
+    seed: u64,
+    basis: u64,
+    rank: i64,
+) -> Vec<Tensor> {
     let dense = drawn_z(rng, p, seed);
     let fast = |seed: u64, stream: usize, rows: i64| {
         let mut x = vec![0f32; (rows * rank) as usize];

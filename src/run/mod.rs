@@ -34,11 +34,11 @@ use crate::mezo::{
 use crate::model::adapters::Tuning;
 use crate::model::export::{export_hf, export_peft_adapter};
 use crate::model::{torch_device, LanguageModel};
-use mezod_core::model_ref::DeviceRef;
 use crate::spec::{JobSpec, Mode};
 use fingerprint::Fingerprint;
 use metrics::{EvalLine, MetricsFile};
 use mezod_core::durable;
+use mezod_core::model_ref::DeviceRef;
 use paired::Paired;
 use progress::Progress;
 use seedlog::{Direction, SeedLog, StepLog, StepRecord};
@@ -469,12 +469,14 @@ pub fn run(spec_path: &Path, out: &Path, opts: &RunOptions) -> Result<Outcome> {
     run_with_log(spec, out, &opts, Box::new(log))
 }
 
-/// Run (or resume) the job with step records going to `log`.
+/// Run (or resume) the job with step records going to `log`, in its phases:
+/// claim the output folder, open the job, bring the weights to where the log
+/// ends, measure what comes before training, train, finish.
 pub fn run_with_log(
     spec: JobSpec,
     out: &Path,
     opts: &RunOptions,
-    mut log: Box<dyn StepLog>,
+    log: Box<dyn StepLog>,
 ) -> Result<Outcome> {
     let started = Instant::now();
     let threads = spec.model.threads.or(opts.threads).unwrap_or_else(|| {
@@ -483,13 +485,13 @@ pub fn run_with_log(
             .unwrap_or(1)
     });
     tch::set_num_threads(threads);
-    let device_name = opts.device.unwrap_or(spec.model.device);
+    let device = opts.device.unwrap_or(spec.model.device);
     let rng = spec
         .mezo
         .rng
         .or_else(|| frozen_rng(out))
-        .unwrap_or_else(|| Rng::default_for(device_name));
-    let fp = Fingerprint::current(device_name, spec.model.dtype, threads, rng);
+        .unwrap_or_else(|| Rng::default_for(device));
+    let fp = Fingerprint::current(device, spec.model.dtype, threads, rng);
     claim_out_dir(out, &spec, &fp, opts.force, log.contiguous()?.len() as u64)?;
     if let Some(result) = finished_result(out, &spec, &*log)? {
         // Run again as it was: the result stands as measured (a rerun must
@@ -500,29 +502,218 @@ pub fn run_with_log(
         );
         return Ok(Outcome::Completed(result));
     }
+    let interrupt = Interrupt::install()?;
+    let (mut job, records) = Job::open(spec, out, opts, log, device, rng, threads)?;
+    let done = records.len() as u64;
+    let from = job.resume(&records)?;
+    job.before_training(done)?;
+    let total = job.spec.steps();
+    let train_start = Instant::now();
+    if let Some(stopped) = job.train(done, &interrupt, opts)? {
+        return Ok(stopped);
+    }
+    let train_secs = train_start.elapsed().as_secs_f64();
+    finish(job, done, from, total - done, train_secs, started, fp).map(Outcome::Completed)
+}
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let signal_no = Arc::new(std::sync::atomic::AtomicI32::new(0));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // A second signal ends the process at once; resume stays exact.
-        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&stop))?;
-        signal_hook::flag::register(sig, Arc::clone(&stop))?;
-        let n = Arc::clone(&signal_no);
-        // SAFETY: the handler only stores into an atomic.
-        unsafe { signal_hook::low_level::register(sig, move || n.store(sig, Ordering::SeqCst)) }?;
+/// SIGINT and SIGTERM: the first asks the run to stop at its next step
+/// boundary (it snapshots, and resumes exactly); a second ends the process at
+/// once (resume stays exact).
+struct Interrupt {
+    stop: Arc<AtomicBool>,
+    signal: Arc<std::sync::atomic::AtomicI32>,
+}
+
+impl Interrupt {
+    fn install() -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let signal = Arc::new(std::sync::atomic::AtomicI32::new(0));
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&stop))?;
+            signal_hook::flag::register(sig, Arc::clone(&stop))?;
+            let n = Arc::clone(&signal);
+            // SAFETY: the handler only stores into an atomic.
+            unsafe {
+                signal_hook::low_level::register(sig, move || n.store(sig, Ordering::SeqCst))
+            }?;
+        }
+        Ok(Interrupt { stop, signal })
     }
 
-    let device = torch_device(device_name);
-    let model = LanguageModel::open_tuned(
-        &spec.model.source(),
-        spec.model.dtype,
-        device,
-        &spec.tuning(),
-    )
-    .with_context(|| format!("loading model {}", spec.model.describe()))?;
-    check_initial_adapters(out, &model, opts.force)?;
-    let splits = load_splits(&spec.data, &spec.task.label_field)?;
-    let mut task = Task::from_spec(&spec)?;
+    /// The signal that asked the run to stop, if one did.
+    fn requested(&self) -> Option<i32> {
+        self.stop
+            .load(Ordering::SeqCst)
+            .then(|| self.signal.load(Ordering::SeqCst))
+    }
+}
+
+impl Job {
+    /// Load the model and the data, check every example against the task,
+    /// and set the job up where its log ends; also the log's records that
+    /// count (at most the job's steps).
+    fn open(
+        spec: JobSpec,
+        out: &Path,
+        opts: &RunOptions,
+        mut log: Box<dyn StepLog>,
+        device: DeviceRef,
+        rng: Rng,
+        threads: i32,
+    ) -> Result<(Job, Vec<StepRecord>)> {
+        let model = LanguageModel::open_tuned(
+            &spec.model.source(),
+            spec.model.dtype,
+            torch_device(device),
+            &spec.tuning(),
+        )
+        .with_context(|| format!("loading model {}", spec.model.describe()))?;
+        check_initial_adapters(out, &model, opts.force)?;
+        let splits = load_splits(&spec.data, &spec.task.label_field)?;
+        let task = checked_task(&spec, &model, &splits)?;
+        tracing::info!(
+            "{} ({} trainable parameters, {} on {}, rng {}), {} train / {} dev / {} test examples",
+            spec.model.describe(),
+            model.params.numel(),
+            spec.model.dtype,
+            device,
+            rng,
+            splits.train.len(),
+            splits.dev.len(),
+            splits.test.len()
+        );
+        let mut records = log.contiguous()?;
+        records.truncate(spec.steps() as usize);
+        let done = records.len() as u64;
+        log.truncate_from(done)?;
+        let (data_seed, batch_size, n_train) =
+            (spec.data_seed(), spec.mezo.batch_size, splits.train.len());
+        let spec_steps = spec.steps();
+        let metrics = MetricsFile::open(&out.join("metrics.jsonl"), &records, |step| {
+            batch_indices(data_seed, step, batch_size, n_train)
+        })?;
+        let name = job_name(spec.name.as_deref(), opts.job_file.as_deref(), out);
+        let perturbation = spec.mezo.perturbation();
+        let job = Job {
+            spec,
+            out: out.to_path_buf(),
+            name,
+            model,
+            task,
+            train: splits.train,
+            dev: splits.dev,
+            test: splits.test,
+            log,
+            metrics,
+            z: ZSweep::new(rng, threads as usize).with_perturbation(perturbation),
+            device,
+            memory_estimate: opts.memory_estimate,
+            progress: Progress::new(opts.progress, done, spec_steps),
+        };
+        Ok((job, records))
+    }
+
+    /// Bring the weights to where the log ends: the newest valid snapshot,
+    /// then the rest of the log replayed.  The snapshot's step.
+    fn resume(&mut self, records: &[StepRecord]) -> Result<u64> {
+        let done = records.len() as u64;
+        let from =
+            snapshot::restore_latest(&self.snapshots(), done, &self.model.params)?.unwrap_or(0);
+        let replay_start = Instant::now();
+        self.replay(&records[from as usize..])?;
+        if done > 0 {
+            tracing::info!(
+                "resumed at step {done}: snapshot of step {from}, {} steps replayed in {:.2}s",
+                done - from,
+                replay_start.elapsed().as_secs_f64()
+            );
+        }
+        Ok(from)
+    }
+
+    /// What is measured before the first step (once: a resumed run has it):
+    /// the base model on dev and test, the baselines; and an evaluation a
+    /// stop fell between its step and itself.
+    fn before_training(&mut self, done: u64) -> Result<()> {
+        if done == 0 && !self.metrics.has_eval(0) {
+            self.evaluate(0)?; // the zero-shot baseline
+        }
+        if done == 0 && !self.test.is_empty() && read_zero_shot_test(&self.out).is_none() {
+            // The base model on the test split, once, for the comparison at the end.
+            let e = self.evaluate_split("test", 0)?;
+            tracing::info!("step 0: test {} {:.4}", self.task.metric_name(), e.metric);
+            let zero_shot = ZeroShotTest {
+                metric: e.metric,
+                correct: e.correct,
+            };
+            durable::write(
+                &self.out.join("zero_shot_test.json"),
+                serde_json::to_string(&zero_shot)?,
+            )?;
+        }
+        if done == 0 {
+            self.baselines()?;
+        }
+        let every = self.spec.mezo.eval_every;
+        if done > 0
+            && every > 0
+            && done % every == 0
+            && done < self.spec.steps()
+            && !self.metrics.has_eval(done)
+        {
+            self.evaluate(done)?; // stopped between a step and its evaluation
+        }
+        Ok(())
+    }
+
+    /// Steps `done..` to the last, each logged durably, with the job's
+    /// evaluations and snapshots between them; `Some` when a signal stopped
+    /// it at a step boundary.
+    fn train(
+        &mut self,
+        done: u64,
+        interrupt: &Interrupt,
+        opts: &RunOptions,
+    ) -> Result<Option<Outcome>> {
+        let total = self.spec.steps();
+        self.progress.start_steps(done);
+        let snapshot_every = self
+            .spec
+            .mezo
+            .snapshot_every
+            .or(opts.snapshot_every)
+            .unwrap_or(DEFAULT_SNAPSHOT_EVERY);
+        let eval_every = self.spec.mezo.eval_every;
+        for step in done..total {
+            if let Some(signal) = interrupt.requested() {
+                return interrupted(self, step, &self.snapshots(), signal).map(Some);
+            }
+            let rec = self.train_step(step)?;
+            let n = step + 1;
+            self.progress.step(n, rec.loss_plus, rec.projected_grad);
+            if eval_every > 0 && n % eval_every == 0 && n < total {
+                self.evaluate(n)?;
+            }
+            if snapshot_every > 0 && n % snapshot_every == 0 && n < total {
+                snapshot::save(&self.snapshots(), n, &self.model.params, 2)?;
+            }
+        }
+        Ok(None)
+    }
+
+    fn snapshots(&self) -> PathBuf {
+        self.out.join("snapshots")
+    }
+}
+
+/// The job's task, limited to the model's positions, with every example of
+/// every split checked against it.
+fn checked_task(
+    spec: &JobSpec,
+    model: &LanguageModel,
+    splits: &crate::data::Splits,
+) -> Result<Task> {
+    let mut task = Task::from_spec(spec)?;
     if let Some(limit) = model.max_positions() {
         if spec.task.max_length > limit {
             tracing::info!(
@@ -532,10 +723,10 @@ pub fn run_with_log(
         }
         task.limit_length(limit);
     }
-    task.check(&model, &splits.train, |i| splits.origin("training", i))?;
-    task.check(&model, &splits.dev, |i| splits.origin("dev", i))?;
-    task.check(&model, &splits.test, |i| splits.origin("test", i))?;
-    for (answer, ids) in task.answer_word_ids(&model)? {
+    task.check(model, &splits.train, |i| splits.origin("training", i))?;
+    task.check(model, &splits.dev, |i| splits.origin("dev", i))?;
+    task.check(model, &splits.test, |i| splits.origin("test", i))?;
+    for (answer, ids) in task.answer_word_ids(model)? {
         if ids.len() > 1 {
             tracing::info!(
                 "the answer {answer:?} is {} tokens for this tokenizer: it is scored by their mean log-probability",
@@ -543,113 +734,7 @@ pub fn run_with_log(
             );
         }
     }
-    tracing::info!(
-        "{} ({} trainable parameters, {} on {}, rng {}), {} train / {} dev / {} test examples",
-        spec.model.describe(),
-        model.params.numel(),
-        spec.model.dtype,
-        device_name,
-        rng,
-        splits.train.len(),
-        splits.dev.len(),
-        splits.test.len()
-    );
-    let mut records = log.contiguous()?;
-    records.truncate(spec.steps() as usize);
-    let done = records.len() as u64;
-    log.truncate_from(done)?;
-    let (data_seed, batch_size, n_train) =
-        (spec.data_seed(), spec.mezo.batch_size, splits.train.len());
-    let spec_steps = spec.steps();
-    let metrics = MetricsFile::open(&out.join("metrics.jsonl"), &records, |step| {
-        batch_indices(data_seed, step, batch_size, n_train)
-    })?;
-    let name = job_name(spec.name.as_deref(), opts.job_file.as_deref(), out);
-    let perturbation = spec.mezo.perturbation();
-    let mut job = Job {
-        spec,
-        out: out.to_path_buf(),
-        name,
-        model,
-        task,
-        train: splits.train,
-        dev: splits.dev,
-        test: splits.test,
-        log,
-        metrics,
-        z: ZSweep::new(rng, threads as usize).with_perturbation(perturbation),
-        device: device_name,
-        memory_estimate: opts.memory_estimate,
-        progress: Progress::new(opts.progress, done, spec_steps),
-    };
-
-    // Resume: newest valid snapshot, then replay the rest of the log.
-    let snap_dir = out.join("snapshots");
-    let from = snapshot::restore_latest(&snap_dir, done, &job.model.params)?.unwrap_or(0);
-    let replay_start = Instant::now();
-    job.replay(&records[from as usize..])?;
-    if done > 0 {
-        tracing::info!(
-            "resumed at step {done}: snapshot of step {from}, {} steps replayed in {:.2}s",
-            done - from,
-            replay_start.elapsed().as_secs_f64()
-        );
-    }
-
-    if done == 0 && !job.metrics.has_eval(0) {
-        job.evaluate(0)?; // the zero-shot baseline
-    }
-    if done == 0 && !job.test.is_empty() && read_zero_shot_test(out).is_none() {
-        // The base model on the test split, once, for the comparison at the end.
-        let e = job.evaluate_split("test", 0)?;
-        tracing::info!("step 0: test {} {:.4}", job.task.metric_name(), e.metric);
-        let zero_shot = ZeroShotTest {
-            metric: e.metric,
-            correct: e.correct,
-        };
-        durable::write(
-            &out.join("zero_shot_test.json"),
-            serde_json::to_string(&zero_shot)?,
-        )?;
-    }
-    if done == 0 {
-        job.baselines()?;
-    }
-    let every = job.spec.mezo.eval_every;
-    if done > 0
-        && every > 0
-        && done % every == 0
-        && done < job.spec.steps()
-        && !job.metrics.has_eval(done)
-    {
-        job.evaluate(done)?; // stopped between a step and its evaluation
-    }
-    let total = job.spec.steps();
-    job.progress.start_steps(done);
-    let train_start = Instant::now();
-    let snapshot_every = job
-        .spec
-        .mezo
-        .snapshot_every
-        .or(opts.snapshot_every)
-        .unwrap_or(DEFAULT_SNAPSHOT_EVERY);
-    for step in done..total {
-        if stop.load(Ordering::SeqCst) {
-            return interrupted(&job, step, &snap_dir, signal_no.load(Ordering::SeqCst));
-        }
-        let rec = job.train_step(step)?;
-        let n = step + 1;
-        job.progress.step(n, rec.loss_plus, rec.projected_grad);
-        if job.spec.mezo.eval_every > 0 && n % job.spec.mezo.eval_every == 0 && n < total {
-            job.evaluate(n)?;
-        }
-        if snapshot_every > 0 && n % snapshot_every == 0 && n < total {
-            snapshot::save(&snap_dir, n, &job.model.params, 2)?;
-        }
-    }
-    let trained = total - done;
-    let train_secs = train_start.elapsed().as_secs_f64();
-    finish(job, done, from, trained, train_secs, started, fp).map(Outcome::Completed)
+    Ok(task)
 }
 
 fn interrupted(job: &Job, step: u64, snap_dir: &Path, signal: i32) -> Result<Outcome> {

@@ -96,7 +96,9 @@ impl RecordShape {
             ));
         }
         if let Err(why) = self.estimator.check_trailer(rec.spread, rec.basis) {
-            return Err(format!("its worker sent a record that does not fit its job: {why}"));
+            return Err(format!(
+                "its worker sent a record that does not fit its job: {why}"
+            ));
         }
         let values = [rec.projected_grad, rec.loss_plus, rec.loss_minus, rec.lr]
             .into_iter()
