@@ -461,7 +461,9 @@ fn a_crash_between_recording_and_moving_a_file_never_starts_it_twice() {
                 gpus: vec![],
                 gpu_labels: vec![],
                 reason: "queued".into(),
-                estimate_bytes: 1 << 20,
+                // What a worker of the tiny fixture may hold: the daemon
+                // stops a job past its estimate and margin.
+                estimate_bytes: 1 << 30,
                 peak_bytes: 0,
                 preemptions: 0,
             })

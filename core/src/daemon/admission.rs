@@ -32,12 +32,41 @@ use serde::{Deserialize, Serialize};
 use crate::estimate::human_bytes;
 use crate::gpu::GpuInfo;
 
-/// Where a job runs.
+/// Where a job runs.  Written as text in job records: `CPU`, or the GPU's
+/// (or MIG instance's) UUID.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
 pub enum Pool {
     Cpu,
-    /// A GPU by UUID.
+    /// A GPU (or MIG instance) by UUID.
     Gpu(String),
+}
+
+/// `CPU` (`cpu` in records of older versions), else a GPU's UUID: NVML's
+/// UUIDs begin `GPU-` or `MIG-`, so none is read as the CPU.
+impl From<String> for Pool {
+    fn from(s: String) -> Pool {
+        if s.eq_ignore_ascii_case("cpu") {
+            Pool::Cpu
+        } else {
+            Pool::Gpu(s)
+        }
+    }
+}
+
+impl From<&str> for Pool {
+    fn from(s: &str) -> Pool {
+        Pool::from(s.to_string())
+    }
+}
+
+impl From<Pool> for String {
+    fn from(p: Pool) -> String {
+        match p {
+            Pool::Cpu => "CPU".into(),
+            Pool::Gpu(uuid) => uuid,
+        }
+    }
 }
 
 /// What the machine looks like now.
@@ -739,6 +768,21 @@ mod tests {
         // Memory, not slots, limits here: 16 − 1 margin = 15 GB.
         let d = plan(&[cpu(1, 10), cpu(2, 10)], &[], &r);
         assert_eq!(admitted(&d).len(), 1);
+    }
+
+    /// A pool is text in a job record, as it was when records held strings.
+    #[test]
+    fn a_pool_is_written_as_text_and_older_records_read() {
+        let json = |p: &Pool| serde_json::to_string(p).unwrap();
+        assert_eq!(json(&Pool::Cpu), "\"CPU\"");
+        assert_eq!(json(&Pool::Gpu("MIG-a".into())), "\"MIG-a\"");
+        for (text, pool) in [
+            ("\"cpu\"", Pool::Cpu),
+            ("\"CPU\"", Pool::Cpu),
+            ("\"GPU-1\"", Pool::Gpu("GPU-1".into())),
+        ] {
+            assert_eq!(serde_json::from_str::<Pool>(text).unwrap(), pool);
+        }
     }
 
     #[test]

@@ -25,6 +25,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::admission::Pool;
+
 /// Where a job is in its life, with what that state knows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "lowercase")]
@@ -35,13 +37,13 @@ pub enum JobState {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         not_before: Option<u64>,
     },
-    /// Chosen by admission for `pool` ("cpu" or a GPU UUID); its worker is starting.
+    /// Chosen by admission for `pool`; its worker is starting.
     Admitted {
-        pool: String,
+        pool: Pool,
     },
     /// Its worker runs on `pool` since `since` (Unix seconds).
     Running {
-        pool: String,
+        pool: Pool,
         since: u64,
     },
     /// Stopped at a step boundary by a daemon stop; queued again at the next start.
@@ -66,7 +68,7 @@ pub enum JobState {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Transition {
     /// Admission placed it on `pool`.
-    Admit { pool: String },
+    Admit { pool: Pool },
     /// Its worker process started.
     Start { since: u64 },
     /// A daemon stop halted its worker at a step boundary (or before it started).

@@ -286,12 +286,7 @@ impl Daemon {
         let place = gpu
             .as_ref()
             .map_or_else(|| "CPU".to_string(), |g| g.describe());
-        job.apply(Transition::Admit {
-            pool: match &pool {
-                Pool::Cpu => "CPU".into(),
-                Pool::Gpu(uuid) => uuid.clone(),
-            },
-        })?;
+        job.apply(Transition::Admit { pool: pool.clone() })?;
         job.attempts += 1;
         job.gpus = gpu.iter().map(|g| g.uuid.clone()).collect();
         job.gpu_labels = gpu.iter().map(|g| g.label()).collect();
