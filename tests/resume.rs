@@ -526,3 +526,50 @@ fn kill_9_resumes_bit_identically_with_every_estimator_in_full_and_lora_tuning()
         }
     }
 }
+
+/// A folder another run is using: a second `mezod run` there (with or
+/// without `--restart`) says so with the holder's pid, exits 1 and changes
+/// nothing; the first run goes on undisturbed.
+#[test]
+fn a_run_folder_in_use_is_refused_with_its_holders_pid_and_left_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Long enough to be running through both tries; stopped by SIGINT after.
+    let job = causal_job(
+        tmp.path(),
+        "llama",
+        "steps: 1000000, batch_size: 4, lr: 2.0e-3, eps: 1.0e-3, seed: 5",
+    );
+    let run = tmp.path().join("busy");
+    let mut first = spawn_run(&job, &run);
+    assert!(
+        wait_for_steps(&mut first, &run, 2),
+        "the first run ended early"
+    );
+    for restart in [false, true] {
+        let mut cmd = mezod();
+        cmd.arg("run").arg(&job).arg("--out").arg(&run);
+        if restart {
+            cmd.arg("--restart");
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "{} is in use by another mezod run (pid {})",
+                run.display(),
+                first.id()
+            )),
+            "restart {restart}: {stderr}"
+        );
+        assert!(!stderr.contains("WouldBlock"), "{stderr}");
+        for name in ["spec.yaml", "seedlog", "metrics.jsonl"] {
+            assert!(run.join(name).exists(), "restart {restart} removed {name}");
+        }
+    }
+    // The first run was never disturbed: it still stops at a step boundary.
+    unsafe { libc::kill(first.id() as i32, libc::SIGINT) };
+    let status = first.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "the first run");
+    assert!(step_lines(&run) >= 2);
+}

@@ -455,13 +455,21 @@ fn finished_result(out: &Path, spec: &JobSpec, log: &dyn StepLog) -> Result<Opti
 /// log in `out/seedlog` (sled).
 pub fn run(spec_path: &Path, out: &Path, opts: &RunOptions) -> Result<Outcome> {
     let spec = JobSpec::load(spec_path)?;
+    out_dir::check_not_in_use(out)?;
     out_dir::check_is_a_run_folder(out, opts.force)?;
     if opts.restart {
         tracing::warn!("{}", out_dir::discard_run(out)?);
     }
     std::fs::create_dir_all(out)
         .with_context(|| format!("creating output directory {}", out.display()))?;
-    let log = SeedLog::open(&out.join("seedlog"))?;
+    // Another run may have taken the folder since the check above.
+    let log = SeedLog::open(&out.join("seedlog")).map_err(|e| {
+        if out_dir::check_not_in_use(out).is_err() {
+            out_dir::in_use(out)
+        } else {
+            e
+        }
+    })?;
     let opts = RunOptions {
         job_file: Some(spec_path.to_path_buf()),
         ..opts.clone()

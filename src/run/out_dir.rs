@@ -72,6 +72,66 @@ fn foreign_entries(out: &Path) -> Result<Vec<String>> {
     Ok(foreign)
 }
 
+/// Refuse a folder another mezod run is using: its seed log's database is
+/// locked (sled holds an exclusive `flock` on it for as long as the run
+/// lives), so a second run there would fail deep in sled, and a `--restart`
+/// would delete the files under a live run.  Asked before anything is
+/// touched; the holder's pid comes from `/proc/locks`.
+pub fn check_not_in_use(out: &Path) -> Result<()> {
+    let db = out.join("seedlog").join("db");
+    let Ok(file) = std::fs::File::open(&db) else {
+        return Ok(());
+    };
+    // std's file locks are flock(2) on Linux: the same lock sled takes.
+    match file.try_lock() {
+        Ok(()) => Ok(()),
+        Err(std::fs::TryLockError::WouldBlock) => Err(in_use(out)),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(anyhow::Error::new(e)
+                .context(format!("checking whether {} is in use", db.display())))
+        }
+    }
+}
+
+/// "runs/x is in use by another mezod run (pid N)": the error for a run
+/// folder whose seed log another process holds.
+pub fn in_use(out: &Path) -> anyhow::Error {
+    let holder = lock_holder(&out.join("seedlog").join("db"))
+        .map_or_else(String::new, |pid| format!(" (pid {pid})"));
+    anyhow::anyhow!(
+        "{} is in use by another mezod run{holder}; nothing was changed. Wait for it to end, \
+         or stop it (Ctrl-C in its terminal, or kill -INT with its pid) and run this again",
+        out.display()
+    )
+}
+
+/// The pid holding a `flock` on `path`, from `/proc/locks` (lines like
+/// `1: FLOCK  ADVISORY  WRITE 4242 fd:01:131075 0 EOF`: pid, then the
+/// device as hex major:minor and the inode).
+fn lock_holder(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    // Linux's dev_t: major in bits 8..20 and 32..44, minor in 0..8 and 20..32.
+    let dev = meta.dev();
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & 0xffff_f000);
+    let minor = (dev & 0xff) | ((dev >> 12) & 0xffff_ff00);
+    let want = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // id, class, kind, mode, pid, device:inode, start, end (a blocked
+        // waiter's line has "->" after the id, shifting the fields).
+        let fields = if fields.get(1) == Some(&"->") {
+            &fields[1..]
+        } else {
+            &fields[..]
+        };
+        (fields.get(1) == Some(&"FLOCK") && fields.get(5) == Some(&want.as_str()))
+            .then(|| fields.get(4)?.parse().ok())
+            .flatten()
+    })
+}
+
 /// Refuse to run in a folder that holds something and no run of ours, unless `force`.
 pub fn check_is_a_run_folder(out: &Path, force: bool) -> Result<()> {
     if holds_a_run(out) {
