@@ -35,7 +35,7 @@ enum Command {
     /// adapter/, a PEFT adapter). Ctrl-C or SIGTERM finish the current
     /// step and exit; a second signal exits at once. Either way, rerunning resumes
     /// exactly.
-    #[command(after_help = "Example: mezod run examples/sst2.yaml --out runs/sst2")]
+    #[command(after_help = "Example: mezod run examples/classification.yaml --out runs/classification")]
     Run {
         /// The job file (YAML; see the README for every field).
         job: PathBuf,

@@ -529,3 +529,39 @@ fn bench_takes_sparsity_and_rank_under_a_jobs_rules() {
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
 }
+
+/// Every file an example in `--help` names exists: a user who copies
+/// `mezod submit examples/….yaml` from the help gets a job, not an error.
+#[test]
+fn every_file_the_help_names_exists() {
+    let help = |args: &[&str]| {
+        let out = check(mezod().args(args).output().unwrap(), "mezod --help");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let top = help(&["--help"]);
+    let commands: Vec<String> = top
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_string)
+        .collect();
+    assert!(commands.len() > 10, "{top}");
+    let mut named = 0;
+    for command in &commands {
+        let text = help(&[command.as_str(), "--help"]);
+        for word in text.split(|c: char| c.is_whitespace() || c == '`') {
+            if let Some(i) = word.find("examples/") {
+                let path = word[i..].trim_end_matches([',', '.', ')', ':', ';']);
+                named += 1;
+                assert!(
+                    root().join(path).exists(),
+                    "`mezod {command} --help` names {path}, which does not exist"
+                );
+            }
+        }
+    }
+    assert!(named >= 3, "the help names no example files at all");
+}

@@ -66,9 +66,21 @@ impl GpuInfo {
 /// The process-wide NVML handle, or why there is none.
 pub fn nvml() -> Result<&'static Nvml, String> {
     static NVML: OnceLock<Result<Nvml, String>> = OnceLock::new();
-    NVML.get_or_init(|| Nvml::init().map_err(|e| format!("NVML unavailable: {e}")))
+    NVML.get_or_init(|| Nvml::init().map_err(|e| why_no_nvml(&e)))
         .as_ref()
         .map_err(Clone::clone)
+}
+
+/// Why there is no NVML, in a user's words: a machine without the NVIDIA
+/// driver is the common case, and the loader's own error text says nothing
+/// to someone who never asked for a GPU.
+fn why_no_nvml(e: &nvml_wrapper::error::NvmlError) -> String {
+    match e {
+        nvml_wrapper::error::NvmlError::LibloadingError(_) => {
+            "no NVIDIA driver: libnvidia-ml.so.1 is not installed".into()
+        }
+        other => format!("NVML unavailable: {other}"),
+    }
 }
 
 /// Every GPU NVML can see (each MIG instance in place of its GPU), with its

@@ -427,6 +427,23 @@ fn when(t: u64, now: u64) -> String {
     )
 }
 
+/// The daemon's answer about job `id`, named once: its own words when they
+/// already say which job ("job 9 has already ended", "no job 9"), else
+/// with "job 9: " before them.
+fn about_job(id: u64, said: &str) -> String {
+    let names_it = |s: &str| {
+        s.strip_prefix(&id.to_string())
+            .is_some_and(|rest| !rest.starts_with(|c: char| c.is_ascii_digit()))
+    };
+    if said.strip_prefix("job ").is_some_and(names_it)
+        || said.strip_prefix("no job ").is_some_and(names_it)
+    {
+        said.to_string()
+    } else {
+        format!("job {id}: {said}")
+    }
+}
+
 /// Cancel each job; every one is tried, and the exit status says whether all were.
 pub fn cancel(ids: &[u64], socket: Option<PathBuf>) -> Result<ExitCode> {
     let socket = socket_or_default(socket);
@@ -438,7 +455,7 @@ pub fn cancel(ids: &[u64], socket: Option<PathBuf>) -> Result<ExitCode> {
             }
             Ok(other) => bail!("unexpected answer {other:?}"),
             Err(e) => {
-                eprintln!("error: job {id}: {}", printable(&format!("{e:#}")));
+                eprintln!("error: {}", printable(&about_job(id, &format!("{e:#}"))));
                 code = ExitCode::FAILURE;
             }
         }
@@ -594,7 +611,7 @@ pub fn wait(ids: &[u64], timeout: Option<f64>, socket: Option<PathBuf>) -> Resul
             let unknown: Vec<String> = answers
                 .iter()
                 .filter_map(|(id, r)| match r {
-                    Response::Error(e) => Some(format!("job {id}: {e}")),
+                    Response::Error(e) => Some(about_job(*id, e)),
                     _ => None,
                 })
                 .collect();
@@ -717,6 +734,26 @@ fn uid_of(user: &str) -> Result<u32> {
 
 #[cfg(test)]
 mod tests {
+    /// A message names its job once: "job 9: job 9 has already ended" was
+    /// the daemon's words with the client's prefix before them.
+    #[test]
+    fn an_answer_about_a_job_names_it_once() {
+        use super::about_job;
+        assert_eq!(
+            about_job(9, "job 9 has already ended (done)"),
+            "job 9 has already ended (done)"
+        );
+        assert_eq!(about_job(9, "no job 9"), "no job 9");
+        assert_eq!(
+            about_job(9, "job 91 is running"),
+            "job 9: job 91 is running"
+        );
+        assert_eq!(
+            about_job(9, "permission denied"),
+            "job 9: permission denied"
+        );
+    }
+
     use super::*;
 
     #[test]

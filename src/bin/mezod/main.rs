@@ -106,8 +106,10 @@ enum Command {
     /// `workdir:` line, the job is named after the file unless it has a `name:`,
     /// the jobs of --after are added to its `after:`, and it is renamed
     /// atomically into the daemon's spool.
-    #[command(after_help = "Examples:\n  mezod submit examples/sst2.yaml\n  \
-                            mezod submit examples/sst2.yaml --after 7 --after prep")]
+    #[command(
+        after_help = "Examples:\n  mezod submit examples/classification.yaml\n  \
+                            mezod submit examples/classification.yaml --after 7 --after prep"
+    )]
     Submit {
         /// The job file (YAML; see the README for every field).
         job: PathBuf,
@@ -247,7 +249,7 @@ enum Command {
     ///
     /// Also runs the checks `mezod submit` runs (model type, weights,
     /// tokenizer, data) and exits with status 1 if any fails.
-    #[command(after_help = "Example: mezod estimate examples/sst2.yaml --gpu")]
+    #[command(after_help = "Example: mezod estimate examples/classification.yaml --gpu")]
     Estimate {
         /// The job file.
         job: PathBuf,
