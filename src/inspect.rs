@@ -163,12 +163,8 @@ pub fn inspect(args: &InspectArgs) -> Result<Report> {
         }
         reports.push(report);
     }
-    if spec.mezo.batch_size > splits.train.len() {
-        warnings.push(format!(
-            "mezo.batch_size {} is larger than the training set ({} examples): every step sees all of it",
-            spec.mezo.batch_size,
-            splits.train.len()
-        ));
+    if let Err(why) = splits.check_batch_size(spec.mezo.batch_size) {
+        warnings.push(why);
     }
     let gpu = spec.model.device.is_gpu();
     let memory = Memory {

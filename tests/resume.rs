@@ -573,3 +573,25 @@ fn a_run_folder_in_use_is_refused_with_its_holders_pid_and_left_alone() {
     assert_eq!(status.code(), Some(130), "the first run");
     assert!(step_lines(&run) >= 2);
 }
+
+/// A batch larger than the training split is refused before any step, with
+/// the numbers (each step takes distinct examples); nothing is trained.
+#[test]
+fn a_batch_larger_than_the_training_split_is_refused_with_the_numbers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = causal_job(
+        tmp.path(),
+        "llama",
+        "steps: 5, batch_size: 500, lr: 1.0e-3, eps: 1.0e-3, seed: 1",
+    );
+    let run = tmp.path().join("big-batch");
+    let out = mezod_run(&job, &run);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("mezo.batch_size 500 is larger than the training set (")
+            && stderr.contains("use a batch_size of at most"),
+        "{stderr}"
+    );
+    assert_eq!(step_lines(&run), 0, "no step was taken");
+}

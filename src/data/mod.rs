@@ -38,6 +38,23 @@ pub struct Splits {
 }
 
 impl Splits {
+    /// Whether a step's batch of `batch_size` distinct examples fits the
+    /// training split.  Steps take examples in epochs without replacement,
+    /// so a batch larger than the split would repeat examples unevenly (and
+    /// cost a step that many more forward passes for no new data).  `Err`
+    /// is the one message `run` refuses with and `inspect` warns with.
+    pub fn check_batch_size(&self, batch_size: usize) -> Result<(), String> {
+        let n = self.train.len();
+        if batch_size <= n {
+            return Ok(());
+        }
+        Err(format!(
+            "mezo.batch_size {batch_size} is larger than the training set ({n} examples): \
+             each step takes distinct examples, so use a batch_size of at most {n} (or more \
+             training data)"
+        ))
+    }
+
     /// Where example `i` of `split` ("training", "dev" or "test") is, for errors.
     pub fn origin(&self, split: &str, i: usize) -> String {
         let at = match split {

@@ -578,6 +578,9 @@ impl Job {
         .with_context(|| format!("loading model {}", spec.model.describe()))?;
         check_initial_adapters(out, &model, opts.force)?;
         let splits = load_splits(&spec.data, &spec.task.label_field)?;
+        splits
+            .check_batch_size(spec.mezo.batch_size)
+            .map_err(anyhow::Error::msg)?;
         let task = checked_task(&spec, &model, &splits)?;
         tracing::info!(
             "{} ({} trainable parameters, {} on {}, rng {}), {} train / {} dev / {} test examples",
