@@ -838,21 +838,26 @@ mod tests {
         assert_eq!(ids(&[of(2, 4, 0.0), urgent])[0], 6);
     }
 
-    #[test]
-    fn a_user_at_the_running_limit_waits_without_holding_room() {
-        let mut r = res(vec![]);
-        r.cpu_slots = 3;
-        r.running_per_user = Some(1);
-        let placed = [Placed {
-            id: 90,
-            owner: 1,
+    /// Job `id` of `owner`, running on the CPU with 1 GiB it holds in full.
+    fn settled(id: u64, owner: u32) -> Placed {
+        Placed {
+            id,
+            owner,
             priority: 0,
             running_for_s: 0,
             stopping: false,
             pool: Pool::Cpu,
             estimate: GIB,
             usage: GIB,
-        }];
+        }
+    }
+
+    #[test]
+    fn a_user_at_the_running_limit_waits_without_holding_room() {
+        let mut r = res(vec![]);
+        r.cpu_slots = 3;
+        r.running_per_user = Some(1);
+        let placed = [settled(90, 1)];
         let d = plan(
             &[of(1, 1, 0.0), of(2, 2, 0.0), of(2, 3, 0.0), of(0, 4, 0.0)],
             &placed,
@@ -919,14 +924,10 @@ mod tests {
         assert_eq!(admitted(&d), vec![(6, Pool::Gpu("GPU-0".into()))]);
         // What a user already runs counts: 35 of GPU 0 leaves room for 5 there.
         let placed = [Placed {
-            id: 90,
-            owner: 1,
-            priority: 0,
-            running_for_s: 0,
-            stopping: false,
             pool: Pool::Gpu("GPU-0".into()),
             estimate: 35 * GIB,
             usage: 35 * GIB,
+            ..settled(90, 1)
         }];
         let d = plan(&[user(1, 7, 20), user(1, 8, 5)], &placed, &r);
         assert_eq!(
