@@ -2127,3 +2127,41 @@ fn a_notify_command_runs_as_its_owner_and_nothing_more() {
     );
     drop(file);
 }
+
+/// A file dropped into spool/new/ by hand: its owner asks `mezod why` and
+/// reads the job it became or why it was rejected (rejected/ itself is
+/// root's alone); another user learns nothing of it.
+#[test]
+fn an_owner_reads_why_a_file_dropped_by_hand_was_rejected() {
+    let (tmp, _) = arena();
+    let d = Daemon::start(tmp.path(), CONFIG);
+    let bad = tmp.path().join("bad.yaml");
+    std::fs::write(&bad, "model: {path: /nowhere}\nmezo: [not, a, map]\n").unwrap();
+    std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o644)).unwrap();
+    drop_as_nobody(&d, &bad, "by-hand.yaml");
+    d.wait_until("the file to be judged", |d| {
+        !d.spool().join("new/by-hand.yaml").exists()
+    });
+    let mine = mezod_as(NOBODY, &d, &["why", "by-hand.yaml"]);
+    assert_eq!(mine.status.code(), Some(1), "{}", text(&mine));
+    assert!(
+        text(&mine).contains("by-hand.yaml was rejected:") && text(&mine).contains("mezo"),
+        "{}",
+        text(&mine)
+    );
+    // A path is taken by its last part, as the file was named in new/.
+    let by_path = mezod_as(NOBODY, &d, &["why", "somewhere/by-hand.yaml"]);
+    assert_eq!(by_path.status.code(), Some(1), "{}", text(&by_path));
+    let nosy = mezod_as(NOSY, &d, &["why", "by-hand.yaml"]);
+    assert_eq!(nosy.status.code(), Some(2), "{}", text(&nosy));
+    assert!(!text(&nosy).contains("rejected"), "{}", text(&nosy));
+
+    let id = drop_nobody_job(&d, tmp.path(), "good", 2, None);
+    let taken = mezod_as(NOBODY, &d, &["why", "good.yaml"]);
+    assert_eq!(taken.status.code(), Some(0), "{}", text(&taken));
+    assert!(
+        text(&taken).contains(&format!("good.yaml became job {id}")),
+        "{}",
+        text(&taken)
+    );
+}

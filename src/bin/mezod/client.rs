@@ -427,6 +427,42 @@ fn when(t: u64, now: u64) -> String {
     )
 }
 
+/// `mezod why FILE`: what became of a file dropped into the spool by hand,
+/// as the daemon answers its owner (the same question `submit` asks).
+pub fn why(file: &Path, socket: Option<PathBuf>) -> Result<ExitCode> {
+    let Some(name) = file.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        bail!("{} names no file", file.display());
+    };
+    let answer = request(
+        &socket_or_default(socket),
+        &Request::Lookup { name: name.clone() },
+    )?;
+    Ok(match expect_ok(answer)? {
+        Response::Lookup(Lookup::Accepted { id }) => {
+            println!(
+                "{} became job {id} (`mezod status {id}`)",
+                printable_line(&name)
+            );
+            ExitCode::SUCCESS
+        }
+        Response::Lookup(Lookup::Rejected { reason }) => {
+            print!("{}", printable(&reason));
+            ExitCode::FAILURE
+        }
+        Response::Lookup(Lookup::Pending) => {
+            eprintln!(
+                "{}",
+                printable(&format!(
+                    "the daemon has no verdict on {name} for you: it has not taken it yet, or \
+                     it is not a file you dropped (`mezod status` lists your jobs)"
+                ))
+            );
+            ExitCode::from(2)
+        }
+        other => bail!("unexpected answer {other:?}"),
+    })
+}
+
 /// The daemon's answer about job `id`, named once: its own words when they
 /// already say which job ("job 9 has already ended", "no job 9"), else
 /// with "job 9: " before them.

@@ -242,6 +242,20 @@ enum Command {
         #[command(flatten)]
         socket: SocketArg,
     },
+    /// Say what became of a job file dropped into the spool by hand: the job
+    /// it became, or why it was rejected (the file's owner or root; the
+    /// rejected/ folder itself is root's).
+    ///
+    /// FILE is the name it had in spool/new/ (a path is taken by its last
+    /// part). Exit status: 0 if it became a job, 1 if it was rejected, 2 if
+    /// the daemon has not taken it (yet) or it is not yours to ask about.
+    #[command(after_help = "Example: cp job.yaml /var/lib/mezod/spool/new/ && mezod why job.yaml")]
+    Why {
+        /// The file's name in spool/new/.
+        file: PathBuf,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
     /// Internal: the daemon's intake check of a job file (text on stdin, verdict on stdout).
     #[command(hide = true)]
     Check,
@@ -348,6 +362,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             timeout,
             socket,
         } => client::wait(&ids, timeout, socket.path),
+        Command::Why { file, socket } => client::why(&file, socket.path),
         Command::Check => Ok(mezod_core::daemon::checker::check_main()),
         Command::Estimate { job, gpu, json } => estimate(job, gpu, json),
         Command::Status {
