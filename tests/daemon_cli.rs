@@ -337,7 +337,7 @@ fn cancel_restart_clean_and_the_end_of_a_log() {
     );
     assert!(!out.status.success(), "job 99 does not exist");
     assert!(
-        stderr(&out).contains("job 99: no job 99"),
+        stderr(&out).contains("error: no job 99\n"),
         "{}",
         stderr(&out)
     );
@@ -560,7 +560,7 @@ fn a_job_after_a_cancelled_one_fails_at_once_and_wait_says_so() {
     let out = mezod_at(&d, &["wait", &long.to_string(), "9999"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("job 9999: no job 9999"),
+        stderr(&out).contains("error: no job 9999\n"),
         "{}",
         stderr(&out)
     );

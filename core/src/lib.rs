@@ -14,6 +14,7 @@ pub mod estimate;
 pub mod estimator;
 pub mod gguf_header;
 pub mod gpu;
+pub mod hf_cache;
 pub mod identity;
 pub mod job_check;
 pub mod mezo_options;

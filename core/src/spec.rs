@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::estimator::{Estimator, EstimatorName};
+use crate::hf_cache::{self, CacheRoot, Snapshot};
 use crate::mezo_options::{LrSchedule, Perturbation, Rng};
 use crate::model_ref::{DeviceRef, Dtype, ModelSource};
 use crate::tuning::{LoraConfig, PrefixConfig, Tuning};
@@ -266,10 +267,24 @@ fn icl_k() -> usize {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
-    /// A Hugging Face model directory (config.json, safetensors, tokenizer.json)
-    /// or a GGUF file.
+    /// A Hugging Face model directory (config.json, safetensors, tokenizer.json),
+    /// a GGUF file, or a Hugging Face id (`org/name`) where no file or folder
+    /// has that name: the model's snapshot in the local cache (`hf_cache`),
+    /// kept here as the id.
     #[serde(default, skip_serializing_if = "is_empty_path")]
     pub path: PathBuf,
+    /// With an id in `path`: the branch, tag or full commit hash to take
+    /// (default `main`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// With an id in `path`: the snapshot folder it was found in
+    /// (`…/models--org--name/snapshots/<commit>`), what the model is read
+    /// from.  Filled in when the job file is read, and so written into a
+    /// run's frozen `spec.yaml`: the commit is pinned there (a resume keeps
+    /// it, see [`ModelSpec::keep_snapshot_of`]) and reading that spec again
+    /// opens nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<PathBuf>,
     /// Instead of `path`: a `config.json` whose model gets `init` weights
     /// (benchmarks and admission tests at any size, no download).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -316,23 +331,115 @@ pub enum Init {
 }
 
 impl ModelSpec {
-    /// Where the weights come from.
+    /// Where the weights come from (a Hugging Face id: its snapshot folder).
     pub fn source(&self) -> ModelSource {
         match &self.config {
             Some(config) => ModelSource::Random {
                 config: config.clone(),
                 seed: self.seed.unwrap_or(0),
             },
-            None => ModelSource::Pretrained(self.path.clone()),
+            None => {
+                ModelSource::Pretrained(self.snapshot.clone().unwrap_or_else(|| self.path.clone()))
+            }
         }
     }
 
-    /// What messages call the model.
+    /// What messages call the model (a Hugging Face id with its commit).
     pub fn describe(&self) -> String {
-        self.source().describe()
+        match self.snapshot.as_deref().and_then(Snapshot::from_folder) {
+            Some(s) => format!("{} at commit {}", s.id, s.short_commit()),
+            None => self.source().describe(),
+        }
+    }
+
+    /// `path` made absolute with `abs`, or, where it is a Hugging Face id
+    /// that names nothing under `base`, looked up in the cache `roots`
+    /// (`snapshot` filled in, `path` kept as the id).  A spec that carries its
+    /// `snapshot` (a run's frozen one) is taken as it is, and a spec read
+    /// without a folder (a spooled job, parsed by the root daemon too) is
+    /// never looked up: neither opens a file.
+    fn resolve_path(
+        &mut self,
+        base: Option<&Path>,
+        roots: &dyn Fn() -> Vec<CacheRoot>,
+        abs: impl Fn(&mut PathBuf, &str) -> Result<()>,
+    ) -> Result<()> {
+        if self.snapshot.is_some() {
+            return Ok(());
+        }
+        self.check_revision()?;
+        let id = self.path.to_str().filter(|p| hf_cache::is_repo_id(p));
+        if let (Some(id), Some(base)) = (id, base) {
+            let local = base.join(id);
+            let absent = matches!(std::fs::symlink_metadata(&local),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+            if absent {
+                let found = hf_cache::find_in(&roots(), id, self.revision.as_deref())
+                    .with_context(|| {
+                        format!(
+                            "model.path {id} is no file or folder (there is no {}), so it names \
+                             a Hugging Face model",
+                            local.display()
+                        )
+                    })?;
+                self.snapshot = Some(found.folder);
+                return Ok(());
+            }
+        }
+        abs(&mut self.path, "model.path")
+    }
+
+    /// A resumed run's model: the snapshot `frozen` (the spec the run started
+    /// with) was read from, where this spec names the same id and revision
+    /// but the cache now resolves them to another snapshot (its `refs/main`
+    /// moved on, or another cache is named).  The run goes on from its own
+    /// commit rather than being refused: its seed log rebuilds the weights
+    /// from that base and no other, and a branch that moved is no edit of the
+    /// job.  An edited id or revision is left to the spec comparison.  Errors
+    /// when that commit is no longer in any cache; returns what it did, for
+    /// the log.
+    pub fn keep_snapshot_of(&mut self, frozen: &ModelSpec) -> Result<Option<String>> {
+        let (Some(new), Some(old)) = (&self.snapshot, &frozen.snapshot) else {
+            return Ok(None);
+        };
+        if new == old || self.path != frozen.path || self.revision != frozen.revision {
+            return Ok(None);
+        }
+        let Some(pinned) = Snapshot::from_folder(old) else {
+            return Ok(None);
+        };
+        let now = Snapshot::from_folder(new).map_or(new.display().to_string(), |s| s.commit);
+        let revision = self
+            .revision
+            .as_deref()
+            .unwrap_or(hf_cache::DEFAULT_REVISION);
+        let folder = if old.is_dir() {
+            old.clone()
+        } else {
+            hf_cache::find(&pinned.id, Some(&pinned.commit))
+                .with_context(|| {
+                    format!(
+                        "this run started from {} at commit {}, the one its steps replay onto, \
+                         and {revision} now resolves to {now}; to start it afresh from that \
+                         one, pass --restart",
+                        pinned.id, pinned.commit
+                    )
+                })?
+                .folder
+        };
+        let note = format!(
+            "{} at {revision} now resolves to {now}; the run goes on from commit {}, the one it \
+             started from ({})",
+            pinned.id,
+            pinned.commit,
+            folder.display()
+        );
+        self.snapshot = Some(folder);
+        Ok(Some(note))
     }
 
     fn validate(&self) -> Result<()> {
+        self.validate_hub()?;
         match (&self.config, self.path.as_os_str().is_empty()) {
             (Some(_), false) => bail!("model: give either `path` or `config`, not both"),
             (Some(_), true) if self.init != Some(Init::Random) => {
@@ -345,6 +452,48 @@ impl ModelSpec {
                 bail!("model.init and model.seed go with model.config, not with a pretrained model.path")
             }
             _ => Ok(()),
+        }
+    }
+
+    /// A `revision` stays inside the cache's `refs/` (checked before any lookup).
+    fn check_revision(&self) -> Result<()> {
+        match &self.revision {
+            Some(r) if !hf_cache::is_revision(r) => {
+                bail!("model.revision {r:?} is not a branch, a tag or a full commit hash")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// `revision` and `snapshot` go with a Hugging Face id in `path`, and a
+    /// snapshot must be one of that id's.
+    fn validate_hub(&self) -> Result<()> {
+        self.check_revision()?;
+        let id = self.path.to_str().filter(|p| hf_cache::is_repo_id(p));
+        match (&self.snapshot, id) {
+            (Some(snap), Some(id)) => match Snapshot::from_folder(snap) {
+                Some(s) if s.id == id && snap.is_absolute() => Ok(()),
+                _ => bail!(
+                    "model.snapshot {} is not a snapshot of {id} in a Hugging Face cache \
+                     (an absolute …/{}/snapshots/<commit> folder)",
+                    snap.display(),
+                    hf_cache::repo_folder_name(id)
+                ),
+            },
+            (Some(_), None) => bail!(
+                "model.snapshot goes with a Hugging Face id (org/name) in model.path, not {}",
+                self.path.display()
+            ),
+            (None, _) if self.revision.is_some() => bail!(
+                "model.revision goes with a Hugging Face id (org/name) in model.path that is \
+                 found in the local cache; {} is not one",
+                if is_empty_path(&self.path) {
+                    "an absent model.path".to_string()
+                } else {
+                    self.path.display().to_string()
+                }
+            ),
+            (None, _) => Ok(()),
         }
     }
 }
@@ -612,15 +761,30 @@ fn check_nesting(text: &str) -> Result<()> {
 }
 
 impl JobSpec {
-    /// Parse YAML text; relative paths are taken from `workdir`, else from `base`.
+    /// Parse YAML text; relative paths are taken from `workdir`, else from
+    /// `base`, and a Hugging Face id in `model.path` is looked up in the local
+    /// cache (`hf_cache`).
     pub fn parse(text: &str, base: &Path) -> Result<Self> {
         Self::parse_with_base(text, Some(base))
     }
 
     /// Parse YAML text; with no `base`, a relative path is an error unless the
-    /// spec names its `workdir` (a spooled job has no meaningful folder of its own).
+    /// spec names its `workdir` (a spooled job has no meaningful folder of its
+    /// own), and nothing is looked up in the Hugging Face cache: the text
+    /// alone is read, as the root daemon must.
     pub fn parse_with_base(text: &str, base: Option<&Path>) -> Result<Self> {
+        Self::parse_in(text, base, &hf_cache::cache_roots)
+    }
+
+    /// [`JobSpec::parse_with_base`] with the Hugging Face cache roots from
+    /// `roots` (asked only when a Hugging Face id is looked up).
+    fn parse_in(
+        text: &str,
+        base: Option<&Path>,
+        roots: &dyn Fn() -> Vec<CacheRoot>,
+    ) -> Result<Self> {
         check_nesting(text)?;
+        let read_from_folder = base.is_some();
         let mut spec: JobSpec =
             serde_yaml::from_str(text).map_err(|e| anyhow::anyhow!("invalid job file: {e}"))?;
         if let Some(w) = &spec.workdir {
@@ -654,7 +818,14 @@ impl JobSpec {
             Ok(())
         };
         if !is_empty_path(&spec.model.path) {
-            abs(&mut spec.model.path, "model.path")?;
+            // Only a job file read from its folder looks a Hugging Face id up
+            // (a spooled job names its workdir, but the root daemon parses it too).
+            let folder = if read_from_folder {
+                base.as_deref()
+            } else {
+                None
+            };
+            spec.model.resolve_path(folder, roots, &abs)?;
         }
         if let Some(c) = spec.model.config.as_mut() {
             abs(c, "model.config")?;
@@ -1181,6 +1352,193 @@ mod tests {
         assert!(e.contains("model.path") && e.contains("workdir"), "{e}");
         let e = JobSpec::parse(&format!("workdir: rel\n{MINIMAL}"), Path::new("/")).unwrap_err();
         assert!(e.to_string().contains("absolute"), "{e}");
+    }
+
+    /// A Hugging Face cache under `root` holding `org/tiny`: snapshot
+    /// `commit` (an empty folder is enough for the spec) and `refs/main` → it.
+    fn hf_cache_with(root: &Path, commit: &str) -> PathBuf {
+        let repo = root.join("models--org--tiny");
+        let snap = repo.join("snapshots").join(commit);
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), commit).unwrap();
+        snap
+    }
+
+    const HF_A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const HF_B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+    fn hf_job(model: &str) -> String {
+        MINIMAL.replace("{path: m, dtype: f32}", model)
+    }
+
+    fn hf_roots(root: &Path) -> impl Fn() -> Vec<CacheRoot> + '_ {
+        move || {
+            vec![CacheRoot {
+                path: root.to_path_buf(),
+                from: "HF_HUB_CACHE",
+            }]
+        }
+    }
+
+    fn no_roots() -> Vec<CacheRoot> {
+        panic!("the cache was looked up")
+    }
+
+    #[test]
+    fn an_hf_id_is_its_snapshot_and_the_frozen_spec_opens_nothing() {
+        let (cache, jobs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let snap = hf_cache_with(cache.path(), HF_A);
+        let text = hf_job("{path: org/tiny}");
+        let s = JobSpec::parse_in(&text, Some(jobs.path()), &hf_roots(cache.path())).unwrap();
+        assert_eq!(s.model.path, PathBuf::from("org/tiny"), "kept as written");
+        assert_eq!(s.model.snapshot.as_deref(), Some(snap.as_path()));
+        assert_eq!(s.model.source(), ModelSource::Pretrained(snap.clone()));
+        assert_eq!(s.model.describe(), "org/tiny at commit aaaaaaaaaaaa");
+        // The frozen spec reads back as it was, anywhere, without the cache.
+        let frozen = s.to_yaml();
+        assert!(
+            frozen.contains(&format!("snapshot: {}", snap.display())),
+            "{frozen}"
+        );
+        assert_eq!(
+            JobSpec::parse_in(&frozen, Some(Path::new("/elsewhere")), &no_roots).unwrap(),
+            s
+        );
+        // A spooled job (no folder given, as the root daemon parses it) looks nothing up.
+        let spooled = format!("workdir: {}\n{text}", jobs.path().display());
+        let s = JobSpec::parse_in(&spooled, None, &no_roots).unwrap();
+        assert_eq!(s.model.path, jobs.path().join("org/tiny"));
+        assert_eq!(s.model.snapshot, None);
+    }
+
+    #[test]
+    fn an_hf_id_shaped_folder_that_exists_stays_a_folder() {
+        let jobs = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(jobs.path().join("models/opt")).unwrap();
+        let s =
+            JobSpec::parse_in(&hf_job("{path: models/opt}"), Some(jobs.path()), &no_roots).unwrap();
+        assert_eq!(s.model.path, jobs.path().join("models/opt"));
+        assert_eq!(s.model.snapshot, None);
+        // Not id-shaped: a path, looked up nowhere.
+        for path in ["./org/tiny", "a/b/c", "m"] {
+            let s = JobSpec::parse_in(
+                &hf_job(&format!("{{path: {path}}}")),
+                Some(jobs.path()),
+                &no_roots,
+            )
+            .unwrap();
+            assert_eq!(s.model.path, jobs.path().join(path));
+        }
+    }
+
+    #[test]
+    fn an_hf_id_missing_from_the_cache_says_where_it_looked() {
+        let (cache, jobs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let e = JobSpec::parse_in(
+            &hf_job("{path: org/tiny, revision: v2}"),
+            Some(jobs.path()),
+            &hf_roots(cache.path()),
+        )
+        .map_err(|e| format!("{e:#}"))
+        .unwrap_err();
+        for says in [
+            format!(
+                "model.path org/tiny is no file or folder (there is no {}/org/tiny)",
+                jobs.path().display()
+            ),
+            "org/tiny at v2 is not in the Hugging Face cache".into(),
+            format!(
+                "{}/models--org--tiny (HF_HUB_CACHE)",
+                cache.path().display()
+            ),
+            "hf download org/tiny --revision v2".into(),
+        ] {
+            assert!(e.contains(&says), "{says}\n  not in: {e}");
+        }
+    }
+
+    #[test]
+    fn hf_revision_and_snapshot_go_with_an_id() {
+        let (cache, jobs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let snap = hf_cache_with(cache.path(), HF_A);
+        std::fs::create_dir_all(jobs.path().join("m")).unwrap();
+        let other = snap
+            .display()
+            .to_string()
+            .replace("org--tiny", "org--other");
+        for (model, says) in [
+            (
+                "{path: m, revision: main}",
+                "model.revision goes with a Hugging Face id",
+            ),
+            (
+                "{config: c.json, init: random, revision: main}",
+                "an absent model.path",
+            ),
+            ("{path: org/tiny, revision: ../x}", "is not a branch, a tag"),
+            (
+                &format!("{{path: m, snapshot: {}}}", snap.display()),
+                "model.snapshot goes with a Hugging Face id",
+            ),
+            (
+                &format!("{{path: org/tiny, snapshot: {other}}}"),
+                "is not a snapshot of org/tiny",
+            ),
+            (
+                "{path: org/tiny, snapshot: rel}",
+                "is not a snapshot of org/tiny",
+            ),
+        ] {
+            let e = JobSpec::parse_in(&hf_job(model), Some(jobs.path()), &hf_roots(cache.path()))
+                .map_err(|e| format!("{e:#}"))
+                .unwrap_err();
+            assert!(e.contains(says), "{model}: {e}");
+        }
+    }
+
+    #[test]
+    fn hf_a_resume_keeps_the_commit_its_run_started_from() {
+        let cache = tempfile::tempdir().unwrap();
+        let jobs = tempfile::tempdir().unwrap();
+        let roots = hf_roots(cache.path());
+        let a = hf_cache_with(cache.path(), HF_A);
+        let text = hf_job("{path: org/tiny}");
+        let frozen = JobSpec::parse_in(&text, Some(jobs.path()), &roots).unwrap();
+        // `refs/main` moves on to B: the job file now reads as B, the run keeps A.
+        let b = hf_cache_with(cache.path(), HF_B);
+        let mut now = JobSpec::parse_in(&text, Some(jobs.path()), &roots).unwrap();
+        assert_eq!(now.model.snapshot.as_deref(), Some(b.as_path()));
+        let note = now.model.keep_snapshot_of(&frozen.model).unwrap().unwrap();
+        assert!(
+            note.contains(&format!("main now resolves to {HF_B}"))
+                && note.contains(&format!("goes on from commit {HF_A}")),
+            "{note}"
+        );
+        assert_eq!(now, frozen);
+        assert_eq!(now.model.keep_snapshot_of(&frozen.model).unwrap(), None);
+        // An edited revision is an edit, for the spec comparison to refuse.
+        let mut edited = JobSpec::parse_in(
+            &hf_job("{path: org/tiny, revision: main}"),
+            Some(jobs.path()),
+            &roots,
+        )
+        .unwrap();
+        assert_eq!(edited.model.keep_snapshot_of(&frozen.model).unwrap(), None);
+        assert_ne!(edited, frozen);
+        // A's snapshot gone from the cache: refused, with how to get it back.
+        std::fs::remove_dir_all(&a).unwrap();
+        let mut now = JobSpec::parse_in(&text, Some(jobs.path()), &roots).unwrap();
+        let e = format!(
+            "{:#}",
+            now.model.keep_snapshot_of(&frozen.model).unwrap_err()
+        );
+        assert!(
+            e.contains(&format!("this run started from org/tiny at commit {HF_A}"))
+                && e.contains("--restart")
+                && e.contains(&format!("hf download org/tiny --revision {HF_A}")),
+            "{e}"
+        );
     }
 
     #[test]

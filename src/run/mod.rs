@@ -381,9 +381,11 @@ fn frozen_rng(out: &Path) -> Option<Rng> {
 }
 
 /// Check the frozen spec and fingerprint of an existing run directory, or freeze them.
+/// A model named by its Hugging Face id keeps the commit its run started
+/// from (see `ModelSpec::keep_snapshot_of`).
 fn claim_out_dir(
     out: &Path,
-    spec: &JobSpec,
+    spec: &mut JobSpec,
     fp: &Fingerprint,
     force: bool,
     steps_recorded: u64,
@@ -392,8 +394,16 @@ fn claim_out_dir(
         .with_context(|| format!("creating output directory {}", out.display()))?;
     let frozen = out.join("spec.yaml");
     if frozen.is_file() {
-        let old = JobSpec::parse(&std::fs::read_to_string(&frozen)?, out)
+        let mut old = JobSpec::parse(&std::fs::read_to_string(&frozen)?, out)
             .with_context(|| format!("reading the frozen spec {}", frozen.display()))?;
+        if steps_recorded > 0 {
+            if let Some(note) = spec.model.keep_snapshot_of(&old.model)? {
+                tracing::info!("{note}");
+                // Found in another cache: the same commit, read from there.
+                old.model.snapshot = spec.model.snapshot.clone();
+            }
+        }
+        let spec = &*spec;
         if old.computes_the_same_as(spec) && &old != spec {
             // A new name or priority: the run goes on under it.
             durable::write(&frozen, spec.to_yaml())?;
@@ -481,7 +491,7 @@ pub fn run(spec_path: &Path, out: &Path, opts: &RunOptions) -> Result<Outcome> {
 /// claim the output folder, open the job, bring the weights to where the log
 /// ends, measure what comes before training, train, finish.
 pub fn run_with_log(
-    spec: JobSpec,
+    mut spec: JobSpec,
     out: &Path,
     opts: &RunOptions,
     log: Box<dyn StepLog>,
@@ -500,7 +510,13 @@ pub fn run_with_log(
         .or_else(|| frozen_rng(out))
         .unwrap_or_else(|| Rng::default_for(device));
     let fp = Fingerprint::current(device, spec.model.dtype, threads, rng);
-    claim_out_dir(out, &spec, &fp, opts.force, log.contiguous()?.len() as u64)?;
+    claim_out_dir(
+        out,
+        &mut spec,
+        &fp,
+        opts.force,
+        log.contiguous()?.len() as u64,
+    )?;
     if let Some(result) = finished_result(out, &spec, &*log)? {
         // Run again as it was: the result stands as measured (a rerun must
         // not replace its wall time by that of a no-op).

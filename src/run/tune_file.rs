@@ -23,6 +23,7 @@ use crate::model::adapters::{LoraConfig, PrefixConfig, Tuning};
 use crate::model::{Dtype, LanguageModel, ModelSource, ParamList};
 use crate::spec::JobSpec;
 use mezod_core::estimator::{Estimator, EstimatorName};
+use mezod_core::hf_cache::{self, Snapshot};
 use mezod_core::mezo_options::Perturbation;
 
 pub const FORMAT: &str = "mezo";
@@ -79,6 +80,11 @@ pub struct TuneFile {
 pub struct BaseIdentity {
     /// Where the run took it from (a hint for `mezod apply` without `--base`).
     pub source: String,
+    /// A base from the Hugging Face cache: its id and the commit the run
+    /// read, so that `mezod apply` finds that commit in this machine's cache
+    /// where `source` (a snapshot folder of the run's machine) is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<HubBase>,
     /// Random-weight bases: the seed of their weights.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub random_seed: Option<u64>,
@@ -89,6 +95,13 @@ pub struct BaseIdentity {
     /// SHA-256 of config.json as canonical JSON (sorted keys, compact) without
     /// the keys that only record how it was saved (dtype, versions, names).
     pub config_sha256: String,
+}
+
+/// A Hugging Face model at one commit (`org/name`, 40 hex digits).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HubBase {
+    pub id: String,
+    pub commit: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,8 +179,16 @@ pub fn base_identity(model: &LanguageModel, source: &ModelSource) -> Result<Base
         ModelSource::Random { config, seed } => (config.display().to_string(), Some(*seed)),
         ModelSource::Shapes { config } => (config.display().to_string(), None),
     };
+    let hub = match source {
+        ModelSource::Pretrained(p) => Snapshot::from_folder(p).map(|s| HubBase {
+            id: s.id,
+            commit: s.commit,
+        }),
+        _ => None,
+    };
     Ok(BaseIdentity {
         source: description,
+        hub,
         random_seed,
         weights_sha256: params_sha256(model.base_weights()),
         config_sha256: format!(
@@ -323,15 +344,44 @@ impl TuneFile {
     }
 
     /// The base model as the run had it: `base` if given (a model directory, a
-    /// GGUF file, or the config.json of a random-weight base), else the
-    /// recorded source.
+    /// GGUF file, the config.json of a random-weight base, or a Hugging Face
+    /// id), else the recorded source; either found in this machine's Hugging
+    /// Face cache where it names nothing (see [`TuneFile::in_hub_cache`]).
     pub fn base_source(&self, base: Option<&Path>) -> ModelSource {
         let path = base
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from(&self.base.source));
+        let path = self.in_hub_cache(&path, base.is_some()).unwrap_or(path);
         match self.base.random_seed {
             Some(seed) => ModelSource::Random { config: path, seed },
             None => ModelSource::Pretrained(path),
+        }
+    }
+
+    /// Where `path` names no file or folder, the snapshot it stands for in
+    /// this machine's Hugging Face cache: a `--base org/name` at the file's
+    /// commit when the ids match (the base the file was made on), else at
+    /// `main`; the recorded source (a snapshot folder on the run's machine)
+    /// at the recorded id and commit.  A miss is said as a warning and `None`
+    /// is returned: the path is then loaded as it is, and fails there.
+    fn in_hub_cache(&self, path: &Path, given: bool) -> Option<PathBuf> {
+        if path.symlink_metadata().is_ok() {
+            return None;
+        }
+        let pinned = self.base.hub.as_ref();
+        let (id, commit) = if given {
+            let id = path.to_str().filter(|s| hf_cache::is_repo_id(s))?;
+            (id, pinned.filter(|h| h.id == id).map(|h| h.commit.as_str()))
+        } else {
+            let hub = pinned?;
+            (hub.id.as_str(), Some(hub.commit.as_str()))
+        };
+        match hf_cache::find(id, commit) {
+            Ok(found) => Some(found.folder),
+            Err(miss) => {
+                tracing::warn!("the base: {miss:#}");
+                None
+            }
         }
     }
 
