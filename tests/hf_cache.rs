@@ -11,6 +11,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use common::daemon::Daemon;
 use common::*;
 
 const ID: &str = "test-org/tiny-llama";
@@ -433,4 +434,43 @@ fn a_mezo_file_pins_the_commit_and_finds_it_in_the_cache() {
     ] {
         assert!(e.contains(&says), "{says}\n  not in: {e}");
     }
+}
+
+/// `mezod submit` of a job naming its model by id: the spooled job carries
+/// the snapshot found in the submitter's cache, so the daemon (which looks
+/// nothing up, and whose workers have none of the submitter's variables)
+/// runs it, on that commit.
+#[test]
+fn a_submitted_job_runs_on_the_snapshot_its_submitter_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let snapshot = add_snapshot(&cache, A, "llama");
+    set_ref(&cache, "main", A);
+    let jobs = job_in(dir.path(), &format!("path: {ID}"), "");
+    let daemon_root = dir.path().join("daemon");
+    std::fs::create_dir_all(&daemon_root).unwrap();
+    let d = Daemon::start(
+        &daemon_root,
+        "cpu_slots: 1\nretry_limit: 0\nrescan_interval_s: 1\n",
+    );
+    let out = mezod_in(
+        &jobs,
+        dir.path(),
+        &[("HF_HUB_CACHE", &cache)],
+        &[
+            "submit",
+            "job.yaml",
+            "--socket",
+            d.socket().to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let job = d.wait_done(id);
+    assert_eq!(job["state"], "done", "{job:#}");
+    let frozen = std::fs::read_to_string(d.job_dir(id).join("run/spec.yaml")).unwrap();
+    assert!(
+        frozen.contains(&format!("snapshot: {}", snapshot.display())),
+        "{frozen}"
+    );
 }

@@ -30,8 +30,11 @@ fn expect_ok(r: Response) -> Result<Response> {
 
 /// The job text as it goes into the spool: with relative paths pinned by a
 /// `workdir:` line (the spool is not where the data lives), unless it has
-/// one, a `name:` from the file's name (the spool's is a temporary one), and
-/// the jobs of `--after` added to its `after:`.
+/// one, a `name:` from the file's name (the spool's is a temporary one), the
+/// jobs of `--after` added to its `after:`, and a model named by its Hugging
+/// Face id pinned to the snapshot found here (`model.snapshot`: the daemon
+/// reads a spooled job without looking anything up, and its workers do not
+/// have the submitter's cache variables).
 fn spool_text(job: &Path, after: &[JobRef]) -> Result<String> {
     let mut text =
         std::fs::read_to_string(job).with_context(|| format!("reading {}", job.display()))?;
@@ -51,6 +54,14 @@ fn spool_text(job: &Path, after: &[JobRef]) -> Result<String> {
             doc.insert("after".into(), serde_yaml::to_value(&all)?);
             text = serde_yaml::to_string(&doc)?;
         }
+    }
+    if let Some(snapshot) = &spec.model.snapshot {
+        let mut doc: serde_yaml::Mapping =
+            serde_yaml::from_str(&text).with_context(|| format!("reading {}", job.display()))?;
+        if let Some(serde_yaml::Value::Mapping(model)) = doc.get_mut("model") {
+            model.insert("snapshot".into(), serde_yaml::to_value(snapshot)?);
+        }
+        text = serde_yaml::to_string(&doc)?;
     }
     if spec.workdir.is_none() {
         let dir = std::fs::canonicalize(job)?
