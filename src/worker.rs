@@ -74,6 +74,10 @@ pub fn worker_main(args: WorkerArgs) -> Result<ExitCode> {
         .read_to_end(&mut input)
         .context("reading the job from the daemon")?;
     let (text, records) = decode_input(&input)?;
+    tracing::debug!(
+        "worker: the daemon sent the job and {} logged steps to replay",
+        records.len()
+    );
     match run_job(&text, records, args) {
         Ok(code) => Ok(code),
         Err(e) if is_transient(&e) => Err(e),

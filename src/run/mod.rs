@@ -543,6 +543,14 @@ pub fn run_with_log(
 /// SIGINT and SIGTERM: the first asks the run to stop at its next step
 /// boundary (it snapshots, and resumes exactly); a second ends the process at
 /// once (resume stays exact).
+///
+/// A log whose reader has gone (`mezod run … 2>&1 | head`; see
+/// `mezod_core::cli::log_closed`) asks the same as SIGPIPE would, and is
+/// answered as these signals are: the run stops at its next step boundary,
+/// everything saved, with status 141 (128 + SIGPIPE).  Not killed by SIGPIPE
+/// itself (Rust ignores it, and a run keeps it so): a stop at a boundary
+/// leaves a snapshot, and the pipeline still ends within a step (or an
+/// evaluation) of `head`'s exit.
 struct Interrupt {
     stop: Arc<AtomicBool>,
     signal: Arc<std::sync::atomic::AtomicI32>,
@@ -553,22 +561,27 @@ impl Interrupt {
         let stop = Arc::new(AtomicBool::new(false));
         let signal = Arc::new(std::sync::atomic::AtomicI32::new(0));
         for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-            signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&stop))?;
-            signal_hook::flag::register(sig, Arc::clone(&stop))?;
+            // Each signal runs these in order: note which signal it is, exit
+            // if a stop was asked already (a second signal), ask for the
+            // stop.  So a stop is never read with signal 0.
             let n = Arc::clone(&signal);
             // SAFETY: the handler only stores into an atomic.
             unsafe {
                 signal_hook::low_level::register(sig, move || n.store(sig, Ordering::SeqCst))
             }?;
+            signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&stop))?;
+            signal_hook::flag::register(sig, Arc::clone(&stop))?;
         }
         Ok(Interrupt { stop, signal })
     }
 
-    /// The signal that asked the run to stop, if one did.
+    /// The signal that asked the run to stop, if one did; SIGPIPE when the
+    /// log's reader has gone.
     fn requested(&self) -> Option<i32> {
-        self.stop
-            .load(Ordering::SeqCst)
-            .then(|| self.signal.load(Ordering::SeqCst))
+        if self.stop.load(Ordering::SeqCst) {
+            return Some(self.signal.load(Ordering::SeqCst));
+        }
+        mezod_core::cli::log_closed().then_some(signal_hook::consts::SIGPIPE)
     }
 }
 
@@ -612,6 +625,7 @@ impl Job {
         let mut records = log.contiguous()?;
         records.truncate(spec.steps() as usize);
         let done = records.len() as u64;
+        tracing::debug!("seed log: {done} of {} steps recorded", spec.steps());
         log.truncate_from(done)?;
         let (data_seed, batch_size, n_train) =
             (spec.data_seed(), spec.mezo.batch_size, splits.train.len());
@@ -646,6 +660,9 @@ impl Job {
         let done = records.len() as u64;
         let from =
             snapshot::restore_latest(&self.snapshots(), done, &self.model.params)?.unwrap_or(0);
+        tracing::debug!(
+            "resume: weights from the snapshot of step {from}, replaying steps {from}..{done}"
+        );
         let replay_start = Instant::now();
         self.replay(&records[from as usize..])?;
         if done > 0 {

@@ -131,7 +131,9 @@ fn set_active(bar: Option<&ProgressBar>) {
 
 /// Log output that lifts the progress bar off the screen while a line is
 /// written, so that lines and bar never overwrite each other
-/// (`tracing_subscriber`'s writer for the engine).
+/// (`tracing_subscriber`'s writer for the engine).  Its errors are the
+/// caller's: `mezod_core::cli` drops a line that cannot be written, and
+/// notes a reader that has gone.
 #[derive(Default, Clone, Copy)]
 pub struct LogWriter;
 
@@ -140,13 +142,26 @@ pub struct SuspendingWriter<W: Write> {
     pub inner: W,
 }
 
-impl<W: Write> Write for SuspendingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+impl<W: Write> SuspendingWriter<W> {
+    /// `write` into `inner` with the bar off the screen, if one is up.
+    /// [`ACTIVE_BAR`]'s lock is let go first: only the bar's own is held
+    /// while the line is written (`suspend`), as while it draws.
+    fn lifted<T>(&mut self, write: impl FnOnce(&mut W) -> T) -> T {
         let bar = ACTIVE_BAR.lock().unwrap_or_else(|e| e.into_inner()).clone();
         match bar {
-            Some(bar) if !bar.is_finished() => bar.suspend(|| self.inner.write(buf)),
-            _ => self.inner.write(buf),
+            Some(bar) if !bar.is_finished() => bar.suspend(|| write(&mut self.inner)),
+            _ => write(&mut self.inner),
         }
+    }
+}
+
+impl<W: Write> Write for SuspendingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.lifted(|w| w.write(buf))
+    }
+    /// A whole line under one lift (the bar is not redrawn between pieces).
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.lifted(|w| w.write_all(buf))
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()

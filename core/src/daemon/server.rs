@@ -216,6 +216,7 @@ pub fn run_daemon(opts: DaemonOptions) -> Result<()> {
         None => DaemonConfig::default(),
     };
     let dirs = cfg.dirs(opts.spool.clone(), opts.state.clone(), opts.runtime.clone());
+    tracing::debug!("config (from {:?}, else defaults): {cfg:?}", opts.config);
     let (mut daemon, rx) = Daemon::new(cfg, opts, dirs, Box::new(admission::SystemProbe))?;
     daemon.cgroups = job_cgroups(&daemon.dirs.state);
     let listener = bind_socket(&daemon.dirs.socket())?;
@@ -409,6 +410,11 @@ impl Daemon {
                 job.state,
                 JobState::Admitted { .. } | JobState::Running { .. } | JobState::Preempted
             ) {
+                tracing::debug!(
+                    "job {}: was {} when the daemon stopped; queued again",
+                    job.id,
+                    job.state.name()
+                );
                 job.reason = match job.state {
                     JobState::Preempted => format!(
                         "preempted at step {} by a daemon stop; resumes from there",

@@ -100,6 +100,11 @@ impl Daemon {
             }
             *waiting += 1;
             let run_as = self.identity_of(dropped.uid, dropped.gid);
+            tracing::debug!(
+                "checking {name} as uid {} ({} bytes)",
+                dropped.uid,
+                dropped.text.len()
+            );
             let tx = self.tx.clone();
             let for_event = name.clone();
             let started = self

@@ -264,6 +264,7 @@ impl Daemon {
     pub(super) fn set_reason(&mut self, id: u64, reason: String) -> Result<()> {
         if let Some(mut job) = self.table.get(id)? {
             if job.reason != reason {
+                tracing::debug!("job {id}: {reason}");
                 job.reason = reason;
                 self.table.put(&job)?;
             }
@@ -286,6 +287,11 @@ impl Daemon {
         let place = gpu
             .as_ref()
             .map_or_else(|| "CPU".to_string(), |g| g.describe());
+        tracing::debug!(
+            "job {id}: admitted to {place} (estimate {}, reserved {})",
+            human_bytes(job.estimate_bytes),
+            human_bytes(self.reservation(job.estimate_bytes))
+        );
         job.apply(Transition::Admit { pool: pool.clone() })?;
         job.attempts += 1;
         job.gpus = gpu.iter().map(|g| g.uuid.clone()).collect();
@@ -364,6 +370,11 @@ impl Daemon {
         // The daemon's own reading of its own copy: what records may come.
         let facts = JobFacts::read(&spec).map_err(anyhow::Error::msg)?;
         let (input, steps_done) = worker::input_file(&spec, log, job.steps_total)?;
+        tracing::debug!(
+            "job {}: {steps_done} logged steps go to its worker to replay, of {}",
+            job.id,
+            job.steps_total
+        );
         log.truncate_from(steps_done)?;
         let mut worker_log = dir.log_for_append()?;
         let logged = worker_log.metadata().map_or(0, |m| m.len());
