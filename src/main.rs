@@ -35,7 +35,9 @@ enum Command {
     /// adapter/, a PEFT adapter). Ctrl-C or SIGTERM finish the current
     /// step and exit; a second signal exits at once. Either way, rerunning resumes
     /// exactly.
-    #[command(after_help = "Example: mezod run examples/classification.yaml --out runs/classification")]
+    #[command(
+        after_help = "Example: mezod run examples/classification.yaml --out runs/classification"
+    )]
     Run {
         /// The job file (YAML; see the README for every field).
         job: PathBuf,
@@ -206,6 +208,15 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// A line on stdout that is dropped if stdout's reader has gone (`mezod run
+/// job | head -1`): by then the run is saved, and its end must not be a panic.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// `mezod run`: train (or resume) and say what came of it; a stop says how to resume.
 fn run_command(job: &Path, out: Option<PathBuf>, force: bool, restart: bool) -> Result<ExitCode> {
     let out = out.unwrap_or_else(|| default_out_dir(job));
@@ -221,11 +232,13 @@ fn run_command(job: &Path, out: Option<PathBuf>, force: bool, restart: bool) -> 
                 v.map(|v| format!("{v:.4}"))
                     .unwrap_or_else(|| "n/a (no dev set)".into())
             };
-            println!(
+            say!(
                 "done: {} steps in {:.1}s ({:.2} steps/s)",
-                r.steps, r.wall_time_s, r.steps_per_s
+                r.steps,
+                r.wall_time_s,
+                r.steps_per_s
             );
-            println!(
+            say!(
                 "dev {}: zero-shot {}, best {} (step {}), final {}",
                 r.metric,
                 show(r.zero_shot),
@@ -234,11 +247,11 @@ fn run_command(job: &Path, out: Option<PathBuf>, force: bool, restart: bool) -> 
                 show(r.final_metric)
             );
             if let Some(p) = &r.test_paired {
-                println!("{}", p.summary());
+                say!("{}", p.summary());
             } else if let (Some(t), Some(z)) = (r.test_metric, r.zero_shot_test) {
-                println!("test {}: base model {z:.4}, fine-tuned {t:.4}", r.metric);
+                say!("test {}: base model {z:.4}, fine-tuned {t:.4}", r.metric);
             }
-            println!("fine-tuned model: {}", out.join("model").display());
+            say!("fine-tuned model: {}", out.join("model").display());
             Ok(ExitCode::SUCCESS)
         }
         Outcome::Interrupted { step, signal } => {
