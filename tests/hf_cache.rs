@@ -107,6 +107,22 @@ fn fixture_total(dir: &Path, name: &str) -> f64 {
     estimate_total(&jobs, dir, &[])
 }
 
+/// SHA-256 of the weights the same job (`mezo` added to its settings) trains
+/// on the fixture's own folder, under `dir/direct`: what a run on the cache's
+/// copy must equal.
+fn weights_on_the_folder(dir: &Path, mezo: &str) -> String {
+    let direct = job_in(
+        &dir.join("direct"),
+        &format!("path: {}", fixture("llama").display()),
+        mezo,
+    );
+    check(
+        mezod_in(&direct, dir, &[], &["run", "job.yaml", "--out", "run"]),
+        "mezod run on the fixture's folder",
+    );
+    sha256(&direct.join("run/model/model.safetensors"))
+}
+
 #[test]
 fn estimate_and_run_read_an_hf_id_from_the_cache() {
     let tmp = tempfile::tempdir().unwrap();
@@ -132,23 +148,9 @@ fn estimate_and_run_read_an_hf_id_from_the_cache() {
         "{frozen}"
     );
     // The weights are those of the same job on the fixture's folder.
-    let direct = job_in(
-        &tmp.path().join("direct"),
-        &format!("path: {}", fixture("llama").display()),
-        "",
-    );
-    check(
-        mezod_in(
-            &direct,
-            tmp.path(),
-            &[],
-            &["run", "job.yaml", "--out", "run"],
-        ),
-        "mezod run on the folder",
-    );
     assert_eq!(
         sha256(&jobs.join("run/model/model.safetensors")),
-        sha256(&direct.join("run/model/model.safetensors"))
+        weights_on_the_folder(tmp.path(), "")
     );
 }
 
@@ -283,20 +285,7 @@ fn a_resume_keeps_the_commit_its_run_started_from_after_main_moves_on() {
     set_ref(&hub, "main", A);
     let env: &[(&str, &Path)] = &[("HF_HUB_CACHE", &hub)];
     let jobs = job_in(tmp.path(), &format!("path: {ID}"), "snapshot_every: 2");
-    let direct = job_in(
-        &tmp.path().join("direct"),
-        &format!("path: {}", fixture("llama").display()),
-        "snapshot_every: 2",
-    );
-    check(
-        mezod_in(
-            &direct,
-            tmp.path(),
-            &[],
-            &["run", "job.yaml", "--out", "run"],
-        ),
-        "uninterrupted run on the folder",
-    );
+    let want = weights_on_the_folder(tmp.path(), "snapshot_every: 2");
 
     // Killed at its first snapshot, after two steps.
     let mut crash = mezod();
@@ -338,7 +327,7 @@ fn a_resume_keeps_the_commit_its_run_started_from_after_main_moves_on() {
     );
     assert_eq!(
         sha256(&jobs.join("run/model/model.safetensors")),
-        sha256(&direct.join("run/model/model.safetensors")),
+        want,
         "the resumed run is the uninterrupted one"
     );
     let frozen = std::fs::read_to_string(jobs.join("run/spec.yaml")).unwrap();
