@@ -1,10 +1,11 @@
 //! MeZO: the step itself (`step`: Algorithm 1 and n-SPSA), each other
 //! estimator's own part (`fzoo`, Sparse MeZO's `mask`, LOZO's low-rank
-//! directions in `sweep`), the one dispatch on the job's estimator (`method`),
+//! directions in `lozo`), the one dispatch on the job's estimator (`method`),
 //! the generators of z, and the pure schedule functions around it.
 
 pub mod fast_rng;
 pub mod fzoo;
+pub mod lozo;
 pub mod mask;
 pub mod method;
 pub mod schedule;

@@ -18,6 +18,8 @@
 use tch::{Device, Kind, Tensor};
 
 use super::fast_rng::{fill_normals, fill_signs};
+pub use super::lozo::LowRank;
+use super::lozo::{outer_sum, Factors};
 use super::mask::Mask;
 use crate::model::ParamList;
 pub use mezod_core::mezo_options::{Perturbation, Rng, DEFAULT_CHUNK};
@@ -44,19 +46,6 @@ impl Update {
     }
 }
 
-/// LOZO's directions: each 2-D tensor's z is `U·Vᵀ`, U (rows × rank) drawn
-/// from the pass's seed as its z would be, V (columns × rank) from `basis` on
-/// the same stream; other tensors keep their dense z.  The product is the
-/// fixed-order sum of `rank` outer products, `z = u₀v₀ᵀ + u₁v₁ᵀ + …`, each
-/// element a product then an addition rounded in turn (no matrix multiply,
-/// whose summation order depends on the library and its threads): the same
-/// bits on every replay, and in `scripts/mezo_rebuild.py`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LowRank {
-    pub rank: usize,
-    pub basis: u64,
-}
-
 /// How a step's z is shaped.
 pub enum Form {
     Dense,
@@ -76,45 +65,6 @@ impl Form {
         match self {
             Form::LowRank(l) => Some(*l),
             _ => None,
-        }
-    }
-}
-
-/// A matrix's factors for the fast generator, in f32: `u` is rows × rank
-/// (row-major, as drawn), `vt` is Vᵀ, rank × columns (V is drawn columns ×
-/// rank; stored transposed so that a row of z reads each column of Vᵀ
-/// contiguously).
-struct Factors {
-    u: Vec<f32>,
-    vt: Vec<f32>,
-    cols: usize,
-    rank: usize,
-}
-
-impl Factors {
-    /// Elements `start ..` of the flattened `U·Vᵀ`: each element is
-    /// `u₀v₀ + u₁v₁ + …` summed in k order, every product and sum rounded in
-    /// turn (no fused multiply-add), as torch's sum of broadcast outer products
-    /// computes it; one k at a time over a row's stretch, which vectorizes.
-    fn fill(&self, start: usize, out: &mut [f32]) {
-        let (r, cols) = (self.rank, self.cols);
-        let mut done = 0;
-        while done < out.len() {
-            let e = start + done;
-            let (row, col) = (e / cols, e % cols);
-            let len = (cols - col).min(out.len() - done);
-            let u = &self.u[row * r..row * r + r];
-            let z = &mut out[done..done + len];
-            for (z, v) in z.iter_mut().zip(&self.vt[col..col + len]) {
-                *z = u[0] * v;
-            }
-            for (k, &uk) in u.iter().enumerate().skip(1) {
-                let v = &self.vt[k * cols + col..k * cols + col + len];
-                for (z, v) in z.iter_mut().zip(v) {
-                    *z += uk * v;
-                }
-            }
-            done += len;
         }
     }
 }
@@ -279,26 +229,12 @@ impl ZSweep {
         }
     }
 
-    /// A matrix's U (from the pass's seed) and V (from the basis seed), both
-    /// on the tensor's own stream, drawn as the first elements of its z would be.
+    /// A matrix's factors, drawn on the tensor's own stream (see [`Factors::draw`]).
     fn factors(&self, t: &Tensor, seed: u64, stream: u32, l: LowRank) -> Factors {
         let (rows, cols) = (t.size()[0] as usize, t.size()[1] as usize);
-        let mut u = vec![0f32; rows * l.rank];
-        let mut v = vec![0f32; cols * l.rank];
-        self.fill(seed, stream, 0, &mut u);
-        self.fill(l.basis, stream, 0, &mut v);
-        let mut vt = vec![0f32; cols * l.rank];
-        for (c, row) in v.chunks_exact(l.rank).enumerate() {
-            for (k, &x) in row.iter().enumerate() {
-                vt[k * cols + c] = x;
-            }
-        }
-        Factors {
-            u,
-            vt,
-            cols,
-            rank: l.rank,
-        }
+        Factors::draw(rows, cols, seed, l, |seed, out| {
+            self.fill(seed, stream, 0, out)
+        })
     }
 
     /// torch's draws at the dtype and device of `like`: a whole z shaped as
@@ -428,16 +364,6 @@ fn prefetch(part: &[f32]) {
             )
         };
     }
-}
-
-/// `U·Vᵀ` as the fixed-order sum of the rank's outer products (see [`LowRank`]).
-fn outer_sum(u: &Tensor, v: &Tensor) -> Tensor {
-    let term = |k: i64| u.narrow(1, k, 1) * v.narrow(1, k, 1).tr();
-    let mut z = term(0);
-    for k in 1..u.size()[1] {
-        let _ = z.g_add_(&term(k));
-    }
-    z
 }
 
 /// `t ← keep·(t + pre·z) + post·z` with in-place tensor operations on z's storage
