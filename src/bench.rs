@@ -152,6 +152,20 @@ impl BenchArgs {
         Ok(spec)
     }
 
+    /// What the benchmark tunes: `--tuning` with the paper's settings.
+    fn tuning(&self) -> Tuning {
+        match self.tuning {
+            TuningKind::Full => Tuning::Full,
+            TuningKind::Lora => Tuning::Lora(LoraConfig {
+                r: 8,
+                alpha: 16.0,
+                targets: Vec::new(),
+                seed: 0,
+            }),
+            TuningKind::Prefix => Tuning::Prefix(PrefixConfig { tokens: 5, seed: 0 }),
+        }
+    }
+
     /// Directions per step: as given, else 8 for FZOO and 1 for the others.
     fn directions(&self) -> usize {
         let named = Estimator::from_settings(self.estimator, None, None, None)
@@ -229,144 +243,196 @@ pub fn batch_ids(batch: usize, tokens: usize, vocab: i64) -> Vec<Vec<i64>> {
         .collect()
 }
 
+/// Load the model, run one untimed iteration (allocator and thread-pool
+/// warm-up), then time `--iters` of them.
 pub fn run_bench(args: &BenchArgs) -> Result<BenchResult> {
     tch::set_num_threads(args.threads);
-    let directions = args.directions();
-    let device = torch_device(args.device);
-    let gpu = args.device.is_gpu();
     let job = args.as_job()?;
-    let estimate_bytes = estimate(&job, gpu)?.total();
-    let tuning = match args.tuning {
-        TuningKind::Full => Tuning::Full,
-        TuningKind::Lora => Tuning::Lora(LoraConfig {
-            r: 8,
-            alpha: 16.0,
-            targets: Vec::new(),
-            seed: 0,
-        }),
-        TuningKind::Prefix => Tuning::Prefix(PrefixConfig { tokens: 5, seed: 0 }),
-    };
-    let model = LanguageModel::open_tuned(&args.source()?, args.dtype, device, &tuning)?;
-    let job_batch = match &args.job {
-        Some(job) => Some(job_batch(job, args, &model)?),
-        None => None,
-    };
-    let loss_of = |model: &LanguageModel, seqs: &[Vec<i64>]| -> Result<f64> {
-        match &job_batch {
-            Some((task, examples)) => {
-                let batch: Vec<&Example> = examples.iter().collect();
-                task.loss(model, &batch)
-            }
-            None => causal_lm_loss(model, seqs),
+    let estimate_bytes = estimate(&job, args.device.is_gpu())?.total();
+    let model = LanguageModel::open_tuned(
+        &args.source()?,
+        args.dtype,
+        torch_device(args.device),
+        &args.tuning(),
+    )?;
+    let input = Input::of(args, &model)?;
+    let mut work = Work::new(args, &job, &model, &input);
+    work.once(0)?;
+    // Peak memory of the timed loop only (Linux: "5" resets VmHWM to the
+    // current RSS), so that loading the model does not mask it.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    work.sync();
+    let start = Instant::now();
+    for i in 1..=args.iters {
+        work.once(i)?;
+    }
+    work.sync();
+    let seconds_per_iter = start.elapsed().as_secs_f64() / args.iters as f64;
+    Ok(work.result(args, estimate_bytes, seconds_per_iter))
+}
+
+/// What each iteration's forward passes read: the fixed token batch, or a
+/// `--job`'s task and first training examples.
+struct Input {
+    seqs: Vec<Vec<i64>>,
+    job: Option<(Task, Vec<Example>)>,
+}
+
+impl Input {
+    fn of(args: &BenchArgs, model: &LanguageModel) -> Result<Input> {
+        let config: serde_json::Value = serde_json::from_str(&model.config_text)?;
+        let vocab = config["vocab_size"].as_i64().unwrap_or(1000);
+        Ok(Input {
+            seqs: batch_ids(args.batch, args.tokens, vocab),
+            job: match &args.job {
+                Some(job) => Some(job_batch(job, args, model)?),
+                None => None,
+            },
+        })
+    }
+
+    /// The loss of `model` on the input: the job's own, or the mean
+    /// next-token cross-entropy of the token batch.
+    fn loss(&self, model: &LanguageModel) -> Result<f64> {
+        match &self.job {
+            Some((task, examples)) => task.loss(model, &examples.iter().collect::<Vec<_>>()),
+            None => causal_lm_loss(model, &self.seqs),
         }
-    };
-    let rng = args.rng.unwrap_or_else(|| Rng::default_for(args.device));
-    let config: serde_json::Value = serde_json::from_str(&model.config_text)?;
-    let vocab = config["vocab_size"].as_i64().unwrap_or(1000);
-    let seqs = batch_ids(args.batch, args.tokens, vocab);
-    let cfg = StepConfig {
-        eps: 1e-3,
-        lr: 1e-7,
-        weight_decay: 0.0,
-    };
-    let perturbation = job.mezo.perturbation();
-    let estimator = job.mezo.estimator();
-    // LOZO: V from the period's seed, as a job's first steps draw it.
-    let basis = StepSeeds::of(estimator, 0, 0, directions).basis;
-    let seeds_of = |i: usize| StepSeeds::of(estimator, 0, i as u64, directions).directions;
-    let z = ZSweep::new(rng, args.threads.max(1) as usize).with_perturbation(perturbation);
-    let sync = || {
-        if let Device::Cuda(n) = device {
+    }
+}
+
+/// One kind of work (`--mode`) on the model, repeated, with what it measured.
+struct Work<'a> {
+    mode: BenchMode,
+    model: &'a LanguageModel,
+    input: &'a Input,
+    device: Device,
+    z: ZSweep,
+    estimator: Estimator,
+    directions: usize,
+    cfg: StepConfig,
+    /// LOZO: V from the period's seed, as a job's first steps draw it.
+    basis: Option<u64>,
+    last_loss: Option<f64>,
+    /// Time spent in the timed steps' own forward passes (the rest is z).
+    forward_secs: f64,
+}
+
+impl<'a> Work<'a> {
+    fn new(args: &BenchArgs, job: &JobSpec, model: &'a LanguageModel, input: &'a Input) -> Self {
+        let estimator = job.mezo.estimator();
+        let directions = args.directions();
+        let rng = args.rng.unwrap_or_else(|| Rng::default_for(args.device));
+        Work {
+            mode: args.mode,
+            model,
+            input,
+            device: torch_device(args.device),
+            z: ZSweep::new(rng, args.threads.max(1) as usize)
+                .with_perturbation(job.mezo.perturbation()),
+            estimator,
+            directions,
+            cfg: StepConfig {
+                eps: 1e-3,
+                lr: 1e-7,
+                weight_decay: 0.0,
+            },
+            basis: StepSeeds::of(estimator, 0, 0, directions).basis,
+            last_loss: None,
+            forward_secs: 0.0,
+        }
+    }
+
+    /// Wait for the GPU's queue, so that a time covers the work.
+    fn sync(&self) {
+        if let Device::Cuda(n) = self.device {
             tch::Cuda::synchronize(n as i64);
         }
-    };
-    let mut last_loss = None;
-    // Time spent in the step's own forward passes (the rest is z).
-    let mut forward_secs = 0.0;
-    // One untimed iteration: allocator and thread-pool warm-up.
-    let mut once = |i: usize| -> Result<()> {
-        match args.mode {
+    }
+
+    /// Iteration `i` (0 is the untimed warm-up).
+    fn once(&mut self, i: usize) -> Result<()> {
+        let seeds = StepSeeds::of(self.estimator, 0, i as u64, self.directions).directions;
+        match self.mode {
             BenchMode::Forward => {
                 let _guard = tch::no_grad_guard();
-                last_loss = Some(loss_of(&model, &seqs)?);
+                self.last_loss = Some(self.input.loss(self.model)?);
             }
             BenchMode::Step => {
+                let (model, input, forward_secs) = (self.model, self.input, &mut self.forward_secs);
+                let device = self.device;
                 let mut loss = || {
                     let t = Instant::now();
-                    let l = loss_of(&model, &seqs);
-                    sync();
+                    let l = input.loss(model);
+                    if let Device::Cuda(n) = device {
+                        tch::Cuda::synchronize(n as i64);
+                    }
                     if i > 0 {
-                        forward_secs += t.elapsed().as_secs_f64();
+                        *forward_secs += t.elapsed().as_secs_f64();
                     }
                     l
                 };
                 let out = live_step(
                     &model.params,
-                    &z,
-                    estimator,
-                    &seeds_of(i),
-                    basis,
-                    &cfg,
+                    &self.z,
+                    self.estimator,
+                    &seeds,
+                    self.basis,
+                    &self.cfg,
                     &mut loss,
                 )?;
-                last_loss = Some(out.outcomes[0].loss_plus);
+                self.last_loss = Some(out.outcomes[0].loss_plus);
             }
             BenchMode::Replay => {
                 let logged = Logged {
-                    spread: (estimator.record_trailer() == RecordTrailer::Spread).then_some(1.0),
-                    basis,
+                    spread: (self.estimator.record_trailer() == RecordTrailer::Spread)
+                        .then_some(1.0),
+                    basis: self.basis,
                 };
                 replay_step(
-                    &model.params,
-                    &z,
-                    estimator,
-                    &seeds_of(i),
-                    &vec![0.1; directions],
+                    &self.model.params,
+                    &self.z,
+                    self.estimator,
+                    &seeds,
+                    &vec![0.1; self.directions],
                     logged,
-                    &cfg,
+                    &self.cfg,
                 )?;
             }
         }
         Ok(())
-    };
-    once(0)?;
-    // Peak memory of the timed loop only (Linux: "5" resets VmHWM to the
-    // current RSS), so that loading the model does not mask it.
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-    sync();
-    let start = Instant::now();
-    for i in 1..=args.iters {
-        once(i)?;
     }
-    sync();
-    let secs = start.elapsed().as_secs_f64() / args.iters as f64;
-    drop(once);
-    Ok(BenchResult {
-        mode: args.mode,
-        scoring: args.job.as_ref().map(|_| args.scoring),
-        rng,
-        estimator: estimator.name(),
-        perturbation,
-        directions,
-        sparsity: estimator.settings().0,
-        rank: estimator.settings().1,
-        forward_passes_per_step: estimator.forward_passes(directions),
-        device: args.device,
-        dtype: args.dtype,
-        batch: args.batch,
-        tokens: args.tokens,
-        gpu: gpu.then(crate::gpu::model_name).flatten(),
-        peak_gpu_bytes: gpu
-            .then(|| crate::gpu::process_memory(std::process::id(), None))
-            .flatten(),
-        estimate_bytes,
-        seconds_per_iter: secs,
-        peak_rss_bytes: crate::run::peak_rss_bytes(),
-        parameters: model.params.numel(),
-        last_loss,
-        forward_seconds_in_step: (args.mode == BenchMode::Step)
-            .then(|| forward_secs / args.iters as f64),
-    })
+
+    fn result(&self, args: &BenchArgs, estimate_bytes: u64, seconds_per_iter: f64) -> BenchResult {
+        let gpu = args.device.is_gpu();
+        let (sparsity, rank, _) = self.estimator.settings();
+        BenchResult {
+            mode: args.mode,
+            scoring: args.job.as_ref().map(|_| args.scoring),
+            rng: self.z.rng(),
+            estimator: self.estimator.name(),
+            perturbation: self.z.perturbation(),
+            directions: self.directions,
+            sparsity,
+            rank,
+            forward_passes_per_step: self.estimator.forward_passes(self.directions),
+            device: args.device,
+            dtype: args.dtype,
+            batch: args.batch,
+            tokens: args.tokens,
+            gpu: gpu.then(crate::gpu::model_name).flatten(),
+            peak_gpu_bytes: gpu
+                .then(|| crate::gpu::process_memory(std::process::id(), None))
+                .flatten(),
+            estimate_bytes,
+            seconds_per_iter,
+            peak_rss_bytes: crate::run::peak_rss_bytes(),
+            parameters: self.model.params.numel(),
+            last_loss: self.last_loss,
+            forward_seconds_in_step: (args.mode == BenchMode::Step)
+                .then(|| self.forward_secs / args.iters as f64),
+        }
+    }
 }
 
 /// A job's task (cut to the model's positions; candidates scored as
