@@ -97,7 +97,8 @@ pub fn icl(
     })
 }
 
-/// Features and right classes of `examples`, in batches.
+/// Features and right classes of `examples`, in batches; a run's stop ends
+/// it between batches.
 fn features(
     task: &Task,
     model: &LanguageModel,
@@ -107,6 +108,7 @@ fn features(
     let mut xs = Vec::new();
     let mut ys = Vec::new();
     for chunk in examples.chunks(batch_size.max(1)) {
+        crate::run::interrupt::check()?;
         let batch: Vec<&Example> = chunk.iter().collect();
         let (x, y) = task.features(model, &batch)?;
         xs.push(x);

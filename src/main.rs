@@ -60,7 +60,8 @@ enum Command {
     ///
     /// RUN is the --out folder of `mezod run` (or a daemon job's run folder,
     /// <state>/jobs/<id>/run). By default the file holds the steps of the
-    /// exported weights (the best step when the run has finished).
+    /// exported weights (result.json's `exported.step` when the run has
+    /// finished: its final step, or its best with `export: best`).
     #[command(after_help = "Example: mezod export runs/sst2 -o sst2.mezo")]
     Export {
         /// The run folder.
@@ -227,6 +228,11 @@ fn run_command(job: &Path, out: Option<PathBuf>, force: bool, restart: bool) -> 
         ..Default::default()
     };
     match run(job, &out, &opts)? {
+        Outcome::Completed(r) if r.exported.is_none() => {
+            say_baselines(&r);
+            say!("{}", exported_words(&r, &out));
+            Ok(ExitCode::SUCCESS)
+        }
         Outcome::Completed(r) => {
             let show = |v: Option<f64>| {
                 v.map(|v| format!("{v:.4}"))
@@ -251,17 +257,58 @@ fn run_command(job: &Path, out: Option<PathBuf>, force: bool, restart: bool) -> 
             } else if let (Some(t), Some(z)) = (r.test_metric, r.zero_shot_test) {
                 say!("test {}: base model {z:.4}, fine-tuned {t:.4}", r.metric);
             }
-            say!("fine-tuned model: {}", out.join("model").display());
+            say!("{}", exported_words(&r, &out));
             Ok(ExitCode::SUCCESS)
         }
         Outcome::Interrupted { step, signal } => {
             eprintln!(
-                "stopped by signal {signal} after {step} steps; everything is saved. Resume with: mezod run {} --out {}",
-                job.display(),
-                out.display()
+                "stopped by signal {signal} after {step} steps; everything is saved. Resume with: {}",
+                mezod::run::interrupt::resume_command(job, &out)
             );
             Ok(ExitCode::from((128 + signal) as u8))
         }
+    }
+}
+
+/// A baselines-only job's summary: what each baseline scored.
+fn say_baselines(r: &mezod::run::RunResult) {
+    use mezod::baselines::show_score;
+    say!(
+        "{} (dev, test): zero-shot {}, {}",
+        r.metric,
+        show_score(r.zero_shot),
+        show_score(r.zero_shot_test)
+    );
+    let b = r.baselines.clone().unwrap_or_default();
+    if let Some(icl) = b.icl {
+        say!(
+            "{} (dev, test): icl with {} demonstrations {}, {}",
+            r.metric,
+            b.icl_k.unwrap_or(0),
+            show_score(icl.dev),
+            show_score(icl.test)
+        );
+    }
+    if let Some(probe) = b.linear_probe {
+        say!(
+            "{} (dev, test): linear probe {}, {}",
+            r.metric,
+            show_score(probe.dev),
+            show_score(probe.test)
+        );
+    }
+}
+
+/// The summary's last line: where the weights are, which they are and why,
+/// or that a baselines-only job fine-tuned nothing.
+fn exported_words(r: &mezod::run::RunResult, out: &Path) -> String {
+    let model = out.join("model");
+    match &r.exported {
+        Some(e) if e.untrained => format!("model: {} holds {}", model.display(), e.why),
+        Some(e) => format!("fine-tuned model: {} ({})", model.display(), e.why),
+        None => "baselines only (`mode` does not list mezo): nothing was fine-tuned, so no model \
+                 was exported"
+            .into(),
     }
 }
 

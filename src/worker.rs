@@ -57,10 +57,11 @@ pub struct WorkerArgs {
     pub device: Option<String>,
 }
 
-/// Body of `mezod-engine worker`: run the job with the daemon's log; exit 0 when
-/// done, 128+signal when stopped at a step boundary, [`JOB_ERROR_EXIT`] when
-/// the job itself failed (its reason on stdout for the daemon), 1 on a
-/// failure a retry may cure.
+/// Body of `mezod-engine worker`: run the job with the daemon's log; exit 0
+/// when done, 128+signal when stopped by a signal (within a second; weights
+/// at a step boundary are saved), [`JOB_ERROR_EXIT`] when the job itself
+/// failed (its reason on stdout for the daemon), 1 on a failure a retry may
+/// cure.
 pub fn worker_main(args: WorkerArgs) -> Result<ExitCode> {
     // What this process was given, as it sees it: which GPU it may use.
     tracing::info!(
@@ -122,6 +123,10 @@ fn run_job(text: &str, records: Vec<StepRecord>, args: WorkerArgs) -> Result<Exi
                 crate::baselines::show_score(r.best),
                 r.best_step
             );
+            match &r.exported {
+                Some(e) => tracing::info!("exported step {}: {}", e.step, e.why),
+                None => tracing::info!("baselines only: nothing was fine-tuned, no model exported"),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Outcome::Interrupted { step, signal } => {

@@ -679,6 +679,11 @@ fn a_done_jobs_status_carries_the_paired_test_comparison() {
         "mezod status ID",
     );
     let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains("exported   step 40: the final weights (step 40"),
+        "{shown}"
+    );
+    assert_eq!(state["result"]["exported"], on_disk["exported"], "{state:#}");
     let n = paired["n"].to_string();
     assert!(
         shown.contains("test vs base")

@@ -9,17 +9,27 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 
-fn run_job(dir: &Path, rng: &str, dtype: &str, directions: usize) -> PathBuf {
-    run_with(
+/// A 30-step run exporting `export` (`final` or `best`) with `directions`;
+/// `best` at a learning rate whose dev loss is best at step 20 of 30 (`fast`
+/// f32), so that the run rebuilds that step from its log.
+fn run_job(dir: &Path, rng: &str, dtype: &str, directions: usize, export: &str) -> PathBuf {
+    let lr = if export == "best" { "5.0e-3" } else { "2.0e-3" };
+    run_exporting(
         dir,
         rng,
         dtype,
-        &format!("lr: 2.0e-3, directions: {directions}"),
+        &format!("lr: {lr}, directions: {directions}"),
+        export,
     )
 }
 
 /// A 30-step run of the LLaMA fixture with `settings` among its `mezo:` ones.
 fn run_with(dir: &Path, rng: &str, dtype: &str, settings: &str) -> PathBuf {
+    run_exporting(dir, rng, dtype, settings, "final")
+}
+
+/// `run_with`, handing back the `export` weights.
+fn run_exporting(dir: &Path, rng: &str, dtype: &str, settings: &str, export: &str) -> PathBuf {
     let job = causal_job(
         dir,
         "llama",
@@ -30,9 +40,10 @@ fn run_with(dir: &Path, rng: &str, dtype: &str, settings: &str) -> PathBuf {
     );
     let text = std::fs::read_to_string(&job)
         .unwrap()
-        .replace("dtype: f32", &format!("dtype: {dtype}"));
+        .replace("dtype: f32", &format!("dtype: {dtype}"))
+        + &format!("export: {export}\n");
     std::fs::write(&job, text).unwrap();
-    let tag: String = settings
+    let tag: String = format!("{settings}{export}")
         .chars()
         .filter(|c| c.is_ascii_alphanumeric())
         .collect();
@@ -137,11 +148,7 @@ fn every_estimator_rebuilds_the_exported_weights_in_rust_and_in_python() {
     ] {
         let what = format!("{rng} {dtype} {settings}");
         let run = run_with(tmp.path(), rng, dtype, settings);
-        let best = read_result(&run)["best_step"].as_u64().unwrap();
-        assert!(
-            best > 0,
-            "{what}: the fixture run should improve on zero-shot"
-        );
+        assert_eq!(read_result(&run)["exported"]["step"], 30, "{what}");
         let file = tmp.path().join(format!(
             "{}.mezo",
             run.file_name().unwrap().to_string_lossy()
@@ -216,16 +223,29 @@ fn apply(file: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
 #[test]
 fn a_mezo_file_rebuilds_the_exported_weights_in_rust_and_in_python() {
     let tmp = tempfile::tempdir().unwrap();
-    for (rng, dtype, n) in [
-        ("fast", "f32", 1),
-        ("torch", "f32", 1),
-        ("fast", "bf16", 1),
-        ("torch", "bf16", 2),
+    // `export: best` rebuilds the best step's weights from the log at the
+    // end of the run; `final` hands back those in memory.
+    for (rng, dtype, n, weights) in [
+        ("fast", "f32", 1, "best"),
+        ("torch", "f32", 1, "final"),
+        ("fast", "bf16", 1, "final"),
+        ("torch", "bf16", 2, "final"),
     ] {
-        let run = run_job(tmp.path(), rng, dtype, n);
+        let run = run_job(tmp.path(), rng, dtype, n, weights);
         let dtype = format!("{dtype}-{n}");
         let result: serde_json::Value = read_result(&run);
-        let best = result["best_step"].as_u64().unwrap();
+        let best = result["exported"]["step"].as_u64().unwrap();
+        let want_step = if weights == "best" {
+            result["best_step"].as_u64().unwrap()
+        } else {
+            30
+        };
+        assert_eq!(best, want_step, "{rng} {dtype} {weights}: {result:#}");
+        assert!(
+            weights == "final" || best < 30,
+            "{rng} {dtype}: the best dev step should come before the last, so that the run \
+             rebuilds it from the log: {result:#}"
+        );
         assert!(
             best > 0,
             "{rng} {dtype}: the fixture run should improve on zero-shot"
@@ -269,7 +289,7 @@ fn a_mezo_file_rebuilds_the_exported_weights_in_rust_and_in_python() {
 #[test]
 fn apply_refuses_another_base_and_a_changed_config_without_force() {
     let tmp = tempfile::tempdir().unwrap();
-    let run = run_job(tmp.path(), "fast", "f32", 1);
+    let run = run_job(tmp.path(), "fast", "f32", 1, "final");
     let file = tmp.path().join("tune.mezo");
     export(&run, &file, &[]);
 

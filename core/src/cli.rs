@@ -11,8 +11,8 @@
 //! stable, so every later flush (the run's, the seed log's on drop) waits
 //! for that mark forever (`mezod run … 2>&1 | head` hung the engine so).
 //! When the log's reader has gone, [`log_closed`] says so: a run takes it as
-//! a SIGPIPE and stops at its next step boundary (`Interrupt` in the
-//! engine); the daemon keeps serving.
+//! a SIGPIPE and stops as on SIGTERM, within a second (the engine's
+//! `run::interrupt`); the daemon keeps serving.
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;

@@ -94,7 +94,33 @@ pub struct JobSpec {
     pub prefix: Option<PrefixSpec>,
     pub task: TaskSpec,
     pub data: DataSpec,
+    /// The fine-tuning.  Needed when `mode` lists `mezo` (the default); a job
+    /// that only measures baselines (`mode: [zero_shot, icl]`) leaves it out.
+    #[serde(default = "MezoSpec::absent", skip_serializing_if = "MezoSpec::is_absent")]
     pub mezo: MezoSpec,
+    /// Which weights `model/`, `adapter/` and `mezod export` hold: `final`
+    /// (after the last step; the default, as Hugging Face's Trainer) or
+    /// `best` (the dev evaluation with the best metric, a tie going to the
+    /// lower dev loss, then to the later step).
+    #[serde(default, skip_serializing_if = "Export::is_final")]
+    pub export: Export,
+}
+
+/// `export:`: which of a run's weights it hands back.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Export {
+    /// The weights after the last step.
+    #[default]
+    Final,
+    /// The weights of the best dev evaluation.
+    Best,
+}
+
+impl Export {
+    fn is_final(&self) -> bool {
+        *self == Export::Final
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -650,6 +676,37 @@ pub struct MezoSpec {
 }
 
 impl MezoSpec {
+    /// What a job without a `mezo:` section holds: no steps, every other
+    /// setting its default (the seeds, the evaluation batch).
+    pub fn absent() -> Self {
+        MezoSpec {
+            steps: 0,
+            batch_size: batch_size(),
+            lr: 0.0,
+            eps: eps(),
+            seed: 0,
+            data_seed: None,
+            lr_schedule: LrSchedule::default(),
+            weight_decay: 0.0,
+            eval_every: 0,
+            eval_batch_size: None,
+            estimator: EstimatorName::default(),
+            directions: one(),
+            perturbation: None,
+            sparsity: None,
+            rank: None,
+            basis_every: None,
+            objective: Objective::default(),
+            rng: None,
+            snapshot_every: None,
+        }
+    }
+
+    /// Whether the job file had no `mezo:` section (or one saying nothing).
+    pub fn is_absent(&self) -> bool {
+        *self == MezoSpec::absent()
+    }
+
     /// The job's estimator with its settings.  A parsed job file was
     /// validated, so its settings make one; the `Err` is for a spec built
     /// some other way and never validated.
@@ -940,8 +997,24 @@ impl JobSpec {
     }
 
     /// `mezo:`: the steps, the estimator and its settings, the step's numbers.
+    /// Only a job that fine-tunes needs them.
     fn validate_mezo(&self) -> Result<()> {
         let m = &self.mezo;
+        if !self.mode.contains(&Mode::Mezo) {
+            return Ok(());
+        }
+        if m.is_absent() {
+            bail!(
+                "mode lists mezo{} but the job has no `mezo:` section: give at least its steps \
+                 and lr (e.g. `mezo: {{steps: 1000, lr: 1.0e-6}}`), or leave mezo out of mode \
+                 to measure baselines only (e.g. `mode: [zero_shot, icl]`)",
+                if is_default_modes(&self.mode) {
+                    " (the default mode is [zero_shot, mezo])"
+                } else {
+                    ""
+                }
+            );
+        }
         if !(1..=MAX_STEPS).contains(&m.steps) {
             bail!(
                 "mezo.steps must be between 1 and {MAX_STEPS} (the paper runs 20,000 for OPT, \
@@ -1045,6 +1118,22 @@ impl JobSpec {
         let task = serde_json::to_value(self.task.kind).expect("a task kind serializes");
         let tuning = serde_json::to_value(self.tuning).expect("a tuning kind serializes");
         let dtype = serde_json::to_value(self.model.dtype).expect("a dtype serializes");
+        if !self.mode.contains(&Mode::Mezo) {
+            let modes: Vec<String> = self
+                .mode
+                .iter()
+                .map(|m| serde_json::to_value(m).expect("a mode serializes"))
+                .map(|m| m.as_str().unwrap_or("?").to_string())
+                .collect();
+            return format!(
+                "{} ({} on {}), {}: baselines only ({}), no fine-tuning",
+                self.model.describe(),
+                dtype.as_str().unwrap_or("?"),
+                self.model.device,
+                task.as_str().unwrap_or("?"),
+                modes.join(", ")
+            );
+        }
         format!(
             "{} ({} on {}), {} with {} tuning, {} steps of batch {} at lr {}",
             self.model.describe(),
@@ -1067,15 +1156,16 @@ impl JobSpec {
     }
 
     /// Whether `other` computes what this job computes: the same in every
-    /// field but its `name`, `priority`, `after` and `notify`, which only
-    /// label it, order it and say what happens around it (a run renamed in
-    /// its job file resumes).
+    /// field but its `name`, `priority`, `after`, `notify` and `export`,
+    /// which only label it, order it, say what happens around it and which
+    /// of its weights it hands back (a run renamed in its job file resumes).
     pub fn computes_the_same_as(&self, other: &JobSpec) -> bool {
         let unlabelled = |s: &JobSpec| JobSpec {
             name: None,
             priority: 0,
             after: vec![],
             notify: None,
+            export: Export::Final,
             ..s.clone()
         };
         unlabelled(self) == unlabelled(other)
@@ -1227,6 +1317,50 @@ mod tests {
             s,
             "/j/m (f32 on cpu), causal_lm with full tuning, 30 steps of batch 1 at lr 0.001"
         );
+    }
+
+    /// A job of baselines alone needs no `mezo:` section and writes none into
+    /// its frozen spec; a fine-tuning job without one is told what to add.
+    #[test]
+    fn a_baselines_only_job_has_no_mezo_section() {
+        let cls = "model: {path: m, dtype: f32}\ntask: {kind: classification, template: sst2, \
+                   label_words: {\"0\": bad, \"1\": good}}\ndata: {train: train.jsonl}\n";
+        let job = JobSpec::parse(&format!("{cls}mode: [zero_shot, icl]\n"), Path::new("/j"))
+            .unwrap();
+        assert!(job.mezo.is_absent());
+        assert_eq!(job.steps(), 0);
+        assert!(!job.to_yaml().contains("mezo"), "{}", job.to_yaml());
+        assert_eq!(JobSpec::parse(&job.to_yaml(), Path::new("/j")).unwrap(), job);
+        assert!(
+            job.summary().ends_with("classification: baselines only (zero_shot, icl), no fine-tuning"),
+            "{}",
+            job.summary()
+        );
+        let e = JobSpec::parse(cls, Path::new("/j")).unwrap_err().to_string();
+        assert!(
+            e.contains("no `mezo:` section") && e.contains("the default mode is [zero_shot, mezo]"),
+            "{e}"
+        );
+        let e = JobSpec::parse(&format!("{cls}mode: [mezo]\n"), Path::new("/j"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no `mezo:` section") && !e.contains("default mode"), "{e}");
+    }
+
+    /// `export:` is `final` unless asked, and changing it changes no step.
+    #[test]
+    fn export_defaults_to_the_final_weights_and_computes_nothing_else() {
+        let job = JobSpec::parse(MINIMAL, Path::new("/j")).unwrap();
+        assert_eq!(job.export, Export::Final);
+        assert!(!job.to_yaml().contains("export"));
+        let best = JobSpec::parse(&format!("export: best\n{MINIMAL}"), Path::new("/j")).unwrap();
+        assert_eq!(best.export, Export::Best);
+        assert!(best.to_yaml().contains("export: best"));
+        assert!(best.computes_the_same_as(&job) && best != job);
+        let e = JobSpec::parse(&format!("export: last\n{MINIMAL}"), Path::new("/j"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("final") && e.contains("best"), "{e}");
     }
 
     /// `after:` holds ids and names (a quoted number is a name); `notify:` a

@@ -7,7 +7,9 @@
 //! continue.  Steps are pure functions of (seed, step), so a lost log tail
 //! costs only recomputation.
 
+pub mod exported;
 pub mod fingerprint;
+pub mod interrupt;
 pub mod metrics;
 pub mod out_dir;
 pub mod paired;
@@ -18,8 +20,6 @@ pub mod snapshot;
 pub mod tune_file;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -35,6 +35,7 @@ use crate::model::adapters::Tuning;
 use crate::model::export::{export_hf, export_peft_adapter};
 use crate::model::{torch_device, LanguageModel};
 use crate::spec::{JobSpec, Mode};
+use exported::Exported;
 use fingerprint::Fingerprint;
 use metrics::{EvalLine, MetricsFile};
 use mezod_core::durable;
@@ -85,9 +86,14 @@ pub struct RunResult {
     pub metric: String,
     pub zero_shot: Option<f64>,
     pub best: Option<f64>,
+    /// The step of the best dev evaluation (the final step without dev examples).
     pub best_step: u64,
+    /// Which weights `model/`, `adapter/` and `mezod export` hold, and why;
+    /// none for a job that only measures baselines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exported: Option<Exported>,
     pub final_metric: Option<f64>,
-    /// The metric of the exported (best) weights on the test split, if any.
+    /// The metric of the exported weights on the test split, if any.
     pub test_metric: Option<f64>,
     pub test_loss: Option<f64>,
     /// The base model's metric on the test split.
@@ -268,9 +274,12 @@ impl Job {
         Ok(rec)
     }
 
-    /// Re-apply logged steps to the weights, without any forward pass.
+    /// Re-apply logged steps to the weights, without any forward pass; a
+    /// stop is answered between two steps (the weights are then neither
+    /// here nor there, and the seed log still holds every step).
     fn replay(&self, records: &[StepRecord]) -> Result<()> {
         for rec in records {
+            interrupt::check()?;
             let cfg = StepConfig {
                 lr: rec.lr,
                 ..self.step_config(rec.step)
@@ -451,7 +460,8 @@ fn claim_out_dir(
 /// The result of a run in `out` that has already done all of `spec`'s steps.
 fn finished_result(out: &Path, spec: &JobSpec, log: &dyn StepLog) -> Result<Option<RunResult>> {
     let path = out.join("result.json");
-    if !path.is_file() || !out.join("model").is_dir() {
+    let fine_tunes = spec.mode.contains(&Mode::Mezo);
+    if !path.is_file() || (fine_tunes && !out.join("model").is_dir()) {
         return Ok(None);
     }
     let Ok(result) = serde_json::from_str::<RunResult>(&std::fs::read_to_string(&path)?) else {
@@ -487,10 +497,33 @@ pub fn run(spec_path: &Path, out: &Path, opts: &RunOptions) -> Result<Outcome> {
     run_with_log(spec, out, &opts, Box::new(log))
 }
 
-/// Run (or resume) the job with step records going to `log`, in its phases:
-/// claim the output folder, open the job, bring the weights to where the log
-/// ends, measure what comes before training, train, finish.
+/// Run (or resume) the job with step records going to `log`.  SIGINT or
+/// SIGTERM (or a closed log) stops it within about a second, whatever it is
+/// doing, as `Outcome::Interrupted`; see [`interrupt`].
 pub fn run_with_log(
+    spec: JobSpec,
+    out: &Path,
+    opts: &RunOptions,
+    log: Box<dyn StepLog>,
+) -> Result<Outcome> {
+    let steps = (log.contiguous()?.len() as u64).min(spec.steps());
+    interrupt::install(opts.job_file.as_deref(), out, opts.progress, steps)?;
+    match run_phases(spec, out, opts, log) {
+        Err(e) => match interrupt::stopped(&e) {
+            Some(stop) => Ok(Outcome::Interrupted {
+                step: interrupt::steps_saved(),
+                signal: stop.signal,
+            }),
+            None => Err(e),
+        },
+        ran => ran,
+    }
+}
+
+/// [`run_with_log`] in its phases: claim the output folder, open the job,
+/// bring the weights to where the log ends, measure what comes before
+/// training, train, finish.
+fn run_phases(
     mut spec: JobSpec,
     out: &Path,
     opts: &RunOptions,
@@ -526,63 +559,17 @@ pub fn run_with_log(
         );
         return Ok(Outcome::Completed(result));
     }
-    let interrupt = Interrupt::install()?;
     let (mut job, records) = Job::open(spec, out, opts, log, device, rng, threads)?;
     let done = records.len() as u64;
     let from = job.resume(&records)?;
     job.before_training(done)?;
     let total = job.spec.steps();
     let train_start = Instant::now();
-    if let Some(stopped) = job.train(done, &interrupt, opts)? {
+    if let Some(stopped) = job.train(done, opts)? {
         return Ok(stopped);
     }
     let train_secs = train_start.elapsed().as_secs_f64();
     finish(job, done, from, total - done, train_secs, started, fp).map(Outcome::Completed)
-}
-
-/// SIGINT and SIGTERM: the first asks the run to stop at its next step
-/// boundary (it snapshots, and resumes exactly); a second ends the process at
-/// once (resume stays exact).
-///
-/// A log whose reader has gone (`mezod run … 2>&1 | head`; see
-/// `mezod_core::cli::log_closed`) asks the same as SIGPIPE would, and is
-/// answered as these signals are: the run stops at its next step boundary,
-/// everything saved, with status 141 (128 + SIGPIPE).  Not killed by SIGPIPE
-/// itself (Rust ignores it, and a run keeps it so): a stop at a boundary
-/// leaves a snapshot, and the pipeline still ends within a step (or an
-/// evaluation) of `head`'s exit.
-struct Interrupt {
-    stop: Arc<AtomicBool>,
-    signal: Arc<std::sync::atomic::AtomicI32>,
-}
-
-impl Interrupt {
-    fn install() -> Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let signal = Arc::new(std::sync::atomic::AtomicI32::new(0));
-        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-            // Each signal runs these in order: note which signal it is, exit
-            // if a stop was asked already (a second signal), ask for the
-            // stop.  So a stop is never read with signal 0.
-            let n = Arc::clone(&signal);
-            // SAFETY: the handler only stores into an atomic.
-            unsafe {
-                signal_hook::low_level::register(sig, move || n.store(sig, Ordering::SeqCst))
-            }?;
-            signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&stop))?;
-            signal_hook::flag::register(sig, Arc::clone(&stop))?;
-        }
-        Ok(Interrupt { stop, signal })
-    }
-
-    /// The signal that asked the run to stop, if one did; SIGPIPE when the
-    /// log's reader has gone.
-    fn requested(&self) -> Option<i32> {
-        if self.stop.load(Ordering::SeqCst) {
-            return Some(self.signal.load(Ordering::SeqCst));
-        }
-        mezod_core::cli::log_closed().then_some(signal_hook::consts::SIGPIPE)
-    }
 }
 
 impl Job {
@@ -605,11 +592,15 @@ impl Job {
             &spec.tuning(),
         )
         .with_context(|| format!("loading model {}", spec.model.describe()))?;
+        interrupt::check()?;
         check_initial_adapters(out, &model, opts.force)?;
         let splits = load_splits(&spec.data, &spec.task.label_field)?;
-        splits
-            .check_batch_size(spec.mezo.batch_size)
-            .map_err(anyhow::Error::msg)?;
+        interrupt::check()?;
+        if spec.mode.contains(&Mode::Mezo) {
+            splits
+                .check_batch_size(spec.mezo.batch_size)
+                .map_err(anyhow::Error::msg)?;
+        }
         let task = checked_task(&spec, &model, &splits)?;
         tracing::info!(
             "{} ({} trainable parameters, {} on {}, rng {}), {} train / {} dev / {} test examples",
@@ -705,20 +696,20 @@ impl Job {
             && done < self.spec.steps()
             && !self.metrics.has_eval(done)
         {
-            self.evaluate(done)?; // stopped between a step and its evaluation
+            // Stopped between a step and its evaluation.
+            let evaluated = self.evaluate(done);
+            self.at_boundary(done, evaluated)?;
         }
         Ok(())
     }
 
     /// Steps `done..` to the last, each logged durably, with the job's
-    /// evaluations and snapshots between them; `Some` when a signal stopped
-    /// it at a step boundary.
-    fn train(
-        &mut self,
-        done: u64,
-        interrupt: &Interrupt,
-        opts: &RunOptions,
-    ) -> Result<Option<Outcome>> {
+    /// evaluations and snapshots between them; `Some` when a stop was asked
+    /// for at a step boundary.  A stop during an evaluation ends it as
+    /// [`interrupt::Stopped`], the weights saved all the same; one inside a
+    /// step (an F1 objective generates token by token) saves nothing, as the
+    /// weights are perturbed there: the resume does that step again.
+    fn train(&mut self, done: u64, opts: &RunOptions) -> Result<Option<Outcome>> {
         let total = self.spec.steps();
         self.progress.start_steps(done);
         let snapshot_every = self
@@ -729,14 +720,16 @@ impl Job {
             .unwrap_or(DEFAULT_SNAPSHOT_EVERY);
         let eval_every = self.spec.mezo.eval_every;
         for step in done..total {
-            if let Some(signal) = interrupt.requested() {
-                return interrupted(self, step, &self.snapshots(), signal).map(Some);
+            if let Some(signal) = interrupt::stop_requested() {
+                return interrupted(self, step, signal).map(Some);
             }
             let rec = self.train_step(step)?;
             let n = step + 1;
+            interrupt::note_steps_saved(n);
             self.progress.step(n, rec.loss_plus, rec.projected_grad);
             if eval_every > 0 && n % eval_every == 0 && n < total {
-                self.evaluate(n)?;
+                let evaluated = self.evaluate(n);
+                self.at_boundary(n, evaluated)?;
             }
             if snapshot_every > 0 && n % snapshot_every == 0 && n < total {
                 snapshot::save(&self.snapshots(), n, &self.model.params, 2)?;
@@ -747,6 +740,30 @@ impl Job {
 
     fn snapshots(&self) -> PathBuf {
         self.out.join("snapshots")
+    }
+
+    /// Save the weights a stop finds at the boundary after `step` steps, so
+    /// that the resume replays nothing: not at step 0 (the base model is
+    /// rebuilt as it is), nor where that snapshot exists already.
+    fn save_at_stop(&self, step: u64) -> Result<()> {
+        self.progress.abandon();
+        let dir = self.snapshots();
+        if step == 0 || snapshot::list(&dir)?.contains(&step) {
+            return Ok(());
+        }
+        snapshot::save(&dir, step, &self.model.params, 2)
+    }
+
+    /// What `work`, done with the weights at the boundary after `step`
+    /// steps, came to; a stop inside it saves those weights first, as a stop
+    /// between steps does.
+    fn at_boundary<T>(&self, step: u64, work: Result<T>) -> Result<T> {
+        if let Err(e) = &work {
+            if interrupt::stopped(e).is_some() {
+                self.save_at_stop(step)?;
+            }
+        }
+        work
     }
 }
 
@@ -767,9 +784,13 @@ fn checked_task(
         }
         task.limit_length(limit);
     }
+    // Long splits take a while to tokenize: a stop is answered between them.
     task.check(model, &splits.train, |i| splits.origin("training", i))?;
+    interrupt::check()?;
     task.check(model, &splits.dev, |i| splits.origin("dev", i))?;
+    interrupt::check()?;
     task.check(model, &splits.test, |i| splits.origin("test", i))?;
+    interrupt::check()?;
     for (answer, ids) in task.answer_word_ids(model)? {
         if ids.len() > 1 {
             tracing::info!(
@@ -781,9 +802,9 @@ fn checked_task(
     Ok(task)
 }
 
-fn interrupted(job: &Job, step: u64, snap_dir: &Path, signal: i32) -> Result<Outcome> {
-    job.progress.abandon();
-    snapshot::save(snap_dir, step, &job.model.params, 2)?;
+/// A stop between steps: the weights after `step` steps saved, the run's outcome.
+fn interrupted(job: &Job, step: u64, signal: i32) -> Result<Outcome> {
+    job.save_at_stop(step)?;
     Ok(Outcome::Interrupted { step, signal })
 }
 
@@ -821,7 +842,8 @@ fn check_initial_adapters(out: &Path, model: &LanguageModel, force: bool) -> Res
     }
 }
 
-/// Final evaluation, best weights, export, result and picture.
+/// Final evaluation, the exported weights (final, or best with `export:
+/// best`), result and picture.
 fn finish(
     mut job: Job,
     done: u64,
@@ -836,50 +858,31 @@ fn finish(
         job.evaluate(total)?;
     }
     let evals = job.metrics.evals();
-    let higher = job.task.higher_is_better();
-    let best = evals.iter().fold(None::<&EvalLine>, |b, e| match b {
-        Some(b) if (higher && e.value <= b.value) || (!higher && e.value >= b.value) => Some(b),
-        _ => Some(e),
-    });
+    let best = exported::best_evaluation(&evals, job.task.higher_is_better());
     let best_step = best.map(|b| b.step).unwrap_or(total);
-    let model_dir = job.out.join("model");
-    if best_step != total {
-        // The best weights are not kept in memory: rebuild them from the log.
-        tracing::info!("exporting the best weights (step {best_step}) rebuilt from the seed log");
-        let records = job.log.contiguous()?;
-        // Free the trained weights first: peak memory stays that of one model.
-        let device = job.model.device;
-        drop(job.model);
-        job.model = LanguageModel::open_tuned(
-            &job.spec.model.source(),
-            job.spec.model.dtype,
-            device,
-            &job.spec.tuning(),
-        )?;
-        let from =
-            snapshot::restore_latest(&job.out.join("snapshots"), best_step, &job.model.params)?
-                .unwrap_or(0);
-        job.replay(&records[from as usize..best_step as usize])?;
-    }
-    export_hf(&job.model, &model_dir)?;
-    let peft = match job.model.tuning {
-        Tuning::Lora(_) => true,
-        Tuning::Prefix(_) => !job.model.is_masked_lm(),
-        Tuning::Full => false,
-    };
-    if peft {
-        export_peft_adapter(&job.model, &job.out.join("adapter"))?;
-    }
-    let test = if job.test.is_empty() {
-        None
+    let best = best.cloned();
+    let exported = if job.spec.mode.contains(&Mode::Mezo) {
+        let (exported_job, exported) = export_weights(job, best.as_ref(), total)?;
+        job = exported_job;
+        Some(exported)
     } else {
-        let e = job.evaluate_split("test", best_step)?;
         tracing::info!(
-            "test {} of the exported weights (step {best_step}): {:.4}",
-            job.task.metric_name(),
-            e.metric
+            "baselines only (`mode` does not list mezo): nothing was fine-tuned, no model exported"
         );
-        Some(e)
+        None
+    };
+    let test = match &exported {
+        Some(exported) if !job.test.is_empty() => {
+            let e = job.evaluate_split("test", exported.step)?;
+            tracing::info!(
+                "test {} of the exported weights (step {}): {:.4}",
+                job.task.metric_name(),
+                exported.step,
+                e.metric
+            );
+            Some(e)
+        }
+        _ => None,
     };
     let zero_shot_test = read_zero_shot_test(&job.out);
     // Accuracy tasks: the same test examples, answered by the base model and by the export.
@@ -904,13 +907,16 @@ fn finish(
         dev: &dev_points,
         dev_metric: job.task.metric_name(),
     };
-    durable::write(&job.out.join("loss.svg"), plot::loss_chart_svg(&chart)?)?;
+    if job.spec.mode.contains(&Mode::Mezo) {
+        durable::write(&job.out.join("loss.svg"), plot::loss_chart_svg(&chart)?)?;
+    }
     let (peak_memory_bytes, peak_memory_source) = measured_peak(job.device);
     let result = RunResult {
         metric: job.task.metric_name().into(),
         zero_shot: evals.iter().find(|e| e.step == 0).map(|e| e.value),
         best: best.map(|b| b.value),
         best_step,
+        exported,
         final_metric: evals
             .iter()
             .rev()
@@ -944,6 +950,51 @@ fn finish(
     )?;
     job.progress.finish();
     Ok(result)
+}
+
+/// Put the weights the job exports in memory (the final ones are there; the
+/// best are rebuilt from the seed log) and write `model/` and `adapter/`.
+fn export_weights(mut job: Job, best: Option<&EvalLine>, total: u64) -> Result<(Job, Exported)> {
+    let (step, why) = exported::choose(job.spec.export, best, total);
+    if step != total {
+        // The best weights are not kept in memory: rebuild them from the log.
+        tracing::info!("exporting the best weights (step {step}) rebuilt from the seed log");
+        let records = job.log.contiguous()?;
+        // Free the trained weights first: peak memory stays that of one model.
+        let device = job.model.device;
+        drop(job.model);
+        job.model = LanguageModel::open_tuned(
+            &job.spec.model.source(),
+            job.spec.model.dtype,
+            device,
+            &job.spec.tuning(),
+        )?;
+        let from = snapshot::restore_latest(&job.out.join("snapshots"), step, &job.model.params)?
+            .unwrap_or(0);
+        job.replay(&records[from as usize..step as usize])?;
+    }
+    export_hf(&job.model, &job.out.join("model"))?;
+    let peft = match job.model.tuning {
+        Tuning::Lora(_) => true,
+        Tuning::Prefix(_) => !job.model.is_masked_lm(),
+        Tuning::Full => false,
+    };
+    if peft {
+        export_peft_adapter(&job.model, &job.out.join("adapter"))?;
+    }
+    let exported = Exported::new(job.spec.export, step, why, lora_is_zero(&job.model));
+    tracing::info!("exported {}", exported.why);
+    Ok((job, exported))
+}
+
+/// Whether a LoRA model's every `lora_B` is zero: its adapters add nothing.
+fn lora_is_zero(model: &LanguageModel) -> bool {
+    matches!(model.tuning, Tuning::Lora(_))
+        && model
+            .params
+            .iter()
+            .filter(|p| p.name.contains("lora_B"))
+            .all(|p| p.tensor.count_nonzero(None::<i64>).int64_value(&[]) == 0)
 }
 
 #[cfg(test)]

@@ -223,13 +223,19 @@ fn run_records(run: &Path) -> Result<Vec<StepRecord>> {
     )
 }
 
-/// The steps whose weights a run exported: its best step when it finished
-/// (the weights in `model/`), else every logged step.
+/// The steps whose weights a run exported when it finished (the weights in
+/// `model/`: `exported.step`, or `best_step` for a run from before `export:`),
+/// else every logged step.
 fn default_upto(run: &Path, logged: u64) -> u64 {
-    std::fs::read_to_string(run.join("result.json"))
+    let result = std::fs::read_to_string(run.join("result.json"))
         .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|r| r["best_step"].as_u64())
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    result
+        .and_then(|r| {
+            r["exported"]["step"]
+                .as_u64()
+                .or_else(|| r["best_step"].as_u64())
+        })
         .unwrap_or(logged)
         .min(logged)
 }

@@ -272,6 +272,21 @@ fn now() -> u64 {
 }
 
 /// The detail view, as text.
+/// result.json's `exported` in words: which step's weights the run handed
+/// back and why (a run from before `export:` handed back its best step).
+fn exported_words(exported: Option<&serde_json::Value>) -> String {
+    match exported {
+        Some(e) => format!(
+            "step {}: {}",
+            e["step"],
+            e["why"].as_str().unwrap_or("(no reason recorded)")
+        ),
+        None => "no model (a baselines-only job, or a run from before `export:`, \
+                 which handed back its best_step)"
+            .into(),
+    }
+}
+
 /// result.json's `test_paired` in words: the fine-tuned model against the
 /// base one on the same test examples, with the interval on the difference.
 fn paired_words(p: &serde_json::Value) -> String {
@@ -399,6 +414,7 @@ fn describe(d: &JobDetail, now: u64) -> String {
     {
         let shown: Vec<String> = r
             .iter()
+            .filter(|(k, _)| *k != "exported")
             .map(|(k, v)| match v.as_f64() {
                 _ if k == "test_paired" => paired_words(v),
                 Some(x) if v.is_f64() => format!("{k} {x:.4}"),
@@ -406,6 +422,7 @@ fn describe(d: &JobDetail, now: u64) -> String {
             })
             .collect();
         row("result", printable_line(&shown.join(", ")).into_owned());
+        row("exported", printable_line(&exported_words(r.get("exported"))).into_owned());
     }
     if !d.error_tail.is_empty() {
         out.push_str("  error:\n");

@@ -13,7 +13,9 @@ use crate::tokenize::pad_left;
 
 impl Task {
     /// Greedy answers to `batch` (no sampling), cut at the first line break or
-    /// end-of-sequence token.
+    /// end-of-sequence token.  A run's stop ends it between two tokens with
+    /// [`Stopped`](crate::run::interrupt::Stopped): a batch of long answers is
+    /// many forward passes.
     pub fn generate(&self, model: &LanguageModel, batch: &[&Example]) -> Result<Vec<String>> {
         self.generation()?.generate(model, batch)
     }
@@ -44,6 +46,7 @@ impl Generation {
         let mut written: Vec<Vec<i64>> = vec![Vec::new(); seqs.len()];
         let mut done = vec![false; seqs.len()];
         for _ in 0..self.max_new_tokens {
+            crate::run::interrupt::check()?;
             let (ids, mask) = pad_left(&seqs, model.tokenizer.pad_id);
             let t = ids.size()[1];
             let next: Vec<i64> = model

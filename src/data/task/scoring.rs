@@ -79,7 +79,9 @@ impl Task {
     }
 
     /// [`Task::evaluate`], telling `done` how many examples are evaluated
-    /// after each batch (a long evaluation shows its progress).
+    /// after each batch (a long evaluation shows its progress).  A run's stop
+    /// ends it between batches with [`Stopped`](crate::run::interrupt::Stopped):
+    /// a test split can take minutes.
     pub fn evaluate_with(
         &self,
         model: &LanguageModel,
@@ -91,6 +93,7 @@ impl Task {
         let (mut loss_sum, mut score, mut n) = (0.0, 0f64, 0usize);
         let mut correct = Vec::new();
         for chunk in examples.chunks(batch_size.max(1)) {
+            crate::run::interrupt::check()?;
             let batch: Vec<&Example> = chunk.iter().collect();
             let (loss, c) = self.batch_loss_and_correct(model, &batch)?;
             loss_sum += loss * chunk.len() as f64;

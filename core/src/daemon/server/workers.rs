@@ -668,6 +668,7 @@ pub(super) fn read_summary(dir: &JobDir) -> Option<serde_json::Value> {
         "zero_shot",
         "best",
         "best_step",
+        "exported",
         "final_metric",
         "test_metric",
         "zero_shot_test",
