@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::data::task::{Rendering, Task};
-use crate::data::{load_splits, Example};
+use crate::data::{load_job_splits, Example};
 use crate::model::{gguf, Dtype, LanguageModel, ModelSource};
 use crate::spec::{JobSpec, TaskKind};
 
@@ -125,7 +125,7 @@ pub fn inspect(args: &InspectArgs) -> Result<Report> {
     if let Some(limit) = model.max_positions() {
         task.limit_length(limit);
     }
-    let splits = load_splits(&spec.data, &spec.task.label_field)?;
+    let splits = load_job_splits(&spec)?;
     let mut warnings = Vec::new();
 
     let answer_words = describe_answer_words(&task, &model)?;
@@ -208,24 +208,31 @@ pub fn inspect(args: &InspectArgs) -> Result<Report> {
 /// The model with placeholder weights (no memory) where its source allows:
 /// its tokenizer, config and parameter count, which is all the report needs
 /// but the predictions.  A GGUF file carries its tokenizer among its tensors,
-/// so it is loaded whole (then `true`: its weights are real).
+/// so it is loaded whole (then `true`: its weights are real).  Its files are
+/// checked as `mezod run` checks them (the weights must be there, even if
+/// they are not read here; the tokenizer of a model folder too), so a
+/// mistake reads as it will in the run.
 fn open_cheaply(spec: &JobSpec) -> Result<(LanguageModel, bool)> {
-    let source = match spec.model.source() {
-        ModelSource::Pretrained(p) if !gguf::is_gguf(&p) => {
-            // The weights must be there, even if they are not read here.
-            mezod_core::weight_files::safetensors_files(&p)?;
-            ModelSource::Shapes {
-                config: p.join("config.json"),
+    let opened = || -> Result<(LanguageModel, bool)> {
+        let source = spec.model.source();
+        mezod_core::job_check::model_files(&source)?;
+        let cheap = match &source {
+            ModelSource::Pretrained(p) if !gguf::is_gguf(p) => {
+                mezod_core::job_check::tokenizer_file(&source)?;
+                ModelSource::Shapes {
+                    config: p.join("config.json"),
+                }
             }
-        }
-        ModelSource::Random { config, .. } => ModelSource::Shapes { config },
-        other => other,
+            ModelSource::Random { config, .. } => ModelSource::Shapes {
+                config: config.clone(),
+            },
+            other => other.clone(),
+        };
+        let whole = cheap == source;
+        let dtype = if whole { spec.model.dtype } else { Dtype::F32 };
+        Ok((LanguageModel::open(&cheap, dtype, tch::Device::Cpu)?, whole))
     };
-    let whole = source == spec.model.source();
-    let dtype = if whole { spec.model.dtype } else { Dtype::F32 };
-    let model = LanguageModel::open(&source, dtype, tch::Device::Cpu)
-        .with_context(|| format!("loading model {}", spec.model.describe()))?;
-    Ok((model, whole))
+    opened().with_context(|| format!("loading model {}", spec.model.describe()))
 }
 
 fn describe_answer_words(task: &Task, model: &LanguageModel) -> Result<Vec<Answer>> {

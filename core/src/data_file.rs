@@ -13,7 +13,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 /// One row, every value as text (numbers and booleans as written).
 pub type Example = BTreeMap<String, String>;
@@ -34,15 +34,55 @@ impl fmt::Display for Origin {
 /// Rows of a data file with their origins, in file order.
 pub type Rows = Vec<(Origin, Example)>;
 
+/// The formats a data file may be in, from its name.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Jsonl,
+    /// Delimited text with a header row: comma or tab.
+    Delimited(u8),
+}
+
+/// A data file's format and whether it is bzip2-compressed, from its name
+/// (`.jsonl`/`.json`, `.csv`, `.tsv`, each optionally `.bz2`).
+fn format_of(path: &Path) -> Result<(Format, bool)> {
+    let lower = path.to_string_lossy().to_lowercase();
+    let (name, compressed) = match lower.strip_suffix(".bz2") {
+        Some(inner) => (inner, true),
+        None => (lower.as_str(), false),
+    };
+    let format = if name.ends_with(".csv") {
+        Format::Delimited(b',')
+    } else if name.ends_with(".tsv") {
+        Format::Delimited(b'\t')
+    } else if name.ends_with(".jsonl") || name.ends_with(".json") {
+        Format::Jsonl
+    } else {
+        bail!(
+            "{}: unknown data format (use .jsonl, .csv or .tsv, optionally .bz2)",
+            path.display()
+        )
+    };
+    Ok((format, compressed))
+}
+
+/// Where a data file names its fields, if in one place: a CSV/TSV file's
+/// header row (line 1), which is then what a field missing from every row
+/// is blamed on.  A JSONL file has none: each row names its own.
+pub fn header_row(path: &Path) -> Option<Origin> {
+    match format_of(path) {
+        Ok((Format::Delimited(_), _)) => Some(Origin {
+            file: Arc::from(path),
+            line: 1,
+        }),
+        _ => None,
+    }
+}
+
 /// Read a data file: `.jsonl`/`.json`, `.csv`, `.tsv`, each optionally
 /// `.bz2`; at most `limit` rows (None: all).  Opened as a file a job names
 /// (regular files only, no blocking on a FIFO).
 pub fn read_rows(path: &Path, limit: Option<usize>) -> Result<Rows> {
-    let lower = path.to_string_lossy().to_lowercase();
-    let (name, compressed) = match lower.strip_suffix(".bz2") {
-        Some(inner) => (inner.to_string(), true),
-        None => (lower.clone(), false),
-    };
+    let (format, compressed) = format_of(path)?;
     let file = crate::safe_fs::open_user_file(path)?;
     let reader: Box<dyn Read> = if compressed {
         Box::new(bzip2::read::BzDecoder::new(BufReader::new(file)))
@@ -51,17 +91,9 @@ pub fn read_rows(path: &Path, limit: Option<usize>) -> Result<Rows> {
     };
     let file: Arc<Path> = Arc::from(path);
     let limit = limit.unwrap_or(usize::MAX);
-    let rows = if name.ends_with(".csv") {
-        read_csv(file, reader, b',', limit)
-    } else if name.ends_with(".tsv") {
-        read_csv(file, reader, b'\t', limit)
-    } else if name.ends_with(".jsonl") || name.ends_with(".json") {
-        read_jsonl(file, reader, limit)
-    } else {
-        bail!(
-            "{}: unknown data format (use .jsonl, .csv or .tsv, optionally .bz2)",
-            path.display()
-        )
+    let rows = match format {
+        Format::Delimited(delimiter) => read_csv(file, reader, delimiter, limit),
+        Format::Jsonl => read_jsonl(file, reader, limit),
     }?;
     if rows.is_empty() {
         bail!("{} holds no examples", path.display());
@@ -116,10 +148,9 @@ fn read_csv(file: Arc<Path>, reader: Box<dyn Read>, delimiter: u8, limit: usize)
     let mut rec = csv::StringRecord::new();
     while rows.len() < limit {
         let line = reader.position().line();
-        let more = reader.read_record(&mut rec).with_context(|| {
-            let line = reader.position().line().max(line);
-            format!("{} line {line}", file.display())
-        })?;
+        let more = reader
+            .read_record(&mut rec)
+            .map_err(|e| bad_record(&file, line, &e))?;
         if !more {
             break;
         }
@@ -137,6 +168,28 @@ fn read_csv(file: Arc<Path>, reader: Box<dyn Read>, delimiter: u8, limit: usize)
         ));
     }
     Ok(rows)
+}
+
+/// A record the CSV reader refused, named by the line it starts on (the
+/// reader's own position has moved past it by then) and in the file's
+/// terms: a row with more or fewer fields than the header is the usual
+/// mistake (a field with the delimiter in it, unquoted).
+fn bad_record(file: &Path, line_before: u64, e: &csv::Error) -> anyhow::Error {
+    let line = e.position().map_or(line_before, |p| p.line());
+    let at = Origin {
+        file: Arc::from(file),
+        line,
+    };
+    match e.kind() {
+        csv::ErrorKind::UnequalLengths {
+            expected_len, len, ..
+        } => anyhow!(
+            "{at}: the row has {len} fields but the header has {expected_len} \
+             (a field that holds the delimiter must be quoted)"
+        ),
+        csv::ErrorKind::Utf8 { .. } => anyhow!("{at}: not UTF-8 text"),
+        _ => anyhow!("{at}: {e}"),
+    }
 }
 
 #[cfg(test)]
@@ -163,6 +216,23 @@ mod tests {
         assert_eq!(rows[0].1["text"], "good,\nwarm");
         assert_eq!(rows[1].1["category"], "rotten");
         assert_eq!((rows[0].0.line, rows[1].0.line), (2, 4));
+        // A bad record is named by its own line, not the next one's.
+        std::fs::write(
+            &c,
+            "category,text\nfresh,good\nrotten,dull,long\nfresh,fine\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", read_rows(&c, None).unwrap_err());
+        assert_eq!(
+            e,
+            format!(
+                "{} line 3: the row has 3 fields but the header has 2 (a field that holds \
+                 the delimiter must be quoted)",
+                c.display()
+            )
+        );
+        assert_eq!(header_row(&c).map(|o| o.line), Some(1));
+        assert_eq!(header_row(&j), None);
         std::fs::write(&j, "{\"text\": \"fine\"}\nnot json\n").unwrap();
         let e = format!("{:#}", read_rows(&j, None).unwrap_err());
         assert!(e.contains("a.jsonl line 2: not valid JSON"), "{e}");

@@ -6,36 +6,49 @@
 //! owner (`daemon/checker.rs`).  A job that fails one is refused with the
 //! reason instead of failing in a worker.
 //!
+//! The engine runs the same functions where `mezod run` and `mezod inspect`
+//! meet the same question ([`model_files`], [`tokenizer_file`],
+//! [`load_tokenizer`], [`check_rows`], [`no_field`]), so a mistake reads the
+//! same in every command, down to the data line it names.
+//!
 //! The tokenizer is loaded with the `tokenizers` crate, the engine's own
 //! (same version and features), so "loads here" means "loads in the worker".
 //! It costs the `mezod` binary a few megabytes and nothing at run time
 //! unless a check runs: `status`, `logs` and `cancel` never load it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::data_file::read_rows;
+use crate::data_file::{header_row, read_rows, Example, Origin};
 use crate::gguf_header::{is_gguf, read_header};
 use crate::model_ref::{ModelSource, MODEL_TYPES};
 use crate::prompts::{template_fields, ClassificationPreset, COPA, DEFAULT_CLASSIFICATION};
 use crate::safe_fs::{read_user_text, MAX_JSON_BYTES};
-use crate::spec::{JobSpec, TaskKind};
-use crate::weight_files::safetensors_shapes;
+use crate::spec::{DataSpec, JobSpec, TaskKind};
+use crate::weight_files::{safetensors_files, safetensors_shapes};
 
 /// Data rows read by a check: enough to catch a file of the wrong shape,
 /// bounded so a check stays quick on any data size.  A bad row further down
 /// is the worker's to find (and it names the file and line).
 pub const ROWS_CHECKED: usize = 100;
 
-/// Every problem the checks find, in the order a user would fix them.
+/// Every problem the checks find, in the order a user would fix them.  A
+/// model whose files are not there is one problem, not also a missing
+/// tokenizer: the path is what to fix.
 pub fn problems(spec: &JobSpec) -> Vec<anyhow::Error> {
     let mut found = Vec::new();
-    if let Err(e) = check_model(spec) {
-        found.push(e.context(format!("model {}", spec.model.describe())));
-    }
-    if let Err(e) = check_tokenizer(spec) {
-        found.push(e);
+    let source = spec.model.source();
+    match model_files(&source) {
+        Err(e) => found.push(e),
+        Ok(()) => {
+            if let Err(e) = check_model(spec) {
+                found.push(e.context(format!("model {}", spec.model.describe())));
+            }
+            if let Err(e) = check_tokenizer(&source) {
+                found.push(e);
+            }
+        }
     }
     for path in [
         Some(&spec.data.train),
@@ -60,6 +73,72 @@ pub fn check(spec: &JobSpec) -> Result<()> {
     }
     let lines: Vec<String> = found.iter().map(|e| format!("{e:#}")).collect();
     Err(anyhow!("{}", lines.join("\n")))
+}
+
+/// What `model.path` may name, said wherever a model is not found.
+const MODEL_PATH_HELP: &str = "model.path must name a Hugging Face model folder with \
+     config.json, model.safetensors and tokenizer.json, a .gguf file, or a Hugging Face id \
+     (org/name) in the local cache";
+
+/// That the files `model:` names are there, before anything reads them: the
+/// folder (or GGUF file, or random-weight config), its `config.json` and
+/// its weights.  Only metadata is asked for, so a path the user may not see
+/// is said to be unreadable, never to be absent.
+pub fn model_files(source: &ModelSource) -> Result<()> {
+    match source {
+        ModelSource::Pretrained(path) if is_gguf(path) => {
+            if !found(path, "model file")?.is_file() {
+                bail!("model file {} is not a regular file", path.display());
+            }
+        }
+        ModelSource::Pretrained(dir) => {
+            if !found(dir, "model folder")?.is_dir() {
+                bail!(
+                    "model.path {} is a file, not a model folder ({MODEL_PATH_HELP}; a \
+                     one-file model must end in .gguf)",
+                    dir.display()
+                );
+            }
+            let config = dir.join("config.json");
+            if is_absent(&config) {
+                bail!(
+                    "{} has no config.json: a Hugging Face model folder holds config.json, \
+                     model.safetensors and tokenizer.json (transformers' save_pretrained writes \
+                     them)",
+                    dir.display()
+                );
+            }
+            safetensors_files(dir)?;
+        }
+        ModelSource::Random { config, .. } | ModelSource::Shapes { config } => {
+            if is_absent(config) {
+                bail!(
+                    "model.config {} does not exist (it names the config.json of the \
+                     random-weight model)",
+                    config.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The metadata of the model's own path, or why there is none.
+fn found(path: &Path, what: &str) -> Result<std::fs::Metadata> {
+    std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            anyhow!(
+                "{what} {} does not exist ({MODEL_PATH_HELP})",
+                path.display()
+            )
+        }
+        _ => anyhow!("cannot read {what} {}: {e}", path.display()),
+    })
+}
+
+/// Whether `path` is certainly not there (not merely unreadable).
+fn is_absent(path: &Path) -> bool {
+    matches!(std::fs::metadata(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
 }
 
 /// The config as JSON and the stored tensors' shapes (None for a config
@@ -134,29 +213,41 @@ fn show_shape(shape: &[usize]) -> String {
     format!("[{}]", dims.join(", "))
 }
 
-/// The tokenizer the worker will load: `tokenizer.json` in the model's
-/// folder (beside the config of a random-weight model).  A GGUF file carries
-/// its own, built by the engine from the file's metadata.
-fn check_tokenizer(spec: &JobSpec) -> Result<()> {
-    let dir = match spec.model.source() {
-        ModelSource::Pretrained(path) if is_gguf(&path) => return Ok(()),
-        ModelSource::Pretrained(dir) => dir,
+/// The `tokenizer.json` the engine will load: in the model's folder (beside
+/// the config of a random-weight model).  None for a GGUF file, which
+/// carries its own (built by the engine from the file's metadata).
+pub fn tokenizer_file(source: &ModelSource) -> Result<Option<PathBuf>> {
+    let dir = match source {
+        ModelSource::Pretrained(path) if is_gguf(path) => return Ok(None),
+        ModelSource::Pretrained(dir) => dir.clone(),
         ModelSource::Random { config, .. } | ModelSource::Shapes { config } => {
             config.parent().unwrap_or(Path::new(".")).to_path_buf()
         }
     };
     let path = dir.join("tokenizer.json");
-    if !path.exists() {
+    if is_absent(&path) {
         bail!(
-            "no tokenizer: {} is missing (the model's tokenizer.json must be beside its config.json)",
+            "no tokenizer: {} is missing (put the model's tokenizer.json beside its \
+             config.json; transformers' tokenizer.save_pretrained(folder) writes it)",
             path.display()
         );
     }
-    // Read through the job-file rules (regular file, bounded), then parsed
-    // as the engine parses it.
-    let text = read_user_text(&path, 256 << 20)?;
+    Ok(Some(path))
+}
+
+/// The tokenizer at `path`, read through the job-file rules (regular file,
+/// bounded) and parsed as the engine uses it.
+pub fn load_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
+    let text = read_user_text(path, 256 << 20)?;
     tokenizers::Tokenizer::from_bytes(text.as_bytes())
-        .map_err(|e| anyhow!("the tokenizer {} does not load: {e}", path.display()))?;
+        .map_err(|e| anyhow!("the tokenizer {} does not load: {e}", path.display()))
+}
+
+/// That the tokenizer the worker will load is there and loads.
+fn check_tokenizer(source: &ModelSource) -> Result<()> {
+    if let Some(path) = tokenizer_file(source)? {
+        load_tokenizer(&path)?;
+    }
     Ok(())
 }
 
@@ -220,37 +311,78 @@ pub fn fields_needed(spec: &JobSpec) -> Vec<(String, String)> {
     fields
 }
 
-/// The data file reads, and its first rows have every field the task needs.
-/// Rows outside a `data.filter` are not the task's; as the engine does, the
-/// first row must have each filter field, and later rows without one are
-/// simply filtered out.
+/// The data file reads, and its first rows have the fields the job reads.
 fn check_data(spec: &JobSpec, path: &Path) -> Result<()> {
     let rows = read_rows(path, Some(ROWS_CHECKED))?;
-    if let Some((at, first)) = rows.first() {
-        for field in spec.data.filter.keys() {
-            if !first.contains_key(field) {
-                bail!("{at}: no field {field:?} (data.filter names it)");
-            }
+    check_rows(spec, &rows, path == spec.data.train)
+}
+
+/// Rows of one data file (`train`: the training file) against the fields
+/// the job reads from them, in file order: the first row has every
+/// `data.filter` field (later rows without one are simply filtered out, as
+/// the engine filters), and each row the filter keeps has every field the
+/// task and `data.per_class` need.  The engine runs it on all rows before
+/// it shuffles them, a check on the first [`ROWS_CHECKED`]: both name the
+/// same first bad row when the check reads that far.  A field missing from
+/// a CSV file is missing from its header, so the header's line is named.
+pub fn check_rows(spec: &JobSpec, rows: &[(Origin, Example)], train: bool) -> Result<()> {
+    check_filter_fields(&spec.data, rows)?;
+    let mut needed = fields_needed(spec);
+    if let (true, Some(per_class)) = (train, &spec.data.per_class) {
+        let field = per_class.field.as_ref().unwrap_or(&spec.task.label_field);
+        if !needed.iter().any(|(f, _)| f == field) {
+            needed.push((field.clone(), "data.per_class".into()));
         }
     }
-    let kept = rows.iter().filter(|(_, r)| {
-        spec.data
-            .filter
-            .iter()
-            .all(|(f, allowed)| r.get(f).is_some_and(|v| allowed.contains(v)))
-    });
-    let needed = fields_needed(spec);
-    for (at, row) in kept {
+    for (at, row) in rows.iter().filter(|(_, r)| kept(&spec.data, r)) {
         if let Some((field, why)) = needed.iter().find(|(f, _)| !row.contains_key(f)) {
-            let mut have: Vec<&str> = row.keys().map(String::as_str).collect();
-            have.truncate(20);
-            bail!(
-                "{at}: no field {field:?} ({why} needs it; the row has: {})",
-                have.join(", ")
-            );
+            return Err(field_missing(at, field, why, row));
         }
     }
     Ok(())
+}
+
+/// The first row has every field `data.filter` names.
+pub fn check_filter_fields(data: &DataSpec, rows: &[(Origin, Example)]) -> Result<()> {
+    let Some((at, first)) = rows.first() else {
+        return Ok(());
+    };
+    match data.filter.keys().find(|f| !first.contains_key(*f)) {
+        Some(field) => Err(field_missing(at, field, "data.filter", first)),
+        None => Ok(()),
+    }
+}
+
+/// Whether a row passes every `data.filter` (`field: [allowed values]`).
+pub fn kept(data: &DataSpec, row: &Example) -> bool {
+    data.filter
+        .iter()
+        .all(|(f, allowed)| row.get(f).is_some_and(|v| allowed.contains(v)))
+}
+
+/// The error for `row` (at `at`) without `field`: blamed on the header row
+/// where the file has one, since there the field is missing from every row.
+pub fn field_missing(at: &Origin, field: &str, needed_by: &str, row: &Example) -> anyhow::Error {
+    match header_row(&at.file) {
+        Some(header) => anyhow!("{header}: {}", no_field(field, needed_by, row, true)),
+        None => anyhow!("{at}: {}", no_field(field, needed_by, row, false)),
+    }
+}
+
+/// The one wording for a field the data lacks: which field, what needs it,
+/// and the fields there are (so a misspelling shows beside the right name).
+/// `in_header`: the fields are a CSV header's, not one row's.
+pub fn no_field(field: &str, needed_by: &str, fields: &Example, in_header: bool) -> String {
+    const SHOWN: usize = 20;
+    let mut have: Vec<&str> = fields.keys().map(String::as_str).take(SHOWN).collect();
+    if fields.len() > SHOWN {
+        have.push("…");
+    }
+    let place = if in_header { "the header" } else { "the row" };
+    format!(
+        "no field {field:?} ({needed_by} needs it; {place} has: {})",
+        have.join(", ")
+    )
 }
 
 #[cfg(test)]
@@ -309,8 +441,60 @@ mod tests {
         );
         let e = with_filter("{\"text\": \"x\"}");
         assert!(
-            e.contains("no field \"kind\" (data.filter names it)"),
+            e.contains("line 1: no field \"kind\" (data.filter needs it; the row has: text)"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_field_missing_from_a_csv_file_is_blamed_on_its_header() {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = model(tmp.path(), |_| {});
+        let data = tmp.path().join("rows.csv");
+        std::fs::write(&data, "label,text\n1,good\n0,bad\n").unwrap();
+        let e = problem(&spec(
+            &model,
+            &data,
+            "{kind: classification, template: rte}",
+        ));
+        assert_eq!(
+            e,
+            format!(
+                "{} line 1: no field \"premise\" (the task's template needs it; the header \
+                 has: label, text)",
+                data.display()
+            )
+        );
+        // The engine checks all rows with the same function: the same words.
+        let rows = read_rows(&data, None).unwrap();
+        let s = spec(&model, &data, "{kind: classification, template: rte}");
+        assert_eq!(check_rows(&s, &rows, true).unwrap_err().to_string(), e);
+    }
+
+    #[test]
+    fn a_model_that_is_not_there_is_said_so_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let reviews = repo().join("examples/data/reviews.jsonl");
+        let gone = tmp.path().join("gone");
+        let why = problem(&spec(&gone, &reviews, "{kind: causal_lm}"));
+        assert_eq!(why.lines().count(), 1, "{why}");
+        assert!(
+            why.starts_with(&format!("model folder {} does not exist (", gone.display())),
+            "{why}"
+        );
+        let empty = tmp.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        let why = problem(&spec(&empty, &reviews, "{kind: causal_lm}"));
+        assert!(why.contains("has no config.json"), "{why}");
+        let file = tmp.path().join("weights.bin");
+        std::fs::write(&file, "").unwrap();
+        let why = problem(&spec(&file, &reviews, "{kind: causal_lm}"));
+        assert!(why.contains("is a file, not a model folder"), "{why}");
+        let gguf = tmp.path().join("model.gguf");
+        let why = problem(&spec(&gguf, &reviews, "{kind: causal_lm}"));
+        assert!(
+            why.starts_with(&format!("model file {} does not exist", gguf.display())),
+            "{why}"
         );
     }
 

@@ -1,6 +1,9 @@
 //! Datasets: JSONL or CSV rows as string fields (optionally bzip2-compressed;
 //! read by `mezod_core::data_file`, each row with its file and line), row
-//! filters, and the seeded train/dev/test split.
+//! filters, and the seeded train/dev/test split.  A job's rows are checked
+//! against the fields it reads by `mezod_core::job_check`, the check intake
+//! runs, so a bad field or row reads the same in `run`, `inspect`,
+//! `estimate` and `submit`.
 
 pub mod squad;
 pub mod task;
@@ -15,7 +18,9 @@ use rand_chacha::ChaCha20Rng;
 
 pub use mezod_core::data_file::{Example, Origin};
 
-use crate::spec::DataSpec;
+use mezod_core::job_check::{check_filter_fields, check_rows, field_missing, kept, no_field};
+
+use crate::spec::{DataSpec, JobSpec};
 
 /// Read every row of a data file: `.jsonl`/`.json`, `.csv`, `.tsv`, each optionally `.bz2`.
 pub fn load_examples(path: &Path) -> Result<Vec<Example>> {
@@ -55,7 +60,8 @@ impl Splits {
         ))
     }
 
-    /// Where example `i` of `split` ("training", "dev" or "test") is, for errors.
+    /// Where example `i` of `split` ("training", "dev" or "test") is, for
+    /// errors: its file and line, as the checks before a run name a row.
     pub fn origin(&self, split: &str, i: usize) -> String {
         let at = match split {
             "training" => 0,
@@ -63,44 +69,54 @@ impl Splits {
             _ => 2,
         };
         match self.origins[at].get(i) {
-            Some(origin) => format!("{origin} ({split} example)"),
+            Some(origin) => origin.to_string(),
             None => format!("{split} example {}", i + 1),
         }
     }
 }
 
-/// Rows whose fields pass every filter (`field: [allowed values]`).
-fn filtered(
-    rows: Vec<(Origin, Example)>,
-    spec: &DataSpec,
-    path: &Path,
-) -> Result<Vec<(Origin, Example)>> {
+/// Rows that pass every filter (`field: [allowed values]`).
+fn filtered(rows: Vec<(Origin, Example)>, spec: &DataSpec) -> Vec<(Origin, Example)> {
     if spec.filter.is_empty() {
-        return Ok(rows);
+        return rows;
     }
-    for field in spec.filter.keys() {
-        if !rows[0].1.contains_key(field) {
-            bail!(
-                "data.filter names field {field:?}, which {} lacks",
-                path.display()
-            );
-        }
-    }
-    Ok(rows
-        .into_iter()
-        .filter(|(_, r)| {
-            spec.filter
-                .iter()
-                .all(|(f, allowed)| r.get(f).is_some_and(|v| allowed.contains(v)))
-        })
-        .collect())
+    rows.into_iter().filter(|(_, r)| kept(spec, r)).collect()
+}
+
+/// The job's train, dev and test splits (see [`load_splits`]), each data
+/// file's rows checked first, in file order, against every field the job
+/// reads: the check `mezod submit` and intake run on the first rows, so a
+/// bad field or row is named with the same words and line.
+pub fn load_job_splits(job: &JobSpec) -> Result<Splits> {
+    split(&job.data, &job.task.label_field, &|rows, train| {
+        check_rows(job, rows, train)
+    })
 }
 
 /// Load train, dev and test: files where given, otherwise seeded fractions
 /// held out of train (test first, then dev, from one shuffle).
 /// `label_field` names the classes for `per_class` sampling when it names no field.
+/// Only the filter's and `per_class`'s fields are checked here; the task's
+/// are left to the task ([`load_job_splits`] checks them all, first).
 pub fn load_splits(spec: &DataSpec, label_field: &str) -> Result<Splits> {
-    let mut train = filtered(load_rows(&spec.train)?, spec, &spec.train)?;
+    split(spec, label_field, &|rows, _| {
+        check_filter_fields(spec, rows)
+    })
+}
+
+/// The splits, with `check` run on each file's rows (told whether they are
+/// the training file's) before they are filtered and shuffled.
+fn split(
+    spec: &DataSpec,
+    label_field: &str,
+    check: &dyn Fn(&[(Origin, Example)], bool) -> Result<()>,
+) -> Result<Splits> {
+    let load = |p: &Path, train: bool| -> Result<Vec<(Origin, Example)>> {
+        let rows = load_rows(p)?;
+        check(&rows, train)?;
+        Ok(filtered(rows, spec))
+    };
+    let mut train = load(&spec.train, true)?;
     let per_class = spec.per_class.as_ref().map(|p| {
         (
             p.k,
@@ -108,11 +124,10 @@ pub fn load_splits(spec: &DataSpec, label_field: &str) -> Result<Splits> {
         )
     });
     if let Some((_, field)) = &per_class {
-        if let Some((at, _)) = train.iter().find(|(_, ex)| !ex.contains_key(field)) {
-            bail!("{at}: no field {field:?} (data.per_class needs it in every training example)");
+        if let Some((at, ex)) = train.iter().find(|(_, ex)| !ex.contains_key(field)) {
+            return Err(field_missing(at, field, "data.per_class", ex));
         }
     }
-    let load = |p: &Path| -> Result<Vec<(Origin, Example)>> { filtered(load_rows(p)?, spec, p) };
     let hold_out_test = spec.test.is_none() && spec.test_fraction > 0.0;
     if spec.dev.is_none() || hold_out_test || spec.per_class.is_some() {
         // The permutation depends only on the length and the seed: rows
@@ -122,7 +137,7 @@ pub fn load_splits(spec: &DataSpec, label_field: &str) -> Result<Splits> {
     }
     let total = train.len() as f64;
     let mut test = match &spec.test {
-        Some(p) => load(p)?,
+        Some(p) => load(p, false)?,
         None if hold_out_test => {
             let n = (total * spec.test_fraction).floor() as usize;
             train.split_off(train.len() - n)
@@ -130,7 +145,7 @@ pub fn load_splits(spec: &DataSpec, label_field: &str) -> Result<Splits> {
         None => Vec::new(),
     };
     let mut dev = match (&spec.dev, &per_class) {
-        (Some(p), _) => load(p)?,
+        (Some(p), _) => load(p, false)?,
         (None, Some((k, field))) => {
             // Few-shot: train keeps k per class, dev is the next k per class.
             let mut dev = take_per_class(&mut train, *k, field);
@@ -207,10 +222,7 @@ pub fn fill_template(template: &str, ex: &Example) -> Result<String> {
         out.push_str(&rest[..start]);
         match ex.get(field) {
             Some(v) => out.push_str(v),
-            None => bail!(
-                "the template needs field {field:?}, which the example lacks (fields: {})",
-                ex.keys().cloned().collect::<Vec<_>>().join(", ")
-            ),
+            None => bail!("{}", no_field(field, "the task's template", ex, false)),
         }
         rest = &rest[start + len + 1..];
     }
@@ -270,10 +282,7 @@ mod tests {
                     .parse::<usize>()
                     .unwrap()
                     + 1;
-                assert_eq!(
-                    a.origin(split, i),
-                    format!("{} line {line} ({split} example)", j.display())
-                );
+                assert_eq!(a.origin(split, i), format!("{} line {line}", j.display()));
             }
         }
     }

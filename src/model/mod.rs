@@ -75,6 +75,16 @@ pub trait Network: Send {
     }
 }
 
+/// The tokenizer of a model folder or random-weight config, found and
+/// loaded by the functions `mezod submit` and intake check it with.
+fn open_tokenizer(source: &ModelSource) -> Result<TextTokenizer> {
+    let path = mezod_core::job_check::tokenizer_file(source)?
+        .context("a GGUF file's tokenizer is built from its metadata")?;
+    Ok(TextTokenizer::new(mezod_core::job_check::load_tokenizer(
+        &path,
+    )?))
+}
+
 #[derive(Deserialize)]
 struct ModelType {
     model_type: Option<String>,
@@ -128,11 +138,10 @@ impl LanguageModel {
                 );
             }
         }
+        // The same checks and words as `mezod submit`, `estimate` and intake.
+        mezod_core::job_check::model_files(source)?;
         let (dir, config_path, config_text, tokenizer, ckpt) = match source {
             ModelSource::Pretrained(dir) if gguf::is_gguf(dir) => {
-                if !dir.is_file() {
-                    bail!("model file {} does not exist", dir.display());
-                }
                 let g = gguf::load(dir)?;
                 let ckpt = weights::Checkpoint::from_tensors(dir, g.tensors);
                 let tokenizer = TextTokenizer::new(g.tokenizer);
@@ -145,13 +154,10 @@ impl LanguageModel {
                 )
             }
             ModelSource::Pretrained(dir) => {
-                if !dir.is_dir() {
-                    bail!("model directory {} does not exist", dir.display());
-                }
                 let config_path = dir.join("config.json");
                 let config_text = std::fs::read_to_string(&config_path)
-                    .with_context(|| format!("missing model config {}", config_path.display()))?;
-                let tokenizer = TextTokenizer::load(dir)?;
+                    .with_context(|| format!("reading model config {}", config_path.display()))?;
+                let tokenizer = open_tokenizer(source)?;
                 let ckpt = weights::Checkpoint::open(dir)?;
                 (dir.clone(), config_path, config_text, tokenizer, ckpt)
             }
@@ -159,15 +165,10 @@ impl LanguageModel {
                 let config_text = std::fs::read_to_string(config)
                     .with_context(|| format!("reading model config {}", config.display()))?;
                 let dir = config.parent().unwrap_or(Path::new(".")).to_path_buf();
-                let tokenizer = if dir.join("tokenizer.json").is_file() {
-                    TextTokenizer::load(&dir)?
-                } else {
-                    TextTokenizer::missing(format!(
-                        "the random-weight model of {} has no tokenizer.json beside its config; \
-                         put one there to feed it text",
-                        config.display()
-                    ))
-                };
+                // A random-weight model may go without one (benchmarks,
+                // estimates); text fed to it then fails with the reason.
+                let tokenizer = open_tokenizer(source)
+                    .unwrap_or_else(|e| TextTokenizer::missing(format!("{e:#}")));
                 let ckpt = match source {
                     ModelSource::Random { seed, .. } => weights::Checkpoint::random(config, *seed),
                     _ => weights::Checkpoint::shapes_only(config),

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::baselines::{self, Baselines};
 use crate::data::task::{Evaluation, Task};
-use crate::data::{load_splits, Example};
+use crate::data::{load_job_splits, Example};
 use crate::mezo::{
     batch_indices, live_step, replay_step, Logged, Measured, Rng, StepConfig, StepSeeds, ZSweep,
 };
@@ -594,7 +594,7 @@ impl Job {
         .with_context(|| format!("loading model {}", spec.model.describe()))?;
         interrupt::check()?;
         check_initial_adapters(out, &model, opts.force)?;
-        let splits = load_splits(&spec.data, &spec.task.label_field)?;
+        let splits = load_job_splits(&spec)?;
         interrupt::check()?;
         if spec.mode.contains(&Mode::Mezo) {
             splits

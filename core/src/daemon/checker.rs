@@ -74,6 +74,8 @@ pub fn check_text(text: &str) -> Result<Accepted> {
             bail!("data.dev {} is not a file you can read", dev.display());
         }
     }
+    // Said as `mezod run` says it, before the estimate reads the model's files.
+    crate::job_check::model_files(&spec.model.source())?;
     let wants_gpu = spec.model.device.is_gpu();
     let footprint =
         estimate(&spec, wants_gpu).with_context(|| format!("model {}", spec.model.describe()))?;

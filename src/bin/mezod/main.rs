@@ -415,27 +415,39 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
 }
 
 /// The estimate, then every problem `mezod submit` would refuse the job
-/// for (on stderr); exit status 1 if there is one.
+/// for (on stderr); exit status 1 if there is one.  A model whose files
+/// cannot be read has no estimate: then the problems alone say why, in the
+/// words `mezod run` uses.
 fn estimate(job: PathBuf, gpu: bool, json: bool) -> Result<ExitCode> {
     let spec = mezod_core::spec::JobSpec::load(&job)?;
     let gpu = gpu || spec.model.device.is_gpu();
-    let f = mezod_core::estimate::estimate(&spec, gpu)?;
     let problems: Vec<String> = mezod_core::job_check::problems(&spec)
         .iter()
         .map(|e| format!("{e:#}"))
         .collect();
+    let footprint = match mezod_core::estimate::estimate(&spec, gpu) {
+        Ok(f) => Some(f),
+        Err(_) if !problems.is_empty() => None,
+        Err(e) => return Err(e),
+    };
     let code = if problems.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     };
     if json {
-        let mut v = serde_json::to_value(f)?;
-        v["total"] = f.total().into();
+        let mut v = match &footprint {
+            Some(f) => {
+                let mut v = serde_json::to_value(f)?;
+                v["total"] = f.total().into();
+                v
+            }
+            None => serde_json::json!({}),
+        };
         v["problems"] = problems.clone().into();
         println!("{v}");
-    } else {
-        print_estimate(&f, gpu);
+    } else if let Some(f) = &footprint {
+        print_estimate(f, gpu);
     }
     for p in &problems {
         eprintln!("error: {p}");
