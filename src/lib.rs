@@ -11,6 +11,7 @@ pub mod estimate;
 pub mod inspect;
 pub mod mezo;
 pub mod model;
+pub mod replicas;
 pub mod run;
 pub mod tokenize;
 pub mod worker;

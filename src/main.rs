@@ -11,7 +11,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 use mezod::model::{parse_device, Dtype, LanguageModel};
+use mezod::replicas::launch_env::LaunchEnv;
+use mezod::replicas::local::run_local;
+use mezod::run::replica::run_replica;
 use mezod::run::{default_out_dir, run, Outcome, RunOptions};
+use mezod::spec::JobSpec;
 
 #[derive(Parser)]
 #[command(
@@ -54,6 +58,11 @@ enum Command {
         /// start afresh there, e.g. after editing the job file.
         #[arg(long)]
         restart: bool,
+        /// CPU threads for the run when the job's model.threads does not
+        /// set them [default: every core; with replicas, the cores divided
+        /// among them].
+        #[arg(long, value_name = "N")]
+        threads: Option<i32>,
     },
     /// Write a run's fine-tune as a .mezo file: the base model's identity and
     /// each step's seed and projected gradient, kilobytes for any model size.
@@ -167,7 +176,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             out,
             force,
             restart,
-        } => run_command(&job, out, force, restart),
+            threads,
+        } => run_command(&job, out, force, restart, threads),
         Command::Export {
             run, output, step, ..
         } => export_command(&run, &output, step),
@@ -219,15 +229,40 @@ macro_rules! say {
 }
 
 /// `mezod run`: train (or resume) and say what came of it; a stop says how to resume.
-fn run_command(job: &Path, out: Option<PathBuf>, force: bool, restart: bool) -> Result<ExitCode> {
+///
+/// Under torchrun or Slurm (their variables set) this process is one of the
+/// job's replicas; a job with `parallel: {replicas: K}` run by hand starts
+/// its K replicas itself.
+fn run_command(
+    job: &Path,
+    out: Option<PathBuf>,
+    force: bool,
+    restart: bool,
+    threads: Option<i32>,
+) -> Result<ExitCode> {
     let out = out.unwrap_or_else(|| default_out_dir(job));
-    let opts = RunOptions {
+    let mut opts = RunOptions {
         force,
         restart,
+        threads,
         progress: std::io::stderr().is_terminal(),
         ..Default::default()
     };
-    match run(job, &out, &opts)? {
+    let outcome = match LaunchEnv::from_env()? {
+        Some(env) if env.world > 1 => {
+            opts.progress &= env.rank == 0;
+            run_replica(job, &out, &opts, &env)?
+        }
+        _ => match JobSpec::load(job)?.parallel {
+            Some(p) if p.replicas > 1 => {
+                let flags: &[&str] = if force { &["--force"] } else { &[] };
+                return run_local(job, &out, flags, restart, p.replicas, threads);
+            }
+            _ => run(job, &out, &opts)?,
+        },
+    };
+    match outcome {
+        Outcome::Followed { .. } => Ok(ExitCode::SUCCESS),
         Outcome::Completed(r) if r.exported.is_none() => {
             say_baselines(&r);
             say!("{}", exported_words(&r, &out));

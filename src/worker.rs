@@ -113,6 +113,7 @@ fn run_job(text: &str, records: Vec<StepRecord>, args: WorkerArgs) -> Result<Exi
         snapshot_every: Some(args.snapshot_every),
         memory_estimate: Some(args.estimate),
         job_file: None,
+        snapshot_dir: None,
     };
     match run_with_log(spec, &args.out, &opts, Box::new(log))? {
         Outcome::Completed(r) => {
@@ -129,6 +130,8 @@ fn run_job(text: &str, records: Vec<StepRecord>, args: WorkerArgs) -> Result<Exi
             }
             Ok(ExitCode::SUCCESS)
         }
+        // A daemon's worker runs no replicas (yet); a follower reports nothing.
+        Outcome::Followed { .. } => Ok(ExitCode::SUCCESS),
         Outcome::Interrupted { step, signal } => {
             tracing::info!("stopped after step {step} (signal {signal}); the daemon resumes it");
             Ok(ExitCode::from((128 + signal) as u8))

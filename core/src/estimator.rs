@@ -198,6 +198,16 @@ impl Estimator {
         }
     }
 
+    /// Whether replicas can share a step's directions (`parallel:`): each
+    /// measures its own at the same weights and they exchange the scalars.
+    /// FZOO's update needs the spread of all its losses first (not shared yet).
+    pub fn shares_directions(&self) -> bool {
+        match self {
+            Estimator::Mezo | Estimator::Sparse { .. } | Estimator::Lozo { .. } => true,
+            Estimator::Fzoo => false,
+        }
+    }
+
     /// Training forward passes per step with `directions` directions.
     pub fn forward_passes(&self, directions: usize) -> usize {
         match self {

@@ -104,7 +104,26 @@ pub struct JobSpec {
     /// lower dev loss, then to the later step).
     #[serde(default, skip_serializing_if = "Export::is_final")]
     pub export: Export,
+    /// Replicas that share each step's directions: `{replicas: K}` runs K
+    /// processes, each measuring `mezo.directions / K` of them (directions
+    /// defaults to K).  It changes how fast a job runs, not what it computes:
+    /// the same as one process with those directions, bit for bit, so a run
+    /// resumes with any number of replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<ParallelSpec>,
 }
+
+/// `parallel:`: how many processes share a job's steps.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelSpec {
+    /// Processes, each on a device of its own (torchrun's or Slurm's count
+    /// wins when one of them starts mezod).
+    pub replicas: usize,
+}
+
+/// The most replicas one job may have (as many as its directions).
+pub const MAX_REPLICAS: usize = 64;
 
 /// `export:`: which of a run's weights it hands back.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -844,6 +863,12 @@ impl JobSpec {
         let read_from_folder = base.is_some();
         let mut spec: JobSpec =
             serde_yaml::from_str(text).map_err(|e| anyhow::anyhow!("invalid job file: {e}"))?;
+        if let Some(p) = spec.parallel {
+            // One direction per replica unless the job says more.
+            if p.replicas > 1 && spec.mezo.directions == 1 {
+                spec.mezo.directions = p.replicas;
+            }
+        }
         if let Some(w) = &spec.workdir {
             if w.is_relative() {
                 bail!("workdir must be an absolute path, not {}", w.display());
@@ -912,6 +937,7 @@ impl JobSpec {
         self.model.validate()?;
         self.validate_modes_and_tuning()?;
         self.validate_mezo()?;
+        self.validate_parallel()?;
         self.validate_data()?;
         self.validate_task()
     }
@@ -992,6 +1018,43 @@ impl JobSpec {
         }
         if !(1..=4096).contains(&self.prefix.clone().unwrap_or_default().tokens) {
             bail!("prefix.tokens must be between 1 and 4096 (the paper uses 5)");
+        }
+        Ok(())
+    }
+
+    /// `parallel:` against the steps it shares.
+    fn validate_parallel(&self) -> Result<()> {
+        let Some(p) = self.parallel else {
+            return Ok(());
+        };
+        if !(1..=MAX_REPLICAS).contains(&p.replicas) {
+            bail!("parallel.replicas must be between 1 and {MAX_REPLICAS}");
+        }
+        if p.replicas > 1 {
+            if !self.mode.contains(&Mode::Mezo) {
+                bail!("parallel.replicas shares MeZO's steps, but `mode` does not list mezo");
+            }
+            self.check_replicas(p.replicas)?;
+        }
+        Ok(())
+    }
+
+    /// Whether `replicas` processes can share this job's steps: each
+    /// measures the same number of its directions, and the estimator is one
+    /// whose directions are shared.
+    pub fn check_replicas(&self, replicas: usize) -> Result<()> {
+        if replicas <= 1 {
+            return Ok(());
+        }
+        if !self.mezo.estimator().shares_directions() {
+            bail!("replicas share the directions of mezo, sparse and lozo steps; fzoo's are not shared yet");
+        }
+        let n = self.mezo.directions;
+        if n % replicas != 0 {
+            bail!(
+                "{replicas} replicas share mezo.directions {n}: each replica measures the same \
+                 number of directions, so directions must be a multiple of {replicas}"
+            );
         }
         Ok(())
     }
@@ -1156,9 +1219,10 @@ impl JobSpec {
     }
 
     /// Whether `other` computes what this job computes: the same in every
-    /// field but its `name`, `priority`, `after`, `notify` and `export`,
-    /// which only label it, order it, say what happens around it and which
-    /// of its weights it hands back (a run renamed in its job file resumes).
+    /// field but its `name`, `priority`, `after`, `notify`, `export` and
+    /// `parallel`, which only label it, order it, say what happens around it,
+    /// which of its weights it hands back and how many processes share its
+    /// steps (a run renamed in its job file resumes).
     pub fn computes_the_same_as(&self, other: &JobSpec) -> bool {
         let unlabelled = |s: &JobSpec| JobSpec {
             name: None,
@@ -1166,6 +1230,7 @@ impl JobSpec {
             after: vec![],
             notify: None,
             export: Export::Final,
+            parallel: None,
             ..s.clone()
         };
         unlabelled(self) == unlabelled(other)
@@ -1345,6 +1410,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("no `mezo:` section") && !e.contains("default mode"), "{e}");
+    }
+
+    /// `parallel:` gives each replica a direction unless the job says more,
+    /// must divide the directions, and changes nothing a job computes.
+    #[test]
+    fn replicas_share_directions_and_compute_the_same() {
+        let with = |extra: &str| {
+            JobSpec::parse(&MINIMAL.replace("seed: 7}", &format!("seed: 7{extra}")), Path::new("/j"))
+                .map_err(|e| format!("{e:#}"))
+        };
+        let two = JobSpec::parse(&format!("parallel: {{replicas: 2}}\n{MINIMAL}"), Path::new("/j"))
+            .unwrap();
+        assert_eq!(two.mezo.directions, 2);
+        let alone = with(", directions: 2}").unwrap();
+        assert!(two.computes_the_same_as(&alone) && two != alone);
+        // The frozen spec states the directions: it reads back the same with one replica.
+        assert!(two.to_yaml().contains("directions: 2"), "{}", two.to_yaml());
+        let e = JobSpec::parse(
+            &format!("parallel: {{replicas: 2}}\n{}", MINIMAL.replace("seed: 7}", "seed: 7, directions: 3}")),
+            Path::new("/j"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("directions must be a multiple of 2"), "{e}");
+        assert!(alone.check_replicas(4).is_err() && alone.check_replicas(2).is_ok());
+        let e = JobSpec::parse(&format!("parallel: {{replicas: 65}}\n{MINIMAL}"), Path::new("/j"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("between 1 and 64"), "{e}");
     }
 
     /// `export:` is `final` unless asked, and changing it changes no step.

@@ -6,6 +6,7 @@
 use super::fzoo::{fzoo_step, FzooLog, Measured};
 use super::mask::Mask;
 use super::schedule::{basis_seed, direction_seed, step_seed};
+use super::shared::{spsa_step_shared, Share};
 use super::step::{mezo_step_along, spsa_step_along, Source, StepConfig};
 use super::sweep::{Form, LowRank, ZSweep};
 use crate::model::ParamList;
@@ -74,6 +75,34 @@ pub fn live_step(
         }
         (Estimator::Mezo | Estimator::Sparse { .. } | Estimator::Lozo { .. }, _) => {
             spsa_step_along(params, z, &form, seeds, cfg, Source::Measure(loss)).map(measured)
+        }
+    }
+}
+
+/// [`live_step`] with the directions shared among replicas (see `shared`):
+/// bit-identical to `live_step` in one process.  MeZO's family only (MeZO,
+/// Sparse MeZO, LOZO), with at least two directions.
+pub fn live_step_shared(
+    params: &ParamList,
+    z: &ZSweep,
+    estimator: Estimator,
+    seeds: &[u64],
+    basis: Option<u64>,
+    cfg: &StepConfig,
+    share: &mut dyn Share,
+    loss: &mut dyn FnMut() -> Result<f64>,
+) -> Result<Measured> {
+    let form = form(estimator, params, basis)?;
+    match (estimator, seeds) {
+        (Estimator::Fzoo, _) => bail!("replicas do not share FZOO's directions yet"),
+        (Estimator::Mezo | Estimator::Sparse { .. } | Estimator::Lozo { .. }, [] | [_]) => {
+            bail!("replicas share a step's directions: the step needs at least two")
+        }
+        (Estimator::Mezo | Estimator::Sparse { .. } | Estimator::Lozo { .. }, _) => {
+            spsa_step_shared(params, z, &form, seeds, cfg, share, loss).map(|outcomes| Measured {
+                outcomes,
+                spread: None,
+            })
         }
     }
 }

@@ -30,20 +30,17 @@ pub struct Exported {
 /// loss, then to the later step (a plateau keeps what was trained longest).
 /// Evaluations whose metric is not a number are never best.
 pub fn best_evaluation(evals: &[EvalLine], higher_is_better: bool) -> Option<&EvalLine> {
-    evals
-        .iter()
-        .filter(|e| e.value.is_finite())
-        .max_by(|a, b| {
-            let metric = if higher_is_better {
-                a.value.total_cmp(&b.value)
-            } else {
-                b.value.total_cmp(&a.value)
-            };
-            // A NaN loss sorts above every number: `b` against `a` makes it the worst.
-            metric
-                .then(b.loss.total_cmp(&a.loss))
-                .then(a.step.cmp(&b.step))
-        })
+    evals.iter().filter(|e| e.value.is_finite()).max_by(|a, b| {
+        let metric = if higher_is_better {
+            a.value.total_cmp(&b.value)
+        } else {
+            b.value.total_cmp(&a.value)
+        };
+        // A NaN loss sorts above every number: `b` against `a` makes it the worst.
+        metric
+            .then(b.loss.total_cmp(&a.loss))
+            .then(a.step.cmp(&b.step))
+    })
 }
 
 /// The step whose weights the run exports, and why in words (before knowing
@@ -141,7 +138,11 @@ mod tests {
         let evals = [eval(0, 3.0, 3.0), eval(10, 2.0, 2.0), eval(20, 2.5, 2.5)];
         assert_eq!(best_evaluation(&evals, false).unwrap().step, 10);
         // A NaN metric is never best; a NaN loss loses a tie.
-        let evals = [eval(0, 0.5, 0.7), eval(10, f64::NAN, 0.1), eval(20, 0.5, f64::NAN)];
+        let evals = [
+            eval(0, 0.5, 0.7),
+            eval(10, f64::NAN, 0.1),
+            eval(20, 0.5, f64::NAN),
+        ];
         assert_eq!(best_evaluation(&evals, true).unwrap().step, 0);
         assert_eq!(best_evaluation(&[], true), None);
     }

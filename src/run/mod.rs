@@ -15,6 +15,7 @@ pub mod out_dir;
 pub mod paired;
 pub mod plot;
 pub mod progress;
+pub mod replica;
 pub use mezod_core::seedlog;
 pub mod snapshot;
 pub mod tune_file;
@@ -29,11 +30,13 @@ use crate::baselines::{self, Baselines};
 use crate::data::task::{Evaluation, Task};
 use crate::data::{load_job_splits, Example};
 use crate::mezo::{
-    batch_indices, live_step, replay_step, Logged, Measured, Rng, StepConfig, StepSeeds, ZSweep,
+    batch_indices, live_step, live_step_shared, replay_step, Logged, Measured, Rng, StepConfig,
+    StepSeeds, ZSweep,
 };
 use crate::model::adapters::Tuning;
 use crate::model::export::{export_hf, export_peft_adapter};
 use crate::model::{torch_device, LanguageModel};
+use crate::replicas::Replicas;
 use crate::spec::{JobSpec, Mode};
 use exported::Exported;
 use fingerprint::Fingerprint;
@@ -68,6 +71,9 @@ pub struct RunOptions {
     pub memory_estimate: Option<u64>,
     /// The job file the run was started from, if any (it names the run).
     pub job_file: Option<PathBuf>,
+    /// Snapshots elsewhere than the run folder's `snapshots/` (a following
+    /// replica resumes from the leader's).
+    pub snapshot_dir: Option<PathBuf>,
 }
 
 /// How a run ended.
@@ -78,6 +84,11 @@ pub enum Outcome {
     Interrupted {
         step: u64,
         signal: i32,
+    },
+    /// A following replica measured its share of every step; the leader
+    /// reports the run.
+    Followed {
+        steps: u64,
     },
 }
 
@@ -205,9 +216,19 @@ struct Job {
     device: DeviceRef,
     memory_estimate: Option<u64>,
     progress: Progress,
+    /// The other processes sharing each step's directions, if any.
+    replicas: Option<Replicas>,
+    /// Where snapshots are (a following replica reads the leader's).
+    snapshot_dir: PathBuf,
 }
 
 impl Job {
+    /// Whether this process writes the run's outputs: alone, or the leading
+    /// replica (the others only measure their directions).
+    fn leads(&self) -> bool {
+        self.replicas.as_ref().is_none_or(Replicas::leads)
+    }
+
     fn step_config(&self, step: u64) -> StepConfig {
         let m = &self.spec.mezo;
         StepConfig {
@@ -236,19 +257,34 @@ impl Job {
         let batch: Vec<&Example> = batch_idx.iter().map(|&i| &self.train[i]).collect();
         let (model, task, objective) = (&self.model, &self.task, self.spec.mezo.objective);
         let mut loss = || task.objective(model, &batch, objective);
+        let measured = match &mut self.replicas {
+            Some(replicas) => {
+                replicas.begin_step(step, interrupt::stop_requested().is_some());
+                live_step_shared(
+                    &model.params,
+                    &self.z,
+                    estimator,
+                    &seeds.directions,
+                    seeds.basis,
+                    &cfg,
+                    replicas,
+                    &mut loss,
+                )
+            }
+            None => live_step(
+                &model.params,
+                &self.z,
+                estimator,
+                &seeds.directions,
+                seeds.basis,
+                &cfg,
+                &mut loss,
+            ),
+        };
         let Measured {
             outcomes: outs,
             spread,
-        } = live_step(
-            &model.params,
-            &self.z,
-            estimator,
-            &seeds.directions,
-            seeds.basis,
-            &cfg,
-            &mut loss,
-        )
-        .with_context(|| format!("step {step}"))?;
+        } = measured.with_context(|| format!("step {step}"))?;
         let rec = StepRecord {
             step,
             seed: seeds.step,
@@ -475,6 +511,18 @@ fn finished_result(out: &Path, spec: &JobSpec, log: &dyn StepLog) -> Result<Opti
 /// log in `out/seedlog` (sled).
 pub fn run(spec_path: &Path, out: &Path, opts: &RunOptions) -> Result<Outcome> {
     let spec = JobSpec::load(spec_path)?;
+    let log = open_run_folder(out, opts)?;
+    let opts = RunOptions {
+        job_file: Some(spec_path.to_path_buf()),
+        ..opts.clone()
+    };
+    run_with_log(spec, out, &opts, Box::new(log))
+}
+
+/// The run folder `out` claimed for this process (refused if another run
+/// holds it or it holds something else; emptied first with `--restart`),
+/// and its seed log.
+fn open_run_folder(out: &Path, opts: &RunOptions) -> Result<SeedLog> {
     out_dir::check_not_in_use(out)?;
     out_dir::check_is_a_run_folder(out, opts.force)?;
     if opts.restart {
@@ -483,18 +531,13 @@ pub fn run(spec_path: &Path, out: &Path, opts: &RunOptions) -> Result<Outcome> {
     std::fs::create_dir_all(out)
         .with_context(|| format!("creating output directory {}", out.display()))?;
     // Another run may have taken the folder since the check above.
-    let log = SeedLog::open(&out.join("seedlog")).map_err(|e| {
+    SeedLog::open(&out.join("seedlog")).map_err(|e| {
         if out_dir::check_not_in_use(out).is_err() {
             out_dir::in_use(out)
         } else {
             e
         }
-    })?;
-    let opts = RunOptions {
-        job_file: Some(spec_path.to_path_buf()),
-        ..opts.clone()
-    };
-    run_with_log(spec, out, &opts, Box::new(log))
+    })
 }
 
 /// Run (or resume) the job with step records going to `log`.  SIGINT or
@@ -506,9 +549,20 @@ pub fn run_with_log(
     opts: &RunOptions,
     log: Box<dyn StepLog>,
 ) -> Result<Outcome> {
+    run_shared(spec, out, opts, log, None)
+}
+
+/// [`run_with_log`], with each step's directions shared with `replicas`.
+pub fn run_shared(
+    spec: JobSpec,
+    out: &Path,
+    opts: &RunOptions,
+    log: Box<dyn StepLog>,
+    replicas: Option<Replicas>,
+) -> Result<Outcome> {
     let steps = (log.contiguous()?.len() as u64).min(spec.steps());
     interrupt::install(opts.job_file.as_deref(), out, opts.progress, steps)?;
-    match run_phases(spec, out, opts, log) {
+    match run_phases(spec, out, opts, log, replicas) {
         Err(e) => match interrupt::stopped(&e) {
             Some(stop) => Ok(Outcome::Interrupted {
                 step: interrupt::steps_saved(),
@@ -527,7 +581,8 @@ fn run_phases(
     mut spec: JobSpec,
     out: &Path,
     opts: &RunOptions,
-    log: Box<dyn StepLog>,
+    mut log: Box<dyn StepLog>,
+    replicas: Option<Replicas>,
 ) -> Result<Outcome> {
     let started = Instant::now();
     let threads = spec.model.threads.or(opts.threads).unwrap_or_else(|| {
@@ -550,7 +605,27 @@ fn run_phases(
         opts.force,
         log.contiguous()?.len() as u64,
     )?;
-    if let Some(result) = finished_result(out, &spec, &*log)? {
+    let finished = finished_result(out, &spec, &*log)?;
+    if let Some(replicas) = &replicas {
+        // Every replica starts where the leader's seed log ends.
+        let records = log.contiguous()?;
+        let leader = replicas
+            .leads()
+            .then_some((finished.is_some(), &records[..]));
+        let (done_already, records) = replicas.share_start(leader)?;
+        if !replicas.leads() {
+            if done_already {
+                return Ok(Outcome::Followed {
+                    steps: spec.steps(),
+                });
+            }
+            log.truncate_from(0)?;
+            for rec in &records {
+                log.append(rec)?;
+            }
+        }
+    }
+    if let Some(result) = finished {
         // Run again as it was: the result stands as measured (a rerun must
         // not replace its wall time by that of a no-op).
         tracing::info!(
@@ -559,7 +634,7 @@ fn run_phases(
         );
         return Ok(Outcome::Completed(result));
     }
-    let (mut job, records) = Job::open(spec, out, opts, log, device, rng, threads)?;
+    let (mut job, records) = Job::open(spec, out, opts, log, device, rng, threads, replicas)?;
     let done = records.len() as u64;
     let from = job.resume(&records)?;
     job.before_training(done)?;
@@ -567,6 +642,9 @@ fn run_phases(
     let train_start = Instant::now();
     if let Some(stopped) = job.train(done, opts)? {
         return Ok(stopped);
+    }
+    if !job.leads() {
+        return Ok(Outcome::Followed { steps: total });
     }
     let train_secs = train_start.elapsed().as_secs_f64();
     finish(job, done, from, total - done, train_secs, started, fp).map(Outcome::Completed)
@@ -584,6 +662,7 @@ impl Job {
         device: DeviceRef,
         rng: Rng,
         threads: i32,
+        replicas: Option<Replicas>,
     ) -> Result<(Job, Vec<StepRecord>)> {
         let model = LanguageModel::open_tuned(
             &spec.model.source(),
@@ -641,6 +720,11 @@ impl Job {
             device,
             memory_estimate: opts.memory_estimate,
             progress: Progress::new(opts.progress, done, spec_steps),
+            replicas,
+            snapshot_dir: opts
+                .snapshot_dir
+                .clone()
+                .unwrap_or_else(|| out.join("snapshots")),
         };
         Ok((job, records))
     }
@@ -670,6 +754,9 @@ impl Job {
     /// the base model on dev and test, the baselines; and an evaluation a
     /// stop fell between its step and itself.
     fn before_training(&mut self, done: u64) -> Result<()> {
+        if !self.leads() {
+            return Ok(());
+        }
         if done == 0 && !self.metrics.has_eval(0) {
             self.evaluate(0)?; // the zero-shot baseline
         }
@@ -720,13 +807,22 @@ impl Job {
             .unwrap_or(DEFAULT_SNAPSHOT_EVERY);
         let eval_every = self.spec.mezo.eval_every;
         for step in done..total {
-            if let Some(signal) = interrupt::stop_requested() {
+            // Replicas stop together: a stop goes out with the step's
+            // exchange, and all of them stop after that step.
+            if let (Some(signal), None) = (interrupt::stop_requested(), &self.replicas) {
                 return interrupted(self, step, signal).map(Some);
             }
             let rec = self.train_step(step)?;
             let n = step + 1;
             interrupt::note_steps_saved(n);
             self.progress.step(n, rec.loss_plus, rec.projected_grad);
+            if self.replicas.as_ref().is_some_and(Replicas::stop_asked) {
+                let signal = interrupt::stop_requested().unwrap_or(signal_hook::consts::SIGTERM);
+                return interrupted(self, n, signal).map(Some);
+            }
+            if !self.leads() {
+                continue;
+            }
             if eval_every > 0 && n % eval_every == 0 && n < total {
                 let evaluated = self.evaluate(n);
                 self.at_boundary(n, evaluated)?;
@@ -739,7 +835,7 @@ impl Job {
     }
 
     fn snapshots(&self) -> PathBuf {
-        self.out.join("snapshots")
+        self.snapshot_dir.clone()
     }
 
     /// Save the weights a stop finds at the boundary after `step` steps, so
@@ -748,7 +844,7 @@ impl Job {
     fn save_at_stop(&self, step: u64) -> Result<()> {
         self.progress.abandon();
         let dir = self.snapshots();
-        if step == 0 || snapshot::list(&dir)?.contains(&step) {
+        if !self.leads() || step == 0 || snapshot::list(&dir)?.contains(&step) {
             return Ok(());
         }
         snapshot::save(&dir, step, &self.model.params, 2)

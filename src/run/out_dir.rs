@@ -29,11 +29,19 @@ pub const RUN_FILES: &[&str] = &[
     "adapter",
     "loss.svg",
     INITIAL_SHA256,
+    // Following replicas' own working folders (`parallel:`).
+    super::replica::FOLLOWERS,
 ];
 
 /// What a run writes before its `spec.yaml`: a folder holding only these
 /// (or their temporaries) is a run that died at its start.
-const START_FILES: &[&str] = &["seedlog", "fingerprint.json", "spec.yaml"];
+const START_FILES: &[&str] = &[
+    "seedlog",
+    "fingerprint.json",
+    "spec.yaml",
+    // Following replicas may start before their leader.
+    super::replica::FOLLOWERS,
+];
 
 /// `name` without the marks of a durable write's temporary (`.NAME.partial`).
 fn durable_target(name: &str) -> &str {
