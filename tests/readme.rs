@@ -464,3 +464,34 @@ fn make_demo_small_runs_as_written() {
         }
     }
 }
+
+#[test]
+fn the_replicas_section_runs_as_written_and_matches_one_process() {
+    let tmp = repo_like_root();
+    let dir = tmp.path();
+    let lines = readme_block("replicas");
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for line in &lines {
+        let out = run_line(dir, line);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("done: 100 steps"),
+            "{line}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    // The same job in one process: the same weights, byte for byte.
+    let text = std::fs::read_to_string(root().join("examples/replicas.yaml")).unwrap();
+    let alone = text.replace("parallel: {replicas: 2}\n", "");
+    assert_ne!(alone, text);
+    std::fs::write(
+        dir.join("alone.yaml"),
+        alone
+            .replace("../tests/", "tests/")
+            .replace("train: data/", "train: examples/data/"),
+    )
+    .unwrap();
+    run_line(dir, "mezod run alone.yaml --out runs/alone");
+    let weights = |run: &str| sha256(&dir.join(run).join("model/model.safetensors"));
+    assert_eq!(weights(written_by(&lines[0])), weights("runs/alone"));
+    assert_eq!(weights(written_by(&lines[1])), weights("runs/alone"));
+}
