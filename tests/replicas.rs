@@ -6,7 +6,7 @@
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// A causal-LM job on the LLaMA fixture with `directions` directions, one
@@ -109,20 +109,6 @@ fn torchrun_launches_a_replicated_job() {
     assert_eq!(weights(&many), weights(&one));
 }
 
-/// `mezod run` of a replicated job in the background, its leader's steps
-/// counted in metrics.jsonl.
-fn spawn_replicated(job: &Path, out: &Path) -> std::process::Child {
-    mezod()
-        .arg("run")
-        .arg(job)
-        .arg("--out")
-        .arg(out)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
 fn wait_for(run: &Path, steps: usize) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while step_lines(run) < steps {
@@ -143,24 +129,24 @@ fn children(pid: u32) -> Vec<i32> {
         .collect()
 }
 
+/// A long job run to its end in one process (`one`), and the same job with
+/// two replicas started in the background and past step 40 (`many`).
+fn one_and_many_under_way(dir: &Path, steps: u64) -> (PathBuf, PathBuf, std::process::Child) {
+    let alone = job(dir, "alone", steps, Some(2), "");
+    let one = dir.join("one");
+    run_to_end(&alone, &one, "one process");
+    let shared = job(dir, "shared", steps, None, "parallel: {replicas: 2}\n");
+    let many = dir.join("many");
+    let child = spawn_run(&shared, &many);
+    wait_for(&many, 40);
+    (one, many, child)
+}
+
 #[test]
 fn a_run_stopped_with_two_replicas_resumes_with_one_bit_for_bit() {
     let tmp = tempfile::tempdir().unwrap();
     let steps = 600;
-    let alone = job(tmp.path(), "alone", steps, Some(2), "");
-    let one = tmp.path().join("one");
-    run_to_end(&alone, &one, "one process");
-
-    let shared = job(
-        tmp.path(),
-        "shared",
-        steps,
-        None,
-        "parallel: {replicas: 2}\n",
-    );
-    let many = tmp.path().join("many");
-    let child = spawn_replicated(&shared, &many);
-    wait_for(&many, 40);
+    let (one, many, child) = one_and_many_under_way(tmp.path(), steps);
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
     let said = String::from_utf8_lossy(&out.stderr);
@@ -187,20 +173,8 @@ fn a_run_stopped_with_two_replicas_resumes_with_one_bit_for_bit() {
 fn a_replica_killed_with_sigkill_leaves_a_run_that_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let steps = 600;
-    let alone = job(tmp.path(), "alone", steps, Some(2), "");
-    let one = tmp.path().join("one");
-    run_to_end(&alone, &one, "one process");
-
-    let shared = job(
-        tmp.path(),
-        "shared",
-        steps,
-        None,
-        "parallel: {replicas: 2}\n",
-    );
-    let many = tmp.path().join("many");
-    let child = spawn_replicated(&shared, &many);
-    wait_for(&many, 40);
+    let (one, many, child) = one_and_many_under_way(tmp.path(), steps);
+    let shared = tmp.path().join("shared.yaml");
     let replicas = children(child.id());
     assert_eq!(replicas.len(), 2, "{replicas:?}");
     // The follower (started second) dies without a word.

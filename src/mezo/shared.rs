@@ -14,7 +14,7 @@
 //! threads per process).  The cost of sharing is those passes, not the
 //! exchange.
 
-use super::step::{apply_updates, perturb, StepConfig, StepOutcome};
+use super::step::{apply_average, perturb, StepConfig, StepOutcome};
 use super::sweep::{Form, ZSweep};
 use crate::model::ParamList;
 use anyhow::Result;
@@ -64,12 +64,7 @@ pub(crate) fn spsa_step_shared(
         mine.push(measured);
     }
     let outcomes = share.exchange(&mine)?;
-    let n = seeds.len() as f64;
-    let posts: Vec<f64> = outcomes
-        .iter()
-        .map(|o| -cfg.lr * o.projected_grad / n)
-        .collect();
-    apply_updates(params, z, form, seeds, cfg, &posts);
+    apply_average(params, z, form, seeds, cfg, &outcomes);
     Ok(outcomes)
 }
 

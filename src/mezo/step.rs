@@ -141,12 +141,7 @@ pub(crate) fn spsa_step_along(
         };
         outcomes.push(outcome);
     }
-    let n = seeds.len() as f64;
-    let posts: Vec<f64> = outcomes
-        .iter()
-        .map(|o| -cfg.lr * o.projected_grad / n)
-        .collect();
-    apply_updates(params, z, form, seeds, cfg, &posts);
+    apply_average(params, z, form, seeds, cfg, &outcomes);
     Ok(outcomes)
 }
 
@@ -198,6 +193,24 @@ fn restore_and_update(
             Update::add(cfg.eps - cfg.lr * g)
         }
     });
+}
+
+/// n-SPSA's update: each direction's `p ← p − (η/n)·g_j·z_j` in turn (see
+/// [`apply_updates`]).
+pub(super) fn apply_average(
+    params: &ParamList,
+    z: &ZSweep,
+    form: &Form,
+    seeds: &[u64],
+    cfg: &StepConfig,
+    outcomes: &[StepOutcome],
+) {
+    let n = seeds.len() as f64;
+    let posts: Vec<f64> = outcomes
+        .iter()
+        .map(|o| -cfg.lr * o.projected_grad / n)
+        .collect();
+    apply_updates(params, z, form, seeds, cfg, &posts);
 }
 
 /// The update passes of a step with several directions, one per direction:
