@@ -95,7 +95,7 @@ where
 /// `info,mezod_core::daemon=debug` is the daemon's debug lines and info
 /// elsewhere.  Without a bare level, ours are at [`DEFAULT_LEVEL`]
 /// (`sled=debug` alone keeps our info lines).
-pub fn log_filter(setting: Option<&str>) -> Result<EnvFilter, ParseError> {
+pub(crate) fn log_filter(setting: Option<&str>) -> Result<EnvFilter, ParseError> {
     let setting = setting.unwrap_or_default();
     let mut directives = bare_level(DEFAULT_LEVEL);
     for d in setting.split(',').map(str::trim).filter(|d| !d.is_empty()) {

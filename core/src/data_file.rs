@@ -68,7 +68,7 @@ fn format_of(path: &Path) -> Result<(Format, bool)> {
 /// Where a data file names its fields, if in one place: a CSV/TSV file's
 /// header row (line 1), which is then what a field missing from every row
 /// is blamed on.  A JSONL file has none: each row names its own.
-pub fn header_row(path: &Path) -> Option<Origin> {
+pub(crate) fn header_row(path: &Path) -> Option<Origin> {
     match format_of(path) {
         Ok((Format::Delimited(_), _)) => Some(Origin {
             file: Arc::from(path),

@@ -20,7 +20,7 @@ const NAME_MAX: usize = 255;
 /// `prefix + name + suffix`, with `name` cut (at a character boundary) so
 /// that the whole fits in one file name: a name that was fine as it came
 /// must not become too long once an id, `.error` or `.partial` is added.
-pub fn fit_file_name(prefix: &str, name: &str, suffix: &str) -> String {
+pub(crate) fn fit_file_name(prefix: &str, name: &str, suffix: &str) -> String {
     let room = NAME_MAX.saturating_sub(prefix.len() + suffix.len());
     let mut end = name.len().min(room);
     while !name.is_char_boundary(end) {
@@ -31,7 +31,7 @@ pub fn fit_file_name(prefix: &str, name: &str, suffix: &str) -> String {
 
 /// The temporary a write of `path` goes through: `.NAME.partial`, NAME cut
 /// to fit.
-pub fn partial_path(path: &Path) -> PathBuf {
+pub(crate) fn partial_path(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -71,7 +71,7 @@ pub fn rename(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// `fsync` the folder holding `path` (its entries: a new, renamed or removed name).
-pub fn sync_parent(path: &Path) -> Result<()> {
+pub(crate) fn sync_parent(path: &Path) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

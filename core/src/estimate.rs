@@ -115,7 +115,7 @@ pub type Shapes = Vec<(String, Vec<usize>)>;
 /// engine (`mezod-engine shapes CONFIG`): only the architectures' own code
 /// knows which tensors a config implies, and that code lives with libtorch.
 /// Checkpoints on disk never need this; their headers list their tensors.
-pub fn engine_shapes(config: &Path) -> Result<Shapes> {
+pub(crate) fn engine_shapes(config: &Path) -> Result<Shapes> {
     let exe = crate::engine::exe();
     let out = std::process::Command::new(&exe)
         .arg("shapes")

@@ -201,7 +201,7 @@ impl Estimator {
     /// Whether replicas can share a step's directions (`parallel:`): each
     /// measures its own at the same weights and they exchange the scalars.
     /// FZOO's update needs the spread of all its losses first (not shared yet).
-    pub fn shares_directions(&self) -> bool {
+    pub(crate) fn shares_directions(&self) -> bool {
         match self {
             Estimator::Mezo | Estimator::Sparse { .. } | Estimator::Lozo { .. } => true,
             Estimator::Fzoo => false,
@@ -217,7 +217,7 @@ impl Estimator {
     }
 
     /// The fewest directions a step of it can take, and why.
-    pub fn min_directions(&self) -> (usize, &'static str) {
+    pub(crate) fn min_directions(&self) -> (usize, &'static str) {
         match self {
             Estimator::Mezo | Estimator::Sparse { .. } | Estimator::Lozo { .. } => (1, ""),
             Estimator::Fzoo => (
@@ -239,7 +239,7 @@ impl Estimator {
 
     /// The direction distribution a job gets unless it names one: FZOO's
     /// analysis is for ±1 directions; MeZO's for Gaussian ones.
-    pub fn default_perturbation(&self) -> Perturbation {
+    pub(crate) fn default_perturbation(&self) -> Perturbation {
         match self {
             Estimator::Fzoo => Perturbation::Rademacher,
             Estimator::Mezo | Estimator::Sparse { .. } | Estimator::Lozo { .. } => {
@@ -283,7 +283,7 @@ impl Estimator {
     }
 
     /// What a step keeps beside the weights, for the memory estimate.
-    pub fn step_state(&self) -> StepState {
+    pub(crate) fn step_state(&self) -> StepState {
         match *self {
             Estimator::Mezo | Estimator::Fzoo => StepState::None,
             Estimator::Sparse { .. } => StepState::Mask,
@@ -304,7 +304,7 @@ impl Estimator {
     }
 
     /// How a job's one-line summary names it: nothing for plain MeZO.
-    pub fn summary_words(&self) -> String {
+    pub(crate) fn summary_words(&self) -> String {
         match self {
             Estimator::Mezo => String::new(),
             Estimator::Sparse { .. } | Estimator::Fzoo | Estimator::Lozo { .. } => {

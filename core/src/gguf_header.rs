@@ -37,7 +37,7 @@ pub fn meta<'a>(content: &'a Content, key: &str) -> Option<&'a Value> {
     content.metadata.get(key)
 }
 
-pub fn meta_u64(content: &Content, key: &str) -> Result<Option<u64>> {
+pub(crate) fn meta_u64(content: &Content, key: &str) -> Result<Option<u64>> {
     meta(content, key)
         .map(|v| match v {
             Value::U8(x) => Ok(*x as u64),
@@ -51,7 +51,7 @@ pub fn meta_u64(content: &Content, key: &str) -> Result<Option<u64>> {
         .transpose()
 }
 
-pub fn meta_f64(content: &Content, key: &str) -> Result<Option<f64>> {
+pub(crate) fn meta_f64(content: &Content, key: &str) -> Result<Option<f64>> {
     meta(content, key)
         .map(|v| match v {
             Value::F32(x) => Ok(*x as f64),

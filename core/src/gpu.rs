@@ -58,7 +58,7 @@ impl GpuInfo {
     }
 
     /// Whether `uuid` names this pool: its own UUID, or its parent's.
-    pub fn is_named_by(&self, uuid: &str) -> bool {
+    pub(crate) fn is_named_by(&self, uuid: &str) -> bool {
         self.uuid == uuid || self.mig.as_ref().is_some_and(|m| m.parent_uuid == uuid)
     }
 }

@@ -60,7 +60,7 @@ pub fn is_repo_id(s: &str) -> bool {
 
 /// Whether `s` may name a revision: a branch or tag (which may hold `/`, as
 /// `refs/pr/1` does) or a commit hash; never a path that leaves `refs/`.
-pub fn is_revision(s: &str) -> bool {
+pub(crate) fn is_revision(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_REVISION_CHARS
         && !s.chars().any(char::is_control)
@@ -69,12 +69,12 @@ pub fn is_revision(s: &str) -> bool {
 
 /// Whether `s` is a full commit hash (40 lowercase hex digits, as the cache
 /// names its snapshots).
-pub fn is_commit(s: &str) -> bool {
+pub(crate) fn is_commit(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// The cache's folder of a repository: `models--org--name`.
-pub fn repo_folder_name(id: &str) -> String {
+pub(crate) fn repo_folder_name(id: &str) -> String {
     format!("models--{}", id.replace('/', "--"))
 }
 
@@ -86,7 +86,7 @@ pub struct CacheRoot {
 }
 
 /// The cache roots of this process's environment, in precedence order.
-pub fn cache_roots() -> Vec<CacheRoot> {
+pub(crate) fn cache_roots() -> Vec<CacheRoot> {
     roots_from(|key| std::env::var_os(key))
 }
 
@@ -160,7 +160,7 @@ impl Snapshot {
     }
 
     /// The commit as messages show it: its first 12 digits.
-    pub fn short_commit(&self) -> &str {
+    pub(crate) fn short_commit(&self) -> &str {
         &self.commit[..12]
     }
 }
@@ -171,7 +171,7 @@ pub fn find(id: &str, revision: Option<&str>) -> Result<Snapshot> {
 }
 
 /// `id` at `revision` (default `main`) in the first of `roots` that has it.
-pub fn find_in(roots: &[CacheRoot], id: &str, revision: Option<&str>) -> Result<Snapshot> {
+pub(crate) fn find_in(roots: &[CacheRoot], id: &str, revision: Option<&str>) -> Result<Snapshot> {
     if !is_repo_id(id) {
         bail!("{id:?} is not a Hugging Face model id (org/name)");
     }

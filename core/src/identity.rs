@@ -104,7 +104,7 @@ pub fn uid_named(name: &str) -> Option<u32> {
 }
 
 /// The gid of a group name, from the system's group database (NSS).
-pub fn gid_named(name: &str) -> Option<u32> {
+pub(crate) fn gid_named(name: &str) -> Option<u32> {
     let name = std::ffi::CString::new(name).ok()?;
     let mut buf = vec![0 as libc::c_char; 64 << 10];
     let mut grp: libc::group = unsafe { std::mem::zeroed() };

@@ -252,7 +252,7 @@ fn check_tokenizer(source: &ModelSource) -> Result<()> {
 }
 
 /// The fields of the data the job's task reads, each with what needs it.
-pub fn fields_needed(spec: &JobSpec) -> Vec<(String, String)> {
+pub(crate) fn fields_needed(spec: &JobSpec) -> Vec<(String, String)> {
     let t = &spec.task;
     let mut fields: Vec<(String, String)> = Vec::new();
     let mut need = |field: &str, why: &str| {

@@ -7,7 +7,7 @@ pub fn kb_field(file: &str, name: &str) -> u64 {
 }
 
 /// Field `name` of such a file's text already read, in bytes; 0 when missing.
-pub fn kb_field_in(text: &str, name: &str) -> u64 {
+pub(crate) fn kb_field_in(text: &str, name: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())

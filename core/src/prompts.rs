@@ -126,7 +126,7 @@ pub const COPA: CopaPreset = CopaPreset {
 
 /// The `{field}` placeholders of a template, in order (not [`MASK`], which
 /// is no field).
-pub fn template_fields(template: &str) -> Vec<String> {
+pub(crate) fn template_fields(template: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut rest = template;
     while let Some(start) = rest.find('{') {

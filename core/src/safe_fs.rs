@@ -63,7 +63,7 @@ impl Dir {
 
     /// Give this folder to `owner` (uid, gid) with `mode`; through the open
     /// folder, so a rename between the check and the change cannot redirect it.
-    pub fn set_owner_and_mode(&self, owner: Option<(u32, u32)>, mode: u32) -> Result<()> {
+    pub(crate) fn set_owner_and_mode(&self, owner: Option<(u32, u32)>, mode: u32) -> Result<()> {
         if let Some((uid, gid)) = owner {
             rustix::fs::fchown(
                 &self.fd,
@@ -83,7 +83,7 @@ impl Dir {
 
     /// Open `name` for reading: a regular file, not a symlink, FIFO or device.
     /// `Ok(None)` when there is no such file.
-    pub fn open_regular(&self, name: &str) -> Result<Option<File>> {
+    pub(crate) fn open_regular(&self, name: &str) -> Result<Option<File>> {
         let name = component(name)?;
         let fd = match rustix::fs::openat(
             &self.fd,
@@ -189,7 +189,7 @@ impl Dir {
 /// Open a file a job names (a config.json, weights, data) for reading:
 /// without blocking on a FIFO, and only if it is a regular file.  Links are
 /// followed: this runs as the job's owner, who may follow them anyway.
-pub fn open_user_file(path: &Path) -> Result<File> {
+pub(crate) fn open_user_file(path: &Path) -> Result<File> {
     let fd = rustix::fs::open(
         path,
         OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC,
@@ -207,7 +207,7 @@ pub fn open_user_file(path: &Path) -> Result<File> {
 pub const MAX_JSON_BYTES: u64 = 16 << 20;
 
 /// The text of a small file a job names, at most `max` bytes.
-pub fn read_user_text(path: &Path, max: u64) -> Result<String> {
+pub(crate) fn read_user_text(path: &Path, max: u64) -> Result<String> {
     let mut text = String::new();
     open_user_file(path)?
         .take(max + 1)
@@ -222,7 +222,7 @@ pub fn read_user_text(path: &Path, max: u64) -> Result<String> {
 /// `bytes` in an anonymous memory file (memfd), positioned at its start: a
 /// child's stdin that holds any amount without a writer thread, and has no
 /// name on disk for anyone to swap.
-pub fn memory_file(name: &str, bytes: &[u8]) -> Result<File> {
+pub(crate) fn memory_file(name: &str, bytes: &[u8]) -> Result<File> {
     use std::io::Seek;
     let fd = rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC)
         .context("creating a memory file (memfd)")?;

@@ -59,7 +59,7 @@ const SPREAD_TAG: u64 = u64::from_le_bytes(*b"spread\0\0");
 const BASIS_TAG: u64 = u64::from_le_bytes(*b"basis\0\0\0");
 
 /// Bytes of a record of `directions` directions with `trailer`.
-pub fn record_bytes(directions: usize, trailer: crate::estimator::RecordTrailer) -> usize {
+pub(crate) fn record_bytes(directions: usize, trailer: crate::estimator::RecordTrailer) -> usize {
     let trailer = match trailer {
         crate::estimator::RecordTrailer::None => 0,
         crate::estimator::RecordTrailer::Spread | crate::estimator::RecordTrailer::Basis => {
@@ -70,7 +70,7 @@ pub fn record_bytes(directions: usize, trailer: crate::estimator::RecordTrailer)
 }
 
 impl StepRecord {
-    pub fn to_bytes(&self) -> Vec<u8> {
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
         let mut fields = vec![
             self.step,
             self.seed,
@@ -179,7 +179,7 @@ impl SeedLog {
     }
 
     /// The log held in one tree of a larger database.
-    pub fn in_tree(tree: sled::Tree) -> Self {
+    pub(crate) fn in_tree(tree: sled::Tree) -> Self {
         Self { tree, _db: None }
     }
 
@@ -213,13 +213,13 @@ impl SeedLog {
 
     /// How many records [`contiguous`](Self::contiguous) would return, without
     /// holding them: a daemon's job may have millions.
-    pub fn contiguous_len(&self) -> Result<u64> {
+    pub(crate) fn contiguous_len(&self) -> Result<u64> {
         self.for_each_contiguous(u64::MAX, |_| Ok(()))
     }
 
     /// Visit the records of steps 0, 1, 2, … up to the first gap, an
     /// unreadable record or step `limit`, one at a time; returns how many.
-    pub fn for_each_contiguous(
+    pub(crate) fn for_each_contiguous(
         &self,
         limit: u64,
         mut visit: impl FnMut(StepRecord) -> Result<()>,

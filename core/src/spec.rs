@@ -722,14 +722,14 @@ impl MezoSpec {
     }
 
     /// Whether the job file had no `mezo:` section (or one saying nothing).
-    pub fn is_absent(&self) -> bool {
+    pub(crate) fn is_absent(&self) -> bool {
         *self == MezoSpec::absent()
     }
 
     /// The job's estimator with its settings.  A parsed job file was
     /// validated, so its settings make one; the `Err` is for a spec built
     /// some other way and never validated.
-    pub fn try_estimator(&self) -> Result<Estimator, String> {
+    pub(crate) fn try_estimator(&self) -> Result<Estimator, String> {
         Estimator::from_settings(self.estimator, self.sparsity, self.rank, self.basis_every)
     }
 

@@ -38,7 +38,7 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// (name, shape) of every stored tensor, sorted by name, from the headers alone.
-pub fn safetensors_shapes(dir: &Path) -> Result<Vec<(String, Vec<usize>)>> {
+pub(crate) fn safetensors_shapes(dir: &Path) -> Result<Vec<(String, Vec<usize>)>> {
     let mut out = Vec::new();
     for path in safetensors_files(dir)? {
         let file = crate::safe_fs::open_user_file(&path)?;

@@ -326,7 +326,7 @@ struct Head {
 }
 
 /// Decide for every queued job: start it (where), let it wait (why), or fail it.
-pub fn plan(queue: &[Candidate], placed: &[Placed], res: &Resources) -> Vec<Decision> {
+pub(crate) fn plan(queue: &[Candidate], placed: &[Placed], res: &Resources) -> Vec<Decision> {
     let order = in_order(queue);
     let mut pools = pools(res, placed);
     let mut shares = GpuShares::new(res, placed);
@@ -544,7 +544,7 @@ pub fn preemption(
 /// share, the owner's recent usage (less first); then each owner's jobs
 /// taken in turn (an owner's first waiting job, then every other owner's
 /// first, …), so equal users interleave; then submission order.
-pub fn in_order(queue: &[Candidate]) -> Vec<&Candidate> {
+pub(crate) fn in_order(queue: &[Candidate]) -> Vec<&Candidate> {
     let mut by_id: Vec<&Candidate> = queue.iter().collect();
     by_id.sort_by_key(|c| c.id);
     let mut turn: HashMap<(u32, i32), usize> = HashMap::new();

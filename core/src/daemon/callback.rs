@@ -45,7 +45,7 @@ static RUNNING: Mutex<Vec<(u32, Option<Arc<JobCgroup>>)>> = Mutex::new(Vec::new(
 
 /// Kill every notify command still running, with what it started (the
 /// daemon is stopping; its death signal would reach the command alone).
-pub fn stop_all() {
+pub(crate) fn stop_all() {
     let running = std::mem::take(&mut *RUNNING.lock().unwrap_or_else(|p| p.into_inner()));
     for (pid, cgroup) in running {
         kill(pid, cgroup.as_deref());

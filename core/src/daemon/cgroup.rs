@@ -114,7 +114,7 @@ const JOBS: &str = "jobs";
 /// A name for this daemon's subtree where its cgroup is not its own: one per
 /// state folder (pass it canonical), stable across restarts so that leftover
 /// jobs of a crashed daemon are found and stopped ([`Cgroups::clear_leftovers`]).
-pub fn instance_name(state: &Path) -> String {
+pub(crate) fn instance_name(state: &Path) -> String {
     // FNV-1a: stable across Rust versions, unlike DefaultHasher.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in state.as_os_str().as_encoded_bytes() {
@@ -133,7 +133,7 @@ impl Cgroups {
     /// Call it before the daemon starts any child: a delegated daemon moves
     /// itself (all its threads) into a leaf, which it can only do while it is
     /// the only process in its cgroup.
-    pub fn detect(instance: &str) -> Self {
+    pub(crate) fn detect(instance: &str) -> Self {
         Self::detect_in(instance, true)
     }
 
@@ -322,7 +322,7 @@ impl Cgroups {
 
     /// Stop and remove every cgroup in the base: jobs of a daemon that
     /// crashed (their `setsid` children outlived it).  Returns their names.
-    pub fn clear_leftovers(&self) -> Result<Vec<String>> {
+    pub(crate) fn clear_leftovers(&self) -> Result<Vec<String>> {
         let Some(t) = &self.tree else {
             return Ok(vec![]);
         };
@@ -562,7 +562,7 @@ impl JobCgroup {
 
     /// `cgroup.procs`, opened for writing (close-on-exec), for [`enter`] in
     /// a forked child.
-    pub fn procs_for_child(&self) -> Result<OwnedFd> {
+    pub(crate) fn procs_for_child(&self) -> Result<OwnedFd> {
         let f = std::fs::OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_CLOEXEC)
@@ -623,7 +623,7 @@ impl JobCgroup {
     /// process in it through a pidfd opened and then checked to be in this
     /// cgroup (a pid reused meanwhile is not touched), until none is left or
     /// `within` passes.
-    pub fn kill_by_signals(&self, within: Duration) -> Result<()> {
+    pub(crate) fn kill_by_signals(&self, within: Duration) -> Result<()> {
         let freeze = self.path.join("cgroup.freeze");
         let frozen = freeze.exists() && write_file(&freeze, "1").is_ok();
         let deadline = Instant::now() + within;
@@ -684,7 +684,7 @@ impl JobCgroup {
     /// Wait until no process is left in the cgroup, at most `within`.
     /// Returns whether it is empty.  (A killed process its parent has not
     /// reaped yet no longer counts.)
-    pub fn wait_empty(&self, within: Duration) -> Result<bool> {
+    pub(crate) fn wait_empty(&self, within: Duration) -> Result<bool> {
         let deadline = Instant::now() + within;
         loop {
             if !self.populated()? {
@@ -701,7 +701,7 @@ impl JobCgroup {
     /// controller the sum of its processes' `VmRSS` (pages shared between
     /// them count once per process; page cache they do not map is left out).
     /// `None` when the cgroup cannot be read.
-    pub fn memory_current(&self) -> Option<u64> {
+    pub(crate) fn memory_current(&self) -> Option<u64> {
         if let Ok(s) = std::fs::read_to_string(self.path.join("memory.current")) {
             if let Ok(v) = s.trim().parse() {
                 return Some(v);
@@ -736,7 +736,7 @@ impl JobCgroup {
 
     /// How many times the kernel killed the job for its `memory.max`
     /// (`memory.events`' `oom_kill`), with the memory controller.
-    pub fn oom_kills(&self) -> Option<u64> {
+    pub(crate) fn oom_kills(&self) -> Option<u64> {
         key_value(
             &std::fs::read_to_string(self.path.join("memory.events")).ok()?,
             "oom_kill",
@@ -778,7 +778,7 @@ impl JobCgroup {
 /// In a forked child, before exec: move this process into the cgroup whose
 /// `cgroup.procs` is open on `procs` (from [`JobCgroup::procs_for_child`]).
 /// Async-signal-safe: one `write(2)`, no allocation.
-pub fn enter(procs: RawFd) -> std::io::Result<()> {
+pub(crate) fn enter(procs: RawFd) -> std::io::Result<()> {
     // SAFETY: write(2) of a static one-byte buffer.
     let n = unsafe { libc::write(procs, b"0".as_ptr().cast(), 1) };
     if n == 1 {

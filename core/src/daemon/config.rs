@@ -201,7 +201,7 @@ impl Dirs {
 
 impl DaemonConfig {
     /// The fair-share half-life in seconds.
-    pub fn half_life_s(&self) -> f64 {
+    pub(crate) fn half_life_s(&self) -> f64 {
         self.fair_share_half_life_h * 3600.0
     }
 
@@ -252,16 +252,16 @@ impl DaemonConfig {
         Ok(())
     }
 
-    pub fn margin_bytes(&self) -> u64 {
+    pub(crate) fn margin_bytes(&self) -> u64 {
         self.memory_margin_mib << 20
     }
 
-    pub fn rescan_interval(&self) -> Duration {
+    pub(crate) fn rescan_interval(&self) -> Duration {
         Duration::from_secs_f64(self.rescan_interval_s)
     }
 
     /// Threads for a CPU job that does not set its own.
-    pub fn cpu_threads(&self) -> i32 {
+    pub(crate) fn cpu_threads(&self) -> i32 {
         self.cpu_threads_per_job.unwrap_or_else(|| {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             (cores / self.cpu_slots.max(1)).max(1) as i32
@@ -270,7 +270,7 @@ impl DaemonConfig {
 
     /// Command-line paths win over the file; then systemd's directories
     /// (`StateDirectory=`, `RuntimeDirectory=`); then `./var/`.
-    pub fn dirs(
+    pub(crate) fn dirs(
         &self,
         spool: Option<PathBuf>,
         state: Option<PathBuf>,

@@ -200,7 +200,7 @@ pub struct Peer {
 
 impl Peer {
     /// Only the job's owner or root may cancel it or read its log.
-    pub fn may_manage(&self, owner_uid: u32) -> bool {
+    pub(crate) fn may_manage(&self, owner_uid: u32) -> bool {
         self.uid == 0 || self.uid == owner_uid
     }
 }

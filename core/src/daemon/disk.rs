@@ -45,7 +45,7 @@ impl Free {
     }
 
     /// What a process may write: all of it as root, else the users' share.
-    pub fn for_writer(&self, root: bool) -> u64 {
+    pub(crate) fn for_writer(&self, root: bool) -> u64 {
         if root {
             self.all
         } else {
@@ -65,7 +65,7 @@ pub fn free_bytes(path: &Path) -> Result<u64> {
 /// Before opening the database in `db_dir`: remove sled's incomplete
 /// snapshots (`snap.*.generating`, empty when a full disk stopped them; sled
 /// refuses to open beside one) and, if the disk is full, free the reserve.
-pub fn prepare_db(db_dir: &Path, reserve: &Path, reserve_bytes: u64) -> Result<()> {
+pub(crate) fn prepare_db(db_dir: &Path, reserve: &Path, reserve_bytes: u64) -> Result<()> {
     if let Ok(entries) = std::fs::read_dir(db_dir) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -132,7 +132,7 @@ impl DiskGuard {
     /// disk ([`Free::unprivileged`]) under the reserve.  New starts wait on
     /// it, and a worker that failed meanwhile failed on the disk, not on its
     /// own.  (The same as `low` for a daemon that does not run as root.)
-    pub fn low_for_jobs(&self) -> Option<&str> {
+    pub(crate) fn low_for_jobs(&self) -> Option<&str> {
         self.low.as_deref().or(self.jobs_low.as_deref())
     }
 
@@ -256,7 +256,7 @@ impl DiskGuard {
 }
 
 /// Where the reserve lives: in the state folder, the database's filesystem.
-pub fn reserve_path(state: &Path) -> PathBuf {
+pub(crate) fn reserve_path(state: &Path) -> PathBuf {
     state.join("reserve")
 }
 

@@ -60,7 +60,7 @@ impl Ledger {
 
     /// Keep the figures in `tree` from now on (the daemon reopened its
     /// database): what is in memory is written there.
-    pub fn rebind(&mut self, tree: sled::Tree) -> Result<()> {
+    pub(crate) fn rebind(&mut self, tree: sled::Tree) -> Result<()> {
         for (uid, u) in &self.users {
             tree.insert(uid.to_be_bytes(), serde_json::to_vec(u)?)?;
         }
@@ -68,7 +68,7 @@ impl Ledger {
         Ok(())
     }
 
-    pub fn set_half_life(&mut self, half_life: f64) {
+    pub(crate) fn set_half_life(&mut self, half_life: f64) {
         self.half_life = half_life;
     }
 
@@ -80,7 +80,7 @@ impl Ledger {
     /// `now`: the usage decays to `now`, then grows by the time each device
     /// was held.  Charged every admission turn for every user with running
     /// jobs (`devices` 0 for the others is not needed: reads decay).
-    pub fn charge(&mut self, uid: u32, devices: f64, now: f64) -> Result<()> {
+    pub(crate) fn charge(&mut self, uid: u32, devices: f64, now: f64) -> Result<()> {
         let u = self.users.entry(uid).or_insert(Usage {
             device_seconds: 0.0,
             at: now,
@@ -96,7 +96,7 @@ impl Ledger {
 
     /// Start the clock of `uid` at `now` without charging (a user whose
     /// first job just started: its time counts from now).
-    pub fn touch(&mut self, uid: u32, now: f64) {
+    pub(crate) fn touch(&mut self, uid: u32, now: f64) {
         let half_life = self.half_life;
         let u = self.users.entry(uid).or_insert(Usage {
             device_seconds: 0.0,

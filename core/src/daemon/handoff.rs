@@ -34,7 +34,7 @@ fn passed_on(name: &[u8]) -> bool {
 /// Give `cmd` the fixed environment: `PATH`, the owner's `HOME`, `USER` and
 /// `LOGNAME` where the user database names them, and the variables of
 /// [`passed_on`]; nothing else of the daemon's.
-pub fn owner_environment(cmd: &mut Command, owner: Option<&Identity>) {
+pub(crate) fn owner_environment(cmd: &mut Command, owner: Option<&Identity>) {
     cmd.env_clear().env("PATH", PATH);
     for (k, v) in std::env::vars_os() {
         if passed_on(k.as_bytes()) {
@@ -60,7 +60,7 @@ pub fn owner_environment(cmd: &mut Command, owner: Option<&Identity>) {
 /// starts with stdin, stdout and stderr alone.  Marking (not closing) keeps
 /// std's own exec-error pipe working until the exec.  For `pre_exec`:
 /// one system call, async-signal-safe.
-pub fn close_inherited_descriptors() -> std::io::Result<()> {
+pub(crate) fn close_inherited_descriptors() -> std::io::Result<()> {
     /// `CLOSE_RANGE_CLOEXEC` (Linux 5.11).
     const CLOEXEC: libc::c_uint = 1 << 2;
     // SAFETY: close_range takes two descriptor numbers and flags.
@@ -90,7 +90,7 @@ pub fn close_inherited_descriptors() -> std::io::Result<()> {
 /// there is one), the daemon's death taking the child with it, and a check
 /// that the daemon did not die before that was set.  `what` names the child
 /// in the error of that last case.
-pub fn become_owner_at_exec(cmd: &mut Command, run_as: Option<Identity>, what: &'static str) {
+pub(crate) fn become_owner_at_exec(cmd: &mut Command, run_as: Option<Identity>, what: &'static str) {
     use std::os::unix::process::CommandExt;
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: close_range, setgroups/setgid/setuid, prctl and getppid are

@@ -50,7 +50,7 @@ fn secure(dir: &Dir, mode: u32) -> Result<()> {
 }
 
 /// Open (creating) `state/` and `state/jobs/` with their modes.
-pub fn prepare_state(state: &Path) -> Result<Dir> {
+pub(crate) fn prepare_state(state: &Path) -> Result<Dir> {
     std::fs::create_dir_all(state)?;
     let state = Dir::open(state)?;
     secure(&state, 0o711)?;
@@ -62,7 +62,7 @@ pub fn prepare_state(state: &Path) -> Result<Dir> {
 impl JobDir {
     /// The folder of job `id` in `jobs`, created or re-secured, with a run
     /// folder for `owner` (None: the daemon's own user).
-    pub fn prepare(
+    pub(crate) fn prepare(
         jobs: &Dir,
         jobs_path: &Path,
         id: u64,
@@ -90,15 +90,15 @@ impl JobDir {
         })
     }
 
-    pub fn run_path(&self) -> PathBuf {
+    pub(crate) fn run_path(&self) -> PathBuf {
         self.path.join(RUN)
     }
 
-    pub fn write_spec(&self, text: &str) -> Result<()> {
+    pub(crate) fn write_spec(&self, text: &str) -> Result<()> {
         self.dir.write(SPEC, text.as_bytes(), PRIVATE)
     }
 
-    pub fn read_spec(&self) -> Result<String> {
+    pub(crate) fn read_spec(&self) -> Result<String> {
         let bytes = self
             .dir
             .read(SPEC, super::spool::MAX_JOB_FILE_BYTES)?
@@ -106,7 +106,7 @@ impl JobDir {
         Ok(String::from_utf8(bytes)?)
     }
 
-    pub fn write_error(&self, text: &str) -> Result<()> {
+    pub(crate) fn write_error(&self, text: &str) -> Result<()> {
         self.dir.write(ERROR, text.as_bytes(), PRIVATE)
     }
 
@@ -116,12 +116,12 @@ impl JobDir {
     }
 
     /// A restarted job has no error (until it fails again).
-    pub fn remove_error(&self) -> Result<()> {
+    pub(crate) fn remove_error(&self) -> Result<()> {
         self.dir.remove(ERROR)
     }
 
     /// The log's length in bytes (0 when there is none).
-    pub fn log_len(&self) -> u64 {
+    pub(crate) fn log_len(&self) -> u64 {
         match self.dir.open_regular(LOG) {
             Ok(Some(f)) => f.metadata().map_or(0, |m| m.len()),
             _ => 0,
@@ -129,12 +129,12 @@ impl JobDir {
     }
 
     /// The log, for appending (the worker's stderr).
-    pub fn log_for_append(&self) -> Result<File> {
+    pub(crate) fn log_for_append(&self) -> Result<File> {
         self.dir.append(LOG, PRIVATE)
     }
 
     /// Up to `max` bytes of the log from `offset` (empty when there is no log).
-    pub fn read_log(&self, offset: u64, max: u64) -> Result<Vec<u8>> {
+    pub(crate) fn read_log(&self, offset: u64, max: u64) -> Result<Vec<u8>> {
         let mut data = Vec::new();
         if let Some(mut f) = self.dir.open_regular(LOG)? {
             f.seek(SeekFrom::Start(offset))?;
@@ -144,7 +144,7 @@ impl JobDir {
     }
 
     /// The last `lines` lines of the log (of its last 64 KiB).
-    pub fn log_tail(&self, lines: usize) -> Vec<String> {
+    pub(crate) fn log_tail(&self, lines: usize) -> Vec<String> {
         self.tail(LOG, lines)
     }
 

@@ -70,7 +70,7 @@ pub struct JobRecord {
 
 impl JobRecord {
     /// The spool name it was made from (the index key of [`JobTable::find_name`]).
-    pub fn spool_key(&self) -> &str {
+    pub(crate) fn spool_key(&self) -> &str {
         if self.spool_name.is_empty() {
             &self.name
         } else {
@@ -263,12 +263,12 @@ impl JobTable {
 
     /// The jobs that ended (moved from active to done, failed or cancelled)
     /// since the last call, in the order they ended: each end is told once.
-    pub fn take_ended(&self) -> Vec<u64> {
+    pub(crate) fn take_ended(&self) -> Vec<u64> {
         std::mem::take(&mut self.index.lock().expect("index lock").ended)
     }
 
     /// Records the database refused, for a reopened one.
-    pub fn unsaved(&self) -> Vec<JobRecord> {
+    pub(crate) fn unsaved(&self) -> Vec<JobRecord> {
         let index = self.index.lock().expect("index lock");
         index.unsaved.values().cloned().collect()
     }
@@ -293,7 +293,7 @@ impl JobTable {
     }
 
     /// The jobs not yet ended, in id order (the loop's working set).
-    pub fn active(&self) -> Result<Vec<JobRecord>> {
+    pub(crate) fn active(&self) -> Result<Vec<JobRecord>> {
         Ok(self
             .index
             .lock()
@@ -313,7 +313,7 @@ impl JobTable {
     /// first, and how many more pass it.  Without `keep` the count comes
     /// from the index and the scan stops at `n`; with it every ended job is
     /// read once.
-    pub fn recent_finished_matching(
+    pub(crate) fn recent_finished_matching(
         &self,
         n: usize,
         keep: Option<&dyn Fn(&JobRecord) -> bool>,
@@ -367,7 +367,7 @@ impl JobTable {
     /// How many jobs each (owner, state) has in the table, and the
     /// preemptions its jobs had when it was opened plus those seen since
     /// (never less while it is open, also after a `clean`).
-    pub fn tally(&self) -> (Vec<(u32, &'static str, usize)>, u64) {
+    pub(crate) fn tally(&self) -> (Vec<(u32, &'static str, usize)>, u64) {
         let index = self.index.lock().expect("index lock");
         let counts = index
             .by_owner_state
@@ -378,7 +378,7 @@ impl JobTable {
     }
 
     /// The job made from the spool file `name`, if any.
-    pub fn find_name(&self, name: &str) -> Result<Option<JobRecord>> {
+    pub(crate) fn find_name(&self, name: &str) -> Result<Option<JobRecord>> {
         match self.names.get(name.as_bytes())? {
             Some(id) => self.get(u64::from_be_bytes(id.as_ref().try_into()?)),
             None => Ok(None),
@@ -387,7 +387,7 @@ impl JobTable {
 
     /// The newest job of `owner` called `name` (what an `after:` name
     /// means), from the in-memory index.
-    pub fn newest_named(&self, owner: u32, name: &str) -> Option<u64> {
+    pub(crate) fn newest_named(&self, owner: u32, name: &str) -> Option<u64> {
         let index = self.index.lock().expect("index lock");
         index
             .by_name

@@ -120,7 +120,7 @@ impl JobState {
     }
 
     /// Queued and free to be admitted at `now`.
-    pub fn is_admissible(&self, now: u64) -> bool {
+    pub(crate) fn is_admissible(&self, now: u64) -> bool {
         matches!(self, JobState::Queued { not_before } if not_before.is_none_or(|t| t <= now))
     }
 

@@ -67,7 +67,7 @@ pub struct PoolFigures {
 impl Snapshot {
     /// Count one more `state` job of `user`, and give the user every other
     /// state at 0 (`states`: the names there are).
-    pub fn add_jobs(&mut self, user: &str, state: &str, n: u64, states: &[&str]) {
+    pub(crate) fn add_jobs(&mut self, user: &str, state: &str, n: u64, states: &[&str]) {
         for s in states {
             self.jobs
                 .entry((user.to_string(), s.to_string()))
@@ -81,7 +81,7 @@ impl Snapshot {
 }
 
 /// A label value as the text format wants it: `\`, `"` and newline escaped.
-pub fn escape_label(value: &str) -> String {
+pub(crate) fn escape_label(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for c in value.chars() {
         match c {
@@ -256,7 +256,7 @@ pub fn render(s: &Snapshot) -> String {
 /// existing file or a link), mode 0644, renamed over it.  The folder is
 /// opened without following a link in its last component; the file's name
 /// is one plain component.
-pub fn write_file(path: &Path, text: &str) -> Result<()> {
+pub(crate) fn write_file(path: &Path, text: &str) -> Result<()> {
     use rustix::fs::{Mode, OFlags};
     let (Some(folder), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str()))
     else {

@@ -23,7 +23,7 @@ impl Notifier {
     }
 
     /// How often the loop must come round to keep the watchdog fed.
-    pub fn ping_interval(&self) -> Option<Duration> {
+    pub(crate) fn ping_interval(&self) -> Option<Duration> {
         self.watchdog.map(|w| w / 2)
     }
 
@@ -33,7 +33,7 @@ impl Notifier {
         }
     }
 
-    pub fn ready(&mut self, status: &str) {
+    pub(crate) fn ready(&mut self, status: &str) {
         self.send(&[NotifyState::Ready, NotifyState::Status(status)]);
         self.last_status = status.to_string();
     }
@@ -47,7 +47,7 @@ impl Notifier {
     }
 
     /// Feed the watchdog if half its interval has passed; call from the main loop.
-    pub fn ping_if_due(&mut self) {
+    pub(crate) fn ping_if_due(&mut self) {
         let Some(interval) = self.ping_interval() else {
             return;
         };
@@ -62,7 +62,7 @@ impl Notifier {
     }
 
     /// Ask systemd for more time to stop (workers are checkpointing).
-    pub fn extend_stop_timeout(&mut self, by: Duration) {
+    pub(crate) fn extend_stop_timeout(&mut self, by: Duration) {
         self.send(&[NotifyState::ExtendTimeoutUsec(
             by.as_micros().min(u32::MAX as u128) as u32,
         )]);

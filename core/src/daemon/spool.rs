@@ -35,7 +35,7 @@ pub struct Dropped {
 }
 
 /// Dotfiles and editor leftovers are not jobs (yet): they stay where they are.
-pub fn is_ignored(name: &str) -> bool {
+pub(crate) fn is_ignored(name: &str) -> bool {
     name.starts_with('.')
         || name.starts_with('#')
         || name.ends_with('~')
@@ -91,7 +91,7 @@ impl Spool {
     pub fn new_dir(&self) -> PathBuf {
         self.root.join("new")
     }
-    pub fn tmp_dir(&self) -> PathBuf {
+    pub(crate) fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
     }
 
@@ -164,7 +164,7 @@ impl Spool {
     /// Was `new/<name>` changed in the last `secs` seconds?  A file copied in
     /// without `rename()` may be caught half-written; it gets time to finish
     /// before a failed check rejects it.
-    pub fn is_fresh(&self, name: &str, secs: f64) -> bool {
+    pub(crate) fn is_fresh(&self, name: &str, secs: f64) -> bool {
         std::fs::symlink_metadata(self.new_dir().join(name))
             .and_then(|m| m.modified())
             .ok()
@@ -332,7 +332,7 @@ impl Spool {
     }
 
     /// Move an accepted file out of `new/`, keeping it for reference.
-    pub fn archive(&self, name: &str, id: u64) -> Result<()> {
+    pub(crate) fn archive(&self, name: &str, id: u64) -> Result<()> {
         let from = self.new_dir().join(name);
         if from.symlink_metadata().is_ok() {
             let to = durable::fit_file_name(&format!("{id}-"), name, "");

@@ -74,7 +74,7 @@ pub fn encode_job_error(message: &str) -> String {
 }
 
 /// The message of an `E` line, cut to [`MAX_JOB_ERROR`] bytes.
-pub fn decode_job_error(line: &str) -> Option<String> {
+pub(crate) fn decode_job_error(line: &str) -> Option<String> {
     let message: String = serde_json::from_str(line.trim_end().strip_prefix("E ")?).ok()?;
     Some(cut(message))
 }
@@ -190,7 +190,7 @@ pub fn encode_input(spec: &str, records: &[StepRecord]) -> Vec<u8> {
 /// Write a worker's input to `to`: the header and the job file, then the
 /// records `records` hands to its writer one at a time (so a job's history
 /// is streamed from the seed log, never held whole); returns how many.
-pub fn write_input<W: std::io::Write>(
+pub(crate) fn write_input<W: std::io::Write>(
     to: &mut W,
     spec: &str,
     records: impl FnOnce(&mut dyn FnMut(&StepRecord) -> Result<()>) -> Result<u64>,
@@ -286,7 +286,7 @@ impl WorkerHandle {
 /// A worker's input as an anonymous memory file: the job file's text, then
 /// the records of steps 0, 1, … (up to `limit`) streamed from `log`; returns
 /// the file and how many records it holds.
-pub fn input_file(spec: &str, log: &crate::seedlog::SeedLog, limit: u64) -> Result<(File, u64)> {
+pub(crate) fn input_file(spec: &str, log: &crate::seedlog::SeedLog, limit: u64) -> Result<(File, u64)> {
     use std::io::{Seek, Write};
     let file = crate::safe_fs::memory_file("mezod-worker-input", &[])?;
     let mut w = std::io::BufWriter::new(file);
