@@ -248,7 +248,12 @@ fn run_command(
         progress: std::io::stderr().is_terminal(),
         ..Default::default()
     };
-    let outcome = match LaunchEnv::from_env()? {
+    let launched = LaunchEnv::from_env()?;
+    // A following replica leaves the words to the leader.
+    let follows = launched
+        .as_ref()
+        .is_some_and(|env| env.world > 1 && env.rank > 0);
+    let outcome = match launched {
         Some(env) if env.world > 1 => {
             opts.progress &= env.rank == 0;
             run_replica(job, &out, &opts, &env)?
@@ -296,10 +301,12 @@ fn run_command(
             Ok(ExitCode::SUCCESS)
         }
         Outcome::Interrupted { step, signal } => {
-            eprintln!(
-                "stopped by signal {signal} after {step} steps; everything is saved. Resume with: {}",
-                mezod::run::interrupt::resume_command(job, &out)
-            );
+            if !follows {
+                eprintln!(
+                    "stopped by signal {signal} after {step} steps; everything is saved. Resume with: {}",
+                    mezod::run::interrupt::resume_command(job, &out)
+                );
+            }
             Ok(ExitCode::from((128 + signal) as u8))
         }
     }

@@ -562,13 +562,23 @@ pub fn run_shared(
 ) -> Result<Outcome> {
     let steps = (log.contiguous()?.len() as u64).min(spec.steps());
     interrupt::install(opts.job_file.as_deref(), out, opts.progress, steps)?;
+    let replicated = replicas.is_some();
     match run_phases(spec, out, opts, log, replicas) {
         Err(e) => match interrupt::stopped(&e) {
             Some(stop) => Ok(Outcome::Interrupted {
                 step: interrupt::steps_saved(),
                 signal: stop.signal,
             }),
-            None => Err(e),
+            // A stop reaches every replica; one whose exchange failed
+            // because another stopped first (the leader in the middle of an
+            // evaluation) stopped too.
+            None => match interrupt::stop_requested() {
+                Some(signal) if replicated => Ok(Outcome::Interrupted {
+                    step: interrupt::steps_saved(),
+                    signal,
+                }),
+                _ => Err(e),
+            },
         },
         ran => ran,
     }
