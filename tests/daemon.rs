@@ -683,7 +683,10 @@ fn a_done_jobs_status_carries_the_paired_test_comparison() {
         shown.contains("exported   step 40: the final weights (step 40"),
         "{shown}"
     );
-    assert_eq!(state["result"]["exported"], on_disk["exported"], "{state:#}");
+    assert_eq!(
+        state["result"]["exported"], on_disk["exported"],
+        "{state:#}"
+    );
     let n = paired["n"].to_string();
     assert!(
         shown.contains("test vs base")

@@ -43,7 +43,10 @@ fn summary(out: &std::process::Output) -> String {
 fn the_lora_example_hands_back_its_trained_adapters_and_says_which_step() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("lora");
-    let out = check(run_from_root("examples/lora.yaml", &run), "the lora example");
+    let out = check(
+        run_from_root("examples/lora.yaml", &run),
+        "the lora example",
+    );
     let r = read_result(&run);
     let steps = r["steps"].as_u64().unwrap();
     assert_eq!(steps, 200, "{r:#}");
@@ -97,7 +100,10 @@ fn export_best_on_a_run_that_changed_nothing_says_the_weights_are_the_base_model
     let out = run_to_end(&job, &run, "an lr 0 run");
     let r = read_result(&run);
     assert_eq!(r["exported"]["export"], "best", "{r:#}");
-    assert_eq!(r["exported"]["step"], 20, "ties go to the later step: {r:#}");
+    assert_eq!(
+        r["exported"]["step"], 20,
+        "ties go to the later step: {r:#}"
+    );
     assert_eq!(r["exported"]["untrained"], true, "{r:#}");
     let said = summary(&out);
     assert!(
@@ -112,7 +118,9 @@ fn export_best_on_a_run_that_changed_nothing_says_the_weights_are_the_base_model
 fn a_baselines_only_job_needs_no_mezo_section_and_claims_no_model() {
     let tmp = tempfile::tempdir().unwrap();
     let text = example_job_text("classification");
-    let (head, _) = text.split_once("\nmezo:").expect("the example has a mezo section");
+    let (head, _) = text
+        .split_once("\nmezo:")
+        .expect("the example has a mezo section");
     let baselines = format!("{head}\nmode: [zero_shot, icl]\nicl: {{k: 2}}\n");
     let job = tmp.path().join("baselines.yaml");
     std::fs::write(&job, &baselines).unwrap();

@@ -96,7 +96,10 @@ pub struct JobSpec {
     pub data: DataSpec,
     /// The fine-tuning.  Needed when `mode` lists `mezo` (the default); a job
     /// that only measures baselines (`mode: [zero_shot, icl]`) leaves it out.
-    #[serde(default = "MezoSpec::absent", skip_serializing_if = "MezoSpec::is_absent")]
+    #[serde(
+        default = "MezoSpec::absent",
+        skip_serializing_if = "MezoSpec::is_absent"
+    )]
     pub mezo: MezoSpec,
     /// Which weights `model/`, `adapter/` and `mezod export` hold: `final`
     /// (after the last step; the default, as Hugging Face's Trainer) or
@@ -1390,18 +1393,24 @@ mod tests {
     fn a_baselines_only_job_has_no_mezo_section() {
         let cls = "model: {path: m, dtype: f32}\ntask: {kind: classification, template: sst2, \
                    label_words: {\"0\": bad, \"1\": good}}\ndata: {train: train.jsonl}\n";
-        let job = JobSpec::parse(&format!("{cls}mode: [zero_shot, icl]\n"), Path::new("/j"))
-            .unwrap();
+        let job =
+            JobSpec::parse(&format!("{cls}mode: [zero_shot, icl]\n"), Path::new("/j")).unwrap();
         assert!(job.mezo.is_absent());
         assert_eq!(job.steps(), 0);
         assert!(!job.to_yaml().contains("mezo"), "{}", job.to_yaml());
-        assert_eq!(JobSpec::parse(&job.to_yaml(), Path::new("/j")).unwrap(), job);
+        assert_eq!(
+            JobSpec::parse(&job.to_yaml(), Path::new("/j")).unwrap(),
+            job
+        );
         assert!(
-            job.summary().ends_with("classification: baselines only (zero_shot, icl), no fine-tuning"),
+            job.summary()
+                .ends_with("classification: baselines only (zero_shot, icl), no fine-tuning"),
             "{}",
             job.summary()
         );
-        let e = JobSpec::parse(cls, Path::new("/j")).unwrap_err().to_string();
+        let e = JobSpec::parse(cls, Path::new("/j"))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("no `mezo:` section") && e.contains("the default mode is [zero_shot, mezo]"),
             "{e}"
@@ -1409,7 +1418,10 @@ mod tests {
         let e = JobSpec::parse(&format!("{cls}mode: [mezo]\n"), Path::new("/j"))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("no `mezo:` section") && !e.contains("default mode"), "{e}");
+        assert!(
+            e.contains("no `mezo:` section") && !e.contains("default mode"),
+            "{e}"
+        );
     }
 
     /// `parallel:` gives each replica a direction unless the job says more,
@@ -1417,27 +1429,39 @@ mod tests {
     #[test]
     fn replicas_share_directions_and_compute_the_same() {
         let with = |extra: &str| {
-            JobSpec::parse(&MINIMAL.replace("seed: 7}", &format!("seed: 7{extra}")), Path::new("/j"))
-                .map_err(|e| format!("{e:#}"))
+            JobSpec::parse(
+                &MINIMAL.replace("seed: 7}", &format!("seed: 7{extra}")),
+                Path::new("/j"),
+            )
+            .map_err(|e| format!("{e:#}"))
         };
-        let two = JobSpec::parse(&format!("parallel: {{replicas: 2}}\n{MINIMAL}"), Path::new("/j"))
-            .unwrap();
+        let two = JobSpec::parse(
+            &format!("parallel: {{replicas: 2}}\n{MINIMAL}"),
+            Path::new("/j"),
+        )
+        .unwrap();
         assert_eq!(two.mezo.directions, 2);
         let alone = with(", directions: 2}").unwrap();
         assert!(two.computes_the_same_as(&alone) && two != alone);
         // The frozen spec states the directions: it reads back the same with one replica.
         assert!(two.to_yaml().contains("directions: 2"), "{}", two.to_yaml());
         let e = JobSpec::parse(
-            &format!("parallel: {{replicas: 2}}\n{}", MINIMAL.replace("seed: 7}", "seed: 7, directions: 3}")),
+            &format!(
+                "parallel: {{replicas: 2}}\n{}",
+                MINIMAL.replace("seed: 7}", "seed: 7, directions: 3}")
+            ),
             Path::new("/j"),
         )
         .unwrap_err()
         .to_string();
         assert!(e.contains("directions must be a multiple of 2"), "{e}");
         assert!(alone.check_replicas(4).is_err() && alone.check_replicas(2).is_ok());
-        let e = JobSpec::parse(&format!("parallel: {{replicas: 65}}\n{MINIMAL}"), Path::new("/j"))
-            .unwrap_err()
-            .to_string();
+        let e = JobSpec::parse(
+            &format!("parallel: {{replicas: 65}}\n{MINIMAL}"),
+            Path::new("/j"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("between 1 and 64"), "{e}");
     }
 

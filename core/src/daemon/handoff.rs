@@ -90,7 +90,11 @@ pub(crate) fn close_inherited_descriptors() -> std::io::Result<()> {
 /// there is one), the daemon's death taking the child with it, and a check
 /// that the daemon did not die before that was set.  `what` names the child
 /// in the error of that last case.
-pub(crate) fn become_owner_at_exec(cmd: &mut Command, run_as: Option<Identity>, what: &'static str) {
+pub(crate) fn become_owner_at_exec(
+    cmd: &mut Command,
+    run_as: Option<Identity>,
+    what: &'static str,
+) {
     use std::os::unix::process::CommandExt;
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: close_range, setgroups/setgid/setuid, prctl and getppid are

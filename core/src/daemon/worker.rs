@@ -286,7 +286,11 @@ impl WorkerHandle {
 /// A worker's input as an anonymous memory file: the job file's text, then
 /// the records of steps 0, 1, … (up to `limit`) streamed from `log`; returns
 /// the file and how many records it holds.
-pub(crate) fn input_file(spec: &str, log: &crate::seedlog::SeedLog, limit: u64) -> Result<(File, u64)> {
+pub(crate) fn input_file(
+    spec: &str,
+    log: &crate::seedlog::SeedLog,
+    limit: u64,
+) -> Result<(File, u64)> {
     use std::io::{Seek, Write};
     let file = crate::safe_fs::memory_file("mezod-worker-input", &[])?;
     let mut w = std::io::BufWriter::new(file);

@@ -422,7 +422,10 @@ fn describe(d: &JobDetail, now: u64) -> String {
             })
             .collect();
         row("result", printable_line(&shown.join(", ")).into_owned());
-        row("exported", printable_line(&exported_words(r.get("exported"))).into_owned());
+        row(
+            "exported",
+            printable_line(&exported_words(r.get("exported"))).into_owned(),
+        );
     }
     if !d.error_tail.is_empty() {
         out.push_str("  error:\n");
