@@ -234,18 +234,7 @@ fn lora_and_prefix_fine_tunes_travel_as_mezo_files() {
         let run = tmp.path().join(format!("run-{tuning}"));
         run_to_end(&job, &run, "run");
         let file = tmp.path().join(format!("{tuning}.mezo"));
-        check(
-            mezod()
-                .args(["export"])
-                .arg(&run)
-                .args(["-o"])
-                .arg(&file)
-                .output()
-                .unwrap(),
-            "mezod export",
-        );
-        let tune: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        let tune = export_tune_file(&run, &file);
         assert_eq!(tune["tuning"], tuning);
         assert!(std::fs::metadata(&file).unwrap().len() < 64 * 1024);
         let out = tmp.path().join(format!("applied-{tuning}"));

@@ -68,19 +68,7 @@ fn the_lora_example_hands_back_its_trained_adapters_and_says_which_step() {
         assert!(t.iter().any(|&x| x != 0), "a lora_B stayed zero");
     }
     // `mezod export` takes the same steps by default.
-    let file = tmp.path().join("lora.mezo");
-    check(
-        mezod()
-            .arg("export")
-            .arg(&run)
-            .arg("-o")
-            .arg(&file)
-            .output()
-            .unwrap(),
-        "mezod export",
-    );
-    let tune: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let tune = export_tune_file(&run, &tmp.path().join("lora.mezo"));
     assert_eq!(tune["steps"].as_array().unwrap().len() as u64, steps);
 }
 

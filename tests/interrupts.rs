@@ -187,6 +187,19 @@ fn evaluated_at(run: &Path) -> Vec<u64> {
         .collect()
 }
 
+/// The SHA-256 of the weights the project's job ends with when nothing stops it.
+fn uninterrupted_weights(project: &Path) -> String {
+    check(
+        mezod()
+            .current_dir(project)
+            .args(["run", "job.yaml", "--out", "runs/solo"])
+            .output()
+            .unwrap(),
+        "the uninterrupted run",
+    );
+    sha256(&project.join("runs/solo/model/model.safetensors"))
+}
+
 /// Ctrl-C 0.3 s into the dev evaluation after step 20 ends the run at once
 /// instead of seconds later, with the weights of step 20 saved; the printed
 /// command evaluates step 20 again, replays nothing and ends with the
@@ -197,16 +210,7 @@ fn ctrl_c_during_a_dev_evaluation_stops_within_a_second_and_resumes_bit_identica
         LONG_DEV,
         "steps: 40, batch_size: 4, lr: 1.0e-3, eps: 1.0e-3, seed: 7, eval_every: 20, eval_batch_size: 8",
     );
-    let solo = check(
-        mezod()
-            .current_dir(&project)
-            .args(["run", "job.yaml", "--out", "runs/solo"])
-            .output()
-            .unwrap(),
-        "the uninterrupted run",
-    );
-    drop(solo);
-    let want = sha256(&project.join("runs/solo/model/model.safetensors"));
+    let want = uninterrupted_weights(&project);
 
     let mut run = Watched::start(&project, "runs/intr", &[]);
     let zero_shot_from = run.wait_for("step 0: evaluating");
@@ -295,16 +299,7 @@ fn ctrl_c_during_the_zero_shot_evaluation_stops_within_a_second() {
 fn a_second_ctrl_c_ends_at_once_and_still_prints_the_resume_command() {
     let mezo = "steps: 30, batch_size: 4, lr: 1.0e-3, eps: 1.0e-3, seed: 7, snapshot_every: 10";
     let (_tmp, project) = project(16, mezo);
-    let solo = check(
-        mezod()
-            .current_dir(&project)
-            .args(["run", "job.yaml", "--out", "runs/solo"])
-            .output()
-            .unwrap(),
-        "the uninterrupted run",
-    );
-    drop(solo);
-    let want = sha256(&project.join("runs/solo/model/model.safetensors"));
+    let want = uninterrupted_weights(&project);
 
     // Each snapshot takes 3 s more to write.
     let slow = [("FAILPOINTS", "snapshot-before-hash=sleep(3000)")];

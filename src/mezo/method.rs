@@ -52,7 +52,7 @@ fn form(estimator: Estimator, params: &ParamList, basis: Option<u64>) -> Result<
 }
 
 /// One live step of `estimator` along the directions of `seeds` (LOZO: with
-/// V drawn from `basis`).
+/// V drawn from `basis`), in this process alone.
 pub fn live_step(
     params: &ParamList,
     z: &ZSweep,
@@ -62,47 +62,48 @@ pub fn live_step(
     cfg: &StepConfig,
     loss: &mut dyn FnMut() -> Result<f64>,
 ) -> Result<Measured> {
-    let form = form(estimator, params, basis)?;
-    let measured = |outcomes| Measured {
-        outcomes,
-        spread: None,
-    };
-    match (estimator, seeds) {
-        (Estimator::Fzoo, _) => fzoo_step(params, z, seeds, cfg, Source::Measure(loss)),
-        (Estimator::Mezo | Estimator::Sparse { .. } | Estimator::Lozo { .. }, [seed]) => {
-            mezo_step_along(params, z, &form, *seed, cfg, Source::Measure(loss))
-                .map(|o| measured(vec![o]))
-        }
-        (Estimator::Mezo | Estimator::Sparse { .. } | Estimator::Lozo { .. }, _) => {
-            spsa_step_along(params, z, &form, seeds, cfg, Source::Measure(loss)).map(measured)
-        }
-    }
+    live_step_among(params, z, estimator, seeds, basis, cfg, None, loss)
 }
 
-/// [`live_step`] with the directions shared among replicas (see `shared`):
-/// bit-identical to `live_step` in one process.  MeZO's family only (MeZO,
-/// Sparse MeZO, LOZO), with at least two directions.
-pub fn live_step_shared(
+/// [`live_step`], with the directions shared among `replicas` when there are
+/// any (see `shared`): bit-identical to the same step in one process.
+/// Replicas share MeZO's family only (MeZO, Sparse MeZO, LOZO), and a step
+/// of at least two directions.
+#[allow(clippy::too_many_arguments)]
+pub fn live_step_among(
     params: &ParamList,
     z: &ZSweep,
     estimator: Estimator,
     seeds: &[u64],
     basis: Option<u64>,
     cfg: &StepConfig,
-    share: &mut dyn Share,
+    replicas: Option<&mut dyn Share>,
     loss: &mut dyn FnMut() -> Result<f64>,
 ) -> Result<Measured> {
     let form = form(estimator, params, basis)?;
-    match (estimator, seeds) {
-        (Estimator::Fzoo, _) => bail!("replicas do not share FZOO's directions yet"),
-        (Estimator::Mezo | Estimator::Sparse { .. } | Estimator::Lozo { .. }, [] | [_]) => {
+    let measured = |outcomes| Measured {
+        outcomes,
+        spread: None,
+    };
+    match (estimator, seeds, replicas) {
+        (Estimator::Fzoo, _, None) => fzoo_step(params, z, seeds, cfg, Source::Measure(loss)),
+        (Estimator::Fzoo, _, Some(_)) => bail!("replicas do not share FZOO's directions yet"),
+        (Estimator::Mezo | Estimator::Sparse { .. } | Estimator::Lozo { .. }, [seed], None) => {
+            mezo_step_along(params, z, &form, *seed, cfg, Source::Measure(loss))
+                .map(|o| measured(vec![o]))
+        }
+        (Estimator::Mezo | Estimator::Sparse { .. } | Estimator::Lozo { .. }, _, None) => {
+            spsa_step_along(params, z, &form, seeds, cfg, Source::Measure(loss)).map(measured)
+        }
+        (
+            Estimator::Mezo | Estimator::Sparse { .. } | Estimator::Lozo { .. },
+            [] | [_],
+            Some(_),
+        ) => {
             bail!("replicas share a step's directions: the step needs at least two")
         }
-        (Estimator::Mezo | Estimator::Sparse { .. } | Estimator::Lozo { .. }, _) => {
-            spsa_step_shared(params, z, &form, seeds, cfg, share, loss).map(|outcomes| Measured {
-                outcomes,
-                spread: None,
-            })
+        (Estimator::Mezo | Estimator::Sparse { .. } | Estimator::Lozo { .. }, _, Some(share)) => {
+            spsa_step_shared(params, z, &form, seeds, cfg, share, loss).map(measured)
         }
     }
 }

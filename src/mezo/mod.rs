@@ -17,7 +17,7 @@ pub mod sweep;
 mod testing;
 
 pub use fzoo::Measured;
-pub use method::{live_step, live_step_shared, replay_step, Logged, StepSeeds};
+pub use method::{live_step, live_step_among, replay_step, Logged, StepSeeds};
 pub use schedule::{basis_seed, batch_indices, direction_seed, step_seed, LrSchedule};
 pub use shared::{Measurement, Share};
 pub use step::{mezo_step, spsa_step, Gradient, Gradients, StepConfig, StepOutcome};

@@ -14,7 +14,7 @@
 //! threads per process).  The cost of sharing is those passes, not the
 //! exchange.
 
-use super::step::{apply_average, perturb, StepConfig, StepOutcome};
+use super::step::{apply_average, measurement, perturb, StepConfig, StepOutcome};
 use super::sweep::{Form, ZSweep};
 use crate::model::ParamList;
 use anyhow::Result;
@@ -66,20 +66,4 @@ pub(crate) fn spsa_step_shared(
     let outcomes = share.exchange(&mine)?;
     apply_average(params, z, form, seeds, cfg, &outcomes);
     Ok(outcomes)
-}
-
-/// Direction `j`'s outcome from its two losses, as `spsa_step_along` computes it.
-fn measurement(j: usize, plus: Result<f64>, minus: Result<f64>, cfg: &StepConfig) -> Measurement {
-    match (plus, minus) {
-        (Ok(p), Ok(m)) if p.is_finite() && m.is_finite() => Ok(StepOutcome {
-            projected_grad: (p - m) / (2.0 * cfg.eps),
-            loss_plus: p,
-            loss_minus: m,
-        }),
-        (p, m) => Err(format!(
-            "non-finite loss in direction {j} (loss+ = {:?}, loss- = {:?})",
-            p.ok(),
-            m.ok()
-        )),
-    }
 }

@@ -116,18 +116,8 @@ pub(crate) fn spsa_step_along(
                 perturb(params, z, form, seed, -2.0 * cfg.eps);
                 let minus = loss();
                 perturb(params, z, form, seed, cfg.eps);
-                match (plus, minus) {
-                    (Ok(p), Ok(m)) if p.is_finite() && m.is_finite() => StepOutcome {
-                        projected_grad: (p - m) / (2.0 * cfg.eps),
-                        loss_plus: p,
-                        loss_minus: m,
-                    },
-                    (p, m) => bail!(
-                        "non-finite loss in direction {j} (loss+ = {:?}, loss- = {:?}); weights left as they were",
-                        p.ok(),
-                        m.ok()
-                    ),
-                }
+                measurement(j, plus, minus, cfg)
+                    .map_err(|why| anyhow::anyhow!("{why}; weights left as they were"))?
             }
             Gradients::Logged(grads) => {
                 perturb(params, z, form, seed, -2.0 * cfg.eps);
@@ -143,6 +133,28 @@ pub(crate) fn spsa_step_along(
     }
     apply_average(params, z, form, seeds, cfg, &outcomes);
     Ok(outcomes)
+}
+
+/// Direction `j`'s outcome from its two losses, or why there is none (a
+/// loss that failed or is not finite).
+pub(super) fn measurement(
+    j: usize,
+    plus: Result<f64>,
+    minus: Result<f64>,
+    cfg: &StepConfig,
+) -> std::result::Result<StepOutcome, String> {
+    match (plus, minus) {
+        (Ok(p), Ok(m)) if p.is_finite() && m.is_finite() => Ok(StepOutcome {
+            projected_grad: (p - m) / (2.0 * cfg.eps),
+            loss_plus: p,
+            loss_minus: m,
+        }),
+        (p, m) => Err(format!(
+            "non-finite loss in direction {j} (loss+ = {:?}, loss- = {:?})",
+            p.ok(),
+            m.ok()
+        )),
+    }
 }
 
 /// [`mezo_step_along`] with a dense z: plain MeZO.

@@ -224,7 +224,7 @@ impl Share for Replicas {
 mod tests {
     use super::*;
     use crate::mezo::sweep::{Rng, ZSweep};
-    use crate::mezo::{live_step, live_step_shared, StepConfig};
+    use crate::mezo::{live_step, live_step_among, StepConfig};
     use crate::model::{Param, ParamList};
     use mezod_core::estimator::{Estimator, DEFAULT_BASIS_EVERY};
     use std::sync::{Arc, Barrier, Mutex};
@@ -343,14 +343,14 @@ mod tests {
                         let seeds: Vec<u64> = (0..n as u64).map(|j| 100 * step + j).collect();
                         let mut loss = loss_of(&p);
                         replicas.begin_step(step, false);
-                        let m = live_step_shared(
+                        let m = live_step_among(
                             &p,
                             &z,
                             estimator,
                             &seeds,
                             Some(7),
                             &CFG,
-                            &mut replicas,
+                            Some(&mut replicas),
                             &mut loss,
                         )
                         .unwrap();
@@ -445,27 +445,27 @@ mod tests {
                     let mut replicas = Replicas::new(Box::new(group));
                     replicas.begin_step(0, rank == 0);
                     let mut ok = loss_of(&p);
-                    let ran = live_step_shared(
+                    let ran = live_step_among(
                         &p,
                         &z,
                         Estimator::Mezo,
                         &[1, 2],
                         None,
                         &CFG,
-                        &mut replicas,
+                        Some(&mut replicas),
                         &mut ok,
                     );
                     assert!(ran.is_ok() && replicas.stop_asked(), "replica {rank}");
                     replicas.begin_step(1, false);
                     let mut nan = move || Ok(if rank == 1 { f64::NAN } else { 1.0 });
-                    let failed = live_step_shared(
+                    let failed = live_step_among(
                         &p,
                         &z,
                         Estimator::Mezo,
                         &[3, 4],
                         None,
                         &CFG,
-                        &mut replicas,
+                        Some(&mut replicas),
                         &mut nan,
                     );
                     format!("{:#}", failed.unwrap_err())

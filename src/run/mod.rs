@@ -30,7 +30,7 @@ use crate::baselines::{self, Baselines};
 use crate::data::task::{Evaluation, Task};
 use crate::data::{load_job_splits, Example};
 use crate::mezo::{
-    batch_indices, live_step, live_step_shared, replay_step, Logged, Measured, Rng, StepConfig,
+    batch_indices, live_step_among, replay_step, Logged, Measured, Rng, Share, StepConfig,
     StepSeeds, ZSweep,
 };
 use crate::model::adapters::Tuning;
@@ -257,30 +257,19 @@ impl Job {
         let batch: Vec<&Example> = batch_idx.iter().map(|&i| &self.train[i]).collect();
         let (model, task, objective) = (&self.model, &self.task, self.spec.mezo.objective);
         let mut loss = || task.objective(model, &batch, objective);
-        let measured = match &mut self.replicas {
-            Some(replicas) => {
-                replicas.begin_step(step, interrupt::stop_requested().is_some());
-                live_step_shared(
-                    &model.params,
-                    &self.z,
-                    estimator,
-                    &seeds.directions,
-                    seeds.basis,
-                    &cfg,
-                    replicas,
-                    &mut loss,
-                )
-            }
-            None => live_step(
-                &model.params,
-                &self.z,
-                estimator,
-                &seeds.directions,
-                seeds.basis,
-                &cfg,
-                &mut loss,
-            ),
-        };
+        if let Some(replicas) = &mut self.replicas {
+            replicas.begin_step(step, interrupt::stop_requested().is_some());
+        }
+        let measured = live_step_among(
+            &model.params,
+            &self.z,
+            estimator,
+            &seeds.directions,
+            seeds.basis,
+            &cfg,
+            self.replicas.as_mut().map(|r| r as &mut dyn Share),
+            &mut loss,
+        );
         let Measured {
             outcomes: outs,
             spread,

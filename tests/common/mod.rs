@@ -144,6 +144,21 @@ pub fn run_to_end(job: &Path, out: &Path, what: &str) -> Output {
     check(mezod_run(job, out), what)
 }
 
+/// `mezod export RUN -o FILE` to its end, and the `.mezo` file it wrote.
+pub fn export_tune_file(run: &Path, file: &Path) -> serde_json::Value {
+    check(
+        mezod()
+            .arg("export")
+            .arg(run)
+            .arg("-o")
+            .arg(file)
+            .output()
+            .unwrap(),
+        "mezod export",
+    );
+    serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap()
+}
+
 /// A finished run's result.json.
 pub fn read_result(run: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap()).unwrap()
