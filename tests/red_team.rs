@@ -777,6 +777,59 @@ fn a_full_disk_pauses_the_daemon_and_space_brings_it_back() {
     assert!(!d.log().contains("corrupt"), "{}", d.log());
 }
 
+/// A worker that ends after the full disk has already failed the job
+/// database (sled's own flush met ENOSPC first) is still seen to end: its job
+/// waits for space instead of showing `running` for good, and resumes
+/// bit-identically once space returns.
+#[test]
+fn a_worker_that_ends_after_the_full_disk_failed_the_database_is_seen_to_end() {
+    let (tmp, _) = arena();
+    let state = Tmpfs::mount(&tmp.path().join("state"), "24m");
+    let config = format!("{CONFIG}disk_reserve_mib: 2\n");
+    let d = Daemon::start(tmp.path(), &config);
+    let long = job_file(tmp.path(), "long", 1500, 3);
+    solo_sha(&long);
+    let id = d.submit(&long);
+    d.wait_steps(id, 10);
+    let started = format!("job {id}: started worker ");
+    let log = d.log();
+    let pid: i32 = log[log.find(&started).expect("the worker's start is logged") + started.len()..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The worker holds still while the disk fills and the database fails.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let mut fillers = state.fill();
+    d.wait_until("status to say the disk is full", |d| {
+        daemon_status(&d.socket())["mode"]
+            .as_str()
+            .unwrap()
+            .contains("DISK FULL")
+    });
+    fillers.extend(state.fill());
+    d.wait_until("the database to fail on the full disk", |d| {
+        d.log()
+            .lines()
+            .any(|l| l.contains("ERROR mezod_core::daemon::server:") && l.contains("StorageFull"))
+    });
+    assert_eq!(d.job(id)["state"], "running");
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    d.wait_until("the job to stop on the full disk", |d| {
+        d.job(id)["state"] == "queued"
+    });
+    let rec = d.job(id);
+    assert!(rec["reason"].as_str().unwrap().contains("disk"), "{rec:#}");
+    assert_eq!(rec["failures"], 0, "{rec:#}");
+
+    for f in &fillers {
+        std::fs::remove_file(f).unwrap();
+    }
+    assert_eq!(d.wait_done(id)["state"], "done", "{:#}", d.job(id));
+    d.assert_same_weights(id, &long, "resumed bit-identically after the full disk");
+}
+
 // ---- the owner's own processes are hostile (issue 24 cases 1, 3, 4, 6, 7, 8) ----
 
 /// An attacker with only perl: find this user's own process whose command

@@ -484,11 +484,21 @@ impl Daemon {
         Ok(())
     }
 
+    /// A worker has ended: its job's next state, whatever the database can
+    /// take.  On a full disk the job database may already have failed (sled's
+    /// own flush met ENOSPC), and then the usage charge fails too; the exit
+    /// is still recorded (in the table's index, written again on reopen),
+    /// or its job would show `running` with no worker for good.
     pub(super) fn on_exit(&mut self, id: u64, status: ExitStatus) -> Result<()> {
-        self.charge_usage()?;
-        let Some(mut r) = self.running.remove(&id) else {
-            return Ok(());
+        let charged = self.charge_usage();
+        let Some(r) = self.running.remove(&id) else {
+            return charged;
         };
+        let recorded = self.record_exit(id, r, status);
+        recorded.and(charged)
+    }
+
+    fn record_exit(&mut self, id: u64, mut r: Running, status: ExitStatus) -> Result<()> {
         if let Some(cg) = r.cgroup.take() {
             // Whatever the worker left behind (a child it started with
             // setsid) ends with it.
@@ -512,7 +522,14 @@ impl Daemon {
         let Some(mut job) = self.table.get(id)? else {
             return Ok(());
         };
-        job.steps_done = r.log.contiguous_len()?;
+        match r.log.contiguous_len() {
+            Ok(n) => job.steps_done = n,
+            // The steps counted as they came stand (a resume reads the log).
+            Err(e) => {
+                tracing::error!("job {id}: reading its step log: {e:#}");
+                self.db_failed = true;
+            }
+        }
         let code = status.code();
         if !status.success() {
             // Measure now: a worker that filled the disk has just failed on it.
