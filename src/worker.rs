@@ -2,7 +2,9 @@
 //! job file's text and the step records already logged come on stdin from the
 //! daemon; the job runs with a step log whose new records go to stdout, one
 //! line each, for the daemon to make durable (the protocol is in
-//! `mezod_core::daemon::worker`).
+//! `mezod_core::daemon::worker`).  A replicated job's workers get torchrun's
+//! variables from the daemon: the leader (rank 0) logs through the pipe, the
+//! followers get only the job file and send no records.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -10,6 +12,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 
+use crate::replicas::launch_env::LaunchEnv;
+use crate::run::replica::run_as_replica;
 use crate::run::seedlog::{StepLog, StepRecord};
 use crate::run::{run_with_log, Outcome, RunOptions};
 use mezod_core::daemon::worker::{
@@ -115,7 +119,14 @@ fn run_job(text: &str, records: Vec<StepRecord>, args: WorkerArgs) -> Result<Exi
         job_file: None,
         snapshot_dir: None,
     };
-    match run_with_log(spec, &args.out, &opts, Box::new(log))? {
+    // A replicated job's workers: the daemon sets torchrun's variables.
+    let outcome = match LaunchEnv::from_env()? {
+        Some(env) if env.world > 1 => {
+            run_as_replica(spec, &args.out, &opts, &env, |_| Ok(Box::new(log)))?
+        }
+        _ => run_with_log(spec, &args.out, &opts, Box::new(log))?,
+    };
+    match outcome {
         Outcome::Completed(r) => {
             tracing::info!(
                 "done: {} steps, dev {} best {} (step {})",
@@ -130,7 +141,7 @@ fn run_job(text: &str, records: Vec<StepRecord>, args: WorkerArgs) -> Result<Exi
             }
             Ok(ExitCode::SUCCESS)
         }
-        // A daemon's worker runs no replicas (yet); a follower reports nothing.
+        // A following replica: the leader reports for the job.
         Outcome::Followed { .. } => Ok(ExitCode::SUCCESS),
         Outcome::Interrupted { step, signal } => {
             tracing::info!("stopped after step {step} (signal {signal}); the daemon resumes it");

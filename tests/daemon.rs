@@ -8,6 +8,7 @@ use common::*;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
 
 use std::time::{Duration, Instant};
 
@@ -466,6 +467,8 @@ fn a_crash_between_recording_and_moving_a_file_never_starts_it_twice() {
                 estimate_bytes: 1 << 30,
                 peak_bytes: 0,
                 preemptions: 0,
+                replica_counts: vec![],
+                replicas: 0,
             })
             .unwrap();
     }
@@ -693,5 +696,101 @@ fn a_done_jobs_status_carries_the_paired_test_comparison() {
             && shown.contains("% CI")
             && shown.contains(&format!("n {n})")),
         "{shown}"
+    );
+}
+
+/// A job file of `replicas` replicas (`parallel:`), each step's directions
+/// shared among them: `directions` defaults to the replicas.
+fn replicated_job(dir: &Path, name: &str, steps: u64, seed: u64, parallel: &str) -> PathBuf {
+    let job = job_file(dir, name, steps, seed);
+    let text = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(&job, format!("parallel: {parallel}\n{text}")).unwrap();
+    job
+}
+
+/// The rank a worker was given (torchrun's `RANK`), from its environment.
+fn rank_of(pid: u32) -> Option<usize> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    environ
+        .split(|&b| b == 0)
+        .find_map(|kv| kv.strip_prefix(b"RANK="))
+        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+}
+
+/// The daemon admits a 2-replica job to two CPU slots, runs its two
+/// workers (torchrun's variables, one port), and when one replica is
+/// killed stops the other, queues the job again and resumes it: the
+/// weights are those of the job run alone (and of one process with its
+/// two directions).
+#[test]
+fn a_replicated_job_is_admitted_run_and_requeued_when_a_replica_dies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = replicated_job(tmp.path(), "pair", 240, 5, "{replicas: 2}");
+    let expected = solo_sha(&job);
+    let d = Daemon::start(tmp.path(), &CONFIG.replace("cpu_slots: 1", "cpu_slots: 2"));
+    let id = d.submit(&job);
+    d.wait_steps(id, 40);
+    let rec = d.job(id);
+    assert_eq!(rec["replicas"], 2, "{rec:#}");
+    assert_eq!(rec["reason"], "running on CPU (2 replicas)", "{rec:#}");
+    let run = d.job_dir(id).join("run");
+    let pids = worker_pids(&run);
+    assert_eq!(pids.len(), 2, "one worker per replica");
+    let mut ranks: Vec<usize> = pids.iter().filter_map(|&p| rank_of(p)).collect();
+    ranks.sort();
+    assert_eq!(ranks, [0, 1]);
+    let follower = *pids.iter().find(|&&p| rank_of(p) == Some(1)).unwrap();
+    unsafe { libc::kill(follower as i32, libc::SIGKILL) };
+
+    let rec = d.wait_done(id);
+    assert_eq!(rec["state"], "done", "{rec:#}");
+    assert_eq!(rec["attempts"], 2, "{rec:#}");
+    assert_eq!(rec["failures"], 1, "{rec:#}");
+    assert_eq!(d.weights_sha(id), expected, "bit for bit the job run alone");
+    assert!(
+        d.log().contains(&format!(
+            "job {id}: replica 1 ended (worker was killed by signal 9): stopping the others"
+        )),
+        "{}",
+        d.log()
+    );
+    let log = std::fs::read_to_string(d.job_dir(id).join("worker.log")).unwrap();
+    assert!(log.contains("--- attempt 2 on CPU, CPU"), "{log}");
+    // Only the leader logs steps: the seed log has each step once.
+    let steps = metrics_steps(&run);
+    assert_eq!(steps.len(), 240);
+}
+
+/// More replicas than CPU slots never start; with `elastic: true` the job
+/// runs on the slots there are once it has waited `elastic_wait_s`, and
+/// computes the same bits.
+#[test]
+fn replicas_past_the_slots_fail_at_once_unless_elastic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixed = replicated_job(tmp.path(), "fixed", 30, 6, "{replicas: 2}");
+    let elastic = replicated_job(tmp.path(), "elastic", 60, 6, "{replicas: 2, elastic: true}");
+    let expected = solo_sha(&elastic);
+    let d = Daemon::start(tmp.path(), &format!("{CONFIG}elastic_wait_s: 0\n"));
+    let id = d.submit(&fixed);
+    let rec = d.wait_done(id);
+    assert_eq!(rec["state"], "failed", "{rec:#}");
+    assert!(
+        rec["reason"]
+            .as_str()
+            .unwrap()
+            .contains("its 2 replicas need a pool each, and the daemon has 1 CPU slots"),
+        "{rec:#}"
+    );
+    let id = d.submit(&elastic);
+    let rec = d.wait_done(id);
+    assert_eq!(rec["state"], "done", "{rec:#}");
+    assert!(
+        rec.get("replicas").is_none_or(|r| r == 0),
+        "one process: {rec:#}"
+    );
+    assert_eq!(
+        d.weights_sha(id),
+        expected,
+        "one process computes what two do"
     );
 }

@@ -123,6 +123,11 @@ pub struct ParallelSpec {
     /// Processes, each on a device of its own (torchrun's or Slurm's count
     /// wins when one of them starts mezod).
     pub replicas: usize,
+    /// A daemon may run (or resume) the job with fewer replicas once it has
+    /// waited long for `replicas` pools (the daemon's `elastic_wait_s`):
+    /// each step computes the same bits with any count, only slower.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub elastic: bool,
 }
 
 /// The most replicas one job may have (as many as its directions).
@@ -1042,6 +1047,22 @@ impl JobSpec {
         Ok(())
     }
 
+    /// The replica counts a daemon may run the job with, preferred first:
+    /// `parallel.replicas`, then with `elastic: true` every smaller count
+    /// that shares the directions evenly (down to one process).
+    pub fn replica_counts(&self) -> Vec<usize> {
+        let Some(p) = self.parallel.filter(|p| p.replicas > 1) else {
+            return vec![1];
+        };
+        if !p.elastic {
+            return vec![p.replicas];
+        }
+        (1..=p.replicas)
+            .rev()
+            .filter(|&k| self.check_replicas(k).is_ok())
+            .collect()
+    }
+
     /// Whether `replicas` processes can share this job's steps: each
     /// measures the same number of its directions, and the estimator is one
     /// whose directions are shared.
@@ -1463,6 +1484,17 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("between 1 and 64"), "{e}");
+        assert_eq!(two.replica_counts(), vec![2]);
+        assert_eq!(alone.replica_counts(), vec![1]);
+        let elastic = JobSpec::parse(
+            &format!(
+                "parallel: {{replicas: 4, elastic: true}}\n{}",
+                MINIMAL.replace("seed: 7}", "seed: 7, directions: 8}")
+            ),
+            Path::new("/j"),
+        )
+        .unwrap();
+        assert_eq!(elastic.replica_counts(), vec![4, 2, 1], "each divides 8");
     }
 
     /// `export:` is `final` unless asked, and changing it changes no step.

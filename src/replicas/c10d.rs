@@ -28,7 +28,7 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::ptr::NonNull;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 
 use super::launch_env::LaunchEnv;
 
@@ -116,17 +116,24 @@ fn is_timeout_message(message: &str) -> bool {
 fn join_error(env: &LaunchEnv, timeout: Duration, message: &str) -> anyhow::Error {
     let (r, w) = (env.rank, env.world);
     let store = format!("{}:{}", env.master_addr, env.master_port);
-    if is_timeout_message(message) {
-        anyhow!(
+    transport(if is_timeout_message(message) {
+        format!(
             "no answer from the other replicas within {} (rank {r} of {w}, store at {store}): \
              {message} (c10d/Gloo)",
             seconds(timeout)
         )
     } else {
-        anyhow!(
+        format!(
             "rank {r} of {w} could not join the other replicas at {store}: {message} (c10d/Gloo)"
         )
-    }
+    })
+}
+
+/// A failure of the replicas' connections, as an I/O error: not the job's
+/// own (a replica died, was stopped, or the network failed), so a daemon
+/// runs the job again instead of failing it (see `is_transient`).
+fn transport(message: String) -> anyhow::Error {
+    std::io::Error::new(std::io::ErrorKind::ConnectionAborted, message).into()
 }
 
 /// Gloo's words for a peer whose sockets closed: the process died or exited.
@@ -286,20 +293,22 @@ impl Group {
         self.broken.set(true);
         let message = shim_message(err);
         let (r, w) = (self.rank, self.world);
-        Err(if rc == ERR_TIMEOUT || is_timeout_message(&message) {
-            anyhow!(
+        Err(transport(
+            if rc == ERR_TIMEOUT || is_timeout_message(&message) {
+                format!(
                 "no answer from the other replicas within {} (rank {r} of {w}, {what}): {message} \
                  (c10d/Gloo)",
                 seconds(self.timeout)
             )
-        } else if peer_gone(&message) && w == 2 {
-            anyhow!("replica {} of {w} has gone: {message} (c10d/Gloo)", 1 - r)
-        } else if peer_gone(&message) {
-            // Gloo names the peer's address, not its rank.
-            anyhow!("a replica of {w} has gone (seen by rank {r}): {message} (c10d/Gloo)")
-        } else {
-            anyhow!("{what} failed on rank {r} of {w}: {message} (c10d/Gloo)")
-        })
+            } else if peer_gone(&message) && w == 2 {
+                format!("replica {} of {w} has gone: {message} (c10d/Gloo)", 1 - r)
+            } else if peer_gone(&message) {
+                // Gloo names the peer's address, not its rank.
+                format!("a replica of {w} has gone (seen by rank {r}): {message} (c10d/Gloo)")
+            } else {
+                format!("{what} failed on rank {r} of {w}: {message} (c10d/Gloo)")
+            },
+        ))
     }
 }
 

@@ -34,7 +34,7 @@ fn timeout() -> Duration {
 }
 
 /// Run (or resume) the job in `spec_path` into `out` as the replica `env`
-/// describes.
+/// describes (`mezod run` under a launcher).
 pub fn run_replica(
     spec_path: &Path,
     out: &Path,
@@ -42,6 +42,26 @@ pub fn run_replica(
     env: &LaunchEnv,
 ) -> Result<Outcome> {
     let spec = JobSpec::load(spec_path)?;
+    let opts = RunOptions {
+        job_file: Some(spec_path.to_path_buf()),
+        ..opts.clone()
+    };
+    run_as_replica(spec, out, &opts, env, |opts| {
+        Ok(Box::new(open_run_folder(out, opts)?))
+    })
+}
+
+/// Run `spec` into `out` as the replica `env` describes.  The leader's step
+/// log is `leader_log`'s (the run folder's seed log for `mezod run`, the
+/// daemon's pipe for a daemon's worker); a follower keeps its records in
+/// memory and never calls it.
+pub fn run_as_replica(
+    spec: JobSpec,
+    out: &Path,
+    opts: &RunOptions,
+    env: &LaunchEnv,
+    leader_log: impl FnOnce(&RunOptions) -> Result<Box<dyn StepLog>>,
+) -> Result<Outcome> {
     spec.check_replicas(env.world)
         .with_context(|| format!("{} replicas were started", env.world))?;
     let asked = spec.parallel.map_or(1, |p| p.replicas);
@@ -54,18 +74,15 @@ pub fn run_replica(
             env.world
         );
     }
-    let mut opts = RunOptions {
-        job_file: Some(spec_path.to_path_buf()),
-        ..opts.clone()
-    };
+    let mut opts = opts.clone();
     if opts.device.is_none() && spec.model.device.is_gpu() {
         // Each replica on a GPU of its own: the launcher's local rank.
         opts.device = Some(DeviceRef::Cuda(env.local_rank));
     }
     if env.rank == 0 {
-        let log = open_run_folder(out, &opts)?;
+        let log = leader_log(&opts)?;
         let replicas = join(env)?;
-        return run_shared(spec, out, &opts, Box::new(log), Some(replicas));
+        return run_shared(spec, out, &opts, log, Some(replicas));
     }
     let own = out.join(FOLLOWERS).join(env.rank.to_string());
     let _ = std::fs::remove_dir_all(&own);

@@ -136,6 +136,10 @@ pub struct Candidate {
     pub owner: u32,
     /// Its owner's recent usage (fair share: at equal priority, less goes first).
     pub usage: f64,
+    /// How many processes it may start as, preferred first: `[1]` for a job
+    /// of one process; a replicated job's count (each replica needs a pool
+    /// of its own: a GPU, or a CPU slot), then the fewer it may run with now.
+    pub replicas: Vec<usize>,
 }
 
 /// A job of ours that holds (or is about to hold) memory in a pool.
@@ -175,9 +179,10 @@ pub struct Resources {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
+    /// Start it: one process per pool listed (the leader's first).
     Admit {
         id: u64,
-        pool: Pool,
+        pools: Vec<Pool>,
     },
     Wait {
         id: u64,
@@ -201,6 +206,8 @@ struct PoolState {
     /// Room if all our jobs now running here finished.
     room_if_ours_finish: i128,
     slots: usize,
+    /// Its slots when none is taken.
+    slots_in_all: usize,
 }
 
 fn pools(res: &Resources, placed: &[Placed]) -> Vec<PoolState> {
@@ -214,6 +221,7 @@ fn pools(res: &Resources, placed: &[Placed]) -> Vec<PoolState> {
             room: g.free_bytes as i128 - res.margin as i128,
             room_if_ours_finish: g.free_bytes as i128 - res.margin as i128,
             slots: res.jobs_per_gpu,
+            slots_in_all: res.jobs_per_gpu,
         })
         .collect();
     out.push(PoolState {
@@ -223,6 +231,7 @@ fn pools(res: &Resources, placed: &[Placed]) -> Vec<PoolState> {
         room: res.cpu_available as i128 - res.margin as i128,
         room_if_ours_finish: res.cpu_available as i128 - res.margin as i128,
         slots: res.cpu_slots,
+        slots_in_all: res.cpu_slots,
     });
     for p in placed {
         if let Some(s) = out.iter_mut().find(|s| s.pool == p.pool) {
@@ -332,8 +341,12 @@ pub(crate) fn plan(queue: &[Candidate], placed: &[Placed], res: &Resources) -> V
     let mut shares = GpuShares::new(res, placed);
     let mut heads: [Option<Head>; 2] = [None, None]; // [cpu, gpu]
     let mut running: HashMap<u32, usize> = HashMap::new();
+    let mut counted = std::collections::HashSet::new();
     for p in placed {
-        *running.entry(p.owner).or_default() += 1;
+        // A replicated job is one job, however many pools it holds.
+        if counted.insert(p.id) {
+            *running.entry(p.owner).or_default() += 1;
+        }
     }
     let mut out = Vec::new();
     for c in order {
@@ -366,6 +379,10 @@ pub(crate) fn plan(queue: &[Candidate], placed: &[Placed], res: &Resources) -> V
             });
             continue;
         }
+        if let Some(never) = too_few_pools(c, &kind, &pools) {
+            out.push(never);
+            continue;
+        }
         let biggest = kind.iter().map(|&i| pools[i].total).max().unwrap_or(0);
         if c.estimate.saturating_add(res.margin) > biggest {
             out.push(Decision::Never {
@@ -395,31 +412,28 @@ pub(crate) fn plan(queue: &[Candidate], placed: &[Placed], res: &Resources) -> V
             continue;
         }
         let head = &mut heads[c.wants_gpu as usize];
-        // Among the pools with room and a free slot, the one with the most room;
-        // the head's pool only if the head keeps its room.
-        let fits = |i: usize, head: &Option<Head>| {
-            let p = &pools[i];
-            p.slots > 0
-                && p.room >= need
-                && head
-                    .as_ref()
-                    .is_none_or(|h| h.pool != i || h.protected_room - need >= h.estimate as i128)
+        // The head's pool takes `need` more only if the head keeps its room.
+        let fits_head = |i: usize, need: i128, head: &Option<Head>| {
+            head.as_ref()
+                .is_none_or(|h| h.pool != i || h.protected_room - need >= h.estimate as i128)
         };
-        if let Some(&i) = kind
+        let seats = c
+            .replicas
             .iter()
-            .filter(|&&i| fits(i, head))
-            .max_by_key(|&&i| pools[i].room)
-        {
-            pools[i].room -= need;
-            pools[i].slots -= 1;
-            shares.add(c.owner, &pools[i].pool, c.estimate);
-            if let Some(h) = head.as_mut().filter(|h| h.pool == i) {
-                h.protected_room -= need;
+            .find_map(|&k| seats_for(k, &kind, &pools, need, &|i, need| fits_head(i, need, head)));
+        if let Some(seats) = seats {
+            for &i in &seats {
+                pools[i].room -= need;
+                pools[i].slots -= 1;
+                shares.add(c.owner, &pools[i].pool, c.estimate);
+                if let Some(h) = head.as_mut().filter(|h| h.pool == i) {
+                    h.protected_room -= need;
+                }
             }
             *running.entry(c.owner).or_default() += 1;
             out.push(Decision::Admit {
                 id: c.id,
-                pool: pools[i].pool.clone(),
+                pools: seats.iter().map(|&i| pools[i].pool.clone()).collect(),
             });
             continue;
         }
@@ -427,14 +441,16 @@ pub(crate) fn plan(queue: &[Candidate], placed: &[Placed], res: &Resources) -> V
             .iter()
             .max_by_key(|&&i| (pools[i].room, pools[i].slots))
             .expect("kind is not empty");
+        let why = match c.replicas.as_slice() {
+            [1] => why_not(&pools[best], need),
+            counts => why_not_replicas(counts, &kind, &pools, need),
+        };
         let reason = match head {
             Some(h) => format!(
-                "waiting behind job {} (first in line; {} stays reserved for it); {}",
-                h.id,
-                pools[h.pool].label,
-                why_not(&pools[best], need)
+                "waiting behind job {} (first in line; {} stays reserved for it); {why}",
+                h.id, pools[h.pool].label,
             ),
-            None => why_not(&pools[best], need),
+            None => why,
         };
         if head.is_none() {
             let target = *kind
@@ -451,6 +467,84 @@ pub(crate) fn plan(queue: &[Candidate], placed: &[Placed], res: &Resources) -> V
         out.push(Decision::Wait { id: c.id, reason });
     }
     out
+}
+
+/// Where `k` processes of a job needing `need` each would go now, the
+/// roomiest first (among pools where `head_allows` the room taken): `k`
+/// GPUs of their own, or `k` slots of the CPU.  None if they do not fit.
+fn seats_for(
+    k: usize,
+    kind: &[usize],
+    pools: &[PoolState],
+    need: i128,
+    head_allows: &dyn Fn(usize, i128) -> bool,
+) -> Option<Vec<usize>> {
+    let mut fitting: Vec<usize> = kind
+        .iter()
+        .copied()
+        .filter(|&i| pools[i].slots > 0 && pools[i].room >= need && head_allows(i, need))
+        .collect();
+    fitting.sort_by_key(|&i| std::cmp::Reverse(pools[i].room));
+    if fitting.len() >= k {
+        return Some(fitting[..k].to_vec());
+    }
+    // The CPU is one pool of several slots: the replicas share its memory.
+    let cpu = kind.iter().copied().find(|&i| pools[i].pool == Pool::Cpu)?;
+    let all = need * k as i128;
+    (k > 1 && pools[cpu].slots >= k && pools[cpu].room >= all && head_allows(cpu, all))
+        .then(|| vec![cpu; k])
+}
+
+/// A replicated job that no number of its pools could ever take: more
+/// replicas than GPUs, or than CPU slots.
+fn too_few_pools(c: &Candidate, kind: &[usize], pools: &[PoolState]) -> Option<Decision> {
+    let fewest = c.replicas.iter().copied().min().unwrap_or(1);
+    if fewest <= 1 {
+        return None;
+    }
+    let (have, what) = match kind {
+        [i] if pools[*i].pool == Pool::Cpu => (pools[*i].slots_in_all, "CPU slots (cpu_slots)"),
+        _ => (kind.len(), "GPUs to use"),
+    };
+    (have < fewest).then(|| Decision::Never {
+        id: c.id,
+        reason: format!(
+            "its {fewest} replicas need a pool each, and the daemon has {have} {what}; \
+             lower parallel.replicas{}",
+            if c.replicas.len() > 1 {
+                ""
+            } else {
+                " or set parallel.elastic: true"
+            }
+        ),
+    })
+}
+
+/// Why a replicated job waits: how many pools it needs with how much room,
+/// and how many have it now.
+fn why_not_replicas(counts: &[usize], kind: &[usize], pools: &[PoolState], need: i128) -> String {
+    let ready = kind
+        .iter()
+        .filter(|&&i| pools[i].slots > 0 && pools[i].room >= need)
+        .count();
+    let wanted = match counts {
+        [k] => k.to_string(),
+        [k, .., least] => format!("{k} (or at least {least})"),
+        [] => "1".into(),
+    };
+    match kind {
+        [i] if pools[*i].pool == Pool::Cpu => format!(
+            "its {wanted} replicas need a CPU slot and {} each; the CPU has {} free slot(s) and {} \
+             free after reservations and margin",
+            human_bytes(need as u64),
+            pools[*i].slots,
+            human_bytes(pools[*i].room.max(0) as u64)
+        ),
+        _ => format!(
+            "its {wanted} replicas need a GPU each with {} free; {ready} GPU(s) have that now",
+            human_bytes(need as u64)
+        ),
+    }
 }
 
 /// When a waiting job may stop running ones to make room.
@@ -490,9 +584,12 @@ pub fn preemption(
     let mut shares = GpuShares::new(res, placed);
     // What this turn admits is no longer room.
     for d in decisions {
-        if let Decision::Admit { id, pool } = d {
-            let c = queue.iter().find(|c| c.id == *id);
-            let est = c.map_or(0, |c| c.estimate);
+        let Decision::Admit { id, pools: seats } = d else {
+            continue;
+        };
+        let c = queue.iter().find(|c| c.id == *id);
+        let est = c.map_or(0, |c| c.estimate);
+        for pool in seats {
             if let Some(c) = c {
                 shares.add(c.owner, pool, est);
             }
@@ -502,9 +599,11 @@ pub fn preemption(
             }
         }
     }
+    // A replicated job waits for its pools without stopping others: which
+    // set of jobs to stop across several pools is not planned here.
     for c in in_order(queue)
         .into_iter()
-        .filter(|c| waiting.contains(&c.id))
+        .filter(|c| waiting.contains(&c.id) && c.replicas == [1])
     {
         let mut best: Option<Vec<&Placed>> = None;
         for s in pools.iter().filter(|s| {
@@ -534,7 +633,14 @@ pub fn preemption(
             }
         }
         if let Some(victims) = best {
-            return Some((c.id, victims.iter().map(|p| p.id).collect()));
+            // A replicated victim holds a slot in each of its pools.
+            let mut seen = std::collections::HashSet::new();
+            let ids: Vec<u64> = victims
+                .iter()
+                .map(|p| p.id)
+                .filter(|id| seen.insert(*id))
+                .collect();
+            return Some((c.id, ids));
         }
     }
     None
@@ -619,13 +725,17 @@ mod tests {
             wants_gpu: true,
             owner: 1000,
             usage: 0.0,
+            replicas: vec![1],
         }
     }
 
     fn admitted(d: &[Decision]) -> Vec<(u64, Pool)> {
         d.iter()
             .filter_map(|d| match d {
-                Decision::Admit { id, pool } => Some((*id, pool.clone())),
+                Decision::Admit { id, pools } => {
+                    assert_eq!(pools.len(), 1, "a job of one process takes one pool");
+                    Some((*id, pools[0].clone()))
+                }
                 _ => None,
             })
             .collect()
@@ -768,6 +878,124 @@ mod tests {
         // Memory, not slots, limits here: 16 − 1 margin = 15 GB.
         let d = plan(&[cpu(1, 10), cpu(2, 10)], &[], &r);
         assert_eq!(admitted(&d).len(), 1);
+    }
+
+    /// A replicated job's pools: `k` GPUs of their own (the roomiest), or
+    /// `k` CPU slots with room for all; fewer pools than replicas is never.
+    #[test]
+    fn replicas_take_a_pool_each_or_wait_for_enough() {
+        let two = |id, g| Candidate {
+            replicas: vec![2],
+            ..job(id, g)
+        };
+        let pools_of = |d: &Decision| match d {
+            Decision::Admit { pools, .. } => pools.clone(),
+            other => panic!("{other:?}"),
+        };
+        let three_gpus = res(vec![gpu(0, 80, 30), gpu(1, 80, 70), gpu(2, 80, 50)]);
+        let d = plan(&[two(1, 20)], &[], &three_gpus);
+        assert_eq!(
+            pools_of(&d[0]),
+            vec![Pool::Gpu("GPU-1".into()), Pool::Gpu("GPU-2".into())],
+            "the two roomiest, the leader on the roomiest"
+        );
+        // Only one GPU has room for a replica of 50 (and the margin): it
+        // waits, and says why.
+        let d = plan(&[two(1, 50)], &[], &three_gpus);
+        match &d[0] {
+            Decision::Wait { reason, .. } => assert!(
+                reason.contains("its 2 replicas need a GPU each with 50.00 GiB free; 1 GPU(s)"),
+                "{reason}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // Four replicas on three GPUs can never start.
+        let four = Candidate {
+            replicas: vec![4],
+            ..job(1, 1)
+        };
+        match &plan(&[four.clone()], &[], &three_gpus)[0] {
+            Decision::Never { reason, .. } => {
+                assert!(reason.contains("the daemon has 3 GPUs to use"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // Elastic: it may start with fewer when the daemon offers them.
+        let fewer = Candidate {
+            replicas: vec![4, 2, 1],
+            ..four
+        };
+        assert_eq!(pools_of(&plan(&[fewer], &[], &three_gpus)[0]).len(), 2);
+
+        // The CPU: a slot and the memory of one replica each.
+        let cpu = |id, g, k| Candidate {
+            wants_gpu: false,
+            replicas: vec![k],
+            ..job(id, g)
+        };
+        let mut r = res(vec![]);
+        r.cpu_slots = 2;
+        assert_eq!(
+            pools_of(&plan(&[cpu(1, 4, 2)], &[], &r)[0]),
+            vec![Pool::Cpu; 2]
+        );
+        // 2 × 10 GiB does not fit in 15 GiB of room.
+        assert!(matches!(
+            plan(&[cpu(1, 10, 2)], &[], &r)[0],
+            Decision::Wait { .. }
+        ));
+        // One slot taken: the second replica has none.
+        let busy = [Placed {
+            id: 7,
+            owner: 5,
+            priority: 0,
+            running_for_s: 0,
+            stopping: false,
+            pool: Pool::Cpu,
+            estimate: GIB,
+            usage: GIB,
+        }];
+        match &plan(&[cpu(1, 1, 2)], &busy, &r)[0] {
+            Decision::Wait { reason, .. } => {
+                assert!(reason.contains("the CPU has 1 free slot(s)"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        match &plan(&[cpu(1, 1, 3)], &[], &r)[0] {
+            Decision::Never { reason, .. } => {
+                assert!(reason.contains("2 CPU slots (cpu_slots)"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A replicated job is one job against `running_per_user`, however many
+    /// pools it holds.
+    #[test]
+    fn a_replicated_job_counts_once_against_the_running_limit() {
+        let mut r = res(vec![gpu(0, 80, 80), gpu(1, 80, 80)]);
+        r.running_per_user = Some(2);
+        let replica = |pool: &str| Placed {
+            id: 1,
+            owner: 1000,
+            priority: 0,
+            running_for_s: 0,
+            stopping: false,
+            pool: Pool::Gpu(pool.into()),
+            estimate: GIB,
+            usage: GIB,
+        };
+        let placed = [replica("GPU-0"), replica("GPU-1")];
+        assert_eq!(admitted(&plan(&[job(2, 1)], &placed, &r)).len(), 1);
+        let placed = [
+            replica("GPU-0"),
+            replica("GPU-1"),
+            Placed {
+                id: 3,
+                ..replica("GPU-0")
+            },
+        ];
+        assert!(admitted(&plan(&[job(2, 1)], &placed, &r)).is_empty());
     }
 
     /// A pool is text in a job record, as it was when records held strings.

@@ -26,6 +26,8 @@
 //! preemption: false                # stop lower-priority jobs for a waiting one
 //! preemption_gap: 1                # by at least this much priority
 //! preemption_min_run_s: 300        # a job runs this long before it can be preempted
+//! elastic_wait_s: 600              # a job with parallel.elastic: true waits this long
+//!                                  # for all its replicas' pools, then starts with fewer
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -95,6 +97,10 @@ pub struct DaemonConfig {
     /// A job runs at least this long before it can be preempted (again), so
     /// that jobs do not thrash.
     pub preemption_min_run_s: u64,
+    /// How long a job with `parallel: {elastic: true}` waits for a pool per
+    /// replica before it may start with fewer (it computes the same bits,
+    /// more slowly).
+    pub elastic_wait_s: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -172,6 +178,7 @@ impl Default for DaemonConfig {
             preemption: false,
             preemption_gap: 1,
             preemption_min_run_s: 300,
+            elastic_wait_s: 600,
         }
     }
 }

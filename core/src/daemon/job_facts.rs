@@ -33,6 +33,9 @@ pub struct JobFacts {
     pub after: Vec<JobRef>,
     /// The program and arguments run when it ends (`notify.command`).
     pub notify: Option<Vec<String>>,
+    /// The replica counts it may run with, preferred first (see
+    /// `JobSpec::replica_counts`); empty for a job of one process.
+    pub replica_counts: Vec<usize>,
 }
 
 impl JobFacts {
@@ -42,6 +45,9 @@ impl JobFacts {
         let spec = JobSpec::parse_with_base(text, None).map_err(|e| format!("{e:#}"))?;
         Ok(Self {
             wants_gpu: spec.model.device.is_gpu(),
+            replica_counts: Some(spec.replica_counts())
+                .filter(|c| c != &[1])
+                .unwrap_or_default(),
             priority: spec.priority,
             steps: spec.mezo.steps,
             summary: spec.summary(),

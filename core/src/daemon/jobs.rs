@@ -66,6 +66,18 @@ pub struct JobRecord {
     /// and queued again (never counted as a failure).
     #[serde(default)]
     pub preemptions: u32,
+    /// How many replicas it may run with (`parallel:`), preferred first;
+    /// empty for a job of one process (and in records of older versions).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replica_counts: Vec<usize>,
+    /// The replicas of its current (or last) attempt, each on a pool of its
+    /// own; 0 for a job of one process.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub replicas: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl JobRecord {
@@ -455,6 +467,8 @@ mod tests {
             estimate_bytes: 0,
             peak_bytes: 0,
             preemptions: 0,
+            replica_counts: vec![],
+            replicas: 0,
         }
     }
 

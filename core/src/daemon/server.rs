@@ -52,7 +52,8 @@ use workers::signal;
 pub enum Event {
     SpoolChanged,
     Signal(i32),
-    Worker(u64, WorkerEvent),
+    /// From job `.0`'s worker of rank `.1` (0: the leader, or its only one).
+    Worker(u64, usize, WorkerEvent),
     Control(Call),
     /// The intake check of a spool file has ended.
     Checked {
@@ -93,10 +94,18 @@ enum StopReason {
     },
 }
 
-/// A job whose worker process is alive.
+/// A job whose worker processes are alive.
 struct Running {
-    worker: worker::WorkerHandle,
-    pool: Pool,
+    /// Its processes, the leader's first: one, or one per replica.
+    workers: Vec<worker::WorkerHandle>,
+    /// The pool of each worker, in the same order.
+    pools: Vec<Pool>,
+    /// How each worker ended, once it has: the job ends when all have.
+    exits: Vec<Option<ExitStatus>>,
+    /// The first worker that ended badly while others still ran (its rank
+    /// and status): a replicated job's end is told by its first failure,
+    /// not by the others stopping because of it.
+    first_failure: Option<(usize, ExitStatus)>,
     estimate: u64,
     stop: Option<StopReason>,
     /// Has reported a step: its process has exec'd and allocated.  Before
@@ -132,11 +141,26 @@ impl Running {
             Some(cg) => {
                 if let Err(e) = cg.kill() {
                     tracing::warn!("killing {}: {e:#}", cg.path().display());
-                    signal(&self.worker, libc::SIGKILL);
+                    self.signal_all(libc::SIGKILL);
                 }
             }
-            None => signal(&self.worker, libc::SIGKILL),
+            None => self.signal_all(libc::SIGKILL),
         }
+    }
+
+    /// Signal every worker of the job that is still running (a SIGTERM
+    /// stops replicas together, after the same step).
+    fn signal_all(&self, sig: i32) {
+        for (w, exit) in self.workers.iter().zip(&self.exits) {
+            if exit.is_none() {
+                signal(w, sig);
+            }
+        }
+    }
+
+    /// How many of its workers run in `pool`.
+    fn holds(&self, pool: &Pool) -> usize {
+        self.pools.iter().filter(|p| *p == pool).count()
     }
 
     fn steps_per_s(&self) -> Option<f64> {
@@ -203,6 +227,8 @@ struct Daemon {
     ledger: super::fair_share::Ledger,
     /// A job's memory could not be read (said once).
     said_memory_unreadable: bool,
+    /// When each replicated job was first seen waiting (for `elastic`).
+    waiting_since: HashMap<u64, Instant>,
     /// Something admission cares about changed (a job queued, a worker
     /// ended, the config reloaded): plan now rather than at the next tick.
     /// (A cancelled queued job frees nothing; the next tick sees it.)
@@ -345,6 +371,7 @@ impl Daemon {
             cgroups: super::cgroup::Cgroups::none("not set up (a daemon under test)".into()),
             ledger,
             said_memory_unreadable: false,
+            waiting_since: HashMap::new(),
             schedule_due: true,
         };
         Ok((daemon, rx))
@@ -630,16 +657,20 @@ impl Daemon {
             }
             Event::Signal(sig) if sig == signal_hook::consts::SIGHUP => self.reload(),
             Event::Signal(sig) => self.shutdown(sig)?,
-            Event::Worker(id, WorkerEvent::Record(rec)) => self.on_record(id, rec)?,
-            Event::Worker(id, WorkerEvent::JobError(message)) => {
+            Event::Worker(id, 0, WorkerEvent::Record(rec)) => self.on_record(id, rec)?,
+            Event::Worker(id, rank, WorkerEvent::Record(_)) => self.on_violation(
+                id,
+                format!("replica {rank} sent a step record, which only the leader (rank 0) sends"),
+            )?,
+            Event::Worker(id, _, WorkerEvent::JobError(message)) => {
                 if let Some(r) = self.running.get_mut(&id) {
-                    r.job_error = Some(message);
+                    r.job_error.get_or_insert(message);
                 }
             }
-            Event::Worker(id, WorkerEvent::Violation(why)) => self.on_violation(id, why)?,
-            Event::Worker(id, WorkerEvent::Exited(status)) => {
+            Event::Worker(id, _, WorkerEvent::Violation(why)) => self.on_violation(id, why)?,
+            Event::Worker(id, rank, WorkerEvent::Exited(status)) => {
                 self.schedule_due = true;
-                self.on_exit(id, status)?
+                self.on_exit(id, rank, status)?
             }
             Event::Checked { name, verdict } => {
                 self.schedule_due = true;
@@ -693,7 +724,7 @@ impl Daemon {
                 .stopping("stopping: workers are saving their state");
             for r in self.running.values_mut() {
                 r.stop.get_or_insert(StopReason::Shutdown);
-                signal(&r.worker, libc::SIGTERM);
+                r.signal_all(libc::SIGTERM);
             }
             return Ok(());
         }
@@ -875,7 +906,7 @@ mod tests {
         }
         assert_eq!(std::fs::read_to_string(told).unwrap(), "GPU-1");
         for r in daemon.running.values() {
-            let _ = r.worker.signal(libc::SIGKILL);
+            r.signal_all(libc::SIGKILL);
         }
     }
 

@@ -152,6 +152,54 @@ pub struct Launch<'a> {
     /// The job's own cgroup, entered before the worker execs (so nothing it
     /// starts escapes a cancel, and its limits hold from its first byte).
     pub cgroup: Option<&'a super::cgroup::JobCgroup>,
+    /// One of a replicated job's processes (none for a job of one process).
+    pub replica: Option<&'a ReplicaSeat>,
+}
+
+/// Which of a replicated job's processes a worker is, in torchrun's terms:
+/// the engine reads `RANK`, `WORLD_SIZE`, `MASTER_ADDR` and `MASTER_PORT` as
+/// it does under torchrun, so a daemon's replicas are the same code.
+#[derive(Debug, Clone)]
+pub struct ReplicaSeat {
+    pub rank: usize,
+    pub world: usize,
+    /// The leader's store, on loopback: one port per attempt.
+    pub port: u16,
+    /// The store's key prefix (`TORCHELASTIC_RUN_ID`): fresh for every
+    /// attempt, so a late process of an earlier one never joins this one,
+    /// and known only to the job's processes (another user cannot read
+    /// their environment), so nobody else can guess the keys they exchange by.
+    pub run_id: String,
+}
+
+impl ReplicaSeat {
+    /// The seats of one attempt of a job with `world` replicas.
+    pub fn attempt(world: usize) -> Result<Vec<ReplicaSeat>> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .context("finding a free port on loopback for the replicas")?
+            .port();
+        let mut secret = [0u8; 16];
+        // SAFETY: getrandom(2) writes at most the buffer's length into it.
+        let n = unsafe { libc::getrandom(secret.as_mut_ptr().cast(), secret.len(), 0) };
+        if n != secret.len() as isize {
+            bail!(
+                "reading 16 random bytes: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        let run_id: String = std::iter::once("mezod-".to_string())
+            .chain(secret.iter().map(|b| format!("{b:02x}")))
+            .collect();
+        Ok((0..world)
+            .map(|rank| ReplicaSeat {
+                rank,
+                world,
+                port,
+                run_id: run_id.clone(),
+            })
+            .collect())
+    }
 }
 
 pub fn encode(rec: &StepRecord) -> String {
@@ -303,6 +351,12 @@ pub(crate) fn input_file(
     Ok((file, n))
 }
 
+/// A following replica's input: the job file alone (the leader sends it the
+/// records it replays).
+pub(crate) fn job_only_input(spec: &str) -> Result<File> {
+    crate::safe_fs::memory_file("mezod-worker-input", &encode_input(spec, &[]))
+}
+
 /// Where a job's log goes: the daemon's own file, appended to by the daemon
 /// from the worker's stderr pipe, up to [`MAX_LOG_BYTES`] for the job.  The
 /// worker never holds a descriptor of a root-owned file.
@@ -365,6 +419,20 @@ pub fn spawn(
     // Its own process group: a Ctrl-C at the daemon's terminal is for the
     // daemon, which then stops each worker at a step boundary.
     .process_group(0);
+    if let Some(seat) = launch.replica {
+        let (rank, world) = (seat.rank.to_string(), seat.world.to_string());
+        cmd.env("RANK", &rank)
+            .env("LOCAL_RANK", &rank)
+            .env("WORLD_SIZE", &world)
+            .env("LOCAL_WORLD_SIZE", &world)
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", seat.port.to_string())
+            .env("TORCHELASTIC_RUN_ID", &seat.run_id);
+        if seat.rank > 0 && std::env::var_os("MEZOD_LOG").is_none() {
+            // The leader speaks for the job; the others say what goes wrong.
+            cmd.env("MEZOD_LOG", "warn");
+        }
+    }
     match launch.gpu {
         Some(g) => {
             cmd.env("CUDA_VISIBLE_DEVICES", &g.uuid)

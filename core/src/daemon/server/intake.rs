@@ -299,6 +299,8 @@ impl Daemon {
             estimate_bytes: accepted.estimate_bytes,
             peak_bytes: 0,
             preemptions: 0,
+            replica_counts: facts.replica_counts,
+            replicas: 0,
         };
         // The record and its claim become durable together, before the file moves.
         let mut claim = id.to_be_bytes().to_vec();

@@ -30,12 +30,14 @@ impl Daemon {
         s.preemptions = Some(preemptions);
         if let Some(res) = &self.resources {
             let ours = |pool: &Pool| {
-                self.running
-                    .values()
-                    .filter(|r| &r.pool == pool)
-                    .fold((0u64, 0u64), |(bytes, n), r| {
-                        (bytes.saturating_add(r.estimate), n + 1)
-                    })
+                self.running.values().fold((0u64, 0u64), |(bytes, n), r| {
+                    // A replicated job reserves its estimate per replica here.
+                    let here = r.holds(pool) as u64;
+                    (
+                        bytes.saturating_add(r.estimate.saturating_mul(here)),
+                        n + u64::from(here > 0),
+                    )
+                })
             };
             for g in &res.gpus {
                 let (reserved_bytes, running_jobs) = ours(&Pool::Gpu(g.uuid.clone()));

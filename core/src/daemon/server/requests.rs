@@ -99,7 +99,7 @@ impl Daemon {
         }
         if let Some(r) = self.running.get_mut(&id) {
             r.stop = Some(StopReason::Cancel { by_uid: peer.uid });
-            signal(&r.worker, libc::SIGTERM);
+            r.signal_all(libc::SIGTERM);
             return Ok(Response::Cancelled {
                 id,
                 state: "cancelling (the worker stops at its next step boundary)".into(),
@@ -360,7 +360,7 @@ impl Daemon {
         let views = jobs.into_iter().map(|job| self.view(job, peer)).collect();
         let (mode, pools) = match &self.resources {
             Some(res) => {
-                let count = |p: &Pool| self.running.values().filter(|r| &r.pool == p).count();
+                let count = |p: &Pool| self.running.values().map(|r| r.holds(p)).sum();
                 let mut pools: Vec<PoolView> = res
                     .gpus
                     .iter()

@@ -4,6 +4,15 @@
 use super::*;
 use crate::daemon::cgroup::{JobCgroup, JobLimits};
 
+/// A job's workers as started: the leader first.
+pub(super) struct Spawned {
+    workers: Vec<worker::WorkerHandle>,
+    /// The steps its seed log held: the leader replays them.
+    steps_done: u64,
+    records: RecordShape,
+    cgroup: Option<JobCgroup>,
+}
+
 impl Daemon {
     // ---- admission ------------------------------------------------------
 
@@ -74,50 +83,70 @@ impl Daemon {
         let mut overran = Vec::new();
         let mut unreadable = false;
         for (&id, r) in self.running.iter() {
-            let usage = match &r.pool {
-                // What a worker has allocated on its GPU is already gone from
-                // the free memory: only the rest of its estimate is reserved,
-                // from its first allocation on.  Read from the same NVML
-                // snapshot as that free memory, so memory allocated between
-                // two reads never counts as both free and allocated.
-                Pool::Gpu(uuid) => res
-                    .gpus
-                    .iter()
-                    .filter(|g| &g.uuid == uuid)
-                    .flat_map(|g| &g.processes)
-                    .filter(|(pid, _)| *pid == r.worker.pid())
-                    .map(|(_, bytes)| bytes)
-                    .sum(),
-                // A job's cgroup holds only its own processes, from its start.
-                Pool::Cpu => match &r.cgroup {
-                    Some(cg) => cg.memory_current().unwrap_or_else(|| {
-                        if !self.said_memory_unreadable {
-                            tracing::warn!(
-                                "the memory of job {id} cannot be read (neither its cgroup's \
-                                 memory.current nor its processes' /proc): jobs' memory is not \
-                                 watched; under systemd without the memory controller in cgroup \
-                                 v2, drop ProtectProc=invisible from the unit"
-                            );
-                        }
-                        unreadable = true;
-                        0
-                    }),
-                    None if r.settled => self.probe.process_memory(r.worker.pid(), &r.pool),
-                    None => 0,
-                },
+            // A job's cgroup holds only its own processes, from its start:
+            // a replicated CPU job's replicas together.
+            let cgroup_usage = |unreadable: &mut bool| match &r.cgroup {
+                Some(cg) => cg.memory_current().unwrap_or_else(|| {
+                    if !self.said_memory_unreadable {
+                        tracing::warn!(
+                            "the memory of job {id} cannot be read (neither its cgroup's \
+                             memory.current nor its processes' /proc): jobs' memory is not \
+                             watched; under systemd without the memory controller in cgroup \
+                             v2, drop ProtectProc=invisible from the unit"
+                        );
+                    }
+                    *unreadable = true;
+                    0
+                }),
+                None => 0,
             };
-            let limit = self.reservation(r.estimate);
+            let on_cpu = r.holds(&Pool::Cpu);
+            let cpu_usage = if on_cpu > 0 && r.cgroup.is_some() {
+                cgroup_usage(&mut unreadable)
+            } else {
+                0
+            };
+            // Each worker's share, in its pool.
+            let usages: Vec<u64> = r
+                .workers
+                .iter()
+                .zip(&r.pools)
+                .map(|(w, pool)| match pool {
+                    // What a worker has allocated on its GPU is already gone from
+                    // the free memory: only the rest of its estimate is reserved,
+                    // from its first allocation on.  Read from the same NVML
+                    // snapshot as that free memory, so memory allocated between
+                    // two reads never counts as both free and allocated.
+                    Pool::Gpu(uuid) => res
+                        .gpus
+                        .iter()
+                        .filter(|g| &g.uuid == uuid)
+                        .flat_map(|g| &g.processes)
+                        .filter(|(pid, _)| *pid == w.pid())
+                        .map(|(_, bytes)| bytes)
+                        .sum(),
+                    Pool::Cpu if r.cgroup.is_some() => cpu_usage / on_cpu as u64,
+                    Pool::Cpu if r.settled => self.probe.process_memory(w.pid(), pool),
+                    Pool::Cpu => 0,
+                })
+                .collect();
+            let usage: u64 = usages.iter().sum();
+            let limit = self.reservation(r.estimate) * r.workers.len() as u64;
             if usage > limit && r.violation.is_none() {
                 overran.push((
                     id,
                     format!(
                         "it used {}, more than the {} it reserved (its estimate {} plus the {} \
-                         margin): stopped so that it cannot take the memory of the jobs \
+                         margin{}): stopped so that it cannot take the memory of the jobs \
                          beside it",
                         human_bytes(usage),
                         human_bytes(limit),
                         human_bytes(r.estimate),
-                        human_bytes(self.cfg.margin_bytes())
+                        human_bytes(self.cfg.margin_bytes()),
+                        match r.workers.len() {
+                            1 => String::new(),
+                            n => format!(", for each of its {n} replicas"),
+                        }
                     ),
                 ));
             }
@@ -129,16 +158,18 @@ impl Daemon {
                     self.table.put(&job)?;
                 }
             }
-            placed.push(Placed {
-                id,
-                owner: r.owner,
-                priority,
-                running_for_s: r.since.elapsed().as_secs(),
-                stopping: r.stop.is_some() || r.violation.is_some(),
-                pool: r.pool.clone(),
-                estimate: r.estimate,
-                usage,
-            });
+            for (pool, usage) in r.pools.iter().zip(usages) {
+                placed.push(Placed {
+                    id,
+                    owner: r.owner,
+                    priority,
+                    running_for_s: r.since.elapsed().as_secs(),
+                    stopping: r.stop.is_some() || r.violation.is_some(),
+                    pool: pool.clone(),
+                    estimate: r.estimate,
+                    usage,
+                });
+            }
         }
         self.said_memory_unreadable |= unreadable;
         for (id, why) in overran {
@@ -171,6 +202,7 @@ impl Daemon {
                 self.set_reason(job.id, why.clone())?;
                 continue;
             }
+            let replicas = self.replicas_now(&job);
             queue.push(Candidate {
                 id: job.id,
                 priority: job.priority,
@@ -178,8 +210,11 @@ impl Daemon {
                 wants_gpu: job.wants_gpu,
                 owner: job.owner_uid,
                 usage: self.ledger.usage(job.owner_uid, now_f64()),
+                replicas,
             });
         }
+        self.waiting_since
+            .retain(|id, _| queue.iter().any(|c| c.id == *id));
         if let Some(why) = self.disk.low_for_jobs().map(str::to_string) {
             self.resources = Some(res);
             for c in queue {
@@ -241,12 +276,33 @@ impl Daemon {
         }
         for d in decisions {
             match d {
-                Decision::Admit { id, pool } => self.start(id, pool)?,
+                Decision::Admit { id, pools } => self.start(id, pools)?,
                 Decision::Wait { id, reason } => self.set_reason(id, reason)?,
                 Decision::Never { id, reason } => self.fail(id, &reason, false)?,
             }
         }
         Ok(())
+    }
+
+    /// The replica counts job `job` may start with now, preferred first: its
+    /// `parallel.replicas`, and with `elastic: true` fewer too once it has
+    /// waited `elastic_wait_s` (counted from when this daemon first saw it
+    /// waiting).
+    fn replicas_now(&mut self, job: &JobRecord) -> Vec<usize> {
+        let Some(&wanted) = job.replica_counts.first() else {
+            return vec![1];
+        };
+        let since = *self
+            .waiting_since
+            .entry(job.id)
+            .or_insert_with(Instant::now);
+        if job.replica_counts.len() > 1
+            && since.elapsed() >= Duration::from_secs(self.cfg.elastic_wait_s)
+        {
+            job.replica_counts.clone()
+        } else {
+            vec![wanted]
+        }
     }
 
     /// Stop `victims` at their next step boundary for job `for_id`; each is
@@ -256,7 +312,7 @@ impl Daemon {
             if let Some(r) = self.running.get_mut(v) {
                 tracing::info!("job {v}: preempted for job {for_id}");
                 r.stop = Some(StopReason::Preempt { for_id });
-                signal(&r.worker, libc::SIGTERM);
+                r.signal_all(libc::SIGTERM);
             }
         }
     }
@@ -272,42 +328,68 @@ impl Daemon {
         Ok(())
     }
 
-    pub(super) fn start(&mut self, id: u64, pool: Pool) -> Result<()> {
+    /// Start job `id`'s workers, one per pool (a replicated job's leader
+    /// in the first).
+    pub(super) fn start(&mut self, id: u64, pools: Vec<Pool>) -> Result<()> {
         let Some(mut job) = self.table.get(id)? else {
             return Ok(());
         };
-        let gpu = match &pool {
-            Pool::Gpu(uuid) => self
-                .resources
-                .as_ref()
-                .and_then(|r| r.gpus.iter().find(|g| &g.uuid == uuid).cloned()),
-            Pool::Cpu => None,
-        };
+        let gpus: Vec<Option<crate::gpu::GpuInfo>> = pools
+            .iter()
+            .map(|pool| match pool {
+                Pool::Gpu(uuid) => self
+                    .resources
+                    .as_ref()
+                    .and_then(|r| r.gpus.iter().find(|g| &g.uuid == uuid).cloned()),
+                Pool::Cpu => None,
+            })
+            .collect();
         // "GPU 0 MIG 1 (… MIG 1g.10gb) MIG-…": index, name and UUID.
-        let place = gpu
-            .as_ref()
-            .map_or_else(|| "CPU".to_string(), |g| g.describe());
+        let place = match (pools.len(), &gpus[0]) {
+            (1, Some(g)) => g.describe(),
+            (1, None) => "CPU".to_string(),
+            (n, Some(_)) => format!(
+                "{} ({n} replicas)",
+                gpus.iter()
+                    .flatten()
+                    .map(|g| g.describe())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            (n, None) => format!("CPU ({n} replicas)"),
+        };
         tracing::debug!(
-            "job {id}: admitted to {place} (estimate {}, reserved {})",
+            "job {id}: admitted to {place} (estimate {}, reserved {}{})",
             human_bytes(job.estimate_bytes),
-            human_bytes(self.reservation(job.estimate_bytes))
+            human_bytes(self.reservation(job.estimate_bytes)),
+            if pools.len() > 1 { " each" } else { "" }
         );
-        job.apply(Transition::Admit { pool: pool.clone() })?;
+        job.apply(Transition::Admit {
+            pool: pools[0].clone(),
+        })?;
         job.attempts += 1;
-        job.gpus = gpu.iter().map(|g| g.uuid.clone()).collect();
-        job.gpu_labels = gpu.iter().map(|g| g.label()).collect();
+        job.gpus = gpus.iter().flatten().map(|g| g.uuid.clone()).collect();
+        job.gpu_labels = gpus.iter().flatten().map(|g| g.label()).collect();
+        job.replicas = if pools.len() > 1 { pools.len() } else { 0 };
         self.table.put_durable(&job)?;
+        self.waiting_since.remove(&id);
 
         let log = SeedLog::in_tree(self.db.open_tree(format!("seedlog/{id}"))?);
         let tx = self.tx.clone();
-        let spawned = self.spawn_worker(&job, gpu.as_ref(), &log, move |ev| {
-            let _ = tx.send(Event::Worker(id, ev));
+        let spawned = self.spawn_workers(&job, &gpus, &log, move |rank, ev| {
+            let _ = tx.send(Event::Worker(id, rank, ev));
         });
         match spawned {
-            Ok((handle, steps_done, records, cgroup)) => {
+            Ok(Spawned {
+                workers,
+                steps_done,
+                records,
+                cgroup,
+            }) => {
+                let pids: Vec<String> = workers.iter().map(|w| w.pid().to_string()).collect();
                 tracing::info!(
                     "job {id}: started worker {} on {} (estimate {})",
-                    handle.pid(),
+                    pids.join(", "),
                     place,
                     human_bytes(job.estimate_bytes)
                 );
@@ -321,11 +403,14 @@ impl Daemon {
                     self.ledger.touch(job.owner_uid, now_f64());
                 }
                 self.table.put_durable(&job)?;
+                let n = workers.len();
                 self.running.insert(
                     id,
                     Running {
-                        worker: handle,
-                        pool,
+                        workers,
+                        pools,
+                        exits: vec![None; n],
+                        first_failure: None,
                         estimate: job.estimate_bytes,
                         stop: None,
                         settled: false,
@@ -353,17 +438,16 @@ impl Daemon {
         (self.as_root && uid != 0).then(|| Identity::of(uid, gid))
     }
 
-    /// Open the job's log and start its worker, its seed log so far streamed
-    /// into its input; returns the worker, the steps it resumes from and the
-    /// shape of the records it may send.  Any failure here is the attempt's,
-    /// not the daemon's.
-    pub(super) fn spawn_worker(
+    /// Open the job's log and start its workers, one per entry of `gpus`
+    /// (None: a CPU slot), its seed log so far streamed into the first's
+    /// input.  Any failure here is the attempt's, not the daemon's.
+    fn spawn_workers(
         &self,
         job: &JobRecord,
-        gpu: Option<&crate::gpu::GpuInfo>,
+        gpus: &[Option<crate::gpu::GpuInfo>],
         log: &SeedLog,
-        report: impl Fn(WorkerEvent) + Send + 'static,
-    ) -> Result<(worker::WorkerHandle, u64, RecordShape, Option<JobCgroup>)> {
+        report: impl Fn(usize, WorkerEvent) + Clone + Send + 'static,
+    ) -> Result<Spawned> {
         let run_as = self.identity_of(job.owner_uid, job.owner_gid);
         let dir = JobDir::prepare(&self.jobs, &self.dirs.jobs(), job.id, run_as.as_ref())?;
         let spec = dir.read_spec()?;
@@ -378,43 +462,96 @@ impl Daemon {
         log.truncate_from(steps_done)?;
         let mut worker_log = dir.log_for_append()?;
         let logged = worker_log.metadata().map_or(0, |m| m.len());
+        let world = gpus.len();
+        let places: Vec<String> = gpus
+            .iter()
+            .map(|g| g.as_ref().map_or("CPU".to_string(), |g| g.label()))
+            .collect();
         writeln!(
             worker_log,
             "--- attempt {} on {}, from step {} ---",
             job.attempts,
-            gpu.map_or("CPU".to_string(), |g| g.label()),
+            places.join(", "),
             steps_done
         )?;
-        let cgroup = self.job_cgroup(job, gpu.is_some())?;
-        let launch = Launch {
-            exe: &self.exe,
-            spec: &spec,
-            out: &dir.run_path(),
-            gpu,
-            threads: self.cfg.cpu_threads(),
-            snapshot_every: self.cfg.snapshot_every,
-            estimate: job.estimate_bytes,
-            run_as,
-            cgroup: cgroup.as_ref(),
+        let on_cpu = gpus.iter().filter(|g| g.is_none()).count();
+        let cgroup = self.job_cgroup(job, gpus.len(), on_cpu)?;
+        let seats = if world > 1 {
+            worker::ReplicaSeat::attempt(world)?
+        } else {
+            Vec::new()
         };
-        let sink = worker::LogSink {
-            file: worker_log,
-            room: worker::MAX_LOG_BYTES.saturating_sub(logged),
-        };
-        let handle = worker::spawn(&launch, input, sink, report)?;
-        Ok((handle, steps_done, facts.records, cgroup))
+        let room = worker::MAX_LOG_BYTES.saturating_sub(logged);
+        let mut workers = Vec::with_capacity(world);
+        let mut input = Some(input);
+        for (rank, gpu) in gpus.iter().enumerate() {
+            let launch = Launch {
+                exe: &self.exe,
+                spec: &spec,
+                out: &dir.run_path(),
+                gpu: gpu.as_ref(),
+                threads: self.cfg.cpu_threads(),
+                snapshot_every: self.cfg.snapshot_every,
+                estimate: job.estimate_bytes,
+                run_as: run_as.clone(),
+                cgroup: cgroup.as_ref(),
+                replica: seats.get(rank),
+            };
+            // The leader gets the records and most of the log's room; a
+            // follower only the job file (the leader sends it the records).
+            let (input, sink) = match input.take() {
+                Some(input) => (
+                    input,
+                    worker::LogSink {
+                        file: worker_log.try_clone()?,
+                        room: room - room / 4 * u64::from(world > 1),
+                    },
+                ),
+                None => (
+                    worker::job_only_input(&spec)?,
+                    worker::LogSink {
+                        file: worker_log.try_clone()?,
+                        room: room / 4 / (world as u64 - 1),
+                    },
+                ),
+            };
+            let report = report.clone();
+            match worker::spawn(&launch, input, sink, move |ev| report(rank, ev)) {
+                Ok(handle) => workers.push(handle),
+                Err(e) => {
+                    // The replicas started so far would wait for this one.
+                    for w in &workers {
+                        signal(w, libc::SIGKILL);
+                    }
+                    return Err(e.context(format!("starting replica {rank} of {world}")));
+                }
+            }
+        }
+        Ok(Spawned {
+            workers,
+            steps_done,
+            records: facts.records,
+            cgroup,
+        })
     }
 
-    /// A new cgroup for the job's worker: `pids.max` always, `memory.max`
-    /// (its reservation: estimate plus margin) for a CPU job, where the
-    /// kernel offers the controllers.  None without cgroup v2.
-    fn job_cgroup(&self, job: &JobRecord, on_gpu: bool) -> Result<Option<JobCgroup>> {
+    /// A new cgroup for the job's workers: `pids.max` always, `memory.max`
+    /// (its reservation, estimate plus margin, per worker on the CPU) for
+    /// a CPU job, where the kernel offers the controllers.  None without
+    /// cgroup v2.
+    fn job_cgroup(
+        &self,
+        job: &JobRecord,
+        workers: usize,
+        on_cpu: usize,
+    ) -> Result<Option<JobCgroup>> {
         if !self.cgroups.is_available() {
             return Ok(None);
         }
         let limits = JobLimits {
-            memory_max: (!on_gpu).then(|| self.reservation(job.estimate_bytes)),
-            pids_max: Some(self.cfg.pids_per_job),
+            // Its CPU replicas share the cgroup, each with its reservation.
+            memory_max: (on_cpu > 0).then(|| self.reservation(job.estimate_bytes) * on_cpu as u64),
+            pids_max: Some(self.cfg.pids_per_job * workers as u64),
         };
         let cg = self
             .cgroups
@@ -489,10 +626,42 @@ impl Daemon {
     /// own flush met ENOSPC), and then the usage charge fails too; the exit
     /// is still recorded (in the table's index, written again on reopen),
     /// or its job would show `running` with no worker for good.
-    pub(super) fn on_exit(&mut self, id: u64, status: ExitStatus) -> Result<()> {
+    ///
+    /// A replicated job ends when all its workers have.  The first to end
+    /// badly stops the others (SIGTERM: each stops after the step its
+    /// exchange is at; a replica's exchange with a dead one fails at once),
+    /// and its status is the job's: a replica killed makes the job a crashed
+    /// attempt, retried and resumed, not the others' errors about it.
+    pub(super) fn on_exit(&mut self, id: u64, rank: usize, status: ExitStatus) -> Result<()> {
         let charged = self.charge_usage();
-        let Some(r) = self.running.remove(&id) else {
+        let Some(r) = self.running.get_mut(&id) else {
             return charged;
+        };
+        if let Some(exit) = r.exits.get_mut(rank) {
+            *exit = Some(status);
+        }
+        if !status.success() && r.first_failure.is_none() {
+            r.first_failure = Some((rank, status));
+            if r.exits.iter().any(Option::is_none) {
+                if r.stop.is_none() {
+                    tracing::warn!(
+                        "job {id}: replica {rank} ended ({}): stopping the others",
+                        how_it_ended(status)
+                    );
+                }
+                r.signal_all(libc::SIGTERM);
+            }
+        }
+        if r.exits.iter().any(Option::is_none) {
+            return charged;
+        }
+        let r = self.running.remove(&id).expect("looked up above");
+        // The job's own error (the leader says so) wins over a follower
+        // that failed because of it.
+        let status = match (r.exits[0], r.first_failure) {
+            (Some(leader), _) if leader.code() == Some(i32::from(worker::JOB_ERROR_EXIT)) => leader,
+            (_, Some((_, first))) => first,
+            (leader, None) => leader.expect("every worker has ended"),
         };
         let recorded = self.record_exit(id, r, status);
         recorded.and(charged)
@@ -608,10 +777,11 @@ impl Daemon {
                 self.fail(id, &reason, true)
             }
             _ => {
-                let how = match (code, status.signal()) {
-                    (Some(c), _) => format!("worker exited with status {c}"),
-                    (None, Some(s)) => format!("worker was killed by signal {s}"),
-                    _ => "worker ended".into(),
+                let how = match r.first_failure {
+                    Some((rank, _)) if r.workers.len() > 1 => {
+                        format!("replica {rank}'s {}", how_it_ended(status))
+                    }
+                    _ => how_it_ended(status),
                 };
                 self.crashed(job, &how)
             }
@@ -700,4 +870,14 @@ pub(super) fn read_summary(dir: &JobDir) -> Option<serde_json::Value> {
             .filter_map(|k| v.get(*k).map(|x| (k.to_string(), x.clone())))
             .collect(),
     ))
+}
+
+/// A worker's end in words: "worker exited with status 1", "worker was
+/// killed by signal 9".
+fn how_it_ended(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("worker exited with status {c}"),
+        (None, Some(s)) => format!("worker was killed by signal {s}"),
+        _ => "worker ended".into(),
+    }
 }
