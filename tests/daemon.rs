@@ -733,6 +733,16 @@ fn a_replicated_job_is_admitted_run_and_requeued_when_a_replica_dies() {
     let rec = d.job(id);
     assert_eq!(rec["replicas"], 2, "{rec:#}");
     assert_eq!(rec["reason"], "running on CPU (2 replicas)", "{rec:#}");
+    let shown = mezod()
+        .args(["status", &id.to_string(), "--socket"])
+        .arg(d.socket())
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout).into_owned();
+    assert!(
+        shown.contains("2 processes, each measuring its share"),
+        "{shown}"
+    );
     let run = d.job_dir(id).join("run");
     let pids = worker_pids(&run);
     assert_eq!(pids.len(), 2, "one worker per replica");

@@ -639,3 +639,82 @@ fn a_queued_gpu_job_waits_out_an_nvml_outage() {
     assert_eq!(rec["gpus"], json!([UUID0]));
     assert_eq!(d.status()["mode"], "gpu");
 }
+
+/// One variable of a process's environment.
+fn env_of(pid: u32, name: &str) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let prefix = format!("{name}=");
+    environ
+        .split(|&b| b == 0)
+        .find_map(|kv| kv.strip_prefix(prefix.as_bytes()))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// A job of two replicas takes two GPUs, the leader (rank 0) the roomier:
+/// each worker sees only its own GPU, and both get torchrun's variables
+/// with one port.  Status and the worker log name both GPUs.
+#[test]
+fn a_replicated_job_gets_a_gpu_per_replica() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = gpu_job(tmp.path(), "pair", 1);
+    let text = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(&job, format!("parallel: {{replicas: 2}}\n{text}")).unwrap();
+    let e = gpu_estimate(&job);
+    let script = |free1: u64| {
+        json!({"gpus": [
+            gpu(UUID0, "Fake H100", 16 * GIB, &[]),
+            gpu(UUID1, "Fake A100", 8 * GIB, &[(FOREIGN, 8 * GIB - free1)]),
+        ]})
+    };
+    // GPU 1 has room for no replica: the job waits for a second GPU.
+    let d = GpuDaemon::start(tmp.path(), script(e / 2));
+    let id = d.submit(&job);
+    d.wait_until("the job to wait for a second GPU", |d| {
+        d.job(id)["reason"].as_str().is_some_and(|r| {
+            r.contains("its 2 replicas need a GPU each") && r.contains("1 GPU(s) have that now")
+        })
+    });
+    stall_worker_of(&d, id);
+    d.script(script(4 * GIB));
+    let run = d.job_dir(id).join("run");
+    d.wait_until("both workers to start", |_| worker_pids(&run).len() == 2);
+    let mut seen: Vec<(String, String, String, String)> = worker_pids(&run)
+        .into_iter()
+        .map(|pid| {
+            let var = |name| env_of(pid, name).unwrap_or_default();
+            (
+                var("RANK"),
+                var("CUDA_VISIBLE_DEVICES"),
+                var("WORLD_SIZE"),
+                var("MASTER_PORT"),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(seen[0].0, "0");
+    assert_eq!(seen[0].1, UUID0, "the leader on the roomier GPU");
+    assert_eq!((seen[1].0.as_str(), seen[1].1.as_str()), ("1", UUID1));
+    assert!(seen.iter().all(|s| s.2 == "2"), "{seen:?}");
+    assert!(
+        !seen[0].3.is_empty() && seen[0].3 == seen[1].3,
+        "one port: {seen:?}"
+    );
+    let rec = d.job(id);
+    assert_eq!(rec["gpus"], json!([UUID0, UUID1]), "{rec:#}");
+    assert_eq!(rec["replicas"], 2, "{rec:#}");
+    assert!(
+        d.status_cli(false).contains("GPU 1 (Fake A100)"),
+        "{}",
+        d.status_cli(false)
+    );
+    release(&d, id);
+    // Their CUDA start fails here: the job's own error, not a crash.
+    let rec = d.wait_ended(id);
+    assert_eq!(rec["state"], "failed", "{rec:#}");
+    assert_eq!(rec["attempts"], 1, "{rec:#}");
+    let log = d.job_file(id, "worker.log");
+    assert!(
+        log.contains("--- attempt 1 on GPU 0 (Fake H100), GPU 1 (Fake A100), from step 0 ---"),
+        "{log}"
+    );
+}

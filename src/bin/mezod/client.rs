@@ -392,6 +392,15 @@ fn describe(d: &JobDetail, now: u64) -> String {
             .collect();
         row("gpu", printable_line(&gpus.join(", ")).into_owned());
     }
+    if j.replicas > 1 {
+        row(
+            "replicas",
+            format!(
+                "{} processes, each measuring its share of every step's directions",
+                j.replicas
+            ),
+        );
+    }
     if !j.summary.is_empty() {
         row("runs", printable_line(&j.summary).into_owned());
     }
