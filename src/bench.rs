@@ -177,7 +177,7 @@ impl BenchArgs {
         if let Some(job) = &self.job {
             let mut spec = JobSpec::load(job)?;
             spec.mezo.batch_size = self.batch;
-            spec.model.device = self.device;
+            spec.model.device = self.device.into();
             spec.model.dtype = self.dtype;
             return Ok(spec);
         }

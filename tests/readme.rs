@@ -495,3 +495,33 @@ fn the_replicas_section_runs_as_written_and_matches_one_process() {
     assert_eq!(weights(written_by(&lines[0])), weights("runs/alone"));
     assert_eq!(weights(written_by(&lines[1])), weights("runs/alone"));
 }
+
+#[test]
+fn the_split_section_runs_as_written_and_matches_one_device() {
+    let tmp = repo_like_root();
+    let dir = tmp.path();
+    let lines = readme_block("split");
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let estimate = String::from_utf8_lossy(&run_line(dir, &lines[0]).stdout).to_string();
+    assert!(estimate.contains("split over 2 devices"), "{estimate}");
+    let out = run_line(dir, &lines[1]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("done: 50 steps"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The same job on one device: the same weights, byte for byte.
+    let text = std::fs::read_to_string(root().join("examples/split.yaml")).unwrap();
+    let alone = text.replace(", device: [cpu, cpu]}", "}");
+    assert_ne!(alone, text);
+    std::fs::write(
+        dir.join("alone.yaml"),
+        alone
+            .replace("../tests/", "tests/")
+            .replace("train: data/", "train: examples/data/"),
+    )
+    .unwrap();
+    run_line(dir, "mezod run alone.yaml --out runs/alone");
+    let weights = |run: &str| sha256(&dir.join(run).join("model/model.safetensors"));
+    assert_eq!(weights(written_by(&lines[1])), weights("runs/alone"));
+}

@@ -47,7 +47,8 @@ use serde::{Deserialize, Serialize};
 use crate::estimator::StepState;
 use crate::gguf_header::{is_gguf, read_header};
 use crate::mezo_options::{Rng, DEFAULT_CHUNK};
-use crate::model_ref::{is_masked_lm, learned_positions, ModelSource};
+use crate::model_ref::{is_masked_lm, learned_positions, ModelSource, Placement};
+use crate::placement::{plan_model, DeviceShare};
 use crate::spec::{JobSpec, TaskKind};
 use crate::tuning::{default_lora_targets, is_target, Tuning};
 use crate::weight_files::safetensors_shapes;
@@ -141,19 +142,7 @@ pub fn estimate_with(
     gpu: bool,
     shapes_of_config: impl Fn(&Path) -> Result<Shapes>,
 ) -> Result<Footprint> {
-    let (config, shapes) = match spec.model.source() {
-        ModelSource::Pretrained(path) if is_gguf(&path) => {
-            let header = read_header(&path)?;
-            (header.config, header.shapes)
-        }
-        ModelSource::Pretrained(dir) => {
-            let path = dir.join("config.json");
-            (read_config(&path)?, safetensors_shapes(&dir)?)
-        }
-        ModelSource::Random { config, .. } | ModelSource::Shapes { config } => {
-            (read_config(&config)?, shapes_of_config(&config)?)
-        }
-    };
+    let (config, shapes) = config_and_shapes(&spec.model.source(), shapes_of_config)?;
     let cfg: ShapeConfig = serde_json::from_value(config.clone()).with_context(|| {
         format!(
             "the config of {} lacks the sizes needed to estimate memory (hidden size, heads, vocabulary)",
@@ -245,6 +234,52 @@ pub fn estimate_with(
             0
         },
     })
+}
+
+/// A model's `config.json` (a GGUF file's, built from its metadata) and the
+/// name and shape of every tensor it stores, read from headers alone.
+pub fn config_and_shapes(
+    source: &ModelSource,
+    shapes_of_config: impl Fn(&Path) -> Result<Shapes>,
+) -> Result<(serde_json::Value, Shapes)> {
+    Ok(match source {
+        ModelSource::Pretrained(path) if is_gguf(path) => {
+            let header = read_header(path)?;
+            (header.config, header.shapes)
+        }
+        ModelSource::Pretrained(dir) => {
+            let path = dir.join("config.json");
+            (read_config(&path)?, safetensors_shapes(dir)?)
+        }
+        ModelSource::Random { config, .. } | ModelSource::Shapes { config } => {
+            (read_config(config)?, shapes_of_config(config)?)
+        }
+    })
+}
+
+/// The split of a job's model over the devices it lists, device by device
+/// (layers and bytes of weights), as this machine's free memory would make
+/// it now; None for a job on one device.  (Each device also needs its part
+/// of the activations and runtime; the footprint above counts them once.)
+pub fn device_split(spec: &JobSpec) -> Result<Option<Vec<DeviceShare>>> {
+    device_split_with(spec, engine_shapes)
+}
+
+/// [`device_split`] with another way to learn a config's parameter shapes.
+pub fn device_split_with(
+    spec: &JobSpec,
+    shapes_of_config: impl Fn(&Path) -> Result<Shapes>,
+) -> Result<Option<Vec<DeviceShare>>> {
+    let Placement::Split(devices) = &spec.model.device else {
+        return Ok(None);
+    };
+    let (parts, split, free) = plan_model(
+        &spec.model.source(),
+        spec.model.dtype,
+        devices,
+        shapes_of_config,
+    )?;
+    Ok(Some(split.shares(&parts, &free)))
 }
 
 /// Elements of the adapters a LoRA or prefix job adds, and of the largest one

@@ -19,6 +19,7 @@ pub mod identity;
 pub mod job_check;
 pub mod mezo_options;
 pub mod model_ref;
+pub mod placement;
 pub mod printable;
 pub mod procfs;
 pub mod prompts;

@@ -113,6 +113,183 @@ pub fn parse_device(s: &str) -> Result<DeviceRef> {
     }
 }
 
+/// Where a job's model lives, as a job file names it (`model.device`):
+///
+/// * one device: `cpu`, `cuda` or `cuda:N`, read and written as that text
+///   (what every job file and frozen spec said before splits existed);
+/// * a list: the model's consecutive layers split over those devices
+///   (`[cuda:0, cuda:1]`, `[cuda:0, cpu]`), for a model no single device
+///   holds.  The embeddings go on the first device, the final norm and head
+///   on the last, and the layers in between in proportion to each device's
+///   free memory (`placement::split_layers`);
+/// * `auto`: the daemon's choice.  Outside the daemon (`mezod run`) it means
+///   one device: the first GPU if the machine has one, else the CPU.
+///
+/// A list is held to three rules, so that what it asks for can run: it names
+/// at least one device; a GPU at most once (two shares of one GPU's memory
+/// would be one share, counted twice); and the CPU only at its end (layers
+/// run in list order, and the CPU is the slow overflow for what the GPUs
+/// cannot hold).  The CPU may repeat (`[cpu, cpu]`): each entry then takes
+/// an equal part of its memory, which runs the split on a machine without
+/// GPUs.  A list of one device is that device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    One(DeviceRef),
+    /// Two or more devices, checked as above.
+    Split(Vec<DeviceRef>),
+    Auto,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Placement::One(DeviceRef::Cpu)
+    }
+}
+
+impl From<DeviceRef> for Placement {
+    fn from(d: DeviceRef) -> Self {
+        Placement::One(d)
+    }
+}
+
+impl Placement {
+    /// A list of devices, checked (see the type's doc): one device is that device.
+    pub fn list(devices: Vec<DeviceRef>) -> Result<Placement> {
+        let Some(&first) = devices.first() else {
+            bail!("model.device is an empty list: name a device (cpu, cuda or cuda:N), a list of them, or auto");
+        };
+        for (i, d) in devices.iter().enumerate() {
+            if d.is_gpu() && devices[..i].contains(d) {
+                bail!(
+                    "model.device lists {d} twice: each GPU may appear once (only cpu may \
+                     repeat, each entry taking an equal part of the machine's memory)"
+                );
+            }
+            if d.is_gpu() && devices[..i].contains(&DeviceRef::Cpu) {
+                bail!(
+                    "model.device lists {d} after cpu: the CPU may only come last (layers run in \
+                     list order, and the CPU holds what the GPUs before it cannot)"
+                );
+            }
+        }
+        Ok(match devices.len() {
+            1 => Placement::One(first),
+            _ => Placement::Split(devices),
+        })
+    }
+
+    /// Whether it asks for a GPU: one is listed, or `auto` (which the daemon
+    /// places on GPUs; `mezod run` falls back to the CPU on a machine without
+    /// one).  Admission then counts GPU memory, z is torch's by default and
+    /// the peak is NVML's.
+    pub fn is_gpu(&self) -> bool {
+        match self {
+            Placement::One(d) => d.is_gpu(),
+            Placement::Split(list) => list.iter().any(DeviceRef::is_gpu),
+            Placement::Auto => true,
+        }
+    }
+
+    /// Whether the model is split over several devices.
+    pub fn is_split(&self) -> bool {
+        matches!(self, Placement::Split(_))
+    }
+
+    /// The devices a run uses, in order: `auto` is the first GPU when
+    /// `gpu_available`, else the CPU.
+    pub fn devices(&self, gpu_available: bool) -> Vec<DeviceRef> {
+        match self {
+            Placement::One(d) => vec![*d],
+            Placement::Split(list) => list.clone(),
+            Placement::Auto if gpu_available => vec![DeviceRef::Cuda(0)],
+            Placement::Auto => vec![DeviceRef::Cpu],
+        }
+    }
+
+    /// What it computes like, for `JobSpec::computes_the_same_as`: a split
+    /// over the CPU alone runs every operation of the unsplit model on the
+    /// same device, with the same generator, in the same order, so its bits
+    /// are the CPU's and a run may move between `cpu` and `[cpu, cpu]`.  Any
+    /// other split is itself: where a GPU's layers end decides which device
+    /// computes them (and, with torch's generator, which device draws their z).
+    pub fn computes_like(&self) -> Placement {
+        match self {
+            Placement::Split(list) if list.iter().all(|d| !d.is_gpu()) => {
+                Placement::One(DeviceRef::Cpu)
+            }
+            other => other.clone(),
+        }
+    }
+}
+
+/// As job files write it: `cpu`, `[cuda:0, cpu]`, `auto`.
+impl std::fmt::Display for Placement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Placement::One(d) => write!(f, "{d}"),
+            Placement::Split(list) => {
+                let names: Vec<String> = list.iter().map(DeviceRef::to_string).collect();
+                write!(f, "[{}]", names.join(", "))
+            }
+            Placement::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+impl Serialize for Placement {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Placement::One(d) => s.serialize_str(&d.to_string()),
+            Placement::Split(list) => s.collect_seq(list.iter().map(DeviceRef::to_string)),
+            Placement::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Placement {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Placement;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a device (cpu, cuda or cuda:N), a list of devices, or auto")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> std::result::Result<Placement, E> {
+                match s {
+                    "auto" => Ok(Placement::Auto),
+                    _ => parse_device(s).map(Placement::One).map_err(E::custom),
+                }
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Placement, A::Error> {
+                use serde::de::Error;
+                let mut devices = Vec::new();
+                while let Some(name) = seq.next_element::<String>()? {
+                    if name == "auto" {
+                        return Err(A::Error::custom(
+                            "auto stands alone (device: auto), not in a list of devices",
+                        ));
+                    }
+                    if devices.len() >= MAX_DEVICES {
+                        return Err(A::Error::custom(format!(
+                            "model.device lists more than {MAX_DEVICES} devices"
+                        )));
+                    }
+                    devices.push(parse_device(&name).map_err(A::Error::custom)?);
+                }
+                Placement::list(devices).map_err(A::Error::custom)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// The most devices one model may be split over (a bound on hostile input,
+/// far above any machine's GPUs).
+pub const MAX_DEVICES: usize = 64;
+
 /// Where a model's weights come from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelSource {

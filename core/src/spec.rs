@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::estimator::{Estimator, EstimatorName};
 use crate::hf_cache::{self, CacheRoot, Snapshot};
 use crate::mezo_options::{LrSchedule, Perturbation, Rng};
-use crate::model_ref::{DeviceRef, Dtype, ModelSource};
+use crate::model_ref::{Dtype, ModelSource, Placement};
 use crate::tuning::{LoraConfig, PrefixConfig, Tuning};
 
 /// The most steps a job may ask for: far beyond any published MeZO run, and
@@ -349,9 +349,10 @@ pub struct ModelSpec {
     pub seed: Option<u64>,
     #[serde(default)]
     pub dtype: Dtype,
-    /// `cpu`, `cuda` or `cuda:N`.
+    /// `cpu`, `cuda` or `cuda:N`; a list of them to split the model's
+    /// layers over (`[cuda:0, cuda:1]`, `[cuda:0, cpu]`); or `auto`.
     #[serde(default)]
-    pub device: DeviceRef,
+    pub device: Placement,
     /// CPU threads for libtorch (default: all cores).  Part of the determinism fingerprint.
     #[serde(default)]
     pub threads: Option<i32>,
@@ -1246,16 +1247,22 @@ impl JobSpec {
     /// field but its `name`, `priority`, `after`, `notify`, `export` and
     /// `parallel`, which only label it, order it, say what happens around it,
     /// which of its weights it hands back and how many processes share its
-    /// steps (a run renamed in its job file resumes).
+    /// steps (a run renamed in its job file resumes).  Devices compare by
+    /// what they compute like (`Placement::computes_like`): a split over the
+    /// CPU alone computes the CPU's bits, so `cpu` and `[cpu, cpu]` are one job.
     pub fn computes_the_same_as(&self, other: &JobSpec) -> bool {
-        let unlabelled = |s: &JobSpec| JobSpec {
-            name: None,
-            priority: 0,
-            after: vec![],
-            notify: None,
-            export: Export::Final,
-            parallel: None,
-            ..s.clone()
+        let unlabelled = |s: &JobSpec| {
+            let mut s = JobSpec {
+                name: None,
+                priority: 0,
+                after: vec![],
+                notify: None,
+                export: Export::Final,
+                parallel: None,
+                ..s.clone()
+            };
+            s.model.device = s.model.device.computes_like();
+            s
         };
         unlabelled(self) == unlabelled(other)
     }
@@ -1302,6 +1309,7 @@ impl JobSpec {
 mod tests {
     use super::*;
     use crate::estimator::{DEFAULT_BASIS_EVERY, DEFAULT_RANK};
+    use crate::model_ref::DeviceRef;
 
     #[test]
     fn deep_nesting_is_refused_before_parsing_and_quoted_brackets_are_text() {
@@ -1572,7 +1580,7 @@ mod tests {
     fn minimal_spec_parses_with_defaults_and_absolute_paths() {
         let s = JobSpec::parse(MINIMAL, Path::new("/jobs")).unwrap();
         assert_eq!(s.model.path, PathBuf::from("/jobs/m"));
-        assert_eq!(s.model.device, DeviceRef::Cpu);
+        assert_eq!(s.model.device, Placement::One(DeviceRef::Cpu));
         assert_eq!(s.mezo.snapshot_every, None);
         assert_eq!(s.priority, 0);
         assert_eq!(s.data_seed(), 7);
@@ -1580,6 +1588,70 @@ mod tests {
             JobSpec::parse(&s.to_yaml(), Path::new("/elsewhere")).unwrap(),
             s
         );
+    }
+
+    /// `model.device`: one device stays the plain text it always was (a
+    /// frozen spec of an old run reads and compares equal), a list splits the
+    /// model, `auto` stands alone; and a list that cannot run is refused
+    /// with the reason.
+    #[test]
+    fn devices_parse_as_one_a_list_or_auto_and_bad_lists_are_refused() {
+        let parse = |device: &str| {
+            JobSpec::parse(
+                &MINIMAL.replace("dtype: f32}", &format!("dtype: f32, device: {device}}}")),
+                Path::new("/j"),
+            )
+            .map_err(|e| format!("{e:#}"))
+        };
+        let one = parse("cuda:1").unwrap();
+        assert_eq!(one.model.device, Placement::One(DeviceRef::Cuda(1)));
+        assert!(
+            one.to_yaml().contains("device: cuda:1"),
+            "{}",
+            one.to_yaml()
+        );
+        assert!(parse("\"[cpu]\"").unwrap_err().contains("unknown device"));
+        assert_eq!(parse("[cpu]").unwrap().model.device, Placement::default());
+        let split = parse("[cuda:0, cuda:1, cpu]").unwrap();
+        assert_eq!(
+            split.model.device,
+            Placement::Split(vec![DeviceRef::Cuda(0), DeviceRef::Cuda(1), DeviceRef::Cpu])
+        );
+        assert!(split.model.device.is_gpu() && split.model.device.is_split());
+        let back = JobSpec::parse(&split.to_yaml(), Path::new("/j")).unwrap();
+        assert_eq!(back, split, "a split survives the frozen spec");
+        assert_eq!(split.model.device.to_string(), "[cuda, cuda:1, cpu]");
+        let auto = parse("auto").unwrap();
+        assert_eq!(auto.model.device, Placement::Auto);
+        assert!(auto.to_yaml().contains("device: auto"));
+        assert_eq!(auto.model.device.devices(false), vec![DeviceRef::Cpu]);
+        assert_eq!(auto.model.device.devices(true), vec![DeviceRef::Cuda(0)]);
+        // The CPU alone, split or not, computes the same bits: a run moves between them.
+        let cpu = parse("cpu").unwrap();
+        let cpus = parse("[cpu, cpu]").unwrap();
+        assert!(!cpus.model.device.is_gpu() && cpus.model.device.is_split());
+        assert!(cpu.computes_the_same_as(&cpus) && cpu != cpus);
+        assert!(!one.computes_the_same_as(&parse("[cuda:1, cpu]").unwrap()));
+        assert!(!parse("[cuda:0, cuda:1]")
+            .unwrap()
+            .computes_the_same_as(&parse("cuda:0").unwrap()));
+        for (device, says) in [
+            ("[]", "empty list"),
+            ("[cuda:0, cuda]", "lists cuda twice"),
+            ("[cpu, cuda:0]", "after cpu"),
+            ("[cuda:0, cpu, cuda:1]", "after cpu"),
+            ("[cuda:0, auto]", "auto stands alone"),
+            ("[cuda:0, tpu]", "unknown device"),
+            ("gpu", "unknown device"),
+            (
+                "7",
+                "a device (cpu, cuda or cuda:N), a list of devices, or auto",
+            ),
+            ("{a: 1}", "a list of devices"),
+        ] {
+            let e = parse(device).unwrap_err();
+            assert!(e.contains(says), "{device}: {e}");
+        }
     }
 
     #[test]

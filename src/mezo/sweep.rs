@@ -14,6 +14,12 @@
 //! rademacher`, ±1 (torch: `randint_like(p, 2)·2 − 1`; fast: one Philox bit per
 //! element).  The step's [`Form`] shapes z: dense; zeroed outside Sparse MeZO's
 //! [`Mask`]; or, for LOZO, low rank on every matrix (see [`LowRank`]).
+//!
+//! Every tensor is updated in place where it lives, its z made on (or copied
+//! to) its own device: a model split over several devices needs no gathering,
+//! and holds one z temporary at a time.  torch's generator keeps a state per
+//! device, so with `rng: torch` a tensor's z depends on which device holds
+//! it (a run keeps its split for that reason); the fast generator's does not.
 
 use tch::{Device, Kind, Tensor};
 

@@ -19,7 +19,10 @@ use serde::Deserialize;
 use tch::{Kind, Tensor};
 
 use super::adapters::KvPrefix;
-use super::layers::{attention, merge_heads, positions_from_mask, split_heads, LayerNorm, Linear};
+use super::layers::{
+    attention, merge_heads, moved, positions_from_mask, split_heads, LayerInputs, LayerNorm, Linear,
+};
+use super::placement::Part;
 use super::weights::WeightLoader;
 use super::Network;
 use crate::tokenize::TextTokenizer;
@@ -139,12 +142,15 @@ pub struct Bert {
 impl Bert {
     /// Tensors are requested in transformers' `named_parameters()` order, which
     /// differs between the two: RoBERTa creates its position table after the
-    /// embedding LayerNorm.
+    /// embedding LayerNorm.  Split over devices, the head's transform (dense,
+    /// norm) is on the last device and its decoder, the word embeddings with
+    /// the decoder's bias, on the first.
     pub fn load(cfg: BertConfig, w: &mut WeightLoader) -> Result<Self> {
         cfg.check()?;
         let (h, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
         let (p, [bias_name, dense_name, norm_name]) = cfg.names();
         let e = format!("{p}.embeddings");
+        w.place(Part::Embeddings);
         let word_embeddings =
             w.param(&format!("{e}.word_embeddings.weight"), &[cfg.vocab_size, h])?;
         let positions = |w: &mut WeightLoader| {
@@ -167,9 +173,14 @@ impl Bert {
             None => positions(w)?,
         };
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Self::load_layer(&cfg, w, &format!("{p}.encoder.layer.{i}")))
+            .map(|i| {
+                w.place(Part::Layer(i as usize));
+                Self::load_layer(&cfg, w, &format!("{p}.encoder.layer.{i}"))
+            })
             .collect::<Result<Vec<_>>>()?;
+        w.place(Part::Embeddings);
         let head_bias = w.param(bias_name, &[cfg.vocab_size])?;
+        w.place(Part::Head);
         let head_dense = Linear::load(w, dense_name, h, h, true)?;
         let head_norm = LayerNorm::load(w, norm_name, h, eps)?;
         Ok(Self {
@@ -248,17 +259,22 @@ impl Network for Bert {
         let attn = self
             .prefix
             .widen_mask(bidirectional_mask(mask), &positions, None);
+        let mut inputs = LayerInputs::new([attn]);
         for (i, l) in self.layers.iter().enumerate() {
-            x = self.layer(i, l, x, &attn);
+            let device = l.query.weight.device();
+            let [attn] = inputs.on(device);
+            x = self.layer(i, l, moved(x, device), attn);
         }
         x
     }
 
     fn head(&self, hidden: &Tensor) -> Tensor {
+        let hidden = moved(hidden.shallow_clone(), self.head_dense.weight.device());
         let x = self
             .head_norm
-            .forward(&self.head_dense.forward(hidden).gelu("none"));
-        x.linear(&self.word_embeddings, Some(&self.head_bias))
+            .forward(&self.head_dense.forward(&hidden).gelu("none"));
+        moved(x, self.word_embeddings.device())
+            .linear(&self.word_embeddings, Some(&self.head_bias))
             .to_kind(Kind::Float)
     }
 

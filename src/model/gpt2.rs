@@ -7,8 +7,10 @@ use tch::{Kind, Tensor};
 
 use super::adapters::{KvPrefix, Lora};
 use super::layers::{
-    attention, attention_mask, merge_heads, positions_from_mask, split_heads, LayerNorm,
+    attention, attention_mask, merge_heads, moved, positions_from_mask, split_heads, LayerInputs,
+    LayerNorm,
 };
+use super::placement::Part;
 use super::weights::WeightLoader;
 use super::Network;
 
@@ -84,7 +86,8 @@ pub struct Gpt2 {
 }
 
 impl Gpt2 {
-    /// Tensors are requested in transformers' `named_parameters()` order.
+    /// Tensors are requested in transformers' `named_parameters()` order,
+    /// each part on its device (the tied head is `wte`, on the first).
     pub fn load(cfg: Gpt2Config, w: &mut WeightLoader) -> Result<Self> {
         if !matches!(
             cfg.activation_function.as_str(),
@@ -101,10 +104,12 @@ impl Gpt2 {
         let h = cfg.n_embd;
         let inner = cfg.n_inner.unwrap_or(4 * h);
         let eps = cfg.layer_norm_epsilon;
+        w.place(Part::Embeddings);
         let wte = w.param("transformer.wte.weight", &[cfg.vocab_size, h])?;
         let wpe = w.param("transformer.wpe.weight", &[cfg.n_positions, h])?;
         let mut blocks = Vec::new();
         for i in 0..cfg.n_layer {
+            w.place(Part::Layer(i as usize));
             let b = format!("transformer.h.{i}");
             blocks.push(Block {
                 ln_1: LayerNorm::load(w, &format!("{b}.ln_1"), h, eps)?,
@@ -115,6 +120,7 @@ impl Gpt2 {
                 mlp_proj: Conv1D::load(w, &format!("{b}.mlp.c_proj"), inner, h)?,
             });
         }
+        w.place(Part::Head);
         let ln_f = LayerNorm::load(w, "transformer.ln_f", h, eps)?;
         Ok(Self {
             cfg,
@@ -162,14 +168,19 @@ impl Network for Gpt2 {
         let attn = self
             .prefix
             .widen_mask(attention_mask(mask, None), &pos, None);
+        let mut inputs = LayerInputs::new([attn]);
         for (i, b) in self.blocks.iter().enumerate() {
-            x = self.block(i, b, x, &attn);
+            let device = b.ln_1.weight.device();
+            let [attn] = inputs.on(device);
+            x = self.block(i, b, moved(x, device), attn);
         }
-        self.ln_f.forward(&x)
+        self.ln_f.forward(&moved(x, self.ln_f.weight.device()))
     }
 
     fn head(&self, hidden: &Tensor) -> Tensor {
-        hidden.matmul(&self.wte.tr()).to_kind(Kind::Float)
+        moved(hidden.shallow_clone(), self.wte.device())
+            .matmul(&self.wte.tr())
+            .to_kind(Kind::Float)
     }
 
     fn kv_prefix(&self) -> Option<&KvPrefix> {

@@ -4,7 +4,7 @@
 //! softmax follow transformers' precision rules so bf16/f16 runs match it.
 
 use anyhow::Result;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::adapters::Lora;
 use super::weights::WeightLoader;
@@ -85,6 +85,38 @@ impl RmsNorm {
         let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
         let normed = (xf * (var + self.eps).rsqrt()).to_kind(kind);
         &self.weight * normed
+    }
+}
+
+/// `x` on `device`: the tensor itself where it is there already.  A model
+/// split over several devices moves its hidden states to each layer's
+/// device with this; unsplit, nothing moves and nothing changes.
+pub fn moved(x: Tensor, device: Device) -> Tensor {
+    if x.device() == device {
+        x
+    } else {
+        x.to_device(device)
+    }
+}
+
+/// What every layer reads besides the hidden states (the attention mask,
+/// rotary tables), kept on the device of the layer that reads it.  The
+/// layers on one device are consecutive, so each device receives one copy.
+pub struct LayerInputs<const N: usize>([Tensor; N]);
+
+impl<const N: usize> LayerInputs<N> {
+    pub fn new(inputs: [Tensor; N]) -> Self {
+        Self(inputs)
+    }
+
+    /// The inputs on `device`, moved there first where they are elsewhere.
+    pub fn on(&mut self, device: Device) -> &[Tensor; N] {
+        for t in &mut self.0 {
+            if t.device() != device {
+                *t = t.to_device(device);
+            }
+        }
+        &self.0
     }
 }
 

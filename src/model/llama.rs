@@ -10,8 +10,10 @@ use tch::{Kind, Tensor};
 
 use super::adapters::KvPrefix;
 use super::layers::{
-    attention, attention_mask, merge_heads, positions_from_mask, split_heads, Linear, RmsNorm,
+    attention, attention_mask, merge_heads, moved, positions_from_mask, split_heads, LayerInputs,
+    Linear, RmsNorm,
 };
+use super::placement::Part;
 use super::weights::WeightLoader;
 use super::Network;
 
@@ -145,7 +147,8 @@ pub struct Llama {
 }
 
 impl Llama {
-    /// Tensors are requested in transformers' `named_parameters()` order.
+    /// Tensors are requested in transformers' `named_parameters()` order,
+    /// each part on its device (a tied head is the embedding, on the first).
     pub fn load(cfg: LlamaConfig, w: &mut WeightLoader) -> Result<Self> {
         if cfg.hidden_act != "silu" {
             bail!("activation {:?} is not supported (silu)", cfg.hidden_act);
@@ -158,9 +161,11 @@ impl Llama {
         );
         let (qkv_bias, mlp_bias) = (cfg.qkv_bias(), cfg.mlp_bias);
         let eps = cfg.rms_norm_eps;
+        w.place(Part::Embeddings);
         let embed = w.param("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
         let mut layers = Vec::new();
         for i in 0..cfg.num_hidden_layers {
+            w.place(Part::Layer(i as usize));
             let l = format!("model.layers.{i}");
             layers.push(Layer {
                 q: Linear::load(w, &format!("{l}.self_attn.q_proj"), h, nh * hd, qkv_bias)?,
@@ -198,6 +203,7 @@ impl Llama {
                 post_norm: RmsNorm::load(w, &format!("{l}.post_attention_layernorm"), h, eps)?,
             });
         }
+        w.place(Part::Head);
         let norm = RmsNorm::load(w, "model.norm", h, eps)?;
         // Small models tie lm_head to the embedding; some tied checkpoints omit it, some store a copy.
         let lm_head = if cfg.tied() || !w.has("lm_head.weight") {
@@ -277,14 +283,19 @@ impl Network for Llama {
             &pos,
             self.sliding_window,
         );
+        let mut inputs = LayerInputs::new([attn, cos, sin]);
         for (i, l) in self.layers.iter().enumerate() {
-            x = self.layer(i, l, x, &attn, &cos, &sin);
+            let device = l.input_norm.weight.device();
+            let [attn, cos, sin] = inputs.on(device);
+            x = self.layer(i, l, moved(x, device), attn, cos, sin);
         }
-        self.norm.forward(&x)
+        self.norm.forward(&moved(x, self.norm.weight.device()))
     }
 
     fn head(&self, hidden: &Tensor) -> Tensor {
-        hidden.matmul(&self.lm_head.tr()).to_kind(Kind::Float)
+        moved(hidden.shallow_clone(), self.lm_head.device())
+            .matmul(&self.lm_head.tr())
+            .to_kind(Kind::Float)
     }
 
     fn kv_prefix(&self) -> Option<&KvPrefix> {

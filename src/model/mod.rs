@@ -13,6 +13,7 @@ pub mod gpt2;
 pub mod layers;
 pub mod llama;
 pub mod opt;
+pub mod placement;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -24,6 +25,7 @@ use tch::{Device, Kind, Tensor};
 use crate::tokenize::TextTokenizer;
 use adapters::{KvPrefix, Tuning};
 pub use mezod_core::model_ref::{Dtype, ModelSource};
+pub use placement::{DeviceMap, Part};
 pub use weights::{LoraSite, Param, ParamList};
 
 /// The libtorch element type of a job's dtype.
@@ -106,7 +108,14 @@ pub struct LanguageModel {
     /// Its `config.json` (for a GGUF file: built from the metadata).
     pub config_text: String,
     pub dtype: Dtype,
+    /// Where inputs go: the first device (the embeddings').
     pub device: Device,
+    /// The devices its parts are on (one, unless split).
+    pub map: DeviceMap,
+    /// Each weight's name and the index of its device in `map`, in the order
+    /// they were made (LoRA adapters on their layer's device; a prefix is
+    /// made later, from its layer's keys and values, where they are).
+    pub placed: Vec<(String, usize)>,
     pub model_type: String,
     /// A masked LM's mask token, looked up once (tasks ask for it every batch).
     mask: std::sync::OnceLock<Option<(String, i64)>>,
@@ -130,14 +139,28 @@ impl LanguageModel {
         device: Device,
         tuning: &Tuning,
     ) -> Result<Self> {
-        if let Device::Cuda(n) = device {
-            if !tch::Cuda::is_available() || n >= tch::Cuda::device_count() as usize {
-                bail!(
-                    "device cuda:{n} is not available (CUDA devices seen: {})",
-                    tch::Cuda::device_count()
-                );
+        Self::open_placed(source, dtype, DeviceMap::single(device), tuning)
+    }
+
+    /// Build the model `source` describes with each part on the device
+    /// `map` gives it (one model over several devices).
+    pub fn open_placed(
+        source: &ModelSource,
+        dtype: Dtype,
+        map: DeviceMap,
+        tuning: &Tuning,
+    ) -> Result<Self> {
+        for &device in map.devices() {
+            if let Device::Cuda(n) = device {
+                if !tch::Cuda::is_available() || n >= tch::Cuda::device_count() as usize {
+                    bail!(
+                        "device cuda:{n} is not available (CUDA devices seen: {})",
+                        tch::Cuda::device_count()
+                    );
+                }
             }
         }
+        let device = map.first();
         // The same checks and words as `mezod submit`, `estimate` and intake.
         mezod_core::job_check::model_files(source)?;
         let (dir, config_path, config_text, tokenizer, ckpt) = match source {
@@ -188,7 +211,7 @@ impl LanguageModel {
             other => other.clone(),
         };
         let mut w =
-            weights::WeightLoader::with_tuning(&ckpt, kind_of(dtype), device, tuning.clone());
+            weights::WeightLoader::placed(&ckpt, kind_of(dtype), map.clone(), tuning.clone());
         let parse_err = || {
             format!(
                 "{} does not describe a valid {model_type} model",
@@ -231,6 +254,8 @@ impl LanguageModel {
             config_text,
             dtype,
             device,
+            map,
+            placed: loaded.placed,
             model_type,
             mask: std::sync::OnceLock::new(),
         };

@@ -6,7 +6,10 @@ use serde::Deserialize;
 use tch::Tensor;
 
 use super::adapters::KvPrefix;
-use super::layers::{attention, attention_mask, merge_heads, split_heads, LayerNorm, Linear};
+use super::layers::{
+    attention, attention_mask, merge_heads, moved, split_heads, LayerInputs, LayerNorm, Linear,
+};
+use super::placement::Part;
 use super::weights::WeightLoader;
 use super::Network;
 
@@ -63,24 +66,30 @@ pub struct Opt {
 }
 
 impl Opt {
-    /// Tensors are requested in transformers' `named_parameters()` order.
+    /// Tensors are requested in transformers' `named_parameters()` order,
+    /// which puts the end of the decoder (`project_out`, the final norm)
+    /// before its layers; each part goes on its device all the same (the
+    /// tied head is `embed_tokens`, on the first).
     pub fn load(cfg: OptConfig, w: &mut WeightLoader) -> Result<Self> {
         let h = cfg.hidden_size;
         let proj = cfg.word_embed_proj_dim.unwrap_or(h);
         let p = "model.decoder";
+        w.place(Part::Embeddings);
         let embed_tokens = w.param(&format!("{p}.embed_tokens.weight"), &[cfg.vocab_size, proj])?;
         let embed_positions = w.param(
             &format!("{p}.embed_positions.weight"),
             &[cfg.max_position_embeddings + POSITION_OFFSET, h],
         )?;
         let (project_out, project_in) = if proj != h {
-            (
-                Some(w.param(&format!("{p}.project_out.weight"), &[proj, h])?),
-                Some(w.param(&format!("{p}.project_in.weight"), &[h, proj])?),
-            )
+            w.place(Part::Head);
+            let out = w.param(&format!("{p}.project_out.weight"), &[proj, h])?;
+            w.place(Part::Embeddings);
+            let inp = w.param(&format!("{p}.project_in.weight"), &[h, proj])?;
+            (Some(out), Some(inp))
         } else {
             (None, None)
         };
+        w.place(Part::Head);
         let final_norm = if cfg.do_layer_norm_before && !cfg._remove_final_layer_norm {
             Some(LayerNorm::load(
                 w,
@@ -93,6 +102,7 @@ impl Opt {
         };
         let mut layers = Vec::new();
         for i in 0..cfg.num_hidden_layers {
+            w.place(Part::Layer(i as usize));
             let l = format!("{p}.layers.{i}");
             let bias = cfg.enable_bias;
             let k = Linear::load(w, &format!("{l}.self_attn.k_proj"), h, h, bias)?;
@@ -185,20 +195,23 @@ impl Network for Opt {
         let attn = self
             .prefix
             .widen_mask(attention_mask(mask, None), &pos, None);
+        let mut inputs = LayerInputs::new([attn]);
         for (i, l) in self.layers.iter().enumerate() {
-            x = self.layer(i, l, x, &attn);
+            let device = l.q.weight.device();
+            let [attn] = inputs.on(device);
+            x = self.layer(i, l, moved(x, device), attn);
         }
         if let Some(n) = &self.final_norm {
-            x = n.forward(&x);
+            x = n.forward(&moved(x, n.weight.device()));
         }
         if let Some(p) = &self.project_out {
-            x = x.matmul(&p.tr());
+            x = moved(x, p.device()).matmul(&p.tr());
         }
         x
     }
 
     fn head(&self, hidden: &Tensor) -> Tensor {
-        hidden
+        moved(hidden.shallow_clone(), self.embed_tokens.device())
             .matmul(&self.embed_tokens.tr())
             .to_kind(tch::Kind::Float)
     }

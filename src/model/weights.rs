@@ -15,6 +15,7 @@ use safetensors::{Dtype as StDtype, SafeTensors};
 use tch::{Device, Kind, Tensor};
 
 use super::adapters::{is_target, lora_a_init, Lora, Tuning};
+use super::placement::{DeviceMap, Part};
 
 /// One trainable tensor under its Hugging Face name.
 pub struct Param {
@@ -196,10 +197,20 @@ impl Checkpoint {
 }
 
 /// Hands tensors to a model under construction, recording the canonical order.
+///
+/// Each tensor is made on the device of the part being loaded (see
+/// [`WeightLoader::place`]), straight from the mapped file: a split model
+/// never holds a weight twice.
 pub struct WeightLoader<'a> {
     ckpt: &'a Checkpoint,
     kind: Kind,
+    /// Which device each part of the model goes to.
+    map: DeviceMap,
+    /// The part being loaded: its index in the map, and its device.
+    slot: usize,
     device: Device,
+    /// Each weight's name (adapters too) and the index of its device in the map.
+    placed: Vec<(String, usize)>,
     /// What the job tunes: with LoRA or a prefix the checkpoint's weights are frozen.
     tuning: Tuning,
     params: Vec<Param>,
@@ -226,6 +237,9 @@ pub struct Loaded {
     /// The checkpoint's weights when they are not trainable (LoRA, prefix), in canonical order.
     pub frozen: ParamList,
     pub lora_sites: Vec<LoraSite>,
+    /// Each weight's name (LoRA adapters too) and the index of its device in
+    /// the map, in the order they were made.
+    pub placed: Vec<(String, usize)>,
 }
 
 impl<'a> WeightLoader<'a> {
@@ -234,10 +248,19 @@ impl<'a> WeightLoader<'a> {
     }
 
     pub fn with_tuning(ckpt: &'a Checkpoint, kind: Kind, device: Device, tuning: Tuning) -> Self {
+        Self::placed(ckpt, kind, DeviceMap::single(device), tuning)
+    }
+
+    /// A loader that puts each part of the model where `map` says; it starts
+    /// with the embeddings.
+    pub fn placed(ckpt: &'a Checkpoint, kind: Kind, map: DeviceMap, tuning: Tuning) -> Self {
         Self {
             ckpt,
             kind,
-            device,
+            device: map.first(),
+            slot: 0,
+            map,
+            placed: Vec::new(),
             tuning,
             params: Vec::new(),
             frozen: Vec::new(),
@@ -247,8 +270,16 @@ impl<'a> WeightLoader<'a> {
         }
     }
 
+    /// The tensors that follow belong to `part`: they are made on its device.
+    /// Models say so before each part, whatever order their tensors come in.
+    pub fn place(&mut self, part: Part) {
+        self.slot = self.map.slot(part);
+        self.device = self.map.device(part);
+    }
+
     /// Record a checkpoint weight as trainable (full tuning) or frozen.
     fn keep(&mut self, name: &str, t: &Tensor) {
+        self.placed.push((name.to_string(), self.slot));
         let p = Param {
             name: name.to_string(),
             tensor: t.shallow_clone(),
@@ -299,6 +330,9 @@ impl<'a> WeightLoader<'a> {
             scale: cfg.alpha / cfg.r as f64,
         };
         for (part, t) in [("lora_A", &lora.a), ("lora_B", &lora.b)] {
+            // On its layer's device, as the layer's own weights.
+            self.placed
+                .push((format!("{module}.{part}.weight"), self.slot));
             self.params.push(Param {
                 name: format!("{module}.{part}.weight"),
                 tensor: t.shallow_clone(),
@@ -452,6 +486,7 @@ impl<'a> WeightLoader<'a> {
             params: ParamList(self.params),
             frozen: ParamList(self.frozen),
             lora_sites: self.lora_sites,
+            placed: self.placed,
         })
     }
 }

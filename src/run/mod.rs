@@ -10,6 +10,7 @@
 pub mod exported;
 pub mod fingerprint;
 pub mod interrupt;
+pub mod layer_split;
 pub mod metrics;
 pub mod out_dir;
 pub mod paired;
@@ -35,14 +36,14 @@ use crate::mezo::{
 };
 use crate::model::adapters::Tuning;
 use crate::model::export::{export_hf, export_peft_adapter};
-use crate::model::{torch_device, LanguageModel};
+use crate::model::LanguageModel;
 use crate::replicas::Replicas;
 use crate::spec::{JobSpec, Mode};
 use exported::Exported;
 use fingerprint::Fingerprint;
 use metrics::{EvalLine, MetricsFile};
 use mezod_core::durable;
-use mezod_core::model_ref::DeviceRef;
+use mezod_core::model_ref::{DeviceRef, Placement};
 use paired::Paired;
 use progress::Progress;
 use seedlog::{Direction, SeedLog, StepLog, StepRecord};
@@ -62,8 +63,8 @@ pub struct RunOptions {
     pub progress: bool,
     /// CPU threads when the job does not set `model.threads` (default: all cores).
     pub threads: Option<i32>,
-    /// Device to use instead of the job's (the daemon assigns GPUs: `cuda:0` of
-    /// the one it made visible).
+    /// Device to use instead of the job's devices, the whole model on it
+    /// (the daemon assigns GPUs: `cuda:0` of the one it made visible).
     pub device: Option<DeviceRef>,
     /// Snapshot interval when the job does not set `mezo.snapshot_every`.
     pub snapshot_every: Option<u64>,
@@ -185,6 +186,16 @@ fn read_zero_shot_test(out: &Path) -> Option<ZeroShotTest> {
             correct: None,
         })
     })
+}
+
+/// The device that stands for a run's devices where one must: its first
+/// GPU, else the CPU (z's default generator, the source of its peak memory).
+fn main_device(devices: &[DeviceRef]) -> DeviceRef {
+    devices
+        .iter()
+        .copied()
+        .find(DeviceRef::is_gpu)
+        .unwrap_or(DeviceRef::Cpu)
 }
 
 /// This process's peak memory on its device: NVML's figure for this process on
@@ -460,6 +471,7 @@ fn claim_out_dir(
             durable::write(&frozen, spec.to_yaml())?;
             let _ = std::fs::remove_file(out.join(tune_file::INITIAL_SHA256));
             let _ = std::fs::remove_file(out.join("fingerprint.json"));
+            let _ = std::fs::remove_file(out.join(layer_split::FILE));
         }
     } else {
         durable::write(&frozen, spec.to_yaml())?;
@@ -590,13 +602,21 @@ fn run_phases(
             .unwrap_or(1)
     });
     tch::set_num_threads(threads);
-    let device = opts.device.unwrap_or(spec.model.device);
+    let placement = opts
+        .device
+        .map(Placement::One)
+        .unwrap_or_else(|| spec.model.device.clone());
+    // `auto` outside the daemon: the first GPU if there is one, else the CPU.
+    let devices = placement.devices(placement == Placement::Auto && tch::Cuda::is_available());
+    // What decides the defaults (z's generator, the peak's source): a GPU
+    // where the model is on one.
+    let device = main_device(&devices);
     let rng = spec
         .mezo
         .rng
         .or_else(|| frozen_rng(out))
         .unwrap_or_else(|| Rng::default_for(device));
-    let fp = Fingerprint::current(device, spec.model.dtype, threads, rng);
+    let fp = Fingerprint::of_devices(&devices, spec.model.dtype, threads, rng);
     claim_out_dir(
         out,
         &mut spec,
@@ -633,7 +653,7 @@ fn run_phases(
         );
         return Ok(Outcome::Completed(result));
     }
-    let (mut job, records) = Job::open(spec, out, opts, log, device, rng, threads, replicas)?;
+    let (mut job, records) = Job::open(spec, out, opts, log, &devices, rng, threads, replicas)?;
     let done = records.len() as u64;
     let from = job.resume(&records)?;
     job.before_training(done)?;
@@ -658,18 +678,17 @@ impl Job {
         out: &Path,
         opts: &RunOptions,
         mut log: Box<dyn StepLog>,
-        device: DeviceRef,
+        devices: &[DeviceRef],
         rng: Rng,
         threads: i32,
         replicas: Option<Replicas>,
     ) -> Result<(Job, Vec<StepRecord>)> {
-        let model = LanguageModel::open_tuned(
-            &spec.model.source(),
-            spec.model.dtype,
-            torch_device(device),
-            &spec.tuning(),
-        )
-        .with_context(|| format!("loading model {}", spec.model.describe()))?;
+        let device = main_device(devices);
+        let source = spec.model.source();
+        let map = layer_split::device_map(out, &source, spec.model.dtype, devices)
+            .with_context(|| format!("placing model {}", spec.model.describe()))?;
+        let model = LanguageModel::open_placed(&source, spec.model.dtype, map, &spec.tuning())
+            .with_context(|| format!("loading model {}", spec.model.describe()))?;
         interrupt::check()?;
         check_initial_adapters(out, &model, opts.force)?;
         let splits = load_job_splits(&spec)?;
@@ -685,7 +704,8 @@ impl Job {
             spec.model.describe(),
             model.params.numel(),
             spec.model.dtype,
-            device,
+            Placement::list(devices.to_vec())
+                .map_or_else(|_| device.to_string(), |p| p.to_string()),
             rng,
             splits.train.len(),
             splits.dev.len(),
@@ -1056,12 +1076,12 @@ fn export_weights(mut job: Job, best: Option<&EvalLine>, total: u64) -> Result<(
         tracing::info!("exporting the best weights (step {step}) rebuilt from the seed log");
         let records = job.log.contiguous()?;
         // Free the trained weights first: peak memory stays that of one model.
-        let device = job.model.device;
+        let map = job.model.map.clone();
         drop(job.model);
-        job.model = LanguageModel::open_tuned(
+        job.model = LanguageModel::open_placed(
             &job.spec.model.source(),
             job.spec.model.dtype,
-            device,
+            map,
             &job.spec.tuning(),
         )?;
         let from = snapshot::restore_latest(&job.out.join("snapshots"), step, &job.model.params)?

@@ -19,6 +19,7 @@ use super::tune_file::INITIAL_SHA256;
 pub const RUN_FILES: &[&str] = &[
     "spec.yaml",
     "fingerprint.json",
+    super::layer_split::FILE,
     "seedlog",
     "snapshots",
     "metrics.jsonl",

@@ -430,6 +430,10 @@ fn estimate(job: PathBuf, gpu: bool, json: bool) -> Result<ExitCode> {
         Err(_) if !problems.is_empty() => None,
         Err(e) => return Err(e),
     };
+    let split = match footprint {
+        Some(_) => mezod_core::estimate::device_split(&spec)?,
+        None => None,
+    };
     let code = if problems.is_empty() {
         ExitCode::SUCCESS
     } else {
@@ -444,15 +448,41 @@ fn estimate(job: PathBuf, gpu: bool, json: bool) -> Result<ExitCode> {
             }
             None => serde_json::json!({}),
         };
+        if let Some(split) = &split {
+            v["devices"] = serde_json::to_value(split)?;
+        }
         v["problems"] = problems.clone().into();
         println!("{v}");
     } else if let Some(f) = &footprint {
         print_estimate(f, gpu);
+        if let Some(split) = &split {
+            print_split(split);
+        }
     }
     for p in &problems {
         eprintln!("error: {p}");
     }
     Ok(code)
+}
+
+/// A split job's devices: the layers and weights each holds as this
+/// machine's free memory places them now (`mezod run` places them the same
+/// way when the run starts, and keeps that split when it resumes).
+fn print_split(split: &[mezod_core::placement::DeviceShare]) {
+    println!(
+        "split over {} devices (layers by free memory now):",
+        split.len()
+    );
+    for s in split {
+        let free = s.free.map_or_else(|| "unknown".to_string(), human_bytes);
+        println!(
+            "  {:<8} {:>4} layer{}  weights {:>12}  free {free}",
+            s.device.to_string(),
+            s.layers,
+            if s.layers == 1 { " " } else { "s" },
+            human_bytes(s.weights)
+        );
+    }
 }
 
 fn print_estimate(f: &mezod_core::estimate::Footprint, gpu: bool) {
