@@ -43,6 +43,16 @@ impl JobFacts {
     /// reason to reject it.
     pub fn read(text: &str) -> Result<Self, String> {
         let spec = JobSpec::parse_with_base(text, None).map_err(|e| format!("{e:#}"))?;
+        if spec.model.device.is_split() && spec.model.device.is_gpu() {
+            // It would run on the one GPU admission gives every job, not as
+            // its file says.
+            return Err(format!(
+                "model.device {} splits the model over GPUs, and the daemon gives a job one \
+                 GPU (or one per replica): name one device (or `auto`), or run the job with \
+                 `mezod run`",
+                spec.model.device
+            ));
+        }
         Ok(Self {
             wants_gpu: spec.model.device.is_gpu(),
             replica_counts: Some(spec.replica_counts())
@@ -165,6 +175,20 @@ mod tests {
         let why = JobFacts::read(&JOB.replace("/d.jsonl", "d.jsonl")).unwrap_err();
         assert!(why.contains("relative"), "{why}");
         assert!(JobFacts::read("priority: [1]\n").is_err());
+    }
+
+    /// A model split over GPUs is refused with the way out; one split over
+    /// the CPU alone runs (the worker keeps its devices).
+    #[test]
+    fn a_model_split_over_gpus_is_refused_and_over_the_cpu_taken() {
+        let with = |device: &str| {
+            JobFacts::read(&JOB.replace("{path: /m}", &format!("{{path: /m, device: {device}}}")))
+        };
+        let why = with("[cuda:0, cuda:1]").unwrap_err();
+        assert!(why.contains("splits the model over GPUs"), "{why}");
+        assert!(with("[cuda:0, cpu]").is_err());
+        assert!(!with("[cpu, cpu]").unwrap().wants_gpu);
+        assert!(with("auto").unwrap().wants_gpu);
     }
 
     /// `after:` and `notify:` are read by the daemon itself, as written
