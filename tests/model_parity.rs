@@ -1,6 +1,9 @@
 //! Logits of every supported architecture against transformers' own, on the
 //! committed fixtures written by `tests/fixtures/generate.py`.
 
+mod common;
+use common::ALL_FIXTURES;
+
 use std::path::PathBuf;
 
 use mezod::model::{Dtype, LanguageModel};
@@ -98,24 +101,11 @@ parity!(qwen2_qkv_bias_tied, "qwen2");
 parity!(bert_masked_lm, "bert");
 parity!(roberta_masked_lm, "roberta");
 
-/// Every fixture, decoders and masked LMs.
-const ALL: [&str; 9] = [
-    "opt",
-    "opt-postln",
-    "gpt2",
-    "llama",
-    "llama3",
-    "mistral",
-    "qwen2",
-    "bert",
-    "roberta",
-];
-
 #[test]
 fn left_padded_rows_equal_their_unpadded_logits() {
     // Padding must change nothing a real token sees: positions are counted over
     // real tokens (RoBERTa from its padding index) and padding keys are hidden.
-    for name in ALL {
+    for name in ALL_FIXTURES {
         let model = LanguageModel::load(&fixture(name), Dtype::F32, Device::Cpu).unwrap();
         let texts = [
             "a dull film",

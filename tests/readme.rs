@@ -480,9 +480,23 @@ fn the_replicas_section_runs_as_written_and_matches_one_process() {
         );
     }
     // The same job in one process: the same weights, byte for byte.
-    let text = std::fs::read_to_string(root().join("examples/replicas.yaml")).unwrap();
-    let alone = text.replace("parallel: {replicas: 2}\n", "");
-    assert_ne!(alone, text);
+    let alone = weights_without(
+        dir,
+        "examples/replicas.yaml",
+        "parallel: {replicas: 2}\n",
+        "",
+    );
+    let weights = |run: &str| sha256(&dir.join(run).join("model/model.safetensors"));
+    assert_eq!(weights(written_by(&lines[0])), alone);
+    assert_eq!(weights(written_by(&lines[1])), alone);
+}
+
+/// The weights of `example` run in `dir` with `what` replaced by `with`
+/// (the job without its parallelism): SHA-256 of its exported model.
+fn weights_without(dir: &Path, example: &str, what: &str, with: &str) -> String {
+    let text = std::fs::read_to_string(root().join(example)).unwrap();
+    let alone = text.replace(what, with);
+    assert_ne!(alone, text, "{example} has no {what:?}");
     std::fs::write(
         dir.join("alone.yaml"),
         alone
@@ -491,9 +505,7 @@ fn the_replicas_section_runs_as_written_and_matches_one_process() {
     )
     .unwrap();
     run_line(dir, "mezod run alone.yaml --out runs/alone");
-    let weights = |run: &str| sha256(&dir.join(run).join("model/model.safetensors"));
-    assert_eq!(weights(written_by(&lines[0])), weights("runs/alone"));
-    assert_eq!(weights(written_by(&lines[1])), weights("runs/alone"));
+    sha256(&dir.join("runs/alone/model/model.safetensors"))
 }
 
 #[test]
@@ -511,17 +523,10 @@ fn the_split_section_runs_as_written_and_matches_one_device() {
         String::from_utf8_lossy(&out.stdout)
     );
     // The same job on one device: the same weights, byte for byte.
-    let text = std::fs::read_to_string(root().join("examples/split.yaml")).unwrap();
-    let alone = text.replace(", device: [cpu, cpu]}", "}");
-    assert_ne!(alone, text);
-    std::fs::write(
-        dir.join("alone.yaml"),
-        alone
-            .replace("../tests/", "tests/")
-            .replace("train: data/", "train: examples/data/"),
-    )
-    .unwrap();
-    run_line(dir, "mezod run alone.yaml --out runs/alone");
-    let weights = |run: &str| sha256(&dir.join(run).join("model/model.safetensors"));
-    assert_eq!(weights(written_by(&lines[1])), weights("runs/alone"));
+    let alone = weights_without(dir, "examples/split.yaml", ", device: [cpu, cpu]}", "}");
+    let split = sha256(
+        &dir.join(written_by(&lines[1]))
+            .join("model/model.safetensors"),
+    );
+    assert_eq!(split, alone);
 }

@@ -20,19 +20,6 @@ use mezod_core::placement::{layer_index, on_first_device, Split};
 use serde::Deserialize;
 use tch::{Device, Tensor};
 
-/// Every fixture: each architecture file and its variants.
-const ALL: [&str; 9] = [
-    "opt",
-    "opt-postln",
-    "gpt2",
-    "llama",
-    "llama3",
-    "mistral",
-    "qwen2",
-    "bert",
-    "roberta",
-];
-
 /// torch's generator is process-wide and adapters draw from it: tests that
 /// build models with adapters take turns.
 static TORCH_RNG: Mutex<()> = Mutex::new(());
@@ -109,7 +96,7 @@ fn assert_placed_as_split(name: &str, model: &LanguageModel, split: &Split) {
 
 #[test]
 fn every_architecture_split_over_two_cpus_gives_the_logits_of_one() {
-    for name in ALL {
+    for name in ALL_FIXTURES {
         let one = LanguageModel::load(&fixture(name), Dtype::F32, Device::Cpu).unwrap();
         let (two, split) = split_model(name, 2, &Tuning::Full);
         assert_eq!(split.layers, [1, 1], "{name}: 2 layers on 2 equal devices");

@@ -11,6 +11,20 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Every fixture model: each architecture file and its variants, decoders
+/// and masked LMs.
+pub const ALL_FIXTURES: [&str; 9] = [
+    "opt",
+    "opt-postln",
+    "gpt2",
+    "llama",
+    "llama3",
+    "mistral",
+    "qwen2",
+    "bert",
+    "roberta",
+];
+
 pub fn fixture(name: &str) -> PathBuf {
     root().join("tests/fixtures").join(name)
 }
