@@ -861,11 +861,13 @@ mod tests {
             ..DaemonConfig::default()
         };
         let (mut daemon, rx) = test_daemon(root, cfg, probe);
-        // A stand-in worker: records the GPU it was given, then idles.
+        // A stand-in worker: records the GPU it was given (whole: written
+        // aside, then renamed, so the file never exists empty), then idles.
         let stub = root.join("worker.sh");
         std::fs::write(
             &stub,
-            "#!/bin/sh\nprintf '%s' \"$CUDA_VISIBLE_DEVICES\" > \"$(dirname \"$3\")/gpu\"\nsleep 30\n",
+            "#!/bin/sh\nd=\"$(dirname \"$3\")\"\nprintf '%s' \"$CUDA_VISIBLE_DEVICES\" > \"$d/gpu.tmp\"\n\
+             mv \"$d/gpu.tmp\" \"$d/gpu\"\nsleep 30\n",
         )
         .unwrap();
         std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
