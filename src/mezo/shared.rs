@@ -7,15 +7,16 @@
 //! (`step::spsa_step_along`).  There, direction j is measured at the weights
 //! that directions 0..j left: `+εz, −2εz, +εz` does not restore θ bit for
 //! bit, so the weights drift in their last bits from one direction to the
-//! next.  A replica therefore makes the same three passes for the directions
-//! it does not measure, only without their forward passes: every replica's
-//! weights follow the single process's bit for bit, and so does every
-//! direction's measurement (forward passes are deterministic for the same
-//! threads per process).  The cost of sharing is those passes, not the
-//! exchange.
+//! next.  A replica therefore applies the same three perturbations for the
+//! directions it does not measure, without their forward passes, in one
+//! pass over the weights (z drawn once; each element gets the three
+//! additions in the same order, so the same bits): every replica's weights
+//! follow the single process's bit for bit, and so does every direction's
+//! measurement (forward passes are deterministic for the same threads per
+//! process).  The cost of sharing is that pass, not the exchange.
 
 use super::step::{apply_average, measurement, perturb, StepConfig, StepOutcome};
-use super::sweep::{Form, ZSweep};
+use super::sweep::{Form, Update, ZSweep};
 use crate::model::ParamList;
 use anyhow::Result;
 
@@ -50,18 +51,19 @@ pub(crate) fn spsa_step_shared(
     let _guard = tch::no_grad_guard();
     let mut mine = Vec::with_capacity(seeds.len());
     for (j, &seed) in seeds.iter().enumerate() {
+        if !share.measures(j) {
+            // Another replica's direction: its three passes in one draw.
+            let passes = [cfg.eps, -2.0 * cfg.eps, cfg.eps].map(Update::add);
+            z.apply_in_turn(params, seed, form, |_| passes.to_vec());
+            mine.push(None);
+            continue;
+        }
         perturb(params, z, form, seed, cfg.eps);
-        let measured = if share.measures(j) {
-            let plus = loss();
-            perturb(params, z, form, seed, -2.0 * cfg.eps);
-            let minus = loss();
-            Some(measurement(j, plus, minus, cfg))
-        } else {
-            perturb(params, z, form, seed, -2.0 * cfg.eps);
-            None
-        };
+        let plus = loss();
+        perturb(params, z, form, seed, -2.0 * cfg.eps);
+        let minus = loss();
         perturb(params, z, form, seed, cfg.eps);
-        mine.push(measured);
+        mine.push(Some(measurement(j, plus, minus, cfg)));
     }
     let outcomes = share.exchange(&mine)?;
     apply_average(params, z, form, seeds, cfg, &outcomes);

@@ -97,7 +97,8 @@ struct SharedF32<'m> {
     ptr: *mut f32,
     len: usize,
     stream: u32,
-    update: Update,
+    /// Applied in turn to each element, with one draw of z.
+    updates: Vec<Update>,
     /// The tensor's packed mask bits, when the step has a mask.
     mask: Option<&'m [u8]>,
     /// A matrix's factors, when z is low rank.
@@ -154,6 +155,22 @@ impl ZSweep {
         form: &Form,
         update: impl Fn(bool) -> Update,
     ) {
+        self.apply_in_turn(params, seed, form, |decays| vec![update(decays)])
+    }
+
+    /// Several passes with the same z in one: each element gets the updates
+    /// `updates(param)` gives, in turn, from one draw.  Each element's
+    /// operations are those of the passes made one after another, in their
+    /// order, so the weights come out with the same bits; z is drawn once
+    /// instead of once per pass (a replica's catch-up over the directions it
+    /// does not measure: `+εz, −2εz, +εz` in one draw).
+    pub fn apply_in_turn(
+        &self,
+        params: &ParamList,
+        seed: u64,
+        form: &Form,
+        updates: impl Fn(bool) -> Vec<Update>,
+    ) {
         let _guard = tch::no_grad_guard();
         let mask = form.mask();
         let low_rank = form.low_rank();
@@ -190,13 +207,13 @@ impl ZSweep {
                         let m = mask.whole(i, p.tensor.numel() as i64);
                         let _ = z.g_mul_(&m.view(p.tensor.size().as_slice()));
                     }
-                    apply_torch(&p.tensor, z, update(p.decays));
+                    apply_torch_in_turn(&p.tensor, z, &updates(p.decays));
                 }
             }
             Rng::Fast => {
                 let mut cpu_f32 = Vec::new();
                 for (stream, p) in params.iter().enumerate() {
-                    let u = update(p.decays);
+                    let u = updates(p.decays);
                     let t = &p.tensor;
                     let factors = low_rank
                         .filter(|_| is_matrix(t))
@@ -206,12 +223,12 @@ impl ZSweep {
                             ptr: t.data_ptr() as *mut f32,
                             len: t.numel(),
                             stream: stream as u32,
-                            update: u,
+                            updates: u,
                             mask: mask.map(|m| m.host_bytes(stream)),
                             factors,
                         });
                     } else {
-                        self.apply_fast_any(t, seed, stream as u32, u, mask, factors.as_ref());
+                        self.apply_fast_any(t, seed, stream as u32, &u, mask, factors.as_ref());
                     }
                 }
                 self.apply_fast_f32(&cpu_f32, seed);
@@ -275,12 +292,6 @@ impl ZSweep {
         let work = |t: usize| {
             let mut z = vec![0f32; chunk.min(PIECE)];
             for x in tensors {
-                let (keep, pre, post) = (
-                    x.update.keep as f32,
-                    x.update.pre as f32,
-                    x.update.post as f32,
-                );
-                let plain = x.update.plain();
                 for first in (t * chunk..x.len).step_by(threads * chunk) {
                     let end = (first + chunk).min(x.len);
                     // The thread's chunk, a piece at a time, so that z is still
@@ -296,13 +307,16 @@ impl ZSweep {
                         if let Some(bits) = x.mask {
                             mask_z(z, bits, start);
                         }
-                        if plain {
-                            for (p, z) in part.iter_mut().zip(z.iter()) {
-                                *p += post * z;
-                            }
-                        } else {
-                            for (p, z) in part.iter_mut().zip(z.iter()) {
-                                *p = (*p + pre * z) * keep + post * z;
+                        for u in &x.updates {
+                            let (keep, pre, post) = (u.keep as f32, u.pre as f32, u.post as f32);
+                            if u.plain() {
+                                for (p, z) in part.iter_mut().zip(z.iter()) {
+                                    *p += post * z;
+                                }
+                            } else {
+                                for (p, z) in part.iter_mut().zip(z.iter()) {
+                                    *p = (*p + pre * z) * keep + post * z;
+                                }
                             }
                         }
                     }
@@ -325,7 +339,7 @@ impl ZSweep {
         tensor: &Tensor,
         seed: u64,
         stream: u32,
-        u: Update,
+        updates: &[Update],
         mask: Option<&Mask>,
         factors: Option<&Factors>,
     ) {
@@ -350,7 +364,7 @@ impl ZSweep {
             if let Some(mask) = mask {
                 let _ = z.g_mul_(&mask.slice(stream as usize, start as i64, len as i64));
             }
-            apply_torch(&flat.narrow(0, start as i64, len as i64), z, u);
+            apply_torch_in_turn(&flat.narrow(0, start as i64, len as i64), z, updates);
             start += len;
         }
     }
@@ -369,6 +383,17 @@ fn prefetch(part: &[f32]) {
                 line.as_ptr().cast(),
             )
         };
+    }
+}
+
+/// [`apply_torch`] for each of `updates` in turn, each on its own copy of z
+/// (the last on z itself): the same operations as one pass per update.
+fn apply_torch_in_turn(t: &Tensor, z: Tensor, updates: &[Update]) {
+    if let Some((last, first)) = updates.split_last() {
+        for &u in first {
+            apply_torch(t, z.copy(), u);
+        }
+        apply_torch(t, z, *last);
     }
 }
 
@@ -446,6 +471,44 @@ mod tests {
         a.iter()
             .zip(b.iter())
             .all(|(a, b)| a.tensor.equal(&b.tensor))
+    }
+
+    /// Several updates in turn from one draw of z leave the bits that the
+    /// same updates made pass after pass leave: both generators, dense and
+    /// low-rank z, f32 (the CPU's own loop) and bf16 (tensor operations).
+    #[test]
+    fn updates_in_turn_from_one_draw_equal_one_pass_each() {
+        let eps = 1e-3;
+        let passes = [eps, -2.0 * eps, eps].map(Update::add);
+        for rng in [Rng::Fast, Rng::Torch] {
+            for kind in [Kind::Float, Kind::BFloat16] {
+                for form in [Form::Dense, Form::LowRank(LowRank { rank: 2, basis: 9 })] {
+                    // Weights that are not zero, so that the additions round.
+                    let start = || {
+                        tch::manual_seed(3);
+                        let p = zeros();
+                        for param in p.iter() {
+                            let w = Tensor::randn(param.tensor.size(), (Kind::Float, Device::Cpu));
+                            let mut t = param.tensor.shallow_clone();
+                            t.set_data(&w.to_kind(kind));
+                        }
+                        p
+                    };
+                    let z = ZSweep::new(rng, 2);
+                    let one_by_one = start();
+                    for u in passes {
+                        z.apply_shaped(&one_by_one, 11, &form, |_| u);
+                    }
+                    let in_turn = start();
+                    z.apply_in_turn(&in_turn, 11, &form, |_| passes.to_vec());
+                    assert!(same(&one_by_one, &in_turn), "{rng:?} {kind:?}");
+                    assert!(
+                        !same(&one_by_one, &start()),
+                        "{rng:?} {kind:?}: nothing moved"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
