@@ -1005,6 +1005,29 @@ fn a_forged_intake_verdict_decides_nothing() {
     );
 }
 
+/// A replicated job of an ordinary user: its two workers run as that user
+/// (the follower's working folder inside the owner's run folder), and the
+/// job ends with the weights of the same job run alone.
+#[test]
+fn a_users_replicated_job_runs_as_that_user_and_computes_what_one_process_does() {
+    let (tmp, _) = arena();
+    let d = Daemon::start(tmp.path(), &CONFIG.replace("cpu_slots: 1", "cpu_slots: 2"));
+    let job = readable_job(tmp.path(), "pair", 60, 4);
+    let text = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(&job, format!("parallel: {{replicas: 2}}\n{text}")).unwrap();
+    let expected = solo_sha(&job);
+    drop_as_nobody(&d, &job, "pair.yaml");
+    d.wait_until("the job to be taken", |d| d.jobs().len() == 1);
+    let id = d.jobs()[0]["id"].as_u64().unwrap();
+    let rec = d.wait_done(id);
+    assert_eq!(rec["state"], "done", "{rec:#}");
+    assert_eq!(rec["owner_uid"], NOBODY, "{rec:#}");
+    assert_eq!(rec["replicas"], 2, "{rec:#}");
+    let follower = d.job_dir(id).join("run/replicas/1");
+    assert_eq!(std::fs::metadata(&follower).unwrap().uid(), NOBODY);
+    assert_eq!(d.weights_sha(id), expected);
+}
+
 /// A job of user 65533 on a model copy anyone may read; its id once taken.
 fn drop_victim(d: &Daemon, dir: &Path) -> u64 {
     let job = readable_job(dir, "victim", 3, 2);
